@@ -1,0 +1,81 @@
+"""Portable INT8 GEMM kernels: exact on every CPU numba supports.
+
+Every GEMM path in lowprec computes the same raw product
+
+    P[m, n] = sum_k a'[m, k] * b'[k, n]        a' uint8, b' int8, P int32   (eq. 6)
+
+where a' = a + 128 when a is int8 and b' = b - 128 when b is uint8
+(docs/quantization.md). Zero points, bias and requantization are applied
+afterwards by ``lowprec.kernels.requant`` from row and column sums. A faster
+instruction-set path only has to produce the same P from its own packed layout.
+"""
+
+import numpy as np
+from numba import njit, prange
+
+from .config import PJIT
+
+
+@njit(**PJIT)
+def prepare_a(a, flip, k_pad, out, row_sum):
+    # a (M,K) uint8|int8 (any strides) -> out (M,k_pad) uint8 = a' with zero K tail,
+    # row_sum (M,) int64 = sum_k a'[m, k]
+    M, K = a.shape
+    for m in prange(M):
+        s = 0
+        for k in range(K):
+            v = np.uint8(a[m, k]) ^ flip
+            out[m, k] = v
+            s += np.int64(v)
+        for k in range(K, k_pad):
+            out[m, k] = 0
+        row_sum[m] = s
+
+
+@njit(**PJIT)
+def row_sums_u8(a, row_sum):
+    # a (M,K) uint8 -> row_sum (M,) int64
+    M, K = a.shape
+    for m in prange(M):
+        s = 0
+        for k in range(K):
+            s += np.int64(a[m, k])
+        row_sum[m] = s
+
+
+@njit(**PJIT)
+def prepare_b(b, flip, out, col_sum):
+    # b (K,N) uint8|int8 (any strides) -> out (K,N) int8 = b', col_sum (N,) int64
+    K, N = b.shape
+    for n in prange(N):
+        s = 0
+        for k in range(K):
+            v = np.int8(np.uint8(b[k, n]) ^ flip)
+            out[k, n] = v
+            s += np.int64(v)
+        col_sum[n] = s
+
+
+@njit(**PJIT)
+def gemm_u8s8(a, b, out, tile_m, tile_n):
+    # a (M,K) uint8, b (K,N) int8, out (M,N) int32 = a @ b (eq. 6), wrapping int32
+    # Kernel 1: output tiles tile_m x tile_n split across threads; one row of
+    # int32 accumulators per output row so the inner n loop vectorizes.
+    M, K = a.shape
+    N = b.shape[1]
+    mt = (M + tile_m - 1) // tile_m
+    nt = (N + tile_n - 1) // tile_n
+    for t in prange(mt * nt):
+        m0 = (t // nt) * tile_m
+        n0 = (t % nt) * tile_n
+        m1 = min(m0 + tile_m, M)
+        n1 = min(n0 + tile_n, N)
+        acc = np.empty(n1 - n0, np.int32)
+        for m in range(m0, m1):
+            acc[:] = 0
+            for k in range(K):
+                av = np.int32(a[m, k])
+                for j in range(n1 - n0):
+                    acc[j] += av * np.int32(b[k, n0 + j])
+            for j in range(n1 - n0):
+                out[m, n0 + j] = acc[j]

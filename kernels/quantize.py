@@ -1,0 +1,86 @@
+"""Quantize / dequantize kernels (ONNX QuantizeLinear / DequantizeLinear).
+
+The public layer reshapes x to (P, C, Q) with C the quantization axis, and the
+scale and zero point to (Ps, Cs, Qs) with Ps in {1, P}, Qs in {1, Q} and
+Cs = ceil(C / block) (block = C for per-tensor, 1 for per-axis). Element
+(p, c, q) then uses parameter (p or 0, c // block, q or 0).
+"""
+
+import numpy as np
+from numba import njit, prange
+
+from .config import PJIT
+
+
+@njit(**PJIT)
+def quantize_linear(x, scale, zero_point, block, qmin, qmax, out):
+    # x (P,C,Q) float32, scale (Ps,Cs,Qs) float32, zero_point (Ps,Cs,Qs) int32,
+    # out (P,C,Q) uint8|int8|uint16|int16
+    # y = saturate(rint(x / scale) + zero_point), quotient in float32 as ONNX's
+    # reference computes it; NaN -> zero_point, +-inf saturate (docs/quantization.md).
+    P, C, Q = x.shape
+    Ps, Cs, Qs = scale.shape
+    for pcu in prange(P * C):
+        pc = np.int64(pcu)  # prange indices may be unsigned; keep index math signed
+        p = pc // C
+        c = pc % C
+        ps = p if Ps > 1 else 0
+        cs = c // block
+        for q in range(Q):
+            qs = q if Qs > 1 else 0
+            v = x[p, c, q] / scale[ps, cs, qs]
+            zp = np.float64(zero_point[ps, cs, qs])
+            if v != v:
+                r = zp
+            else:
+                r = np.rint(np.float64(v)) + zp
+                r = min(max(r, qmin), qmax)
+            out[p, c, q] = r
+
+
+@njit(**PJIT)
+def dequantize_linear(x, scale, zero_point, block, out):
+    # x (P,C,Q) integer, scale (Ps,Cs,Qs) float32|float16, zero_point (Ps,Cs,Qs)
+    # int32, out (P,C,Q) float32
+    # y = (float32(x) - zero_point) * scale, evaluated in float64 and rounded
+    # once to float32: identical to ONNX's float32 arithmetic for 8/16-bit x
+    # (every intermediate is exact) and to its float64 promotion for int32 x.
+    P, C, Q = x.shape
+    Ps, Cs, Qs = scale.shape
+    for pcu in prange(P * C):
+        pc = np.int64(pcu)  # prange indices may be unsigned; keep index math signed
+        p = pc // C
+        c = pc % C
+        ps = p if Ps > 1 else 0
+        cs = c // block
+        for q in range(Q):
+            qs = q if Qs > 1 else 0
+            xv = np.float64(np.float32(x[p, c, q]))
+            d = xv - np.float64(zero_point[ps, cs, qs])
+            out[p, c, q] = np.float32(d * np.float64(scale[ps, cs, qs]))
+
+
+@njit(**PJIT)
+def min_max(x, block):
+    # x (n,) float32 -> (min, max, all finite) in one pass over memory
+    n = x.shape[0]
+    nb = (n + block - 1) // block
+    lo = np.empty(nb, np.float32)
+    hi = np.empty(nb, np.float32)
+    bad = np.zeros(nb, np.int64)
+    for b in prange(nb):
+        s = b * block
+        e = min(s + block, n)
+        mn = np.float32(np.inf)
+        mx = np.float32(-np.inf)
+        nonfinite = 0
+        for i in range(s, e):
+            v = x[i]
+            if v - v != 0:  # NaN or +-inf
+                nonfinite += 1
+            mn = min(mn, v)
+            mx = max(mx, v)
+        lo[b] = mn
+        hi[b] = mx
+        bad[b] = nonfinite
+    return lo.min(), hi.max(), bad.sum() == 0

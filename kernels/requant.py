@@ -1,0 +1,64 @@
+"""The epilogue shared by every INT8 GEMM path (docs/quantization.md, eqs. 7-12).
+
+From the raw product P (eq. 6) it forms the exact integer result
+
+    acc[m, n] = P[m, n] - ZA[m] * colsum_b'[n] - ZB[n] * rowsum_a[m] + bias[n]   (eq. 8)
+
+in int64, then writes one of three outputs:
+  mode 0  int32 acc (MatMulInteger); values outside int32 are counted, not wrapped
+  mode 1  saturate(rint(acc * mult + zy)) clamped to [qlo, qhi]  (QLinearMatMul)
+  mode 2  float32(acc * mult) clamped to [qlo, qhi]               (real output)
+Parameters given per row or per column arrive as arrays of length 1 or M / N.
+"""
+
+import numpy as np
+from numba import njit, prange
+
+from .config import PJIT
+
+
+@njit(**PJIT)
+def requantize(p, za, col_sum, zb, row_sum, bias, mult, zy, qlo, qhi, mode, out):
+    # p (M,N) int32|int64, za (1|M,) int64, col_sum (N,) int64, zb (1|N,) int64,
+    # row_sum (M,) int64 = sum_k (a - a_zero_point), bias (1|N,) int64,
+    # mult (1|M, 1|N) float64, out (M,N) int32|uint8|int8|float32
+    # returns the number of int32 outputs that did not fit (mode 0)
+    M, N = p.shape
+    Mz = za.shape[0]
+    Nz = zb.shape[0]
+    Nb = bias.shape[0]
+    Mm, Nm = mult.shape
+    bad = np.zeros(M, np.int64)
+    for mu in prange(M):
+        m = np.int64(mu)  # prange indices may be unsigned; keep index math signed
+        zam = za[m if Mz > 1 else 0]
+        ram = row_sum[m]
+        mm = m if Mm > 1 else 0
+        for n in range(N):
+            acc = (
+                np.int64(p[m, n])
+                - zam * col_sum[n]
+                - zb[n if Nz > 1 else 0] * ram
+                + bias[n if Nb > 1 else 0]
+            )
+            if mode == 0:
+                if acc < -2147483648 or acc > 2147483647:
+                    bad[m] += 1
+                out[m, n] = acc
+            elif mode == 1:
+                v = np.float64(acc) * mult[mm, n if Nm > 1 else 0]
+                v = np.rint(v + zy)
+                out[m, n] = min(max(v, qlo), qhi)
+            else:
+                v = np.float64(acc) * mult[mm, n if Nm > 1 else 0]
+                out[m, n] = min(max(np.float32(v), qlo), qhi)
+    return bad.sum()
+
+
+@njit(**PJIT)
+def accumulate(total, part):
+    # total (M,N) int64 += part (M,N) int32: combines the K chunks of eq. 6
+    M, N = total.shape
+    for m in prange(M):
+        for n in range(N):
+            total[m, n] += part[m, n]

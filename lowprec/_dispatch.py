@@ -1,0 +1,100 @@
+"""Which instruction-set path runs the INT8 GEMM.
+
+The host's CPU features (as LLVM reports them through llvmlite) decide the path
+at first use; ``LOWPREC_ISA=<name>`` in the environment or :func:`set_isa`
+override it, so tests can force every path the machine supports in turn.
+A path is a backend object with a small interface (see ``_gemm_backends``):
+
+    k_align              A's K is zero-padded to a multiple of this
+    pack(b_s8) -> obj    the backend's weight layout, built once per weight
+    gemm(a_u8, obj, out) P = a' @ b' (docs/quantization.md, eq. 6) into int32 out
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+# Most capable first. Each entry: the LLVM feature names it needs.
+ISA_REQUIREMENTS = {
+    "avx512_vnni": ("avx512f", "avx512bw", "avx512vl", "avx512vnni"),
+    "avx_vnni": ("avx2", "avxvnni"),
+    "avx2": ("avx2",),
+    "portable": (),
+}
+ENV_VAR = "LOWPREC_ISA"
+
+_selected: str | None = None
+
+
+@functools.cache
+def host_features() -> frozenset[str]:
+    import llvmlite.binding as llvm
+
+    feats = llvm.get_host_cpu_features()
+    return frozenset(name for name, on in feats.items() if on)
+
+
+def implemented_isas() -> tuple[str, ...]:
+    from ._gemm_backends import BACKENDS
+
+    return tuple(name for name in ISA_REQUIREMENTS if name in BACKENDS)
+
+
+def available_isas() -> tuple[str, ...]:
+    """The paths lowprec implements that this CPU can run, best first."""
+    feats = host_features()
+    return tuple(
+        name
+        for name in implemented_isas()
+        if all(f in feats for f in ISA_REQUIREMENTS[name])
+    )
+
+
+def _check(name: str, source: str) -> str:
+    if name not in ISA_REQUIREMENTS:
+        msg = (
+            f"{source}={name!r} is not an instruction-set path; choose one of "
+            f"{', '.join(ISA_REQUIREMENTS)}"
+        )
+        raise ValueError(msg)
+    if name not in implemented_isas():
+        msg = (
+            f"{source}={name!r} is not implemented in this lowprec version; "
+            f"available here: {', '.join(available_isas())}"
+        )
+        raise ValueError(msg)
+    if name not in available_isas():
+        missing = [f for f in ISA_REQUIREMENTS[name] if f not in host_features()]
+        msg = (
+            f"{source}={name!r} needs CPU features {', '.join(missing)} that this "
+            f"CPU lacks; available here: {', '.join(available_isas())}"
+        )
+        raise ValueError(msg)
+    return name
+
+
+def get_isa() -> str:
+    """The instruction-set path in use (chosen on first call)."""
+    global _selected
+    if _selected is None:
+        env = os.environ.get(ENV_VAR, "").strip()
+        _selected = _check(env, ENV_VAR) if env else available_isas()[0]
+    return _selected
+
+
+def set_isa(name: str | None) -> str:
+    """Force a path (``None``: back to the environment / best available).
+
+    Returns the path now in use. Raises ValueError for a path this CPU or this
+    build cannot run.
+    """
+    global _selected
+    _selected = None if name is None else _check(name, "isa")
+    return get_isa()
+
+
+def gemm_backend():
+    from ._gemm_backends import BACKENDS
+
+    return BACKENDS[get_isa()]
