@@ -4,6 +4,18 @@ NumPy arrays in, NumPy arrays out, with the numerics of the ONNX operator specs
 (docs/quantization.md).
 """
 
+import os as _os
+
+# In a source checkout `kernels/` sits beside this folder (it is installed as
+# lowprec.kernels). When Python picks this folder up from the checkout itself
+# (`python -m pytest` from the repository root puts it on sys.path ahead of the
+# installed package), let the subpackage resolve to that sibling folder.
+_src_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if not _os.path.isdir(_os.path.join(__path__[0], "kernels")) and _os.path.isfile(
+    _os.path.join(_src_root, "kernels", "__init__.py")
+):
+    __path__.append(_src_root)  # noqa: F821 (package __path__)
+
 from ._dispatch import available_isas, get_isa, set_isa
 from .gemm import PackedWeights, matmul_integer, pack_weights, qlinear_matmul
 from .quantize import dequantize_linear, dynamic_quantize_linear, quantize_linear

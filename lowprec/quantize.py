@@ -169,7 +169,8 @@ def quantize_linear(
     if x.dtype == np.float16 and scale.dtype == np.float16:
         # ONNX divides in float16 here; numpy's float16 division is correctly
         # rounded, so divide there and give the kernel unit scales.
-        x3 = x3 / np.repeat(scale3, block, axis=1)[:, :c, :]
+        with np.errstate(over="ignore"):  # overflow to +-inf saturates below
+            x3 = x3 / np.repeat(scale3, block, axis=1)[:, :c, :]
         scale3 = np.ones(scale3.shape, np.float32)
     x3 = np.ascontiguousarray(x3, dtype=np.float32)
     scale3 = np.ascontiguousarray(scale3, dtype=np.float32)
@@ -220,7 +221,7 @@ def dequantize_linear(x, x_scale, x_zero_point=None, *, axis=1, block_size=0):
         x.shape, scale, zero_point, axis, block_size, "x_scale", "x_zero_point"
     )
     x3 = np.ascontiguousarray(x.reshape(p, c, q))
-    scale3 = np.ascontiguousarray(scale3)
+    scale3 = np.ascontiguousarray(scale3, dtype=np.float32)  # exact for float16
     if zp3 is None:
         zp3 = np.zeros(scale3.shape, np.int32)
     elif zp3.size == 1 and scale3.size > 1:
@@ -229,7 +230,8 @@ def dequantize_linear(x, x_scale, x_zero_point=None, *, axis=1, block_size=0):
     out = np.empty((p, c, q), np.float32)
     _k.dequantize_linear(x3, scale3, zp3, block, out)
     out = out.reshape(x.shape)
-    return out.astype(scale.dtype, copy=False)
+    with np.errstate(over="ignore"):  # beyond float16's range is +-inf, as in ONNX
+        return out.astype(scale.dtype, copy=False)
 
 
 def dynamic_quantize_linear(x):

@@ -1,0 +1,216 @@
+"""matmul_integer / qlinear_matmul / pack_weights against the int64 oracle,
+on every instruction-set path this CPU supports (the `isa` fixture)."""
+
+import numba
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import lowprec
+import reference as ref
+from lowprec.kernels import config
+
+INT8 = [np.uint8, np.int8]
+
+
+def _rand(rng, shape, dtype, extreme=False):
+    info = np.iinfo(dtype)
+    if extreme:  # only the ends of the range: largest products, sign flips
+        return rng.choice(np.array([info.min, info.max], dtype), shape)
+    return rng.integers(info.min, info.max, shape, endpoint=True).astype(dtype)
+
+
+def _view(rng, x, kind):
+    """The same values as x, laid out as a non-contiguous or reversed view."""
+    if kind == "transposed":
+        return np.ascontiguousarray(x.swapaxes(-1, -2)).swapaxes(-1, -2)
+    if kind == "reversed":
+        return np.ascontiguousarray(x[..., ::-1])[..., ::-1]
+    if kind == "strided":
+        big = np.zeros((*x.shape[:-1], 2 * x.shape[-1]), x.dtype)
+        big[..., ::2] = x
+        return big[..., ::2]
+    return x
+
+
+@st.composite
+def gemm_case(draw):
+    # sizes straddle every tile edge: 1, primes, and just past powers of two
+    dims = st.sampled_from([1, 2, 3, 4, 5, 7, 13, 16, 17, 31, 33, 64, 65, 100])
+    M, K, N = draw(dims), draw(dims), draw(dims)
+    a_dt, b_dt = draw(st.sampled_from(INT8)), draw(st.sampled_from(INT8))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    extreme = draw(st.booleans())
+    a = _rand(rng, (M, K), a_dt, extreme)
+    b = _rand(rng, (K, N), b_dt, extreme)
+    za_kind = draw(st.sampled_from(["none", "scalar", "row", "min", "max"]))
+    zb_kind = draw(st.sampled_from(["none", "scalar", "col", "min", "max"]))
+
+    def zp(kind, dtype, n):
+        info = np.iinfo(dtype)
+        return {
+            "none": None,
+            "scalar": _rand(rng, (), dtype),
+            "row": _rand(rng, (n,), dtype),
+            "col": _rand(rng, (n,), dtype),
+            "min": dtype(info.min),
+            "max": dtype(info.max),
+        }[kind]
+
+    za = zp(za_kind, a_dt, M)
+    zb = zp(zb_kind, b_dt, N)
+    a = _view(rng, a, draw(st.sampled_from(["c", "transposed", "reversed", "strided"])))
+    b = _view(rng, b, draw(st.sampled_from(["c", "transposed", "reversed", "strided"])))
+    return a, b, za, zb, rng
+
+
+@given(gemm_case())
+def test_matmul_integer_matches_oracle(isa, case):
+    a, b, za, zb, _ = case
+    before = (a.copy(), b.copy())
+    got = lowprec.matmul_integer(a, b, za, zb)
+    want = ref.int_matmul(a, b, za, zb)
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(a, before[0])
+    np.testing.assert_array_equal(b, before[1])
+    packed = lowprec.pack_weights(b, zb)
+    np.testing.assert_array_equal(lowprec.matmul_integer(a, packed, za), want)
+
+
+@given(
+    gemm_case(),
+    st.sampled_from([None, np.uint8, np.int8, np.float32]),
+    st.sampled_from([None, "relu", "relu6", (-1.5, 2.0)]),
+    st.booleans(),
+    st.booleans(),
+    st.sampled_from([np.float32, np.float16]),
+)
+def test_qlinear_matmul_matches_oracle(isa, case, out, act, per_row, per_col, s_dt):
+    a, b, za, zb, rng = case
+    M, N = a.shape[0], b.shape[1]
+    if za is None:
+        za = a.dtype.type(0)
+    if zb is None:
+        zb = b.dtype.type(0)
+    lo, hi = (-4, 1) if s_dt == np.float16 else (-8, 3)
+    sa = (10.0 ** rng.uniform(lo, hi, (M,) if per_row else ())).astype(s_dt)
+    sb = (10.0 ** rng.uniform(lo, hi, (N,) if per_col else ())).astype(s_dt)
+    if np.ndim(za) == 1 and not per_row:
+        za = za[0]
+    if np.ndim(zb) == 1 and not per_col:
+        zb = zb[0]
+    if per_row and np.ndim(za) == 0:
+        za = np.full(M, za, a.dtype)
+    if per_col and np.ndim(zb) == 0:
+        zb = np.full(N, zb, b.dtype)
+    # a y_scale near the typical accumulator magnitude keeps outputs unsaturated
+    typical = float(np.sqrt(a.shape[1])) * 64 * float(np.max(sa)) * float(np.max(sb))
+    sy = np.asarray(typical / 64 * rng.uniform(0.5, 2), s_dt)
+    y_dt = np.int8 if out is None and rng.random() < 0.5 else np.uint8
+    zy = y_dt(rng.integers(np.iinfo(y_dt).min, np.iinfo(y_dt).max, endpoint=True))
+    bias = rng.integers(-(2**20), 2**20, N).astype(np.int32) if rng.random() < 0.5 else None
+    kwargs = dict(bias=bias, activation=act, out_dtype=out)
+    if out is not None and out != np.float32:
+        zy = np.asarray(zy).astype(out)
+    got = lowprec.qlinear_matmul(a, sa, za, b, sb, zb, sy, zy, **kwargs)
+    want = ref.qlinear_matmul(a, sa, za, b, sb, zb, sy, zy, **kwargs)
+    assert got.dtype == want.dtype
+    np.testing.assert_array_equal(got, want)
+    packed = lowprec.pack_weights(b, zb, sb)
+    got_p = lowprec.qlinear_matmul(a, sa, za, packed, None, None, sy, zy, **kwargs)
+    np.testing.assert_array_equal(got_p, want)
+
+
+@pytest.mark.parametrize("a_dt", INT8)
+@pytest.mark.parametrize("b_dt", INT8)
+def test_numpy_broadcasting(isa, a_dt, b_dt):
+    rng = np.random.default_rng(1)
+    cases = [
+        ((2, 3, 5, 7), (7, 4)),  # batched a, shared 2-D b (flattened into one GEMM)
+        ((5, 7), (3, 7, 4)),  # shared a, batched b
+        ((2, 1, 5, 7), (3, 7, 4)),  # broadcast batch dims
+        ((7,), (7, 4)),  # 1-D a
+        ((5, 7), (7,)),  # 1-D b
+        ((7,), (7,)),  # dot product -> 0-d
+        ((3, 7), (2, 7, 1)),
+    ]
+    for sa, sb in cases:
+        a, b = _rand(rng, sa, a_dt), _rand(rng, sb, b_dt)
+        za, zb = _rand(rng, (), a_dt), _rand(rng, (), b_dt)
+        got = lowprec.matmul_integer(a, b, za, zb)
+        want = (a.astype(np.int64) - za) @ (b.astype(np.int64) - zb)
+        assert got.shape == want.shape, (sa, sb)
+        np.testing.assert_array_equal(got, want)
+
+
+def test_nd_per_row_and_per_column_zero_points(isa):
+    rng = np.random.default_rng(2)
+    a = _rand(rng, (2, 5, 7), np.uint8)
+    b = _rand(rng, (2, 7, 3), np.int8)
+    za = _rand(rng, (2, 5, 1), np.uint8)  # ONNX N-D per-row form [D, M, 1]
+    zb = _rand(rng, (2, 1, 3), np.int8)  # per batch, per column
+    got = lowprec.matmul_integer(a, b, za, zb)
+    want = (a.astype(np.int64) - za) @ (b.astype(np.int64) - zb)
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_results_independent_of_thread_count(isa, threads, n_threads):
+    rng = np.random.default_rng(3)
+    a = _rand(rng, (67, 129), np.int8)
+    b = _rand(rng, (129, 300), np.uint8)
+    za, zb = _rand(rng, (67,), np.int8), _rand(rng, (300,), np.uint8)
+    numba.set_num_threads(min(n_threads, threads))
+    got = lowprec.matmul_integer(a, b, za, zb)
+    np.testing.assert_array_equal(got, ref.int_matmul(a, b, za, zb))
+
+
+def test_k_chunks_combine_exactly(isa, monkeypatch):
+    # the K-chunked path (used for K > 65536) exercised with tiny chunks
+    monkeypatch.setattr(config, "K_CHUNK", 8)
+    rng = np.random.default_rng(4)
+    for a_dt in INT8:
+        for b_dt in INT8:
+            a, b = _rand(rng, (9, 37), a_dt, True), _rand(rng, (37, 11), b_dt, True)
+            za, zb = _rand(rng, (9,), a_dt), _rand(rng, (11,), b_dt)
+            got = lowprec.matmul_integer(a, b, za, zb)
+            np.testing.assert_array_equal(got, ref.int_matmul(a, b, za, zb))
+
+
+def test_int32_overflow_raises_and_qlinear_stays_exact(isa):
+    # K = 40000 products of 255 * 255 exceed int32: refuse rather than wrap
+    K = 40000
+    a = np.full((1, K), 255, np.uint8)
+    b = np.zeros((K, 2), np.uint8)
+    with pytest.raises(OverflowError, match="int32"):
+        lowprec.matmul_integer(a, b, np.uint8(0), np.uint8(255))
+    # qlinear accumulates exactly past int32 and requantizes the exact value
+    got = lowprec.qlinear_matmul(
+        a, 1.0, np.uint8(0), b, 1.0, np.uint8(255), np.float32(2**26), np.int8(0)
+    )
+    exact = -(255 * 255 * K)  # -2_601_000_000
+    np.testing.assert_array_equal(got, np.rint(exact / 2**26).astype(np.int8))
+
+
+def test_empty_dimensions():
+    a = np.zeros((0, 4), np.uint8)
+    b = np.zeros((4, 3), np.int8)
+    assert lowprec.matmul_integer(a, b).shape == (0, 3)
+    a = np.zeros((2, 0), np.uint8)
+    b = np.zeros((0, 3), np.int8)
+    np.testing.assert_array_equal(lowprec.matmul_integer(a, b), np.zeros((2, 3)))
+
+
+def test_packed_weights_are_immutable():
+    b = np.arange(12, dtype=np.int8).reshape(3, 4)
+    p = lowprec.pack_weights(b, np.int8(1), np.float32(0.5))
+    with pytest.raises(AttributeError, match="immutable"):
+        p.shape = (1, 1)
+    assert not p.zero_point.flags.writeable
+    b[:] = 0  # packing copied the data
+    a = np.ones((1, 3), np.uint8)
+    np.testing.assert_array_equal(
+        lowprec.matmul_integer(a, p), ref.int_matmul(a, np.arange(12).reshape(3, 4), 0, 1)
+    )

@@ -1,0 +1,144 @@
+"""quantize_linear / dequantize_linear / dynamic_quantize_linear against the oracle."""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import lowprec
+import reference as ref
+
+QTYPES = [np.uint8, np.int8, np.uint16, np.int16]
+
+
+@st.composite
+def quant_case(draw):
+    """x, scale, zero point and layout for one QuantizeLinear call."""
+    ndim = draw(st.integers(1, 4))
+    shape = tuple(draw(st.lists(st.integers(1, 7), min_size=ndim, max_size=ndim)))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    x_dtype = draw(st.sampled_from([np.float32, np.float16]))
+    s_dtype = draw(st.sampled_from([np.float32, np.float16]))
+    q_dtype = draw(st.sampled_from(QTYPES))
+    mode = draw(st.sampled_from(["tensor", "axis", "block"]))
+    axis = draw(st.integers(-ndim, ndim - 1))
+    ax = axis % ndim
+    block = draw(st.integers(1, 4)) if mode == "block" else 0
+    if mode == "tensor":
+        s_shape = draw(st.sampled_from([(), (1,)]))
+    elif mode == "axis":
+        s_shape = (shape[ax],)
+    else:
+        s_shape = tuple(-(-d // block) if i == ax else d for i, d in enumerate(shape))
+    # tiny and huge scales (within float16's normal range when that is the type)
+    log_lo, log_hi = (-6, 3) if s_dtype == np.float16 else (-30, 30)
+    scale = (10.0 ** rng.uniform(log_lo, log_hi, s_shape)).astype(s_dtype)
+    info = np.iinfo(q_dtype)
+    zp = rng.integers(info.min, info.max, s_shape, endpoint=True).astype(q_dtype)
+    if draw(st.booleans()):  # zero points at the ends of their range
+        zp = np.full(s_shape, draw(st.sampled_from([info.min, info.max])), q_dtype)
+    # values around the representable range, plus exact ties k + 1/2 steps
+    full_scale = ref.expand_param(scale, shape, ax, block).astype(np.float64)
+    steps = rng.integers(-400, 400, shape) + rng.choice([0.0, 0.5, 0.25], shape)
+    with np.errstate(over="ignore"):  # float16 overflow to inf is a valid input
+        x = (steps * full_scale).astype(x_dtype)
+    if draw(st.booleans()):
+        x = rng.normal(0, 1e3, shape).astype(x_dtype)
+    return x, scale, zp, ax if mode != "tensor" else axis, block, q_dtype
+
+
+@given(quant_case())
+def test_quantize_matches_oracle(case):
+    x, scale, zp, axis, block, q_dtype = case
+    x_before, s_before, z_before = x.copy(), scale.copy(), zp.copy()
+    got = lowprec.quantize_linear(x, scale, zp, axis=axis, block_size=block)
+    want = ref.quantize(x, scale, zp, q_dtype, axis % x.ndim, block)
+    assert got.dtype == q_dtype
+    np.testing.assert_array_equal(got, want)
+    # inputs are never modified
+    np.testing.assert_array_equal(x, x_before)
+    np.testing.assert_array_equal(scale, s_before)
+    np.testing.assert_array_equal(zp, z_before)
+
+
+@given(quant_case())
+def test_dequantize_matches_oracle(case):
+    x_f, scale, zp, axis, block, q_dtype = case
+    rng = np.random.default_rng(0)
+    info = np.iinfo(q_dtype)
+    x = rng.integers(info.min, info.max, x_f.shape, endpoint=True).astype(q_dtype)
+    got = lowprec.dequantize_linear(x, scale, zp, axis=axis, block_size=block)
+    want = ref.dequantize(x, scale, zp, axis % x.ndim, block)
+    assert got.dtype == scale.dtype
+    np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))
+
+
+def test_round_half_to_even_and_saturation():
+    x = np.array([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5, 127.5, -128.5, 1e9], np.float32)
+    got = lowprec.quantize_linear(x, np.float32(1), np.int8(0))
+    np.testing.assert_array_equal(got, [0, 2, 2, 0, -2, -2, 126, 127, -128, 127])
+
+
+def test_nan_and_inf_are_defined():
+    # +inf / -inf saturate; NaN maps to the zero point (docs/quantization.md)
+    x = np.array([np.inf, -np.inf, np.nan, 1.0], np.float32)
+    got = lowprec.quantize_linear(x, np.float32(0.5), np.uint8(7))
+    np.testing.assert_array_equal(got, [255, 0, 7, 9])
+    got16 = lowprec.quantize_linear(x.astype(np.float16), np.float16(0.5), np.int16(-3))
+    np.testing.assert_array_equal(got16, [32767, -32768, -3, -1])
+
+
+def test_python_scalars_and_default_type():
+    got = lowprec.quantize_linear(np.array([1.0, -1.0], np.float32), 0.25)
+    assert got.dtype == np.uint8
+    np.testing.assert_array_equal(got, [4, 0])
+    got = lowprec.quantize_linear(np.array([1.0], np.float32), 0.25, output_dtype=np.int8)
+    assert got.dtype == np.int8
+
+
+def test_dequantize_int32():
+    x = np.array([2**31 - 1, -(2**31), 12345], np.int32)
+    got = lowprec.dequantize_linear(x, np.float32(0.5))
+    want = (x.astype(np.float32) * np.float32(0.5)).astype(np.float32)
+    np.testing.assert_array_equal(got, want)
+
+
+def _dynamic_oracle(x):
+    # ONNX DynamicQuantizeLinear, eq. 3, in float32 scalars
+    maxx = np.float32(max(0.0, float(x.max()))) if x.size else np.float32(0)
+    minx = np.float32(min(0.0, float(x.min()))) if x.size else np.float32(0)
+    rng = np.float32(1.0) if maxx == minx else np.float32(maxx - minx)
+    scale = np.float32(rng / np.float32(255))
+    zp = np.rint(np.clip(np.float32(0) - minx / scale, 0, 255))
+    y = np.clip(np.rint(x / scale) + zp, 0, 255).astype(np.uint8)
+    return y, scale, np.uint8(zp)
+
+
+@given(
+    st.integers(0, 2**32 - 1),
+    st.integers(0, 300),
+    st.sampled_from(["mixed", "positive", "negative", "zeros", "tiny"]),
+)
+def test_dynamic_quantize_matches_oracle(seed, n, kind):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(0, 10, n).astype(np.float32)
+    if kind == "positive":
+        x = np.abs(x)
+    elif kind == "negative":
+        x = -np.abs(x)
+    elif kind == "zeros":
+        x = np.zeros(n, np.float32)
+    elif kind == "tiny":
+        x = x * np.float32(1e-30)
+    y, s, z = lowprec.dynamic_quantize_linear(x)
+    wy, ws, wz = _dynamic_oracle(x)
+    np.testing.assert_array_equal(y, wy)
+    assert s.dtype == np.float32 and s.shape == () and s == ws
+    assert z.dtype == np.uint8 and z.shape == () and z == wz
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_dynamic_quantize_rejects_non_finite(bad):
+    x = np.array([1.0, bad, 2.0], np.float32)
+    with pytest.raises(ValueError, match="finite"):
+        lowprec.dynamic_quantize_linear(x)
