@@ -366,7 +366,7 @@ def test_node_case_bit_exact(case: Case):
         assert len(got) == len(expected), (
             f"{case.name}: {len(got)} outputs, expected {len(expected)}"
         )
-        for name, g, e in zip(node.output, got, expected):
+        for name, g, e in zip(node.output, got, expected, strict=True):
             assert_bit_exact(g, e, f"{case.name} data set {i} output {name!r}")
 
 
@@ -380,10 +380,8 @@ def test_reference_evaluator_agrees(case: Case):
     evaluator = ReferenceEvaluator(case.model)
     present = [name for name in node.input if name]
     for i, (inputs, expected) in enumerate(case.data_sets()):
-        assert len(inputs) == len(present)
-        got = evaluator.run(None, dict(zip(present, inputs)))
-        assert len(got) == len(expected)
-        for name, g, e in zip(node.output, got, expected):
+        got = evaluator.run(None, dict(zip(present, inputs, strict=True)))
+        for name, g, e in zip(node.output, got, expected, strict=True):
             assert_bit_exact(g, e, f"{case.name} data set {i} reference {name!r}")
 
 
