@@ -10,10 +10,12 @@ afterwards by ``lowprec.kernels.requant`` from row and column sums. A faster
 instruction-set path only has to produce the same P from its own packed layout.
 """
 
+import numba
 import numpy as np
 from numba import njit, prange
 
-from .config import PJIT
+from .config import JIT, PJIT
+from .requant import epilogue_tile
 
 
 @njit(**PJIT)
@@ -79,3 +81,53 @@ def gemm_u8s8(a, b, out, tile_m, tile_n):
                     acc[j] += av * np.int32(b[k, n0 + j])
             for j in range(n1 - n0):
                 out[m, n0 + j] = acc[j]
+
+
+@njit(inline="always")
+def _tile_job(
+    t, nt, a, b, scratch, za, rs, cs, zb, bias, mult, zy, qlo, qhi, mode, out
+):
+    # one scratch-sized output tile over the whole K, then the fused epilogue
+    M, K = a.shape
+    N = out.shape[1]
+    tile_m, tile_n = scratch.shape[1], scratch.shape[2]
+    m0 = (t // nt) * tile_m
+    n0 = (t % nt) * tile_n
+    mr = min(tile_m, M - m0)
+    nc = min(tile_n, N - n0)
+    tile = scratch[numba.get_thread_id()]
+    for r in range(mr):
+        acc = tile[r]
+        acc[:nc] = 0
+        for k in range(K):
+            av = np.int32(a[m0 + r, k])
+            for j in range(nc):
+                acc[j] += av * np.int32(b[k, n0 + j])
+    epilogue_tile(
+        tile, mr, nc, m0, n0, za, rs, cs, zb, bias, mult, zy, qlo, qhi, mode, out
+    )
+
+
+@njit(**PJIT)
+def gemm_fused(a, b, scratch, za, rs, cs, zb, bias, mult, zy, qlo, qhi, mode, out):
+    # a (M,K) uint8, b (K,N) int8, scratch (threads,TILE_M,TILE_N) int32,
+    # out (M,N) int32|uint8|int8|float32: eq. 6 then eq. 8-13 per tile
+    mt = (a.shape[0] + scratch.shape[1] - 1) // scratch.shape[1]
+    nt = (out.shape[1] + scratch.shape[2] - 1) // scratch.shape[2]
+    for t in prange(mt * nt):
+        _tile_job(
+            t, nt, a, b, scratch, za, rs, cs, zb, bias, mult, zy, qlo, qhi, mode, out
+        )
+
+
+@njit(**JIT)
+def gemm_fused_serial(
+    a, b, scratch, za, rs, cs, zb, bias, mult, zy, qlo, qhi, mode, out
+):
+    # as gemm_fused, on the calling thread (tiny problems)
+    mt = (a.shape[0] + scratch.shape[1] - 1) // scratch.shape[1]
+    nt = (out.shape[1] + scratch.shape[2] - 1) // scratch.shape[2]
+    for t in range(mt * nt):
+        _tile_job(
+            t, nt, a, b, scratch, za, rs, cs, zb, bias, mult, zy, qlo, qhi, mode, out
+        )

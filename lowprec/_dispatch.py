@@ -25,6 +25,7 @@ ISA_REQUIREMENTS = {
 ENV_VAR = "LOWPREC_ISA"
 
 _selected: str | None = None
+_backend = None
 
 
 @functools.cache
@@ -89,12 +90,17 @@ def set_isa(name: str | None) -> str:
     Returns the path now in use. Raises ValueError for a path this CPU or this
     build cannot run.
     """
-    global _selected
+    global _selected, _backend
     _selected = None if name is None else _check(name, "isa")
+    _backend = None
     return get_isa()
 
 
 def gemm_backend():
-    from ._gemm_backends import BACKENDS
+    """The backend object of the path in use (cached: called on every GEMM)."""
+    global _backend
+    if _backend is None:
+        from ._gemm_backends import BACKENDS
 
-    return BACKENDS[get_isa()]
+        _backend = BACKENDS[get_isa()]
+    return _backend

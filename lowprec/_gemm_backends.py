@@ -1,6 +1,17 @@
-"""Host-side drivers for the INT8 GEMM paths (see ``_dispatch`` for the interface)."""
+"""Host-side drivers for the INT8 GEMM paths (see ``_dispatch`` for the interface).
+
+Each backend provides
+    name, k_min         K below k_min is zero-padded (A copied)
+    tile                the (rows, cols) of one thread's int32 scratch tile
+    pack(b_s8)          its weight layout of b' (K, N) int8
+    gemm(a, packed, p)  raw P = a' @ b' into int32 p            (eq. 6)
+    fused(a, packed, scratch, *epilogue, out, serial)
+                        eq. 6 and the epilogue (eqs. 8-13) in one pass per tile
+"""
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 
@@ -12,7 +23,9 @@ class PortableGemm:
     """Plain numba loops; exact on every CPU. ~20-50 GOP/s per core."""
 
     name = "portable"
-    k_align = 1
+    k_min = 0
+
+    tile = (config.TILE_M, config.TILE_N)
 
     @staticmethod
     def pack(b_s8: np.ndarray) -> np.ndarray:
@@ -23,5 +36,43 @@ class PortableGemm:
     def gemm(a_u8: np.ndarray, packed: np.ndarray, out: np.ndarray) -> None:
         _portable.gemm_u8s8(a_u8, packed, out, config.TILE_M, config.TILE_N)
 
+    @staticmethod
+    def fused(a_u8, packed, scratch, *args, serial=False):
+        fn = _portable.gemm_fused_serial if serial else _portable.gemm_fused
+        fn(a_u8, packed, scratch, *args)
 
-BACKENDS = {"portable": PortableGemm}
+
+@functools.cache
+def _vnni():
+    # imported on first use: building the llvmlite intrinsics costs ~0.1 s
+    from .kernels import int8_gemm_vnni
+
+    return int8_gemm_vnni
+
+
+class Avx512VnniGemm:
+    """6x64 register tiles of vpdpbusd zmm (kernels/int8_gemm_vnni.py)."""
+
+    name = "avx512_vnni"
+    k_min = 4  # K tails are read in place from the last 4 bytes of each row
+
+    tile = (6, 64)  # kernels/int8_gemm_vnni.py: MR_MAX x NR
+
+    @staticmethod
+    def pack(b_s8: np.ndarray) -> np.ndarray:
+        k = _vnni()
+        return k.pack_b(b_s8)
+
+    @staticmethod
+    def gemm(a_u8: np.ndarray, packed: np.ndarray, out: np.ndarray) -> None:
+        k = _vnni()
+        k.gemm(a_u8, packed, out)
+
+    @staticmethod
+    def fused(a_u8, packed, scratch, *args, serial=False):
+        k = _vnni()
+        fn = k.gemm_fused_serial if serial else k.gemm_fused
+        fn(a_u8, packed, scratch, *args)
+
+
+BACKENDS = {"avx512_vnni": Avx512VnniGemm, "portable": PortableGemm}

@@ -1,18 +1,21 @@
 """INT8 matrix multiplication: ONNX MatMulInteger and QLinearMatMul, prepacked weights.
 
-All paths share one contract (docs/quantization.md):
+Every path shares one contract (docs/quantization.md):
 
-    raw product   P = a' @ b'      a' = a (+128 if int8) uint8, b' = b (-128 if uint8) int8
-    exact result  acc = P - ZA*colsum(b') - ZB*rowsum(a - a_zp) + bias     (int64)
-    output        int32 acc | saturate(rint(acc*mult + y_zp)) | float32(acc*mult)
+    raw product   P = a' @ b'   a' = a (+128 if int8), b' = b (-128 if uint8)  (eq. 6)
+    exact result  acc = P - ZA*colsum(b') - ZB*rowsum(a - a_zp) + bias        (eq. 8)
+    output        int32 acc | sat(rint(acc*mult + y_zp)) | float32(acc*mult)  (11-13)
 
-The instruction-set path only computes P; everything else is shared.
+An instruction-set path (``_gemm_backends``) computes P for one register tile
+and applies the shared epilogue (``kernels/requant.py``) while the tile is in L1.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
+import numba
 import numpy as np
 
 from . import _dispatch
@@ -21,9 +24,31 @@ from .kernels import config
 from .kernels import int8_gemm as _kg
 from .kernels import requant as _kr
 
-# Exact |a - a_zp| * |b - b_zp| <= 255 * 255, so an int32 MatMulInteger result
-# always fits for K up to this bound; beyond it lowprec checks every output.
+# |a - a_zp| * |b - b_zp| <= 255 * 255: an exact result fits int32 for K up to
+# this bound. Beyond it the K-chunked path accumulates in int64 and checks.
 K_INT32_SAFE = (2**31 - 1) // (255 * 255)
+
+# Below this many multiply-adds a call runs on the calling thread: launching
+# numba's thread pool costs ~4 us here, more than the work itself.
+SERIAL_MACS = 1 << 20
+
+_MODE_INT32, _MODE_QUANT, _MODE_FLOAT = 0, 1, 2
+
+# read-only constants handed to kernels that only read them
+_ZERO1 = np.zeros(1, np.int64)
+_ONE11 = np.ones((1, 1))  # the multiplier of int32 output: never read
+for _c in (_ZERO1, _ONE11):
+    _c.flags.writeable = False
+
+
+def _a_offset(dtype) -> int:
+    """a' = a + offset (eq. 5): int8 becomes uint8 by adding 128."""
+    return 128 if dtype == np.int8 else 0
+
+
+def _b_offset(dtype) -> int:
+    """b' = b - offset (eq. 5): uint8 becomes int8 by subtracting 128."""
+    return 128 if dtype == np.uint8 else 0
 
 
 class PackedWeights:
@@ -31,7 +56,7 @@ class PackedWeights:
 
     Build with :func:`pack_weights`. Holds b' (docs eq. 5), its column sums, the
     zero point / scale given at pack time, and each instruction-set path's
-    layout, built on first use and reused for every call.
+    layout, built on first use and reused by every call.
     """
 
     __slots__ = (
@@ -41,29 +66,37 @@ class PackedWeights:
         "scale",
         "_b_s8",
         "_col_sum",
+        "_zb_eff",
+        "_need_rows",
+        "_zeros_n",
         "_layouts",
-        "_frozen",
+        "_mults",
     )
 
-    def __init__(self, b, zero_point, scale):
+    def __init__(self, b, zero_point=None, scale=None):
         K, N = b.shape
-        set_ = object.__setattr__
-        set_(self, "shape", (K, N))
-        set_(self, "dtype", b.dtype)
-        set_(self, "zero_point", zero_point)
-        set_(self, "scale", scale)
         b_s8 = np.empty((K, N), np.int8)
         col_sum = np.empty(N, np.int64)
-        _kg.prepare_b(b, np.uint8(_b_flip(b.dtype)), b_s8, col_sum)
-        b_s8.flags.writeable = False
-        col_sum.flags.writeable = False
-        for arr in (zero_point, scale):
-            if arr is not None:
-                arr.flags.writeable = False
-        set_(self, "_b_s8", b_s8)
-        set_(self, "_col_sum", col_sum)
-        set_(self, "_layouts", {})
-        set_(self, "_frozen", True)
+        _kg.prepare_b(b, np.uint8(0x80 if b.dtype == np.uint8 else 0), b_s8, col_sum)
+        zb = np.zeros(1, b.dtype) if zero_point is None else zero_point
+        fields = {
+            "shape": (K, N),
+            "dtype": b.dtype,
+            "zero_point": zero_point,
+            "scale": scale,
+            "_b_s8": b_s8,
+            "_col_sum": col_sum,
+            "_zb_eff": _zb_eff(zb, b.dtype, N),
+            "_need_rows": None,
+            "_zeros_n": np.zeros(N, np.int64),
+            "_layouts": {},
+            "_mults": {},
+        }
+        fields["_need_rows"] = bool(fields["_zb_eff"].any())
+        for name, value in fields.items():
+            if isinstance(value, np.ndarray):
+                value.flags.writeable = False
+            object.__setattr__(self, name, value)
 
     def __setattr__(self, name, value):
         msg = "PackedWeights is immutable; pack new weights with lowprec.pack_weights"
@@ -80,16 +113,13 @@ class PackedWeights:
 
     @property
     def nbytes(self) -> int:
-        extra = sum(
-            a.nbytes
-            for layout in self._layouts.values()
-            for a in (layout if isinstance(layout, tuple) else (layout,))
-            if isinstance(a, np.ndarray) and a is not self._b_s8
-        )
-        return self._b_s8.nbytes + self._col_sum.nbytes + extra
+        """Bytes held: b', column sums and every layout built so far."""
+        layouts = sum(x.nbytes for x in self._layouts.values() if x is not self._b_s8)
+        return self._b_s8.nbytes + self._col_sum.nbytes + layouts
 
-    def _chunk(self, backend, k0: int, k1: int):
-        """The backend's layout of rows k0:k1 of b' (K chunks: see config.K_CHUNK)."""
+    def _layout(self, backend, k0: int = 0, k1: int | None = None):
+        """The backend's layout of rows k0:k1 of b' (K chunks: config.K_CHUNK)."""
+        k1 = self.shape[0] if k1 is None else k1
         key = (backend.name, k0, k1)
         layout = self._layouts.get(key)
         if layout is None:
@@ -97,18 +127,12 @@ class PackedWeights:
             self._layouts[key] = layout
         return layout
 
-    def _col_sum_of(self, k0: int, k1: int) -> np.ndarray:
-        if k0 == 0 and k1 == self.shape[0]:
-            return self._col_sum
-        return self._b_s8[k0:k1].sum(axis=0, dtype=np.int64)
 
-
-def _a_flip(dtype) -> int:
-    return 0x80 if dtype == np.int8 else 0
-
-
-def _b_flip(dtype) -> int:
-    return 0x80 if dtype == np.uint8 else 0
+def _zb_eff(zb: np.ndarray, dtype, N: int) -> np.ndarray:
+    """ZB = b_zero_point - offset (eq. 5) as a contiguous (N,) int64 array."""
+    out = np.empty(N, np.int64)
+    out[:] = zb.reshape(-1).astype(np.int64) - _b_offset(dtype)
+    return out
 
 
 def pack_weights(b, b_zero_point=None, b_scale=None) -> PackedWeights:
@@ -136,11 +160,8 @@ def pack_weights(b, b_zero_point=None, b_scale=None) -> PackedWeights:
     N = b.shape[1]
     zp = None
     if b_zero_point is not None:
-        zp = _col_param(
-            v.zero_point_param(b_zero_point, "b_zero_point", b.dtype),
-            "b_zero_point",
-            N,
-        )
+        zp = v.zero_point_param(b_zero_point, "b_zero_point", b.dtype)
+        zp = _col_param(zp, "b_zero_point", N)
     sc = None
     if b_scale is not None:
         sc = _col_param(v.scale_param(b_scale, "b_scale"), "b_scale", N)
@@ -153,16 +174,151 @@ def _col_param(arr: np.ndarray, name: str, N: int) -> np.ndarray:
         return arr.reshape(1)
     if arr.ndim == 1 and arr.shape[0] == N:
         return arr
-    msg = f"{name} must be a scalar or have shape ({N},) (one per column), got {arr.shape}"
+    msg = (
+        f"{name} must be a scalar or have shape ({N},) (one per column), "
+        f"got {arr.shape}"
+    )
     raise ValueError(msg)
 
 
 # --------------------------------------------------------------------------- #
-# parameter shapes under numpy matmul broadcasting
+# the 2-D drivers
+
+
+def _gemm_2d(a, packed, zb, za_eff, bias, mult, zy, qlo, qhi, mode, out):
+    """out (M,N) = epilogue(a @ b) for 2-D a and packed b (docs eqs. 5-13).
+
+    zb (N,) int64 = ZB; za_eff (1|M,) int64 = ZA; bias (N,) int64;
+    mult (1|M, N) float64.
+    """
+    M, K = a.shape
+    N = packed.shape[1]
+    if M == 0 or N == 0:
+        return
+    if K == 0 or K > K_INT32_SAFE:
+        _gemm_2d_chunked(a, packed, zb, za_eff, bias, mult, zy, qlo, qhi, mode, out)
+        return
+    backend = _dispatch.gemm_backend()
+    need_rows = packed._need_rows if zb is packed._zb_eff else bool(zb.any())
+    a_u8, row_sum = _prepare_a(a, backend.k_min, need_rows)
+    if row_sum is not None:
+        row_sum -= K * za_eff  # rowsum(a - a_zp) = rowsum(a') - K * ZA (eq. 9)
+    else:
+        row_sum = _ZERO1
+    backend.fused(
+        a_u8,
+        packed._layout(backend),
+        np.empty((numba.config.NUMBA_NUM_THREADS, *backend.tile), np.int32),
+        za_eff,
+        row_sum,
+        packed._col_sum,
+        zb,
+        bias,
+        mult,
+        zy,
+        qlo,
+        qhi,
+        mode,
+        out,
+        serial=M * N * K < SERIAL_MACS or numba.get_num_threads() == 1,
+    )
+
+
+def _prepare_a(a, k_min, need_rows):
+    """a' (eq. 5) as C-contiguous uint8 with >= k_min columns, and its row sums
+    when needed. A C-contiguous uint8 a is used in place."""
+    M, K = a.shape
+    k_pad = max(K, k_min)
+    if a.dtype == np.uint8 and k_pad == K and a.flags.c_contiguous:
+        row_sum = None
+        if need_rows:
+            row_sum = np.empty(M, np.int64)
+            _kg.row_sums_u8(a, row_sum)
+        return a, row_sum
+    a_u8 = np.empty((M, k_pad), np.uint8)
+    row_sum = np.empty(M, np.int64)
+    _kg.prepare_a(a, np.uint8(_a_offset(a.dtype)), k_pad, a_u8, row_sum)
+    return a_u8, (row_sum if need_rows else None)
+
+
+def _gemm_2d_chunked(a, packed, zb, za_eff, bias, mult, zy, qlo, qhi, mode, out):
+    """Raw products over K chunks (config.K_CHUNK) combined in int64, then
+    `requantize` with its int32 range check. Serves K == 0 and K > 33025."""
+    M, K = a.shape
+    N = packed.shape[1]
+    backend = _dispatch.gemm_backend()
+    need_rows = bool(zb.any())
+    chunks = [(k0, min(k0 + config.K_CHUNK, K)) for k0 in range(0, K, config.K_CHUNK)]
+    row_sum = np.zeros(M, np.int64)
+    p = np.zeros((M, N), np.int32)
+    total = np.zeros((M, N), np.int64) if len(chunks) > 1 else p
+    for k0, k1 in chunks:
+        a_u8, rs = _prepare_a(
+            np.ascontiguousarray(a[:, k0:k1]), backend.k_min, need_rows
+        )
+        if rs is not None:
+            row_sum += rs
+        backend.gemm(a_u8, packed._layout(backend, k0, k1), p)
+        if len(chunks) > 1:
+            _kr.accumulate(total, p)
+    row_sum -= K * za_eff
+    bad = _kr.requantize(
+        total, za_eff, packed._col_sum, zb, row_sum, bias, mult, zy, qlo, qhi, mode, out
+    )
+    if bad:
+        msg = (
+            f"{bad} MatMulInteger outputs do not fit int32 (K={K} allows sums past "
+            f"2**31); ONNX would wrap them silently, lowprec refuses. Use "
+            f"qlinear_matmul (exact int64 accumulation) or split K"
+        )
+        raise OverflowError(msg)
+
+
+# --------------------------------------------------------------------------- #
+# numpy matmul broadcasting and parameter shapes
+
+
+def _check_ab(a, b):
+    """Validate a and b; return (a_shape, b_shape) as 2+-D and the batch shape."""
+    v.check_array(
+        a, "a", v.INT8_TYPES, fix="quantize it first with lowprec.quantize_linear"
+    )
+    if a.ndim == 0:
+        msg = "a must have at least 1 dimension (numpy matmul), got a 0-d array"
+        raise ValueError(msg)
+    if isinstance(b, PackedWeights):
+        b_shape = b.shape
+    else:
+        v.check_array(
+            b, "b", v.INT8_TYPES, fix="quantize it first with lowprec.quantize_linear"
+        )
+        if b.ndim == 0:
+            msg = "b must have at least 1 dimension (numpy matmul), got a 0-d array"
+            raise ValueError(msg)
+        b_shape = b.shape
+    a_shape = (1, a.shape[0]) if a.ndim == 1 else a.shape
+    b_shape = (b_shape[0], 1) if len(b_shape) == 1 else tuple(b_shape)
+    if a_shape[-1] != b_shape[-2]:
+        msg = (
+            f"inner dimensions differ: a.shape[-1]={a_shape[-1]}, "
+            f"b.shape[-2]={b_shape[-2]} (a {a.shape} @ b {b_shape})"
+        )
+        raise ValueError(msg)
+    if len(a_shape) == 2 and len(b_shape) == 2:
+        return a_shape, b_shape, ()
+    try:
+        batch = np.broadcast_shapes(a_shape[:-2], b_shape[:-2])
+    except ValueError:
+        msg = (
+            f"batch dimensions of a {a.shape} and b {b_shape} do not "
+            f"broadcast (numpy matmul rules)"
+        )
+        raise ValueError(msg) from None
+    return a_shape, b_shape, batch
 
 
 def _row_param(arr, name, a_shape, batch):
-    """Per-tensor / per-row parameter of a -> array of shape batch+(M,) or (1,)."""
+    """Per-tensor / per-row parameter of a -> (1,), (M,) or batch+(M,)."""
     M = a_shape[-2]
     if arr.size == 1:
         return arr.reshape(1)
@@ -181,7 +337,7 @@ def _row_param(arr, name, a_shape, batch):
 
 
 def _col_param_nd(arr, name, b_shape, batch):
-    """Per-tensor / per-column parameter of b -> shape batch+(N,) or (1,)."""
+    """Per-tensor / per-column parameter of b -> (1,), (N,) or batch+(N,)."""
     N = b_shape[-1]
     if arr.size == 1:
         return arr.reshape(1)
@@ -199,125 +355,35 @@ def _col_param_nd(arr, name, b_shape, batch):
     return np.broadcast_to(full[..., 0, :], (*batch, N))
 
 
-def _at(param, idx):
-    """The 1-D slice of a normalised row/column parameter for one batch index."""
+def _rows(param, idx, rows):
+    """A row parameter for one 2-D GEMM: (1,) or (rows,); idx None means the
+    batch was flattened into the rows."""
+    if param.ndim == 1 and param.shape[0] == 1:
+        return param
+    if idx is not None:
+        return param if param.ndim == 1 else param[idx]
+    if param.ndim == 1:
+        return np.tile(param, rows // param.shape[0])
+    return np.ascontiguousarray(param).reshape(rows)
+
+
+def _cols(param, idx):
     return param if param.ndim == 1 else param[idx]
 
 
-# --------------------------------------------------------------------------- #
-# the shared 2-D driver
-
-
-def _gemm_2d(a, packed, za, zb, bias, mult, zy, qlo, qhi, mode, out):
-    """out (M,N) = epilogue(a @ b) for 2-D a and packed b (docs eqs. 6-12)."""
-    M, K = a.shape
-    N = packed.shape[1]
-    if M == 0 or N == 0:
-        return
-    backend = _dispatch.gemm_backend()
-    fa = _a_flip(a.dtype)
-    ZA = za.astype(np.int64) + (128 if fa else 0)
-    ZB = zb.astype(np.int64) - (128 if packed.dtype == np.uint8 else 0)
-    need_rows = bool(np.any(ZB != 0))
-
-    chunks = [(k0, min(k0 + config.K_CHUNK, K)) for k0 in range(0, K, config.K_CHUNK)]
-    ra = np.zeros(M, np.int64)
-    p = np.zeros((M, N), np.int32)
-    total = None if len(chunks) <= 1 else np.zeros((M, N), np.int64)
-    col_sum = packed._col_sum
-    for k0, k1 in chunks:
-        kc = k1 - k0
-        k_pad = -(-kc // backend.k_align) * backend.k_align
-        a_c = a[:, k0:k1]
-        if fa == 0 and k_pad == kc and a_c.flags.c_contiguous:
-            a_u8 = a_c
-            if need_rows:
-                r = np.empty(M, np.int64)
-                _kg.row_sums_u8(a_u8, r)
-                ra += r
-        else:
-            a_u8 = np.empty((M, k_pad), np.uint8)
-            r = np.empty(M, np.int64)
-            _kg.prepare_a(a_c, np.uint8(fa), k_pad, a_u8, r)
-            ra += r
-        backend.gemm(a_u8, packed._chunk(backend, k0, k1), p)
-        if total is not None:
-            _kr.accumulate(total, p)
-    # rowsum(a - a_zp) = rowsum(a') - K * ZA   (eq. 9)
-    row_sum = ra - K * ZA if need_rows else np.zeros(M, np.int64)
-    bad = _kr.requantize(
-        p if total is None else total,
-        ZA,
-        col_sum,
-        ZB,
-        row_sum,
-        bias,
-        mult,
-        zy,
-        qlo,
-        qhi,
-        mode,
-        out,
-    )
-    if bad:
-        msg = (
-            f"{bad} MatMulInteger outputs do not fit int32 (K={K} allows sums past "
-            f"2**31); ONNX would wrap them silently, lowprec refuses. Use "
-            f"qlinear_matmul (exact int64 accumulation) or split K"
-        )
-        raise OverflowError(msg)
-
-
-def _check_ab(a, b):
-    v.check_array(
-        a, "a", v.INT8_TYPES, fix="quantize it first with lowprec.quantize_linear"
-    )
-    if a.ndim == 0:
-        msg = "a must have at least 1 dimension (numpy matmul), got a 0-d array"
-        raise ValueError(msg)
-    if isinstance(b, PackedWeights):
-        b_shape = b.shape
-    else:
-        v.check_array(
-            b, "b", v.INT8_TYPES, fix="quantize it first with lowprec.quantize_linear"
-        )
-        if b.ndim == 0:
-            msg = "b must have at least 1 dimension (numpy matmul), got a 0-d array"
-            raise ValueError(msg)
-        b_shape = b.shape
-    a_shape = (1, a.shape[0]) if a.ndim == 1 else a.shape
-    b_shape2 = (b_shape[0], 1) if len(b_shape) == 1 else b_shape
-    if a_shape[-1] != b_shape2[-2]:
-        msg = (
-            f"inner dimensions differ: a.shape[-1]={a_shape[-1]}, "
-            f"b.shape[-2]={b_shape2[-2]} (a {a.shape} @ b {tuple(b_shape)})"
-        )
-        raise ValueError(msg)
-    try:
-        batch = np.broadcast_shapes(a_shape[:-2], b_shape2[:-2])
-    except ValueError:
-        msg = (
-            f"batch dimensions of a {a.shape} and b {tuple(b_shape)} do not "
-            f"broadcast (numpy matmul rules)"
-        )
-        raise ValueError(msg) from None
-    return a_shape, b_shape2, batch
-
-
 def _b_param(value, packed_value, name, make, b):
-    """A b-side parameter: from the call, or from the PackedWeights (not both)."""
-    if not isinstance(b, PackedWeights):
+    """A b-side parameter from the call or from the PackedWeights. Given in both
+    places, the values must agree."""
+    if not isinstance(b, PackedWeights) or packed_value is None:
         return None if value is None else make(value)
     if value is None:
         return packed_value
     got = make(value).reshape(-1)
-    same = (
-        packed_value is not None
-        and got.dtype == packed_value.dtype
-        and (got.size in (1, packed_value.size))
+    if not (
+        got.dtype == packed_value.dtype
+        and got.size in (1, packed_value.size)
         and bool(np.all(packed_value == got))
-    )
-    if not same:
+    ):
         msg = (
             f"{name} was given both to pack_weights and to this call with "
             f"different values; pass it in one place only"
@@ -326,42 +392,61 @@ def _b_param(value, packed_value, name, make, b):
     return packed_value
 
 
-def _run(a, b, za_p, zb_p, bias, mult_fn, zy, qlo, qhi, mode, out_dtype, names):
-    """numpy-matmul broadcasting around _gemm_2d. mult_fn(idx) -> (1|M, 1|N) float64."""
+def _run(a, b, za, zb, bias, mult_fn, zy, qlo, qhi, mode, out_dtype):
+    """numpy-matmul broadcasting around _gemm_2d.
+
+    za, zb: validated zero points (any allowed shape); bias (1|N,) int64;
+    mult_fn(idx, rows) -> (1|rows, N) float64 for one 2-D GEMM.
+    """
     a_shape, b_shape, batch = _check_ab(a, b)
     M, K = a_shape[-2:]
     N = b_shape[-1]
-    za = _row_param(za_p, names[0], a_shape, batch)
-    zb = _col_param_nd(zb_p, names[1], b_shape, batch)
-    a_nd = a.reshape(a_shape)
+    za = _row_param(za, "a_zero_point", a_shape, batch)
+    from_pack = isinstance(b, PackedWeights) and (
+        zb is b.zero_point or (b.zero_point is None and not zb.any())
+    )
+    zb = _col_param_nd(zb, "b_zero_point", b_shape, batch)
+    packed_b = isinstance(b, PackedWeights)
+    if packed_b and bias is _ZERO1:
+        bias = b._zeros_n
+    elif bias.shape != (N,):
+        bias = np.full(N, bias[0], np.int64)
     out = np.empty((*batch, M, N), out_dtype)
-    b_is_2d = len(b_shape) == 2
-    if b_is_2d and zb.ndim == 1:
-        packed = (
-            b
-            if isinstance(b, PackedWeights)
-            else PackedWeights(b.reshape(b_shape), None, None)
-        )
+    if len(b_shape) == 2 and zb.ndim == 1:
+        # one GEMM: a's batch dimensions are folded into its rows
+        if packed_b:
+            packed = b
+            zb_eff = b._zb_eff if from_pack else _zb_eff(zb, b.dtype, N)
+        else:
+            packed = PackedWeights(b.reshape(b_shape), zb)
+            zb_eff = packed._zb_eff
         rows = math.prod(batch) * M
-        a2 = np.broadcast_to(a_nd, (*batch, M, K)).reshape(rows, K)
-        za2 = _flat_rows(za, None, rows)
-        mult = mult_fn(None, rows)
+        a2 = a.reshape(rows, K) if not batch else a.reshape(-1, K)
         _gemm_2d(
-            a2, packed, za2, zb, bias, mult, zy, qlo, qhi, mode, out.reshape(rows, N)
+            a2,
+            packed,
+            zb_eff,
+            _za_eff(_rows(za, None, rows), a.dtype),
+            bias,
+            mult_fn(None, rows),
+            zy,
+            qlo,
+            qhi,
+            mode,
+            out.reshape(rows, N),
         )
     else:
-        a_b = np.broadcast_to(a_nd, (*batch, M, K))
+        a_b = np.broadcast_to(a.reshape(a_shape), (*batch, M, K))
         b_b = np.broadcast_to(b.reshape(b_shape), (*batch, K, N))
         for idx in np.ndindex(*batch):
-            packed = PackedWeights(b_b[idx], None, None)
-            mult = mult_fn(idx, M)
+            packed = PackedWeights(b_b[idx], _cols(zb, idx))
             _gemm_2d(
                 a_b[idx],
                 packed,
-                _at(za, idx),
-                _at(zb, idx),
+                packed._zb_eff,
+                _za_eff(_rows(za, idx, M), a.dtype),
                 bias,
-                mult,
+                mult_fn(idx, M),
                 zy,
                 qlo,
                 qhi,
@@ -370,9 +455,77 @@ def _run(a, b, za_p, zb_p, bias, mult_fn, zy, qlo, qhi, mode, out_dtype, names):
             )
     if a.ndim == 1:
         out = out[..., 0, :]
-    if len(b_shape) == 2 and not isinstance(b, PackedWeights) and b.ndim == 1:
+    if not packed_b and b.ndim == 1:
         out = out[..., 0]
     return out
+
+
+def _za_eff(za, dtype):
+    """ZA = a_zero_point + offset (eq. 5) as int64."""
+    return za.astype(np.int64) + _a_offset(dtype)
+
+
+def _scalar_zero_point(value, dtype):
+    """A per-tensor zero point as a Python int, or None where the general path
+    must look at it (arrays of other shapes, wrong types: it raises there)."""
+    if value is None:
+        return 0
+    if type(value) is int:
+        info = np.iinfo(dtype)
+        return value if info.min <= value <= info.max else None
+    if isinstance(value, np.ndarray | np.integer) and value.dtype == dtype:
+        return value.item() if value.size == 1 else None
+    return None
+
+
+def _fast_2d(a, b, a_zero_point):
+    """(M, K, N, ZA) when `a` is a 2-D int8/uint8 array, `b` PackedWeights and
+    the a zero point a scalar: the common call of an engine, validated in a few
+    comparisons. None sends the call down the general (validating) path."""
+    if not (
+        type(a) is np.ndarray
+        and type(b) is PackedWeights
+        and a.ndim == 2
+        and a.dtype in v.INT8_TYPES
+        and a.shape[1] == b.shape[0]
+    ):
+        return None
+    za = _scalar_zero_point(a_zero_point, a.dtype)
+    if za is None:
+        return None
+    return a.shape[0], a.shape[1], b.shape[1], _const_za(za + _a_offset(a.dtype))
+
+
+@functools.cache
+def _const_za(value: int) -> np.ndarray:
+    """ZA as a read-only one-element int64 array, made once per value."""
+    arr = np.full(1, value, np.int64)
+    arr.flags.writeable = False
+    return arr
+
+
+def _scale_key(value):
+    """A per-tensor scale as (dtype char, float value), or None where the general
+    path must look at it (and raise if it is invalid)."""
+    if type(value) is float:
+        key = ("f", float(np.float32(value)))
+    elif isinstance(value, np.ndarray | np.floating) and value.dtype in v.SCALE_TYPES:
+        if value.size != 1:
+            return None
+        key = (value.dtype.char, value.item())
+    else:
+        return None
+    return key if 0.0 < key[1] < math.inf else None
+
+
+def _zero_point(value, name, dtype):
+    if value is None:
+        return np.zeros(1, dtype)
+    return v.zero_point_param(value, name, dtype)
+
+
+# --------------------------------------------------------------------------- #
+# public functions
 
 
 def matmul_integer(a, b, a_zero_point=None, b_zero_point=None):
@@ -406,12 +559,14 @@ def matmul_integer(a, b, a_zero_point=None, b_zero_point=None):
     array([[-38, -83],
            [-44, -98]], dtype=int32)
     """
+    fast = _fast_2d(a, b, a_zero_point) if b_zero_point is None else None
+    if fast is not None:
+        M, _, N, za_eff = fast
+        out = np.empty((M, N), np.int32)
+        _gemm_2d(a, b, b._zb_eff, za_eff, b._zeros_n, _ONE11, 0.0, 0.0, 0.0, 0, out)
+        return out
     _check_ab(a, b)
-    za = (
-        np.zeros(1, a.dtype)
-        if a_zero_point is None
-        else v.zero_point_param(a_zero_point, "a_zero_point", a.dtype)
-    )
+    za = _zero_point(a_zero_point, "a_zero_point", a.dtype)
     b_dtype = b.dtype
     zb = _b_param(
         b_zero_point,
@@ -422,21 +577,10 @@ def matmul_integer(a, b, a_zero_point=None, b_zero_point=None):
     )
     if zb is None:
         zb = np.zeros(1, b_dtype)
-    one = np.ones((1, 1))
     return _run(
-        a,
-        b,
-        za,
-        zb,
-        np.zeros(1, np.int64),
-        lambda idx, rows: one,
-        0.0,
-        0.0,
-        0.0,
-        0,
-        np.int32,
-        ("a_zero_point", "b_zero_point"),
-    )
+        a, b, za, zb, _ZERO1, lambda idx, rows: _ONE11,
+        0.0, 0.0, 0.0, _MODE_INT32, np.int32,
+    )  # fmt: skip
 
 
 def qlinear_matmul(
@@ -455,14 +599,15 @@ def qlinear_matmul(
 ):
     """ONNX QLinearMatMul (opset 21) with fused bias, activation and float output.
 
-    ``y = saturate(rint(((a - a_zp) @ (b - b_zp) + bias) * (a_scale * b_scale / y_scale)
-    + y_zp))``, the multiplier computed in the scales' float type, the product
-    and rounding (half to even) as ONNX's reference does (docs/quantization.md).
+    ``y = saturate(rint((a - a_zp) @ (b - b_zp) + bias) * M + y_zp))`` with the
+    multiplier ``M = a_scale * b_scale / y_scale`` computed in the scales' float
+    type, the product and rounding (half to even) as ONNX's reference does
+    (docs/quantization.md, eqs. 10-13).
 
     Parameters
     ----------
     a : ndarray (..., M, K) or (K,) of uint8/int8
-    a_scale, a_zero_point : scalar or per row (M,), float32/float16 and a's dtype
+    a_scale, a_zero_point : scalar or per row (M,); float32/float16 and a's dtype
     b : ndarray (..., K, N) or (K,) of uint8/int8, or :class:`PackedWeights`
     b_scale, b_zero_point : scalar or per column (N,); may be None when packed
     y_scale, y_zero_point : scalars; y_zero_point's dtype (uint8/int8) is the
@@ -471,19 +616,63 @@ def qlinear_matmul(
         Added to the accumulator, in its scale ``a_scale * b_scale`` (as
         QLinearConv's B).
     activation : None, "relu", "relu6" or (min, max)
-        Clamp in real units, applied before the final saturation.
+        Clamp in real units, applied before the final saturation (eq. 12).
     out_dtype : np.uint8, np.int8 or np.float32, optional
         float32 returns the real result ``acc * a_scale * b_scale`` (clamped by
-        the activation) instead of requantizing.
+        the activation) instead of requantizing (eq. 13).
+
+    Examples
+    --------
+    >>> import numpy as np, lowprec
+    >>> a = np.array([[208, 236, 0, 238], [3, 214, 255, 29]], np.uint8)
+    >>> b = np.array([[152, 51, 244], [60, 26, 255], [0, 127, 246], [127, 254, 247]],
+    ...              np.uint8)
+    >>> lowprec.qlinear_matmul(a, np.float32(0.0066), np.uint8(113), b,
+    ...                        np.float32(0.00705), np.uint8(114),
+    ...                        np.float32(0.0107), np.uint8(118))
+    array([[168, 115, 255],
+           [  1,  66, 151]], dtype=uint8)
     """
+    fast = None
+    if (
+        b_zero_point is None
+        and b_scale is None
+        and bias is None
+        and y_scale is not None
+    ):
+        fast = _fast_2d(a, b, a_zero_point)
+    if fast is not None and b.scale is not None:
+        sa, sy = _scale_key(a_scale), _scale_key(y_scale)
+        zy = None
+        if isinstance(y_zero_point, np.ndarray | np.integer) and y_zero_point.size == 1:
+            if y_zero_point.dtype in v.INT8_TYPES and out_dtype in (
+                None,
+                y_zero_point.dtype,
+            ):
+                zy = y_zero_point
+        if sa is not None and sy is not None and zy is not None:
+            M, _, N, za_eff = fast
+            odt = zy.dtype
+            zyf = float(zy.item())
+            qlo, qhi = _quant_bounds(_hashable(activation), zyf, sy[1], odt)
+            out = np.empty((M, N), odt)
+            # the multiplier row depends on the call's scales only: an engine
+            # calling one layer with fixed scales computes it once
+            mult = b._mults.get((sa, sy))
+            if mult is None:
+                if len(b._mults) > 64:
+                    b._mults.clear()
+                sa_arr = np.full(1, sa[1], np.dtype(sa[0]))
+                sy_arr = np.full(1, sy[1], np.dtype(sy[0]))
+                mult = _multiplier(sa_arr, b.scale, sy_arr, N)
+                mult.flags.writeable = False
+                b._mults[(sa, sy)] = mult
+            _gemm_2d(a, b, b._zb_eff, za_eff, b._zeros_n, mult, zyf, qlo, qhi, 1, out)
+            return out
+
     a_shape, b_shape, batch = _check_ab(a, b)
-    M = a_shape[-2]
     N = b_shape[-1]
-    za = (
-        v.zero_point_param(a_zero_point, "a_zero_point", a.dtype)
-        if a_zero_point is not None
-        else np.zeros(1, a.dtype)
-    )
+    za = _zero_point(a_zero_point, "a_zero_point", a.dtype)
     sa = v.scale_param(a_scale, "a_scale")
     packed = b if isinstance(b, PackedWeights) else None
     b_dtype = b.dtype
@@ -506,127 +695,130 @@ def qlinear_matmul(
     if sb is None:
         msg = "b_scale is required (pass it here or to pack_weights)"
         raise ValueError(msg)
-
-    # output type
-    if out_dtype is not None:
-        try:
-            odt = np.dtype(out_dtype)
-        except TypeError:
-            msg = (
-                f"out_dtype must be np.uint8, np.int8 or np.float32, got {out_dtype!r}"
-            )
-            raise TypeError(msg) from None
-        if odt not in (np.dtype(np.uint8), np.dtype(np.int8), np.dtype(np.float32)):
-            msg = f"out_dtype must be np.uint8, np.int8 or np.float32, got {odt}"
-            raise TypeError(msg)
-    else:
-        odt = None
-    float_out = odt == np.dtype(np.float32)
+    odt = _out_dtype(out_dtype)
     lo, hi = v.activation_bounds(activation)
-
-    if bias is None:
-        bias_arr = np.zeros(1, np.int64)
-    else:
-        v.check_array(
-            bias,
-            "bias",
-            (np.dtype(np.int32),),
-            fix="bias is int32 in the accumulator's scale a_scale*b_scale; quantize it as round(bias_real / (a_scale*b_scale))",
-        )
-        if bias.size != 1 and bias.shape != (N,):
-            msg = f"bias must be a scalar or have shape ({N},) (one per column), got {bias.shape}"
-            raise ValueError(msg)
-        bias_arr = bias.reshape(-1).astype(np.int64)
-
+    bias_arr = _bias(bias, N)
     sa_n = _row_param(sa, "a_scale", a_shape, batch)
     sb_n = _col_param_nd(sb, "b_scale", b_shape, batch)
-    if float_out:
-        if y_scale is not None or y_zero_point is not None:
-            pass  # accepted and unused: the real result needs no output qparams
-        zy = 0.0
-        qlo, qhi = lo, hi
+
+    if odt == np.float32:
+        # y_scale / y_zero_point are accepted and unused: a real result needs none
 
         def mult_fn(idx, rows):
-            sa_i = _flat_rows(sa_n, idx, rows)
-            sb_i = _at(sb_n, idx)
-            return (sa_i[:, None] * sb_i[None, :]).astype(np.float64)
-    else:
-        if y_scale is None:
-            msg = "y_scale is required unless out_dtype=np.float32"
-            raise ValueError(msg)
-        sy = v.scale_param(y_scale, "y_scale")
-        if sy.size != 1:
-            msg = f"y_scale must be a scalar (per-tensor output), got shape {sy.shape}"
-            raise ValueError(msg)
-        if y_zero_point is None:
-            if odt is None:
-                msg = "y_zero_point decides the output type; pass np.uint8(z)/np.int8(z) or out_dtype="
-                raise TypeError(msg)
-            zyp = np.zeros((), odt)
-        else:
-            if isinstance(y_zero_point, np.ndarray | np.integer):
-                zdt = v.output_int_dtype(
-                    y_zero_point.dtype, "y_zero_point.dtype", v.INT8_TYPES
-                )
-            elif odt is not None:
-                zdt = odt
-            else:
-                msg = (
-                    "y_zero_point decides the output type; pass a typed value "
-                    "(np.uint8(z) or np.int8(z)) or out_dtype="
-                )
-                raise TypeError(msg)
-            if odt is not None and odt != zdt:
-                msg = f"out_dtype={odt} disagrees with y_zero_point's dtype {zdt}; drop one of them"
-                raise TypeError(msg)
-            zyp = v.zero_point_param(y_zero_point, "y_zero_point", zdt)
-            if zyp.size != 1:
-                msg = f"y_zero_point must be a scalar, got shape {zyp.shape}"
-                raise ValueError(msg)
-            odt = zdt
-        zy = float(zyp.reshape(-1)[0])
-        syv = sy.reshape(-1)
-        info = np.iinfo(odt)
-        qlo = (
-            float(info.min)
-            if lo == -np.inf
-            else float(np.clip(zy + np.rint(lo / float(syv[0])), info.min, info.max))
-        )
-        qhi = (
-            float(info.max)
-            if hi == np.inf
-            else float(np.clip(zy + np.rint(hi / float(syv[0])), info.min, info.max))
+            return _multiplier(_rows(sa_n, idx, rows), _cols(sb_n, idx), None, N)
+
+        return _run(
+            a, b, za, zb, bias_arr, mult_fn, 0.0, lo, hi, _MODE_FLOAT, np.float32
         )
 
-        def mult_fn(idx, rows):
-            sa_i = _flat_rows(sa_n, idx, rows)
-            sb_i = _at(sb_n, idx)
-            # a_scale * b_scale / y_scale in the scales' own float type (ONNX)
-            return ((sa_i[:, None] * sb_i[None, :]) / syv).astype(np.float64)
+    sy = v.scale_param(y_scale, "y_scale") if y_scale is not None else None
+    if sy is None:
+        msg = "y_scale is required unless out_dtype=np.float32"
+        raise ValueError(msg)
+    if sy.size != 1:
+        msg = f"y_scale must be a scalar (per-tensor output), got shape {sy.shape}"
+        raise ValueError(msg)
+    zyp = _y_zero_point(y_zero_point, odt)
+    odt = zyp.dtype
+    zy = float(zyp.reshape(-1)[0])
+    qlo, qhi = _quant_bounds(_hashable(activation), zy, float(sy.reshape(-1)[0]), odt)
+    sy1 = sy.reshape(-1)
 
-    mode = 2 if float_out else 1
-    return _run(
-        a,
-        b,
-        za,
-        zb,
-        bias_arr,
-        mult_fn,
-        zy,
-        qlo,
-        qhi,
-        mode,
-        odt,
-        ("a_zero_point", "b_zero_point"),
+    def mult_fn(idx, rows):
+        return _multiplier(_rows(sa_n, idx, rows), _cols(sb_n, idx), sy1, N)
+
+    return _run(a, b, za, zb, bias_arr, mult_fn, zy, qlo, qhi, _MODE_QUANT, odt)
+
+
+def _hashable(activation):
+    return tuple(activation) if isinstance(activation, list) else activation
+
+
+@functools.lru_cache(maxsize=256)
+def _quant_bounds(activation, zy, sy, dtype):
+    """eq. 12: the real clamp [lo, hi] as quantized bounds within the type."""
+    lo, hi = v.activation_bounds(activation)
+    info = np.iinfo(dtype)
+    # round() is half-to-even like rint; the quotients are bounded first so that
+    # a huge clamp over a tiny scale cannot overflow
+    qlo = info.min if lo == -np.inf else zy + round(min(max(lo / sy, -1e15), 1e15))
+    qhi = info.max if hi == np.inf else zy + round(min(max(hi / sy, -1e15), 1e15))
+    return (
+        float(min(max(qlo, info.min), info.max)),
+        float(min(max(qhi, info.min), info.max)),
     )
 
 
-def _flat_rows(param, idx, rows):
-    """Row parameter of one 2-D GEMM: (1,) or (rows,); idx None = batch flattened."""
-    if param.shape[0] == 1 and param.ndim == 1:
-        return param
-    if idx is not None:
-        return param if param.ndim == 1 else param[idx]
-    if param.ndim == 1:
-        return np.tile(param, rows // param.shape[0])
-    return np.ascontiguousarray(param).reshape(rows)
+def _multiplier(sa, sb, sy, N):
+    """eq. 10: fl(fl(sa * sb) / sy) in the scales' type -> (1|rows, N) float64."""
+    m = sa.reshape(-1, 1) * sb.reshape(1, -1)
+    if sy is not None:
+        m = m / sy
+    out = np.empty((m.shape[0], N), np.float64)
+    out[:] = m
+    return out
+
+
+def _out_dtype(out_dtype):
+    if out_dtype is None:
+        return None
+    try:
+        odt = np.dtype(out_dtype)
+    except TypeError:
+        odt = None
+    if odt not in (np.dtype(np.uint8), np.dtype(np.int8), np.dtype(np.float32)):
+        msg = f"out_dtype must be np.uint8, np.int8 or np.float32, got {out_dtype!r}"
+        raise TypeError(msg)
+    return odt
+
+
+def _y_zero_point(y_zero_point, odt):
+    """y_zero_point as a one-element array of the output type."""
+    if y_zero_point is None:
+        if odt is None:
+            msg = (
+                "y_zero_point decides the output type; pass np.uint8(z) or "
+                "np.int8(z), or out_dtype="
+            )
+            raise TypeError(msg)
+        return np.zeros(1, odt)
+    if isinstance(y_zero_point, np.ndarray | np.integer):
+        zdt = v.output_int_dtype(y_zero_point.dtype, "y_zero_point.dtype", v.INT8_TYPES)
+    elif odt is not None:
+        zdt = odt
+    else:
+        msg = (
+            "y_zero_point decides the output type; pass a typed value "
+            "(np.uint8(z) or np.int8(z)) or out_dtype="
+        )
+        raise TypeError(msg)
+    if odt is not None and odt != zdt:
+        msg = (
+            f"out_dtype={odt} disagrees with y_zero_point's dtype {zdt}; "
+            f"drop one of them"
+        )
+        raise TypeError(msg)
+    zyp = v.zero_point_param(y_zero_point, "y_zero_point", zdt)
+    if zyp.size != 1:
+        msg = f"y_zero_point must be a scalar, got shape {zyp.shape}"
+        raise ValueError(msg)
+    return zyp
+
+
+def _bias(bias, N):
+    if bias is None:
+        return _ZERO1
+    v.check_array(
+        bias,
+        "bias",
+        (np.dtype(np.int32),),
+        fix="bias is int32 in the accumulator's scale a_scale*b_scale; "
+        "quantize it as rint(bias_real / (a_scale * b_scale))",
+    )
+    if bias.size != 1 and bias.shape != (N,):
+        msg = (
+            f"bias must be a scalar or have shape ({N},) (one per column), "
+            f"got {bias.shape}"
+        )
+        raise ValueError(msg)
+    return bias.reshape(-1).astype(np.int64)

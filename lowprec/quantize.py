@@ -96,7 +96,7 @@ def quantize_linear(
     saturate=True,
     output_dtype=None,
 ):
-    """ONNX QuantizeLinear (opset 21): ``y = saturate(rint(x / y_scale) + y_zero_point)``.
+    """ONNX QuantizeLinear (opset 21): ``y = saturate(rint(x / y_scale) + y_zp)``.
 
     Parameters
     ----------
@@ -128,7 +128,8 @@ def quantize_linear(
     Examples
     --------
     >>> import numpy as np, lowprec
-    >>> lowprec.quantize_linear(np.array([-1.0, 0.25, 0.5, 200.0], np.float32), 0.5, np.uint8(10))
+    >>> x = np.array([-1.0, 0.25, 0.5, 200.0], np.float32)
+    >>> lowprec.quantize_linear(x, 0.5, np.uint8(10))
     array([  8,  10,  11, 255], dtype=uint8)
     """
     v.check_array(x, "x", v.FLOAT_INPUT_TYPES, fix="pass x.astype(np.float32)")

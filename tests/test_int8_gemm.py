@@ -4,12 +4,12 @@ on every instruction-set path this CPU supports (the `isa` fixture)."""
 import numba
 import numpy as np
 import pytest
+import reference as ref
 from hypothesis import given
 from hypothesis import strategies as st
+from lowprec.kernels import config
 
 import lowprec
-import reference as ref
-from lowprec.kernels import config
 
 INT8 = [np.uint8, np.int8]
 
@@ -110,7 +110,11 @@ def test_qlinear_matmul_matches_oracle(isa, case, out, act, per_row, per_col, s_
     sy = np.asarray(typical / 64 * rng.uniform(0.5, 2), s_dt)
     y_dt = np.int8 if out is None and rng.random() < 0.5 else np.uint8
     zy = y_dt(rng.integers(np.iinfo(y_dt).min, np.iinfo(y_dt).max, endpoint=True))
-    bias = rng.integers(-(2**20), 2**20, N).astype(np.int32) if rng.random() < 0.5 else None
+    bias = (
+        rng.integers(-(2**20), 2**20, N).astype(np.int32)
+        if rng.random() < 0.5
+        else None
+    )
     kwargs = dict(bias=bias, activation=act, out_dtype=out)
     if out is not None and out != np.float32:
         zy = np.asarray(zy).astype(out)
@@ -212,5 +216,6 @@ def test_packed_weights_are_immutable():
     b[:] = 0  # packing copied the data
     a = np.ones((1, 3), np.uint8)
     np.testing.assert_array_equal(
-        lowprec.matmul_integer(a, p), ref.int_matmul(a, np.arange(12).reshape(3, 4), 0, 1)
+        lowprec.matmul_integer(a, p),
+        ref.int_matmul(a, np.arange(12).reshape(3, 4), 0, 1),
     )

@@ -2,11 +2,11 @@
 
 import numpy as np
 import pytest
+import reference as ref
 from hypothesis import given
 from hypothesis import strategies as st
 
 import lowprec
-import reference as ref
 
 QTYPES = [np.uint8, np.int8, np.uint16, np.int16]
 
@@ -74,7 +74,9 @@ def test_dequantize_matches_oracle(case):
 
 
 def test_round_half_to_even_and_saturation():
-    x = np.array([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5, 127.5, -128.5, 1e9], np.float32)
+    x = np.array(
+        [0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5, 127.5, -128.5, 1e9], np.float32
+    )
     got = lowprec.quantize_linear(x, np.float32(1), np.int8(0))
     np.testing.assert_array_equal(got, [0, 2, 2, 0, -2, -2, 126, 127, -128, 127])
 
@@ -92,7 +94,9 @@ def test_python_scalars_and_default_type():
     got = lowprec.quantize_linear(np.array([1.0, -1.0], np.float32), 0.25)
     assert got.dtype == np.uint8
     np.testing.assert_array_equal(got, [4, 0])
-    got = lowprec.quantize_linear(np.array([1.0], np.float32), 0.25, output_dtype=np.int8)
+    got = lowprec.quantize_linear(
+        np.array([1.0], np.float32), 0.25, output_dtype=np.int8
+    )
     assert got.dtype == np.int8
 
 
@@ -133,8 +137,8 @@ def test_dynamic_quantize_matches_oracle(seed, n, kind):
     y, s, z = lowprec.dynamic_quantize_linear(x)
     wy, ws, wz = _dynamic_oracle(x)
     np.testing.assert_array_equal(y, wy)
-    assert s.dtype == np.float32 and s.shape == () and s == ws
-    assert z.dtype == np.uint8 and z.shape == () and z == wz
+    assert (s.dtype, s.shape, s) == (np.float32, (), ws)
+    assert (z.dtype, z.shape, z) == (np.uint8, (), wz)
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])

@@ -1,0 +1,249 @@
+"""The `lowprec bench` command, its JSON, and bench/make_readme_table.py."""
+
+import importlib.util
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from lowprec import bench as lb
+from lowprec import cli
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TABLE_SCRIPT = ROOT / "bench" / "make_readme_table.py"
+
+ROW_KEYS = {
+    "suite",
+    "op",
+    "shape",
+    "M",
+    "K",
+    "N",
+    "variant",
+    "threads",
+    "ops",
+    "group",
+    "lowprec",
+    "baselines",
+    "best_baseline",
+    "best_baseline_gops",
+    "ratio",
+    "peak_gops",
+    "pct_peak",
+}
+TIMING_KEYS = {
+    "gops",
+    "gops_min",
+    "gops_max",
+    "median_s",
+    "samples_s",
+    "calls_per_sample",
+}
+TOP_KEYS = {
+    "schema",
+    "suite",
+    "date",
+    "command",
+    "machine",
+    "versions",
+    "blas",
+    "lowprec",
+    "env",
+    "settings",
+    "peak_gops",
+    "peak_note",
+    "baselines",
+    "warnings",
+    "rows",
+}
+
+
+def _load_table_module():
+    spec = importlib.util.spec_from_file_location("make_readme_table", TABLE_SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _check_results(res, shapes, variants, threads):
+    assert TOP_KEYS <= res.keys()
+    got = [(r["shape"], r["variant"], r["threads"]) for r in res["rows"]]
+    want = [(s, v, t) for s in shapes for v in variants for t in threads]
+    assert got == want
+    for r in res["rows"]:
+        assert ROW_KEYS <= r.keys(), ROW_KEYS - r.keys()
+        assert TIMING_KEYS <= r["lowprec"].keys()
+        assert r["lowprec"]["gops"] > 0
+        assert (
+            r["lowprec"]["gops_min"] <= r["lowprec"]["gops"] <= r["lowprec"]["gops_max"]
+        )
+        assert r["ops"] == 2 * r["M"] * r["K"] * r["N"]
+        for name, b in r["baselines"].items():
+            assert name in lb.BASELINE_BY_NAME
+            assert "gops" in b or "skipped" in b
+        counted = {
+            n: b["gops"]
+            for n, b in r["baselines"].items()
+            if b["counts"] and "gops" in b
+        }
+        if counted:
+            assert r["best_baseline"] == max(counted, key=counted.get)
+            assert r["ratio"] == pytest.approx(
+                r["lowprec"]["gops"] / max(counted.values())
+            )
+        else:
+            assert r["ratio"] is None
+        # the free sanity check against onnxruntime: same integers
+        if r.get("check", {}).get("vs") == "ort_mmint":
+            assert r["check"]["mismatches"] == 0
+    assert res["lowprec"]["isa"] in res["lowprec"]["available_isas"]
+    assert set(res["peak_gops"]) == {str(t) for t in threads}
+
+
+def test_bench_quick_json_and_readme_table(tmp_path, capsys):
+    out = tmp_path / "res.json"
+    rc = cli.main(
+        [
+            "bench",
+            "--quick",
+            "--threads",
+            "1",
+            "--repeat",
+            "1",
+            "--min-time",
+            "0.001",
+            "--settle",
+            "0",
+            "--no-progress",
+            "--json",
+            str(out),
+        ]
+    )
+    assert rc == 0
+    res = json.loads(out.read_text())
+    shapes = ["x".join(map(str, s)) for s in lb.QUICK_SHAPES]
+    _check_results(res, shapes, list(lb.DEFAULT_VARIANTS), [1])
+    assert res["command"].startswith("lowprec bench --quick")
+    printed = capsys.readouterr().out
+    assert "lowprec" in printed
+    assert shapes[0] in printed
+
+    mod = _load_table_module()
+    md = mod.render(res)
+    table_lines = [ln for ln in md.splitlines() if ln.startswith("| ")]
+    assert len(table_lines) == len(res["rows"]) + 1  # header + rows
+    for s in shapes:
+        assert s.replace("x", "×") in md
+    assert res["command"] in md
+    for r in res["rows"]:
+        if r["ratio"] is not None and r["ratio"] < 1:
+            assert "**loses**" in md
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{mod.START}\nold table\n{mod.END}\noutro\n")
+    proc = subprocess.run(
+        [sys.executable, str(TABLE_SCRIPT), str(out), "--write", str(readme)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    text = readme.read_text()
+    assert "old table" not in text
+    assert text.startswith("intro\n")
+    assert text.endswith(f"{mod.END}\noutro\n")
+    assert "| Shape" in text
+
+
+def test_bench_without_optional_libraries(tmp_path, monkeypatch):
+    # Baselines, threadpoolctl, tqdm and the peak probe are all optional: with
+    # none importable the run still works and says what was missing.
+    for mod in (
+        "onnxruntime",
+        "onnx",
+        "torch",
+        "threadpoolctl",
+        "tqdm",
+        "lowprec.kernels.int8_gemm_vnni",
+    ):
+        monkeypatch.setitem(sys.modules, mod, None)  # import -> ImportError
+    out = tmp_path / "res.json"
+    cli.main(
+        [
+            "bench",
+            "--shapes",
+            "17x40x24",
+            "--variants",
+            "u8s8->i32,u8s8->u8 qlinear",
+            "--threads",
+            "1",
+            "--repeat",
+            "2",
+            "--min-time",
+            "0.001",
+            "--settle",
+            "0",
+            "--json",
+            str(out),
+        ]
+    )
+    res = json.loads(out.read_text())
+    _check_results(res, ["17x40x24"], ["u8s8->i32", "u8s8->u8 qlinear"], [1])
+    assert set(res["baselines"]["unavailable"]) == {
+        "ort_mmint",
+        "ort_qlmm",
+        "torch_int_mm",
+        "torch_dyn",
+    }
+    assert all(set(r["baselines"]) == {"numpy_f32"} for r in res["rows"])
+    assert res["peak_gops"] == {"1": None}
+    assert res["blas"] == "threadpoolctl not installed"
+    assert "n/a" in _load_table_module().render(res)
+
+
+def test_cli_help_and_bad_arguments(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--help"])
+    assert e.value.code == 0
+    assert "bench" in capsys.readouterr().out
+    for bad in (
+        ["bench", "--shapes", "12x34"],
+        ["bench", "--variants", "f16"],
+        ["bench", "--threads", "0"],
+        [],
+    ):
+        with pytest.raises(SystemExit) as e:
+            cli.main(bad)
+        assert e.value.code == 2
+
+
+def test_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    out, png = tmp_path / "res.json", tmp_path / "res.png"
+    cli.main(
+        [
+            "bench",
+            "--shapes",
+            "8x16x16",
+            "--variants",
+            "s8s8->i32",
+            "--threads",
+            "1",
+            "--repeat",
+            "1",
+            "--min-time",
+            "0.001",
+            "--settle",
+            "0",
+            "--baselines",
+            "numpy_f32",
+            "--no-progress",
+            "--json",
+            str(out),
+            "--plot",
+            str(png),
+        ]
+    )
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
