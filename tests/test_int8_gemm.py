@@ -4,12 +4,13 @@ on every instruction-set path this CPU supports (the `isa` fixture)."""
 import numba
 import numpy as np
 import pytest
-import reference as ref
 from hypothesis import given
 from hypothesis import strategies as st
-from lowprec.kernels import config
 
 import lowprec
+import reference as ref
+from lowprec import gemm
+from lowprec.kernels import config
 
 INT8 = [np.uint8, np.int8]
 
@@ -65,9 +66,20 @@ def gemm_case(draw):
     return a, b, za, zb, rng
 
 
-@given(gemm_case())
-def test_matmul_integer_matches_oracle(isa, case):
+@pytest.fixture
+def serial_or_parallel(monkeypatch):
+    """Lets a test pick the single-threaded or the prange driver for any size."""
+
+    def choose(parallel):
+        monkeypatch.setattr(gemm, "SERIAL_MACS", 0 if parallel else 1 << 62)
+
+    return choose
+
+
+@given(gemm_case(), st.booleans())
+def test_matmul_integer_matches_oracle(isa, serial_or_parallel, case, parallel):
     a, b, za, zb, _ = case
+    serial_or_parallel(parallel)
     before = (a.copy(), b.copy())
     got = lowprec.matmul_integer(a, b, za, zb)
     want = ref.int_matmul(a, b, za, zb)
@@ -86,9 +98,13 @@ def test_matmul_integer_matches_oracle(isa, case):
     st.booleans(),
     st.booleans(),
     st.sampled_from([np.float32, np.float16]),
+    st.booleans(),
 )
-def test_qlinear_matmul_matches_oracle(isa, case, out, act, per_row, per_col, s_dt):
+def test_qlinear_matmul_matches_oracle(
+    isa, serial_or_parallel, case, out, act, per_row, per_col, s_dt, parallel
+):
     a, b, za, zb, rng = case
+    serial_or_parallel(parallel)
     M, N = a.shape[0], b.shape[1]
     if za is None:
         za = a.dtype.type(0)
@@ -172,8 +188,9 @@ def test_results_independent_of_thread_count(isa, threads, n_threads):
 
 
 def test_k_chunks_combine_exactly(isa, monkeypatch):
-    # the K-chunked path (used for K > 65536) exercised with tiny chunks
+    # the K-chunked int64 path (K > 33025 in real use) with tiny chunks
     monkeypatch.setattr(config, "K_CHUNK", 8)
+    monkeypatch.setattr(gemm, "K_INT32_SAFE", 4)
     rng = np.random.default_rng(4)
     for a_dt in INT8:
         for b_dt in INT8:
@@ -181,6 +198,12 @@ def test_k_chunks_combine_exactly(isa, monkeypatch):
             za, zb = _rand(rng, (9,), a_dt), _rand(rng, (11,), b_dt)
             got = lowprec.matmul_integer(a, b, za, zb)
             np.testing.assert_array_equal(got, ref.int_matmul(a, b, za, zb))
+            args = (a, np.float32(0.02), za, b, np.float32(0.03), zb)
+            y = (np.float32(0.5), np.uint8(100))
+            bias = rng.integers(-1000, 1000, 11).astype(np.int32)
+            got = lowprec.qlinear_matmul(*args, *y, bias=bias, activation="relu")
+            want = ref.qlinear_matmul(*args, *y, bias=bias, activation="relu")
+            np.testing.assert_array_equal(got, want)
 
 
 def test_int32_overflow_raises_and_qlinear_stays_exact(isa):
@@ -219,3 +242,56 @@ def test_packed_weights_are_immutable():
         lowprec.matmul_integer(a, p),
         ref.int_matmul(a, np.arange(12).reshape(3, 4), 0, 1),
     )
+
+
+@pytest.mark.skipif(
+    "avx512_vnni" not in lowprec.available_isas(),
+    reason="this CPU has no AVX-512 VNNI (llvmlite reports no avx512vnni)",
+)
+def test_vnni_tile_compiles_to_vpdpbusd():
+    # compiled here, not loaded from numba's cache (cached code has no asm text)
+    from numba import njit
+
+    from lowprec.kernels import int8_gemm_vnni as k
+
+    @njit
+    def one_tile(a, b, c):
+        k._tile6(a.ctypes.data, 8, b.ctypes.data, 256, 2, 0, c.ctypes.data, 64, 64, 0)
+
+    a = np.ones((6, 8), np.uint8)
+    b = k.pack_b(np.ones((8, 64), np.int8))
+    c = np.zeros((6, 64), np.int32)
+    one_tile(a, b, c)
+    np.testing.assert_array_equal(c, np.full((6, 64), 8))
+    asm = one_tile.inspect_asm(one_tile.signatures[0])
+    assert "vpdpbusd" in asm
+    assert "zmm" in asm
+
+
+def test_backend_tiles_match_kernels():
+    from lowprec._gemm_backends import BACKENDS
+
+    if "avx512_vnni" in lowprec.available_isas():
+        from lowprec.kernels import int8_gemm_vnni as k
+
+        assert BACKENDS["avx512_vnni"].tile == (k.MR_MAX, k.NR)
+    assert BACKENDS["portable"].tile == (config.TILE_M, config.TILE_N)
+
+
+def test_tiny_call_path_matches_general_path(isa):
+    # the few-comparison path for 2-D a, packed b and scalar parameters
+    rng = np.random.default_rng(5)
+    a = _rand(rng, (3, 10), np.int8)
+    b = _rand(rng, (10, 4), np.uint8)
+    packed = lowprec.pack_weights(b, np.uint8(7), np.float32(0.01))
+    for za in (None, 3, np.int8(-128), np.array([5], np.int8)):
+        want = ref.int_matmul(a, b, za, np.uint8(7))
+        np.testing.assert_array_equal(lowprec.matmul_integer(a, packed, za), want)
+        z = np.int8(0) if za is None else za
+        args = (a, 0.05, z, packed, None, None, np.float32(0.3), np.int8(-2))
+        got = lowprec.qlinear_matmul(*args)
+        want = ref.qlinear_matmul(
+            a, np.float32(0.05), z, b, np.float32(0.01), np.uint8(7),
+            np.float32(0.3), np.int8(-2),
+        )  # fmt: skip
+        np.testing.assert_array_equal(got, want)

@@ -2,11 +2,11 @@
 
 import numpy as np
 import pytest
-import reference as ref
 from hypothesis import given
 from hypothesis import strategies as st
 
 import lowprec
+import reference as ref
 
 QTYPES = [np.uint8, np.int8, np.uint16, np.int16]
 
