@@ -85,7 +85,7 @@ def gemm_u8s8(a, b, out, tile_m, tile_n):
 
 @njit(inline="always")
 def _tile_job(
-    t, nt, a, b, scratch, za, rs, cs, zb, bias, mult, zy, qlo, qhi, mode, out
+    t, nt, a, b, scratch, za, rs, cs, zb, bias, mult, zy, qlo, qhi, mode, out, fbias
 ):
     # one scratch-sized output tile over the whole K, then the fused epilogue
     M, K = a.shape
@@ -104,30 +104,64 @@ def _tile_job(
             for j in range(nc):
                 acc[j] += av * np.int32(b[k, n0 + j])
     epilogue_tile(
-        tile, mr, nc, m0, n0, za, rs, cs, zb, bias, mult, zy, qlo, qhi, mode, out
+        tile, mr, nc, m0, n0, za, rs, cs, zb, bias, mult, zy, qlo, qhi, mode, out, fbias
     )
 
 
 @njit(**PJIT)
-def gemm_fused(a, b, scratch, za, rs, cs, zb, bias, mult, zy, qlo, qhi, mode, out):
+def gemm_fused(
+    a, b, scratch, za, rs, cs, zb, bias, mult, zy, qlo, qhi, mode, out, fbias
+):
     # a (M,K) uint8, b (K,N) int8, scratch (threads,TILE_M,TILE_N) int32,
     # out (M,N) int32|uint8|int8|float32: eq. 6 then eq. 8-13 per tile
     mt = (a.shape[0] + scratch.shape[1] - 1) // scratch.shape[1]
     nt = (out.shape[1] + scratch.shape[2] - 1) // scratch.shape[2]
     for t in prange(mt * nt):
         _tile_job(
-            t, nt, a, b, scratch, za, rs, cs, zb, bias, mult, zy, qlo, qhi, mode, out
+            t,
+            nt,
+            a,
+            b,
+            scratch,
+            za,
+            rs,
+            cs,
+            zb,
+            bias,
+            mult,
+            zy,
+            qlo,
+            qhi,
+            mode,
+            out,
+            fbias,
         )
 
 
 @njit(**JIT)
 def gemm_fused_serial(
-    a, b, scratch, za, rs, cs, zb, bias, mult, zy, qlo, qhi, mode, out
+    a, b, scratch, za, rs, cs, zb, bias, mult, zy, qlo, qhi, mode, out, fbias
 ):
     # as gemm_fused, on the calling thread (tiny problems)
     mt = (a.shape[0] + scratch.shape[1] - 1) // scratch.shape[1]
     nt = (out.shape[1] + scratch.shape[2] - 1) // scratch.shape[2]
     for t in range(mt * nt):
         _tile_job(
-            t, nt, a, b, scratch, za, rs, cs, zb, bias, mult, zy, qlo, qhi, mode, out
+            t,
+            nt,
+            a,
+            b,
+            scratch,
+            za,
+            rs,
+            cs,
+            zb,
+            bias,
+            mult,
+            zy,
+            qlo,
+            qhi,
+            mode,
+            out,
+            fbias,
         )

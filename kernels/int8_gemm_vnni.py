@@ -418,7 +418,7 @@ def gemm_u8s8(a, bp, out, kc):
 
 @njit(inline="always")
 def _tile_job(
-    t, mt, a, bp, scratch, za, rs, cs, zb, bias, mult, zy, qlo, qhi, mode, out
+    t, mt, a, bp, scratch, za, rs, cs, zb, bias, mult, zy, qlo, qhi, mode, out, fbias
 ):
     # one MR x NR output tile over the whole K, then the fused epilogue (eq. 8-13)
     M, K = a.shape
@@ -444,12 +444,30 @@ def _tile_job(
         0,
     )
     epilogue_tile(
-        tile, mr, nvalid, m0, n0, za, rs, cs, zb, bias, mult, zy, qlo, qhi, mode, out
+        tile,
+        mr,
+        nvalid,
+        m0,
+        n0,
+        za,
+        rs,
+        cs,
+        zb,
+        bias,
+        mult,
+        zy,
+        qlo,
+        qhi,
+        mode,
+        out,
+        fbias,
     )
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def gemm_fused(a, bp, scratch, za, rs, cs, zb, bias, mult, zy, qlo, qhi, mode, out):
+def gemm_fused(
+    a, bp, scratch, za, rs, cs, zb, bias, mult, zy, qlo, qhi, mode, out, fbias
+):
     # a (M,K>=4) uint8, bp (NP,K4,NR,4) int8, scratch (threads,MR,NR) int32,
     # out (M,N) int32|uint8|int8|float32. N-major tile order: prange gives each
     # thread a contiguous range, so a thread streams its own B panels once.
@@ -457,20 +475,52 @@ def gemm_fused(a, bp, scratch, za, rs, cs, zb, bias, mult, zy, qlo, qhi, mode, o
     nt = (out.shape[1] + NR - 1) // NR
     for t in prange(mt * nt):
         _tile_job(
-            t, mt, a, bp, scratch, za, rs, cs, zb, bias, mult, zy, qlo, qhi, mode, out
+            t,
+            mt,
+            a,
+            bp,
+            scratch,
+            za,
+            rs,
+            cs,
+            zb,
+            bias,
+            mult,
+            zy,
+            qlo,
+            qhi,
+            mode,
+            out,
+            fbias,
         )
 
 
 @njit(nogil=True, cache=True)
 def gemm_fused_serial(
-    a, bp, scratch, za, rs, cs, zb, bias, mult, zy, qlo, qhi, mode, out
+    a, bp, scratch, za, rs, cs, zb, bias, mult, zy, qlo, qhi, mode, out, fbias
 ):
     # as gemm_fused on the calling thread: tiny problems skip the ~4 us pool launch
     mt = (a.shape[0] + MR_MAX - 1) // MR_MAX
     nt = (out.shape[1] + NR - 1) // NR
     for t in range(mt * nt):
         _tile_job(
-            t, mt, a, bp, scratch, za, rs, cs, zb, bias, mult, zy, qlo, qhi, mode, out
+            t,
+            mt,
+            a,
+            bp,
+            scratch,
+            za,
+            rs,
+            cs,
+            zb,
+            bias,
+            mult,
+            zy,
+            qlo,
+            qhi,
+            mode,
+            out,
+            fbias,
         )
 
 

@@ -84,3 +84,33 @@ def min_max(x, block):
         hi[b] = mx
         bad[b] = nonfinite
     return lo.min(), hi.max(), bad.sum() == 0
+
+
+@njit(**PJIT)
+def dynamic_quantize_rows(x, out, scale, zero_point):
+    # x (M,K) float32 -> out (M,K) uint8, scale (M,) float32, zero_point (M,) int64:
+    # ONNX DynamicQuantizeLinear (docs eq. 3) applied to each row on its own, in
+    # the same float32 steps as the per-tensor version. False if a row is not finite.
+    M, K = x.shape
+    ok = np.ones(M, np.bool_)
+    for m in prange(M):
+        lo = np.float32(0)
+        hi = np.float32(0)
+        for k in range(K):
+            v = x[m, k]
+            if v - v != 0:
+                ok[m] = False
+            lo = min(lo, v)
+            hi = max(hi, v)
+        rng = np.float32(1) if hi == lo else np.float32(hi - lo)
+        s = np.float32(rng / np.float32(255))
+        if not (s > 0 and s < np.inf):
+            ok[m] = False
+            s = np.float32(1)
+        zp = np.rint(min(max(np.float32(np.float32(0) - lo / s), np.float32(0)), 255))
+        scale[m] = s
+        zero_point[m] = np.int64(zp)
+        for k in range(K):
+            r = np.rint(np.float64(x[m, k] / s)) + zp
+            out[m, k] = min(max(r, 0.0), 255.0)
+    return ok.all()

@@ -66,10 +66,27 @@ def accumulate(total, part):
 
 @njit(inline="always")
 def epilogue_tile(
-    p, mr, nc, m0, n0, za, row_sum, col_sum, zb, bias, mult, zy, qlo, qhi, mode, out
+    p,
+    mr,
+    nc,
+    m0,
+    n0,
+    za,
+    row_sum,
+    col_sum,
+    zb,
+    bias,
+    mult,
+    zy,
+    qlo,
+    qhi,
+    mode,
+    out,
+    fbias=None,
 ):
     # p (>=mr, >=nc) int32 raw tile (eq. 6) of out[m0:m0+mr, n0:n0+nc]; za,
-    # row_sum (1|M,) int64; col_sum, zb, bias (N,) int64; mult (1|M, N) float64.
+    # row_sum (1|M,) int64; col_sum, zb, bias (N,) int64; mult (1|M, N) float64;
+    # fbias (N,) float32 or None: a real bias added in float32 (mode 2 only).
     # The fused form of `requantize` while the tile is in L1, for K <= K_INT32_SAFE
     # (P and acc exact; int32 output needs no range check).
     # Unsigned column indices let LLVM drop numba's negative-index wraparound and
@@ -97,9 +114,16 @@ def epilogue_tile(
                 acc = np.int64(pr[j]) - zam * col_sum[n] - zb[n] * rsm + bias[n]
                 v = np.rint(np.float64(acc) * mrow[n] + zy)
                 orow[n] = min(max(v, qlo), qhi)
-        else:
+        elif fbias is None:
             for jj in range(nc):
                 j = np.uint64(jj)
                 n = c0 + j
                 acc = np.int64(pr[j]) - zam * col_sum[n] - zb[n] * rsm + bias[n]
                 orow[n] = min(max(np.float32(np.float64(acc) * mrow[n]), qlo), qhi)
+        else:
+            for jj in range(nc):
+                j = np.uint64(jj)
+                n = c0 + j
+                acc = np.int64(pr[j]) - zam * col_sum[n] - zb[n] * rsm + bias[n]
+                r = np.float32(np.float32(np.float64(acc) * mrow[n]) + fbias[n])
+                orow[n] = min(max(r, qlo), qhi)

@@ -17,7 +17,13 @@ if not _os.path.isdir(_os.path.join(__path__[0], "kernels")) and _os.path.isfile
     __path__.append(_src_root)  # noqa: F821 (package __path__)
 
 from ._dispatch import available_isas, get_isa, set_isa
-from .gemm import PackedWeights, matmul_integer, pack_weights, qlinear_matmul
+from .gemm import (
+    PackedWeights,
+    dynamic_quantize_matmul,
+    matmul_integer,
+    pack_weights,
+    qlinear_matmul,
+)
 from .quantize import dequantize_linear, dynamic_quantize_linear, quantize_linear
 
 __version__ = "0.1.0"
@@ -27,6 +33,7 @@ __all__ = [
     "available_isas",
     "dequantize_linear",
     "dynamic_quantize_linear",
+    "dynamic_quantize_matmul",
     "get_isa",
     "matmul_integer",
     "pack_weights",

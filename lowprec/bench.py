@@ -480,6 +480,9 @@ class Timing:
 # A case is flagged when the rest of the machine used this many cores during it.
 OTHER_LOAD_WARN = 0.25
 
+# Before retrying a disturbed case: give a short burst of other work time to end.
+RETRY_PAUSE_S = 2.0
+
 # Pause between implementations, long enough for OpenBLAS's default thread
 # timeout (2**28 cycles, ~0.1 s) and the OpenMP / onnxruntime spin phases.
 SETTLE_S = 0.2
@@ -716,7 +719,9 @@ def blas_info() -> list[dict] | str:
     return out
 
 
-def measured_peaks(threads: Sequence[int]) -> tuple[dict[str, float | None], str]:
+def measured_peaks(
+    threads: Sequence[int], retries: int = 0
+) -> tuple[dict[str, float | None], str]:
     """vpdpbusd peak GOP/s per thread count, if lowprec ships the peak probe."""
     try:
         from lowprec.kernels.int8_gemm_vnni import measure_peak
@@ -727,7 +732,14 @@ def measured_peaks(threads: Sequence[int]) -> tuple[dict[str, float | None], str
     for t in threads:
         try:
             with limit_threads(t):
-                peaks[str(t)] = float(measure_peak(t))
+                # a peak is a maximum: under outside load take the best attempt
+                best = 0.0
+                for _ in range(retries + 1):
+                    load = OtherLoad()
+                    best = max(best, float(measure_peak(t)))
+                    if (load.cores() or 0) < OTHER_LOAD_WARN:
+                        break
+                peaks[str(t)] = best
         except Exception as e:  # a probe still under construction must not sink the run
             peaks[str(t)] = None
             notes.append(f"{t} threads: {type(e).__name__}: {e}")
@@ -821,6 +833,12 @@ class _Progress:
         elif self.enabled:
             print(f"[{self.i}/{self.total}] {label}", file=sys.stderr, flush=True)
 
+    def note(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        elif self.enabled:
+            print(f"  {text}", file=sys.stderr, flush=True)
+
     def done(self) -> None:
         if self.bar is not None:
             self.bar.update(1)
@@ -909,6 +927,10 @@ def run_case(
     return row
 
 
+def _busy(row: dict) -> float:
+    return row.get("other_load_cores") or 0.0
+
+
 def run_suite(
     suite: Suite,
     cases: list,
@@ -918,15 +940,31 @@ def run_suite(
     peaks: dict[str, float | None],
     progress: bool = True,
     settle: float = SETTLE_S,
+    retries: int = 0,
 ) -> list[dict]:
+    """All cases -> rows. A case during which other processes used the CPU
+    (>= OTHER_LOAD_WARN cores) is run again, up to ``retries`` more times after
+    a pause; the least disturbed attempt is kept."""
     rows = []
     prog = _Progress(len(cases), progress)
     try:
         for case in cases:
-            prog.start(f"{case.shape} {case.variant} t={case.threads}")
-            load = OtherLoad()
-            row = run_case(case, baselines, repeat, min_time, suite.check, settle)
-            row["other_load_cores"] = load.cores()
+            label = f"{case.shape} {case.variant} t={case.threads}"
+            prog.start(label)
+            best = None
+            for attempt in range(1, retries + 2):
+                if attempt > 1:
+                    prog.note(f"{label}: machine busy, retry {attempt - 1}/{retries}")
+                    time.sleep(RETRY_PAUSE_S)
+                load = OtherLoad()
+                row = run_case(case, baselines, repeat, min_time, suite.check, settle)
+                row["other_load_cores"] = load.cores()
+                if best is None or _busy(row) < _busy(best):
+                    best = row
+                if _busy(best) < OTHER_LOAD_WARN:
+                    break
+            row = best
+            row["attempts"] = attempt
             peak = peaks.get(str(case.threads))
             row["peak_gops"] = peak
             row["pct_peak"] = 100.0 * row["lowprec"]["gops"] / peak if peak else None
@@ -1144,6 +1182,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "library's spinning worker threads park (default: %(default)s)",
     )
     p.add_argument(
+        "--retries",
+        type=int,
+        default=2,
+        metavar="N",
+        help="rerun a case up to N times when other processes used the CPU "
+        "during it; the least disturbed attempt is kept (default: %(default)s)",
+    )
+    p.add_argument(
         "--json",
         default="bench-results.json",
         metavar="PATH",
@@ -1167,8 +1213,9 @@ def run(opts: argparse.Namespace, argv: Sequence[str] | None = None) -> dict:
 
     ``argv``: the command line after ``lowprec`` (recorded in the JSON).
     """
-    if opts.repeat < 1 or opts.min_time < 0 or opts.settle < 0:
-        raise SystemExit("--repeat must be >= 1, --min-time and --settle >= 0")
+    if opts.repeat < 1 or min(opts.min_time, opts.settle, opts.retries) < 0:
+        msg = "--repeat must be >= 1; --min-time, --settle, --retries >= 0"
+        raise SystemExit(msg)
     import numba
 
     too_many = [t for t in opts.threads if t > numba.config.NUMBA_NUM_THREADS]
@@ -1186,7 +1233,7 @@ def run(opts: argparse.Namespace, argv: Sequence[str] | None = None) -> dict:
         print(f"warning: {w}", file=sys.stderr)
     load_start = _loadavg()
 
-    peaks, peak_note = measured_peaks(opts.threads)
+    peaks, peak_note = measured_peaks(opts.threads, opts.retries)
     started = _dt.datetime.now(_dt.timezone.utc)
     t0 = time.perf_counter()
     rows = run_suite(
@@ -1198,6 +1245,7 @@ def run(opts: argparse.Namespace, argv: Sequence[str] | None = None) -> dict:
         peaks,
         progress=not opts.no_progress,
         settle=opts.settle,
+        retries=opts.retries,
     )
     elapsed = time.perf_counter() - t0
 
@@ -1245,6 +1293,7 @@ def run(opts: argparse.Namespace, argv: Sequence[str] | None = None) -> dict:
             "repeat": opts.repeat,
             "min_time_s": opts.min_time,
             "settle_s": opts.settle,
+            "retries": opts.retries,
             "timing": "median over repeat samples; each sample times a batch of "
             "calls lasting >= min_time after one warm-up call; GOP/s = 2*M*N*K/t",
         },
@@ -1286,8 +1335,9 @@ def run(opts: argparse.Namespace, argv: Sequence[str] | None = None) -> dict:
     for r in bad:
         c = r["check"]
         print(
-            f"note: {r['shape']} {r['variant']}: lowprec differs from {c['vs']} in "
-            f"{c['mismatches']} outputs (max |diff| {c['max_abs_diff']})"
+            f"note: {r['shape']} {r['variant']} t={r['threads']}: lowprec differs "
+            f"from {c['vs']} in {c['mismatches']} outputs (max |diff| "
+            f"{c['max_abs_diff']})"
         )
     busy = [r for r in rows if (r.get("other_load_cores") or 0) >= OTHER_LOAD_WARN]
     if busy:

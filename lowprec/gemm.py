@@ -22,7 +22,9 @@ from . import _dispatch
 from . import _validate as v
 from .kernels import config
 from .kernels import int8_gemm as _kg
+from .kernels import quantize as _kq
 from .kernels import requant as _kr
+from .quantize import dynamic_quantize_linear as _dynamic_quantize
 
 # |a - a_zp| * |b - b_zp| <= 255 * 255: an exact result fits int32 for K up to
 # this bound. Beyond it the K-chunked path accumulates in int64 and checks.
@@ -69,6 +71,7 @@ class PackedWeights:
         "_zb_eff",
         "_need_rows",
         "_zeros_n",
+        "_fzeros_n",
         "_layouts",
         "_mults",
     )
@@ -89,6 +92,7 @@ class PackedWeights:
             "_zb_eff": _zb_eff(zb, b.dtype, N),
             "_need_rows": None,
             "_zeros_n": np.zeros(N, np.int64),
+            "_fzeros_n": np.zeros(N, np.float32),
             "_layouts": {},
             "_mults": {},
         }
@@ -185,11 +189,11 @@ def _col_param(arr: np.ndarray, name: str, N: int) -> np.ndarray:
 # the 2-D drivers
 
 
-def _gemm_2d(a, packed, zb, za_eff, bias, mult, zy, qlo, qhi, mode, out):
+def _gemm_2d(a, packed, zb, za_eff, bias, mult, zy, qlo, qhi, mode, out, fbias=None):
     """out (M,N) = epilogue(a @ b) for 2-D a and packed b (docs eqs. 5-13).
 
     zb (N,) int64 = ZB; za_eff (1|M,) int64 = ZA; bias (N,) int64;
-    mult (1|M, N) float64.
+    mult (1|M, N) float64; fbias (N,) float32 real bias (float output only).
     """
     M, K = a.shape
     N = packed.shape[1]
@@ -197,6 +201,8 @@ def _gemm_2d(a, packed, zb, za_eff, bias, mult, zy, qlo, qhi, mode, out):
         return
     if K == 0 or K > K_INT32_SAFE:
         _gemm_2d_chunked(a, packed, zb, za_eff, bias, mult, zy, qlo, qhi, mode, out)
+        if fbias is not None:  # float bias, then the clamp, as the fused epilogue
+            np.clip(out + fbias, np.float32(qlo), np.float32(qhi), out=out)
         return
     backend = _dispatch.gemm_backend()
     need_rows = packed._need_rows if zb is packed._zb_eff else bool(zb.any())
@@ -220,6 +226,7 @@ def _gemm_2d(a, packed, zb, za_eff, bias, mult, zy, qlo, qhi, mode, out):
         qhi,
         mode,
         out,
+        packed._fzeros_n if fbias is None else fbias,
         serial=M * N * K < SERIAL_MACS or numba.get_num_threads() == 1,
     )
 
@@ -822,3 +829,101 @@ def _bias(bias, N):
         )
         raise ValueError(msg)
     return bias.reshape(-1).astype(np.int64)
+
+
+def dynamic_quantize_matmul(
+    a, b, b_scale=None, b_zero_point=None, *, bias=None, per_row=False
+):
+    """Float activations times INT8 weights, the activations quantized on the fly.
+
+    ``a`` is quantized to uint8 with ONNX DynamicQuantizeLinear (per tensor, or
+    each row on its own with ``per_row=True``), multiplied with the int8/uint8
+    weights exactly (eqs. 5-9), and the result returned in float32:
+
+        y = fl32(fl32(acc * fl32(a_scale * b_scale)) + bias)               (eq. 14)
+
+    the semantics of ONNX Runtime's com.microsoft DynamicQuantizeMatMul and of
+    torch's dynamic quantized Linear (without its 7-bit ``reduce_range``).
+
+    Parameters
+    ----------
+    a : float32 ndarray (..., M, K) or (K,); must be finite
+    b : ndarray (K, N) of int8/uint8, or :class:`PackedWeights` (prepack once)
+    b_scale : scalar or (N,) float32/float16; may be None when packed with one
+    b_zero_point : scalar or (N,) of b's dtype, optional
+    bias : float32 (N,), optional
+    per_row : bool
+        Quantize each row of ``a`` with its own scale and zero point.
+
+    Returns
+    -------
+    float32 ndarray (..., M, N) (or (N,) for 1-D a).
+    """
+    v.check_array(a, "a", (np.dtype(np.float32),), fix="pass a.astype(np.float32)")
+    if a.ndim == 0:
+        msg = "a must have at least 1 dimension, got a 0-d array"
+        raise ValueError(msg)
+    if not isinstance(b, PackedWeights):
+        v.check_array(b, "b", v.INT8_TYPES, fix="quantize the weights to int8 first")
+        if b.ndim != 2:
+            msg = f"b must be 2-D (K, N) weights or PackedWeights, got shape {b.shape}"
+            raise ValueError(msg)
+    K, N = b.shape
+    if a.shape[-1] != K:
+        msg = f"inner dimensions differ: a.shape[-1]={a.shape[-1]}, b.shape[0]={K}"
+        raise ValueError(msg)
+    packed = b if isinstance(b, PackedWeights) else None
+    zb = _b_param(
+        b_zero_point,
+        packed.zero_point if packed else None,
+        "b_zero_point",
+        lambda z: _col_param(
+            v.zero_point_param(z, "b_zero_point", b.dtype), "b_zero_point", N
+        ),
+        b,
+    )
+    sb = _b_param(
+        b_scale,
+        packed.scale if packed else None,
+        "b_scale",
+        lambda s: _col_param(v.scale_param(s, "b_scale"), "b_scale", N),
+        b,
+    )
+    if sb is None:
+        msg = "b_scale is required (pass it here or to pack_weights)"
+        raise ValueError(msg)
+    if packed is None:
+        packed = PackedWeights(b, zb)
+    zb_eff = packed._zb_eff if zb is packed.zero_point else _zb_eff(zb, packed.dtype, N)
+    if bias is None:
+        fbias = packed._fzeros_n
+    else:
+        v.check_array(
+            bias, "bias", (np.dtype(np.float32),), fix="pass bias.astype(np.float32)"
+        )
+        if bias.shape != (N,):
+            msg = f"bias must have shape ({N},) (one per column), got {bias.shape}"
+            raise ValueError(msg)
+        fbias = np.ascontiguousarray(bias)
+
+    a2 = np.ascontiguousarray(a.reshape(-1, K))
+    if per_row:
+        qa = np.empty(a2.shape, np.uint8)
+        sa = np.empty(a2.shape[0], np.float32)
+        za = np.empty(a2.shape[0], np.int64)
+        if not _kq.dynamic_quantize_rows(a2, qa, sa, za):
+            msg = (
+                "a must be finite for dynamic quantization (found NaN or inf, or a "
+                "row whose range overflows float32); clean it first"
+            )
+            raise ValueError(msg)
+    else:
+        qa, s, z = _dynamic_quantize(a2)
+        sa = s.reshape(1)
+        za = z.reshape(1).astype(np.int64)
+    out = np.empty((a2.shape[0], N), np.float32)
+    _gemm_2d(
+        qa, packed, zb_eff, za, packed._zeros_n, _multiplier(sa, sb, None, N),
+        0.0, -np.inf, np.inf, _MODE_FLOAT, out, fbias,
+    )  # fmt: skip
+    return out.reshape(*a.shape[:-1], N)

@@ -133,3 +133,31 @@ def qlinear_matmul(
     qhi = info.max if hi == np.inf else zy + np.rint(hi / float(sy.reshape(-1)[0]))
     v = np.clip(v, max(qlo, info.min), min(qhi, info.max))
     return v.astype(dtype)
+
+
+def dynamic_quantize(x):
+    """eq. 3 in float32 scalars: (y uint8, scale float32, zero point int)."""
+    maxx = np.float32(max(0.0, float(x.max()))) if x.size else np.float32(0)
+    minx = np.float32(min(0.0, float(x.min()))) if x.size else np.float32(0)
+    rng = np.float32(1.0) if maxx == minx else np.float32(maxx - minx)
+    scale = np.float32(rng / np.float32(255))
+    zp = np.rint(np.clip(np.float32(0) - minx / scale, 0, 255))
+    y = np.clip(np.rint(x / scale) + zp, 0, 255).astype(np.uint8)
+    return y, scale, int(zp)
+
+
+def dynamic_quantize_matmul(a, b, b_scale, b_zero_point=None, bias=None, per_row=False):
+    """eq. 14: dynamic uint8 quantization of a (per tensor or per row), exact
+    integer product, fl32(fl32(acc * fl32(sa * sb)) + bias)."""
+    a2 = a.reshape(-1, a.shape[-1])
+    rows = [a2[i : i + 1] for i in range(a2.shape[0])] if per_row else [a2]
+    out = []
+    for r in rows:
+        q, s, z = dynamic_quantize(r)
+        acc = int_matmul(q, b, np.uint8(z), b_zero_point)
+        mult = (np.float32(s) * np.asarray(b_scale, np.float32)).astype(np.float64)
+        y = (acc.astype(np.float64) * mult).astype(np.float32)
+        if bias is not None:
+            y = y + bias
+        out.append(y)
+    return np.concatenate(out).reshape(*a.shape[:-1], b.shape[1])

@@ -295,3 +295,37 @@ def test_tiny_call_path_matches_general_path(isa):
             np.float32(0.3), np.int8(-2),
         )  # fmt: skip
         np.testing.assert_array_equal(got, want)
+
+
+@given(
+    st.integers(0, 2**32 - 1),
+    st.sampled_from([1, 3, 7, 20]),
+    st.sampled_from([1, 5, 33, 70]),
+    st.sampled_from([1, 4, 65]),
+    st.booleans(),
+    st.booleans(),
+    st.booleans(),
+)
+def test_dynamic_quantize_matmul_matches_oracle(
+    isa, seed, M, K, N, per_row, with_zp, packed
+):
+    rng = np.random.default_rng(seed)
+    a = (rng.normal(0, 3, (M, K)) + rng.uniform(-2, 2)).astype(np.float32)
+    b = _rand(rng, (K, N), np.int8)
+    sb = (10.0 ** rng.uniform(-3, 0, N)).astype(np.float32)
+    zb = _rand(rng, (N,), np.int8) if with_zp else None
+    bias = rng.normal(0, 1, N).astype(np.float32)
+    w = lowprec.pack_weights(b, zb, sb) if packed else b
+    args = (None, None) if packed else (sb, zb)
+    got = lowprec.dynamic_quantize_matmul(a, w, *args, bias=bias, per_row=per_row)
+    want = ref.dynamic_quantize_matmul(a, b, sb, zb, bias, per_row)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, want)
+
+
+def test_dynamic_quantize_matmul_rejects_non_finite():
+    a = np.array([[1.0, np.nan]], np.float32)
+    b = np.ones((2, 3), np.int8)
+    for per_row in (False, True):
+        with pytest.raises(ValueError, match="finite"):
+            lowprec.dynamic_quantize_matmul(a, b, 0.1, per_row=per_row)
