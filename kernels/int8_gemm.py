@@ -96,13 +96,18 @@ def _tile_job(
     mr = min(tile_m, M - m0)
     nc = min(tile_n, N - n0)
     tile = scratch[numba.get_thread_id()]
+    c0 = np.uint64(n0)
     for r in range(mr):
         acc = tile[r]
         acc[:nc] = 0
+        arow = a[m0 + r]
         for k in range(K):
-            av = np.int32(a[m0 + r, k])
-            for j in range(nc):
-                acc[j] += av * np.int32(b[k, n0 + j])
+            av = np.int32(arow[k])
+            brow = b[k]
+            # unsigned column index: no wraparound check, so the loop vectorizes
+            for jj in range(nc):
+                j = np.uint64(jj)
+                acc[j] += av * np.int32(brow[c0 + j])
     epilogue_tile(
         tile, mr, nc, m0, n0, za, rs, cs, zb, bias, mult, zy, qlo, qhi, mode, out, fbias
     )

@@ -15,12 +15,14 @@ from __future__ import annotations
 import functools
 import os
 
-# Most capable first. Each entry: the LLVM feature names it needs.
+# Most capable first. Each entry: alternative sets of LLVM feature names, any
+# one of which suffices. The 256-bit vpdpbusd of avx_vnni is VEX-encoded on
+# AVX-VNNI CPUs and EVEX-encoded on AVX-512 VNNI CPUs (LLVM picks).
 ISA_REQUIREMENTS = {
-    "avx512_vnni": ("avx512f", "avx512bw", "avx512vl", "avx512vnni"),
-    "avx_vnni": ("avx2", "avxvnni"),
-    "avx2": ("avx2",),
-    "portable": (),
+    "avx512_vnni": (("avx512f", "avx512bw", "avx512vl", "avx512vnni"),),
+    "avx_vnni": (("avx2", "avxvnni"), ("avx2", "avx512vl", "avx512vnni")),
+    "avx2": (("avx2",),),
+    "portable": ((),),
 }
 ENV_VAR = "LOWPREC_ISA"
 
@@ -44,12 +46,12 @@ def implemented_isas() -> tuple[str, ...]:
 
 def available_isas() -> tuple[str, ...]:
     """The paths lowprec implements that this CPU can run, best first."""
+    return tuple(name for name in implemented_isas() if _supported(name))
+
+
+def _supported(name: str) -> bool:
     feats = host_features()
-    return tuple(
-        name
-        for name in implemented_isas()
-        if all(f in feats for f in ISA_REQUIREMENTS[name])
-    )
+    return any(all(f in feats for f in alt) for alt in ISA_REQUIREMENTS[name])
 
 
 def _check(name: str, source: str) -> str:
@@ -66,10 +68,10 @@ def _check(name: str, source: str) -> str:
         )
         raise ValueError(msg)
     if name not in available_isas():
-        missing = [f for f in ISA_REQUIREMENTS[name] if f not in host_features()]
+        need = " or ".join("+".join(alt) for alt in ISA_REQUIREMENTS[name])
         msg = (
-            f"{source}={name!r} needs CPU features {', '.join(missing)} that this "
-            f"CPU lacks; available here: {', '.join(available_isas())}"
+            f"{source}={name!r} needs CPU features {need}, which this CPU lacks; "
+            f"available here: {', '.join(available_isas())}"
         )
         raise ValueError(msg)
     return name

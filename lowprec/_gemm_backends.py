@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 
+import numba
 import numpy as np
 
 from .kernels import config
@@ -75,4 +76,67 @@ class Avx512VnniGemm:
         fn(a_u8, packed, scratch, *args)
 
 
-BACKENDS = {"avx512_vnni": Avx512VnniGemm, "portable": PortableGemm}
+@functools.cache
+def _ymm():
+    from .kernels import int8_gemm_ymm
+
+    return int8_gemm_ymm
+
+
+class _YmmGemm:
+    """Shared driver of the 256-bit paths (kernels/int8_gemm_ymm.py)."""
+
+    name = ""
+    path = 0
+    k_min = 4  # K tails are read in place from the last 4 bytes of each row
+
+    @classmethod
+    def pack(cls, b_s8: np.ndarray) -> np.ndarray:
+        return _ymm().pack_b(b_s8, cls.tile[1])
+
+    @classmethod
+    def fused(cls, a_u8, packed, scratch, *args, serial=False):
+        k = _ymm()
+        fn = k.gemm_fused_serial if serial else k.gemm_fused
+        fn(cls.path, a_u8, packed, scratch, *args)
+
+    @classmethod
+    def gemm(cls, a_u8: np.ndarray, packed: np.ndarray, out: np.ndarray) -> None:
+        # the raw product is the fused epilogue with every correction zero
+        M, N = out.shape
+        if a_u8.shape[1] < cls.k_min:
+            padded = np.zeros((M, cls.k_min), np.uint8)
+            padded[:, : a_u8.shape[1]] = a_u8
+            a_u8 = padded
+        z1 = np.zeros(1, np.int64)
+        zn = np.zeros(N, np.int64)
+        cls.fused(
+            np.ascontiguousarray(a_u8), packed,
+            np.empty((numba.config.NUMBA_NUM_THREADS, *cls.tile), np.int32),
+            z1, z1, zn, zn, zn, np.ones((1, 1)), 0.0, 0.0, 0.0, 0, out,
+            np.zeros(1, np.float32),
+        )  # fmt: skip
+
+
+class AvxVnniGemm(_YmmGemm):
+    """6x16 register tiles of vpdpbusd ymm (AVX-VNNI; EVEX form on AVX-512)."""
+
+    name = "avx_vnni"
+    path = 0
+    tile = (6, 16)
+
+
+class Avx2Gemm(_YmmGemm):
+    """4x8 register tiles of exact vpmaddwd (no VNNI, no 16-bit saturation)."""
+
+    name = "avx2"
+    path = 1
+    tile = (4, 8)
+
+
+BACKENDS = {
+    "avx512_vnni": Avx512VnniGemm,
+    "avx_vnni": AvxVnniGemm,
+    "avx2": Avx2Gemm,
+    "portable": PortableGemm,
+}

@@ -535,7 +535,18 @@ def _zero_point(value, name, dtype):
 # public functions
 
 
-def matmul_integer(a, b, a_zero_point=None, b_zero_point=None):
+def _on_gpu(device, a, b) -> bool:
+    """Whether the call goes to the CUDA path: device arrays given, or
+    device="cuda" (lowprec._cuda loads numba.cuda only then)."""
+    if device is None and type(a) is np.ndarray:
+        return False
+    from . import _cuda
+
+    arrays = (a,) if isinstance(b, PackedWeights) else (a, b)
+    return _cuda.use_cuda(*arrays, device=device)
+
+
+def matmul_integer(a, b, a_zero_point=None, b_zero_point=None, *, device=None):
     """ONNX MatMulInteger: ``(a - a_zero_point) @ (b - b_zero_point)`` in int32.
 
     Parameters
@@ -546,6 +557,9 @@ def matmul_integer(a, b, a_zero_point=None, b_zero_point=None):
         a's dtype; default 0
     b_zero_point : scalar, (N,) per column, or broadcastable to
         b.shape[:-2]+(1, N); b's dtype; default 0 (or the packed one)
+    device : None, "cpu" or "cuda"
+        None follows the arrays: CUDA device arrays (CuPy, numba) run on the GPU
+        and come back as the same kind (docs/cuda.md).
 
     Returns
     -------
@@ -566,6 +580,10 @@ def matmul_integer(a, b, a_zero_point=None, b_zero_point=None):
     array([[-38, -83],
            [-44, -98]], dtype=int32)
     """
+    if _on_gpu(device, a, b):
+        from . import cuda_ops
+
+        return cuda_ops.matmul_integer_cuda(a, b, a_zero_point, b_zero_point)
     fast = _fast_2d(a, b, a_zero_point) if b_zero_point is None else None
     if fast is not None:
         M, _, N, za_eff = fast
@@ -603,6 +621,7 @@ def qlinear_matmul(
     bias=None,
     activation=None,
     out_dtype=None,
+    device=None,
 ):
     """ONNX QLinearMatMul (opset 21) with fused bias, activation and float output.
 
@@ -627,6 +646,8 @@ def qlinear_matmul(
     out_dtype : np.uint8, np.int8 or np.float32, optional
         float32 returns the real result ``acc * a_scale * b_scale`` (clamped by
         the activation) instead of requantizing (eq. 13).
+    device : None, "cpu" or "cuda"
+        As in :func:`matmul_integer`.
 
     Examples
     --------
@@ -640,6 +661,13 @@ def qlinear_matmul(
     array([[168, 115, 255],
            [  1,  66, 151]], dtype=uint8)
     """
+    if _on_gpu(device, a, b):
+        from . import cuda_ops
+
+        return cuda_ops.qlinear_matmul_cuda(
+            a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale,
+            y_zero_point, bias=bias, activation=activation, out_dtype=out_dtype,
+        )  # fmt: skip
     fast = None
     if (
         b_zero_point is None

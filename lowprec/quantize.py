@@ -95,6 +95,7 @@ def quantize_linear(
     block_size=0,
     saturate=True,
     output_dtype=None,
+    device=None,
 ):
     """ONNX QuantizeLinear (opset 21): ``y = saturate(rint(x / y_scale) + y_zp)``.
 
@@ -132,6 +133,13 @@ def quantize_linear(
     >>> lowprec.quantize_linear(x, 0.5, np.uint8(10))
     array([  8,  10,  11, 255], dtype=uint8)
     """
+    if _on_gpu(device, x):
+        from . import cuda_ops
+
+        return cuda_ops.quantize_linear_cuda(
+            x, y_scale, y_zero_point, axis=axis, block_size=block_size,
+            saturate=saturate, output_dtype=output_dtype,
+        )  # fmt: skip
     v.check_array(x, "x", v.FLOAT_INPUT_TYPES, fix="pass x.astype(np.float32)")
     scale = v.scale_param(y_scale, "y_scale")
     if not isinstance(saturate, bool | np.bool_ | int):
@@ -186,7 +194,18 @@ def quantize_linear(
     return out.reshape(x.shape)
 
 
-def dequantize_linear(x, x_scale, x_zero_point=None, *, axis=1, block_size=0):
+def _on_gpu(device, x) -> bool:
+    """Whether the call goes to the CUDA path (device arrays or device="cuda")."""
+    if device is None and type(x) is np.ndarray:
+        return False
+    from . import _cuda
+
+    return _cuda.use_cuda(x, device=device)
+
+
+def dequantize_linear(
+    x, x_scale, x_zero_point=None, *, axis=1, block_size=0, device=None
+):
     """ONNX DequantizeLinear (opset 21): ``y = (x - x_zero_point) * x_scale``.
 
     Parameters
@@ -202,6 +221,12 @@ def dequantize_linear(x, x_scale, x_zero_point=None, *, axis=1, block_size=0):
     -------
     ndarray of x_scale's dtype (float32 for a Python float), shape of x.
     """
+    if _on_gpu(device, x):
+        from . import cuda_ops
+
+        return cuda_ops.dequantize_linear_cuda(
+            x, x_scale, x_zero_point, axis=axis, block_size=block_size
+        )
     v.check_array(
         x,
         "x",

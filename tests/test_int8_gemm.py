@@ -244,28 +244,50 @@ def test_packed_weights_are_immutable():
     )
 
 
-@pytest.mark.skipif(
-    "avx512_vnni" not in lowprec.available_isas(),
-    reason="this CPU has no AVX-512 VNNI (llvmlite reports no avx512vnni)",
-)
-def test_vnni_tile_compiles_to_vpdpbusd():
-    # compiled here, not loaded from numba's cache (cached code has no asm text)
+def _tile_asm(path):
+    """Compile one register tile of `path` here (numba's cache keeps no asm text)
+    and return (its int32 result for all-ones inputs, its assembly)."""
     from numba import njit
 
-    from lowprec.kernels import int8_gemm_vnni as k
+    from lowprec.kernels import int8_gemm_vnni as z
+    from lowprec.kernels import int8_gemm_ymm as y
+
+    tile, nr, pack = {
+        "avx512_vnni": (z._tile6, 64, z.pack_b),
+        "avx_vnni": (y._vt6, 16, lambda b: y.pack_b(b, 16)),
+        "avx2": (y._at4, 8, lambda b: y.pack_b(b, 8)),
+    }[path]
 
     @njit
     def one_tile(a, b, c):
-        k._tile6(a.ctypes.data, 8, b.ctypes.data, 256, 2, 0, c.ctypes.data, 64, 64, 0)
+        tile(a.ctypes.data, 8, b.ctypes.data, nr * 4, 2, 0, c.ctypes.data, nr, nr, 0)
 
     a = np.ones((6, 8), np.uint8)
-    b = k.pack_b(np.ones((8, 64), np.int8))
-    c = np.zeros((6, 64), np.int32)
-    one_tile(a, b, c)
-    np.testing.assert_array_equal(c, np.full((6, 64), 8))
-    asm = one_tile.inspect_asm(one_tile.signatures[0])
-    assert "vpdpbusd" in asm
-    assert "zmm" in asm
+    c = np.zeros((6, nr), np.int32)
+    one_tile(a, pack(np.full((8, nr), -1, np.int8)), c)
+    return c, one_tile.inspect_asm(one_tile.signatures[0])
+
+
+@pytest.mark.parametrize(
+    ("path", "must", "never"),
+    [
+        ("avx512_vnni", r"vpdpbusd\s+%zmm", "vpmaddubsw"),
+        ("avx_vnni", r"vpdpbusd\s+%ymm", "vpmaddubsw"),
+        # exact 16-bit multiply-add; with AVX-512 VNNI present LLVM fuses
+        # vpmaddwd + vpaddd into vpdpwssd (also exact, no saturation)
+        ("avx2", r"vpmaddwd|vpdpwssd", "vpmaddubsw"),
+    ],
+)
+def test_tile_kernels_compile_to_the_instruction(path, must, never):
+    import re
+
+    if path not in lowprec.available_isas():
+        pytest.skip(f"this CPU cannot run the {path} path (llvmlite's features)")
+    c, asm = _tile_asm(path)
+    rows = 4 if path == "avx2" else 6
+    np.testing.assert_array_equal(c[:rows], np.full((rows, c.shape[1]), -8))
+    assert re.search(must, asm), f"{path}: no {must} in the tile's assembly"
+    assert never not in asm  # the saturating 16-bit path is never used
 
 
 def test_backend_tiles_match_kernels():
@@ -275,6 +297,11 @@ def test_backend_tiles_match_kernels():
         from lowprec.kernels import int8_gemm_vnni as k
 
         assert BACKENDS["avx512_vnni"].tile == (k.MR_MAX, k.NR)
+    if "avx2" in lowprec.available_isas():
+        from lowprec.kernels import int8_gemm_ymm as y
+
+        assert BACKENDS["avx_vnni"].tile == (y.VNNI_MR, y.VNNI_NR)
+        assert BACKENDS["avx2"].tile == (y.AVX2_MR, y.AVX2_NR)
     assert BACKENDS["portable"].tile == (config.TILE_M, config.TILE_N)
 
 
