@@ -69,9 +69,9 @@ def scale_param(value, name: str) -> np.ndarray:
     with np.errstate(invalid="ignore"):
         ok = np.isfinite(arr) & (arr > 0)
     if not ok.all():
-        bad = arr[~ok].ravel()[0]
+        bad = float(arr[~ok].ravel()[0])
         msg = (
-            f"{name} must be finite and > 0 everywhere, found {bad!r}; a scale "
+            f"{name} must be finite and > 0 everywhere, found {bad}; a scale "
             f"is the real step between two quantized values"
         )
         raise ValueError(msg)
