@@ -17,6 +17,7 @@ if not _os.path.isdir(_os.path.join(__path__[0], "kernels")) and _os.path.isfile
     __path__.append(_src_root)  # noqa: F821 (package __path__)
 
 from ._dispatch import available_isas, get_isa, set_isa
+from .conv import PackedConvWeights, conv_integer, pack_conv_weights, qlinear_conv
 from .gemm import (
     PackedWeights,
     dynamic_quantize_matmul,
@@ -29,14 +30,18 @@ from .quantize import dequantize_linear, dynamic_quantize_linear, quantize_linea
 __version__ = "0.1.0"
 
 __all__ = [
+    "PackedConvWeights",
     "PackedWeights",
     "available_isas",
+    "conv_integer",
     "dequantize_linear",
     "dynamic_quantize_linear",
     "dynamic_quantize_matmul",
     "get_isa",
     "matmul_integer",
+    "pack_conv_weights",
     "pack_weights",
+    "qlinear_conv",
     "qlinear_matmul",
     "quantize_linear",
     "set_isa",

@@ -1,0 +1,309 @@
+"""INT8 convolution kernels: implicit GEMM on the VNNI tile, portable loops, depthwise.
+
+Every path computes ONNX ConvInteger's exact sum (docs/quantization.md, eqs. 5-9,
+with the GEMM's rows = output pixels, columns = output channels of one group):
+
+    P[p, m]   = sum_{i,j,c} x'[n, oh*sh + i*dh, ow*sw + j*dw, g*Cg + c] * w'[m, c, i, j]
+    acc[p, m] = P - ZA*colsum(w')[m] - ZB[m]*rowsum[g, p] + bias[m]          (eq. 8)
+
+on a padded NHWC copy (or the caller's NHWC array itself) of the input
+
+  xp  (N, Hp, Wp, C) uint8 = x' = x (+128 if int8), border filled with ZA = the
+      input zero point in x' terms, i.e. a real 0: padding taps contribute
+      (ZA - ZA) * w = 0 and the zero-point expansion stays exact.
+
+The zero points, bias and requantization are applied per tile by
+``kernels/requant.py::epilogue_tile`` (mode 0 int32, 1 requantized, 2 float32).
+``geo`` packs the geometry (int64):
+    [N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M]
+"""
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from .config import PJIT
+from .int8_gemm_vnni import MR_MAX, NR, _run_tile
+from .requant import epilogue_tile
+
+# ---------------------------------------------------------------------------
+# row sums (eq. 9), only for nonzero weight zero points
+
+
+@njit(**PJIT)
+def row_sums(xp, geo, za, out):
+    # out (G, rows) int64 = rowsum of eq. 9 per group: sum over the taps of
+    # (x' - ZA), padded taps included (they add 0)
+    N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M = geo
+    K = kh * kw * Cg
+    rows = N * Ho * Wo
+    for p in prange(rows):
+        n = p // (Ho * Wo)
+        q = p - n * Ho * Wo
+        oh = q // Wo
+        ow = q - oh * Wo
+        for g in range(G):
+            s = 0
+            for i in range(kh):
+                for j in range(kw):
+                    px = xp[n, oh * sh + i * dh, ow * sw + j * dw]
+                    for c in range(g * Cg, g * Cg + Cg):
+                        s += np.int64(px[c])
+            out[g, p] = s - K * za
+
+
+@njit(inline="always")
+def _gather(xp, geo, m0, mr, g, ka, dst):
+    # dst (>=mr, ka) uint8 <- im2col rows of output pixels m0..m0+mr-1, group g,
+    # K order (i, j, c); bytes [K, ka) zeroed (they meet zero weights).
+    # Flat arrays and unsigned offsets: numba's negative-index checks otherwise
+    # keep LLVM from turning the channel loop into vector copies (measured 8x).
+    N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M = geo
+    K = kh * kw * Cg
+    xf = xp.reshape(-1)
+    df = dst.reshape(-1)
+    ucg = np.uint64(Cg)
+    for r in range(mr):
+        p = m0 + r
+        n = p // (Ho * Wo)
+        q = p - n * Ho * Wo
+        oh = q // Wo
+        ow = q - oh * Wo
+        d0 = np.uint64(r * ka)
+        for i in range(kh):
+            rowoff = (n * Hp + oh * sh + i * dh) * Wp
+            for j in range(kw):
+                s0 = np.uint64((rowoff + ow * sw + j * dw) * C + g * Cg)
+                o = d0 + np.uint64((i * kw + j) * Cg)
+                for c in range(ucg):
+                    df[o + c] = xf[s0 + c]
+        for k in range(K, ka):
+            df[d0 + np.uint64(k)] = 0
+
+
+# ---------------------------------------------------------------------------
+# AVX-512 VNNI: implicit GEMM on the 6 x 64 tile of kernels/int8_gemm_vnni.py
+
+
+@njit(inline="always")
+def _vnni_job(
+    t, mt, nblk, pb, direct, xp, bp, geo, sa, sp, za, rs, cs, zb, bias, mult,
+    zy, qlo, qhi, mode, out,
+):  # fmt: skip
+    # job t = (group, panel block, pixel tile), pixel tile fastest: a thread's
+    # contiguous prange chunk keeps streaming the same weight panels
+    N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M = geo
+    rows = N * Ho * Wo
+    ka = sa.shape[2]
+    tile = t % mt
+    rest = t // mt
+    blk = rest % nblk
+    g = rest // nblk
+    m0 = tile * MR_MAX
+    mr = min(MR_MAX, rows - m0)
+    tid = numba.get_thread_id()
+    if direct:
+        # 1x1, stride 1, one group: the (padded) input pixels are the GEMM rows
+        a_addr = xp.ctypes.data + m0 * C
+        lda = C
+        kk = C
+    else:
+        _gather(xp, geo, m0, mr, g, ka, sa[tid])
+        a_addr = sa[tid].ctypes.data
+        lda = ka
+        kk = ka
+    k4 = kk // 4
+    kr = kk - 4 * k4
+    ptile = sp[tid]
+    npg = bp.shape[1]
+    for jn in range(blk * pb, min(npg, blk * pb + pb)):
+        n0 = g * Mg + jn * NR
+        nvalid = min(NR, Mg - jn * NR)
+        _run_tile(
+            mr,
+            a_addr,
+            lda,
+            bp.ctypes.data + g * bp.strides[0] + jn * bp.strides[1],
+            NR * 4,
+            k4,
+            kr,
+            ptile.ctypes.data,
+            NR,
+            nvalid,
+            0,
+        )
+        epilogue_tile(
+            ptile, mr, nvalid, m0, n0, za, rs[g], cs, zb, bias, mult, zy, qlo, qhi,
+            mode, out,
+        )  # fmt: skip
+
+
+@njit(**PJIT)
+def conv_vnni(
+    xp, bp, geo, pb, direct, sa, sp, za, rs, cs, zb, bias, mult, zy, qlo, qhi,
+    mode, out,
+):  # fmt: skip
+    # xp (N,Hp,Wp,C) uint8, bp (G,NP,K4,NR,4) int8 (pack_b per group, K order
+    # (i,j,c)), sa (threads,MR_MAX,ka) uint8 gather scratch (ka >= max(K, 4)),
+    # sp (threads,MR_MAX,NR) int32, rs (G,1|rows) int64, out (rows, M)
+    N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M = geo
+    rows = N * Ho * Wo
+    mt = (rows + MR_MAX - 1) // MR_MAX
+    nblk = (bp.shape[1] + pb - 1) // pb
+    for t in prange(mt * nblk * G):
+        _vnni_job(
+            t, mt, nblk, pb, direct, xp, bp, geo, sa, sp, za, rs, cs, zb, bias,
+            mult, zy, qlo, qhi, mode, out,
+        )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------
+# portable: the same gather, plain loops for the product
+
+
+@njit(**PJIT)
+def conv_portable(
+    xp, wk, geo, sa, sp, za, rs, cs, zb, bias, mult, zy, qlo, qhi, mode, out
+):
+    # wk (G,K,Mg) int8 = w' in K order (i,j,c); sa (threads,TM,ka) uint8,
+    # sp (threads,TM,Mg) int32; tiles of TM output pixels x all Mg channels
+    N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M = geo
+    K = kh * kw * Cg
+    rows = N * Ho * Wo
+    tm = sa.shape[1]
+    ka = sa.shape[2]
+    mt = (rows + tm - 1) // tm
+    for t in prange(mt * G):
+        g = t // mt
+        m0 = (t - g * mt) * tm
+        mr = min(tm, rows - m0)
+        tid = numba.get_thread_id()
+        a = sa[tid]
+        p = sp[tid]
+        _gather(xp, geo, m0, mr, g, ka, a)
+        wg = wk[g]
+        for r in range(mr):
+            acc = p[r]
+            acc[:Mg] = 0
+            ar = a[r]
+            for k in range(K):
+                av = np.int32(ar[k])
+                wr = wg[k]
+                for j in range(Mg):
+                    acc[j] += av * np.int32(wr[j])
+        epilogue_tile(
+            p, mr, Mg, m0, g * Mg, za, rs[g], cs, zb, bias, mult, zy, qlo, qhi,
+            mode, out,
+        )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------
+# depthwise (group == C, one output channel per group): memory-bound, vectorized
+# over channels; the exact int32 sum then the epilogue's arithmetic per element
+
+
+@njit(inline="always")
+def _dw9(xf, wf, base, c, uc, o0, o1, o2, o3, o4, o5, o6, o7, o8):
+    # one output element of a 3x3 depthwise conv: 9 taps, exact int32
+    s = np.int32(base[c])
+    s = np.int32(s + np.int32(np.int32(xf[o0 + c]) * wf[c]))
+    s = np.int32(s + np.int32(np.int32(xf[o1 + c]) * wf[uc + c]))
+    s = np.int32(s + np.int32(np.int32(xf[o2 + c]) * wf[2 * uc + c]))
+    s = np.int32(s + np.int32(np.int32(xf[o3 + c]) * wf[3 * uc + c]))
+    s = np.int32(s + np.int32(np.int32(xf[o4 + c]) * wf[4 * uc + c]))
+    s = np.int32(s + np.int32(np.int32(xf[o5 + c]) * wf[5 * uc + c]))
+    s = np.int32(s + np.int32(np.int32(xf[o6 + c]) * wf[6 * uc + c]))
+    s = np.int32(s + np.int32(np.int32(xf[o7 + c]) * wf[7 * uc + c]))
+    return np.int32(s + np.int32(np.int32(xf[o8 + c]) * wf[8 * uc + c]))
+
+
+@njit(**PJIT)
+def _depthwise3x3(xf, wf, base, geo, mrow, zy, qlo, qhi, mode, of):
+    # 3x3 depthwise: the 9 taps unrolled inside the channel loop, so the sum
+    # stays in a register and the epilogue is fused (no int32 round trip
+    # through memory per tap, no per-tap loop overhead over only C/16 vectors)
+    N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M = geo
+    uc = np.uint64(C)
+    for t in prange(N * Ho):
+        n = t // Ho
+        oh = t - n * Ho
+        r0 = (n * Hp + oh * sh) * Wp
+        r1 = r0 + dh * Wp
+        r2 = r1 + dh * Wp
+        for ow in range(Wo):
+            b = ow * sw
+            o0 = np.uint64((r0 + b) * C)
+            o1 = np.uint64((r0 + b + dw) * C)
+            o2 = np.uint64((r0 + b + 2 * dw) * C)
+            o3 = np.uint64((r1 + b) * C)
+            o4 = np.uint64((r1 + b + dw) * C)
+            o5 = np.uint64((r1 + b + 2 * dw) * C)
+            o6 = np.uint64((r2 + b) * C)
+            o7 = np.uint64((r2 + b + dw) * C)
+            o8 = np.uint64((r2 + b + 2 * dw) * C)
+            od = np.uint64((t * Wo + ow) * C)
+            if mode == 0:
+                for c in range(uc):
+                    of[od + c] = _dw9(
+                        xf, wf, base, c, uc, o0, o1, o2, o3, o4, o5, o6, o7, o8
+                    )
+            elif mode == 1:
+                for c in range(uc):
+                    s = _dw9(xf, wf, base, c, uc, o0, o1, o2, o3, o4, o5, o6, o7, o8)
+                    # eq. 11 exactly as requant.epilogue_tile mode 1
+                    v = np.rint(np.float64(s) * mrow[c] + zy)
+                    of[od + c] = min(max(v, qlo), qhi)
+            else:
+                for c in range(uc):
+                    s = _dw9(xf, wf, base, c, uc, o0, o1, o2, o3, o4, o5, o6, o7, o8)
+                    v = np.float32(np.float64(s) * mrow[c])
+                    of[od + c] = min(max(v, qlo), qhi)
+
+
+@njit(**PJIT)
+def depthwise(xp, wd, base, geo, scratch, mult, zy, qlo, qhi, mode, out):
+    # wd (kh*kw, C) int32 = w - w_zp (exact), base (C,) int32 = bias - ZA*sum_t wd
+    # so that acc = sum_t x'*wd + base = sum_t (x' - ZA)(w - w_zp) + bias;
+    # scratch (threads, C) int32; mult (1, C) float64; out (rows, C).
+    # One job per output row (n, oh); channels innermost (vectorized), flat
+    # arrays with unsigned offsets so that LLVM vectorizes over c.
+    N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M = geo
+    xf = xp.reshape(-1)
+    wf = wd.reshape(-1)
+    of = out.reshape(-1)
+    mrow = mult[0]
+    uc = np.uint64(C)
+    if kh == 3 and kw == 3:
+        _depthwise3x3(xf, wf, base, geo, mrow, zy, qlo, qhi, mode, of)
+        return
+    for t in prange(N * Ho):
+        n = t // Ho
+        oh = t - n * Ho
+        acc = scratch[numba.get_thread_id()]
+        for ow in range(Wo):
+            for c in range(uc):
+                acc[c] = base[c]
+            for i in range(kh):
+                rowoff = (n * Hp + oh * sh + i * dh) * Wp
+                for j in range(kw):
+                    s0 = np.uint64((rowoff + ow * sw + j * dw) * C)
+                    w0 = np.uint64((i * kw + j) * C)
+                    for c in range(uc):
+                        # numba widens int32 arithmetic to int64; the explicit
+                        # truncations let LLVM emit 32-bit vpmulld/vpaddd
+                        # (int64 lanes measured 2x slower); the sum is exact
+                        prod = np.int32(np.int32(xf[s0 + c]) * wf[w0 + c])
+                        acc[c] = np.int32(acc[c] + prod)
+            o0 = np.uint64((t * Wo + ow) * C)
+            if mode == 0:
+                for c in range(uc):
+                    of[o0 + c] = acc[c]
+            elif mode == 1:
+                # eq. 11 exactly as requant.epilogue_tile mode 1
+                for c in range(uc):
+                    v = np.rint(np.float64(acc[c]) * mrow[c] + zy)
+                    of[o0 + c] = min(max(v, qlo), qhi)
+            else:
+                for c in range(uc):
+                    v = np.float32(np.float64(acc[c]) * mrow[c])
+                    of[o0 + c] = min(max(v, qlo), qhi)

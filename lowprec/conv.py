@@ -1,0 +1,657 @@
+"""INT8 convolution: ONNX ConvInteger and QLinearConv, prepacked weights.
+
+The same contract as the INT8 GEMM (docs/quantization.md), with the GEMM's rows
+being output pixels and its columns output channels of one group:
+
+    raw product   P = im2col(x') @ w'   x' = x (+128 if int8), w' = w (-128 if uint8)
+    exact result  acc = P - ZA*colsum(w') - ZB*rowsum(x - x_zp) + bias     (eq. 8)
+    output        int32 acc | sat(rint(acc*mult + y_zp)) | float32(acc*mult) (11-13)
+
+Padding is the input zero point, i.e. a real 0 (ONNX subtracts the zero point
+before padding). The input is brought once to a padded NHWC uint8 buffer x'
+(skipped for NHWC uint8 input that needs no padding); the kernels never build
+a full im2col matrix: the VNNI path gathers 6 output pixels' patches per tile
+into a small per-thread buffer (1x1 stride-1 convolutions read the pixels in
+place), depthwise convolutions have their own kernel (kernels/int8_conv.py).
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numba
+import numpy as np
+
+from . import _dispatch
+from . import _validate as v
+from .gemm import (
+    K_INT32_SAFE,
+    _a_offset,
+    _b_offset,
+    _bias,
+    _hashable,
+    _multiplier,
+    _out_dtype,
+    _quant_bounds,
+    _y_zero_point,
+)
+from .kernels import int8_conv as _kc
+
+_MODE_INT32, _MODE_QUANT, _MODE_FLOAT = 0, 1, 2
+AUTO_PADS = ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID")
+LAYOUTS = ("NCHW", "NHWC")
+# portable path: output pixels per tile (rows of one thread's int32 scratch)
+PORTABLE_TILE = 16
+# VNNI path: with fewer than this many pixel tiles per thread, jobs are also
+# split over 64-channel weight panels (threads over output channels)
+SPLIT_N_TILES = 8
+
+
+class PackedConvWeights:
+    """Immutable prepacked convolution weights for ``conv_integer`` / ``qlinear_conv``.
+
+    Build with :func:`pack_conv_weights`. Holds w' (docs eq. 5) in GEMM order
+    (group, kh*kw*C/group, M/group), its column sums, the zero point / scale
+    given at pack time, and each path's layout, built on first use.
+    """
+
+    __slots__ = (
+        "shape",
+        "dtype",
+        "group",
+        "zero_point",
+        "scale",
+        "_wk",
+        "_col_sum",
+        "_zb_eff",
+        "_layouts",
+    )
+
+    def __init__(self, w, group, zero_point=None, scale=None):
+        M, Cg = w.shape[:2]
+        ks = w.shape[2:]
+        kh, kw = (1, ks[0]) if len(ks) == 1 else ks
+        G = group
+        Mg = M // G
+        K = kh * kw * Cg
+        flip = np.int16(128 if w.dtype == np.uint8 else 0)
+        w_s8 = (w.astype(np.int16) - flip).astype(np.int8).reshape(G, Mg, Cg, kh, kw)
+        # wk[g, (i*kw + j)*Cg + c, m] = w'[g*Mg + m, c, i, j]
+        wk = np.ascontiguousarray(w_s8.transpose(0, 3, 4, 2, 1).reshape(G, K, Mg))
+        col_sum = wk.astype(np.int64).sum(axis=1).reshape(M)
+        zb = np.zeros(1, w.dtype) if zero_point is None else zero_point
+        zb_eff = np.empty(M, np.int64)
+        zb_eff[:] = zb.reshape(-1).astype(np.int64) - _b_offset(w.dtype)
+        fields = {
+            "shape": tuple(w.shape),
+            "dtype": w.dtype,
+            "group": G,
+            "zero_point": zero_point,
+            "scale": scale,
+            "_wk": wk,
+            "_col_sum": col_sum,
+            "_zb_eff": zb_eff,
+            "_layouts": {},
+        }
+        for name, value in fields.items():
+            if isinstance(value, np.ndarray):
+                value.flags.writeable = False
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name, value):
+        msg = (
+            "PackedConvWeights is immutable; pack new weights with "
+            "lowprec.pack_conv_weights"
+        )
+        raise AttributeError(msg)
+
+    def __repr__(self):
+        zp = "none" if self.zero_point is None else f"{self.zero_point.shape}"
+        sc = "none" if self.scale is None else f"{self.scale.shape}"
+        return (
+            f"PackedConvWeights(shape={self.shape}, group={self.group}, "
+            f"dtype={self.dtype}, zero_point={zp}, scale={sc})"
+        )
+
+    @property
+    def nbytes(self) -> int:
+        return (
+            self._wk.nbytes
+            + self._col_sum.nbytes
+            + sum(a.nbytes for a in self._layouts.values())
+        )
+
+    def _vnni(self) -> np.ndarray:
+        """(G, NP, K4, 64, 4) int8: kernels/int8_gemm_vnni.pack_b per group."""
+        bp = self._layouts.get("vnni")
+        if bp is None:
+            from .kernels import int8_gemm_vnni as kv
+
+            G, K, Mg = self._wk.shape
+            K4, NP = (K + 3) // 4, (Mg + kv.NR - 1) // kv.NR
+            size = G * NP * K4 * kv.NR * 4
+            raw = np.zeros(size + 64, np.int8)
+            off = (-raw.ctypes.data) % 64
+            bp = raw[off : off + size].reshape(G, NP, K4, kv.NR, 4)
+            for g in range(G):
+                bp[g] = kv.pack_b(self._wk[g])
+            bp.flags.writeable = False
+            self._layouts["vnni"] = bp
+        return bp
+
+    def _depthwise(self, zb_eff) -> np.ndarray:
+        """(kh*kw, C) int32 = w - w_zero_point, exact (one output channel per group)."""
+        key = ("dw", zb_eff.tobytes())
+        wd = self._layouts.get(key)
+        if wd is None:
+            G, T, _ = self._wk.shape
+            wd = np.ascontiguousarray(
+                (self._wk[:, :, 0].astype(np.int64) - zb_eff[:, None]).T
+            ).astype(np.int32)
+            wd.flags.writeable = False
+            if len(self._layouts) > 16:
+                self._layouts.clear()
+            self._layouts[key] = wd
+        return wd
+
+
+def pack_conv_weights(w, w_zero_point=None, w_scale=None, *, group=1):
+    """Prepack convolution weights once for many calls.
+
+    Parameters
+    ----------
+    w : ndarray (M, C/group, kW) or (M, C/group, kH, kW) of uint8 or int8
+        (ONNX weight layout, for both activation layouts)
+    w_zero_point : scalar or (M,) of w's dtype, optional
+    w_scale : scalar or (M,) float32/float16, optional (needed by qlinear_conv
+        unless passed there)
+    group : int, the convolution's number of groups
+
+    Returns
+    -------
+    PackedConvWeights, accepted as ``w`` by :func:`conv_integer` and
+    :func:`qlinear_conv` with results identical to the unpacked call.
+    """
+    if isinstance(w, PackedConvWeights):
+        msg = "w is already a PackedConvWeights object; pass it to the conv directly"
+        raise TypeError(msg)
+    _check_w(w)
+    group = _check_group(group)
+    M = w.shape[0]
+    if M % group:
+        msg = (
+            f"w has M={M} output channels, not divisible by group={group}; "
+            f"each group needs M/group output channels"
+        )
+        raise ValueError(msg)
+    zp = None
+    if w_zero_point is not None:
+        zp = _m_param(
+            v.zero_point_param(w_zero_point, "w_zero_point", w.dtype), "w_zero_point", M
+        )
+    sc = None
+    if w_scale is not None:
+        sc = _m_param(v.scale_param(w_scale, "w_scale"), "w_scale", M)
+    return PackedConvWeights(w, group, zp, sc)
+
+
+# --------------------------------------------------------------------------- #
+# validation and geometry
+
+
+def _check_w(w):
+    v.check_array(
+        w, "w", v.INT8_TYPES, fix="quantize it first with lowprec.quantize_linear"
+    )
+    if w.ndim == 5:
+        msg = "3-D convolution (5-D w) is not implemented; lowprec supports 1-D and 2-D"
+        raise NotImplementedError(msg)
+    if w.ndim not in (3, 4):
+        msg = (
+            f"w must be 3-D (M, C/group, kW) or 4-D (M, C/group, kH, kW), "
+            f"got shape {w.shape}"
+        )
+        raise ValueError(msg)
+    if 0 in w.shape:
+        msg = f"w must not have an empty dimension, got shape {w.shape}"
+        raise ValueError(msg)
+
+
+def _check_group(group):
+    if not isinstance(group, numbers.Integral) or isinstance(group, bool):
+        msg = f"group must be an int, got {type(group).__name__}"
+        raise TypeError(msg)
+    if group < 1:
+        msg = f"group must be >= 1, got {group}"
+        raise ValueError(msg)
+    return int(group)
+
+
+def _m_param(arr, name, M):
+    if arr.size == 1:
+        return arr.reshape(1)
+    if arr.ndim == 1 and arr.shape[0] == M:
+        return arr
+    msg = (
+        f"{name} must be a scalar or have shape ({M},) (one per output channel), "
+        f"got {arr.shape}"
+    )
+    raise ValueError(msg)
+
+
+def _ints(value, name, n, default, minimum):
+    if value is None:
+        return (default,) * n
+    try:
+        vals = tuple(value)
+    except TypeError:
+        msg = f"{name} must be a sequence of {n} ints, got {value!r}"
+        raise TypeError(msg) from None
+    if len(vals) != n or not all(
+        isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in vals
+    ):
+        msg = f"{name} must be a sequence of {n} ints, got {value!r}"
+        raise ValueError(msg)
+    vals = tuple(int(t) for t in vals)
+    if min(vals) < minimum:
+        what = "non-negative" if minimum == 0 else f">= {minimum}"
+        msg = f"every entry of {name} must be {what}, got {vals}"
+        raise ValueError(msg)
+    return vals
+
+
+def _geometry(x_spatial, k, auto_pad, dilations, pads, strides):
+    """ONNX Conv output size and begin/end pads per spatial axis."""
+    n = len(k)
+    if auto_pad not in AUTO_PADS:
+        msg = f"auto_pad must be one of {', '.join(AUTO_PADS)}, got {auto_pad!r}"
+        raise ValueError(msg)
+    d = _ints(dilations, "dilations", n, 1, 1)
+    s = _ints(strides, "strides", n, 1, 1)
+    if pads is not None and auto_pad != "NOTSET":
+        msg = f"pads and auto_pad={auto_pad!r} cannot be used together; drop one"
+        raise ValueError(msg)
+    p = _ints(pads, "pads", 2 * n, 0, 0)
+    begin, end, out = [], [], []
+    for a in range(n):
+        size, ke = x_spatial[a], (k[a] - 1) * d[a] + 1
+        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            o = -(-size // s[a])
+            total = max((o - 1) * s[a] + ke - size, 0)
+            b = total // 2 if auto_pad == "SAME_UPPER" else total - total // 2
+            e = total - b
+        else:
+            b, e = (p[a], p[a + n]) if auto_pad == "NOTSET" else (0, 0)
+            o = (size + b + e - ke) // s[a] + 1
+        if o < 1:
+            msg = (
+                f"the kernel ({k[a]} taps, dilation {d[a]}) is larger than the padded "
+                f"input ({size} + pads {b}+{e}) along spatial axis {a}; add padding "
+                f"or use a smaller kernel"
+            )
+            raise ValueError(msg)
+        begin.append(b)
+        end.append(e)
+        out.append(o)
+    return tuple(out), tuple(begin), tuple(end), s, d
+
+
+def _weights(w, w_zero_point, w_scale, group, need_scale):
+    """(packed, zb_eff (M,) int64, scale (1|M,) or None) from an array or a pack."""
+    group = _check_group(group)
+    if isinstance(w, PackedConvWeights):
+        if group != w.group:
+            msg = (
+                f"group={group} differs from the group={w.group} the weights were "
+                f"packed with; pass group={w.group}"
+            )
+            raise ValueError(msg)
+        packed = w
+        M = w.shape[0]
+        zb_eff = w._zb_eff
+        if w_zero_point is not None:
+            zp = _m_param(
+                v.zero_point_param(w_zero_point, "w_zero_point", w.dtype),
+                "w_zero_point",
+                M,
+            )
+            if w.zero_point is None:
+                zb_eff = np.empty(M, np.int64)
+                zb_eff[:] = zp.astype(np.int64) - _b_offset(w.dtype)
+            elif not _same(zp, w.zero_point):
+                msg = (
+                    "w_zero_point was given both to pack_conv_weights and to this "
+                    "call with different values; pass it in one place only"
+                )
+                raise ValueError(msg)
+        scale = w.scale
+        if w_scale is not None:
+            sc = _m_param(v.scale_param(w_scale, "w_scale"), "w_scale", M)
+            if scale is not None and not _same(sc, scale):
+                msg = (
+                    "w_scale was given both to pack_conv_weights and to this call "
+                    "with different values; pass it in one place only"
+                )
+                raise ValueError(msg)
+            scale = sc
+    else:
+        packed = pack_conv_weights(w, w_zero_point, w_scale, group=group)
+        zb_eff, scale = packed._zb_eff, packed.scale
+    if need_scale and scale is None:
+        msg = "w_scale is required (pass it here or to pack_conv_weights)"
+        raise ValueError(msg)
+    return packed, zb_eff, scale
+
+
+def _same(a, b):
+    return a.dtype == b.dtype and a.size in (1, b.size) and bool(np.all(a == b))
+
+
+def _check_x(x, packed, layout, kernel_shape):
+    v.check_array(
+        x, "x", v.INT8_TYPES, fix="quantize it first with lowprec.quantize_linear"
+    )
+    if layout not in LAYOUTS:
+        msg = f"layout must be 'NCHW' or 'NHWC', got {layout!r}"
+        raise ValueError(msg)
+    wshape = packed.shape
+    if x.ndim == 5:
+        msg = "3-D convolution (5-D x) is not implemented; lowprec supports 1-D and 2-D"
+        raise NotImplementedError(msg)
+    if x.ndim != len(wshape):
+        msg = (
+            f"x has {x.ndim} dimensions and w {len(wshape)}: a {len(wshape) - 2}-D "
+            f"convolution needs x of shape (N, C, *spatial) with "
+            f"{len(wshape) - 2} spatial axes (layout {layout})"
+        )
+        raise ValueError(msg)
+    C = x.shape[1] if layout == "NCHW" else x.shape[-1]
+    spatial = x.shape[2:] if layout == "NCHW" else x.shape[1:-1]
+    G = packed.group
+    if C != wshape[1] * G:
+        msg = (
+            f"x has C={C} channels but w expects C/group * group = "
+            f"{wshape[1]} * {G} = {wshape[1] * G} (w shape {wshape}, group={G}, "
+            f"layout {layout}); fix group or the channel axis"
+        )
+        raise ValueError(msg)
+    k = tuple(wshape[2:])
+    if kernel_shape is not None and tuple(kernel_shape) != k:
+        msg = f"kernel_shape={tuple(kernel_shape)} does not match w.shape[2:]={k}"
+        raise ValueError(msg)
+    return C, spatial, k
+
+
+# --------------------------------------------------------------------------- #
+# the driver
+
+
+def _conv(
+    x, packed, zb_eff, za, bias, mult, zy, qlo, qhi, mode, odt, layout, attrs
+):  # fmt: skip
+    C, spatial, k = _check_x(x, packed, layout, attrs["kernel_shape"])
+    out_sp, pb, pe, s, d = _geometry(
+        spatial, k, attrs["auto_pad"], attrs["dilations"], attrs["pads"],
+        attrs["strides"],
+    )  # fmt: skip
+    N = x.shape[0]
+    M = packed.shape[0]
+    G = packed.group
+    Cg, Mg = C // G, M // G
+    one_d = len(k) == 1
+    H, W = (1, spatial[0]) if one_d else spatial
+    kh, kw = (1, k[0]) if one_d else k
+    Ho, Wo = (1, out_sp[0]) if one_d else out_sp
+    sh, sw = (1, s[0]) if one_d else s
+    dh, dw = (1, d[0]) if one_d else d
+    pt, pl = (0, pb[0]) if one_d else pb
+    pbot, pr = (0, pe[0]) if one_d else pe
+    K = kh * kw * Cg
+    if K > K_INT32_SAFE:
+        msg = (
+            f"C/group * kH * kW = {K} exceeds {K_INT32_SAFE}, beyond which an int32 "
+            f"accumulator may overflow; lowprec's convolution does not split K"
+        )
+        raise ValueError(msg)
+    rows = N * Ho * Wo
+    shape_nhwc = (N, Wo, M) if one_d else (N, Ho, Wo, M)
+    if rows == 0 or M == 0:
+        out = np.empty(shape_nhwc, odt)
+        return out if layout == "NHWC" else np.moveaxis(out, -1, 1).copy()
+
+    # x' as padded NHWC uint8 (the input itself when nothing has to change)
+    za_eff = int(za) + _a_offset(x.dtype)
+    flip = np.uint8(0x80 if x.dtype == np.int8 else 0)
+    Hp, Wp = H + pt + pbot, W + pl + pr
+    x4 = x.reshape(N, C, H, W) if layout == "NCHW" else x.reshape(N, H, W, C)
+    if (
+        layout == "NHWC"
+        and x.dtype == np.uint8
+        and (Hp, Wp) == (H, W)
+        and x.flags.c_contiguous
+    ):
+        xp = x4
+    else:
+        xp = _pad_nhwc(x4, layout, flip, np.uint8(za_eff), pt, pbot, pl, pr)
+    geo = np.array(
+        [N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M], np.int64
+    )
+    out = np.empty((rows, M), odt)
+    threads = numba.config.NUMBA_NUM_THREADS
+    if G == C and Mg == 1:
+        wd = packed._depthwise(zb_eff)
+        base = (bias - za_eff * wd.astype(np.int64).sum(axis=0)).astype(np.int32)
+        scratch = np.empty((threads, C), np.int32)
+        _kc.depthwise(xp, wd, base, geo, scratch, mult, zy, qlo, qhi, mode, out)
+    else:
+        za_arr = np.full(1, za_eff, np.int64)
+        if zb_eff.any():
+            rs = np.empty((G, rows), np.int64)
+            _kc.row_sums(xp, geo, za_eff, rs)
+        else:
+            rs = np.zeros((G, 1), np.int64)
+        cs = packed._col_sum
+        epi = (za_arr, rs, cs, zb_eff, bias, mult, zy, qlo, qhi, mode, out)
+        if _dispatch.get_isa() == "avx512_vnni":
+            bp = packed._vnni()
+            ka = -(-max(K, 4) // 64) * 64  # rows of the gather buffer 64-byte apart
+            direct = kh == 1 and kw == 1 and sh == 1 and sw == 1 and G == 1 and C >= 4
+            sa = np.empty((threads, _kc.MR_MAX, ka), np.uint8)
+            sp = np.empty((threads, _kc.MR_MAX, _kc.NR), np.int32)
+            mt = -(-rows // _kc.MR_MAX)
+            panels = bp.shape[1]
+            pbk = panels if mt * G >= SPLIT_N_TILES * numba.get_num_threads() else 1
+            _kc.conv_vnni(xp, bp, geo, pbk, direct, sa, sp, *epi)
+        else:
+            ka = max(K, 1)
+            sa = np.empty((threads, PORTABLE_TILE, ka), np.uint8)
+            sp = np.empty((threads, PORTABLE_TILE, Mg), np.int32)
+            _kc.conv_portable(xp, packed._wk, geo, sa, sp, *epi)
+    out = out.reshape(shape_nhwc)
+    if layout == "NHWC":
+        return out
+    return np.ascontiguousarray(np.moveaxis(out, -1, 1))
+
+
+def _pad_nhwc(x4, layout, flip, fill, pt, pb, pl, pr):
+    """x' (eq. 5) as (N, Hp, Wp, C) uint8 with a border of ``fill`` (= ZA).
+
+    numpy's strided copy does the NCHW -> NHWC transposition: 0.39 ms for
+    256x56x56 on one core, against 1.6 ms for a numba loop (measured).
+    """
+    src = x4.view(np.uint8)
+    if layout == "NCHW":
+        src = src.transpose(0, 2, 3, 1)
+    N, H, W, C = src.shape
+    xp = np.empty((N, H + pt + pb, W + pl + pr, C), np.uint8)
+    if pt or pb or pl or pr:
+        xp[:, :pt] = fill
+        xp[:, pt + H :] = fill
+        xp[:, pt : pt + H, :pl] = fill
+        xp[:, pt : pt + H, pl + W :] = fill
+    inner = xp[:, pt : pt + H, pl : pl + W]
+    if flip:
+        np.bitwise_xor(src, flip, out=inner)
+    else:
+        inner[...] = src
+    return xp
+
+
+def _attrs(auto_pad, dilations, kernel_shape, pads, strides):
+    if isinstance(auto_pad, bytes):
+        auto_pad = auto_pad.decode()
+    return {
+        "auto_pad": auto_pad,
+        "dilations": dilations,
+        "kernel_shape": kernel_shape,
+        "pads": pads,
+        "strides": strides,
+    }
+
+
+def _x_zero_point(value, dtype):
+    if value is None:
+        return 0
+    zp = v.zero_point_param(value, "x_zero_point", dtype)
+    if zp.size != 1:
+        msg = (
+            f"x_zero_point must be a scalar (per-tensor, as ONNX requires), got "
+            f"shape {zp.shape}"
+        )
+        raise ValueError(msg)
+    return int(zp.reshape(-1)[0])
+
+
+# --------------------------------------------------------------------------- #
+# public functions
+
+
+def conv_integer(
+    x,
+    w,
+    x_zero_point=None,
+    w_zero_point=None,
+    *,
+    auto_pad="NOTSET",
+    dilations=None,
+    group=1,
+    kernel_shape=None,
+    pads=None,
+    strides=None,
+):
+    """ONNX ConvInteger: ``conv(x - x_zero_point, w - w_zero_point)`` in int32.
+
+    Parameters
+    ----------
+    x : ndarray (N, C, W) or (N, C, H, W) of uint8 or int8
+    w : ndarray (M, C/group, kW) or (M, C/group, kH, kW) of uint8 or int8, or
+        :class:`PackedConvWeights`
+    x_zero_point : scalar of x's dtype, default 0; padding is this value (real 0)
+    w_zero_point : scalar or (M,) per output channel, w's dtype, default 0
+    auto_pad, dilations, group, kernel_shape, pads, strides : as ONNX Conv
+
+    Returns
+    -------
+    int32 ndarray (N, M, *out_spatial).
+
+    Examples
+    --------
+    >>> import numpy as np, lowprec
+    >>> x = np.arange(9, dtype=np.uint8).reshape(1, 1, 3, 3) + 2
+    >>> w = np.ones((1, 1, 2, 2), np.uint8)
+    >>> lowprec.conv_integer(x, w, np.uint8(1))
+    array([[[[12, 16],
+             [24, 28]]]], dtype=int32)
+    """
+    v.check_array(x, "x", v.INT8_TYPES, fix="quantize it first")
+    packed, zb_eff, _ = _weights(w, w_zero_point, None, group, need_scale=False)
+    za = _x_zero_point(x_zero_point, x.dtype)
+    M = packed.shape[0]
+    return _conv(
+        x, packed, zb_eff, za, np.zeros(M, np.int64), np.ones((1, M)), 0.0, 0.0, 0.0,
+        _MODE_INT32, np.int32, "NCHW",
+        _attrs(auto_pad, dilations, kernel_shape, pads, strides),
+    )  # fmt: skip
+
+
+def qlinear_conv(
+    x,
+    x_scale,
+    x_zero_point,
+    w,
+    w_scale,
+    w_zero_point,
+    y_scale,
+    y_zero_point,
+    bias=None,
+    *,
+    auto_pad="NOTSET",
+    dilations=None,
+    group=1,
+    kernel_shape=None,
+    pads=None,
+    strides=None,
+    activation=None,
+    layout="NCHW",
+    out_dtype=None,
+):
+    """ONNX QLinearConv with fused bias, activation, float output and NHWC layout.
+
+    ``y = saturate(rint(conv(x - x_zp, w - w_zp) + bias) * M + y_zp))`` with
+    ``M = x_scale * w_scale / y_scale`` per output channel, computed and rounded
+    exactly as :func:`lowprec.qlinear_matmul` does (docs/quantization.md,
+    eqs. 10-13).
+
+    Parameters
+    ----------
+    x : ndarray of uint8/int8, (N, C, [H,] W) for layout "NCHW" (ONNX) or
+        (N, [H,] W, C) for "NHWC"; the output has the same layout
+    x_scale, x_zero_point : per-tensor scalars (float32/float16 and x's dtype)
+    w : ndarray (M, C/group, [kH,] kW) of uint8/int8, or :class:`PackedConvWeights`
+    w_scale, w_zero_point : scalar or (M,) per output channel (asymmetric
+        per-channel zero points allowed); may be None when packed
+    y_scale, y_zero_point : scalars; y_zero_point's dtype is the output type.
+        Both may be None with ``out_dtype=np.float32``.
+    bias : int32 (M,), optional, in the accumulator's scale x_scale * w_scale
+    auto_pad, dilations, group, kernel_shape, pads, strides : as ONNX Conv
+    activation : None, "relu", "relu6" or (min, max), in real units (eq. 12)
+    layout : "NCHW" or "NHWC"
+    out_dtype : np.uint8, np.int8 or np.float32 (the real result, eq. 13)
+    """
+    v.check_array(x, "x", v.INT8_TYPES, fix="quantize it first")
+    packed, zb_eff, sw = _weights(w, w_zero_point, w_scale, group, need_scale=True)
+    za = _x_zero_point(x_zero_point, x.dtype)
+    sx = v.scale_param(x_scale, "x_scale")
+    if sx.size != 1:
+        msg = f"x_scale must be a scalar (per-tensor), got shape {sx.shape}"
+        raise ValueError(msg)
+    sx = sx.reshape(1)
+    M = packed.shape[0]
+    odt = _out_dtype(out_dtype)
+    lo, hi = v.activation_bounds(activation)
+    bias_arr = _bias(bias, M)
+    if bias_arr.shape != (M,):
+        bias_arr = np.full(M, bias_arr[0], np.int64)
+    attrs = _attrs(auto_pad, dilations, kernel_shape, pads, strides)
+    if odt == np.float32:
+        mult = _multiplier(sx, sw, None, M)
+        return _conv(
+            x, packed, zb_eff, za, bias_arr, mult, 0.0, lo, hi, _MODE_FLOAT,
+            np.float32, layout, attrs,
+        )  # fmt: skip
+    if y_scale is None:
+        msg = "y_scale is required unless out_dtype=np.float32"
+        raise ValueError(msg)
+    sy = v.scale_param(y_scale, "y_scale")
+    if sy.size != 1:
+        msg = f"y_scale must be a scalar (per-tensor output), got shape {sy.shape}"
+        raise ValueError(msg)
+    zyp = _y_zero_point(y_zero_point, odt)
+    odt = zyp.dtype
+    zy = float(zyp.reshape(-1)[0])
+    qlo, qhi = _quant_bounds(_hashable(activation), zy, float(sy.reshape(-1)[0]), odt)
+    mult = _multiplier(sx, sw, sy.reshape(-1), M)
+    return _conv(
+        x, packed, zb_eff, za, bias_arr, mult, zy, qlo, qhi, _MODE_QUANT, odt,
+        layout, attrs,
+    )  # fmt: skip

@@ -1,0 +1,516 @@
+"""conv_integer / qlinear_conv against a plain NumPy int64 oracle and ONNX's cases.
+
+The oracle is written from the ONNX operator definitions (and eqs. 10-13 of
+docs/quantization.md via tests/reference.py), not from the kernels: zero points
+are subtracted first, the input is padded with real zeros, and the convolution
+is a sum over taps of int64 products.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import lowprec
+import reference as ref
+from lowprec import conv as lc
+
+# --------------------------------------------------------------------------- #
+# oracle
+
+
+def conv_ref(x, w, x_zp=0, w_zp=0, *, group=1, strides=None, dilations=None,
+             pads=None):  # fmt: skip
+    """ONNX Conv on int64 of (x - x_zp) and (w - w_zp), NCHW, explicit pads."""
+    nsp = x.ndim - 2
+    if nsp == 1:
+        x, w = x[:, :, None, :], w[:, :, None, :]
+        strides = (1, *(strides or (1,)))
+        dilations = (1, *(dilations or (1,)))
+        pads = (0, (pads or (0, 0))[0], 0, (pads or (0, 0))[1])
+    strides = strides or (1, 1)
+    dilations = dilations or (1, 1)
+    pads = pads or (0, 0, 0, 0)
+    xs = x.astype(np.int64) - int(np.asarray(x_zp).reshape(-1)[0])
+    wz = np.asarray(w_zp).astype(np.int64).reshape(-1)
+    ws = w.astype(np.int64) - (wz[:, None, None, None] if wz.size > 1 else wz[0])
+    N, C, H, W = xs.shape
+    M, Cg, kh, kw = ws.shape
+    xpad = np.zeros((N, C, H + pads[0] + pads[2], W + pads[1] + pads[3]), np.int64)
+    xpad[:, :, pads[0] : pads[0] + H, pads[1] : pads[1] + W] = xs
+    sh, sw = strides
+    dh, dw = dilations
+    Ho = (xpad.shape[2] - (kh - 1) * dh - 1) // sh + 1
+    Wo = (xpad.shape[3] - (kw - 1) * dw - 1) // sw + 1
+    Mg = M // group
+    out = np.zeros((N, M, Ho, Wo), np.int64)
+    for g in range(group):
+        xg = xpad[:, g * Cg : (g + 1) * Cg]
+        wg = ws[g * Mg : (g + 1) * Mg]
+        for i in range(kh):
+            for j in range(kw):
+                patch = xg[
+                    :,
+                    :,
+                    i * dh : i * dh + (Ho - 1) * sh + 1 : sh,
+                    j * dw : j * dw + (Wo - 1) * sw + 1 : sw,
+                ]
+                out[:, g * Mg : (g + 1) * Mg] += np.einsum(
+                    "nchw,mc->nmhw", patch, wg[:, :, i, j]
+                )
+    return out[:, :, 0, :] if nsp == 1 else out
+
+
+def requant_ref(acc, x_scale, w_scale, y_scale, y_zp, bias=None, activation=None,
+                out_dtype=None):  # fmt: skip
+    """eqs. 8-13 via the GEMM oracle: acc (N, M, *sp) -> rows (pixels) x M."""
+    M = acc.shape[1]
+    a2 = np.moveaxis(acc, 1, -1).reshape(-1, M)
+    # ref.qlinear_matmul multiplies an identity: feed acc as a = acc rows, b = I
+    if bias is not None:
+        a2 = a2 + np.asarray(bias).astype(np.int64)
+    sa = np.asarray(x_scale)
+    sb = np.asarray(w_scale)
+    sa_col = sa.reshape(())
+    sb_row = sb.reshape(-1) if sb.size > 1 else sb.reshape(())
+    lo, hi = {None: (-np.inf, np.inf), "relu": (0.0, np.inf), "relu6": (0.0, 6.0)}.get(
+        activation if isinstance(activation, str | None) else "x", (None, None)
+    )
+    if lo is None:
+        lo, hi = (float(t) for t in activation)
+    if out_dtype == np.float32:
+        mult = (sa_col * sb_row).astype(np.float64)
+        y = (a2.astype(np.float64) * mult).astype(np.float32)
+        y = np.clip(y, np.float32(lo), np.float32(hi)).astype(np.float32)
+    else:
+        sy = np.asarray(y_scale)
+        dtype = np.asarray(y_zp).dtype
+        zy = int(np.asarray(y_zp).reshape(-1)[0])
+        info = np.iinfo(dtype)
+        mult = ((sa_col * sb_row) / sy.reshape(())).astype(np.float64)
+        vv = np.rint(a2.astype(np.float64) * mult + zy)
+        s1 = float(sy.reshape(-1)[0])
+        qlo = info.min if lo == -np.inf else zy + np.rint(lo / s1)
+        qhi = info.max if hi == np.inf else zy + np.rint(hi / s1)
+        y = np.clip(vv, max(qlo, info.min), min(qhi, info.max)).astype(dtype)
+    y = y.reshape(acc.shape[0], *acc.shape[2:], M)
+    return np.moveaxis(y, -1, 1)
+
+
+def test_oracle_matches_gemm_oracle():
+    # the conv oracle of a 1x1 convolution is the GEMM oracle on pixels
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (2, 5, 3, 4), dtype=np.uint8)
+    w = rng.integers(-128, 128, (7, 5, 1, 1), dtype=np.int8)
+    got = conv_ref(x, w, 3, 2)
+    a = np.moveaxis(x, 1, -1).reshape(-1, 5)
+    want = ref.int_matmul(a, w[:, :, 0, 0].T, 3, 2).reshape(2, 3, 4, 7)
+    np.testing.assert_array_equal(got, np.moveaxis(want, -1, 1))
+
+
+# --------------------------------------------------------------------------- #
+# ONNX node cases (bit-exact) and the float Conv cases (shape coverage)
+
+onnx = pytest.importorskip("onnx")
+from onnx import helper, numpy_helper  # noqa: E402
+
+
+def _node_cases():
+    names = ("test_convinteger_with_padding", "test_convinteger_without_padding",
+             "test_qlinearconv")  # fmt: skip
+    node_dir = os.path.join(
+        os.path.dirname(onnx.__file__), "backend", "test", "data", "node"
+    )
+    cases = []
+    if os.path.isdir(node_dir):
+        for name in names:
+            d = os.path.join(node_dir, name)
+            model = onnx.load(os.path.join(d, "model.onnx"))
+            sets = []
+            for sd in sorted(glob.glob(os.path.join(d, "test_data_set_*"))):
+                ins = [_read(p) for p in sorted(glob.glob(f"{sd}/input_*.pb"))]
+                outs = [_read(p) for p in sorted(glob.glob(f"{sd}/output_*.pb"))]
+                sets.append((ins, outs))
+            cases.append((name, model, sets))
+        return cases
+    import importlib
+
+    node_pkg = importlib.import_module("onnx.backend.test.case.node")
+    for mod in ("convinteger", "qlinearconv"):
+        importlib.import_module(f"onnx.backend.test.case.node.{mod}")
+    for tc in node_pkg._NodeTestCases:
+        if tc.name in names:
+            sets = [
+                ([_np(t) for t in ins], [_np(t) for t in outs])
+                for ins, outs in tc.data_sets
+            ]
+            cases.append((tc.name, tc.model, sets))
+    return cases
+
+
+def _read(path):
+    t = onnx.TensorProto()
+    with open(path, "rb") as f:
+        t.ParseFromString(f.read())
+    return numpy_helper.to_array(t)
+
+
+def _np(t):
+    return (
+        numpy_helper.to_array(t) if isinstance(t, onnx.TensorProto) else np.asarray(t)
+    )
+
+
+NODE_CASES = _node_cases()
+
+
+def test_node_cases_found():
+    assert sorted(c[0] for c in NODE_CASES) == [
+        "test_convinteger_with_padding",
+        "test_convinteger_without_padding",
+        "test_qlinearconv",
+    ]
+
+
+@pytest.mark.parametrize("case", NODE_CASES, ids=[c[0] for c in NODE_CASES])
+def test_onnx_node_case_bit_exact(case, isa):
+    name, model, sets = case
+    node = model.graph.node[0]
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    for ins, outs in sets:
+        it = iter(ins)
+        args = [next(it) if n else None for n in node.input]
+        if node.op_type == "ConvInteger":
+            got = lowprec.conv.conv_integer(*args, **attrs)
+        else:
+            got = lowprec.conv.qlinear_conv(*args, **attrs)
+        assert got.dtype == outs[0].dtype
+        np.testing.assert_array_equal(got, outs[0])
+
+
+def _float_conv_cases():
+    """The fp32 Conv cases: onnx node (test_basic_conv_*, test_conv_with_*) and
+    pytorch-converted Conv1d/Conv2d (groups, depthwise, dilation)."""
+    cases = []
+    import importlib
+
+    try:
+        node_pkg = importlib.import_module("onnx.backend.test.case.node")
+        importlib.import_module("onnx.backend.test.case.node.conv")
+        for tc in node_pkg._NodeTestCases:
+            if tc.name.startswith(("test_basic_conv_", "test_conv_with_")):
+                ins = [_np(t) for t in tc.data_sets[0][0]]
+                cases.append((tc.name, tc.model, ins))
+    except (ImportError, AttributeError):
+        pass
+    base = os.path.join(
+        os.path.dirname(onnx.__file__), "backend", "test", "data", "pytorch-converted"
+    )
+    for d in sorted(glob.glob(os.path.join(base, "test_Conv[12]d*"))):
+        model = onnx.load(os.path.join(d, "model.onnx"))
+        sd = sorted(glob.glob(os.path.join(d, "test_data_set_*")))[0]
+        ins = [_read(p) for p in sorted(glob.glob(f"{sd}/input_*.pb"))]
+        cases.append((os.path.basename(d), model, ins))
+    return cases
+
+
+FLOAT_CASES = _float_conv_cases()
+
+
+def test_float_cases_found():
+    names = {c[0] for c in FLOAT_CASES}
+    assert len(names) >= 15, names
+    assert {
+        "test_Conv2d_depthwise",
+        "test_Conv1d_groups",
+        "test_Conv2d_dilated",
+    } <= names
+
+
+def _conv_node(model):
+    nodes = [n for n in model.graph.node if n.op_type == "Conv"]
+    assert len(nodes) == 1
+    node = nodes[0]
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    return node, inits, attrs
+
+
+@pytest.mark.parametrize("case", FLOAT_CASES, ids=[c[0] for c in FLOAT_CASES])
+def test_float_conv_case_quantized(case, isa):
+    """quantize -> qlinear_conv -> compare with the int64 oracle (bit-exact) and
+    dequantize -> close to the float reference conv."""
+    name, model, ins = case
+    node, inits, attrs = _conv_node(model)
+    graph_inputs = [i.name for i in model.graph.input if i.name not in inits]
+    feed = dict(zip(graph_inputs, ins, strict=False))
+    vals = {**inits, **feed}
+    xf = vals[node.input[0]].astype(np.float32)
+    wf = vals[node.input[1]].astype(np.float32)
+    bf = vals[node.input[2]] if len(node.input) > 2 and node.input[2] else None
+    sx = np.float32(max(np.abs(xf).max(), 1e-3) / 127)
+    sw = (np.abs(wf).reshape(wf.shape[0], -1).max(axis=1) / 127).astype(np.float32)
+    sw = np.maximum(sw, np.float32(1e-6))
+    xq = lowprec.quantize_linear(xf, sx, np.uint8(128))
+    wq = lowprec.quantize_linear(wf, sw, np.int8(0), axis=0)
+    bias = None
+    if bf is not None:
+        bias = np.rint(bf / (sx * sw).astype(np.float64)).astype(np.int32)
+    group = attrs.get("group", 1)
+    attrs.pop("kernel_shape", None)
+    pads = attrs.get("pads")
+    auto_pad = attrs.get("auto_pad", b"NOTSET")
+    got = lowprec.conv.qlinear_conv(
+        xq, sx, np.uint8(128), wq, sw, np.int8(0), None, None, bias,
+        out_dtype=np.float32, **attrs,
+    )  # fmt: skip
+    if isinstance(auto_pad, bytes):
+        auto_pad = auto_pad.decode()
+    nsp = xq.ndim - 2
+    if auto_pad != "NOTSET":
+        out_sp, b, e, _, _ = lc._geometry(
+            xq.shape[2:], wq.shape[2:], auto_pad, attrs.get("dilations"), None,
+            attrs.get("strides"),
+        )  # fmt: skip
+        pads = (*b, *e)
+    acc = conv_ref(
+        xq, wq, 128, 0, group=group, strides=attrs.get("strides"),
+        dilations=attrs.get("dilations"), pads=pads or (0,) * (2 * nsp),
+    )  # fmt: skip
+    want = requant_ref(acc, sx, sw, None, None, bias=bias, out_dtype=np.float32)
+    np.testing.assert_array_equal(got, want)
+    # and the real result is the float conv's up to quantization error
+    from onnx.reference import ReferenceEvaluator
+
+    yf = ReferenceEvaluator(model).run(None, feed)[0]
+    scale = float(np.abs(yf).max()) + 1e-6
+    assert np.abs(got - yf).max() <= 0.05 * scale
+
+
+# --------------------------------------------------------------------------- #
+# property test against the oracle
+
+
+@st.composite
+def conv_problems(draw):
+    nsp = draw(st.sampled_from([1, 2, 2]))
+    kind = draw(st.sampled_from(["general", "depthwise", "stem", "1x1", "big_kernel"]))
+    N = draw(st.integers(1, 2))
+    group = 1
+    if kind == "depthwise":
+        C = draw(st.integers(1, 20))
+        group = C
+        M = C * draw(st.sampled_from([1, 1, 2]))
+    elif kind == "stem":
+        C, M = 3, draw(st.integers(1, 70))
+    else:
+        group = draw(st.sampled_from([1, 1, 2, 3]))
+        C = group * draw(st.integers(1, 9))
+        M = group * draw(st.integers(1, 24 if group == 1 else 8))
+    k = [1] * nsp if kind == "1x1" else [draw(st.integers(1, 4)) for _ in range(nsp)]
+    s = [draw(st.integers(1, 3)) for _ in range(nsp)]
+    d = [1] * nsp if kind == "1x1" else [draw(st.integers(1, 2)) for _ in range(nsp)]
+    if kind == "1x1" and draw(st.booleans()):
+        s = [1] * nsp
+    p = [draw(st.integers(0, 3)) for _ in range(2 * nsp)]
+    sp = []
+    for a in range(nsp):
+        ke = (k[a] - 1) * d[a] + 1
+        if kind == "big_kernel":
+            lo = max(1, ke - p[a] - p[a + nsp])
+            sp.append(draw(st.integers(lo, max(lo, ke - 1))))
+        else:
+            sp.append(draw(st.integers(max(1, ke - p[a] - p[a + nsp]), 9)))
+    xdt = draw(st.sampled_from([np.uint8, np.int8]))
+    wdt = draw(st.sampled_from([np.uint8, np.int8]))
+    seed = draw(st.integers(0, 2**31))
+    rng = np.random.default_rng(seed)
+    xi, wi = np.iinfo(xdt), np.iinfo(wdt)
+    x = rng.integers(xi.min, xi.max + 1, (N, C, *sp), dtype=xdt)
+    w = rng.integers(wi.min, wi.max + 1, (M, C // group, *k), dtype=wdt)
+    xz = xdt(rng.integers(xi.min, xi.max + 1))
+    wz_kind = draw(st.sampled_from(["none", "scalar", "per_channel"]))
+    if wz_kind == "none":
+        wz = None
+    elif wz_kind == "scalar":
+        wz = wdt(rng.integers(wi.min, wi.max + 1))
+    else:
+        wz = rng.integers(wi.min, wi.max + 1, M, dtype=wdt)
+    return dict(x=x, w=w, xz=xz, wz=wz, group=group, strides=s, dilations=d, pads=p)
+
+
+def _to_layout(y, layout):
+    return np.ascontiguousarray(np.moveaxis(y, 1, -1)) if layout == "NHWC" else y
+
+
+@pytest.fixture(
+    params=[i for i in lowprec.available_isas() if i in ("avx512_vnni", "portable")]
+)
+def isa(request):
+    """The convolution has a VNNI and a portable path (the 256-bit GEMM paths
+    would run the portable one again): force each in turn."""
+    before = lowprec.get_isa()
+    lowprec.set_isa(request.param)
+    yield request.param
+    lowprec.set_isa(before)
+
+
+# each example compiles nothing new but runs a full conv and its oracle: 100 per
+# path keeps this file near a minute on the 2-core CI machine
+@settings(max_examples=min(100, settings.default.max_examples))
+@given(prob=conv_problems(), layout=st.sampled_from(["NCHW", "NHWC"]),
+       packed=st.booleans(), data=st.data())  # fmt: skip
+def test_conv_matches_oracle(isa, prob, layout, packed, data):
+    x, w, xz, wz = prob["x"], prob["w"], prob["xz"], prob["wz"]
+    kw = {k: prob[k] for k in ("group", "strides", "dilations", "pads")}
+    acc = conv_ref(x, w, xz, 0 if wz is None else wz, **kw)
+    if layout == "NCHW":
+        got = lowprec.conv.conv_integer(x, w, xz, wz, **kw)
+        assert got.dtype == np.int32
+        np.testing.assert_array_equal(got, acc)
+    M = w.shape[0]
+    rng = np.random.default_rng(int(acc.sum()) % 1000)
+    sx = np.float32(rng.uniform(0.001, 0.05))
+    sw = rng.uniform(0.001, 0.05, M if data.draw(st.booleans()) else 1)
+    sw = sw.astype(np.float32)
+    std = float(np.abs(acc).std()) + 1.0
+    sy = np.float32(sx * float(sw.max()) * std * 3 / 127)
+    odt = data.draw(st.sampled_from([np.uint8, np.int8, np.float32]))
+    yz = (
+        None
+        if odt == np.float32
+        else odt(rng.integers(-20, 20) + (128 if odt == np.uint8 else 0))
+    )
+    bias = (
+        rng.integers(-5000, 5000, M).astype(np.int32)
+        if data.draw(st.booleans())
+        else None
+    )
+    act = data.draw(st.sampled_from([None, "relu", "relu6", (-1.5, 2.0)]))
+    fdt = np.float32 if odt == np.float32 else None
+    wp = lowprec.conv.pack_conv_weights(w, wz, sw, group=prob["group"]) if packed else w
+    got = lowprec.conv.qlinear_conv(
+        _to_layout(x, layout), sx, xz, wp, None if packed else sw,
+        None if packed else wz, None if odt == np.float32 else sy, yz, bias,
+        activation=act, layout=layout, out_dtype=fdt, **kw,
+    )  # fmt: skip
+    want = requant_ref(acc, sx, sw, sy, yz, bias=bias, activation=act,
+                       out_dtype=np.float32 if odt == np.float32 else None)  # fmt: skip
+    assert got.dtype == want.dtype
+    np.testing.assert_array_equal(got, _to_layout(want, layout))
+
+
+def test_larger_shapes_every_tile_path(isa):
+    """Sizes where VNNI tiles are full and partial, > 64 channels, panels split."""
+    rng = np.random.default_rng(1)
+    for C, M, k, s, pads, H, G in [
+        (64, 70, 3, 1, 1, 9, 1),  # 2 panels, tail panel
+        (16, 130, 1, 1, 0, 7, 1),  # 1x1 direct rows, 3 panels
+        (3, 64, 7, 2, 3, 15, 1),  # stem
+        (32, 32, 3, 2, 1, 10, 32),  # depthwise stride 2
+        (40, 80, 3, 1, 1, 6, 4),  # grouped
+    ]:
+        x = rng.integers(0, 256, (2, C, H, H), dtype=np.uint8)
+        w = rng.integers(-128, 128, (M, C // G, k, k), dtype=np.int8)
+        kw = {"group": G, "strides": (s, s), "pads": (pads,) * 4}
+        acc = conv_ref(x, w, 7, 0, **kw)
+        got = lowprec.conv.conv_integer(x, w, np.uint8(7), **kw)
+        np.testing.assert_array_equal(got, acc)
+        wz = rng.integers(-3, 3, M).astype(np.int8)
+        got = lowprec.conv.conv_integer(x, w, np.uint8(7), wz, **kw)
+        np.testing.assert_array_equal(got, conv_ref(x, w, 7, wz, **kw))
+
+
+def test_auto_pad_modes():
+    x = np.arange(35, dtype=np.uint8).reshape(1, 1, 5, 7)
+    w = np.ones((1, 1, 3, 2), np.int8)
+    for mode in ("SAME_UPPER", "SAME_LOWER", "VALID"):
+        got = lowprec.conv.conv_integer(x, w, auto_pad=mode, strides=(2, 2))
+        from onnx.reference.ops.op_conv import _conv_implementation
+
+        want = _conv_implementation(
+            x.astype(np.float64), w.astype(np.float64), None, mode, None, 1,
+            None, None, [2, 2],
+        )  # fmt: skip
+        np.testing.assert_array_equal(got, want.astype(np.int64))
+
+
+def test_inputs_not_modified_and_packed_immutable():
+    rng = np.random.default_rng(2)
+    x = rng.integers(-128, 128, (1, 4, 5, 5), dtype=np.int8)
+    w = rng.integers(0, 256, (6, 4, 3, 3), dtype=np.uint8)
+    x0, w0 = x.copy(), w.copy()
+    p = lowprec.conv.pack_conv_weights(w, np.uint8(3), np.float32(0.1))
+    lowprec.conv.conv_integer(x, p, np.int8(1), pads=(1, 1, 1, 1))
+    lowprec.conv.qlinear_conv(x, 0.1, np.int8(1), w, 0.1, np.uint8(3), 0.2,
+                              np.uint8(5), pads=(1, 1, 1, 1))  # fmt: skip
+    np.testing.assert_array_equal(x, x0)
+    np.testing.assert_array_equal(w, w0)
+    with pytest.raises(AttributeError, match="immutable"):
+        p.group = 2
+    assert "PackedConvWeights" in repr(p)
+
+
+# --------------------------------------------------------------------------- #
+# errors
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "match"),
+    [
+        ({"group": 3}, ValueError, "channels"),
+        ({"group": 0}, ValueError, "group must be >= 1"),
+        ({"group": 1.5}, TypeError, "group must be an int"),
+        ({"kernel_shape": (2, 2)}, ValueError, "kernel_shape"),
+        ({"pads": (-1, 0, 0, 0)}, ValueError, "non-negative"),
+        ({"pads": (1, 1)}, ValueError, "pads must be a sequence of 4"),
+        ({"strides": (0, 1)}, ValueError, "strides"),
+        ({"auto_pad": "SAME"}, ValueError, "auto_pad"),
+        ({"auto_pad": "VALID", "pads": (1, 1, 1, 1)}, ValueError, "together"),
+    ],
+)
+def test_bad_attributes(kwargs, exc, match):
+    x = np.zeros((1, 4, 5, 5), np.uint8)
+    w = np.zeros((4, 4, 3, 3), np.int8)
+    with pytest.raises(exc, match=match):
+        lowprec.conv.conv_integer(x, w, **kwargs)
+
+
+def test_bad_inputs():
+    x = np.zeros((1, 4, 5, 5), np.uint8)
+    w = np.zeros((4, 4, 3, 3), np.int8)
+    with pytest.raises(TypeError, match="x must have dtype"):
+        lowprec.conv.conv_integer(x.astype(np.float32), w)
+    with pytest.raises(TypeError, match="w must have dtype"):
+        lowprec.conv.conv_integer(x, w.astype(np.int16))
+    with pytest.raises(TypeError, match="x_zero_point"):
+        lowprec.conv.conv_integer(x, w, np.int8(0))
+    with pytest.raises(ValueError, match="per output channel"):
+        lowprec.conv.conv_integer(x, w, None, np.zeros(3, np.int8))
+    with pytest.raises(ValueError, match="x_zero_point must be a scalar"):
+        lowprec.conv.conv_integer(x, w, np.zeros(2, np.uint8))
+    with pytest.raises(NotImplementedError, match="3-D"):
+        lowprec.conv.conv_integer(x[..., None], w[..., None])
+    with pytest.raises(ValueError, match="dimensions"):
+        lowprec.conv.conv_integer(x[0], w)
+    with pytest.raises(ValueError, match="larger than the padded"):
+        lowprec.conv.conv_integer(x[:, :, :2, :2], w)
+    with pytest.raises(ValueError, match="not divisible by group"):
+        lowprec.conv.pack_conv_weights(np.zeros((3, 2, 1, 1), np.int8), group=2)
+    with pytest.raises(ValueError, match="w_scale is required"):
+        lowprec.conv.qlinear_conv(x, 0.1, None, w, None, None, 0.1, np.uint8(0))
+    with pytest.raises(ValueError, match="layout"):
+        lowprec.conv.qlinear_conv(x, 0.1, None, w, 0.1, None, 0.1, np.uint8(0),
+                                  layout="CHWN")  # fmt: skip
+    p = lowprec.conv.pack_conv_weights(w, np.int8(1))
+    with pytest.raises(ValueError, match="different values"):
+        lowprec.conv.conv_integer(x, p, None, np.int8(2))
+    with pytest.raises(ValueError, match="packed with"):
+        lowprec.conv.conv_integer(x, p, group=2)
+    with pytest.raises(TypeError, match="already"):
+        lowprec.conv.pack_conv_weights(p)
