@@ -16,6 +16,7 @@ if not _os.path.isdir(_os.path.join(__path__[0], "kernels")) and _os.path.isfile
 ):
     __path__.append(_src_root)  # noqa: F821 (package __path__)
 
+from . import prune, sparse
 from ._dispatch import available_isas, get_isa, set_isa
 from .conv import PackedConvWeights, conv_integer, pack_conv_weights, qlinear_conv
 from .gemm import (
@@ -26,6 +27,7 @@ from .gemm import (
     qlinear_matmul,
 )
 from .quantize import dequantize_linear, dynamic_quantize_linear, quantize_linear
+from .sparse import qlinear_spmm, spmm
 
 __version__ = "0.1.0"
 
@@ -41,8 +43,12 @@ __all__ = [
     "matmul_integer",
     "pack_conv_weights",
     "pack_weights",
+    "prune",
     "qlinear_conv",
     "qlinear_matmul",
+    "qlinear_spmm",
     "quantize_linear",
     "set_isa",
+    "sparse",
+    "spmm",
 ]

@@ -1,0 +1,328 @@
+"""lowprec.sparse: packed formats, spmm and qlinear_spmm against dense oracles.
+
+Float: spmm differs from the exact product of the densified weights only by
+summation order, |y - y_exact| <= g(n) * sum_k |w x| (+ the bias term) with
+g(n) = n u / (1 - n u), u = 2**-24, n = stored entries of the row + 1 (bias).
+int8: bit-exact against lowprec.qlinear_matmul on the densified weights (the
+transposed product), itself tested against the int64 oracle.
+"""
+
+import numpy as np
+import pytest
+
+import lowprec
+from lowprec import prune
+from lowprec import sparse as sp
+
+FORMATS = sp.FORMATS
+U = 2.0**-24
+
+
+def _mask(rng, fmt, M, K, density):
+    """A random keep-mask the format can hold (2:4: <= 2 per group), with
+    empty rows."""
+    if fmt == "nm24":
+        mask = np.zeros((M, K), bool)
+        for m in range(M):
+            for g in range(0, K, 4):
+                cols = np.arange(g, min(g + 4, K))
+                take = rng.integers(0, min(2, cols.size) + 1)
+                mask[m, rng.choice(cols, take, replace=False)] = True
+    else:
+        mask = rng.random((M, K)) < density
+    if M > 2:
+        mask[1] = False  # an empty row
+    return mask
+
+
+def _float_bound(W, x, bias=None):
+    """Summation-order bound of each output (module docstring)."""
+    wd = np.abs(W.to_dense().astype(np.float64))
+    n = int(np.diff(W._expanded()[0]).max(initial=0)) + 1
+    g = n * U / (1 - n * U)
+    mag = wd @ np.abs(x.astype(np.float64))
+    if bias is not None:
+        mag = mag + np.abs(bias.astype(np.float64)).reshape(-1, *([1] * (x.ndim - 1)))
+    return g * mag + 1e-30
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_spmm_matches_dense(isa, fmt, dtype):
+    rng = np.random.default_rng([7, FORMATS.index(fmt)])
+    for M, K, N, density in [(13, 22, 70, 0.3), (9, 7, 1, 0.5), (4, 64, 16, 0.05)]:
+        w = rng.standard_normal((M, K)).astype(dtype)
+        mask = _mask(rng, fmt, M, K, density)
+        W = sp.from_dense(w, mask, format=fmt)
+        assert W.dtype == dtype
+        np.testing.assert_array_equal(W.to_dense(), np.where(mask, w, 0))
+        x = rng.standard_normal((K, N)).astype(np.float32)
+        bias = rng.standard_normal(M).astype(np.float32)
+        for xx in (x, x[:, 0]):
+            ref = W.to_dense().astype(np.float64) @ xx.astype(np.float64)
+            got = sp.spmm(W, xx)
+            assert got.shape == ref.shape
+            assert got.dtype == np.float32
+            assert np.all(np.abs(got - ref) <= _float_bound(W, xx))
+        ref = W.to_dense().astype(np.float64) @ x + bias[:, None]
+        got = sp.spmm(W, x, bias=bias, activation="relu")
+        bound = _float_bound(W, x, bias)
+        assert np.all(np.abs(got - np.maximum(ref, 0)) <= bound)
+        out = np.full((M, N), np.nan, np.float32)
+        assert sp.spmm(W, x, bias=bias, activation=(-0.5, 0.5), out=out) is out
+        assert np.all(np.abs(out - np.clip(ref, -0.5, 0.5)) <= bound)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_spmm_all_zero_and_fully_dense(isa, fmt):
+    rng = np.random.default_rng(3)
+    M, K, N = 6, 8, 20
+    x = rng.standard_normal((K, N)).astype(np.float32)
+    Z = sp.from_dense(np.zeros((M, K), np.float32), format=fmt)
+    assert Z.to_dense().shape == (M, K)
+    np.testing.assert_array_equal(sp.spmm(Z, x), np.zeros((M, N), np.float32))
+    b = np.arange(M, dtype=np.float32)
+    np.testing.assert_array_equal(sp.spmm(Z, x, bias=b), np.repeat(b[:, None], N, 1))
+    w = rng.standard_normal((M, K)).astype(np.float32)
+    if fmt == "nm24":
+        w = np.where(prune.magnitude(w, pattern=(2, 4)), w, 0)
+    D = sp.from_dense(w, np.ones((M, K), bool) if fmt != "nm24" else None, format=fmt)
+    ref = w.astype(np.float64) @ x
+    assert np.all(np.abs(sp.spmm(D, x) - ref) <= _float_bound(D, x))
+
+
+def test_wide_k_uses_int32_indices(isa):
+    rng = np.random.default_rng(4)
+    M, K, N = 3, 70_001, 17
+    w = np.zeros((M, K), np.float32)
+    cols = rng.choice(K, 40, replace=False)
+    w[0, cols] = 1.5
+    w[2, K - 1] = -2.0
+    W = sp.from_dense(w)
+    assert W.idx.dtype == np.int32
+    assert sp.from_dense(w[:, :65535]).idx.dtype == np.uint16
+    x = rng.standard_normal((K, N)).astype(np.float32)
+    assert np.all(
+        np.abs(sp.spmm(W, x) - w.astype(np.float64) @ x) <= _float_bound(W, x)
+    )
+
+
+def _qref(W, x, sx, zx, sy, zy, **kw):
+    """qlinear_matmul on the densified weights, transposed (weights as b)."""
+    return lowprec.qlinear_matmul(
+        np.ascontiguousarray(x.reshape(x.shape[0], -1).T),
+        sx,
+        zx,
+        np.ascontiguousarray(W.to_dense().T),
+        W.scale,
+        W.zero_point,
+        sy,
+        zy,
+        **kw,
+    ).T.reshape((W.shape[0],) + x.shape[1:])
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("x_dtype", [np.uint8, np.int8])
+def test_qlinear_spmm_bit_exact(isa, fmt, x_dtype):
+    rng = np.random.default_rng([11, FORMATS.index(fmt), x_dtype == np.int8])
+    info = np.iinfo(x_dtype)
+    for M, K, N, density, zw in [
+        (13, 22, 70, 0.3, False),
+        (9, 7, 1, 0.6, True),
+        (5, 130, 33, 0.2, False),
+        (8, 16, 64, 1.0, True),
+    ]:
+        w = rng.standard_normal((M, K)).astype(np.float32)
+        mask = _mask(rng, fmt, M, K, density)
+        if zw:  # int8 weights with per-row zero points
+            q = rng.integers(-128, 128, (M, K), dtype=np.int8)
+            zp = rng.integers(-20, 20, M, dtype=np.int8)
+            sc = rng.uniform(0.001, 0.01, M).astype(np.float32)
+            W = sp.from_dense(q, mask, format=fmt, scale=sc, zero_point=zp)
+            assert np.array_equal(W.to_dense(), np.where(mask, q, zp[:, None]))
+        else:
+            W = sp.from_dense(w, mask, format=fmt, dtype=np.int8)
+        x = rng.integers(info.min, info.max + 1, (K, N), dtype=x_dtype)
+        sx, zx = np.float32(0.02), x_dtype(rng.integers(info.min, info.max + 1))
+        bias = rng.integers(-5000, 5000, M, dtype=np.int32)
+        for y_zp in (np.uint8(128), np.int8(-3)):
+            sy = np.float32(0.05)
+            for kw in ({}, {"bias": bias, "activation": "relu"}):
+                got = sp.qlinear_spmm(W, x, sx, zx, sy, y_zp, **kw)
+                ref = _qref(W, x, sx, zx, sy, y_zp, **kw)
+                assert got.dtype == ref.dtype
+                np.testing.assert_array_equal(got, ref)
+        got = sp.qlinear_spmm(W, x[:, 0], sx, zx, None, None, out_dtype=np.float32)
+        ref = _qref(W, x[:, 0], sx, zx, None, None, out_dtype=np.float32)
+        np.testing.assert_array_equal(got, ref)
+        got = sp.qlinear_spmm(
+            W,
+            x,
+            sx,
+            zx,
+            None,
+            None,
+            bias=bias,
+            activation=(-1.0, 2.0),
+            out_dtype=np.float32,
+        )
+        ref = _qref(
+            W,
+            x,
+            sx,
+            zx,
+            None,
+            None,
+            bias=bias,
+            activation=(-1.0, 2.0),
+            out_dtype=np.float32,
+        )
+        np.testing.assert_array_equal(got, ref)
+
+
+def test_save_load_round_trip_and_smaller(tmp_path):
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((256, 512)).astype(np.float32)
+    np.save(tmp_path / "dense.npy", w)
+    dense_bytes = (tmp_path / "dense.npy").stat().st_size
+    mask = prune.magnitude(w, 0.9)
+    for fmt, m in [
+        ("csr", mask),
+        ("bsr4x1", prune.magnitude(w, 0.9, pattern=("block", 4, 1))),
+        ("bsr1x4", prune.magnitude(w, 0.9, pattern=("block", 1, 4))),
+        ("nm24", prune.magnitude(w, pattern=(2, 4))),
+    ]:
+        for dt in (np.float32, np.float16, np.int8):
+            W = sp.from_dense(w, m, format=fmt, dtype=dt)
+            path = tmp_path / f"{fmt}_{np.dtype(dt).name}.npz"
+            W.save(path)
+            V = sp.load(path)
+            assert (V.format, V.shape, V.dtype) == (W.format, W.shape, W.dtype)
+            np.testing.assert_array_equal(V.to_dense(), W.to_dense())
+            if dt == np.int8:
+                np.testing.assert_array_equal(V.scale, W.scale)
+            size = path.stat().st_size
+            assert size < (0.75 if fmt == "nm24" else 0.25) * dense_bytes, (fmt, dt)
+            assert W.nbytes < size + 1024
+
+
+def test_load_rejects_bad_files(tmp_path):
+    np.savez(tmp_path / "x.npz", a=np.zeros(3))
+    with pytest.raises(ValueError, match="not a lowprec sparse file"):
+        sp.load(tmp_path / "x.npz")
+    W = sp.from_dense(np.eye(4, dtype=np.float32))
+    np.savez(
+        tmp_path / "bad.npz",
+        lowprec_sparse=np.array(1),
+        format=np.array("csr"),
+        shape=np.array([4, 4]),
+        ptr=W.ptr,
+        idx=(W.idx + 9).astype(np.uint16),
+        val=W.val,
+    )
+    with pytest.raises(ValueError, match="corrupt"):
+        sp.load(tmp_path / "bad.npz")
+
+
+def test_immutable():
+    W = sp.from_dense(np.eye(3, dtype=np.float32))
+    with pytest.raises(AttributeError, match="immutable"):
+        W.val = None
+    with pytest.raises(ValueError, match="read-only"):
+        W.val[0] = 2
+
+
+def test_inputs_not_modified():
+    rng = np.random.default_rng(6)
+    w = rng.standard_normal((8, 12)).astype(np.float32)
+    mask = rng.random((8, 12)) < 0.5
+    x = rng.standard_normal((12, 5)).astype(np.float32)
+    w0, m0, x0 = w.copy(), mask.copy(), x.copy()
+    W = sp.from_dense(w, mask, format="bsr1x4")
+    sp.spmm(W, x, bias=np.ones(8, np.float32), activation="relu")
+    assert np.array_equal(w, w0)
+    assert np.array_equal(mask, m0)
+    assert np.array_equal(x, x0)
+
+
+def test_bad_inputs():
+    w = np.eye(4, dtype=np.float32)
+    W = sp.from_dense(w)
+    x = np.ones((4, 3), np.float32)
+    with pytest.raises(ValueError, match=r"x.shape\[0\] must equal"):
+        sp.spmm(W, np.ones((5, 3), np.float32))
+    with pytest.raises(TypeError, match="x must have dtype"):
+        sp.spmm(W, x.astype(np.float64))
+    with pytest.raises(TypeError, match="SparseMatrix"):
+        sp.spmm(w, x)
+    with pytest.raises(TypeError, match="qlinear_spmm"):
+        sp.spmm(sp.from_dense(w, dtype=np.int8), x)
+    with pytest.raises(TypeError, match="use lowprec.spmm"):
+        sp.qlinear_spmm(W, x.astype(np.uint8), 0.1, 0, 0.1, np.uint8(0))
+    with pytest.raises(ValueError, match="out must be"):
+        sp.spmm(W, x, out=np.empty((4, 4), np.float32))
+    with pytest.raises(ValueError, match="bias must be"):
+        sp.spmm(W, x, bias=np.ones(3, np.float32))
+    with pytest.raises(ValueError, match="mask must have"):
+        sp.from_dense(w, np.ones((4, 5), bool))
+    with pytest.raises(ValueError, match="format must be"):
+        sp.from_dense(w, format="coo")
+    with pytest.raises(ValueError, match="at most 2 of every 4"):
+        sp.from_dense(np.ones((2, 8), np.float32), format="nm24")
+    with pytest.raises(ValueError, match="scale is required"):
+        sp.from_dense(np.ones((2, 8), np.int8))
+    with pytest.raises(ValueError, match="w must be 2-D"):
+        sp.from_dense(np.ones(8, np.float32))
+    Wq = sp.from_dense(w, dtype=np.int8)
+    with pytest.raises(ValueError, match="bias must be"):
+        sp.qlinear_spmm(
+            Wq,
+            x.astype(np.uint8),
+            0.1,
+            0,
+            0.1,
+            np.uint8(0),
+            bias=np.ones(3, np.int32),
+        )
+
+
+def test_auto_pack_choice_and_reason(monkeypatch):
+    # a fixed cost model [seconds per call, per multiply-add]: dense 1 ns/MAC;
+    # csr 4 ns per stored value and column (both 1 us per call)
+    def table(per):
+        return {str(n): [1e-6, per] for n in sp._CAL_N}
+
+    model = {
+        "dense": table(1e-9),
+        "csr": table(4e-9),
+        "bsr4x1": table(3e-9),
+        "bsr1x4": table(3e-9),
+        "nm24": table(4e-9),
+    }
+    monkeypatch.setitem(sp._cost_memory, sp._machine_key(), model)
+    rng = np.random.default_rng(8)
+    w = rng.standard_normal((64, 64)).astype(np.float32)
+    got = sp.auto_pack(np.where(prune.magnitude(w, 0.5), w, 0), n_hint=64)
+    assert got.choice == "dense"
+    assert "not" in got.reason
+    assert isinstance(got.weights, np.ndarray)
+    got = sp.auto_pack(np.where(prune.magnitude(w, 0.95), w, 0), n_hint=64)
+    assert got.choice == "csr"
+    assert isinstance(got.weights, sp.SparseMatrix)
+    assert "csr estimated" in str(got)
+    with pytest.raises(ValueError, match="n_hint"):
+        sp.auto_pack(w, n_hint=0)
+
+
+def test_calibrate_writes_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(sp, "_cost_memory", {})
+    monkeypatch.setattr(sp, "_CAL_N", (1, 16))
+    monkeypatch.setattr(sp, "_CAL_SHAPE", (64, 64))
+    model = sp.calibrate()
+    assert set(model) == {"dense", "csr", "bsr4x1", "bsr1x4", "nm24"}
+    assert all(c > 0 for t in model.values() for r in t.values() for c in r)
+    assert (tmp_path / "lowprec" / sp._COST_FILE).is_file()
+    monkeypatch.setattr(sp, "_cost_memory", {})
+    assert sp.calibrate() == model  # read back from the file
