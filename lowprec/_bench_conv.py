@@ -278,9 +278,9 @@ BASELINES: tuple[lb.Baseline, ...] = (
 
 def make_cases(opts) -> list[ConvCase]:
     layers = QUICK_LAYERS if getattr(opts, "quick", False) else LAYERS
-    variants = [v for v in getattr(opts, "variants", ()) if v in VARIANTS] or [
-        "u8s8->u8 NCHW"
-    ]
+    variants = [
+        v for v in (getattr(opts, "variants", None) or ()) if v in VARIANTS
+    ] or ["u8s8->u8 NCHW"]
     return [
         ConvCase(*layer, var, t)
         for layer in layers

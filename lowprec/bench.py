@@ -84,11 +84,13 @@ VARIANTS: dict[str, Variant] = {
         Variant("u8s8->i32", "matmul_integer", np.uint8, np.int32),
         Variant("s8s8->i32", "matmul_integer", np.int8, np.int32),
         Variant("u8s8->u8 qlinear", "qlinear_matmul", np.uint8, np.uint8),
+        # float32 activations quantized inside the call (DynamicQuantizeMatMul)
+        Variant("f32->f32 dynamic", "dynamic_quantize_matmul", np.uint8, np.float32),
         # not in the default set; selectable with --variants
         Variant("s8s8->s8 qlinear", "qlinear_matmul", np.int8, np.int8),
     )
 }
-DEFAULT_VARIANTS = ("u8s8->i32", "s8s8->i32", "u8s8->u8 qlinear")
+DEFAULT_VARIANTS = ("u8s8->i32", "s8s8->i32", "u8s8->u8 qlinear", "f32->f32 dynamic")
 
 
 @dataclass
@@ -155,7 +157,7 @@ class GemmCase:
         # output spreads over the int8 range instead of saturating everywhere
         acc_std = math.sqrt(self.K) * 74.0 * 74.0
         y_scale = np.float32(a_scale * b_scale * acc_std * 3 / 127)
-        out = self.v.out_dtype if self.v.out_dtype != np.int32 else np.uint8
+        out = self.v.out_dtype if self.v.out_dtype in (np.uint8, np.int8) else np.uint8
         y_zp = out(128 if out == np.uint8 else 0)
         return GemmInputs(a, b, a_zp, np.int8(0), a_scale, b_scale, y_scale, y_zp)
 
@@ -165,6 +167,10 @@ class GemmCase:
         if self.v.op == "matmul_integer":
             packed = lowprec.pack_weights(x.b, x.b_zero_point)
             return lambda: lowprec.matmul_integer(x.a, packed, x.a_zero_point)
+        if self.v.op == "dynamic_quantize_matmul":
+            packed = lowprec.pack_weights(x.b, x.b_zero_point, x.b_scale)
+            a_real = x.a_real()
+            return lambda: lowprec.dynamic_quantize_matmul(a_real, packed)
         packed = lowprec.pack_weights(x.b, x.b_zero_point, x.b_scale)
         return lambda: lowprec.qlinear_matmul(
             x.a,
@@ -220,13 +226,17 @@ class Baseline:
 
 
 def _build_numpy_f32(case, x):
-    af = x.a.astype(np.float32)
+    af = (
+        x.a_real() if case.v.op == "dynamic_quantize_matmul" else x.a.astype(np.float32)
+    )
     bf = x.b.astype(np.float32)
     out = np.empty((case.M, case.N), np.float32)
     return lambda: np.matmul(af, bf, out=out)
 
 
-def _onnx_session(case, node_inputs, op, inits, a_type, out_type, extra_attrs=None):
+def _onnx_session(
+    case, node_inputs, op, inits, a_type, out_type, extra_attrs=None, domain=""
+):
     """An ORT session around one node with every operand but A as a constant
     initializer, so ORT prepacks the weights at session creation."""
     import onnxruntime as ort
@@ -236,8 +246,11 @@ def _onnx_session(case, node_inputs, op, inits, a_type, out_type, extra_attrs=No
         np.dtype(np.uint8): TensorProto.UINT8,
         np.dtype(np.int8): TensorProto.INT8,
         np.dtype(np.int32): TensorProto.INT32,
+        np.dtype(np.float32): TensorProto.FLOAT,
     }
-    node = helper.make_node(op, node_inputs, ["Y"], **(extra_attrs or {}))
+    node = helper.make_node(
+        op, node_inputs, ["Y"], domain=domain or None, **(extra_attrs or {})
+    )
     graph = helper.make_graph(
         [node],
         "bench",
@@ -247,7 +260,10 @@ def _onnx_session(case, node_inputs, op, inits, a_type, out_type, extra_attrs=No
     )
     # opset 13 / IR 8: MatMulInteger-10 and QLinearMatMul-10 semantics, which
     # every onnxruntime since 1.8 implements with prepacked constant weights
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    opsets = [helper.make_opsetid("", 13)]
+    if domain:
+        opsets.append(helper.make_opsetid(domain, 1))
+    model = helper.make_model(graph, opset_imports=opsets)
     model.ir_version = 8
     so = ort.SessionOptions()
     so.intra_op_num_threads = case.threads
@@ -289,6 +305,27 @@ def _build_ort_qlinearmatmul(case, x):
         x.y_zero_point.dtype,
     )
     feed = {"A": x.a}
+    return lambda: sess.run(None, feed)
+
+
+def _build_ort_dynamic(case, x):
+    # com.microsoft DynamicQuantizeMatMul: float A quantized to uint8 per tensor
+    # inside the op, int8 B a constant initializer, float32 out
+    inits = {
+        "B": x.b,
+        "b_scale": np.array(x.b_scale),
+        "b_zero_point": np.array(x.b_zero_point),
+    }
+    sess = _onnx_session(
+        case,
+        ["A", "B", "b_scale", "b_zero_point"],
+        "DynamicQuantizeMatMul",
+        inits,
+        np.float32,
+        np.float32,
+        domain="com.microsoft",
+    )
+    feed = {"A": x.a_real()}
     return lambda: sess.run(None, feed)
 
 
@@ -339,6 +376,8 @@ def _build_torch_dynamic_linear(case, x):
 
 
 _I32 = frozenset({"u8s8->i32", "s8s8->i32"})
+_QLINEAR = frozenset({"u8s8->u8 qlinear", "s8s8->s8 qlinear"})
+_DYNAMIC = frozenset({"f32->f32 dynamic"})
 _ALL = frozenset(VARIANTS)
 
 BASELINES: tuple[Baseline, ...] = (
@@ -364,9 +403,18 @@ BASELINES: tuple[Baseline, ...] = (
         "onnxruntime QLinearMatMul (same signedness as the row: u8s8->u8 or "
         "s8s8->s8), B constant initializer, per-tensor scales",
         ("onnxruntime", "onnx"),
-        _ALL - _I32,
+        _QLINEAR,
         True,
         _build_ort_qlinearmatmul,
+    ),
+    Baseline(
+        "ort_dynqmm",
+        "onnxruntime com.microsoft DynamicQuantizeMatMul: float32 A quantized "
+        "per tensor inside the op, B int8 constant initializer, float32 out",
+        ("onnxruntime", "onnx"),
+        _DYNAMIC,
+        True,
+        _build_ort_dynamic,
     ),
     Baseline(
         "torch_int_mm",
@@ -391,12 +439,14 @@ BASELINE_BY_NAME = {b.name: b for b in BASELINES}
 
 def baseline_availability(
     names: Sequence[str] | None = None,
+    pool: Sequence[Baseline] = BASELINES,
 ) -> tuple[list[Baseline], dict[str, str]]:
-    """(installed baselines, {name: why unavailable}) among ``names`` (default all)."""
+    """(installed baselines, {name: why unavailable}) among ``names`` (default
+    all) of ``pool`` (a suite's baselines; the INT8 GEMM ones by default)."""
     import importlib
 
     ok, missing = [], {}
-    for b in BASELINES:
+    for b in pool:
         if names is not None and b.name not in names:
             continue
         why = None
@@ -577,7 +627,14 @@ def parse_shapes(text: str) -> list[Shape]:
 
 def _gemm_cases(opts: argparse.Namespace) -> list[GemmCase]:
     shapes = opts.shapes or (QUICK_SHAPES if opts.quick else FULL_SHAPES)
-    return make_gemm_cases(shapes, opts.variants, opts.threads)
+    variants = opts.variants or list(DEFAULT_VARIANTS)
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        msg = (
+            f"unknown variant(s) {bad} for int8_gemm; choose from {', '.join(VARIANTS)}"
+        )
+        raise SystemExit(msg)
+    return make_gemm_cases(shapes, variants, opts.threads)
 
 
 def _gemm_check(case, x, got, refs) -> dict:
@@ -1096,24 +1153,18 @@ def _csv_ints(text: str) -> list[int]:
 
 
 def _csv_variants(text: str) -> list[str]:
+    # names are checked against the chosen suite's variants when cases are made
     vals = [t.strip() for t in text.split(",") if t.strip()]
-    bad = [v for v in vals if v not in VARIANTS]
-    if bad or not vals:
-        msg = f"unknown variant(s) {bad}; choose from {', '.join(VARIANTS)}"
+    if not vals:
+        msg = "--variants needs at least one name"
         raise argparse.ArgumentTypeError(msg)
     return vals
 
 
 def _csv_baselines(text: str) -> list[str]:
+    # names are checked against the chosen suite's baselines in run()
     vals = [t.strip() for t in text.split(",") if t.strip()]
-    if vals == ["none"]:
-        return []
-    bad = [v for v in vals if v not in BASELINE_BY_NAME]
-    if bad:
-        names = ", ".join(BASELINE_BY_NAME)
-        msg = f"unknown baseline(s) {bad}; choose from {names} or none"
-        raise argparse.ArgumentTypeError(msg)
-    return vals
+    return [] if vals == ["none"] else vals
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -1139,9 +1190,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--variants",
         type=_csv_variants,
-        default=list(DEFAULT_VARIANTS),
+        default=None,
         metavar="V,...",
-        help=f"default: {','.join(DEFAULT_VARIANTS)}; all: {','.join(VARIANTS)}",
+        help="the suite's variants (int8_gemm default: "
+        f"{','.join(DEFAULT_VARIANTS)}; all: {','.join(VARIANTS)})",
     )
     p.add_argument(
         "--threads",
@@ -1184,7 +1236,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--retries",
         type=int,
-        default=2,
+        default=1,
         metavar="N",
         help="rerun a case up to N times when other processes used the CPU "
         "during it; the least disturbed attempt is kept (default: %(default)s)",
@@ -1227,7 +1279,15 @@ def run(opts: argparse.Namespace, argv: Sequence[str] | None = None) -> dict:
         raise SystemExit(msg)
     suite = SUITES[opts.suite]
     cases = suite.make_cases(opts)
-    baselines, unavailable = baseline_availability(opts.baselines)
+    known = {b.name for b in suite.baselines}
+    unknown = sorted(set(opts.baselines or ()) - known)
+    if unknown:
+        msg = (
+            f"--baselines {unknown} are not baselines of suite {suite.name}; "
+            f"choose from {', '.join(sorted(known))}"
+        )
+        raise SystemExit(msg)
+    baselines, unavailable = baseline_availability(opts.baselines, suite.baselines)
     warns = environment_warnings()
     for w in warns:
         print(f"warning: {w}", file=sys.stderr)
@@ -1288,7 +1348,7 @@ def run(opts: argparse.Namespace, argv: Sequence[str] | None = None) -> dict:
             "shapes": sorted(
                 {c.shape for c in cases}, key=[c.shape for c in cases].index
             ),
-            "variants": list(opts.variants),
+            "variants": list(opts.variants or ()),
             "threads": list(opts.threads),
             "repeat": opts.repeat,
             "min_time_s": opts.min_time,
@@ -1377,6 +1437,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     run(opts, ["bench", *(sys.argv[1:] if argv is None else argv)])
     return 0
 
+
+def _register_suites() -> None:
+    # the other suites import this module (Suite, measure, ...): register them
+    # once it is complete; a suite whose module fails to import is left out
+    import importlib
+
+    for mod in ("_bench_conv", "_bench_sparse", "_bench_half"):
+        try:
+            suite = importlib.import_module(f"lowprec.{mod}").SUITE
+        except ImportError:  # pragma: no cover - partial installs
+            continue
+        SUITES[suite.name] = suite
+
+
+_register_suites()
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -198,6 +198,7 @@ def test_bench_without_optional_libraries(tmp_path, monkeypatch):
     assert set(res["baselines"]["unavailable"]) == {
         "ort_mmint",
         "ort_qlmm",
+        "ort_dynqmm",
         "torch_int_mm",
         "torch_dyn",
     }
@@ -214,13 +215,17 @@ def test_cli_help_and_bad_arguments(capsys):
     assert "bench" in capsys.readouterr().out
     for bad in (
         ["bench", "--shapes", "12x34"],
-        ["bench", "--variants", "f16"],
         ["bench", "--threads", "0"],
         [],
     ):
         with pytest.raises(SystemExit) as e:
             cli.main(bad)
         assert e.value.code == 2
+    # names are checked against the chosen suite, with the choices in the message
+    with pytest.raises(SystemExit, match=r"unknown variant\(s\) \['f16'\]"):
+        cli.main(["bench", "--variants", "f16", "--threads", "1"])
+    with pytest.raises(SystemExit, match=r"not baselines of suite int8_gemm"):
+        cli.main(["bench", "--baselines", "mkl", "--threads", "1"])
 
 
 def test_plot(tmp_path):
