@@ -102,7 +102,22 @@ def epilogue_tile(
         pr = p[r]
         orow = out[m]
         mrow = mult[m if Mm > 1 else 0]
-        if mode == 0:
+        # the common case: a per-tensor a zero point already folded into bias by
+        # the caller (bias - ZA * colsum) and symmetric weights (no row term):
+        # one add per element instead of two int64 multiplies
+        plain = zam == 0 and rsm == 0
+        if mode == 0 and plain:
+            for jj in range(nc):
+                j = np.uint64(jj)
+                n = c0 + j
+                orow[n] = np.int64(pr[j]) + bias[n]
+        elif mode == 1 and plain:
+            for jj in range(nc):
+                j = np.uint64(jj)
+                n = c0 + j
+                v = np.rint(np.float64(np.int64(pr[j]) + bias[n]) * mrow[n] + zy)
+                orow[n] = min(max(v, qlo), qhi)
+        elif mode == 0:
             for jj in range(nc):
                 j = np.uint64(jj)
                 n = c0 + j
@@ -125,5 +140,5 @@ def epilogue_tile(
                 j = np.uint64(jj)
                 n = c0 + j
                 acc = np.int64(pr[j]) - zam * col_sum[n] - zb[n] * rsm + bias[n]
-                r = np.float32(np.float32(np.float64(acc) * mrow[n]) + fbias[n])
-                orow[n] = min(max(r, qlo), qhi)
+                rv = np.float32(np.float32(np.float64(acc) * mrow[n]) + fbias[n])
+                orow[n] = min(max(rv, qlo), qhi)

@@ -74,6 +74,7 @@ class PackedWeights:
         "_fzeros_n",
         "_layouts",
         "_mults",
+        "_folded",
     )
 
     def __init__(self, b, zero_point=None, scale=None):
@@ -95,6 +96,7 @@ class PackedWeights:
             "_fzeros_n": np.zeros(N, np.float32),
             "_layouts": {},
             "_mults": {},
+            "_folded": {},
         }
         fields["_need_rows"] = bool(fields["_zb_eff"].any())
         for name, value in fields.items():
@@ -120,6 +122,17 @@ class PackedWeights:
         """Bytes held: b', column sums and every layout built so far."""
         layouts = sum(x.nbytes for x in self._layouts.values() if x is not self._b_s8)
         return self._b_s8.nbytes + self._col_sum.nbytes + layouts
+
+    def _fold_za(self, za: int, bias: np.ndarray) -> np.ndarray:
+        """bias - za * colsum(b') (eq. 8 with a per-tensor ZA); cached per ZA
+        when the bias is the pack's own zeros."""
+        if bias is not self._zeros_n:
+            return bias - za * self._col_sum
+        folded = self._folded.get(za)
+        if folded is None:
+            folded = self._folded[za] = -za * self._col_sum
+            folded.flags.writeable = False
+        return folded
 
     def _layout(self, backend, k0: int = 0, k1: int | None = None):
         """The backend's layout of rows k0:k1 of b' (K chunks: config.K_CHUNK)."""
@@ -211,6 +224,10 @@ def _gemm_2d(a, packed, zb, za_eff, bias, mult, zy, qlo, qhi, mode, out, fbias=N
         row_sum -= K * za_eff  # rowsum(a - a_zp) = rowsum(a') - K * ZA (eq. 9)
     else:
         row_sum = _ZERO1
+    if za_eff.shape[0] == 1 and za_eff[0] != 0:
+        # per-tensor ZA: fold -ZA * colsum(b') into the bias once per call (per
+        # pack when there is no bias), so the epilogue adds one vector (eq. 8)
+        bias, za_eff = packed._fold_za(int(za_eff[0]), bias), _ZERO1
     backend.fused(
         a_u8,
         packed._layout(backend),
