@@ -95,7 +95,10 @@ def _tile_job(
     n0 = (t % nt) * tile_n
     mr = min(tile_m, M - m0)
     nc = min(tile_n, N - n0)
-    tile = scratch[numba.get_thread_id()]
+    # one scratch row: the serial drivers get a 1-row scratch and never ask for a
+    # thread id (numba.get_thread_id outside a parallel region can crash a
+    # process whose threading layer is not started yet)
+    tile = scratch[numba.get_thread_id() if scratch.shape[0] > 1 else 0]
     c0 = np.uint64(n0)
     for r in range(mr):
         acc = tile[r]

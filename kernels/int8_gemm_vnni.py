@@ -429,7 +429,10 @@ def _tile_job(
     n0 = jn * NR
     mr = min(MR_MAX, M - m0)
     nvalid = min(NR, N - n0)
-    tile = scratch[numba.get_thread_id()]
+    # one scratch row: the serial drivers get a 1-row scratch and never ask for a
+    # thread id (numba.get_thread_id outside a parallel region can crash a
+    # process whose threading layer is not started yet)
+    tile = scratch[numba.get_thread_id() if scratch.shape[0] > 1 else 0]
     _run_tile(
         mr,
         a.ctypes.data + m0 * a.strides[0],

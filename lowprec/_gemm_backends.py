@@ -40,7 +40,7 @@ class PortableGemm:
     @staticmethod
     def fused(a_u8, packed, scratch, *args, serial=False):
         fn = _portable.gemm_fused_serial if serial else _portable.gemm_fused
-        fn(a_u8, packed, scratch, *args)
+        fn(a_u8, packed, scratch[:1] if serial else scratch, *args)
 
 
 @functools.cache
@@ -73,7 +73,7 @@ class Avx512VnniGemm:
     def fused(a_u8, packed, scratch, *args, serial=False):
         k = _vnni()
         fn = k.gemm_fused_serial if serial else k.gemm_fused
-        fn(a_u8, packed, scratch, *args)
+        fn(a_u8, packed, scratch[:1] if serial else scratch, *args)
 
 
 @functools.cache
@@ -98,7 +98,7 @@ class _YmmGemm:
     def fused(cls, a_u8, packed, scratch, *args, serial=False):
         k = _ymm()
         fn = k.gemm_fused_serial if serial else k.gemm_fused
-        fn(cls.path, a_u8, packed, scratch, *args)
+        fn(cls.path, a_u8, packed, scratch[:1] if serial else scratch, *args)
 
     @classmethod
     def gemm(cls, a_u8: np.ndarray, packed: np.ndarray, out: np.ndarray) -> None:

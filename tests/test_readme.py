@@ -14,7 +14,7 @@ def _blocks(lang):
 def test_readme_opens_with_the_two_commands():
     first = _blocks("bash")[0].strip().splitlines()
     assert len(first) == 2
-    assert "lowprec bench" in first[0]
+    assert first[0].rstrip().endswith("lowprec demo")
     assert first[1].rstrip().endswith("pytest")
     # .ci/run executes this second line verbatim
     assert "sed -n 2p" in (ROOT / ".ci" / "run").read_text()

@@ -1,0 +1,735 @@
+"""Half-precision GEMM: float16 / bfloat16 storage, float32 accumulation.
+
+Computes, for every output (m, n), one float32 accumulator in a fixed order
+that every path shares (lowprec/half.py documents it as the accuracy contract):
+
+    float16   acc = 0;  for k = 0..K-1:          acc = fl32(acc + a[m,k]*b[k,n])
+    bfloat16  acc = 0;  for each pair j = 0..ceil(K/2)-1 (b[K] = a[K] = 0):
+                            acc = fl32(acc + a[m,2j+1]*b[2j+1,n])
+                            acc = fl32(acc + a[m,2j]*b[2j,n])
+
+Every product of two float16 (11-bit significands) or two bfloat16 (8-bit)
+values is exact in float32, so a fused multiply-add and a multiply followed by
+an add give the same bits: the order above is the whole story. The bfloat16
+pair order (odd term first) is the one of AVX512_BF16 ``vdpbf16ps`` (Intel SDM)
+and was checked on this Zen 4 (tests/test_half.py::test_bf16_pair_order).
+
+Paths:
+  f16c_fma      MR x 64 float32 register tiles; per k: 4 loads of 16 float16
+                of B converted with vcvtph2ps (LLVM ``fpext <16 x half>``), MR
+                broadcasts of A (float32), 4*MR ``vfmadd231ps zmm``.
+                B packed panel-major [NP][K][64] float16 (half of float32's bytes).
+  avx512_bf16   MR x 64 float32 tiles of ``vdpbf16ps zmm``; per pair of k: 4
+                loads of 32 bfloat16 of B, MR broadcasts of an A pair (i32).
+                B packed [NP][ceil(K/2)][64][2] bfloat16.
+  portable      plain numba loops over float32 copies of the inputs, same order.
+
+Each tile goes to a per-thread float32 scratch tile, then the shared epilogue
+(bias, clamp, rounding to the output type) writes it out while it is in L1.
+"""
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .config import JIT, PJIT
+
+# ---------------------------------------------------------------------------
+# tile shape (compile-time constants). 6 x 64: 24 zmm accumulators + 4 B + 1 A.
+MR_MAX = 6
+NV = 4
+NR = 16 * NV
+# portable path: TM rows x TN columns per thread tile
+TM = 4
+TN = 256
+
+_i1 = ir.IntType(1)
+_i16 = ir.IntType(16)
+_i32 = ir.IntType(32)
+_i64 = ir.IntType(64)
+_f32 = ir.FloatType()
+_f16 = ir.HalfType()
+_vf = ir.VectorType(_f32, 16)
+_vh = ir.VectorType(_f16, 16)
+_vi = ir.VectorType(_i32, 16)
+
+
+class _BFloat(ir.Type):
+    """LLVM's ``bfloat`` (llvmlite's IR builder has no class for it)."""
+
+    def _to_string(self):
+        return "bfloat"
+
+    def __eq__(self, other):
+        return isinstance(other, _BFloat)
+
+    def __hash__(self):
+        return hash("bfloat")
+
+
+_vbf = ir.VectorType(_BFloat(), 32)
+
+_loop_counter = [0]
+
+
+def _no_unroll(builder, br):
+    """!llvm.loop unroll.disable on the latch: unrolling doubles the B/A
+    registers and spills accumulators (as in int8_gemm_vnni)."""
+    mod = builder.module
+    _loop_counter[0] += 1
+    dis = mod.add_metadata([ir.MetaDataString(mod, "llvm.loop.unroll.disable")])
+    tag = ir.MetaDataString(mod, f"half.loop.{_loop_counter[0]}")
+    loop_id = mod.add_metadata([tag, dis])
+    loop_id.operands = (loop_id, dis)
+    br.set_metadata("llvm.loop", loop_id)
+
+
+def _splat(builder, x, vty):
+    undef = ir.Constant(vty, ir.Undefined)
+    v = builder.insert_element(undef, x, ir.Constant(_i32, 0))
+    return builder.shuffle_vector(v, undef, ir.Constant(_vi, None))
+
+
+def _fma(builder):
+    fnty = ir.FunctionType(_vf, [_vf, _vf, _vf])
+    return cgutils.get_or_insert_function(builder.module, fnty, "llvm.fma.v16f32")
+
+
+def _dpbf16(builder):
+    fnty = ir.FunctionType(_vf, [_vf, _vbf, _vbf])
+    return cgutils.get_or_insert_function(
+        builder.module, fnty, "llvm.x86.avx512bf16.dpbf16ps.512"
+    )
+
+
+def make_tile_kernel(MR, kind):
+    """One MR x NR float32 tile over a K range, as an intrinsic.
+
+    _tile(a, lda, b, ks, c, ldc, accum)    all int64
+      a     address of A[m0, k0]: float32 (f16) or bfloat16 pairs (bf16), row
+            stride lda bytes
+      b     address of the panel at k0: rows of NR float16 (f16, 2*NR bytes) or
+            NR bfloat16 pairs (bf16, 4*NR bytes)
+      ks    steps: k values (f16) or k pairs (bf16)
+      c     address of a float32 MR x NR tile, row stride ldc elements
+      accum 0: the tile starts from 0; 1: from c (continues the same sum order)
+    """
+    step_a = 4  # bytes of A per step: one float32 or one bfloat16 pair
+    step_b = 2 * NR if kind == "f16" else 4 * NR
+
+    def codegen(context, builder, sig, args):
+        a, lda, b, ks, c, ldc, accum = args
+        i8p = ir.IntType(8).as_pointer()
+        zero64 = ir.Constant(_i64, 0)
+        one64 = ir.Constant(_i64, 1)
+        a_base = builder.inttoptr(a, i8p)
+        b_base = builder.inttoptr(b, i8p)
+        c_base = builder.inttoptr(c, i8p)
+        a_rows = [
+            builder.gep(a_base, [builder.mul(lda, ir.Constant(_i64, r))])
+            for r in range(MR)
+        ]
+        ldc4 = builder.mul(ldc, ir.Constant(_i64, 4))
+        c_ptrs = []
+        for r in range(MR):
+            c_row = builder.gep(c_base, [builder.mul(ldc4, ir.Constant(_i64, r))])
+            for v in range(NV):
+                p = builder.gep(c_row, [ir.Constant(_i64, 64 * v)])
+                c_ptrs.append(builder.bitcast(p, _vf.as_pointer()))
+        # initial accumulators: 0, or the tile in c (K blocking)
+        use_c = builder.icmp_signed("!=", accum, zero64)
+        init = [
+            builder.select(use_c, builder.load(p, align=4), ir.Constant(_vf, None))
+            for p in c_ptrs
+        ]
+        fn = builder.function
+        pre = builder.block
+        loop = fn.append_basic_block("half.loop")
+        after = fn.append_basic_block("half.after")
+        builder.cbranch(builder.icmp_signed(">", ks, zero64), loop, after)
+
+        builder.position_at_end(loop)
+        kphi = builder.phi(_i64, "k")
+        kphi.add_incoming(zero64, pre)
+        phis = []
+        for x in init:
+            p = builder.phi(_vf)
+            p.add_incoming(x, pre)
+            phis.append(p)
+        b_row = builder.gep(b_base, [builder.mul(kphi, ir.Constant(_i64, step_b))])
+        a_off = builder.mul(kphi, ir.Constant(_i64, step_a))
+        new = []
+        if kind == "f16":
+            fma = _fma(builder)
+            bvecs = []
+            for v in range(NV):
+                p = builder.gep(b_row, [ir.Constant(_i64, 32 * v)])
+                h = builder.load(builder.bitcast(p, _vh.as_pointer()), align=2)
+                bvecs.append(builder.fpext(h, _vf))  # vcvtph2ps zmm, m256
+            for r in range(MR):
+                p = builder.bitcast(builder.gep(a_rows[r], [a_off]), _f32.as_pointer())
+                av = _splat(builder, builder.load(p, align=4), _vf)
+                for v in range(NV):
+                    new.append(builder.call(fma, [av, bvecs[v], phis[r * NV + v]]))
+        else:
+            dp = _dpbf16(builder)
+            bvecs = []
+            for v in range(NV):
+                p = builder.gep(b_row, [ir.Constant(_i64, 64 * v)])
+                bvecs.append(
+                    builder.load(builder.bitcast(p, _vbf.as_pointer()), align=4)
+                )
+            for r in range(MR):
+                p = builder.bitcast(builder.gep(a_rows[r], [a_off]), _i32.as_pointer())
+                av = builder.bitcast(
+                    _splat(builder, builder.load(p, align=2), _vi), _vbf
+                )
+                for v in range(NV):
+                    new.append(builder.call(dp, [phis[r * NV + v], av, bvecs[v]]))
+        knext = builder.add(kphi, one64)
+        loop_end = builder.block
+        kphi.add_incoming(knext, loop_end)
+        for p, x in zip(phis, new, strict=True):
+            p.add_incoming(x, loop_end)
+        br = builder.cbranch(builder.icmp_signed("<", knext, ks), loop, after)
+        _no_unroll(builder, br)
+
+        builder.position_at_end(after)
+        fin = []
+        for i in range(len(c_ptrs)):
+            p = builder.phi(_vf)
+            p.add_incoming(init[i], pre)
+            p.add_incoming(new[i], loop_end)
+            fin.append(p)
+        for p, ptr in zip(fin, c_ptrs, strict=True):
+            builder.store(p, ptr, align=4)
+        return context.get_dummy_value()
+
+    @intrinsic
+    def _tile(typingctx, a, lda, b, ks, c, ldc, accum):
+        i = types.int64
+        return types.void(i, i, i, i, i, i, i), codegen
+
+    return _tile
+
+
+# module-level intrinsics (numba's cache refers to them by name)
+_h1 = make_tile_kernel(1, "f16")
+_h2 = make_tile_kernel(2, "f16")
+_h3 = make_tile_kernel(3, "f16")
+_h4 = make_tile_kernel(4, "f16")
+_h5 = make_tile_kernel(5, "f16")
+_h6 = make_tile_kernel(6, "f16")
+_b1 = make_tile_kernel(1, "bf16")
+_b2 = make_tile_kernel(2, "bf16")
+_b3 = make_tile_kernel(3, "bf16")
+_b4 = make_tile_kernel(4, "bf16")
+_b5 = make_tile_kernel(5, "bf16")
+_b6 = make_tile_kernel(6, "bf16")
+assert MR_MAX == 6
+
+
+@njit(inline="always")
+def _run_tile_h(mr, a, lda, b, ks, c, ldc, accum):
+    if mr == 6:
+        _h6(a, lda, b, ks, c, ldc, accum)
+    elif mr == 5:
+        _h5(a, lda, b, ks, c, ldc, accum)
+    elif mr == 4:
+        _h4(a, lda, b, ks, c, ldc, accum)
+    elif mr == 3:
+        _h3(a, lda, b, ks, c, ldc, accum)
+    elif mr == 2:
+        _h2(a, lda, b, ks, c, ldc, accum)
+    else:
+        _h1(a, lda, b, ks, c, ldc, accum)
+
+
+@njit(inline="always")
+def _run_tile_b(mr, a, lda, b, ks, c, ldc, accum):
+    if mr == 6:
+        _b6(a, lda, b, ks, c, ldc, accum)
+    elif mr == 5:
+        _b5(a, lda, b, ks, c, ldc, accum)
+    elif mr == 4:
+        _b4(a, lda, b, ks, c, ldc, accum)
+    elif mr == 3:
+        _b3(a, lda, b, ks, c, ldc, accum)
+    elif mr == 2:
+        _b2(a, lda, b, ks, c, ldc, accum)
+    else:
+        _b1(a, lda, b, ks, c, ldc, accum)
+
+
+# ---------------------------------------------------------------------------
+# scalar conversions (round to nearest even; NaN stays NaN, quieted)
+
+
+@njit(inline="always")
+def f32_to_f16_bits(x):
+    # float32 -> IEEE binary16 bits; overflow -> inf, underflow -> subnormal/0
+    u = np.int64(_bits32(np.float32(x)))
+    sign = (u >> 16) & 0x8000
+    e = np.int64((u >> 23) & 0xFF)
+    m = np.int64(u & 0x7FFFFF)
+    if e == 0xFF:
+        if m == 0:
+            return np.uint16(sign | 0x7C00)
+        return np.uint16(sign | 0x7E00 | (m >> 13))
+    E = e - 112  # e - 127 + 15
+    if E >= 31:
+        return np.uint16(sign | 0x7C00)
+    if E <= 0:
+        if E < -10:
+            return np.uint16(sign)
+        m = m | 0x800000
+        shift = 14 - E
+        h = m >> shift
+        rem = m & ((np.int64(1) << shift) - 1)
+        half = np.int64(1) << (shift - 1)
+        if rem > half or (rem == half and (h & 1) == 1):
+            h += 1
+        return np.uint16(sign | h)
+    h = (E << 10) | (m >> 13)
+    rem = m & 0x1FFF
+    if rem > 0x1000 or (rem == 0x1000 and (h & 1) == 1):
+        h += 1  # a carry into the exponent is right, up to inf
+    return np.uint16(sign | h)
+
+
+@intrinsic
+def _bits32(typingctx, x):
+    """float32 -> its uint32 bit pattern (a register bitcast)."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], _i32)
+
+    return types.uint32(types.float32), codegen
+
+
+@njit(inline="always")
+def f32_to_bf16_bits(x):
+    u = np.int64(_bits32(np.float32(x)))
+    if (u & 0x7F800000) == 0x7F800000 and (u & 0x7FFFFF) != 0:
+        return np.uint16((u >> 16) | 0x40)  # NaN: keep sign/payload, quiet
+    return np.uint16((u + 0x7FFF + ((u >> 16) & 1)) >> 16)
+
+
+@njit(**PJIT)
+def f32_to_bf16_array(x, out):
+    # x (n,) float32 -> out (n,) uint16 bfloat16 bits
+    n = x.shape[0]
+    for i in prange(n):
+        out[i] = f32_to_bf16_bits(x[i])
+
+
+@intrinsic
+def _cvt16(typingctx, src, dst):
+    """16 float16 at address src -> 16 float32 at address dst (vcvtph2ps)."""
+    sig = types.void(types.int64, types.int64)
+
+    def codegen(context, builder, sig, args):
+        src, dst = args
+        h = builder.load(builder.inttoptr(src, _vh.as_pointer()), align=2)
+        builder.store(
+            builder.fpext(h, _vf), builder.inttoptr(dst, _vf.as_pointer()), align=4
+        )
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _f16_bits_to_f32(typingctx, h):
+    """One float16 (uint16 bits) -> float32, exactly (fpext half)."""
+    if h != types.uint16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fpext(builder.bitcast(args[0], _f16), _f32)
+
+    return types.float32(types.uint16), codegen
+
+
+@njit(inline="always")
+def _f16_row(a, out, m):
+    K = a.shape[1]
+    K16 = K - K % 16
+    src = a.ctypes.data + m * a.strides[0]
+    dst = out.ctypes.data + m * out.strides[0]
+    for k in range(0, K16, 16):
+        _cvt16(src + 2 * k, dst + 4 * k)
+    for k in range(K16, K):
+        out[m, k] = _f16_bits_to_f32(a[m, k])
+
+
+@njit(**PJIT)
+def f16_to_f32_rows(a, out):
+    # a (M, K) uint16 float16 bits, unit column stride -> out (M, K) float32.
+    # numpy's astype does this at ~0.25 G values/s here (4 ms for 1024^2, 15%
+    # of a 1024^3 GEMM); 16-wide vcvtph2ps streams it (0.07 ms, 1 thread).
+    for m in prange(a.shape[0]):
+        _f16_row(a, out, m)
+
+
+@njit(**JIT)
+def f16_to_f32_rows_serial(a, out):
+    # as f16_to_f32_rows on the calling thread
+    for m in range(a.shape[0]):
+        _f16_row(a, out, m)
+
+
+# ---------------------------------------------------------------------------
+# epilogue: bias, clamp, output type
+
+
+@njit(inline="always")
+def _epilogue(tile, mr, nc, m0, n0, bias, has_bias, lo, hi, mode, out32, out16):
+    # tile (>=mr, >=nc) float32 sums; mode 0: out32 float32, 1: out16 float16
+    # bits, 2: out16 bfloat16 bits. v = clamp(fl32(acc + bias)); NaN passes.
+    # Two passes: bias and clamp in place on the tile (branch-free selects,
+    # vectorized by LLVM), then the store/conversion loop of one mode.
+    for r in range(mr):
+        t = tile[r]
+        for j in range(nc):
+            v = t[j]
+            if has_bias:
+                v = np.float32(v + bias[n0 + j])
+            v = lo if v < lo else v
+            t[j] = hi if v > hi else v
+    if mode == 0:
+        for r in range(mr):
+            o = out32[m0 + r]
+            for j in range(nc):
+                o[n0 + j] = tile[r, j]
+    elif mode == 1:
+        for r in range(mr):
+            o = out16[m0 + r]
+            for j in range(nc):
+                o[n0 + j] = f32_to_f16_bits(tile[r, j])
+    else:
+        for r in range(mr):
+            o = out16[m0 + r]
+            for j in range(nc):
+                o[n0 + j] = f32_to_bf16_bits(tile[r, j])
+
+
+# ---------------------------------------------------------------------------
+# SIMD drivers
+
+
+@njit(inline="always")
+def _coords(t, mt, M, N, mr_max, nr):
+    # tile t of an N-major order -> (m0, n0, rows, cols, panel)
+    jn = t // mt
+    m0 = (t - jn * mt) * mr_max
+    n0 = jn * nr
+    return m0, n0, min(mr_max, M - m0), min(nr, N - n0), jn
+
+
+@njit(inline="always")
+def _job_h(t, mt, a, bp, tile, bias, has_bias, lo, hi, mode, out32, out16):
+    # one MR_MAX x NR tile of the float16 path over all of K, then the epilogue
+    N = out32.shape[1] if mode == 0 else out16.shape[1]
+    m0, n0, mr, nc, jn = _coords(t, mt, a.shape[0], N, MR_MAX, NR)
+    direct = mode == 0 and not has_bias and lo == -np.inf and hi == np.inf
+    lda = a.strides[0]
+    a0 = a.ctypes.data + m0 * lda
+    b0 = bp.ctypes.data + jn * bp.strides[0]
+    if direct and nc == NR:
+        # plain float32 output: the tile goes straight to out, no epilogue
+        c0 = out32.ctypes.data + (m0 * out32.shape[1] + n0) * 4
+        _run_tile_h(mr, a0, lda, b0, bp.shape[1], c0, out32.shape[1], 0)
+        return
+    _run_tile_h(mr, a0, lda, b0, bp.shape[1], tile.ctypes.data, NR, 0)
+    _epilogue(tile, mr, nc, m0, n0, bias, has_bias, lo, hi, mode, out32, out16)
+
+
+@njit(inline="always")
+def _job_b(t, mt, a, bp, tile, bias, has_bias, lo, hi, mode, out32, out16):
+    # as _job_h for the bfloat16 path (a holds pairs of k as uint32)
+    N = out32.shape[1] if mode == 0 else out16.shape[1]
+    m0, n0, mr, nc, jn = _coords(t, mt, a.shape[0], N, MR_MAX, NR)
+    direct = mode == 0 and not has_bias and lo == -np.inf and hi == np.inf
+    lda = a.strides[0]
+    a0 = a.ctypes.data + m0 * lda
+    b0 = bp.ctypes.data + jn * bp.strides[0]
+    if direct and nc == NR:
+        # plain float32 output: the tile goes straight to out, no epilogue
+        c0 = out32.ctypes.data + (m0 * out32.shape[1] + n0) * 4
+        _run_tile_b(mr, a0, lda, b0, bp.shape[1], c0, out32.shape[1], 0)
+        return
+    _run_tile_b(mr, a0, lda, b0, bp.shape[1], tile.ctypes.data, NR, 0)
+    _epilogue(tile, mr, nc, m0, n0, bias, has_bias, lo, hi, mode, out32, out16)
+
+
+# Drivers (the serial ones use scratch[0]: numba.get_thread_id() in a cached
+# non-parallel function segfaults when no parallel region has run in the
+# process yet: the threading layer that defines it is not loaded).
+# a: (M, K) float32 (float16 path) or (M, ceil(K/2)) uint32 bfloat16
+# pairs, unit column stride; bp: packed B (pack_b_f16 / pack_b_bf16); scratch
+# (threads, MR_MAX, NR) float32; out32 (M, N) float32 when mode == 0, else
+# out16 (M, N) uint16 bits (the other one is a dummy). N-major tile order: each
+# thread streams its own B panels once and reuses them across the M tiles.
+
+
+@njit(**PJIT)
+def gemm_f16(a, bp, scratch, bias, has_bias, lo, hi, mode, out32, out16):
+    N = out32.shape[1] if mode == 0 else out16.shape[1]
+    mt = (a.shape[0] + MR_MAX - 1) // MR_MAX
+    for t in prange(mt * ((N + NR - 1) // NR)):
+        _job_h(
+            t,
+            mt,
+            a,
+            bp,
+            scratch[numba.get_thread_id()],
+            bias,
+            has_bias,
+            lo,
+            hi,
+            mode,
+            out32,
+            out16,
+        )
+
+
+@njit(**JIT)
+def gemm_f16_serial(a, bp, scratch, bias, has_bias, lo, hi, mode, out32, out16):
+    # on the calling thread: tiny problems skip the ~4 us pool launch
+    N = out32.shape[1] if mode == 0 else out16.shape[1]
+    mt = (a.shape[0] + MR_MAX - 1) // MR_MAX
+    for t in range(mt * ((N + NR - 1) // NR)):
+        _job_h(t, mt, a, bp, scratch[0], bias, has_bias, lo, hi, mode, out32, out16)
+
+
+@njit(**PJIT)
+def gemm_bf16(a, bp, scratch, bias, has_bias, lo, hi, mode, out32, out16):
+    N = out32.shape[1] if mode == 0 else out16.shape[1]
+    mt = (a.shape[0] + MR_MAX - 1) // MR_MAX
+    for t in prange(mt * ((N + NR - 1) // NR)):
+        _job_b(
+            t,
+            mt,
+            a,
+            bp,
+            scratch[numba.get_thread_id()],
+            bias,
+            has_bias,
+            lo,
+            hi,
+            mode,
+            out32,
+            out16,
+        )
+
+
+@njit(**JIT)
+def gemm_bf16_serial(a, bp, scratch, bias, has_bias, lo, hi, mode, out32, out16):
+    N = out32.shape[1] if mode == 0 else out16.shape[1]
+    mt = (a.shape[0] + MR_MAX - 1) // MR_MAX
+    for t in range(mt * ((N + NR - 1) // NR)):
+        _job_b(t, mt, a, bp, scratch[0], bias, has_bias, lo, hi, mode, out32, out16)
+
+
+def pack_b_f16(b16):
+    """b (K, N) uint16 float16 bits -> [NP][K][NR] uint16, 64-byte aligned."""
+    K, N = b16.shape
+    NP = (N + NR - 1) // NR
+    packed = _aligned((NP, K, NR))
+    padded = np.zeros((K, NP * NR), np.uint16)
+    padded[:, :N] = b16
+    packed[...] = padded.reshape(K, NP, NR).transpose(1, 0, 2)
+    packed.flags.writeable = False
+    return packed
+
+
+def pack_b_bf16(b16):
+    """b (K, N) uint16 bfloat16 bits -> [NP][K2][NR][2] uint16 (pairs of k)."""
+    K, N = b16.shape
+    K2 = (K + 1) // 2
+    NP = (N + NR - 1) // NR
+    packed = _aligned((NP, K2, NR * 2))
+    padded = np.zeros((K2 * 2, NP * NR), np.uint16)
+    padded[:K, :N] = b16
+    # [K2, 2, NP, NR] -> [NP, K2, NR, 2]
+    packed[...] = (
+        padded.reshape(K2, 2, NP, NR).transpose(2, 0, 3, 1).reshape(NP, K2, NR * 2)
+    )
+    packed.flags.writeable = False
+    return packed
+
+
+def _aligned(shape):
+    n = int(np.prod(shape))
+    raw = np.zeros(n + 32, np.uint16)
+    off = ((-raw.ctypes.data) % 64) // 2
+    return raw[off : off + n].reshape(shape)
+
+
+# ---------------------------------------------------------------------------
+# portable drivers: float32 copies of the inputs, the same order per output
+
+
+@njit(inline="always")
+def _portable_job(t, mt, bf, a, b, tile, bias, has_bias, lo, hi, mode, out32, out16):
+    M, K = a.shape
+    m0, n0, mr, nc, _ = _coords(t, mt, M, b.shape[1], TM, TN)
+    for r in range(mr):
+        acc = tile[r]
+        for j in range(nc):
+            acc[j] = np.float32(0.0)
+        am = a[m0 + r]
+        if bf:
+            # pairs (2i, 2i+1): the odd term first, as vdpbf16ps
+            for i in range(K // 2):
+                a1 = am[2 * i + 1]
+                a0 = am[2 * i]
+                b1 = b[2 * i + 1]
+                b0 = b[2 * i]
+                for j in range(nc):
+                    s = np.float32(acc[j] + np.float32(a1 * b1[n0 + j]))
+                    acc[j] = np.float32(s + np.float32(a0 * b0[n0 + j]))
+            if K % 2 == 1:
+                a0 = am[K - 1]
+                b0 = b[K - 1]
+                for j in range(nc):
+                    acc[j] = np.float32(acc[j] + np.float32(a0 * b0[n0 + j]))
+        else:
+            for k in range(K):
+                ak = am[k]
+                bk = b[k]
+                for j in range(nc):
+                    acc[j] = np.float32(acc[j] + np.float32(ak * bk[n0 + j]))
+    _epilogue(tile, mr, nc, m0, n0, bias, has_bias, lo, hi, mode, out32, out16)
+
+
+@njit(**PJIT)
+def gemm_portable(bf, a, b, scratch, bias, has_bias, lo, hi, mode, out32, out16):
+    # a (M,K) float32, b (K,N) float32 (exact copies of the half inputs),
+    # scratch (threads, TM, TN) float32; outputs as gemm_simd
+    M = a.shape[0]
+    N = b.shape[1]
+    mt = (M + TM - 1) // TM
+    nt = (N + TN - 1) // TN
+    for t in prange(mt * nt):
+        _portable_job(
+            t,
+            mt,
+            bf,
+            a,
+            b,
+            scratch[numba.get_thread_id()],
+            bias,
+            has_bias,
+            lo,
+            hi,
+            mode,
+            out32,
+            out16,
+        )
+
+
+@njit(**JIT)
+def gemm_portable_serial(bf, a, b, scratch, bias, has_bias, lo, hi, mode, out32, out16):
+    M = a.shape[0]
+    N = b.shape[1]
+    mt = (M + TM - 1) // TM
+    nt = (N + TN - 1) // TN
+    for t in range(mt * nt):
+        _portable_job(
+            t, mt, bf, a, b, scratch[0], bias, has_bias, lo, hi, mode, out32, out16
+        )
+
+
+# ---------------------------------------------------------------------------
+# the machine's peaks, for "% of peak" in benchmarks
+
+_NACC = 12  # independent accumulators: >= latency x throughput of both
+
+
+def _make_peak_loop(kind):
+    def codegen(context, builder, sig, args):
+        iters, seed = args
+        x = builder.sitofp(seed, _f32)
+        pre = builder.block
+        loop = builder.function.append_basic_block("pk.loop")
+        done = builder.function.append_basic_block("pk.done")
+        if kind == "f16":
+            op = _fma(builder)
+            b = _splat(builder, x, _vf)
+            a = _splat(builder, builder.fadd(x, ir.Constant(_f32, 1.0)), _vf)
+        else:
+            op = _dpbf16(builder)
+            bits = builder.bitcast(x, _i32)
+            b = builder.bitcast(_splat(builder, bits, _vi), _vbf)
+            a = b
+        builder.branch(loop)
+        builder.position_at_end(loop)
+        k = builder.phi(_i64)
+        k.add_incoming(ir.Constant(_i64, 0), pre)
+        accs = []
+        for j in range(_NACC):
+            p = builder.phi(_vf)
+            p.add_incoming(ir.Constant(_vf, [float(j)] * 16), pre)
+            accs.append(p)
+        if kind == "f16":
+            new = [builder.call(op, [a, b, p]) for p in accs]
+        else:
+            new = [builder.call(op, [p, a, b]) for p in accs]
+        kn = builder.add(k, ir.Constant(_i64, 1))
+        k.add_incoming(kn, loop)
+        for p, n in zip(accs, new, strict=True):
+            p.add_incoming(n, loop)
+        br = builder.cbranch(builder.icmp_signed("<", kn, iters), loop, done)
+        _no_unroll(builder, br)
+        builder.position_at_end(done)
+        s = new[0]
+        for n in new[1:]:
+            s = builder.fadd(s, n)
+        return builder.extract_element(s, ir.Constant(_i32, 0))
+
+    @intrinsic
+    def _loop(typingctx, iters, seed):
+        return types.float32(types.int64, types.int64), codegen
+
+    return _loop
+
+
+_peak_fma = _make_peak_loop("f16")
+_peak_dp = _make_peak_loop("bf16")
+
+
+@njit(**PJIT)
+def _peak(iters, nthreads, bf):
+    out = np.zeros(nthreads, np.float32)
+    for t in prange(nthreads):
+        out[t] = _peak_dp(iters, t + 3) if bf else _peak_fma(iters, t + 3)
+    return out
+
+
+def measure_peak(threads: int, bf16: bool, iters: int = 2_000_000, repeat: int = 7):
+    """GFLOP/s of register-only ``vfmadd231ps zmm`` (32 flops each) or
+    ``vdpbf16ps zmm`` (64 flops) on ``threads`` threads, best of ``repeat``
+    (a peak is the hardware's: slower samples measure the neighbours)."""
+    import time
+
+    before = numba.get_num_threads()
+    numba.set_num_threads(threads)
+    try:
+        _peak(1000, threads, bf16)
+        best = 0.0
+        flops = 64 if bf16 else 32
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            _peak(iters, threads, bf16)
+            dt = time.perf_counter() - t0
+            best = max(best, threads * iters * _NACC * flops / dt / 1e9)
+        return best
+    finally:
+        numba.set_num_threads(before)

@@ -1,0 +1,643 @@
+"""lowprec.runtime: every supported ONNX op against onnx.reference, QOperator and
+QDQ models, transforms, save/load, ONNX export -> onnxruntime, bad files, and
+the demo pipeline on a small subset."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import zipfile
+
+import numpy as np
+import pytest
+
+from lowprec.runtime import graph as G
+from lowprec.runtime import serialize as S
+from lowprec.runtime import transforms as T
+from lowprec.runtime.torch_checkpoint import load_state_dict
+
+onnx = pytest.importorskip("onnx")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+from onnx.reference import ReferenceEvaluator  # noqa: E402
+
+from lowprec.runtime.onnx_loader import load_onnx  # noqa: E402
+
+F = TensorProto.FLOAT
+U8, I8, I32 = TensorProto.UINT8, TensorProto.INT8, TensorProto.INT32
+RNG = np.random.default_rng(1234)
+
+
+def model(nodes, inputs, outputs, inits=(), opset=21):
+    g = helper.make_graph(
+        nodes,
+        "t",
+        [helper.make_tensor_value_info(n, t, s) for n, t, s in inputs],
+        [],
+        [numpy_helper.from_array(np.asarray(a), n) for n, a in inits],
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 8
+    try:
+        info = onnx.shape_inference.infer_shapes(m).graph.value_info
+    except onnx.shape_inference.InferenceError:  # custom ops
+        info = []
+    inferred = {v.name: v for v in info}
+    for n, t in outputs:
+        m.graph.output.append(
+            inferred.get(n) or helper.make_tensor_value_info(n, t, [])
+        )
+    return m
+
+
+def run_both(m, feeds):
+    ref = ReferenceEvaluator(m).run(None, feeds)
+    got = load_onnx(m).run(feeds)
+    return ref, [got[o.name] for o in m.graph.output]
+
+
+def rnd(*shape):
+    return RNG.standard_normal(shape).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- #
+# float ops
+
+
+def _conv_case(w_shape, x_shape, **attrs):
+    w, b = rnd(*w_shape), rnd(w_shape[0])
+    n = helper.make_node("Conv", ["x", "w", "b"], ["y"], **attrs)
+    return model([n], [("x", F, list(x_shape))], [("y", F)], [("w", w), ("b", b)]), {
+        "x": rnd(*x_shape)
+    }
+
+
+def _single(op, shapes, attrs=None, inits=(), out="y", n_in=None):
+    names = [f"x{i}" for i in range(len(shapes))]
+    ins = names + [n for n, _ in inits]
+    n = helper.make_node(op, ins[: n_in or len(ins)], [out], **(attrs or {}))
+    feeds = {nm: rnd(*s) for nm, s in zip(names, shapes, strict=True)}
+    return model(
+        [n],
+        [(nm, F, list(s)) for nm, s in zip(names, shapes, strict=True)],
+        [(out, F)],
+        inits,
+    ), feeds
+
+
+FLOAT_CASES = {
+    "conv_pad": lambda: _conv_case((4, 3, 3, 3), (2, 3, 7, 6), pads=[1, 1, 1, 1]),
+    "conv_stride_dil": lambda: _conv_case(
+        (5, 2, 3, 2), (1, 2, 9, 8), strides=[2, 1], dilations=[2, 1], pads=[0, 1, 2, 0]
+    ),
+    "conv_group": lambda: _conv_case(
+        (6, 2, 3, 3), (2, 4, 6, 6), group=2, pads=[1, 1, 1, 1]
+    ),
+    "conv_depthwise_same": lambda: _conv_case(
+        (4, 1, 3, 3), (1, 4, 5, 5), group=4, auto_pad="SAME_UPPER"
+    ),
+    "conv_1d": lambda: _conv_case((3, 2, 3), (2, 2, 9), pads=[1, 1]),
+    "gemm_transb": lambda: _single(
+        "Gemm",
+        [(3, 5)],
+        {"transB": 1, "alpha": 0.5, "beta": 2.0},
+        [("w", rnd(4, 5)), ("c", rnd(4))],
+    ),
+    "matmul_const": lambda: _single("MatMul", [(2, 3, 5)], inits=[("w", rnd(5, 4))]),
+    "matmul_dyn": lambda: _single("MatMul", [(2, 3, 5), (2, 5, 4)]),
+    "add_bcast": lambda: _single("Add", [(2, 3, 4), (4,)]),
+    "mul_const": lambda: _single("Mul", [(2, 3)], inits=[("c", rnd(3))]),
+    "relu": lambda: _single("Relu", [(3, 7)]),
+    "clip": lambda: _single(
+        "Clip", [(3, 7)], inits=[("lo", np.float32(-0.5)), ("hi", np.float32(0.7))]
+    ),
+    "sigmoid": lambda: _single("Sigmoid", [(3, 7)]),
+    "softmax": lambda: _single("Softmax", [(2, 3, 5)], {"axis": 1}),
+    "maxpool_2x2": lambda: _single(
+        "MaxPool", [(2, 3, 7, 6)], {"kernel_shape": [2, 2], "strides": [2, 2]}
+    ),
+    "maxpool_3x3_pad_ceil": lambda: _single(
+        "MaxPool",
+        [(1, 2, 7, 7)],
+        {
+            "kernel_shape": [3, 3],
+            "strides": [2, 2],
+            "pads": [1, 1, 1, 1],
+            "ceil_mode": 1,
+        },
+    ),
+    "avgpool_excl": lambda: _single(
+        "AveragePool",
+        [(1, 2, 6, 5)],
+        {"kernel_shape": [3, 2], "pads": [1, 0, 1, 1], "strides": [2, 1]},
+    ),
+    "avgpool_incl": lambda: _single(
+        "AveragePool",
+        [(1, 2, 6, 5)],
+        {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1], "count_include_pad": 1},
+    ),
+    "gap": lambda: _single("GlobalAveragePool", [(2, 3, 4, 5)]),
+    "flatten": lambda: _single("Flatten", [(2, 3, 4, 5)], {"axis": 2}),
+    "reshape": lambda: _single(
+        "Reshape", [(2, 3, 4)], inits=[("s", np.array([0, -1], np.int64))]
+    ),
+    "transpose": lambda: _single("Transpose", [(2, 3, 4)], {"perm": [2, 0, 1]}),
+    "concat": lambda: _single("Concat", [(2, 3), (2, 4)], {"axis": 1}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FLOAT_CASES))
+def test_float_op_matches_reference(case):
+    m, feeds = FLOAT_CASES[case]()
+    (ref,), (got,) = run_both(m, feeds)
+    assert got.shape == ref.shape
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_batchnorm_folded_into_conv_and_standalone():
+    w, b = rnd(4, 3, 3, 3), rnd(4)
+    s, bb, mean = rnd(4), rnd(4), rnd(4)
+    var = np.abs(rnd(4)) + 0.5
+    inits = [("w", w), ("b", b), ("s", s), ("bb", bb), ("m", mean), ("v", var)]
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c", "s", "bb", "m", "v"], ["y"]),
+        helper.make_node("BatchNormalization", ["x", "s3", "b3", "m3", "v3"], ["z"]),
+    ]
+    inits += [
+        ("s3", rnd(3)),
+        ("b3", rnd(3)),
+        ("m3", rnd(3)),
+        ("v3", np.ones(3, np.float32)),
+    ]
+    m = model(nodes, [("x", F, [2, 3, 5, 5])], [("y", F), ("z", F)], inits)
+    feeds = {"x": rnd(2, 3, 5, 5)}
+    ref, got = run_both(m, feeds)
+    ops = [n.op_type for n in load_onnx(m).nodes]
+    assert ops.count("Conv") == 1
+    assert ops.count("BatchNormalization") == 1
+    for r, g in zip(ref, got, strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- #
+# QOperator ops: bit-exact
+
+
+def _q(shape, dtype=np.uint8):
+    info = np.iinfo(dtype)
+    return RNG.integers(info.min, info.max + 1, shape, dtype=dtype)
+
+
+@pytest.mark.parametrize("backend", ["auto", "im2col"])
+@pytest.mark.parametrize(
+    ("x_shape", "w_shape", "attrs"),
+    [
+        ((2, 3, 6, 5), (4, 3, 3, 3), {"pads": [1, 1, 1, 1]}),
+        ((1, 1, 7, 7), (8, 1, 3, 3), {"pads": [1, 1, 1, 1]}),  # small K: 2 px per row
+        ((1, 4, 6, 6), (6, 2, 3, 3), {"group": 2, "strides": [2, 2]}),
+    ],
+)
+def test_qlinearconv_exact(backend, x_shape, w_shape, attrs, monkeypatch):
+    monkeypatch.setattr(G, "CONV_BACKEND", backend)
+    M = w_shape[0]
+    inits = [
+        ("xs", np.float32(0.05)),
+        ("xz", np.uint8(7)),
+        ("w", _q(w_shape, np.int8)),
+        ("ws", (RNG.random(M) * 0.02 + 0.001).astype(np.float32)),
+        ("wz", np.zeros(M, np.int8)),
+        ("ys", np.float32(0.3)),
+        ("yz", np.uint8(100)),
+        ("b", RNG.integers(-500, 500, M).astype(np.int32)),
+    ]
+    n = helper.make_node(
+        "QLinearConv",
+        ["x", "xs", "xz", "w", "ws", "wz", "ys", "yz", "b"],
+        ["y"],
+        **attrs,
+    )
+    m = model([n], [("x", U8, list(x_shape))], [("y", U8)], inits)
+    (ref,), (got,) = run_both(m, {"x": _q(x_shape)})
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_convinteger_exact():
+    inits = [("w", _q((4, 3, 3, 3), np.uint8)), ("wz", np.uint8(3))]
+    n = helper.make_node(
+        "ConvInteger", ["x", "w", "xz", "wz"], ["y"], pads=[1, 1, 1, 1]
+    )
+    m = model([n], [("x", U8, [2, 3, 5, 5]), ("xz", U8, [])], [("y", I32)], inits)
+    feeds = {"x": _q((2, 3, 5, 5)), "xz": np.array(9, np.uint8)}
+    got = load_onnx(m).run(feeds)["y"]
+    # oracle: float Conv of the zero-point-shifted integers (exact in float32:
+    # |sums| < 2**24); onnx.reference's ConvInteger mishandles this case
+    xf = feeds["x"].astype(np.float32) - 9
+    wf = inits[0][1].astype(np.float32) - 3
+    conv = helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])
+    fm = model([conv], [("x", F, [2, 3, 5, 5])], [("y", F)], [("w", wf)])
+    (ref,) = ReferenceEvaluator(fm).run(None, {"x": xf})
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, ref.astype(np.int32))
+
+
+@pytest.mark.parametrize("const_b", [True, False])
+def test_qlinearmatmul_exact(const_b):
+    b = _q((5, 4), np.int8)
+    sc = [
+        ("as", np.float32(0.02)),
+        ("az", np.uint8(120)),
+        ("bs", np.float32(0.01)),
+        ("bz", np.int8(0)),
+        ("ys", np.float32(0.05)),
+        ("yz", np.uint8(128)),
+    ]
+    inits = sc + ([("b", b)] if const_b else [])
+    ins = [("a", U8, [3, 5])] + ([] if const_b else [("b", I8, [5, 4])])
+    n = helper.make_node(
+        "QLinearMatMul", ["a", "as", "az", "b", "bs", "bz", "ys", "yz"], ["y"]
+    )
+    m = model([n], ins, [("y", U8)], inits)
+    feeds = {"a": _q((3, 5))} | ({} if const_b else {"b": b})
+    (ref,), (got,) = run_both(m, feeds)
+    np.testing.assert_array_equal(got, ref)
+    want = "QGemm" if const_b else "QLinearMatMul"
+    assert load_onnx(m).nodes[0].op_type == want
+
+
+@pytest.mark.parametrize("const_b", [True, False])
+def test_matmulinteger_exact(const_b):
+    b = _q((6, 3), np.int8)
+    inits = [("az", np.uint8(5))] + ([("b", b)] if const_b else [])
+    ins = [("a", U8, [4, 6])] + ([] if const_b else [("b", I8, [6, 3])])
+    n = helper.make_node("MatMulInteger", ["a", "b", "az"], ["y"])
+    m = model([n], ins, [("y", I32)], inits)
+    feeds = {"a": _q((4, 6))} | ({} if const_b else {"b": b})
+    (ref,), (got,) = run_both(m, feeds)
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_quantize_dequantize_dynamic_exact():
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+        helper.make_node("QuantizeLinear", ["x", "sa", "za"], ["qa"], axis=1),
+        helper.make_node("DequantizeLinear", ["q", "s", "z"], ["d"]),
+        helper.make_node("DynamicQuantizeLinear", ["x"], ["dq", "dqs", "dqz"]),
+    ]
+    inits = [
+        ("s", np.float32(0.03)),
+        ("z", np.uint8(128)),
+        ("sa", np.array([0.01, 0.02, 0.05], np.float32)),
+        ("za", np.array([0, -3, 4], np.int8)),
+    ]
+    m = model(
+        nodes,
+        [("x", F, [2, 3, 4])],
+        [("q", U8), ("qa", I8), ("d", F), ("dq", U8), ("dqs", F), ("dqz", U8)],
+        inits,
+    )
+    ref, got = run_both(m, {"x": rnd(2, 3, 4) * 3})
+    for r, g in zip(ref, got, strict=True):
+        np.testing.assert_array_equal(g, r)
+
+
+# --------------------------------------------------------------------------- #
+# QDQ fused at load
+
+
+def _qdq_model(op, relu=True, q_out=True):
+    xs, xz = np.float32(0.04), np.uint8(120)
+    if op == "Conv":
+        w = _q((4, 3, 3, 3), np.int8)
+        ws = (RNG.random(4) * 0.02 + 0.005).astype(np.float32)
+        x_shape, axis = [2, 3, 6, 6], 0
+    else:
+        w = _q((8, 5), np.int8) if op == "Gemm" else _q((5, 8), np.int8)
+        ws = (RNG.random(8) * 0.02 + 0.005).astype(np.float32)
+        x_shape, axis = [3, 5], 0 if op == "Gemm" else 1
+    bq = RNG.integers(-300, 300, ws.size).astype(np.int32)
+    inits = [
+        ("xs", xs),
+        ("xz", xz),
+        ("wq", w),
+        ("ws", ws),
+        ("wz", np.zeros(ws.size, np.int8)),
+        ("bq", bq),
+        ("bs", xs * ws),
+        ("bz", np.zeros(ws.size, np.int32)),
+        ("ys", np.float32(0.1)),
+        ("yz", np.uint8(0 if relu else 128)),
+    ]
+    nodes = [
+        helper.make_node("DequantizeLinear", ["x", "xs", "xz"], ["xf"]),
+        helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wf"], axis=axis),
+        helper.make_node("DequantizeLinear", ["bq", "bs", "bz"], ["bf"], axis=0),
+    ]
+    attrs = (
+        {"pads": [1, 1, 1, 1]}
+        if op == "Conv"
+        else ({"transB": 1} if op == "Gemm" else {})
+    )
+    ins = ["xf", "wf", "bf"] if op != "MatMul" else ["xf", "wf"]
+    nodes.append(helper.make_node(op, ins, ["c"], **attrs))
+    t = "c"
+    if relu:
+        nodes.append(helper.make_node("Relu", ["c"], ["r"]))
+        t = "r"
+    if q_out:
+        nodes.append(helper.make_node("QuantizeLinear", [t, "ys", "yz"], ["y"]))
+        out = ("y", U8)
+    else:
+        nodes.append(helper.make_node("Identity", [t], ["y"]))
+        out = ("y", F)
+    return model(nodes, [("x", U8, x_shape)], [out], inits), {"x": _q(x_shape)}
+
+
+@pytest.mark.parametrize("op", ["Conv", "Gemm", "MatMul"])
+@pytest.mark.parametrize("q_out", [True, False])
+def test_qdq_fused_within_one_lsb(op, q_out):
+    m, feeds = _qdq_model(op, relu=True, q_out=q_out)
+    g = load_onnx(m)
+    fused = [n.op_type for n in g.nodes]
+    assert fused[0] in ("QLinearConv", "QGemm"), fused
+    assert "DequantizeLinear" not in fused
+    assert "QuantizeLinear" not in fused
+    (ref,), (got,) = run_both(m, feeds)
+    if q_out:
+        assert np.abs(got.astype(int) - ref.astype(int)).max() <= 1
+    else:
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_qdq_around_maxpool_runs_quantized():
+    sc = [("s", np.float32(0.1)), ("z", np.uint8(3))]
+    nodes = [
+        helper.make_node("DequantizeLinear", ["x", "s", "z"], ["xf"]),
+        helper.make_node("MaxPool", ["xf"], ["p"], kernel_shape=[3, 3], pads=[1] * 4),
+        helper.make_node("QuantizeLinear", ["p", "s", "z"], ["y"]),
+    ]
+    m = model(nodes, [("x", U8, [2, 3, 5, 5])], [("y", U8)], sc)
+    assert [n.op_type for n in load_onnx(m).nodes] == ["MaxPool"]
+    (ref,), (got,) = run_both(m, {"x": _q((2, 3, 5, 5))})
+    np.testing.assert_array_equal(got, ref)
+
+
+# --------------------------------------------------------------------------- #
+# transforms, save/load, export -> onnxruntime
+
+
+def small_cnn():
+    w0, w1 = rnd(8, 1, 3, 3) * 0.5, rnd(16, 8, 3, 3) * 0.2
+    nodes = [
+        G.Conv("c0", ["x"], ["a0"], w=w0, b=rnd(8) * 0.1, pads=[1, 1, 1, 1]),
+        G.Relu("r0", ["a0"], ["b0"]),
+        G.MaxPool("p0", ["b0"], ["c0o"], kernel_shape=[2, 2], strides=[2, 2]),
+        G.Conv("c1", ["c0o"], ["a1"], w=w1, b=rnd(16) * 0.1, pads=[1, 1, 1, 1]),
+        G.Relu("r1", ["a1"], ["b1"]),
+        G.MaxPool("p1", ["b1"], ["c1o"], kernel_shape=[2, 2], strides=[2, 2]),
+        G.Flatten("f", ["c1o"], ["flat"], axis=1),
+        G.Gemm("fc", ["flat"], ["y"], w=rnd(64, 10) * 0.1, b=rnd(10) * 0.1),
+    ]
+    return G.Graph(nodes, [("x", (None, 1, 8, 8), np.float32)], ["y"])
+
+
+@pytest.fixture(scope="module")
+def cnn_data():
+    return small_cnn(), rnd(64, 1, 8, 8)
+
+
+@pytest.mark.parametrize("method", T.QUANT_METHODS)
+def test_quantize_close_to_float(cnn_data, method):
+    g, x = cnn_data
+    q = T.quantize(g, x, method=method)
+    ops = [n.op_type for n in q.nodes]
+    assert ops.count("QLinearConv") == 2
+    assert "QGemm" in ops
+    y, yq = g(x), q(x)
+    rel = np.linalg.norm(yq - y) / np.linalg.norm(y)
+    assert rel < 0.1, rel
+
+
+def test_quantize_iterator_equals_array(cnn_data):
+    g, x = cnn_data
+    a = T.quantize(g, x, batch=16)
+    b = T.quantize(g, (x[i : i + 16] for i in range(0, 64, 16)))
+    np.testing.assert_array_equal(a(x), b(x))
+
+
+def test_observer_ranges():
+    o = T.HistogramObserver()
+    data = np.concatenate([RNG.standard_normal(100000), [40.0] * 5]).astype(np.float32)
+    for part in np.array_split(data, 7):
+        o.update(part)
+    assert o.range("minmax") == (pytest.approx(float(data.min())), 40.0)
+    for m in ("percentile", "mse", "entropy"):
+        lo, hi = o.range(m, percentile=99.99)
+        assert data.min() - 1 <= lo <= 0 <= hi <= 40.0, (m, lo, hi)
+        if m != "mse":  # 5 outliers of 100,005 cost mse less than a wide step
+            assert hi < 40.0, (m, hi)
+
+
+def test_entropy_ignores_relu_zero_spike():
+    o = T.HistogramObserver()
+    x = np.maximum(RNG.standard_normal(200000), 0).astype(np.float32)  # half zeros
+    o.update(x)
+    lo, hi = o.range("entropy")
+    assert lo == 0.0
+    assert 0.5 * o.max < hi <= o.max
+
+
+def test_exclude_and_precision_and_sensitivity(cnn_data):
+    g, x = cnn_data
+    q = T.quantize(g, x, exclude=["c0"])
+    assert [n.op_type for n in q.nodes][0] == "Conv"
+    mixed = T.apply_precision(g, {"c1": "int8"}, x)
+    assert sorted(n.op_type for n in mixed.nodes if "Q" in n.op_type)[:1] == [
+        "QGemm"
+    ] or "QLinearConv" in [n.op_type for n in mixed.nodes]
+    sens = T.sensitivity(g, x)
+    assert set(sens) == {"c0", "c1", "fc"}
+    assert all(0 <= s["rel_l2"] < 0.2 for s in sens.values())
+
+
+def test_conv_backends_identical(cnn_data, monkeypatch):
+    g, x = cnn_data
+    q = T.quantize(g, x)
+    y = q(x)
+    monkeypatch.setattr(G, "CONV_BACKEND", "im2col")
+    y2 = S.load(io.BytesIO(S._bytes(q)))(x)
+    np.testing.assert_array_equal(y, y2)
+
+
+def test_fp16(cnn_data):
+    pytest.importorskip("lowprec.half")
+    g, x = cnn_data
+    h = T.to_fp16(g)
+    assert {n.op_type for n in h.nodes} >= {"HalfConv", "HalfGemm"}
+    np.testing.assert_allclose(h(x), g(x), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", (2, 4)])
+def test_prune_save_load_sparse(cnn_data, pattern):
+    g, x = cnn_data
+    p = T.prune(g, 0.5, pattern=pattern, exclude=["c0"])
+    w = p.nodes[3].params["w"]  # c1 (after no fusion: index in the plain graph)
+    assert abs((w == 0).mean() - 0.5) < 0.02
+    q = T.quantize(p, x)
+    for model in (p, q):
+        blob = S._bytes(model)
+        back = S.load(io.BytesIO(blob))
+        np.testing.assert_array_equal(back(x), model(x))
+    enc = S._bytes(T.quantize(g, x)), S._bytes(q)
+    assert len(enc[1]) < len(enc[0])
+
+
+def test_save_load_roundtrip_exact(cnn_data, tmp_path):
+    g, x = cnn_data
+    for model in (g, T.quantize(g, x, per_channel=False)):
+        S.save(model, tmp_path / "m.lpz")
+        back = S.load(tmp_path / "m.lpz")
+        np.testing.assert_array_equal(back(x), model(x))
+
+
+def test_export_onnx_runs_in_onnxruntime(cnn_data, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    g, x = cnn_data
+    for model, tol in ((g, 1e-4), (T.quantize(g, x), None)):
+        path = tmp_path / "m.onnx"
+        S.export_onnx(model, path)
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = sess.run(None, {"x": x})[0]
+        want = model(x)
+        if tol:
+            np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+        else:  # fused int8 in ORT vs lowprec: 1-LSB requantization differences
+            assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
+            assert np.mean(got.argmax(1) == want.argmax(1)) >= 0.95
+        back = load_onnx(path)  # our own export loads back, bit-exact
+        np.testing.assert_array_equal(back(x), want)
+
+
+# --------------------------------------------------------------------------- #
+# bad inputs
+
+
+def test_bad_model_files(tmp_path):
+    m, _ = FLOAT_CASES["relu"]()
+    blob = m.SerializeToString()
+    (tmp_path / "trunc.onnx").write_bytes(blob[: len(blob) // 2])
+    (tmp_path / "junk.onnx").write_bytes(b"\xff\x00garbage" * 10)
+    for name in ("trunc.onnx", "junk.onnx"):
+        with pytest.raises(ValueError, match="ONNX"):
+            load_onnx(tmp_path / name)
+    with pytest.raises(FileNotFoundError):
+        load_onnx(tmp_path / "missing.onnx")
+    with pytest.raises(ValueError, match="not a lowprec.runtime model"):
+        S.load(tmp_path / "junk.onnx")
+
+
+def test_unsupported_op_names_node():
+    n = helper.make_node("Tanh", ["x"], ["y"], name="my_tanh")
+    m = model([n], [("x", F, [2])], [("y", F)])
+    with pytest.raises(G.RuntimeGraphError, match=r"my_tanh.*Tanh.*unsupported"):
+        load_onnx(m)
+    n = helper.make_node("Conv", ["x", "w"], ["y"], name="dyn_conv")
+    m = model([n], [("x", F, [1, 1, 3, 3]), ("w", F, [1, 1, 1, 1])], [("y", F)])
+    with pytest.raises(G.RuntimeGraphError, match=r"dyn_conv.*Conv.*constant"):
+        load_onnx(m)
+    n = helper.make_node("Foo", ["x"], ["y"], name="custom", domain="com.example")
+    m = model([n], [("x", F, [2])], [("y", F)])
+    m.opset_import.append(helper.make_opsetid("com.example", 1))
+    with pytest.raises(G.RuntimeGraphError, match="custom domain"):
+        load_onnx(m, check=False)
+
+
+def test_wrong_input_shape_and_dtype():
+    m, feeds = FLOAT_CASES["conv_pad"]()
+    g = load_onnx(m)
+    with pytest.raises(TypeError, match=r"'x'.*float32.*float64"):
+        g(feeds["x"].astype(np.float64))
+    with pytest.raises(ValueError, match=r"'x' must have shape"):
+        g(feeds["x"][:, :2])
+    with pytest.raises(TypeError, match="missing graph input"):
+        g.run({})
+
+
+# --------------------------------------------------------------------------- #
+# torch checkpoints without torch
+
+
+def _zip(tmp_path, pkl: bytes, storages=()):
+    p = tmp_path / "ckpt.pth"
+    with zipfile.ZipFile(p, "w") as z:
+        z.writestr("archive/data.pkl", pkl)
+        for k, raw in storages:
+            z.writestr(f"archive/data/{k}", raw)
+    return p
+
+
+def test_checkpoint_refuses_other_globals(tmp_path):
+    evil = b"cos\nsystem\n(S'echo hacked'\ntR."
+    with pytest.raises(pickle.UnpicklingError, match=r"refusing global os\.system"):
+        load_state_dict(_zip(tmp_path, evil))
+    bad = tmp_path / "x.pth"
+    bad.write_bytes(pickle.dumps({"a": 1}))
+    with pytest.raises(ValueError, match="not a torch zip checkpoint"):
+        load_state_dict(bad)
+
+
+def test_checkpoint_reads_tensors(tmp_path):
+    torch = pytest.importorskip("torch")
+    sd = {
+        "a.weight": torch.arange(12, dtype=torch.float32).reshape(3, 4).t(),
+        "b": torch.tensor([1, -2], dtype=torch.int8),
+    }
+    torch.save(sd, tmp_path / "m.pth")
+    got = load_state_dict(tmp_path / "m.pth")
+    np.testing.assert_array_equal(got["a.weight"], np.arange(12).reshape(3, 4).T)
+    assert got["b"].dtype == np.int8
+    assert list(got["b"]) == [1, -2]
+
+
+# --------------------------------------------------------------------------- #
+# the demo pipeline on a small subset (needs the two data-only packages)
+
+
+def test_demo_small_subset(tmp_path, capsys, monkeypatch, threads):
+    from lowprec.runtime import demo
+
+    monkeypatch.setattr(G, "CONV_BACKEND", G.CONV_BACKEND)  # the demo picks one
+
+    try:
+        demo.locate(*demo.MODEL_FILE)
+        demo.locate(*demo.DATA_FILE)
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    res = demo.run_demo(limit=500, batch=250, threads=(1,), ort=False)
+    rows = {r["variant"]: r for r in res["rows"]}
+    assert rows["fp32"]["top1"] >= 0.98
+    for name in ("int8 per-tensor", "int8 per-channel"):
+        assert rows[name]["agreement"] >= 0.99
+        assert rows[name]["size_bytes"] < 0.4 * rows["fp32"]["size_bytes"]
+    assert (
+        rows["pruned 2:4 + int8"]["size_bytes"] < rows["int8 per-channel"]["size_bytes"]
+    )
+    print(demo.format_table(res))
+    assert "int8 per-channel" in capsys.readouterr().out
+    x, _ = demo.load_mnist()
+    np.save(tmp_path / "calib.npy", x[:50])
+    S.export_onnx(demo.mnist_cnn(), tmp_path / "m.onnx")
+    assert (
+        demo.cli_run(
+            [
+                str(tmp_path / "m.onnx"),
+                "--quantize",
+                "int8",
+                "--calib",
+                str(tmp_path / "calib.npy"),
+                "--save",
+                str(tmp_path / "q.lpz"),
+            ]
+        )
+        == 0
+    )
+    assert "agreement" in capsys.readouterr().out
