@@ -83,7 +83,10 @@ def gemm_u8s8(a, b, out, tile_m, tile_n):
                 out[m, n0 + j] = acc[j]
 
 
-@njit(inline="always")
+# Not inlined into the prange drivers on purpose: numba's parfor passes copy and
+# rewrite the whole loop body, and with the tile kernels and the epilogue inlined
+# there they took minutes per driver variant; as a call they take seconds.
+@njit(nogil=True, cache=True)
 def _tile_job(
     t, nt, a, b, scratch, za, rs, cs, zb, bias, mult, zy, qlo, qhi, mode, out, fbias
 ):

@@ -416,7 +416,10 @@ def gemm_u8s8(a, bp, out, kc):
             )
 
 
-@njit(inline="always")
+# Not inlined into the prange drivers on purpose: numba's parfor passes copy and
+# rewrite the whole loop body, and with the tile kernels and the epilogue inlined
+# there they took minutes per driver variant; as a call they take seconds.
+@njit(nogil=True, cache=True)
 def _tile_job(
     t, mt, a, bp, scratch, za, rs, cs, zb, bias, mult, zy, qlo, qhi, mode, out, fbias
 ):

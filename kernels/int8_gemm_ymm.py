@@ -318,7 +318,10 @@ def _run_tile(path, mr, a, lda, b, ldb, k4, kr, c, ldc, nvalid):
             _at1(a, lda, b, ldb, k4, kr, c, ldc, nvalid, 0)
 
 
-@njit(inline="always")
+# Not inlined into the prange drivers on purpose: numba's parfor passes copy and
+# rewrite the whole loop body, and with the tile kernels and the epilogue inlined
+# there they took minutes per driver variant; as a call they take seconds.
+@njit(nogil=True, cache=True)
 def _tile_job(
     path, t, a, bp, scratch, za, rs, cs, zb, bias, mult, zy, qlo, qhi, mode, out, fbias
 ):

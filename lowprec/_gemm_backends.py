@@ -83,6 +83,14 @@ def _ymm():
     return int8_gemm_ymm
 
 
+def _readonly(x):
+    # the fused drivers take their read-only inputs as read-only arrays (one
+    # compiled variant for every caller: see gemm._ro)
+    view = x.view()
+    view.flags.writeable = False
+    return view
+
+
 class _YmmGemm:
     """Shared driver of the 256-bit paths (kernels/int8_gemm_ymm.py)."""
 
@@ -108,13 +116,13 @@ class _YmmGemm:
             padded = np.zeros((M, cls.k_min), np.uint8)
             padded[:, : a_u8.shape[1]] = a_u8
             a_u8 = padded
-        z1 = np.zeros(1, np.int64)
-        zn = np.zeros(N, np.int64)
+        z1 = _readonly(np.zeros(1, np.int64))
+        zn = _readonly(np.zeros(N, np.int64))
         cls.fused(
-            np.ascontiguousarray(a_u8), packed,
+            _readonly(np.ascontiguousarray(a_u8)), packed,
             np.empty((numba.config.NUMBA_NUM_THREADS, *cls.tile), np.int32),
-            z1, z1, zn, zn, zn, np.ones((1, 1)), 0.0, 0.0, 0.0, 0, out,
-            np.zeros(1, np.float32),
+            z1, z1, zn, zn, zn, _readonly(np.ones((1, 1))), 0.0, 0.0, 0.0, 0, out,
+            _readonly(np.zeros(1, np.float32)),
         )  # fmt: skip
 
 

@@ -229,23 +229,35 @@ def _gemm_2d(a, packed, zb, za_eff, bias, mult, zy, qlo, qhi, mode, out, fbias=N
         # pack when there is no bias), so the epilogue adds one vector (eq. 8)
         bias, za_eff = packed._fold_za(int(za_eff[0]), bias), _ZERO1
     backend.fused(
-        a_u8,
+        _ro(a_u8),
         packed._layout(backend),
         np.empty((numba.config.NUMBA_NUM_THREADS, *backend.tile), np.int32),
-        za_eff,
-        row_sum,
+        _ro(za_eff),
+        _ro(row_sum),
         packed._col_sum,
-        zb,
-        bias,
-        mult,
+        _ro(zb),
+        _ro(bias),
+        _ro(mult),
         zy,
         qlo,
         qhi,
         mode,
         out,
-        packed._fzeros_n if fbias is None else fbias,
+        _ro(packed._fzeros_n if fbias is None else fbias),
         serial=M * N * K < SERIAL_MACS or numba.get_num_threads() == 1,
     )
+
+
+def _ro(x: np.ndarray) -> np.ndarray:
+    """A read-only view. numba compiles a kernel again for every read-only /
+    writable combination of its arguments (a different array type each); the
+    inputs a kernel only reads are always passed read-only, so one variant
+    serves every call (measured: CI compile time minutes -> seconds)."""
+    if not x.flags.writeable:
+        return x
+    view = x.view()
+    view.flags.writeable = False
+    return view
 
 
 def _prepare_a(a, k_min, need_rows):
@@ -257,11 +269,11 @@ def _prepare_a(a, k_min, need_rows):
         row_sum = None
         if need_rows:
             row_sum = np.empty(M, np.int64)
-            _kg.row_sums_u8(a, row_sum)
+            _kg.row_sums_u8(_ro(a), row_sum)
         return a, row_sum
     a_u8 = np.empty((M, k_pad), np.uint8)
     row_sum = np.empty(M, np.int64)
-    _kg.prepare_a(a, np.uint8(_a_offset(a.dtype)), k_pad, a_u8, row_sum)
+    _kg.prepare_a(_ro(a), np.uint8(_a_offset(a.dtype)), k_pad, a_u8, row_sum)
     return a_u8, (row_sum if need_rows else None)
 
 
@@ -282,13 +294,14 @@ def _gemm_2d_chunked(a, packed, zb, za_eff, bias, mult, zy, qlo, qhi, mode, out)
         )
         if rs is not None:
             row_sum += rs
-        backend.gemm(a_u8, packed._layout(backend, k0, k1), p)
+        backend.gemm(_ro(a_u8), packed._layout(backend, k0, k1), p)
         if len(chunks) > 1:
             _kr.accumulate(total, p)
     row_sum -= K * za_eff
     bad = _kr.requantize(
-        total, za_eff, packed._col_sum, zb, row_sum, bias, mult, zy, qlo, qhi, mode, out
-    )
+        total, _ro(za_eff), packed._col_sum, _ro(zb), _ro(row_sum), _ro(bias),
+        _ro(mult), zy, qlo, qhi, mode, out,
+    )  # fmt: skip
     if bad:
         msg = (
             f"{bad} MatMulInteger outputs do not fit int32 (K={K} allows sums past "

@@ -36,6 +36,15 @@ def isa(request):
 
 
 @pytest.fixture
+def use_isa():
+    """For property tests that draw the path per example (one hypothesis run
+    spreads its examples over every path): force it, restore after the test."""
+    before = lowprec.get_isa()
+    yield lowprec.set_isa
+    lowprec.set_isa(before)
+
+
+@pytest.fixture
 def threads():
     """Restore numba's thread count after a test that changes it."""
     n = numba.get_num_threads()

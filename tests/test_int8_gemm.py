@@ -1,5 +1,7 @@
 """matmul_integer / qlinear_matmul / pack_weights against the int64 oracle,
-on every instruction-set path this CPU supports (the `isa` fixture)."""
+on every instruction-set path this CPU supports: the `isa` fixture for example
+tests, a drawn path per example (conftest.ISAS) for the property tests, so their
+>= 200 examples per op are spread over all paths instead of repeated per path."""
 
 import numba
 import numpy as np
@@ -13,6 +15,10 @@ from lowprec import gemm
 from lowprec.kernels import config
 
 INT8 = [np.uint8, np.int8]
+
+# drawn per example by the property tests: every path this CPU supports, each in
+# about 1/n of the examples (the `use_isa` fixture forces it and restores)
+ISAS = st.sampled_from(lowprec.available_isas())
 
 
 def _rand(rng, shape, dtype, extreme=False):
@@ -76,9 +82,12 @@ def serial_or_parallel(monkeypatch):
     return choose
 
 
-@given(gemm_case(), st.booleans())
-def test_matmul_integer_matches_oracle(isa, serial_or_parallel, case, parallel):
+@given(gemm_case(), st.booleans(), ISAS)
+def test_matmul_integer_matches_oracle(
+    use_isa, serial_or_parallel, case, parallel, isa
+):
     a, b, za, zb, _ = case
+    use_isa(isa)
     serial_or_parallel(parallel)
     before = (a.copy(), b.copy())
     got = lowprec.matmul_integer(a, b, za, zb)
@@ -99,11 +108,13 @@ def test_matmul_integer_matches_oracle(isa, serial_or_parallel, case, parallel):
     st.booleans(),
     st.sampled_from([np.float32, np.float16]),
     st.booleans(),
+    ISAS,
 )
 def test_qlinear_matmul_matches_oracle(
-    isa, serial_or_parallel, case, out, act, per_row, per_col, s_dt, parallel
+    use_isa, serial_or_parallel, case, out, act, per_row, per_col, s_dt, parallel, isa
 ):
     a, b, za, zb, rng = case
+    use_isa(isa)
     serial_or_parallel(parallel)
     M, N = a.shape[0], b.shape[1]
     if za is None:
@@ -332,10 +343,12 @@ def test_tiny_call_path_matches_general_path(isa):
     st.booleans(),
     st.booleans(),
     st.booleans(),
+    ISAS,
 )
 def test_dynamic_quantize_matmul_matches_oracle(
-    isa, seed, M, K, N, per_row, with_zp, packed
+    use_isa, seed, M, K, N, per_row, with_zp, packed, isa
 ):
+    use_isa(isa)
     rng = np.random.default_rng(seed)
     a = (rng.normal(0, 3, (M, K)) + rng.uniform(-2, 2)).astype(np.float32)
     b = _rand(rng, (K, N), np.int8)
