@@ -85,7 +85,9 @@ def _gather(xp, geo, m0, mr, g, ka, dst):
 # AVX-512 VNNI: implicit GEMM on the 6 x 64 tile of kernels/int8_gemm_vnni.py
 
 
-@njit(inline="always")
+# called, not inlined, from the prange driver: numba's parfor passes rewrite the
+# whole loop body and took minutes with the tiles and epilogue inlined (gemm too)
+@njit(nogil=True, cache=True)
 def _vnni_job(
     t, mt, nblk, pb, direct, xp, bp, geo, sa, sp, za, rs, cs, zb, bias, mult,
     zy, qlo, qhi, mode, out,
@@ -174,27 +176,39 @@ def conv_portable(
     ka = sa.shape[2]
     mt = (rows + tm - 1) // tm
     for t in prange(mt * G):
-        g = t // mt
-        m0 = (t - g * mt) * tm
-        mr = min(tm, rows - m0)
-        tid = numba.get_thread_id()
-        a = sa[tid]
-        p = sp[tid]
-        _gather(xp, geo, m0, mr, g, ka, a)
-        wg = wk[g]
-        for r in range(mr):
-            acc = p[r]
-            acc[:Mg] = 0
-            ar = a[r]
-            for k in range(K):
-                av = np.int32(ar[k])
-                wr = wg[k]
-                for j in range(Mg):
-                    acc[j] += av * np.int32(wr[j])
-        epilogue_tile(
-            p, mr, Mg, m0, g * Mg, za, rs[g], cs, zb, bias, mult, zy, qlo, qhi,
-            mode, out,
+        _portable_job(
+            t, mt, K, Mg, tm, ka, rows, xp, wk, geo, sa, sp, za, rs, cs, zb, bias,
+            mult, zy, qlo, qhi, mode, out,
         )  # fmt: skip
+
+
+@njit(nogil=True, cache=True)
+def _portable_job(
+    t, mt, K, Mg, tm, ka, rows, xp, wk, geo, sa, sp, za, rs, cs, zb, bias, mult,
+    zy, qlo, qhi, mode, out,
+):  # fmt: skip
+    # one tile of tm output pixels x the Mg channels of group g
+    g = t // mt
+    m0 = (t - g * mt) * tm
+    mr = min(tm, rows - m0)
+    tid = numba.get_thread_id()
+    a = sa[tid]
+    p = sp[tid]
+    _gather(xp, geo, m0, mr, g, ka, a)
+    wg = wk[g]
+    for r in range(mr):
+        acc = p[r]
+        acc[:Mg] = 0
+        ar = a[r]
+        for k in range(K):
+            av = np.int32(ar[k])
+            wr = wg[k]
+            for j in range(Mg):
+                acc[j] += av * np.int32(wr[j])
+    epilogue_tile(
+        p, mr, Mg, m0, g * Mg, za, rs[g], cs, zb, bias, mult, zy, qlo, qhi,
+        mode, out,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------
