@@ -146,3 +146,20 @@ def test_dynamic_quantize_rejects_non_finite(bad):
     x = np.array([1.0, bad, 2.0], np.float32)
     with pytest.raises(ValueError, match="finite"):
         lowprec.dynamic_quantize_linear(x)
+
+
+def test_views_and_negative_strides():
+    # non-contiguous and reversed views quantize like their contiguous copies
+    rng = np.random.default_rng(3)
+    base = rng.normal(0, 4, (6, 10)).astype(np.float32)
+    scale = np.linspace(0.1, 1.0, 5).astype(np.float32)
+    zp = np.arange(5, dtype=np.int8)
+    for view in (base[:, ::2], base[::-1, 1::2], base.T[::2, :5].T):
+        got = lowprec.quantize_linear(view, scale, zp, axis=1)
+        want = ref.quantize(np.ascontiguousarray(view), scale, zp, np.int8, 1, 0)
+        np.testing.assert_array_equal(got, want)
+        q = want[:, ::-1]
+        np.testing.assert_array_equal(
+            lowprec.dequantize_linear(q, scale[::-1], zp[::-1], axis=1),
+            ref.dequantize(np.ascontiguousarray(q), scale[::-1], zp[::-1], 1, 0),
+        )
