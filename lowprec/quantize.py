@@ -189,6 +189,13 @@ def quantize_linear(
         zp3 = np.broadcast_to(zp3, scale3.shape)
     zp3 = np.ascontiguousarray(zp3, dtype=np.int32)
     info = np.iinfo(out_dt)
+    if scale3.size == 1 and zp3.size == 1:
+        flat = np.empty(x3.size, dtype=out_dt)
+        _k.quantize_per_tensor(
+            x3.reshape(-1), scale3.reshape(-1)[0], float(zp3.reshape(-1)[0]),
+            1 << 15, float(info.min), float(info.max), flat,
+        )  # fmt: skip
+        return flat.reshape(x.shape)
     out = np.empty((p, c, q), dtype=out_dt)
     _k.quantize_linear(x3, scale3, zp3, block, float(info.min), float(info.max), out)
     return out.reshape(x.shape)
