@@ -1,10 +1,12 @@
-"""Turn `lowprec bench --json PATH` results into the README's markdown table.
+"""Turn `lowprec bench --json PATH` (or `lowprec demo --json PATH`) results into
+the README's markdown tables.
 
     python bench/make_readme_table.py bench-results.json              # print it
     python bench/make_readme_table.py bench-results.json --write README.md
 
 ``--write`` replaces what lies between the lines ``<!-- bench-table:start -->``
-and ``<!-- bench-table:end -->`` (markers kept) and leaves the rest untouched.
+and ``<!-- bench-table:end -->`` (``demo-table`` for demo results; markers kept)
+and leaves the rest untouched.
 Only the standard library is used, so it runs anywhere the JSON is.
 """
 
@@ -144,17 +146,40 @@ def render(res: dict) -> str:
     return render_table(res) + "\n\n" + render_footnotes(res) + "\n"
 
 
-def write_section(readme_path: str, text: str) -> None:
+def render_demo(res: dict) -> str:
+    """The `lowprec demo` rows: accuracy, agreement, latency and size."""
+    lines = [
+        "| variant | threads | top-1 | agrees with fp32 | ms / batch | model KB "
+        "| note |",
+        "|---|--:|--:|--:|--:|--:|---|",
+    ]
+    for r in res["rows"]:
+        lines.append(
+            f"| {r['variant']} | {r['threads']} | {100 * r['top1']:.2f} % | "
+            f"{100 * r['agreement']:.2f} % | {r['batch_ms']:.1f} | "
+            f"{r['size_bytes'] / 1024:.0f} | {r.get('note', '')} |"
+        )
+    cal = res.get("calibration", {})
+    lines += [
+        "",
+        f"{res['images']} images in batches of {res['batch']}, calibration "
+        f"{cal.get('size')} images (seed {cal.get('seed')}), median of "
+        f"{res['repeat']} passes; int8 convolutions: {res.get('int8_conv_path')}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_section(readme_path: str, text: str, start=START, end=END) -> None:
     with open(readme_path, encoding="utf-8") as f:
         doc = f.read()
-    i, j = doc.find(START), doc.find(END)
+    i, j = doc.find(start), doc.find(end)
     if i < 0 or j < 0 or j < i:
         msg = (
-            f"{readme_path}: markers not found; add the lines\n{START}\n{END}\n"
+            f"{readme_path}: markers not found; add the lines\n{start}\n{end}\n"
             f"where the table belongs"
         )
         raise SystemExit(msg)
-    new = doc[: i + len(START)] + "\n" + text + doc[j:]
+    new = doc[: i + len(start)] + "\n" + text + doc[j:]
     with open(readme_path, "w", encoding="utf-8") as f:
         f.write(new)
 
@@ -166,9 +191,11 @@ def main(argv=None) -> int:
     opts = p.parse_args(argv)
     with open(opts.json, encoding="utf-8") as f:
         res = json.load(f)
-    text = render(res)
+    demo = "images" in res  # `lowprec demo --json` output
+    text = render_demo(res) if demo else render(res)
     if opts.write:
-        write_section(opts.write, text)
+        markers = ("<!-- demo-table:start -->", "<!-- demo-table:end -->")
+        write_section(opts.write, text, *(markers if demo else (START, END)))
         print(f"updated {opts.write}")
     else:
         sys.stdout.write(text)
