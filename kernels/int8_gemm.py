@@ -87,10 +87,9 @@ def gemm_u8s8(a, b, out, tile_m, tile_n):
 # rewrite the whole loop body, and with the tile kernels and the epilogue inlined
 # there they took minutes per driver variant; as a call they take seconds.
 @njit(nogil=True, cache=True)
-def _tile_job(
-    t, nt, a, b, scratch, za, rs, cs, zb, bias, mult, zy, qlo, qhi, mode, out, fbias
-):
+def _tile_job(t, nt, a, b, scratch, epi, out):
     # one scratch-sized output tile over the whole K, then the fused epilogue
+    za, rs, cs, zb, bias, mult, zy, qlo, qhi, mode, fbias = epi
     M, K = a.shape
     N = out.shape[1]
     tile_m, tile_n = scratch.shape[1], scratch.shape[2]
@@ -115,64 +114,25 @@ def _tile_job(
                 j = np.uint64(jj)
                 acc[j] += av * np.int32(brow[c0 + j])
     epilogue_tile(
-        tile, mr, nc, m0, n0, za, rs, cs, zb, bias, mult, zy, qlo, qhi, mode, out, fbias
-    )
+        tile, mr, nc, m0, n0, za, rs, cs, zb, bias, mult, zy, qlo, qhi, mode, out,
+        fbias,
+    )  # fmt: skip
 
 
 @njit(**PJIT)
-def gemm_fused(
-    a, b, scratch, za, rs, cs, zb, bias, mult, zy, qlo, qhi, mode, out, fbias
-):
+def gemm_fused(a, b, scratch, epi, out):
     # a (M,K) uint8, b (K,N) int8, scratch (threads,TILE_M,TILE_N) int32,
     # out (M,N) int32|uint8|int8|float32: eq. 6 then eq. 8-13 per tile
     mt = (a.shape[0] + scratch.shape[1] - 1) // scratch.shape[1]
     nt = (out.shape[1] + scratch.shape[2] - 1) // scratch.shape[2]
     for t in prange(mt * nt):
-        _tile_job(
-            t,
-            nt,
-            a,
-            b,
-            scratch,
-            za,
-            rs,
-            cs,
-            zb,
-            bias,
-            mult,
-            zy,
-            qlo,
-            qhi,
-            mode,
-            out,
-            fbias,
-        )
+        _tile_job(t, nt, a, b, scratch, epi, out)
 
 
 @njit(**JIT)
-def gemm_fused_serial(
-    a, b, scratch, za, rs, cs, zb, bias, mult, zy, qlo, qhi, mode, out, fbias
-):
+def gemm_fused_serial(a, b, scratch, epi, out):
     # as gemm_fused, on the calling thread (tiny problems)
     mt = (a.shape[0] + scratch.shape[1] - 1) // scratch.shape[1]
     nt = (out.shape[1] + scratch.shape[2] - 1) // scratch.shape[2]
     for t in range(mt * nt):
-        _tile_job(
-            t,
-            nt,
-            a,
-            b,
-            scratch,
-            za,
-            rs,
-            cs,
-            zb,
-            bias,
-            mult,
-            zy,
-            qlo,
-            qhi,
-            mode,
-            out,
-            fbias,
-        )
+        _tile_job(t, nt, a, b, scratch, epi, out)

@@ -420,10 +420,9 @@ def gemm_u8s8(a, bp, out, kc):
 # rewrite the whole loop body, and with the tile kernels and the epilogue inlined
 # there they took minutes per driver variant; as a call they take seconds.
 @njit(nogil=True, cache=True)
-def _tile_job(
-    t, mt, a, bp, scratch, za, rs, cs, zb, bias, mult, zy, qlo, qhi, mode, out, fbias
-):
+def _tile_job(t, mt, a, bp, scratch, epi, out):
     # one MR x NR output tile over the whole K, then the fused epilogue (eq. 8-13)
+    za, rs, cs, zb, bias, mult, zy, qlo, qhi, mode, fbias = epi
     M, K = a.shape
     N = out.shape[1]
     k4 = K // 4
@@ -471,63 +470,23 @@ def _tile_job(
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def gemm_fused(
-    a, bp, scratch, za, rs, cs, zb, bias, mult, zy, qlo, qhi, mode, out, fbias
-):
+def gemm_fused(a, bp, scratch, epi, out):
     # a (M,K>=4) uint8, bp (NP,K4,NR,4) int8, scratch (threads,MR,NR) int32,
     # out (M,N) int32|uint8|int8|float32. N-major tile order: prange gives each
     # thread a contiguous range, so a thread streams its own B panels once.
     mt = (a.shape[0] + MR_MAX - 1) // MR_MAX
     nt = (out.shape[1] + NR - 1) // NR
     for t in prange(mt * nt):
-        _tile_job(
-            t,
-            mt,
-            a,
-            bp,
-            scratch,
-            za,
-            rs,
-            cs,
-            zb,
-            bias,
-            mult,
-            zy,
-            qlo,
-            qhi,
-            mode,
-            out,
-            fbias,
-        )
+        _tile_job(t, mt, a, bp, scratch, epi, out)
 
 
 @njit(nogil=True, cache=True)
-def gemm_fused_serial(
-    a, bp, scratch, za, rs, cs, zb, bias, mult, zy, qlo, qhi, mode, out, fbias
-):
+def gemm_fused_serial(a, bp, scratch, epi, out):
     # as gemm_fused on the calling thread: tiny problems skip the ~4 us pool launch
     mt = (a.shape[0] + MR_MAX - 1) // MR_MAX
     nt = (out.shape[1] + NR - 1) // NR
     for t in range(mt * nt):
-        _tile_job(
-            t,
-            mt,
-            a,
-            bp,
-            scratch,
-            za,
-            rs,
-            cs,
-            zb,
-            bias,
-            mult,
-            zy,
-            qlo,
-            qhi,
-            mode,
-            out,
-            fbias,
-        )
+        _tile_job(t, mt, a, bp, scratch, epi, out)
 
 
 def gemm(a_u8, packed, out):

@@ -322,10 +322,9 @@ def _run_tile(path, mr, a, lda, b, ldb, k4, kr, c, ldc, nvalid):
 # rewrite the whole loop body, and with the tile kernels and the epilogue inlined
 # there they took minutes per driver variant; as a call they take seconds.
 @njit(nogil=True, cache=True)
-def _tile_job(
-    path, t, a, bp, scratch, za, rs, cs, zb, bias, mult, zy, qlo, qhi, mode, out, fbias
-):
+def _tile_job(path, t, a, bp, scratch, epi, out):
     # one MR x NR tile of `path` over the whole K, then the fused epilogue
+    za, rs, cs, zb, bias, mult, zy, qlo, qhi, mode, fbias = epi
     M, K = a.shape
     N = out.shape[1]
     MR, NR = scratch.shape[1], scratch.shape[2]
@@ -352,62 +351,22 @@ def _tile_job(
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def gemm_fused(
-    path, a, bp, scratch, za, rs, cs, zb, bias, mult, zy, qlo, qhi, mode, out, fbias
-):
+def gemm_fused(path, a, bp, scratch, epi, out):
     # a (M,K>=4) uint8, bp (NP,K4,NR,4) int8, scratch (threads,MR,NR) int32 with
     # the path's tile, out (M,N): eq. 6 then eqs. 8-13 per tile, N-major order
     mt = (a.shape[0] + scratch.shape[1] - 1) // scratch.shape[1]
     nt = (out.shape[1] + scratch.shape[2] - 1) // scratch.shape[2]
     for t in prange(mt * nt):
-        _tile_job(
-            path,
-            t,
-            a,
-            bp,
-            scratch,
-            za,
-            rs,
-            cs,
-            zb,
-            bias,
-            mult,
-            zy,
-            qlo,
-            qhi,
-            mode,
-            out,
-            fbias,
-        )
+        _tile_job(path, t, a, bp, scratch, epi, out)
 
 
 @njit(nogil=True, cache=True)
-def gemm_fused_serial(
-    path, a, bp, scratch, za, rs, cs, zb, bias, mult, zy, qlo, qhi, mode, out, fbias
-):
+def gemm_fused_serial(path, a, bp, scratch, epi, out):
     # as gemm_fused, on the calling thread (tiny problems)
     mt = (a.shape[0] + scratch.shape[1] - 1) // scratch.shape[1]
     nt = (out.shape[1] + scratch.shape[2] - 1) // scratch.shape[2]
     for t in range(mt * nt):
-        _tile_job(
-            path,
-            t,
-            a,
-            bp,
-            scratch,
-            za,
-            rs,
-            cs,
-            zb,
-            bias,
-            mult,
-            zy,
-            qlo,
-            qhi,
-            mode,
-            out,
-            fbias,
-        )
+        _tile_job(path, t, a, bp, scratch, epi, out)
 
 
 def pack_b(b, nr):

@@ -5,7 +5,7 @@ Each backend provides
     tile                the (rows, cols) of one thread's int32 scratch tile
     pack(b_s8)          its weight layout of b' (K, N) int8
     gemm(a, packed, p)  raw P = a' @ b' into int32 p            (eq. 6)
-    fused(a, packed, scratch, *epilogue, out, serial)
+    fused(a, packed, scratch, epi, out, serial)
                         eq. 6 and the epilogue (eqs. 8-13) in one pass per tile
 """
 
@@ -38,9 +38,9 @@ class PortableGemm:
         _portable.gemm_u8s8(a_u8, packed, out, config.TILE_M, config.TILE_N)
 
     @staticmethod
-    def fused(a_u8, packed, scratch, *args, serial=False):
+    def fused(a_u8, packed, scratch, epi, out, serial=False):
         fn = _portable.gemm_fused_serial if serial else _portable.gemm_fused
-        fn(a_u8, packed, scratch[:1] if serial else scratch, *args)
+        fn(a_u8, packed, scratch[:1] if serial else scratch, epi, out)
 
 
 @functools.cache
@@ -70,10 +70,10 @@ class Avx512VnniGemm:
         k.gemm(a_u8, packed, out)
 
     @staticmethod
-    def fused(a_u8, packed, scratch, *args, serial=False):
+    def fused(a_u8, packed, scratch, epi, out, serial=False):
         k = _vnni()
         fn = k.gemm_fused_serial if serial else k.gemm_fused
-        fn(a_u8, packed, scratch[:1] if serial else scratch, *args)
+        fn(a_u8, packed, scratch[:1] if serial else scratch, epi, out)
 
 
 @functools.cache
@@ -103,10 +103,10 @@ class _YmmGemm:
         return _ymm().pack_b(b_s8, cls.tile[1])
 
     @classmethod
-    def fused(cls, a_u8, packed, scratch, *args, serial=False):
+    def fused(cls, a_u8, packed, scratch, epi, out, serial=False):
         k = _ymm()
         fn = k.gemm_fused_serial if serial else k.gemm_fused
-        fn(cls.path, a_u8, packed, scratch[:1] if serial else scratch, *args)
+        fn(cls.path, a_u8, packed, scratch[:1] if serial else scratch, epi, out)
 
     @classmethod
     def gemm(cls, a_u8: np.ndarray, packed: np.ndarray, out: np.ndarray) -> None:
@@ -121,8 +121,9 @@ class _YmmGemm:
         cls.fused(
             _readonly(np.ascontiguousarray(a_u8)), packed,
             np.empty((numba.config.NUMBA_NUM_THREADS, *cls.tile), np.int32),
-            z1, z1, zn, zn, zn, _readonly(np.ones((1, 1))), 0.0, 0.0, 0.0, 0, out,
-            _readonly(np.zeros(1, np.float32)),
+            (z1, z1, zn, zn, zn, _readonly(np.ones((1, 1))), 0.0, 0.0, 0.0, 0,
+             _readonly(np.zeros(1, np.float32))),
+            out,
         )  # fmt: skip
 
 
