@@ -1,4 +1,4 @@
-"""GPU benchmark of lowprec's CUDA INT8 GEMM against cuBLAS (a GPU machine only).
+"""GPU benchmark of lowprec's CUDA kernels against cuBLAS, cuSPARSE, cuDNN (GPU only).
 
 Run (one command, from the repository root, with the cuda extra installed):
 
@@ -15,10 +15,25 @@ Compares, per square size n (M = N = K = n), the median of --repeat timed runs
     cuBLAS fp16 / fp32    cupy.matmul
     torch._int_mm         int8 x int8 -> int32 (cuBLASLt IMMA), when torch has CUDA
 
+    lowprec fp16          lowprec.cuda_ops.matmul_fp16_cuda (float16 in, float32
+                          accumulate and out; issue 7 target >= 0.5x cuBLAS fp16)
+
 Prints GOP/s (2 n^3 / time) and lowprec's ratio to torch._int_mm and to cuBLAS
 fp16 (targets, issue 7: int8 >= 0.5x torch._int_mm / cuBLAS int8 on 4096^3).
 The lowprec results are checked bit-exactly against cupy's int32 product at the
 smallest size first. Needs numba-cuda, cupy-cuda13x and a GPU; torch optional.
+
+``--ops`` also selects (default: all)
+
+    spmm    W (n, n) at 90% sparsity (CSR) @ X (n, --spmm-n) float32:
+            lowprec spmm_cuda, qlinear_spmm_cuda (int8 W, uint8 X), cuSPARSE
+            (cupyx.scipy.sparse.csr_matrix @ X), torch.sparse.mm when present;
+            GOP/s counted on the stored entries (2 nnz N / time);
+            issue 7 target: lowprec float >= cuSPARSE
+    conv    a ResNet-50 stage-1 3x3 convolution, N=32, 64 -> 64 channels,
+            56 x 56, pad 1: lowprec qlinear_conv (uint8, NCHW and NHWC),
+            conv_fp16_cuda, and torch (cuDNN) fp16 NCHW when present;
+            GOP/s = 2 N M Ho Wo C kH kW / time
 """
 
 from __future__ import annotations
@@ -68,6 +83,16 @@ def _bench_size(n, check, repeat, rng, cp, np, cuda_ops, torch, has_int_mm):
         x = cp.asarray(rng.standard_normal((n, n)), dtype=dt)
         y = cp.asarray(rng.standard_normal((n, n)), dtype=dt)
         row[name] = _timeit(lambda x=x, y=y: cp.matmul(x, y), repeat, cp)
+    a16 = cp.asarray(rng.standard_normal((n, n)), dtype=cp.float16)
+    b16 = cp.asarray(rng.standard_normal((n, n)), dtype=cp.float16)
+    if check:  # the float32 sums of lowprec.half's contract, vs cuBLAS fp32
+        got = cuda_ops.matmul_fp16_cuda(a16, b16)
+        ref = a16.astype(cp.float32) @ b16.astype(cp.float32)
+        err = float(cp.abs(got - ref).max() / cp.abs(ref).max())
+        assert err < 1e-5, f"lowprec fp16 GEMM relative error {err}"
+    row["lowprec_fp16"] = _timeit(
+        lambda: cuda_ops.matmul_fp16_cuda(a16, b16), repeat, cp
+    )
     if has_int_mm:
         ta = torch.as_tensor(a.view(cp.int8), device="cuda")
         tb = torch.as_tensor(b, device="cuda")
@@ -80,6 +105,8 @@ def main(argv=None):
     ap.add_argument("--sizes", default="1024,2048,4096")
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--ops", default="gemm,spmm,conv", help="gemm, spmm, conv")
+    ap.add_argument("--spmm-n", type=int, default=256, help="columns of X (SpMM)")
     args = ap.parse_args(argv)
 
     import cupy as cp
@@ -97,9 +124,10 @@ def main(argv=None):
     dev = cp.cuda.runtime.getDeviceProperties(0)
     print(f"device: {dev['name'].decode()}  cupy {cp.__version__}", flush=True)
     sizes = [int(s) for s in args.sizes.split(",")]
+    ops = set(args.ops.split(","))
     rng = np.random.default_rng(0)
     results = []
-    for i, n in enumerate(sizes):
+    for i, n in enumerate(sizes if "gemm" in ops else []):
         row = _bench_size(n, i == 0, args.repeat, rng, cp, np, cuda_ops, torch,
                           has_int_mm)  # fmt: skip
         results.append(row)
@@ -113,10 +141,94 @@ def main(argv=None):
         if "torch_int_mm" in row:
             print(f"  lowprec int8 / torch._int_mm: {row['torch_int_mm'] / mine:.2f}x")
         print(f"  lowprec int8 / cuBLAS fp16:   {row['cublas_fp16'] / mine:.2f}x")
+        print(
+            f"  lowprec fp16 / cuBLAS fp16:   "
+            f"{row['cublas_fp16'] / row['lowprec_fp16']:.2f}x"
+        )
+    extra = {}
+    if "spmm" in ops:
+        extra["spmm"] = [
+            _bench_spmm(n, args.spmm_n, args.repeat, rng, cp, np, cuda_ops, torch)
+            for n in sizes
+        ]
+    if "conv" in ops:
+        extra["conv"] = _bench_conv(args.repeat, rng, cp, np, cuda_ops, torch)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": dev["name"].decode(), "seconds": results}, f, indent=1)
+            json.dump(
+                {"device": dev["name"].decode(), "seconds": results, **extra},
+                f,
+                indent=1,
+            )
     return 0
+
+
+def _report(title, work, row):
+    print(f"\n{title}: " + "  ".join(
+        f"{k} {work / t / 1e9:9.1f} GOP/s" for k, t in row.items() if k != "shape"
+    ))  # fmt: skip
+
+
+def _bench_spmm(n, N, repeat, rng, cp, np, cuda_ops, torch):
+    from cupyx.scipy import sparse as cpsp
+
+    from lowprec import sparse as sp
+
+    mask = rng.random((n, n)) < 0.1  # 90% sparsity
+    w = (rng.standard_normal((n, n)) * mask).astype(np.float32)
+    W = sp.from_dense(w, mask)
+    Wq = sp.from_dense(w, mask, dtype=np.int8)
+    x = cp.asarray(rng.standard_normal((n, N)), dtype=cp.float32)
+    xq = cp.asarray(rng.integers(0, 256, (n, N), dtype=np.uint8))
+    ws = cpsp.csr_matrix(cp.asarray(w))
+    got = cuda_ops.spmm_cuda(W, x)
+    ref = ws @ x
+    err = float(cp.abs(got - ref).max() / cp.abs(ref).max())
+    assert err < 1e-5, f"lowprec SpMM relative error {err}"
+    row = {"shape": [n, n, N]}
+    row["lowprec_spmm_f32"] = _timeit(lambda: cuda_ops.spmm_cuda(W, x), repeat, cp)
+    args = (np.float32(0.02), np.uint8(128), np.float32(0.5), np.uint8(128))
+    row["lowprec_qspmm_u8"] = _timeit(
+        lambda: cuda_ops.qlinear_spmm_cuda(Wq, xq, *args), repeat, cp
+    )
+    row["cusparse_f32"] = _timeit(lambda: ws @ x, repeat, cp)
+    if torch is not None and torch.cuda.is_available():
+        tw = torch.as_tensor(w, device="cuda").to_sparse_csr()
+        tx = torch.as_tensor(x, device="cuda")
+        row["torch_sparse_mm"] = _timeit(lambda: torch.sparse.mm(tw, tx), repeat, cp)
+    _report(f"SpMM {n}x{n} @ 90% x {N}", 2.0 * W.nnz * N, row)
+    print(f"  lowprec / cuSPARSE: {row['cusparse_f32'] / row['lowprec_spmm_f32']:.2f}x")
+    return row
+
+
+def _bench_conv(repeat, rng, cp, np, cuda_ops, torch):
+    N, C, H, W, M = 32, 64, 56, 56, 64
+    x = rng.integers(0, 256, (N, C, H, W), dtype=np.uint8)
+    w = rng.integers(-128, 128, (M, C, 3, 3), dtype=np.int8)
+    xd = cp.asarray(x)
+    xh = cp.asarray(np.ascontiguousarray(x.transpose(0, 2, 3, 1)))
+    args = (np.float32(0.02), np.uint8(128), w, np.float32(0.01), None,
+            np.float32(0.5), np.uint8(128))  # fmt: skip
+    row = {"shape": [N, C, H, W, M, 3, 3]}
+    row["lowprec_qconv_nchw"] = _timeit(
+        lambda: cuda_ops.qlinear_conv_cuda(xd, *args, pads=(1, 1, 1, 1)), repeat, cp
+    )
+    row["lowprec_qconv_nhwc"] = _timeit(
+        lambda: cuda_ops.qlinear_conv_cuda(xh, *args, pads=(1,) * 4, layout="NHWC"),
+        repeat, cp,
+    )  # fmt: skip
+    x16 = cp.asarray(rng.standard_normal((N, C, H, W)), dtype=cp.float16)
+    w16 = cp.asarray(rng.standard_normal((M, C, 3, 3)), dtype=cp.float16)
+    row["lowprec_conv_fp16"] = _timeit(
+        lambda: cuda_ops.conv_fp16_cuda(x16, w16, pads=(1, 1, 1, 1)), repeat, cp
+    )
+    if torch is not None and torch.cuda.is_available():
+        tx = torch.as_tensor(x16, device="cuda")
+        tw = torch.as_tensor(w16, device="cuda")
+        conv = torch.nn.functional.conv2d
+        row["torch_cudnn_fp16"] = _timeit(lambda: conv(tx, tw, padding=1), repeat, cp)
+    _report("conv 3x3 64->64 56x56 N=32", 2.0 * N * M * H * W * C * 9, row)
+    return row
 
 
 if __name__ == "__main__":

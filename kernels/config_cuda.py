@@ -31,3 +31,27 @@ THREADS_1D = 256
 # Elementwise kernels: at most this many blocks; each thread strides over the
 # rest (grid-stride loop).
 MAX_BLOCKS_1D = 4096
+
+# INT8 convolution (kernels/int8_conv_cuda.py) runs the implicit GEMM with the
+# GEMM's BLOCK_* / THREADS_* tiles above (rows = output pixels, columns = output
+# channels of one group); depthwise and the patch row sums use THREADS_1D.
+
+# FP16 GEMM / conv (kernels/fp16_gemm_cuda.py): float32 shared tiles, a
+# FP16_BLOCK_M x FP16_BLOCK_N output tile per block of FP16_THREADS_M x
+# FP16_THREADS_N threads (8 x 8 float32 accumulators each), FP16_BLOCK_K values
+# of K per shared-memory stage.
+FP16_BLOCK_M = 128
+FP16_BLOCK_N = 128
+FP16_BLOCK_K = 8
+FP16_THREADS_M = 16
+FP16_THREADS_N = 16
+FP16_SMEM_PAD = 4
+
+# Sparse SpMM (kernels/sparse_gemm_cuda.py): a block owns SPMM_ROWS consecutive
+# rows of W (one after the other) and SPMM_THREADS * SPMM_VN columns of X and Y;
+# each thread accumulates SPMM_VN columns (strided by the block width, so a warp
+# reads 32 consecutive floats of an X row). The row's (column, value) pairs are
+# staged in shared memory SPMM_THREADS at a time (one load per thread).
+SPMM_ROWS = 4
+SPMM_THREADS = 128
+SPMM_VN = 4

@@ -105,23 +105,30 @@ def _dpbf16(builder):
     )
 
 
-def make_tile_kernel(MR, kind):
+def make_tile_kernel(MR, kind, strided_a=False):
     """One MR x NR float32 tile over a K range, as an intrinsic.
 
     _tile(a, lda, b, ks, c, ldc, accum)    all int64
-      a     address of A[m0, k0]: float32 (f16) or bfloat16 pairs (bf16), row
-            stride lda bytes
-      b     address of the panel at k0: rows of NR float16 (f16, 2*NR bytes) or
-            NR bfloat16 pairs (bf16, 4*NR bytes)
-      ks    steps: k values (f16) or k pairs (bf16)
+      a     address of A[m0, k0]: float32 (f16, f32) or bfloat16 pairs (bf16),
+            row stride lda bytes
+      b     address of the panel at k0: rows of NR float16 (f16, 2*NR bytes),
+            NR float32 (f32, 4*NR bytes) or NR bfloat16 pairs (bf16, 4*NR bytes)
+      ks    steps: k values (f16, f32) or k pairs (bf16)
       c     address of a float32 MR x NR tile, row stride ldc elements
       accum 0: the tile starts from 0; 1: from c (continues the same sum order)
+
+    strided_a=True adds an argument after lda, ``astep``: the bytes between
+    A[m, k] and A[m, k+1] (4 when A's rows are contiguous); the implicit-GEMM
+    convolution (kernels/fp16_conv.py) reads A straight from an NCHW image.
     """
-    step_a = 4  # bytes of A per step: one float32 or one bfloat16 pair
     step_b = 2 * NR if kind == "f16" else 4 * NR
 
     def codegen(context, builder, sig, args):
-        a, lda, b, ks, c, ldc, accum = args
+        if strided_a:
+            a, lda, step_a, b, ks, c, ldc, accum = args
+        else:
+            a, lda, b, ks, c, ldc, accum = args
+            step_a = ir.Constant(_i64, 4)  # one float32 or one bfloat16 pair
         i8p = ir.IntType(8).as_pointer()
         zero64 = ir.Constant(_i64, 0)
         one64 = ir.Constant(_i64, 1)
@@ -160,12 +167,18 @@ def make_tile_kernel(MR, kind):
             p.add_incoming(x, pre)
             phis.append(p)
         b_row = builder.gep(b_base, [builder.mul(kphi, ir.Constant(_i64, step_b))])
-        a_off = builder.mul(kphi, ir.Constant(_i64, step_a))
+        a_off = builder.mul(kphi, step_a)
         new = []
-        if kind == "f16":
+        if kind in ("f16", "f32"):
             fma = _fma(builder)
             bvecs = []
             for v in range(NV):
+                if kind == "f32":
+                    p = builder.gep(b_row, [ir.Constant(_i64, 64 * v)])
+                    bvecs.append(
+                        builder.load(builder.bitcast(p, _vf.as_pointer()), align=4)
+                    )
+                    continue
                 p = builder.gep(b_row, [ir.Constant(_i64, 32 * v)])
                 h = builder.load(builder.bitcast(p, _vh.as_pointer()), align=2)
                 bvecs.append(builder.fpext(h, _vf))  # vcvtph2ps zmm, m256
@@ -208,9 +221,17 @@ def make_tile_kernel(MR, kind):
             builder.store(p, ptr, align=4)
         return context.get_dummy_value()
 
+    i = types.int64
+    if strided_a:
+
+        @intrinsic
+        def _tile_s(typingctx, a, lda, astep, b, ks, c, ldc, accum):
+            return types.void(i, i, i, i, i, i, i, i), codegen
+
+        return _tile_s
+
     @intrinsic
     def _tile(typingctx, a, lda, b, ks, c, ldc, accum):
-        i = types.int64
         return types.void(i, i, i, i, i, i, i), codegen
 
     return _tile

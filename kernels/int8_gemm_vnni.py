@@ -28,8 +28,6 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .requant import epilogue_tile
-
 # ---------------------------------------------------------------------------
 # Tile shape.  Compile-time constants (NOT env knobs: numba's cache would not
 # see a change).  Sweep at KC=1024, 1 thread, GOP/s (peak 436-454):
@@ -41,14 +39,15 @@ from .requant import epilogue_tile
 MR_MAX = 6  # rows per register tile (kernels for 1..MR_MAX are built)
 NV = 4  # zmm vectors per row -> NR = 64 columns
 NR = 16 * NV
-# Software prefetch of B PF_DIST k4-rows ahead: 4/8/16 gave no measurable gain
-# (within the +-10% noise of this shared VM), so off.
-PF_DIST = 0
+# Software prefetch of B 4/8/16 k4-rows ahead gave no measurable gain (within
+# the +-10% noise of this shared VM), so there is none.
 
 _i1 = ir.IntType(1)
 _i8 = ir.IntType(8)
 _i32 = ir.IntType(32)
 _i64 = ir.IntType(64)
+_f32 = ir.FloatType()
+_f64 = ir.DoubleType()
 _v16 = ir.VectorType(_i32, 16)
 _m16 = ir.VectorType(_i1, 16)
 
@@ -119,8 +118,139 @@ def _load_v16(builder, p8):
     return builder.load(ptr, align=1)
 
 
+def _k_loop(builder, MR, NV_, a, lda, b, ldb, k4, kr, nvalid, flip=False):
+    """Emit the K loop of one MR x (16*NV_) tile; returns its accumulators.
+
+    The accumulators are MR*NV_ <16 x i32> SSA values (row-major), the raw P of
+    eq. 6 for this tile; columns past nvalid hold copies of the last valid vector.
+    flip: A holds int8; a' = a + 128 = a XOR 0x80 per byte (eq. 5) is formed on
+    the four loaded bytes, so int8 activations need no converted copy.
+    """
+
+    def load_a(ptr):
+        x = _load_i32(builder, ptr)
+        return builder.xor(x, ir.Constant(_i32, 0x80808080)) if flip else x
+
+    NRB = 64  # bytes of one B vector (16 columns x 4 k-bytes)
+    vpd = _vpdpbusd(builder)
+    i8p = _i8.as_pointer()
+    zero64 = ir.Constant(_i64, 0)
+    one64 = ir.Constant(_i64, 1)
+
+    a_base = builder.inttoptr(a, i8p)
+    b_base = builder.inttoptr(b, i8p)
+    # row pointers of A
+    a_rows = [
+        _gep8(builder, a_base, builder.mul(lda, ir.Constant(_i64, r)))
+        for r in range(MR)
+    ]
+    # clamped B vector byte offsets: min(v, nvec-1) * 64, nvec = ceil(nvalid/16)
+    nvec = builder.udiv(
+        builder.add(nvalid, ir.Constant(_i64, 15)), ir.Constant(_i64, 16)
+    )
+    last = builder.sub(nvec, one64)
+    b_offs = []
+    for v in range(NV_):
+        cv = ir.Constant(_i64, v)
+        vv = builder.select(builder.icmp_signed("<", cv, last), cv, last)
+        b_offs.append(builder.mul(vv, ir.Constant(_i64, NRB)))
+
+    zero_v = ir.Constant(_v16, None)
+    fn = builder.function
+    pre = builder.block
+    loop = fn.append_basic_block("vnni.loop")
+    after = fn.append_basic_block("vnni.after")
+    builder.cbranch(builder.icmp_signed(">", k4, zero64), loop, after)
+
+    # ---- main K loop: accumulators as phi nodes -> stay in zmm registers
+    builder.position_at_end(loop)
+    kphi = builder.phi(_i64, "k")
+    kphi.add_incoming(zero64, pre)
+    acc_phis = []
+    for _ in range(MR * NV_):
+        p = builder.phi(_v16)
+        p.add_incoming(zero_v, pre)
+        acc_phis.append(p)
+    k_bytes = builder.shl(kphi, ir.Constant(_i64, 2))
+    b_row = _gep8(builder, b_base, builder.mul(kphi, ldb))
+    bvecs = [_load_v16(builder, _gep8(builder, b_row, b_offs[v])) for v in range(NV_)]
+    new_accs = []
+    for r in range(MR):
+        av = _splat(builder, load_a(_gep8(builder, a_rows[r], k_bytes)))
+        for v in range(NV_):
+            # operand 2 = unsigned bytes (A), operand 3 = signed bytes (B)
+            new_accs.append(builder.call(vpd, [acc_phis[r * NV_ + v], av, bvecs[v]]))
+    knext = builder.add(kphi, one64)
+    loop_end = builder.block
+    kphi.add_incoming(knext, loop_end)
+    for p, nv in zip(acc_phis, new_accs, strict=True):
+        p.add_incoming(nv, loop_end)
+    br = builder.cbranch(builder.icmp_signed("<", knext, k4), loop, after)
+    _no_unroll(builder, br)
+
+    # ---- after loop: merge, then optional K tail (kr bytes)
+    builder.position_at_end(after)
+    accs = []
+    for i in range(MR * NV_):
+        p = builder.phi(_v16)
+        p.add_incoming(zero_v, pre)
+        p.add_incoming(new_accs[i], loop_end)
+        accs.append(p)
+    tail = fn.append_basic_block("vnni.tail")
+    done = fn.append_basic_block("vnni.done")
+    after_end = builder.block
+    builder.cbranch(builder.icmp_signed(">", kr, zero64), tail, done)
+
+    builder.position_at_end(tail)
+    # bytes [4*k4, 4*k4+kr) of each row: load the 4 bytes ending at the
+    # tail end (always inside the row) and shift out the (4-kr) low bytes.
+    k_bytes_t = builder.shl(k4, ir.Constant(_i64, 2))
+    back = builder.sub(ir.Constant(_i64, 4), kr)
+    shift = builder.trunc(builder.shl(back, ir.Constant(_i64, 3)), _i32)
+    b_row = _gep8(builder, b_base, builder.mul(k4, ldb))
+    bvecs = [_load_v16(builder, _gep8(builder, b_row, b_offs[v])) for v in range(NV_)]
+    tail_accs = []
+    for r in range(MR):
+        p = _gep8(
+            builder,
+            a_rows[r],
+            builder.sub(builder.add(k_bytes_t, kr), ir.Constant(_i64, 4)),
+        )
+        x = builder.lshr(load_a(p), shift)
+        av = _splat(builder, x)
+        for v in range(NV_):
+            tail_accs.append(builder.call(vpd, [accs[r * NV_ + v], av, bvecs[v]]))
+    tail_end = builder.block
+    builder.branch(done)
+
+    builder.position_at_end(done)
+    fin = []
+    for i in range(MR * NV_):
+        p = builder.phi(_v16)
+        p.add_incoming(accs[i], after_end)
+        p.add_incoming(tail_accs[i], tail_end)
+        fin.append(p)
+    return fin
+
+
+def _col_masks(builder, NV_, nvalid):
+    """<16 x i1> per vector v: column 16*v + lane < nvalid."""
+    v64 = ir.VectorType(_i64, 16)
+    lanes = ir.Constant(v64, list(range(16)))
+    nv_splat = builder.insert_element(
+        ir.Constant(v64, ir.Undefined), nvalid, ir.Constant(_i32, 0)
+    )
+    nv_splat = builder.shuffle_vector(nv_splat, nv_splat, ir.Constant(_v16, None))
+    return [
+        builder.icmp_signed(
+            "<", builder.add(lanes, ir.Constant(v64, [16 * v] * 16)), nv_splat
+        )
+        for v in range(NV_)
+    ]
+
+
 def make_tile_kernel(MR, NV_):
-    """Build an intrinsic computing one MR x (16*NV_) tile over a K range.
+    """Build an intrinsic computing one MR x (16*NV_) raw tile over a K range.
 
     _tile(a, lda, b, ldb, k4, kr, c, ldc, nvalid, accum)   all int64
       a      : address of A[m0, k0]             (uint8, row stride lda bytes)
@@ -133,153 +263,18 @@ def make_tile_kernel(MR, NV_):
       nvalid : valid columns in this tile (1..16*NV_); rest masked off
       accum  : 0 -> C = tile, 1 -> C += tile
     """
-    NRB = 64  # bytes of one B vector (16 columns x 4 k-bytes)
 
     def codegen(context, builder, sig, args):
         a, lda, b, ldb, k4, kr, c, ldc, nvalid, accum = args
-        vpd = _vpdpbusd(builder)
-        i8p = _i8.as_pointer()
-        zero64 = ir.Constant(_i64, 0)
-        one64 = ir.Constant(_i64, 1)
-
-        a_base = builder.inttoptr(a, i8p)
-        b_base = builder.inttoptr(b, i8p)
-        # row pointers of A
-        a_rows = [
-            _gep8(builder, a_base, builder.mul(lda, ir.Constant(_i64, r)))
-            for r in range(MR)
-        ]
-        # clamped B vector byte offsets: min(v, nvec-1) * 64, nvec = ceil(nvalid/16)
-        nvec = builder.udiv(
-            builder.add(nvalid, ir.Constant(_i64, 15)), ir.Constant(_i64, 16)
-        )
-        last = builder.sub(nvec, one64)
-        b_offs = []
-        for v in range(NV_):
-            cv = ir.Constant(_i64, v)
-            vv = builder.select(builder.icmp_signed("<", cv, last), cv, last)
-            b_offs.append(builder.mul(vv, ir.Constant(_i64, NRB)))
-
-        zero_v = ir.Constant(_v16, None)
-        fn = builder.function
-        pre = builder.block
-        loop = fn.append_basic_block("vnni.loop")
-        after = fn.append_basic_block("vnni.after")
-        builder.cbranch(builder.icmp_signed(">", k4, zero64), loop, after)
-
-        # ---- main K loop: accumulators as phi nodes -> stay in zmm registers
-        builder.position_at_end(loop)
-        kphi = builder.phi(_i64, "k")
-        kphi.add_incoming(zero64, pre)
-        acc_phis = []
-        for _ in range(MR * NV_):
-            p = builder.phi(_v16)
-            p.add_incoming(zero_v, pre)
-            acc_phis.append(p)
-        k_bytes = builder.shl(kphi, ir.Constant(_i64, 2))
-        b_row = _gep8(builder, b_base, builder.mul(kphi, ldb))
-        bvecs = [
-            _load_v16(builder, _gep8(builder, b_row, b_offs[v])) for v in range(NV_)
-        ]
-        if PF_DIST > 0:
-            # software prefetch of the B row PF_DIST k4-steps ahead
-            pf = cgutils.get_or_insert_function(
-                builder.module,
-                ir.FunctionType(ir.VoidType(), [_i8.as_pointer(), _i32, _i32, _i32]),
-                "llvm.prefetch.p0",
-            )
-            b_pf = _gep8(builder, b_row, builder.mul(ldb, ir.Constant(_i64, PF_DIST)))
-            for v in range(NV_):
-                builder.call(
-                    pf,
-                    [
-                        _gep8(builder, b_pf, ir.Constant(_i64, 64 * v)),
-                        ir.Constant(_i32, 0),
-                        ir.Constant(_i32, 3),
-                        ir.Constant(_i32, 1),
-                    ],
-                )
-        new_accs = []
-        for r in range(MR):
-            av = _splat(builder, _load_i32(builder, _gep8(builder, a_rows[r], k_bytes)))
-            for v in range(NV_):
-                # operand 2 = unsigned bytes (A), operand 3 = signed bytes (B)
-                new_accs.append(
-                    builder.call(vpd, [acc_phis[r * NV_ + v], av, bvecs[v]])
-                )
-        knext = builder.add(kphi, one64)
-        loop_end = builder.block
-        kphi.add_incoming(knext, loop_end)
-        for p, nv in zip(acc_phis, new_accs, strict=True):
-            p.add_incoming(nv, loop_end)
-        br = builder.cbranch(builder.icmp_signed("<", knext, k4), loop, after)
-        _no_unroll(builder, br)
-
-        # ---- after loop: merge, then optional K tail (kr bytes)
-        builder.position_at_end(after)
-        accs = []
-        for i in range(MR * NV_):
-            p = builder.phi(_v16)
-            p.add_incoming(zero_v, pre)
-            p.add_incoming(new_accs[i], loop_end)
-            accs.append(p)
-        tail = fn.append_basic_block("vnni.tail")
-        store = fn.append_basic_block("vnni.store")
-        after_end = builder.block
-        builder.cbranch(builder.icmp_signed(">", kr, zero64), tail, store)
-
-        builder.position_at_end(tail)
-        # bytes [4*k4, 4*k4+kr) of each row: load the 4 bytes ending at the
-        # tail end (always inside the row) and shift out the (4-kr) low bytes.
-        k_bytes_t = builder.shl(k4, ir.Constant(_i64, 2))
-        back = builder.sub(ir.Constant(_i64, 4), kr)
-        shift = builder.trunc(builder.shl(back, ir.Constant(_i64, 3)), _i32)
-        b_row = _gep8(builder, b_base, builder.mul(k4, ldb))
-        bvecs = [
-            _load_v16(builder, _gep8(builder, b_row, b_offs[v])) for v in range(NV_)
-        ]
-        tail_accs = []
-        for r in range(MR):
-            p = _gep8(
-                builder,
-                a_rows[r],
-                builder.sub(builder.add(k_bytes_t, kr), ir.Constant(_i64, 4)),
-            )
-            x = builder.lshr(_load_i32(builder, p), shift)
-            av = _splat(builder, x)
-            for v in range(NV_):
-                tail_accs.append(builder.call(vpd, [accs[r * NV_ + v], av, bvecs[v]]))
-        tail_end = builder.block
-        builder.branch(store)
-
-        # ---- store the tile (masked on columns), optionally accumulating
-        builder.position_at_end(store)
-        fin = []
-        for i in range(MR * NV_):
-            p = builder.phi(_v16)
-            p.add_incoming(accs[i], after_end)
-            p.add_incoming(tail_accs[i], tail_end)
-            fin.append(p)
-        lanes = ir.Constant(ir.VectorType(_i64, 16), list(range(16)))
-        nv_splat = builder.insert_element(
-            ir.Constant(ir.VectorType(_i64, 16), ir.Undefined),
-            nvalid,
-            ir.Constant(_i32, 0),
-        )
-        nv_splat = builder.shuffle_vector(nv_splat, nv_splat, ir.Constant(_v16, None))
-        acc_flag = builder.icmp_signed("!=", accum, zero64)
+        fin = _k_loop(builder, MR, NV_, a, lda, b, ldb, k4, kr, nvalid)
+        masks = _col_masks(builder, NV_, nvalid)
+        acc_flag = builder.icmp_signed("!=", accum, ir.Constant(_i64, 0))
         acc_mask_s = builder.insert_element(
             ir.Constant(_m16, ir.Undefined), acc_flag, ir.Constant(_i32, 0)
         )
         acc_mask = builder.shuffle_vector(
             acc_mask_s, acc_mask_s, ir.Constant(_v16, None)
         )
-        masks = []
-        for v in range(NV_):
-            col = builder.add(
-                lanes, ir.Constant(ir.VectorType(_i64, 16), [16 * v] * 16)
-            )
-            masks.append(builder.icmp_signed("<", col, nv_splat))
         c_base = builder.inttoptr(c, _i32.as_pointer())
         for r in range(MR):
             c_row = builder.gep(c_base, [builder.mul(ldc, ir.Constant(_i64, r))])
@@ -294,21 +289,197 @@ def make_tile_kernel(MR, NV_):
 
     @intrinsic
     def _tile(typingctx, a, lda, b, ldb, k4, kr, c, ldc, nvalid, accum):
-        sig = types.void(
-            types.int64,
-            types.int64,
-            types.int64,
-            types.int64,
-            types.int64,
-            types.int64,
-            types.int64,
-            types.int64,
-            types.int64,
-            types.int64,
-        )
+        sig = types.void(*([types.int64] * 10))
         return sig, codegen
 
     return _tile
+
+
+# ---------------------------------------------------------------------------
+# the fused tile: K loop and the epilogue of kernels/requant.py in registers
+
+
+def _vec_load(builder, addr, elt, mask):
+    """Masked load of 16 elements of type elt at the int64 address addr."""
+    vt = ir.VectorType(elt, 16)
+    ptr = builder.inttoptr(addr, vt.as_pointer())
+    name = {_i64: "v16i64", _i32: "v16i32", _f32: "v16f32", _f64: "v16f64"}[elt]
+    fnty = ir.FunctionType(vt, [vt.as_pointer(), _i32, _m16, vt])
+    fn = cgutils.get_or_insert_function(
+        builder.module, fnty, f"llvm.masked.load.{name}.p0"
+    )
+    return builder.call(fn, [ptr, ir.Constant(_i32, 1), mask, ir.Constant(vt, None)])
+
+
+def _vec_store(builder, val, addr, mask):
+    vt = val.type
+    ptr = builder.inttoptr(addr, vt.as_pointer())
+    name = f"v16{'i8' if vt.element == _i8 else {_i32: 'i32', _f32: 'f32'}[vt.element]}"
+    fnty = ir.FunctionType(ir.VoidType(), [vt, vt.as_pointer(), _i32, _m16])
+    fn = cgutils.get_or_insert_function(
+        builder.module, fnty, f"llvm.masked.store.{name}.p0"
+    )
+    builder.call(fn, [val, ptr, ir.Constant(_i32, 1), mask])
+
+
+def _splat_any(builder, x, vt):
+    v = builder.insert_element(ir.Constant(vt, ir.Undefined), x, ir.Constant(_i32, 0))
+    return builder.shuffle_vector(v, v, ir.Constant(_v16, None))
+
+
+def _clamp(builder, x, lo, hi):
+    # min(max(x, lo), hi) as kernels/requant.py writes it (no NaN reaches here)
+    x = builder.select(builder.fcmp_ordered("<", x, lo), lo, x)
+    return builder.select(builder.fcmp_ordered(">", x, hi), hi, x)
+
+
+def make_fused_kernel(MR, NV_):
+    """Build an intrinsic: one MR x (16*NV_) tile over the whole K, then the
+    epilogue (eqs. 8-13, kernels/requant.py) on the accumulators in registers
+    and one masked store per vector: no int32 scratch round trip.
+
+    _ftile(a, lda, b, ldb, k4, kr, c, ldc, nvalid, bias, cs, zb, za, za_step,
+           rs, rs_step, general, mult, mult_step, zy, qlo, qhi, fbias, a_arr, out)
+      a..nvalid : as make_tile_kernel (ldc in bytes here; c = &out[m0, n0])
+      bias, cs, zb : addresses of bias[n0], colsum[n0], ZB[n0] (int64 arrays)
+      za, rs    : addresses of ZA[m0], rowsum[m0] (int64); *_step bytes per row
+                  (0 for one value shared by every row)
+      general   : 0 -> acc = P + bias (ZA folded into bias, no row term);
+                  1 -> acc = P + bias - ZA*colsum - ZB*rowsum          (eq. 8)
+      mult      : address of mult[m0 | 0, n0] (float64), mult_step bytes per row
+      zy, qlo, qhi : float64; fbias: address of the float32 real bias at n0
+      a_arr     : the A array itself, only for its dtype: int8 A is flipped to
+                  a' in the K loop (see _k_loop)
+      out       : the output array itself, only for its dtype, which picks
+                  the epilogue: int32 -> mode 0, uint8/int8 -> mode 1,
+                  float32 -> mode 2.
+    The caller guarantees K <= K_INT32_SAFE, so the raw int32 P is exact
+    (docs/quantization.md, eq. 7); eq. 8 then runs in int64 lanes (wrapping
+    int32 for int32 output, which keeps the same low 32 bits).
+    """
+
+    def codegen(context, builder, sig, args):
+        a, lda, b, ldb, k4, kr, c, ldc, nvalid = args[:9]
+        bias, cs, zb, za, za_step, rs, rs_step, general = args[9:17]
+        mult, mult_step, zy, qlo, qhi, fbias = args[17:23]
+        kind = sig.args[-1].dtype
+        flip = sig.args[-2].dtype == types.int8
+        fin = _k_loop(builder, MR, NV_, a, lda, b, ldb, k4, kr, nvalid, flip)
+        masks = _col_masks(builder, NV_, nvalid)
+
+        def col(addr, v, elt, size):
+            at = builder.add(addr, ir.Constant(_i64, 16 * size * v))
+            return _vec_load(builder, at, elt, masks[v])
+
+        # eq. 8: + bias always; the ZA / ZB terms only when `general`. int32
+        # output: wrapping int32 arithmetic (the same low 32 bits as the int64
+        # sum the reference stores). Requantized / float output: int64 lanes, so
+        # acc is exact whatever the bias (the double conversion needs it exact).
+        wide = kind != types.int32
+        lane = ir.VectorType(_i64, 16) if wide else _v16
+
+        def ext(x):
+            return builder.sext(x, lane) if wide else x
+
+        def col64(addr, v):
+            x = col(addr, v, _i64, 8)
+            return x if wide else builder.trunc(x, _v16)
+
+        def row64(addr, step, r):
+            at = builder.add(addr, builder.mul(step, ir.Constant(_i64, r)))
+            x = builder.load(builder.inttoptr(at, _i64.as_pointer()))
+            return _splat_any(builder, x if wide else builder.trunc(x, _i32), lane)
+
+        bv = [col64(bias, v) for v in range(NV_)]
+        accs = [builder.add(ext(fin[i]), bv[i % NV_]) for i in range(MR * NV_)]
+        fn = builder.function
+        pre = builder.block
+        corr = fn.append_basic_block("epi.general")
+        join = fn.append_basic_block("epi.join")
+        builder.cbranch(
+            builder.icmp_signed("!=", general, ir.Constant(_i64, 0)), corr, join
+        )
+        builder.position_at_end(corr)
+        csv = [col64(cs, v) for v in range(NV_)]
+        zbv = [col64(zb, v) for v in range(NV_)]
+        fixed = []
+        for r in range(MR):
+            zas = row64(za, za_step, r)
+            rss = row64(rs, rs_step, r)
+            for v in range(NV_):
+                x = accs[r * NV_ + v]
+                x = builder.sub(x, builder.mul(zas, csv[v]))
+                x = builder.sub(x, builder.mul(zbv[v], rss))
+                fixed.append(x)
+        corr_end = builder.block
+        builder.branch(join)
+        builder.position_at_end(join)
+        acc = []
+        for x, y in zip(accs, fixed, strict=True):
+            p = builder.phi(lane)
+            p.add_incoming(x, pre)
+            p.add_incoming(y, corr_end)
+            acc.append(p)
+
+        vf64 = ir.VectorType(_f64, 16)
+        vf32 = ir.VectorType(_f32, 16)
+        if kind != types.int32:
+            zyv = _splat_any(builder, zy, vf64)
+            lov = _splat_any(builder, qlo, vf64)
+            hiv = _splat_any(builder, qhi, vf64)
+            rint = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(vf64, [vf64]), "llvm.rint.v16f64"
+            )
+            fbv = (
+                [col(fbias, v, _f32, 4) for v in range(NV_)]
+                if kind == types.float32
+                else None
+            )
+        esize = {types.int32: 4, types.float32: 4, types.uint8: 1, types.int8: 1}[kind]
+        for r in range(MR):
+            row = builder.add(c, builder.mul(ldc, ir.Constant(_i64, r)))
+            mrow = builder.add(mult, builder.mul(mult_step, ir.Constant(_i64, r)))
+            for v in range(NV_):
+                x = acc[r * NV_ + v]
+                at = builder.add(row, ir.Constant(_i64, 16 * esize * v))
+                if kind == types.int32:
+                    _vec_store(builder, x, at, masks[v])
+                    continue
+                d = builder.fmul(builder.sitofp(x, vf64), col(mrow, v, _f64, 8))
+                if kind == types.float32:
+                    # float32(acc * mult) + fbias in float32, clamp (mode 2)
+                    f = builder.fadd(builder.fptrunc(d, vf32), fbv[v])
+                    d = _clamp(builder, builder.fpext(f, vf64), lov, hiv)
+                    _vec_store(builder, builder.fptrunc(d, vf32), at, masks[v])
+                else:
+                    # saturate(rint(acc * mult + zy)) (mode 1, eq. 11)
+                    d = builder.call(rint, [builder.fadd(d, zyv)])
+                    d = _clamp(builder, d, lov, hiv)
+                    q = builder.trunc(builder.fptosi(d, _v16), ir.VectorType(_i8, 16))
+                    _vec_store(builder, q, at, masks[v])
+        return context.get_dummy_value()
+
+    @intrinsic
+    def _ftile(typingctx, a, lda, b, ldb, k4, kr, c, ldc, nvalid, bias, cs, zb,
+               za, za_step, rs, rs_step, general, mult, mult_step, zy, qlo, qhi,
+               fbias, a_arr, out):  # fmt: skip
+        if not isinstance(out, types.Array) or out.dtype not in (
+            types.int32,
+            types.uint8,
+            types.int8,
+            types.float32,
+        ):
+            return None
+        if not isinstance(a_arr, types.Array) or a_arr.dtype not in (
+            types.uint8,
+            types.int8,
+        ):
+            return None
+        f8 = types.float64
+        sig = types.void(*([types.int64] * 19), f8, f8, f8, types.int64, a_arr, out)
+        return sig, codegen
+
+    return _ftile
 
 
 # One module-level intrinsic per row count (module globals, so numba's cache
@@ -416,77 +587,111 @@ def gemm_u8s8(a, bp, out, kc):
             )
 
 
-# Not inlined into the prange drivers on purpose: numba's parfor passes copy and
-# rewrite the whole loop body, and with the tile kernels and the epilogue inlined
-# there they took minutes per driver variant; as a call they take seconds.
-@njit(nogil=True, cache=True)
-def _tile_job(t, mt, a, bp, scratch, epi, out):
-    # one MR x NR output tile over the whole K, then the fused epilogue (eq. 8-13)
+_ftile1 = make_fused_kernel(1, NV)
+_ftile2 = make_fused_kernel(2, NV)
+_ftile3 = make_fused_kernel(3, NV)
+_ftile4 = make_fused_kernel(4, NV)
+_ftile5 = make_fused_kernel(5, NV)
+_ftile6 = make_fused_kernel(6, NV)
+
+
+@njit(inline="always")
+def run_fused_tile(mr, a, lda, b, k4, kr, m0, n0, nvalid, epi, a_arr, out):
+    # one fused tile: rows m0..m0+mr of A (address a, row stride lda bytes;
+    # a_arr's dtype says uint8 a' or int8 a), the packed panel at address b,
+    # output columns n0..n0+nvalid (eqs. 6-13)
     za, rs, cs, zb, bias, mult, zy, qlo, qhi, mode, fbias = epi
+    za_step = 8 if za.shape[0] > 1 else 0
+    rs_step = 8 if rs.shape[0] > 1 else 0
+    mult_step = mult.strides[0] if mult.shape[0] > 1 else 0
+    general = 1 if (za_step or rs_step or za[0] != 0 or rs[0] != 0) else 0
+    args = (
+        a,
+        lda,
+        b,
+        NR * 4,
+        k4,
+        kr,
+        out.ctypes.data + m0 * out.strides[0] + n0 * out.itemsize,
+        out.strides[0],
+        nvalid,
+        bias.ctypes.data + 8 * n0,
+        cs.ctypes.data + 8 * n0,
+        zb.ctypes.data + 8 * n0,
+        za.ctypes.data + m0 * za_step,
+        za_step,
+        rs.ctypes.data + m0 * rs_step,
+        rs_step,
+        general,
+        mult.ctypes.data + m0 * mult_step + 8 * n0,
+        mult_step,
+        zy,
+        qlo,
+        qhi,
+        fbias.ctypes.data + 4 * n0,
+        a_arr,
+        out,
+    )
+    if mr == 6:
+        _ftile6(*args)
+    elif mr == 5:
+        _ftile5(*args)
+    elif mr == 4:
+        _ftile4(*args)
+    elif mr == 3:
+        _ftile3(*args)
+    elif mr == 2:
+        _ftile2(*args)
+    else:
+        _ftile1(*args)
+
+
+# Not inlined into the prange drivers on purpose: numba's parfor passes copy and
+# rewrite the whole loop body, and with the tile kernels inlined there they took
+# minutes per driver variant; as a call they take seconds.
+@njit(nogil=True, cache=True)
+def _tile_job(t, mt, a, bp, epi, out):
+    # one MR x NR output tile over the whole K with the fused epilogue (eq. 6-13)
     M, K = a.shape
     N = out.shape[1]
     k4 = K // 4
     jn = t // mt
     m0 = (t - jn * mt) * MR_MAX
     n0 = jn * NR
-    mr = min(MR_MAX, M - m0)
-    nvalid = min(NR, N - n0)
-    # one scratch row: the serial drivers get a 1-row scratch and never ask for a
-    # thread id (numba.get_thread_id outside a parallel region can crash a
-    # process whose threading layer is not started yet)
-    tile = scratch[numba.get_thread_id() if scratch.shape[0] > 1 else 0]
-    _run_tile(
-        mr,
+    run_fused_tile(
+        min(MR_MAX, M - m0),
         a.ctypes.data + m0 * a.strides[0],
         a.strides[0],
         bp.ctypes.data + jn * bp.strides[0],
-        NR * 4,
         k4,
         K - 4 * k4,
-        tile.ctypes.data,
-        NR,
-        nvalid,
-        0,
-    )
-    epilogue_tile(
-        tile,
-        mr,
-        nvalid,
         m0,
         n0,
-        za,
-        rs,
-        cs,
-        zb,
-        bias,
-        mult,
-        zy,
-        qlo,
-        qhi,
-        mode,
+        min(NR, N - n0),
+        epi,
+        a,
         out,
-        fbias,
     )
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def gemm_fused(a, bp, scratch, epi, out):
-    # a (M,K>=4) uint8, bp (NP,K4,NR,4) int8, scratch (threads,MR,NR) int32,
-    # out (M,N) int32|uint8|int8|float32. N-major tile order: prange gives each
-    # thread a contiguous range, so a thread streams its own B panels once.
+def gemm_fused(a, bp, epi, out):
+    # a (M,K>=4) uint8 a' or int8 a (flipped in the tile), bp (NP,K4,NR,4) int8,
+    # out (M,N) int32|uint8|int8|float32 with unit column stride. N-major tile order: prange gives each thread a
+    # contiguous range, so a thread streams its own B panels once.
     mt = (a.shape[0] + MR_MAX - 1) // MR_MAX
     nt = (out.shape[1] + NR - 1) // NR
     for t in prange(mt * nt):
-        _tile_job(t, mt, a, bp, scratch, epi, out)
+        _tile_job(t, mt, a, bp, epi, out)
 
 
 @njit(nogil=True, cache=True)
-def gemm_fused_serial(a, bp, scratch, epi, out):
+def gemm_fused_serial(a, bp, epi, out):
     # as gemm_fused on the calling thread: tiny problems skip the ~4 us pool launch
     mt = (a.shape[0] + MR_MAX - 1) // MR_MAX
     nt = (out.shape[1] + NR - 1) // NR
     for t in range(mt * nt):
-        _tile_job(t, mt, a, bp, scratch, epi, out)
+        _tile_job(t, mt, a, bp, epi, out)
 
 
 def gemm(a_u8, packed, out):

@@ -9,7 +9,7 @@ Cs = ceil(C / block) (block = C for per-tensor, 1 for per-axis). Element
 import numpy as np
 from numba import njit, prange
 
-from .config import PJIT
+from .config import JIT, PJIT
 
 
 @njit(**PJIT)
@@ -60,30 +60,62 @@ def dequantize_linear(x, scale, zero_point, block, out):
             out[p, c, q] = np.float32(d * np.float64(scale[ps, cs, qs]))
 
 
+@njit(inline="always")
+def _key(u):
+    # float32 bits (as int32) -> an int32 that orders like the float: integer
+    # min/max reductions vectorize; float ones do not (NaN rules), measured
+    # 1.45 -> 0.1 ns per element
+    return u ^ ((u >> 31) & 0x7FFFFFFF)
+
+
+@njit(inline="always")
+def _min_max_keys(xs):
+    # xs (n,) int32 float bits -> (min key, max key, any non-finite)
+    mn = np.int32(0x7FFFFFFF)
+    mx = np.int32(-0x80000000)
+    nonfinite = np.int32(0)
+    for i in range(xs.shape[0]):
+        u = xs[i]
+        nonfinite |= np.int32((u & 0x7F800000) == 0x7F800000)  # NaN or +-inf
+        k = np.int32(_key(u))
+        mn = min(mn, k)
+        mx = max(mx, k)
+    return mn, mx, nonfinite
+
+
+@njit(inline="always")
+def _floats(kmin, kmax):
+    ends = np.empty(2, np.int32)
+    ends[0] = _key(kmin)  # the map is its own inverse
+    ends[1] = _key(kmax)
+    f = ends.view(np.float32)
+    return f[0], f[1]
+
+
 @njit(**PJIT)
 def min_max(x, block):
     # x (n,) float32 -> (min, max, all finite) in one pass over memory
     n = x.shape[0]
     nb = (n + block - 1) // block
-    lo = np.empty(nb, np.float32)
-    hi = np.empty(nb, np.float32)
-    bad = np.zeros(nb, np.int64)
+    lo = np.empty(nb, np.int32)
+    hi = np.empty(nb, np.int32)
+    bad = np.zeros(nb, np.int32)
+    bits = x.view(np.int32)
     for b in prange(nb):
-        s = b * block
-        e = min(s + block, n)
-        mn = np.float32(np.inf)
-        mx = np.float32(-np.inf)
-        nonfinite = 0
-        for i in range(s, e):
-            v = x[i]
-            if v - v != 0:  # NaN or +-inf
-                nonfinite += 1
-            mn = min(mn, v)
-            mx = max(mx, v)
-        lo[b] = mn
-        hi[b] = mx
-        bad[b] = nonfinite
-    return lo.min(), hi.max(), bad.sum() == 0
+        lo[b], hi[b], bad[b] = _min_max_keys(
+            bits[b * block : min(b * block + block, n)]
+        )
+    f0, f1 = _floats(lo.min(), hi.max())
+    return f0, f1, bad.max() == 0
+
+
+@njit(**JIT)
+def min_max_serial(x):
+    # min_max on the calling thread: one block of work is not worth a parallel
+    # launch, which waits for a second core (milliseconds on a loaded machine)
+    kmin, kmax, bad = _min_max_keys(x.view(np.int32))
+    f0, f1 = _floats(kmin, kmax)
+    return f0, f1, bad == 0
 
 
 @njit(**PJIT)
@@ -116,6 +148,28 @@ def dynamic_quantize_rows(x, out, scale, zero_point):
     return ok.all()
 
 
+@njit(inline="always")
+def _quantize_block(xs, scale, zero_point, qmin, qmax, os):
+    # 8/16-bit outputs round and clamp in float32 (vectorizes twice as wide):
+    # rint(v) + zp is exact below 2**24 and saturates either way above it
+    if qmax - qmin < 131072.0:
+        zf = np.float32(zero_point)
+        lof = np.float32(qmin)
+        hif = np.float32(qmax)
+        zi = np.int32(zero_point)
+        for i in range(xs.shape[0]):
+            v = xs[i] / scale
+            r = np.rint(v) + zf
+            r = lof if r < lof else r
+            r = hif if r > hif else r
+            os[i] = np.int32(r) if v == v else zi
+    else:
+        for i in range(xs.shape[0]):
+            v = xs[i] / scale
+            r = min(max(np.rint(np.float64(v)) + zero_point, qmin), qmax)
+            os[i] = r if v == v else zero_point
+
+
 @njit(**PJIT)
 def quantize_per_tensor(x, scale, zero_point, block, qmin, qmax, out):
     # x (n,) float32, scale float32, zero_point float64, out (n,) integer:
@@ -126,9 +180,10 @@ def quantize_per_tensor(x, scale, zero_point, block, qmin, qmax, out):
     for b in prange((n + block - 1) // block):
         s = b * block
         e = min(s + block, n)
-        xs = x[s:e]
-        os = out[s:e]
-        for i in range(e - s):
-            v = xs[i] / scale
-            r = min(max(np.rint(np.float64(v)) + zero_point, qmin), qmax)
-            os[i] = r if v == v else zero_point
+        _quantize_block(x[s:e], scale, zero_point, qmin, qmax, out[s:e])
+
+
+@njit(**JIT)
+def quantize_per_tensor_serial(x, scale, zero_point, qmin, qmax, out):
+    # quantize_per_tensor on the calling thread (one block: see min_max_serial)
+    _quantize_block(x, scale, zero_point, qmin, qmax, out)

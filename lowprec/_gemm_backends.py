@@ -2,7 +2,9 @@
 
 Each backend provides
     name, k_min         K below k_min is zero-padded (A copied)
+    takes_int8          fused() accepts int8 a and forms a' = a + 128 itself
     tile                the (rows, cols) of one thread's int32 scratch tile
+                        (None: the backend needs no scratch)
     pack(b_s8)          its weight layout of b' (K, N) int8
     gemm(a, packed, p)  raw P = a' @ b' into int32 p            (eq. 6)
     fused(a, packed, scratch, epi, out, serial)
@@ -25,6 +27,7 @@ class PortableGemm:
 
     name = "portable"
     k_min = 0
+    takes_int8 = False
 
     tile = (config.TILE_M, config.TILE_N)
 
@@ -56,8 +59,9 @@ class Avx512VnniGemm:
 
     name = "avx512_vnni"
     k_min = 4  # K tails are read in place from the last 4 bytes of each row
+    takes_int8 = True  # measured: the copy pass cost up to 30% at N = 64
 
-    tile = (6, 64)  # kernels/int8_gemm_vnni.py: MR_MAX x NR
+    tile = None  # the epilogue runs on the accumulators: no int32 scratch
 
     @staticmethod
     def pack(b_s8: np.ndarray) -> np.ndarray:
@@ -73,7 +77,13 @@ class Avx512VnniGemm:
     def fused(a_u8, packed, scratch, epi, out, serial=False):
         k = _vnni()
         fn = k.gemm_fused_serial if serial else k.gemm_fused
-        fn(a_u8, packed, scratch[:1] if serial else scratch, epi, out)
+        if out.shape[1] > 1 and out.strides[1] != out.itemsize:
+            # the tile stores vectors: columns must be contiguous
+            tmp = np.empty(out.shape, out.dtype)
+            fn(a_u8, packed, epi, tmp)
+            out[...] = tmp
+            return
+        fn(a_u8, packed, epi, out)
 
 
 @functools.cache
@@ -97,6 +107,7 @@ class _YmmGemm:
     name = ""
     path = 0
     k_min = 4  # K tails are read in place from the last 4 bytes of each row
+    takes_int8 = False
 
     @classmethod
     def pack(cls, b_s8: np.ndarray) -> np.ndarray:

@@ -31,6 +31,7 @@ from .gemm import (
     _bias,
     _hashable,
     _multiplier,
+    _on_gpu,
     _out_dtype,
     _quant_bounds,
     _y_zero_point,
@@ -538,6 +539,7 @@ def conv_integer(
     kernel_shape=None,
     pads=None,
     strides=None,
+    device=None,
 ):
     """ONNX ConvInteger: ``conv(x - x_zero_point, w - w_zero_point)`` in int32.
 
@@ -549,6 +551,8 @@ def conv_integer(
     x_zero_point : scalar of x's dtype, default 0; padding is this value (real 0)
     w_zero_point : scalar or (M,) per output channel, w's dtype, default 0
     auto_pad, dilations, group, kernel_shape, pads, strides : as ONNX Conv
+    device : None, "cpu" or "cuda"; None follows x (CUDA arrays run on the GPU
+        and come back as the same kind, docs/cuda.md)
 
     Returns
     -------
@@ -563,6 +567,14 @@ def conv_integer(
     array([[[[12, 16],
              [24, 28]]]], dtype=int32)
     """
+    if _on_gpu(device, x, None):
+        from . import cuda_ops
+
+        return cuda_ops.conv_integer_cuda(
+            x, w, x_zero_point, w_zero_point, auto_pad=auto_pad,
+            dilations=dilations, group=group, kernel_shape=kernel_shape,
+            pads=pads, strides=strides,
+        )  # fmt: skip
     v.check_array(x, "x", v.INT8_TYPES, fix="quantize it first")
     packed, zb_eff, _ = _weights(w, w_zero_point, None, group, need_scale=False)
     za = _x_zero_point(x_zero_point, x.dtype)
@@ -594,6 +606,7 @@ def qlinear_conv(
     activation=None,
     layout="NCHW",
     out_dtype=None,
+    device=None,
 ):
     """ONNX QLinearConv with fused bias, activation, float output and NHWC layout.
 
@@ -617,7 +630,17 @@ def qlinear_conv(
     activation : None, "relu", "relu6" or (min, max), in real units (eq. 12)
     layout : "NCHW" or "NHWC"
     out_dtype : np.uint8, np.int8 or np.float32 (the real result, eq. 13)
+    device : None, "cpu" or "cuda"; None follows x (docs/cuda.md)
     """
+    if _on_gpu(device, x, None):
+        from . import cuda_ops
+
+        return cuda_ops.qlinear_conv_cuda(
+            x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale,
+            y_zero_point, bias, auto_pad=auto_pad, dilations=dilations,
+            group=group, kernel_shape=kernel_shape, pads=pads, strides=strides,
+            activation=activation, layout=layout, out_dtype=out_dtype,
+        )  # fmt: skip
     v.check_array(x, "x", v.INT8_TYPES, fix="quantize it first")
     packed, zb_eff, sw = _weights(w, w_zero_point, w_scale, group, need_scale=True)
     za = _x_zero_point(x_zero_point, x.dtype)

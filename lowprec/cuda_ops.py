@@ -399,3 +399,539 @@ def dequantize_linear_cuda(x, x_scale, x_zero_point=None, *, axis=1, block_size=
     if host:
         return out_dev.copy_to_host().reshape(shape)
     return out_ret.reshape(shape)
+
+
+# --------------------------------------------------------------------------- #
+# INT8 convolution (kernels/int8_conv_cuda.py)
+
+
+def _device_input(x, name, dtypes, fix):
+    """(kernel array or host array, host flag, NumPy stand-in of x's shape and
+    dtype for the CPU validators, which take NumPy arrays only)."""
+    if isinstance(x, np.ndarray):
+        v.check_array(x, name, dtypes, fix=fix)
+        return x, True, x
+    xd = _cuda.as_kernel_array(x)
+    _check_dev(xd, name, dtypes, fix)
+    return xd, False, np.broadcast_to(np.zeros((), xd.dtype), tuple(xd.shape))
+
+
+def _as_4d(x, host, shape4, name):
+    """x as (N, C, H, W) / (N, H, W, C) on the device (1-D convs get H = 1)."""
+    if host:
+        return _cuda.to_device(x.reshape(shape4))
+    if tuple(x.shape) == shape4:
+        return x
+    try:
+        return x.reshape(shape4)
+    except Exception as e:
+        msg = (
+            f"{name} {tuple(x.shape)} cannot be viewed as {shape4} without a copy "
+            f"({e}); pass a C-contiguous device array"
+        )
+        raise ValueError(msg) from None
+
+
+def _conv_geometry(proxy, packed, layout, attrs):
+    """CPU conv.py's checks and geometry -> (geo dict, output shapes)."""
+    from . import conv as _c
+
+    C, spatial, k = _c._check_x(proxy, packed, layout, attrs["kernel_shape"])
+    out_sp, pb, _, s, d = _c._geometry(
+        spatial, k, attrs["auto_pad"], attrs["dilations"], attrs["pads"],
+        attrs["strides"],
+    )  # fmt: skip
+    one_d = len(k) == 1
+    lift = (lambda t: (1, t[0])) if one_d else tuple
+    (H, W), (kh, kw), (Ho, Wo) = lift(spatial), lift(k), lift(out_sp)
+    (sh, sw), (dh, dw) = lift(s), lift(d)
+    pt, pl = (0, pb[0]) if one_d else pb
+    N, M, G = proxy.shape[0], packed.shape[0], packed.group
+    geo = np.array(
+        [N, H, W, C, Ho, Wo, kh, kw, sh, sw, dh, dw, pt, pl, G, C // G, M // G],
+        np.int64,
+    )
+    chw = layout == "NCHW"
+    x4 = (N, C, H, W) if chw else (N, H, W, C)
+    out3 = (N, M, Ho * Wo) if chw else (N, Ho * Wo, M)
+    final = (N, M, *out_sp) if chw else (N, *out_sp, M)
+    return geo, x4, out3, final
+
+
+def _run_conv(x, proxy, host, packed, zb_eff, za, bias, mult, zy, qlo, qhi, mode,
+              odt, layout, attrs):  # fmt: skip
+    """lowprec/conv.py::_conv on the GPU; returns like the input."""
+    from .gemm import K_INT32_SAFE
+
+    nb_cuda, cfg, _, _ = _modules()
+    from .kernels import int8_conv_cuda as kc
+
+    geo, x4, out3, final = _conv_geometry(proxy, packed, layout, attrs)
+    N, H, W, C, Ho, Wo, kh, kw = (int(t) for t in geo[:8])
+    G, Cg, Mg = (int(t) for t in geo[14:])
+    K = kh * kw * Cg
+    if K > K_INT32_SAFE:
+        msg = (
+            f"C/group * kH * kW = {K} exceeds {K_INT32_SAFE}, beyond which an int32 "
+            f"accumulator may overflow; lowprec's convolution does not split K"
+        )
+        raise ValueError(msg)
+    chw = layout == "NCHW"
+    out_dev, out_ret = _out(x, host, out3, odt)
+    rows = N * Ho * Wo
+    if rows and G * Mg:
+        xd = _as_4d(x, host, x4, "x")
+        a_off = np.int32(_g._a_offset(np.dtype(x.dtype)))
+        za_eff = np.int32(za + int(a_off))
+        geo_d = nb_cuda.to_device(geo)
+        mult_d = nb_cuda.to_device(np.ascontiguousarray(mult, np.float64))
+        args = (np.float64(zy), np.float64(qlo), np.float64(qhi), np.int32(mode))
+        if G == C and Mg == 1:  # depthwise: w' - ZB as (kH*kW, C) int32
+            wd = nb_cuda.to_device(packed._depthwise(zb_eff))
+            total = rows * C
+            kc.depthwise[_cuda.launch_1d(total, cfg.THREADS_1D, cfg.MAX_BLOCKS_1D)](
+                xd, chw, geo_d, a_off, za_eff, wd,
+                nb_cuda.to_device(np.ascontiguousarray(bias, np.int64)), mult_d,
+                *args, out_dev,
+            )  # fmt: skip
+        else:
+            if zb_eff.any():  # rowsum(x' - ZA) per group multiplies ZB (eq. 8)
+                row_sum = nb_cuda.device_array((G, rows), np.int64)
+                kc.patch_row_sums[_cuda.launch_1d(G * rows, cfg.THREADS_1D)](
+                    xd, chw, geo_d, a_off, za_eff, row_sum
+                )
+            else:
+                row_sum = nb_cuda.to_device(np.zeros((1, 1), np.int64))
+            kernel = kc.conv_kernel(
+                cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_KW, cfg.THREADS_M,
+                cfg.THREADS_N, cfg.SMEM_PAD,
+            )  # fmt: skip
+            grid = (-(-rows // cfg.BLOCK_M), -(-Mg // cfg.BLOCK_N), G)
+            kernel[grid, cfg.THREADS_M * cfg.THREADS_N](
+                xd, chw, geo_d, a_off, za_eff, nb_cuda.to_device(packed._wk),
+                row_sum, nb_cuda.to_device(packed._col_sum),
+                nb_cuda.to_device(np.ascontiguousarray(zb_eff, np.int64)),
+                nb_cuda.to_device(np.ascontiguousarray(bias, np.int64)), mult_d,
+                *args, out_dev,
+            )  # fmt: skip
+    if host:
+        return out_dev.copy_to_host().reshape(final)
+    return out_ret.reshape(final)
+
+
+def conv_integer_cuda(
+    x, w, x_zero_point=None, w_zero_point=None, *, auto_pad="NOTSET",
+    dilations=None, group=1, kernel_shape=None, pads=None, strides=None,
+):  # fmt: skip
+    """``lowprec.conv_integer`` on the GPU (same arguments, same int32 result)."""
+    from . import conv as _c
+
+    x, host, proxy = _device_input(x, "x", v.INT8_TYPES, _FIX_A)
+    packed, zb_eff, _ = _c._weights(
+        _cuda.to_host(w), _cuda.to_host(w_zero_point), None, group, need_scale=False
+    )
+    za = _c._x_zero_point(_cuda.to_host(x_zero_point), proxy.dtype)
+    M = packed.shape[0]
+    return _run_conv(
+        x, proxy, host, packed, zb_eff, za, np.zeros(M, np.int64), np.ones((1, 1)),
+        0.0, 0.0, 0.0, _c._MODE_INT32, np.int32, "NCHW",
+        _c._attrs(auto_pad, dilations, kernel_shape, pads, strides),
+    )  # fmt: skip
+
+
+def qlinear_conv_cuda(
+    x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale, y_zero_point,
+    bias=None, *, auto_pad="NOTSET", dilations=None, group=1, kernel_shape=None,
+    pads=None, strides=None, activation=None, layout="NCHW", out_dtype=None,
+):  # fmt: skip
+    """``lowprec.qlinear_conv`` on the GPU (same arguments, same result bits)."""
+    from . import conv as _c
+
+    x, host, proxy = _device_input(x, "x", v.INT8_TYPES, _FIX_A)
+    h = _cuda.to_host
+    packed, zb_eff, sw = _c._weights(
+        h(w), h(w_zero_point), h(w_scale), group, need_scale=True
+    )
+    za = _c._x_zero_point(h(x_zero_point), proxy.dtype)
+    sx = v.scale_param(h(x_scale), "x_scale")
+    if sx.size != 1:
+        msg = f"x_scale must be a scalar (per-tensor), got shape {sx.shape}"
+        raise ValueError(msg)
+    sx = sx.reshape(1)
+    M = packed.shape[0]
+    odt = _g._out_dtype(out_dtype)
+    lo, hi = v.activation_bounds(activation)
+    bias_arr = _g._bias(None if bias is None else h(bias), M)
+    if bias_arr.shape != (M,):
+        bias_arr = np.full(M, bias_arr[0], np.int64)
+    attrs = _c._attrs(auto_pad, dilations, kernel_shape, pads, strides)
+    run = (x, proxy, host, packed, zb_eff, za, bias_arr)
+    if odt == np.float32:
+        mult = _g._multiplier(sx, sw, None, M)
+        return _run_conv(
+            *run, mult, 0.0, lo, hi, _c._MODE_FLOAT, np.float32, layout, attrs
+        )
+    if y_scale is None:
+        msg = "y_scale is required unless out_dtype=np.float32"
+        raise ValueError(msg)
+    sy = v.scale_param(h(y_scale), "y_scale")
+    if sy.size != 1:
+        msg = f"y_scale must be a scalar (per-tensor output), got shape {sy.shape}"
+        raise ValueError(msg)
+    zyp = _g._y_zero_point(h(y_zero_point), odt)
+    odt = zyp.dtype
+    zy = float(zyp.reshape(-1)[0])
+    qlo, qhi = _g._quant_bounds(
+        _g._hashable(activation), zy, float(sy.reshape(-1)[0]), odt
+    )
+    mult = _g._multiplier(sx, sw, sy.reshape(-1), M)
+    return _run_conv(*run, mult, zy, qlo, qhi, _c._MODE_QUANT, odt, layout, attrs)
+
+
+# --------------------------------------------------------------------------- #
+# FP16 GEMM and convolution (kernels/fp16_gemm_cuda.py)
+
+_FIX_F16 = "convert it with {0}.astype(np.float16)"
+_F16 = (np.dtype(np.float16),)
+
+
+def _half_epilogue(bias, activation, out_dtype, N):
+    """lowprec.half's bias / clamp / output checks -> kernel arguments."""
+    from . import half as _h
+
+    bias_arr, has_bias = _h._bias(None if bias is None else _cuda.to_host(bias), N)
+    lo, hi = v.activation_bounds(activation)
+    odt = _h._fp16_out_dtype(out_dtype)
+    return bias_arr, bool(has_bias), np.float32(lo), np.float32(hi), odt
+
+
+def matmul_fp16_cuda(a, b, *, bias=None, activation=None, out_dtype=np.float32):
+    """``lowprec.matmul_fp16`` on the GPU: same arguments and, for a 2-D (or
+    1-D, or packed) ``b``, the same float32 summation order, hence the same
+    bits as the CPU path (lowprec.half's accuracy contract)."""
+    from . import half as _h
+
+    nb_cuda, cfg, _, _ = _modules()
+    from .kernels import fp16_gemm_cuda as kf
+
+    a, host, a_proxy = _device_input(a, "a", _F16, _FIX_F16.format("a"))
+    if isinstance(b, _h.PackedWeightsBF16):
+        msg = "b is packed bfloat16 weights; use matmul_bf16, or pack_weights_fp16"
+        raise TypeError(msg)
+    packed = isinstance(b, _h.PackedWeightsFP16)
+    if packed:
+        b_shape = b.shape
+        b_dev = _cuda.to_device(b._bits.view(np.float16))
+    else:
+        if host != isinstance(b, np.ndarray):
+            _cuda.use_cuda(a, b)  # raises the mixed host/device TypeError
+        b, _, b_proxy = _device_input(b, "b", _F16, _FIX_F16.format("b"))
+        b_shape = tuple(b.shape)
+    a_shape, b2, _ = _h._shapes(a_proxy, b_shape)
+    if len(b2) > 2:
+        msg = (
+            f"the CUDA path takes a 2-D b (K, N) or PackedWeightsFP16, got shape "
+            f"{b_shape}; batched b runs on the CPU (NumPy arrays) for now"
+        )
+        raise ValueError(msg)
+    K, N = b2
+    rows = math.prod(a_shape[:-1])
+    bias_arr, has_bias, lo, hi, odt = _half_epilogue(bias, activation, out_dtype, N)
+    if host:
+        a2 = _cuda.to_device(a.reshape(rows, K))
+    else:
+        a2 = _as_4d(a, False, (rows, K), "a")
+    if not packed:
+        b_dev = _cuda.to_device(b.reshape(b2)) if host else _as_4d(b, False, b2, "b")
+    out_dev, out_ret = _out(a, host, (rows, N), odt)
+    if rows and N:
+        kernel = kf.gemm_kernel(
+            cfg.FP16_BLOCK_M, cfg.FP16_BLOCK_N, cfg.FP16_BLOCK_K,
+            cfg.FP16_THREADS_M, cfg.FP16_THREADS_N, cfg.FP16_SMEM_PAD,
+        )  # fmt: skip
+        grid = (-(-N // cfg.FP16_BLOCK_N), -(-rows // cfg.FP16_BLOCK_M))
+        kernel[grid, cfg.FP16_THREADS_M * cfg.FP16_THREADS_N](
+            a2, b_dev, nb_cuda.to_device(bias_arr), has_bias, lo, hi, out_dev
+        )
+    shape = (*a_shape[:-1], N)
+    if a_proxy.ndim == 1:
+        shape = shape[1:]
+    if len(b_shape) == 1:
+        shape = shape[:-1]
+    if host:
+        return out_dev.copy_to_host().reshape(shape)
+    return out_ret.reshape(shape)
+
+
+def conv_fp16_cuda(
+    x, w, bias=None, *, auto_pad="NOTSET", dilations=None, group=1,
+    kernel_shape=None, pads=None, strides=None, activation=None,
+    out_dtype=np.float32,
+):  # fmt: skip
+    """ONNX Conv (NCHW) on float16 x and w with float32 accumulation, on the GPU.
+
+    x (N, C, [H,] W) float16, w (M, C/group, [kH,] kW) float16, bias (M,) or
+    scalar float16/float32; activation and out_dtype as ``matmul_fp16``. Each
+    output is one float32 sum over (c, i, j) in ONNX weight order, padded taps
+    adding +0, so |y - exact| <= gamma_K * sum |x w| with K = C/group*kH*kW
+    (plus one float32 rounding of the bias add, and the float16 output
+    rounding); returns the kind of array it was given.
+    """
+    from . import conv as _c
+
+    nb_cuda, cfg, _, _ = _modules()
+    from .kernels import fp16_gemm_cuda as kf
+
+    x, host, proxy = _device_input(x, "x", _F16, _FIX_F16.format("x"))
+    if host != isinstance(w, np.ndarray):
+        _cuda.use_cuda(x, w)  # raises the mixed host/device TypeError
+    w, _, w_proxy = _device_input(w, "w", _F16, _FIX_F16.format("w"))
+    G = _c._check_group(group)
+    if w_proxy.ndim not in (3, 4) or 0 in w_proxy.shape:
+        msg = (
+            f"w must be 3-D (M, C/group, kW) or 4-D (M, C/group, kH, kW) with no "
+            f"empty dimension, got shape {w_proxy.shape}"
+        )
+        raise ValueError(msg)
+    if proxy.ndim != w_proxy.ndim:
+        msg = (
+            f"x has {proxy.ndim} dimensions and w {w_proxy.ndim}: a "
+            f"{w_proxy.ndim - 2}-D convolution needs x of shape (N, C, *spatial)"
+        )
+        raise ValueError(msg)
+    M, Cg = w_proxy.shape[:2]
+    C = proxy.shape[1]
+    if M % G or C != Cg * G:
+        msg = (
+            f"x has C={C} channels and w {w_proxy.shape} with group={G}: C must be "
+            f"w.shape[1] * group = {Cg * G} and M={M} a multiple of group"
+        )
+        raise ValueError(msg)
+    k = tuple(w_proxy.shape[2:])
+    if kernel_shape is not None and tuple(kernel_shape) != k:
+        msg = f"kernel_shape={tuple(kernel_shape)} does not match w.shape[2:]={k}"
+        raise ValueError(msg)
+    attrs = _c._attrs(auto_pad, dilations, kernel_shape, pads, strides)
+    out_sp, pb, _, s, d = _c._geometry(
+        proxy.shape[2:], k, attrs["auto_pad"], attrs["dilations"], attrs["pads"],
+        attrs["strides"],
+    )  # fmt: skip
+    bias_arr, has_bias, lo, hi, odt = _half_epilogue(bias, activation, out_dtype, M)
+    one_d = len(k) == 1
+    lift = (lambda t: (1, t[0])) if one_d else tuple
+    (H, W), (kh, kw), (Ho, Wo) = lift(proxy.shape[2:]), lift(k), lift(out_sp)
+    (sh, sw), (dh, dw) = lift(s), lift(d)
+    pt, pl = (0, pb[0]) if one_d else pb
+    N = proxy.shape[0]
+    geo = np.array(
+        [N, H, W, C, Ho, Wo, kh, kw, sh, sw, dh, dw, pt, pl, G, Cg, M // G],
+        np.int64,
+    )
+    out_dev, out_ret = _out(x, host, (N, M, Ho * Wo), odt)
+    rows = N * Ho * Wo
+    if rows:
+        xd = _as_4d(x, host, (N, C, H, W), "x")
+        wd = _as_4d(w, host, (M, Cg * kh * kw), "w")
+        kernel = kf.conv_kernel(
+            cfg.FP16_BLOCK_M, cfg.FP16_BLOCK_N, cfg.FP16_BLOCK_K,
+            cfg.FP16_THREADS_M, cfg.FP16_THREADS_N, cfg.FP16_SMEM_PAD,
+        )  # fmt: skip
+        grid = (-(-rows // cfg.FP16_BLOCK_M), -(-(M // G) // cfg.FP16_BLOCK_N), G)
+        kernel[grid, cfg.FP16_THREADS_M * cfg.FP16_THREADS_N](
+            xd, wd, nb_cuda.to_device(geo), nb_cuda.to_device(bias_arr), has_bias,
+            lo, hi, out_dev,
+        )  # fmt: skip
+    final = (N, M, *out_sp)
+    if host:
+        return out_dev.copy_to_host().reshape(final)
+    return out_ret.reshape(final)
+
+
+# --------------------------------------------------------------------------- #
+# sparse SpMM (kernels/sparse_gemm_cuda.py)
+
+
+def _sparse_device(w):
+    """W's expanded CSR (indptr int64, cols int32, values) on the device,
+    uploaded once and cached with the (immutable) matrix."""
+    got = w._cache.get("cuda_csr")
+    if got is None:
+        indptr, cols, vals = w._expanded()
+        got = tuple(_cuda.to_device(t) for t in (indptr, cols, vals))
+        w._cache["cuda_csr"] = got
+    return got
+
+
+def _sparse_x(w, x, dtypes, fix):
+    from . import sparse as _s
+
+    x, host, proxy = _device_input(x, "x", dtypes, fix)
+    M, K = w.shape
+    _s._check_x(proxy, K, dtypes, fix)
+    N = 1 if proxy.ndim == 1 else proxy.shape[1]
+    x2 = _cuda.to_device(x.reshape(K, N)) if host else _as_4d(x, False, (K, N), "x")
+    shape = (M,) if proxy.ndim == 1 else (M, N)
+    return x, x2, host, N, shape
+
+
+def _spmm_launch(cfg, M, N):
+    # threads: enough warps for the columns (small N leaves no warp idle), at
+    # most SPMM_THREADS (the shared staging buffers' size)
+    vn = cfg.SPMM_VN
+    cols = -(-N // vn)  # columns per thread row
+    warps = -(-cols // 32)
+    threads = min(cfg.SPMM_THREADS, 32 * warps)
+    grid = (-(-M // cfg.SPMM_ROWS), -(-N // (threads * vn)))
+    return grid, threads
+
+
+def _no_out(out):
+    if out is not None:
+        msg = (
+            "out= is not supported on the CUDA path (the result is a new device "
+            "array); drop out="
+        )
+        raise ValueError(msg)
+
+
+def spmm_cuda(w, x, *, bias=None, activation=None, out=None):
+    """``lowprec.spmm`` on the GPU (same arguments but ``out``; float32 result
+    within the same summation-order bound, lowprec/sparse.py)."""
+    from . import sparse as _s
+
+    nb_cuda, cfg, _, _ = _modules()
+    from .kernels import sparse_gemm_cuda as ks
+
+    _s._check_w(w)
+    if w.dtype == np.int8:
+        msg = "w has int8 values; use lowprec.qlinear_spmm (or pack float values)"
+        raise TypeError(msg)
+    _no_out(out)
+    x, x2, host, N, shape = _sparse_x(w, x, v.FLOAT_INPUT_TYPES,
+                                      "use float32 activations")  # fmt: skip
+    M = w.shape[0]
+    lo, hi = v.activation_bounds(activation)
+    if bias is None:
+        b = np.zeros(1, np.float32)
+    else:
+        b = np.asarray(_cuda.to_host(bias), dtype=np.float32).reshape(-1)
+        if b.size not in (1, M):
+            msg = (
+                f"bias must be a scalar or have shape ({M},) (one per row), "
+                f"got {np.shape(bias)}"
+            )
+            raise ValueError(msg)
+    out_dev, out_ret = _out(x, host, (M, N), np.float32)
+    if M and N:
+        indptr, cols, vals = _sparse_device(w)
+        grid, threads = _spmm_launch(cfg, M, N)
+        kernel = ks.spmm_float_kernel(cfg.SPMM_ROWS, cfg.SPMM_THREADS, cfg.SPMM_VN)
+        kernel[grid, threads](
+            indptr, cols, vals, x2, nb_cuda.to_device(b), np.float32(lo),
+            np.float32(hi), out_dev,
+        )  # fmt: skip
+    if host:
+        return out_dev.copy_to_host().reshape(shape)
+    return out_ret.reshape(shape)
+
+
+def qlinear_spmm_cuda(
+    w, x, x_scale, x_zero_point, y_scale, y_zero_point, *, bias=None,
+    activation=None, out_dtype=None, out=None,
+):  # fmt: skip
+    """``lowprec.qlinear_spmm`` on the GPU (same arguments but ``out``, same
+    result bits)."""
+    from . import sparse as _s
+
+    nb_cuda, cfg, _, _ = _modules()
+    from .kernels import sparse_gemm_cuda as ks
+
+    _s._check_w(w)
+    if w.dtype != np.int8:
+        msg = "w has float values; use lowprec.spmm (or pack with dtype=np.int8)"
+        raise TypeError(msg)
+    _no_out(out)
+    x, x2, host, N, shape = _sparse_x(
+        w, x, v.INT8_TYPES, "quantize it with lowprec.quantize_linear"
+    )
+    M = w.shape[0]
+    h = _cuda.to_host
+    x_dtype = np.dtype(x.dtype)
+    sx = v.scale_param(h(x_scale), "x_scale")
+    if sx.size != 1:
+        msg = f"x_scale must be a scalar (per-tensor activations), got shape {sx.shape}"
+        raise ValueError(msg)
+    x_zero_point = h(x_zero_point)
+    zx = (
+        0
+        if x_zero_point is None
+        else v.zero_point_param(x_zero_point, "x_zero_point", x_dtype)
+    )
+    if np.size(zx) != 1:
+        msg = f"x_zero_point must be a scalar, got shape {np.shape(zx)}"
+        raise ValueError(msg)
+    zx = int(np.asarray(zx).reshape(-1)[0])
+    odt = _g._out_dtype(out_dtype)
+    bias = h(bias)
+    if bias is None:
+        bias64 = np.zeros(M, np.int64)
+    else:
+        v.check_array(
+            bias, "bias", (np.dtype(np.int32),),
+            fix="quantize it as rint(bias_real / (x_scale * w.scale))",
+        )  # fmt: skip
+        if bias.size != 1 and bias.shape != (M,):
+            msg = (
+                f"bias must be a scalar or have shape ({M},) (one per row), "
+                f"got {bias.shape}"
+            )
+            raise ValueError(msg)
+        bias64 = np.broadcast_to(bias.reshape(-1).astype(np.int64), (M,)).copy()
+    if odt == np.float32:
+        mult = _g._multiplier(sx.reshape(-1), w.scale, None, M)[0]
+        zy = 0.0
+        qlo, qhi = v.activation_bounds(activation)
+        mode, odt_final = 2, np.dtype(np.float32)
+    else:
+        if y_scale is None:
+            msg = "y_scale is required unless out_dtype=np.float32"
+            raise ValueError(msg)
+        sy = v.scale_param(h(y_scale), "y_scale")
+        if sy.size != 1:
+            msg = f"y_scale must be a scalar (per-tensor output), got shape {sy.shape}"
+            raise ValueError(msg)
+        zyp = _g._y_zero_point(h(y_zero_point), odt)
+        odt_final = zyp.dtype
+        zy = float(zyp.reshape(-1)[0])
+        qlo, qhi = _g._quant_bounds(
+            _g._hashable(activation), zy, float(sy.reshape(-1)[0]), odt_final
+        )
+        mult = _g._multiplier(sx.reshape(-1), w.scale, sy.reshape(-1), M)[0]
+        mode = 1
+    out_dev, out_ret = _out(x, host, (M, N), odt_final)
+    if M and N:
+        indptr_h, _, vals_h = w._expanded()
+        if int(np.diff(indptr_h).max(initial=0)) > _s._INT32_SAFE_NNZ:
+            msg = (
+                f"a row of w stores more than {_s._INT32_SAFE_NNZ} entries: int32 "
+                f"sums could overflow; split K"
+            )
+            raise ValueError(msg)
+        rs = w._cache.get("rowsum_zw")
+        if rs is None:  # as lowprec.qlinear_spmm: rowsum(W - zw), stored entries
+            rows = np.repeat(np.arange(M), np.diff(indptr_h))
+            rs = np.zeros(M, np.int64)
+            np.add.at(rs, rows, vals_h.astype(np.int64) - w.zero_point[rows])
+            w._cache["rowsum_zw"] = rs
+        indptr, cols, vals = _sparse_device(w)
+        grid, threads = _spmm_launch(cfg, M, N)
+        kernel = ks.spmm_s8_kernel(cfg.SPMM_ROWS, cfg.SPMM_THREADS, cfg.SPMM_VN)
+        kernel[grid, threads](
+            indptr, cols, vals, nb_cuda.to_device(np.ascontiguousarray(w.zero_point)),
+            x2, np.int64(zx), nb_cuda.to_device(rs), nb_cuda.to_device(bias64),
+            nb_cuda.to_device(np.ascontiguousarray(mult, np.float64)),
+            np.float64(zy), np.float64(qlo), np.float64(qhi), np.int32(mode), out_dev,
+        )  # fmt: skip
+    if host:
+        return out_dev.copy_to_host().reshape(shape)
+    return out_ret.reshape(shape)

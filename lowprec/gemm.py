@@ -219,7 +219,7 @@ def _gemm_2d(a, packed, zb, za_eff, bias, mult, zy, qlo, qhi, mode, out, fbias=N
         return
     backend = _dispatch.gemm_backend()
     need_rows = packed._need_rows if zb is packed._zb_eff else bool(zb.any())
-    a_u8, row_sum = _prepare_a(a, backend.k_min, need_rows)
+    a_u8, row_sum = _prepare_a(a, backend.k_min, need_rows, backend.takes_int8)
     if row_sum is not None:
         row_sum -= K * za_eff  # rowsum(a - a_zp) = rowsum(a') - K * ZA (eq. 9)
     else:
@@ -231,7 +231,9 @@ def _gemm_2d(a, packed, zb, za_eff, bias, mult, zy, qlo, qhi, mode, out, fbias=N
     backend.fused(
         _ro(a_u8),
         packed._layout(backend),
-        np.empty((numba.config.NUMBA_NUM_THREADS, *backend.tile), np.int32),
+        None
+        if backend.tile is None
+        else np.empty((numba.config.NUMBA_NUM_THREADS, *backend.tile), np.int32),
         # the epilogue's parameters (eqs. 8-13) travel as one tuple
         (
             _ro(za_eff),
@@ -263,17 +265,21 @@ def _ro(x: np.ndarray) -> np.ndarray:
     return view
 
 
-def _prepare_a(a, k_min, need_rows):
+def _prepare_a(a, k_min, need_rows, takes_int8=False):
     """a' (eq. 5) as C-contiguous uint8 with >= k_min columns, and its row sums
-    when needed. A C-contiguous uint8 a is used in place."""
+    when needed. A C-contiguous uint8 a is used in place, and so is an int8 one
+    when the backend flips it itself (takes_int8) and no row sums are needed."""
     M, K = a.shape
     k_pad = max(K, k_min)
-    if a.dtype == np.uint8 and k_pad == K and a.flags.c_contiguous:
-        row_sum = None
-        if need_rows:
-            row_sum = np.empty(M, np.int64)
-            _kg.row_sums_u8(_ro(a), row_sum)
-        return a, row_sum
+    if k_pad == K and a.flags.c_contiguous:
+        if a.dtype == np.uint8:
+            row_sum = None
+            if need_rows:
+                row_sum = np.empty(M, np.int64)
+                _kg.row_sums_u8(_ro(a), row_sum)
+            return a, row_sum
+        if takes_int8 and not need_rows:
+            return a, None
     a_u8 = np.empty((M, k_pad), np.uint8)
     row_sum = np.empty(M, np.int64)
     _kg.prepare_a(_ro(a), np.uint8(_a_offset(a.dtype)), k_pad, a_u8, row_sum)

@@ -446,7 +446,7 @@ def _fp16_out_dtype(out_dtype):
     return dt
 
 
-def matmul_fp16(a, b, *, bias=None, activation=None, out_dtype=np.float32):
+def matmul_fp16(a, b, *, bias=None, activation=None, out_dtype=np.float32, device=None):
     """float16 matrix product with float32 accumulation (numpy matmul rules).
 
     Parameters
@@ -457,10 +457,20 @@ def matmul_fp16(a, b, *, bias=None, activation=None, out_dtype=np.float32):
     activation : None, "relu", "relu6" or a (min, max) clamp
     out_dtype : np.float32 (default) or np.float16 (rounded once, to nearest
         even; overflow gives inf)
+    device : None, "cpu" or "cuda"; None follows a (CUDA arrays run on the GPU
+        and come back as the same kind, docs/cuda.md)
 
     Every product and sum is float32, in the order documented in this module
     (the accuracy contract); inputs are never modified.
     """
+    if device is not None or type(a) is not np.ndarray:
+        from . import cuda_ops
+        from .gemm import _on_gpu
+
+        if _on_gpu(device, a, None if isinstance(b, _Packed) else b):
+            return cuda_ops.matmul_fp16_cuda(
+                a, b, bias=bias, activation=activation, out_dtype=out_dtype
+            )
     fix = "convert it with {0}.astype(np.float16) (or use np.matmul for float32)"
     v.check_array(a, "a", (_F16,), fix=fix.format("a"))
     if isinstance(b, PackedWeightsBF16):

@@ -508,7 +508,7 @@ def _threads(work: int) -> int:
     return 1 if work < SERIAL_MACS else numba.get_num_threads()
 
 
-def spmm(w, x, *, bias=None, activation=None, out=None):
+def spmm(w, x, *, bias=None, activation=None, out=None, device=None):
     """y = activation(W @ X + bias) for sparse float W (M, K) and dense X.
 
     Parameters
@@ -518,9 +518,16 @@ def spmm(w, x, *, bias=None, activation=None, out=None):
     bias : float32 (M,) or scalar, optional (one per output row)
     activation : None, "relu", "relu6" or (min, max)
     out : float32 (M, N) (or (M,) for 1-D x) C-contiguous, optional
+    device : None, "cpu" or "cuda"; None follows x (CUDA arrays run on the GPU
+        and come back as the same kind, docs/cuda.md)
 
     Accuracy: see the module docstring (summation-order bound).
     """
+    if device is not None or type(x) is not np.ndarray:
+        from . import _cuda, cuda_ops
+
+        if _cuda.use_cuda(x, device=device):
+            return cuda_ops.spmm_cuda(w, x, bias=bias, activation=activation, out=out)
     _check_w(w)
     if w.dtype == np.int8:
         msg = "w has int8 values; use lowprec.qlinear_spmm (or pack float values)"
@@ -639,6 +646,7 @@ def qlinear_spmm(
     activation=None,
     out_dtype=None,
     out=None,
+    device=None,
 ):
     """QLinearMatMul with sparse int8 weights on the left: y = W @ X requantized.
 
@@ -656,7 +664,16 @@ def qlinear_spmm(
         (both may be None with ``out_dtype=np.float32``: real output, eq. 13)
     bias : int32 (M,) or scalar, in the accumulator's scale x_scale * w.scale
     activation : None, "relu", "relu6" or (min, max), in real units (eq. 12)
+    device : None, "cpu" or "cuda"; None follows x (docs/cuda.md)
     """
+    if device is not None or type(x) is not np.ndarray:
+        from . import _cuda, cuda_ops
+
+        if _cuda.use_cuda(x, device=device):
+            return cuda_ops.qlinear_spmm_cuda(
+                w, x, x_scale, x_zero_point, y_scale, y_zero_point, bias=bias,
+                activation=activation, out_dtype=out_dtype, out=out,
+            )  # fmt: skip
     from . import gemm as _g  # the multiplier and clamp of qlinear_matmul
 
     _check_w(w)

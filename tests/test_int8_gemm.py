@@ -304,10 +304,8 @@ def test_tile_kernels_compile_to_the_instruction(path, must, never):
 def test_backend_tiles_match_kernels():
     from lowprec._gemm_backends import BACKENDS
 
-    if "avx512_vnni" in lowprec.available_isas():
-        from lowprec.kernels import int8_gemm_vnni as k
-
-        assert BACKENDS["avx512_vnni"].tile == (k.MR_MAX, k.NR)
+    # the zmm path's epilogue runs on the accumulators: it asks for no scratch
+    assert BACKENDS["avx512_vnni"].tile is None
     if "avx2" in lowprec.available_isas():
         from lowprec.kernels import int8_gemm_ymm as y
 

@@ -141,6 +141,24 @@ def test_dynamic_quantize_matches_oracle(seed, n, kind):
     assert (z.dtype, z.shape, z) == (np.uint8, (), wz)
 
 
+@pytest.mark.parametrize("block", [7, 1 << 16])
+def test_min_max_kernel_matches_numpy(block):
+    # the kernel reduces order-preserving integer keys of the float bits
+    from lowprec.kernels import quantize as kq
+
+    rng = np.random.default_rng(5)
+    f32 = np.finfo(np.float32)
+    specials = [0.0, -0.0, f32.tiny / 4, -f32.tiny / 4, f32.max, -f32.max, 1.5, -2.5]
+    for n in (1, 2, 15, 100):
+        for _ in range(20):
+            x = rng.choice(np.array(specials, np.float32), n)
+            x[rng.random(n) < 0.5] = rng.normal(0, 1e3, n).astype(np.float32)[:1]
+            lo, hi, finite = kq.min_max(x, block)
+            assert finite and lo == x.min() and hi == x.max()
+            x[rng.integers(n)] = rng.choice([np.nan, np.inf, -np.inf])
+            assert not kq.min_max(x, block)[2]
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_dynamic_quantize_rejects_non_finite(bad):
     x = np.array([1.0, bad, 2.0], np.float32)

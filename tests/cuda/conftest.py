@@ -51,8 +51,9 @@ def pytest_configure(config):
 @pytest.fixture
 def small_tiles(monkeypatch):
     """Tiny launch tunables: 13 x 11 @ 11 x 9 spans 2 x 2 blocks, 2 K stages and
-    edge tiles in every direction; 1-D kernels run several blocks with a
-    grid-stride loop."""
+    edge tiles in every direction (the same for the FP16 GEMM and the implicit
+    GEMM convolutions); SpMM blocks hold 3 rows x 8 columns; 1-D kernels run
+    several blocks with a grid-stride loop."""
     from lowprec.kernels import config_cuda as cfg
 
     for name, value in {
@@ -64,6 +65,15 @@ def small_tiles(monkeypatch):
         "SMEM_PAD": 1,
         "THREADS_1D": 8,
         "MAX_BLOCKS_1D": 3,
+        "FP16_BLOCK_M": 8,
+        "FP16_BLOCK_N": 8,
+        "FP16_BLOCK_K": 4,
+        "FP16_THREADS_M": 4,
+        "FP16_THREADS_N": 4,
+        "FP16_SMEM_PAD": 1,
+        "SPMM_ROWS": 3,
+        "SPMM_THREADS": 4,
+        "SPMM_VN": 2,
     }.items():
         monkeypatch.setattr(cfg, name, value)
     return cfg

@@ -164,3 +164,120 @@ def test_helper_kernels_compile(toolchain, tmp_path, cc):
         assert st["spill_st"] == 0, (name, st)
         if name.startswith("quantize"):
             assert "div.rn.f32" in ptx  # IEEE division, as the CPU path (eq. 1)
+
+
+def _no_local_in_loop(ptx, marker):
+    """The main loop (first to last ``marker`` instruction) keeps its
+    accumulators in registers: no local-memory traffic inside it."""
+    assert marker in ptx, marker
+    body = ptx[ptx.index(marker) : ptx.rindex(marker)]
+    assert ".local" not in body
+    assert "call" not in body.replace("call.uni", "")  # no helper calls either
+
+
+def _geo_sig(x_t, chw):
+    from numba import types as t
+
+    del chw
+    return x_t[:, :, :, ::1], t.boolean, t.int64[::1], t.int32, t.int32
+
+
+@pytest.mark.parametrize("cc", CCS, ids=lambda cc: f"sm_{cc[0]}{cc[1]}")
+@pytest.mark.parametrize(
+    ("x_t", "out_t"), [("uint8", "uint8"), ("int8", "int32"), ("uint8", "float32")]
+)
+def test_int8_conv_compiles_without_spills(toolchain, tmp_path, cc, x_t, out_t):
+    from numba import types as t
+
+    from lowprec.kernels import config_cuda as cfg
+    from lowprec.kernels import int8_conv_cuda as kc
+
+    kernel = kc.conv_kernel(cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_KW, cfg.THREADS_M,
+                            cfg.THREADS_N, cfg.SMEM_PAD)  # fmt: skip
+    i64 = t.int64[::1]
+    sig = (
+        *_geo_sig(getattr(t, x_t), True), t.int8[:, :, ::1], t.int64[:, ::1], i64,
+        i64, i64, t.float64[:, ::1], t.float64, t.float64, t.float64, t.int32,
+        getattr(t, out_t)[:, :, ::1],
+    )  # fmt: skip
+    ptx, st = _assemble(
+        toolchain, tmp_path, f"conv_{x_t}_{out_t}", kernel.py_func, sig, cc,
+        launch_bounds=cfg.THREADS_M * cfg.THREADS_N,
+    )  # fmt: skip
+    assert st["spill_st"] == 0, st
+    assert st["spill_ld"] == 0, st
+    assert st["smem"] <= 48 * 1024, st
+    assert "fma.rn.f64" not in ptx
+    _no_local_in_loop(ptx, "dp4a.u32.s32")
+    dw = (*_geo_sig(getattr(t, x_t), True), t.int32[:, ::1], i64,
+          t.float64[:, ::1], t.float64, t.float64, t.float64, t.int32,
+          getattr(t, out_t)[:, :, ::1])  # fmt: skip
+    _, st = _assemble(toolchain, tmp_path, f"depthwise_{x_t}_{out_t}",
+                      kc.depthwise.py_func, dw, cc)  # fmt: skip
+    assert st["spill_st"] == 0, st
+    rs = (*_geo_sig(getattr(t, x_t), True), t.int64[:, ::1])
+    _, st = _assemble(toolchain, tmp_path, f"patch_row_sums_{x_t}",
+                      kc.patch_row_sums.py_func, rs, cc)  # fmt: skip
+    assert st["spill_st"] == 0, st
+
+
+@pytest.mark.parametrize("cc", CCS, ids=lambda cc: f"sm_{cc[0]}{cc[1]}")
+@pytest.mark.parametrize("out_t", ["float32", "float16"])
+def test_fp16_gemm_and_conv_compile_without_spills(toolchain, tmp_path, cc, out_t):
+    from numba import types as t
+
+    from lowprec.kernels import config_cuda as cfg
+    from lowprec.kernels import fp16_gemm_cuda as kf
+
+    tiles = (cfg.FP16_BLOCK_M, cfg.FP16_BLOCK_N, cfg.FP16_BLOCK_K,
+             cfg.FP16_THREADS_M, cfg.FP16_THREADS_N, cfg.FP16_SMEM_PAD)  # fmt: skip
+    o = getattr(t, out_t)
+    epi = (t.float32[::1], t.boolean, t.float32, t.float32)
+    cases = [
+        ("fp16_gemm_" + out_t, kf.gemm_kernel(*tiles),
+         (t.float16[:, :], t.float16[:, :], *epi, o[:, ::1])),
+        ("fp16_conv_" + out_t, kf.conv_kernel(*tiles),
+         (t.float16[:, :, :, ::1], t.float16[:, ::1], t.int64[::1], *epi,
+          o[:, :, ::1])),
+    ]  # fmt: skip
+    for name, kernel, sig in cases:
+        ptx, st = _assemble(
+            toolchain, tmp_path, name, kernel.py_func, sig, cc,
+            launch_bounds=cfg.FP16_THREADS_M * cfg.FP16_THREADS_N,
+        )  # fmt: skip
+        assert st["spill_st"] == 0, (name, st)
+        assert st["spill_ld"] == 0, (name, st)
+        assert st["smem"] <= 48 * 1024, st
+        _no_local_in_loop(ptx, "fma.rn.f32")
+        assert "cvt.f32.f16" in ptx  # native conversions, no half-arithmetic calls
+        if out_t == "float16":
+            assert "cvt.rn.f16.f32" in ptx  # one round-to-nearest-even
+
+
+@pytest.mark.parametrize("cc", CCS, ids=lambda cc: f"sm_{cc[0]}{cc[1]}")
+def test_sparse_kernels_compile(toolchain, tmp_path, cc):
+    from numba import types as t
+
+    from lowprec.kernels import config_cuda as cfg
+    from lowprec.kernels import sparse_gemm_cuda as ks
+
+    tiles = (cfg.SPMM_ROWS, cfg.SPMM_THREADS, cfg.SPMM_VN)
+    csr = (t.int64[::1], t.int32[::1])
+    cases = [
+        ("spmm_f32", ks.spmm_float_kernel(*tiles),
+         (*csr, t.float32[::1], t.float32[:, ::1], t.float32[::1], t.float32,
+          t.float32, t.float32[:, ::1])),
+        ("spmm_f16vals", ks.spmm_float_kernel(*tiles),
+         (*csr, t.float16[::1], t.float32[:, ::1], t.float32[::1], t.float32,
+          t.float32, t.float32[:, ::1])),
+        ("spmm_s8_u8", ks.spmm_s8_kernel(*tiles),
+         (*csr, t.int8[::1], t.int8[::1], t.uint8[:, ::1], t.int64, t.int64[::1],
+          t.int64[::1], t.float64[::1], t.float64, t.float64, t.float64, t.int32,
+          t.uint8[:, ::1])),
+    ]  # fmt: skip
+    for name, kernel, sig in cases:
+        ptx, st = _assemble(toolchain, tmp_path, name, kernel.py_func, sig, cc,
+                            launch_bounds=cfg.SPMM_THREADS)  # fmt: skip
+        assert st["spill_st"] == 0, (name, st)
+        assert st["spill_ld"] == 0, (name, st)
+        assert "fma.rn.f64" not in ptx

@@ -1,0 +1,361 @@
+"""float16 convolution with float32 accumulation (ONNX Conv semantics).
+
+``conv_fp16(x, w, bias, ...)`` takes float16 ``x`` (N, C, [H,] W) and ``w``
+(M, C/group, [kH,] kW), computes every product and sum in float32 and returns
+float32 (or float16, rounded once) in NCHW, as ONNX Conv on the float32 values.
+
+Accuracy contract (tests/test_conv_half.py checks each line on every path):
+
+* Summation order. x is padded with +0 (ONNX pads); for each output
+  (n, m, oh, ow), with g = m // (M/group), Cg = C/group, one float32
+  accumulator starting at +0 sums the K = kH*kW*Cg taps in the order
+
+      for i in 0..kH-1, for j in 0..kW-1, for c in 0..Cg-1:       (c fastest)
+          acc = fl32(acc + x[n, g*Cg + c, oh*sH + i*dH - pad_top, ow*sW + j*dW - pad_left]
+                           * w[m, c, i, j])
+
+  (1-D: kH = 1). Products of two float16 values are exact in float32, so the
+  result equals a float32 reference summing in this order, bit for bit, on
+  every path (F16C+FMA kernels, depthwise loops, portable loops).
+* Error bound. |result - exact| <= gamma_K * sum |x| |w| over the K taps,
+  gamma_K = K u / (1 - K u), u = 2**-24.
+* Epilogue, as :func:`lowprec.matmul_fp16`: y = clamp(fl32(acc + bias[m]),
+  lo, hi), then float32, or float16 rounded to nearest even (overflow -> inf).
+* Padding taps are real products with +0: they leave a finite sum unchanged,
+  and 0 * inf = NaN (an inf/NaN weight next to padding gives NaN, as ONNX's
+  reference implementation that pads with zeros). NaN and inf propagate.
+
+Kernels (kernels/fp16_conv.py): the input becomes a zero-padded float32 image
+once (vcvtph2ps); convolutions with >= 16 channels per group run the F16C+FMA
+6x64 register tile once per kernel tap straight on that image (implicit GEMM,
+no im2col); fewer channels (the RGB stem) gather 6 pixels' patches per tile;
+depthwise convolutions have their own loops, vectorized over pixels; threads
+split the work over output pixels and, when pixels are few, output channels.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from . import _validate as v
+from . import half
+from .conv import _attrs, _check_group, _geometry
+
+_F16 = np.dtype(np.float16)
+_F32 = np.dtype(np.float32)
+# writeable dummies, 3-D as the real outputs: one compiled variant per kernel
+_DUMMY32 = np.empty((1, 1, 1), np.float32)
+_DUMMY16 = np.empty((1, 1, 1), np.uint16)
+_DUMMY_SA = np.empty((1, 1, 1), np.float32)
+
+# channels per group below which the SIMD path gathers patches (one tile-kernel
+# call over all of K) instead of calling the kernel once per tap over Cg
+GATHER_BELOW = 16
+# with fewer than this many pixel tiles per thread, jobs are also split over
+# 64-channel weight panels (threads over output channels), as lowprec/conv.py
+SPLIT_N_TILES = 8
+
+
+def _kernels():
+    from .kernels import fp16_conv
+
+    return fp16_conv
+
+
+class PackedConvWeightsFP16:
+    """Immutable prepacked float16 convolution weights for :func:`conv_fp16`.
+
+    Build with :func:`pack_conv_weights_fp16`. Holds the float16 weights and
+    each path's layout (built on first use): [group][M/group/64][K][64]
+    float32 tiles in K order (i, j, c) for the F16C+FMA kernel, (group, K,
+    M/group) for the portable loops, (C, kH*kW) for depthwise.
+    """
+
+    __slots__ = ("shape", "group", "_bits", "_layouts")
+
+    def __init__(self, w: np.ndarray, group: int):
+        bits = np.array(w.view(np.uint16), order="C")  # an owned copy
+        bits.flags.writeable = False
+        for name, value in (
+            ("shape", tuple(w.shape)),
+            ("group", group),
+            ("_bits", bits),
+            ("_layouts", {}),
+        ):
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name, value):
+        msg = (
+            "PackedConvWeightsFP16 is immutable; pack new weights with "
+            "lowprec.pack_conv_weights_fp16"
+        )
+        raise AttributeError(msg)
+
+    def __repr__(self):
+        return f"PackedConvWeightsFP16(shape={self.shape}, group={self.group})"
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: the weights and every layout built so far."""
+        return self._bits.nbytes + sum(a.nbytes for a in self._layouts.values())
+
+    def _gemm_order(self) -> np.ndarray:
+        """(G, K, Mg) float32: wk[g, (i*kw + j)*Cg + c, m] = w[g*Mg + m, c, i, j]."""
+        M, Cg = self.shape[:2]
+        ks = self.shape[2:]
+        kh, kw = (1, ks[0]) if len(ks) == 1 else ks
+        G = self.group
+        w32 = self._bits.view(np.float16).astype(np.float32)
+        w32 = w32.reshape(G, M // G, Cg, kh, kw)
+        return np.ascontiguousarray(
+            w32.transpose(0, 3, 4, 2, 1).reshape(G, kh * kw * Cg, M // G)
+        )
+
+    def _layout(self, kind: str) -> np.ndarray:
+        lay = self._layouts.get(kind)
+        if lay is not None:
+            return lay
+        if kind == "portable":
+            lay = self._gemm_order()
+        elif kind == "dw":
+            M = self.shape[0]
+            lay = np.ascontiguousarray(
+                self._bits.view(np.float16).astype(np.float32).reshape(M, -1)
+            )
+        else:  # "simd": (G, NP, K, NR) float32, zero columns past M/group
+            wk = self._gemm_order()
+            G, K, Mg = wk.shape
+            nr = _kernels().NR
+            NP = -(-Mg // nr)
+            size = G * NP * K * nr
+            raw = np.zeros(size + 16, np.float32)
+            off = ((-raw.ctypes.data) % 64) // 4
+            lay = raw[off : off + size].reshape(G, NP, K, nr)
+            padded = np.zeros((G, K, NP * nr), np.float32)
+            padded[:, :, :Mg] = wk
+            lay[...] = padded.reshape(G, K, NP, nr).transpose(0, 2, 1, 3)
+        lay.flags.writeable = False
+        self._layouts[kind] = lay
+        return lay
+
+
+def _check_w(w):
+    v.check_array(w, "w", (_F16,), fix="convert it with w.astype(np.float16)")
+    if w.ndim == 5:
+        msg = "3-D convolution (5-D w) is not implemented; lowprec supports 1-D and 2-D"
+        raise NotImplementedError(msg)
+    if w.ndim not in (3, 4):
+        msg = (
+            f"w must be 3-D (M, C/group, kW) or 4-D (M, C/group, kH, kW), "
+            f"got shape {w.shape}"
+        )
+        raise ValueError(msg)
+    if 0 in w.shape:
+        msg = f"w must not have an empty dimension, got shape {w.shape}"
+        raise ValueError(msg)
+
+
+def pack_conv_weights_fp16(w, *, group: int = 1) -> PackedConvWeightsFP16:
+    """Prepack float16 convolution weights once for many :func:`conv_fp16` calls.
+
+    Parameters
+    ----------
+    w : ndarray (M, C/group, kW) or (M, C/group, kH, kW) of float16
+    group : int, the convolution's number of groups
+
+    Returns
+    -------
+    PackedConvWeightsFP16, accepted as ``w`` by :func:`conv_fp16` (same results).
+    """
+    if isinstance(w, PackedConvWeightsFP16):
+        msg = "w is already a PackedConvWeightsFP16; pass it to conv_fp16 directly"
+        raise TypeError(msg)
+    _check_w(w)
+    group = _check_group(group)
+    if w.shape[0] % group:
+        msg = (
+            f"w has M={w.shape[0]} output channels, not divisible by group={group}; "
+            f"each group needs M/group output channels"
+        )
+        raise ValueError(msg)
+    return PackedConvWeightsFP16(w, group)
+
+
+def _fp16_out_dtype(out_dtype):
+    try:
+        dt = np.dtype(out_dtype)
+    except TypeError:
+        dt = None
+    if dt not in (_F32, _F16):
+        msg = f"out_dtype must be np.float32 or np.float16, got {out_dtype!r}"
+        raise TypeError(msg)
+    return dt
+
+
+def conv_fp16(
+    x,
+    w,
+    bias=None,
+    *,
+    auto_pad="NOTSET",
+    dilations=None,
+    group=1,
+    kernel_shape=None,
+    pads=None,
+    strides=None,
+    activation=None,
+    out_dtype=np.float32,
+):
+    """ONNX Conv on float16 inputs with float32 products and sums.
+
+    Parameters
+    ----------
+    x : ndarray (N, C, W) or (N, C, H, W) of float16 (NCHW, as ONNX)
+    w : ndarray (M, C/group, kW) or (M, C/group, kH, kW) of float16, or
+        :class:`PackedConvWeightsFP16`
+    bias : float32 or float16 (M,), optional; added to the float32 sum
+    auto_pad, dilations, group, kernel_shape, pads, strides : as ONNX Conv
+    activation : None, "relu", "relu6" or a (min, max) clamp (fused)
+    out_dtype : np.float32 (default) or np.float16 (rounded once, to nearest
+        even; overflow gives inf)
+
+    Returns
+    -------
+    ndarray (N, M, *out_spatial) of ``out_dtype``. The sum order and error
+    bound are this module's accuracy contract; inputs are never modified.
+
+    Examples
+    --------
+    >>> import numpy as np, lowprec
+    >>> x = np.arange(9, dtype=np.float16).reshape(1, 1, 3, 3)
+    >>> w = np.ones((1, 1, 2, 2), np.float16)
+    >>> lowprec.conv_fp16(x, w)
+    array([[[[ 8., 12.],
+             [20., 24.]]]], dtype=float32)
+    """
+    v.check_array(
+        x,
+        "x",
+        (_F16,),
+        fix="convert it with x.astype(np.float16) (float32 inputs: use a float32 conv)",
+    )
+    group = _check_group(group)
+    if isinstance(w, PackedConvWeightsFP16):
+        if group != w.group:
+            msg = (
+                f"group={group} differs from the group={w.group} the weights were "
+                f"packed with; pass group={w.group}"
+            )
+            raise ValueError(msg)
+        packed = w
+    else:
+        packed = pack_conv_weights_fp16(w, group=group)
+    odt = _fp16_out_dtype(out_dtype)
+    wshape = packed.shape
+    if x.ndim == 5:
+        msg = "3-D convolution (5-D x) is not implemented; lowprec supports 1-D and 2-D"
+        raise NotImplementedError(msg)
+    if x.ndim != len(wshape):
+        msg = (
+            f"x has {x.ndim} dimensions and w {len(wshape)}: a {len(wshape) - 2}-D "
+            f"convolution needs x of shape (N, C, *spatial) with "
+            f"{len(wshape) - 2} spatial axes"
+        )
+        raise ValueError(msg)
+    M, Cg = wshape[:2]
+    G = packed.group
+    C = x.shape[1]
+    if C != Cg * G:
+        msg = (
+            f"x has C={C} channels but w expects C/group * group = {Cg} * {G} = "
+            f"{Cg * G} (w shape {wshape}, group={G}); fix group or x's channel axis"
+        )
+        raise ValueError(msg)
+    k = tuple(wshape[2:])
+    if kernel_shape is not None and tuple(kernel_shape) != k:
+        msg = f"kernel_shape={tuple(kernel_shape)} does not match w.shape[2:]={k}"
+        raise ValueError(msg)
+    a = _attrs(auto_pad, dilations, kernel_shape, pads, strides)
+    out_sp, pb, pe, s, d = _geometry(
+        x.shape[2:], k, a["auto_pad"], a["dilations"], a["pads"], a["strides"]
+    )
+    bias_arr, has_bias = half._bias(bias, M)
+    lo, hi = v.activation_bounds(activation)
+    lo, hi = np.float32(lo), np.float32(hi)
+
+    one_d = len(k) == 1
+    N = x.shape[0]
+    H, W = (1, x.shape[2]) if one_d else x.shape[2:]
+    kh, kw = (1, k[0]) if one_d else k
+    Ho, Wo = (1, out_sp[0]) if one_d else out_sp
+    sh, sw = (1, s[0]) if one_d else s
+    dh, dw = (1, d[0]) if one_d else d
+    pt, pl = (0, pb[0]) if one_d else pb
+    pbot, pr = (0, pe[0]) if one_d else pe
+    Hp, Wp = H + pt + pbot, W + pl + pr
+    Mg = M // G
+    out = np.empty((N, M, Ho * Wo), odt)
+    if N == 0:
+        return out.reshape(N, M, *out_sp)
+    mode = 0 if odt == _F32 else 1
+    out32 = out if mode == 0 else _DUMMY32
+    out16 = out.view(np.uint16) if mode else _DUMMY16
+    epi = (bias_arr, has_bias, lo, hi, mode, out32, out16)
+    geo = np.array(
+        [N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M], np.int64
+    )
+    kc = _kernels()
+    simd = half._simd("f16")
+    threads = numba.config.NUMBA_NUM_THREADS
+    x_bits = x.reshape(N, C, H, W).view(np.uint16)
+    if not (x_bits.flags.c_contiguous and x_bits.flags.writeable):
+        x_bits = np.array(x_bits, order="C")  # one compiled variant per kernel
+    depthwise = G == C and Mg == 1
+    gather = simd and not depthwise and Cg < GATHER_BELOW
+    if depthwise:
+        fused = simd  # the kernel converts each plane itself (vcvtph2ps)
+        sc = np.empty((threads, Hp * Wp), np.float32)
+        acc = np.empty((threads, Ho * Wp), np.float32)
+        if fused:
+            xp = _DUMMY_SA.reshape(1, 1, 1, 1)
+        else:
+            xp = np.zeros((N, C, Hp, Wp), np.float32)
+            xp[:, :, pt : pt + H, pl : pl + W] = x_bits.view(np.float16)
+        kc.depthwise(
+            fused, x_bits, xp, packed._layout("dw"), geo, pt, pl, sc, acc, *epi
+        )
+        return out.reshape(N, M, *out_sp)
+    if gather:
+        xp = np.empty((N, Hp, Wp, C), np.float32)
+        kc.pad_nhwc(x_bits, xp, pt, pl)
+    elif simd:
+        xp = np.empty((N, C, Hp, Wp), np.float32)
+        kc.pad_nchw(x_bits, xp, pt, pl)
+    else:  # portable: numpy's conversion (no F16C instruction needed)
+        xp = np.zeros((N, C, Hp, Wp), np.float32)
+        xp[:, :, pt : pt + H, pl : pl + W] = x_bits.view(np.float16)
+    if simd:
+        bp = packed._layout("simd")
+        flat = (kh, kw, sh, sw) == (1, 1, 1, 1) and (Hp, Wp) == (H, W)
+        if gather:
+            sa = np.empty((threads, kc.MR_MAX, kh * kw * Cg), np.float32)
+            tiles = -(-N * Ho * Wo // kc.MR_MAX)
+        else:
+            sa = _DUMMY_SA
+            L = Ho * Wo if flat else Wo
+            tiles = N * (Ho * Wo // L) * -(-L // kc.MR_MAX)
+        pbk = bp.shape[1]
+        if tiles * G < SPLIT_N_TILES * numba.get_num_threads():
+            pbk = 1
+        sp = np.empty((threads, kc.MR_MAX, kc.NR), np.float32)
+        kc.conv_simd(gather, flat, pbk, xp, bp, geo, sa, sp, *epi)
+    else:
+        K = kh * kw * Cg
+        sa = np.empty((threads, kc.TM, K), np.float32)
+        sp = np.empty((threads, kc.TM, Mg), np.float32)
+        kc.conv_portable(xp, packed._layout("portable"), geo, sa, sp, *epi)
+    return out.reshape(N, M, *out_sp)
+
+
+__all__ = ["PackedConvWeightsFP16", "conv_fp16", "pack_conv_weights_fp16"]
