@@ -1,4 +1,5 @@
-"""pytest-benchmark: lowprec's half-precision matmuls against installed baselines.
+"""pytest-benchmark: lowprec's half-precision matmuls and conv against installed
+baselines.
 
 The cases and baselines are lowprec._bench_half's (the half suite of
 ``lowprec bench``). Groups are "op|shape|variant|threads":
@@ -26,7 +27,7 @@ SMOKE_SHAPE = (9, 40, 70)
 def _params():
     out = []
     for shape in (*hb.QUICK_SHAPES, *hb.FULL_SHAPES):
-        for variant in hb.VARIANTS:
+        for variant in hb.GEMM_VARIANTS:
             for t in THREADS:
                 case = hb.HalfCase(*shape, variant, t)
                 for impl in ["lowprec"] + [
@@ -60,4 +61,43 @@ def test_half_matmul(benchmark, smoke, case, impl):
             except lb.Unsupported as e:
                 pytest.skip(str(e))
         fn()  # warm-up outside the timing: numba compilation, lazy packing
+        benchmark(fn)
+
+
+# convolutions: the INT8 conv suite's layers; smoke runs shrink them
+SMOKE_HW = 12
+
+
+def _conv_params():
+    out = []
+    for layer in (*hb.CONV_QUICK_LAYERS, *hb.CONV_LAYERS):
+        for t in THREADS:
+            case = hb.HalfConvCase(*layer, t)
+            for impl in ["lowprec"] + [b.name for b in AVAILABLE if b.applies(case)]:
+                marks = [pytest.mark.slow] if layer in hb.CONV_LAYERS else []
+                out.append(
+                    pytest.param(case, impl, marks=marks, id=f"{case.group}|{impl}")
+                )
+    return out
+
+
+@pytest.mark.parametrize(("case", "impl"), _conv_params())
+def test_half_conv(benchmark, smoke, case, impl):
+    if smoke:
+        case = dataclasses.replace(
+            case, batch=min(case.batch, 2), H=max(SMOKE_HW, case.k)
+        )
+    benchmark.group = case.group
+    benchmark.extra_info.update(
+        ops=case.ops, shape=case.shape, variant=case.variant, threads=case.threads
+    )
+    x = case.make_inputs()
+    with lb.limit_threads(case.threads):
+        if impl == "lowprec":
+            fn = case.build_lowprec(x)
+        else:
+            fn = next(b for b in AVAILABLE if b.name == impl).build(case, x)
+        out = fn()  # warm-up outside the timing
+        if impl == "lowprec":
+            assert out.shape == (case.batch, case.Mo, case.Ho, case.Ho)
         benchmark(fn)

@@ -34,6 +34,16 @@ smallest size first. Needs numba-cuda, cupy-cuda13x and a GPU; torch optional.
             56 x 56, pad 1: lowprec qlinear_conv (uint8, NCHW and NHWC),
             conv_fp16_cuda, and torch (cuDNN) fp16 NCHW when present;
             GOP/s = 2 N M Ho Wo C kH kW / time
+    bf16    per size n: lowprec matmul_bf16_cuda (uint16 bfloat16 bits in,
+            float32 accumulate and out) vs torch.matmul on bfloat16 (cuBLAS,
+            tensor cores, when torch has CUDA), checked against cuBLAS fp32
+    dqmm    per size n: lowprec dynamic_quantize_matmul_cuda, float32 a (n, n)
+            quantized on the fly (per tensor and per row), int8 weights on the
+            device, float bias; vs torch float32 and float16 matmul (cuBLAS) and
+            torch's dynamic-quantization recipe on the GPU (abs-max scale,
+            round to int8, torch._int_mm, rescale) when present; checked bit
+            for bit against the CPU lowprec.dynamic_quantize_matmul at the
+            smallest size
 """
 
 from __future__ import annotations
@@ -105,7 +115,9 @@ def main(argv=None):
     ap.add_argument("--sizes", default="1024,2048,4096")
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--json", default=None, help="also write the results here")
-    ap.add_argument("--ops", default="gemm,spmm,conv", help="gemm, spmm, conv")
+    ap.add_argument(
+        "--ops", default="gemm,spmm,conv,bf16,dqmm", help="gemm, spmm, conv, bf16, dqmm"
+    )
     ap.add_argument("--spmm-n", type=int, default=256, help="columns of X (SpMM)")
     args = ap.parse_args(argv)
 
@@ -131,11 +143,11 @@ def main(argv=None):
         row = _bench_size(n, i == 0, args.repeat, rng, cp, np, cuda_ops, torch,
                           has_int_mm)  # fmt: skip
         results.append(row)
-        ops = 2.0 * n**3
+        work = 2.0 * n**3  # (not `ops`: the --ops set is read below)
         cols = [k for k in row if k != "n"]
         print(
             f"\nn={n}: "
-            + "  ".join(f"{k} {ops / row[k] / 1e9:9.1f} GOP/s" for k in cols)
+            + "  ".join(f"{k} {work / row[k] / 1e9:9.1f} GOP/s" for k in cols)
         )
         mine = row["lowprec_i8_i32"]
         if "torch_int_mm" in row:
@@ -153,6 +165,16 @@ def main(argv=None):
         ]
     if "conv" in ops:
         extra["conv"] = _bench_conv(args.repeat, rng, cp, np, cuda_ops, torch)
+    if "bf16" in ops:
+        extra["bf16"] = [
+            _bench_bf16(n, args.repeat, rng, cp, np, cuda_ops, torch) for n in sizes
+        ]
+    if "dqmm" in ops:
+        extra["dqmm"] = [
+            _bench_dqmm(n, i == 0, args.repeat, rng, cp, np, cuda_ops, torch,
+                        has_int_mm)
+            for i, n in enumerate(sizes)
+        ]  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
@@ -228,6 +250,82 @@ def _bench_conv(repeat, rng, cp, np, cuda_ops, torch):
         conv = torch.nn.functional.conv2d
         row["torch_cudnn_fp16"] = _timeit(lambda: conv(tx, tw, padding=1), repeat, cp)
     _report("conv 3x3 64->64 56x56 N=32", 2.0 * N * M * H * W * C * 9, row)
+    return row
+
+
+def _torch_cuda(torch):
+    return torch is not None and torch.cuda.is_available()
+
+
+def _bench_bf16(n, repeat, rng, cp, np, cuda_ops, torch):
+    import lowprec
+
+    a = lowprec.float32_to_bfloat16(rng.standard_normal((n, n)).astype(np.float32))
+    b = lowprec.float32_to_bfloat16(rng.standard_normal((n, n)).astype(np.float32))
+    ad, bd = cp.asarray(a), cp.asarray(b)  # uint16 bit patterns on the device
+    got = cuda_ops.matmul_bf16_cuda(ad, bd)
+    a32 = (ad.astype(cp.uint32) << 16).view(cp.float32)
+    b32 = (bd.astype(cp.uint32) << 16).view(cp.float32)
+    ref = a32 @ b32
+    err = float(cp.abs(cp.asarray(got) - ref).max() / cp.abs(ref).max())
+    assert err < 1e-5, f"lowprec bf16 GEMM relative error {err}"
+    row = {"shape": [n, n, n]}
+    row["lowprec_bf16"] = _timeit(lambda: cuda_ops.matmul_bf16_cuda(ad, bd), repeat, cp)
+    row["cublas_fp32"] = _timeit(lambda: a32 @ b32, repeat, cp)
+    if _torch_cuda(torch):
+        ta = torch.as_tensor(a32, device="cuda").to(torch.bfloat16)
+        tb = torch.as_tensor(b32, device="cuda").to(torch.bfloat16)
+        row["torch_bf16"] = _timeit(lambda: ta @ tb, repeat, cp)
+    _report(f"bf16 GEMM {n}^3", 2.0 * n**3, row)
+    if "torch_bf16" in row:
+        ratio = row["torch_bf16"] / row["lowprec_bf16"]
+        print(f"  lowprec bf16 / cuBLAS bf16 (bf16 out): {ratio:.2f}x")
+    return row
+
+
+def _bench_dqmm(n, check, repeat, rng, cp, np, cuda_ops, torch, has_int_mm):
+    import lowprec
+
+    a = (rng.standard_normal((n, n)) * 3).astype(np.float32)
+    b = rng.integers(-128, 128, (n, n), dtype=np.int8)
+    sb = rng.uniform(0.001, 0.01, n).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    ad, bd = cp.asarray(a), cp.asarray(b)
+    if check:  # bit-exact against the CPU function
+        for per_row in (False, True):
+            got = cuda_ops.dynamic_quantize_matmul_cuda(
+                ad, bd, sb, bias=bias, per_row=per_row
+            )
+            cpu = lowprec.dynamic_quantize_matmul(a, b, sb, bias=bias, per_row=per_row)
+            got = cp.asnumpy(cp.asarray(got)).view(np.uint32)
+            assert np.array_equal(got, cpu.view(np.uint32)), "dqmm differs from CPU"
+    row = {"shape": [n, n, n]}
+    for per_row in (False, True):
+        row[f"lowprec_dqmm{'_rows' if per_row else ''}"] = _timeit(
+            lambda per_row=per_row: cuda_ops.dynamic_quantize_matmul_cuda(
+                ad, bd, sb, bias=bias, per_row=per_row
+            ),
+            repeat,
+            cp,
+        )
+    if _torch_cuda(torch):
+        ta = torch.as_tensor(ad, device="cuda")
+        tw = torch.as_tensor(bd, device="cuda").float() * torch.as_tensor(sb).cuda()
+        tbias = torch.as_tensor(bias).cuda()
+        row["torch_fp32"] = _timeit(lambda: torch.addmm(tbias, ta, tw), repeat, cp)
+        ta16, tw16 = ta.half(), tw.half()
+        row["torch_fp16"] = _timeit(lambda: ta16 @ tw16, repeat, cp)
+        if has_int_mm:  # torch's dynamic-quant recipe (symmetric int8 a)
+            tb8 = torch.as_tensor(bd, device="cuda")
+            tsb = torch.as_tensor(sb).cuda()
+
+            def recipe():
+                s = ta.abs().amax() / 127.0
+                q = torch.clamp(torch.round(ta / s), -127, 127).to(torch.int8)
+                return torch._int_mm(q, tb8).float() * (s * tsb) + tbias
+
+            row["torch_dyn_int_mm"] = _timeit(recipe, repeat, cp)
+    _report(f"dynamic quantized matmul {n}^3", 2.0 * n**3, row)
     return row
 
 

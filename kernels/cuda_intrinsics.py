@@ -4,6 +4,9 @@ simulator (``NUMBA_ENABLE_CUDASIM=1``), which cannot run inline PTX.
     dp4a(a, b, c)   c + sum_i u8(a)[i] * s8(b)[i]   (PTX dp4a.u32.s32)
     mul_rn(x, y)    x * y in float64, rounded once; never fused with a later add
     rint(x)         round half to even (cvt.rni.f64.f64)
+    f32_bits(x)     float32 -> its uint32 bit pattern (a register move)
+    bits_f32(u)     uint32 bit pattern -> float32 (bfloat16 -> float32 is
+                    bits_f32(u16 << 16), exact)
 
 Why mul_rn: libNVVM contracts fmul + fadd into fma by default (its -fma=1; numba
 only sets the option under fastmath). Measured: ``float64(acc) * mult + zy``
@@ -36,6 +39,12 @@ if SIM:
     def rint(x):
         return np.rint(np.float64(x))
 
+    def f32_bits(x):
+        return np.float32(x).view(np.uint32)
+
+    def bits_f32(u):
+        return np.uint32(u).view(np.float32)
+
 else:
     from llvmlite import ir
     from numba import types
@@ -67,3 +76,21 @@ else:
         return sig, codegen
 
     rint = libdevice.rint
+
+    @intrinsic
+    def f32_bits(typingctx, x):
+        sig = types.uint32(types.float32)
+
+        def codegen(context, builder, sig, args):
+            return builder.bitcast(args[0], ir.IntType(32))
+
+        return sig, codegen
+
+    @intrinsic
+    def bits_f32(typingctx, u):
+        sig = types.float32(types.uint32)
+
+        def codegen(context, builder, sig, args):
+            return builder.bitcast(args[0], ir.FloatType())
+
+        return sig, codegen

@@ -12,7 +12,8 @@ on a padded NHWC copy (or the caller's NHWC array itself) of the input
       input zero point in x' terms, i.e. a real 0: padding taps contribute
       (ZA - ZA) * w = 0 and the zero-point expansion stays exact.
 
-The zero points, bias and requantization are applied per tile by
+The zero points, bias and requantization are applied per tile: on the VNNI
+path by the fused tile of kernels/int8_gemm_vnni.py, on the portable path by
 ``kernels/requant.py::epilogue_tile`` (mode 0 int32, 1 requantized, 2 float32).
 ``geo`` packs the geometry (int64):
     [N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M]
@@ -20,10 +21,13 @@ The zero points, bias and requantization are applied per tile by
 
 import numba
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from .config import PJIT
-from .int8_gemm_vnni import MR_MAX, NR, _run_tile
+from .int8_gemm_vnni import MR_MAX, NR, run_fused_tile
 from .requant import epilogue_tile
 
 # ---------------------------------------------------------------------------
@@ -52,33 +56,53 @@ def row_sums(xp, geo, za, out):
             out[g, p] = s - K * za
 
 
+@intrinsic
+def _copy(typingctx, dst, src, n):
+    # memcpy of n bytes between int64 addresses (llvm.memcpy: a libc call for a
+    # run-time size, 64-byte moves inside); numba's byte loop did not vectorize
+    def codegen(context, builder, sig, args):
+        i8p = ir.IntType(8).as_pointer()
+        d = builder.inttoptr(args[0], i8p)
+        s = builder.inttoptr(args[1], i8p)
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i8p, ir.IntType(64), ir.IntType(1)])
+        fn = cgutils.get_or_insert_function(
+            builder.module, fnty, "llvm.memcpy.p0.p0.i64"
+        )
+        builder.call(fn, [d, s, args[2], ir.Constant(ir.IntType(1), 0)])
+        return context.get_dummy_value()
+
+    return types.void(types.int64, types.int64, types.int64), codegen
+
+
 @njit(inline="always")
 def _gather(xp, geo, m0, mr, g, ka, dst):
     # dst (>=mr, ka) uint8 <- im2col rows of output pixels m0..m0+mr-1, group g,
-    # K order (i, j, c); bytes [K, ka) zeroed (they meet zero weights).
-    # Flat arrays and unsigned offsets: numba's negative-index checks otherwise
-    # keep LLVM from turning the channel loop into vector copies (measured 8x).
+    # K order (i, j, c); bytes [K, ka) zeroed (they meet zero weights). With
+    # one group and no horizontal dilation a kernel row's kw taps are one run of
+    # kw*C input bytes: one copy per kernel row (measured: the per-byte loop
+    # made the 3x3 64->64 layer 0.63x the speed of the same GEMM).
     N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M = geo
     K = kh * kw * Cg
-    xf = xp.reshape(-1)
-    df = dst.reshape(-1)
-    ucg = np.uint64(Cg)
+    x0 = xp.ctypes.data
+    d0 = dst.ctypes.data
+    run = dw == 1 and Cg == C
     for r in range(mr):
         p = m0 + r
         n = p // (Ho * Wo)
         q = p - n * Ho * Wo
         oh = q // Wo
         ow = q - oh * Wo
-        d0 = np.uint64(r * ka)
+        dr = d0 + r * dst.strides[0]
         for i in range(kh):
-            rowoff = (n * Hp + oh * sh + i * dh) * Wp
-            for j in range(kw):
-                s0 = np.uint64((rowoff + ow * sw + j * dw) * C + g * Cg)
-                o = d0 + np.uint64((i * kw + j) * Cg)
-                for c in range(ucg):
-                    df[o + c] = xf[s0 + c]
+            rowoff = (n * Hp + oh * sh + i * dh) * Wp + ow * sw
+            if run:
+                _copy(dr + i * kw * C, x0 + rowoff * C, kw * C)
+            else:
+                for j in range(kw):
+                    src = x0 + (rowoff + j * dw) * C + g * Cg
+                    _copy(dr + (i * kw + j) * Cg, src, Cg)
         for k in range(K, ka):
-            df[d0 + np.uint64(k)] = 0
+            dst[r, k] = 0
 
 
 # ---------------------------------------------------------------------------
@@ -88,13 +112,11 @@ def _gather(xp, geo, m0, mr, g, ka, dst):
 # called, not inlined, from the prange driver: numba's parfor passes rewrite the
 # whole loop body and took minutes with the tiles and epilogue inlined (gemm too)
 @njit(nogil=True, cache=True)
-def _vnni_job(
-    t, mt, nblk, pb, direct, xp, bp, geo, sa, sp, za, rs, cs, zb, bias, mult,
-    zy, qlo, qhi, mode, out,
-):  # fmt: skip
+def _vnni_job(t, mt, nblk, pb, direct, xp, bp, geo, sa, epi, out):
     # job t = (group, panel block, pixel tile), pixel tile fastest: a thread's
     # contiguous prange chunk keeps streaming the same weight panels
     N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M = geo
+    za, rs, cs, zb, bias, mult, zy, qlo, qhi, mode, fbias = epi
     rows = N * Ho * Wo
     ka = sa.shape[2]
     tile = t % mt
@@ -103,60 +125,49 @@ def _vnni_job(
     g = rest // nblk
     m0 = tile * MR_MAX
     mr = min(MR_MAX, rows - m0)
-    tid = numba.get_thread_id()
     if direct:
         # 1x1, stride 1, one group: the (padded) input pixels are the GEMM rows
         a_addr = xp.ctypes.data + m0 * C
         lda = C
         kk = C
     else:
-        _gather(xp, geo, m0, mr, g, ka, sa[tid])
-        a_addr = sa[tid].ctypes.data
+        buf = sa[numba.get_thread_id()]
+        _gather(xp, geo, m0, mr, g, ka, buf)
+        a_addr = buf.ctypes.data
         lda = ka
         kk = ka
     k4 = kk // 4
-    kr = kk - 4 * k4
-    ptile = sp[tid]
+    # the tile's epilogue sees group g's row sums as the GEMM's per-row term
+    epi_g = (za, rs[g], cs, zb, bias, mult, zy, qlo, qhi, mode, fbias)
     npg = bp.shape[1]
     for jn in range(blk * pb, min(npg, blk * pb + pb)):
-        n0 = g * Mg + jn * NR
-        nvalid = min(NR, Mg - jn * NR)
-        _run_tile(
+        run_fused_tile(
             mr,
             a_addr,
             lda,
             bp.ctypes.data + g * bp.strides[0] + jn * bp.strides[1],
-            NR * 4,
             k4,
-            kr,
-            ptile.ctypes.data,
-            NR,
-            nvalid,
-            0,
+            kk - 4 * k4,
+            m0,
+            g * Mg + jn * NR,
+            min(NR, Mg - jn * NR),
+            epi_g,
+            xp,
+            out,
         )
-        epilogue_tile(
-            ptile, mr, nvalid, m0, n0, za, rs[g], cs, zb, bias, mult, zy, qlo, qhi,
-            mode, out,
-        )  # fmt: skip
 
 
 @njit(**PJIT)
-def conv_vnni(
-    xp, bp, geo, pb, direct, sa, sp, za, rs, cs, zb, bias, mult, zy, qlo, qhi,
-    mode, out,
-):  # fmt: skip
+def conv_vnni(xp, bp, geo, pb, direct, sa, epi, out):
     # xp (N,Hp,Wp,C) uint8, bp (G,NP,K4,NR,4) int8 (pack_b per group, K order
     # (i,j,c)), sa (threads,MR_MAX,ka) uint8 gather scratch (ka >= max(K, 4)),
-    # sp (threads,MR_MAX,NR) int32, rs (G,1|rows) int64, out (rows, M)
+    # epi = the GEMM epilogue tuple with rs (G,1|rows) int64, out (rows, M)
     N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M = geo
     rows = N * Ho * Wo
     mt = (rows + MR_MAX - 1) // MR_MAX
     nblk = (bp.shape[1] + pb - 1) // pb
     for t in prange(mt * nblk * G):
-        _vnni_job(
-            t, mt, nblk, pb, direct, xp, bp, geo, sa, sp, za, rs, cs, zb, bias,
-            mult, zy, qlo, qhi, mode, out,
-        )  # fmt: skip
+        _vnni_job(t, mt, nblk, pb, direct, xp, bp, geo, sa, epi, out)
 
 
 # ---------------------------------------------------------------------------

@@ -381,16 +381,16 @@ def make_fused_kernel(MR, NV_):
         def ext(x):
             return builder.sext(x, lane) if wide else x
 
-        def col64(addr, v):
-            x = col(addr, v, _i64, 8)
-            return x if wide else builder.trunc(x, _v16)
+        def col32(addr, v):
+            return builder.trunc(col(addr, v, _i64, 8), _v16)
 
-        def row64(addr, step, r):
+        def row32(addr, step, r):
             at = builder.add(addr, builder.mul(step, ir.Constant(_i64, r)))
             x = builder.load(builder.inttoptr(at, _i64.as_pointer()))
-            return _splat_any(builder, x if wide else builder.trunc(x, _i32), lane)
+            return _splat_any(builder, builder.trunc(x, _i32), _v16)
 
-        bv = [col64(bias, v) for v in range(NV_)]
+        bv = [col(bias, v, _i64, 8) for v in range(NV_)]
+        bv = bv if wide else [builder.trunc(x, _v16) for x in bv]
         accs = [builder.add(ext(fin[i]), bv[i % NV_]) for i in range(MR * NV_)]
         fn = builder.function
         pre = builder.block
@@ -400,16 +400,18 @@ def make_fused_kernel(MR, NV_):
             builder.icmp_signed("!=", general, ir.Constant(_i64, 0)), corr, join
         )
         builder.position_at_end(corr)
-        csv = [col64(cs, v) for v in range(NV_)]
-        zbv = [col64(zb, v) for v in range(NV_)]
+        # each product fits int32 (|ZA*colsum|, |ZB*rowsum| <= 255*255*K): 32-bit
+        # multiplies, widened before the subtraction (vpmullq is slow on Zen 4)
+        csv = [col32(cs, v) for v in range(NV_)]
+        zbv = [col32(zb, v) for v in range(NV_)]
         fixed = []
         for r in range(MR):
-            zas = row64(za, za_step, r)
-            rss = row64(rs, rs_step, r)
+            zas = row32(za, za_step, r)
+            rss = row32(rs, rs_step, r)
             for v in range(NV_):
                 x = accs[r * NV_ + v]
-                x = builder.sub(x, builder.mul(zas, csv[v]))
-                x = builder.sub(x, builder.mul(zbv[v], rss))
+                x = builder.sub(x, ext(builder.mul(zas, csv[v])))
+                x = builder.sub(x, ext(builder.mul(zbv[v], rss)))
                 fixed.append(x)
         corr_end = builder.block
         builder.branch(join)
@@ -677,8 +679,9 @@ def _tile_job(t, mt, a, bp, epi, out):
 @njit(parallel=True, nogil=True, cache=True)
 def gemm_fused(a, bp, epi, out):
     # a (M,K>=4) uint8 a' or int8 a (flipped in the tile), bp (NP,K4,NR,4) int8,
-    # out (M,N) int32|uint8|int8|float32 with unit column stride. N-major tile order: prange gives each thread a
-    # contiguous range, so a thread streams its own B panels once.
+    # out (M,N) int32|uint8|int8|float32 with unit column stride. N-major tile
+    # order: prange gives each thread a contiguous range, so a thread streams its
+    # own B panels once.
     mt = (a.shape[0] + MR_MAX - 1) // MR_MAX
     nt = (out.shape[1] + NR - 1) // NR
     for t in prange(mt * nt):

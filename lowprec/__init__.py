@@ -19,6 +19,7 @@ if not _os.path.isdir(_os.path.join(__path__[0], "kernels")) and _os.path.isfile
 from . import prune, sparse
 from ._dispatch import available_isas, get_isa, set_isa
 from .conv import PackedConvWeights, conv_integer, pack_conv_weights, qlinear_conv
+from .conv_half import PackedConvWeightsFP16, conv_fp16, pack_conv_weights_fp16
 from .gemm import (
     PackedWeights,
     dynamic_quantize_matmul,
@@ -46,12 +47,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "PackedConvWeights",
+    "PackedConvWeightsFP16",
     "PackedWeights",
     "PackedWeightsBF16",
     "PackedWeightsFP16",
     "available_half_isas",
     "available_isas",
     "bfloat16_to_float32",
+    "conv_fp16",
     "conv_integer",
     "dequantize_linear",
     "dynamic_quantize_linear",
@@ -63,6 +66,7 @@ __all__ = [
     "matmul_fp16",
     "matmul_integer",
     "pack_conv_weights",
+    "pack_conv_weights_fp16",
     "pack_weights",
     "pack_weights_bf16",
     "pack_weights_fp16",

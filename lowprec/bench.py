@@ -602,6 +602,9 @@ class Suite:
     make_cases: Callable[[argparse.Namespace], list]
     baselines: tuple[Baseline, ...]
     check: Callable | None = None  # (case, inputs, lowprec_out, baseline_outs) -> dict
+    # (rows, cases, threads) -> peak label: suites whose instruction is not
+    # vpdpbusd set each row's peak_gops / pct_peak themselves
+    set_peaks: Callable | None = None
 
 
 def parse_shapes(text: str) -> list[Shape]:
@@ -1307,6 +1310,9 @@ def run(opts: argparse.Namespace, argv: Sequence[str] | None = None) -> dict:
         settle=opts.settle,
         retries=opts.retries,
     )
+    peak_label = "vpdpbusd peak GOP/s"
+    if suite.set_peaks is not None:
+        peak_label = suite.set_peaks(rows, cases, opts.threads)
     elapsed = time.perf_counter() - t0
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -1374,7 +1380,7 @@ def run(opts: argparse.Namespace, argv: Sequence[str] | None = None) -> dict:
         f"({result['machine'].get('llvm_host_cpu', '?')})"
     )
     peak_txt = ", ".join(f"{t} thr: {_fmt(p)}" for t, p in peaks.items())
-    print(f"vpdpbusd peak GOP/s: {peak_txt}")
+    print(f"{peak_label}: {peak_txt}" if suite.set_peaks is None else peak_label)
     print(format_table(rows))
     print(
         "GOP/s = 2*M*N*K / median time; ratio = lowprec / best of "

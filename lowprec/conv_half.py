@@ -11,8 +11,10 @@ Accuracy contract (tests/test_conv_half.py checks each line on every path):
   accumulator starting at +0 sums the K = kH*kW*Cg taps in the order
 
       for i in 0..kH-1, for j in 0..kW-1, for c in 0..Cg-1:       (c fastest)
-          acc = fl32(acc + x[n, g*Cg + c, oh*sH + i*dH - pad_top, ow*sW + j*dW - pad_left]
+          acc = fl32(acc + xpad[n, g*Cg + c, oh*sH + i*dH, ow*sW + j*dW]
                            * w[m, c, i, j])
+
+  (xpad: x with pads[begin] zeros before and pads[end] after each spatial axis)
 
   (1-D: kH = 1). Products of two float16 values are exact in float32, so the
   result equals a float32 reference summing in this order, bit for bit, on
@@ -206,6 +208,7 @@ def conv_fp16(
     strides=None,
     activation=None,
     out_dtype=np.float32,
+    device=None,
 ):
     """ONNX Conv on float16 inputs with float32 products and sums.
 
@@ -219,6 +222,7 @@ def conv_fp16(
     activation : None, "relu", "relu6" or a (min, max) clamp (fused)
     out_dtype : np.float32 (default) or np.float16 (rounded once, to nearest
         even; overflow gives inf)
+    device : None, "cpu" or "cuda"; None follows x (docs/cuda.md)
 
     Returns
     -------
@@ -234,6 +238,15 @@ def conv_fp16(
     array([[[[ 8., 12.],
              [20., 24.]]]], dtype=float32)
     """
+    if device is not None or type(x) is not np.ndarray:
+        from . import _cuda, cuda_ops
+
+        if _cuda.use_cuda(x, device=device):
+            return cuda_ops.conv_fp16_cuda(
+                x, w, bias, auto_pad=auto_pad, dilations=dilations, group=group,
+                kernel_shape=kernel_shape, pads=pads, strides=strides,
+                activation=activation, out_dtype=out_dtype,
+            )  # fmt: skip
     v.check_array(
         x,
         "x",

@@ -122,7 +122,9 @@ def _run_gemm(a2, b2, packed, a_dtype, za_eff, zb_eff, bias, mult, zy, qlo, qhi,
     """out (rows, N) = epilogue(a' @ b') on the GPU (docs eqs. 5-13).
 
     za_eff (1|rows,) int64 = ZA; zb_eff (1|N,) int64 = ZB; bias (1|N,) int64;
-    mult (1|rows, 1|N) float64. Returns the count of int32 outputs out of range.
+    mult (1|rows, 1|N) float64. za_eff and mult may be device arrays already
+    (dynamic quantization computes them there). Returns the count of int32
+    outputs out of range.
     """
     nb_cuda, cfg, kg, _ = _modules()
     M, K = a2.shape
@@ -139,7 +141,8 @@ def _run_gemm(a2, b2, packed, a_dtype, za_eff, zb_eff, bias, mult, zy, qlo, qhi,
     b_off = np.int32(0 if packed is not None else _g._b_offset(b2.dtype))
     zero1 = nb_cuda.to_device(np.zeros(1, np.int64))
     threads = cfg.THREADS_1D
-    if za_eff.any():  # colsum(b') multiplies ZA (eq. 8)
+    on_dev = _cuda.is_device_array
+    if on_dev(za_eff) or za_eff.any():  # colsum(b') multiplies ZA (eq. 8)
         if packed is not None:
             col_sum = nb_cuda.to_device(packed._col_sum)
         else:
@@ -147,12 +150,21 @@ def _run_gemm(a2, b2, packed, a_dtype, za_eff, zb_eff, bias, mult, zy, qlo, qhi,
             kg.col_sums[_cuda.launch_1d(N, threads)](b2, b_off, col_sum)
     else:
         col_sum = zero1
-    za_dev = nb_cuda.to_device(np.ascontiguousarray(za_eff, np.int64))
+    za_dev = (
+        za_eff
+        if on_dev(za_eff)
+        else nb_cuda.to_device(np.ascontiguousarray(za_eff, np.int64))
+    )
     if zb_eff.any():  # rowsum(a - a_zp) multiplies ZB (eqs. 8, 9)
         row_sum = nb_cuda.device_array(M, np.int64)
         kg.row_sums[_cuda.launch_1d(M, threads)](a2, a_off, za_dev, row_sum)
     else:
         row_sum = zero1
+    mult_dev = (
+        mult
+        if on_dev(mult)
+        else nb_cuda.to_device(np.ascontiguousarray(mult, np.float64))
+    )
     bad = nb_cuda.to_device(np.zeros(1, np.int32))
     kernel = kg.gemm_kernel(
         cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_KW, cfg.THREADS_M, cfg.THREADS_N,
@@ -163,7 +175,7 @@ def _run_gemm(a2, b2, packed, a_dtype, za_eff, zb_eff, bias, mult, zy, qlo, qhi,
         a2, b2, a_off, b_off, za_dev, row_sum, col_sum,
         nb_cuda.to_device(np.ascontiguousarray(zb_eff, np.int64)),
         nb_cuda.to_device(np.ascontiguousarray(bias, np.int64)),
-        nb_cuda.to_device(np.ascontiguousarray(mult, np.float64)),
+        mult_dev,
         np.float64(zy), np.float64(qlo), np.float64(qhi), np.int32(mode), out, bad,
     )  # fmt: skip
     return int(bad.copy_to_host()[0]) if mode == 0 else 0
@@ -934,4 +946,288 @@ def qlinear_spmm_cuda(
         )  # fmt: skip
     if host:
         return out_dev.copy_to_host().reshape(shape)
+    return out_ret.reshape(shape)
+
+
+# --------------------------------------------------------------------------- #
+# dynamic quantization (kernels/dynamic_quantize_cuda.py)
+
+
+def _min_max_dev(xf):
+    """(min, max) of a flat float32 device array, and whether all were finite
+    (two launches of the shared-memory reduction, two floats back)."""
+    nb_cuda, cfg, _, _ = _modules()
+    from .kernels import dynamic_quantize_cuda as kd
+
+    threads = cfg.THREADS_1D
+    kernel = kd.min_max_kernel(threads)
+    blocks, _ = _cuda.launch_1d(xf.shape[0], threads, cfg.MAX_BLOCKS_1D)
+    lo_p = nb_cuda.device_array(blocks, np.float32)
+    hi_p = nb_cuda.device_array(blocks, np.float32)
+    ends = nb_cuda.device_array(2, np.float32)
+    bad = nb_cuda.to_device(np.zeros(1, np.int32))
+    kernel[blocks, threads](xf, xf, lo_p, hi_p, bad)
+    kernel[1, threads](lo_p, hi_p, ends[0:1], ends[1:2], bad)
+    lo, hi = ends.copy_to_host()
+    return np.float32(lo), np.float32(hi), int(bad.copy_to_host()[0]) == 0
+
+
+def _dynamic_params(lo, hi):
+    """lowprec.quantize.dynamic_quantize_linear's scalar float32 steps."""
+    maxx = np.float32(max(np.float32(0), np.float32(hi)))
+    minx = np.float32(min(np.float32(0), np.float32(lo)))
+    rng = np.float32(1.0) if maxx == minx else np.float32(maxx - minx)
+    y_scale = np.float32(rng / np.float32(255))
+    if not np.isfinite(y_scale) or y_scale <= 0:
+        msg = (
+            f"the range of x [{minx}, {maxx}] does not give a finite float32 scale; "
+            f"rescale x first"
+        )
+        raise ValueError(msg)
+    zp = np.float32(np.float32(0) - minx / y_scale)
+    zp = np.rint(min(max(zp, np.float32(0)), np.float32(255)))
+    return y_scale, np.asarray(zp, dtype=np.uint8)
+
+
+def _dynamic_quantize_flat(xf, n, out):
+    """out (n,) uint8 = DynamicQuantizeLinear of flat float32 device xf;
+    returns (y_scale float32, y_zero_point 0-d uint8), the CPU's values."""
+    nb_cuda, cfg, _, kq = _modules()
+    if n:
+        lo, hi, finite = _min_max_dev(xf)
+        if not finite:
+            msg = (
+                "x must be finite for dynamic_quantize_linear (found NaN or inf); "
+                "no uint8 scale can represent it. Clean x (np.nan_to_num) first"
+            )
+            raise ValueError(msg)
+    else:
+        lo = hi = np.float32(0)
+    y_scale, y_zp = _dynamic_params(lo, hi)
+    if n:  # eq. 1 with the kernel of quantize_linear_cuda, per tensor
+        kq.quantize_linear[_cuda.launch_1d(n, cfg.THREADS_1D, cfg.MAX_BLOCKS_1D)](
+            xf, 1, 1, nb_cuda.to_device(np.full((1, 1, 1), y_scale, np.float32)),
+            nb_cuda.to_device(np.full((1, 1, 1), int(y_zp), np.int32)), 1, False,
+            0.0, 255.0, out,
+        )  # fmt: skip
+    return y_scale, y_zp
+
+
+def dynamic_quantize_linear_cuda(x):
+    """``lowprec.dynamic_quantize_linear`` on the GPU: (y, y_scale, y_zero_point)
+    with the CPU function's bits. y is the kind of array x was (CuPy, numba
+    device array, or NumPy for a host x); y_scale (float32) and y_zero_point
+    (uint8) are 0-d NumPy arrays: parameters are host values everywhere on the
+    CUDA path (the reduction's two floats come back to check finiteness)."""
+    xf, host = _flat_device(
+        x, "x", (np.dtype(np.float32),),
+        "ONNX DynamicQuantizeLinear takes float32; pass x.astype(np.float32)",
+    )  # fmt: skip
+    n = xf.shape[0]
+    out_dev, out_ret = _elementwise_out(x, host, n, np.uint8)
+    y_scale, y_zp = _dynamic_quantize_flat(xf, n, out_dev)
+    shape = tuple(x.shape)
+    y = out_dev.copy_to_host().reshape(shape) if host else out_ret.reshape(shape)
+    return y, np.asarray(y_scale, np.float32), y_zp
+
+
+def dynamic_quantize_matmul_cuda(
+    a, b, b_scale=None, b_zero_point=None, *, bias=None, per_row=False
+):
+    """``lowprec.dynamic_quantize_matmul`` on the GPU (same arguments, same
+    float32 bits, docs eq. 14): a is quantized to uint8 on the device (per
+    tensor, or per row with ``per_row=True``), multiplied on the INT8 GEMM
+    kernel with its float32 epilogue, and the float bias added in one more
+    elementwise pass. ``b`` may be a host array, PackedWeights or a 2-D device
+    array; returns the kind of array ``a`` was."""
+    nb_cuda, cfg, _, _ = _modules()
+    from .kernels import dynamic_quantize_cuda as kd
+
+    a_in = a  # the output's kind follows the caller's array (CuPy stays CuPy)
+    a, host, proxy = _device_input(
+        a, "a", (np.dtype(np.float32),), "pass a.astype(np.float32)"
+    )
+    if proxy.ndim == 0:
+        msg = "a must have at least 1 dimension, got a 0-d array"
+        raise ValueError(msg)
+    packed = b if isinstance(b, _g.PackedWeights) else None
+    if packed is None:
+        if host != isinstance(b, np.ndarray):
+            _cuda.use_cuda(a, b)  # raises the mixed host/device TypeError
+        b, _, b_proxy = _device_input(
+            b, "b", v.INT8_TYPES, "quantize the weights to int8 first"
+        )
+        if b_proxy.ndim != 2:
+            msg = f"b must be 2-D (K, N) weights or PackedWeights, got shape {b.shape}"
+            raise ValueError(msg)
+        K, N = b_proxy.shape
+    else:
+        K, N = packed.shape
+    if proxy.shape[-1] != K:
+        msg = f"inner dimensions differ: a.shape[-1]={proxy.shape[-1]}, b.shape[0]={K}"
+        raise ValueError(msg)
+    zb_eff = _zb_for(b, packed, b_zero_point, N)
+    sb = _g._b_param(
+        b_scale if b_scale is None else _cuda.to_host(b_scale),
+        packed.scale if packed is not None else None,
+        "b_scale",
+        lambda s: _g._col_param(v.scale_param(s, "b_scale"), "b_scale", N),
+        b,
+    )
+    if sb is None:
+        msg = "b_scale is required (pass it here or to pack_weights)"
+        raise ValueError(msg)
+    sb = _g._col_param(sb.reshape(-1) if sb.size == 1 else sb, "b_scale", N)
+    bias = _cuda.to_host(bias)
+    if bias is not None:
+        v.check_array(
+            bias, "bias", (np.dtype(np.float32),), fix="pass bias.astype(np.float32)"
+        )
+        if bias.shape != (N,):
+            msg = f"bias must have shape ({N},) (one per column), got {bias.shape}"
+            raise ValueError(msg)
+    rows = math.prod(proxy.shape[:-1])
+    a2 = _as_4d(a, host, (rows, K), "a")
+    out_dev, out_ret = _out(a_in, host, (rows, N), np.float32)
+    shape = (*proxy.shape[:-1], N)
+    if rows == 0 or N == 0:
+        return out_dev.copy_to_host().reshape(shape) if host else out_ret.reshape(shape)
+    qa = nb_cuda.device_array((rows, K), np.uint8)
+    if per_row:
+        threads = cfg.THREADS_1D
+        sa_dev = nb_cuda.device_array(rows, np.float32)
+        za_dev = nb_cuda.device_array(rows, np.int64)
+        bad = nb_cuda.to_device(np.zeros(1, np.int32))
+        kd.quantize_rows_kernel(threads)[rows, threads](a2, qa, sa_dev, za_dev, bad)
+        if int(bad.copy_to_host()[0]):
+            msg = (
+                "a must be finite for dynamic quantization (found NaN or inf, or a "
+                "row whose range overflows float32); clean it first"
+            )
+            raise ValueError(msg)
+        # eq. 14's multiplier fl32(sa[m] * sb[n]), built on the device
+        mult = nb_cuda.device_array((rows, N), np.float64)
+        kd.row_col_mult[_cuda.launch_1d(rows * N, cfg.THREADS_1D, cfg.MAX_BLOCKS_1D)](
+            sa_dev, _cuda.to_device(np.broadcast_to(sb.astype(np.float32), N)), mult
+        )
+        za_eff = za_dev  # uint8 a: no offset (eq. 5)
+        tiny = not float(np.float32(sa_dev.copy_to_host().min() * sb.min())) > 0
+    else:
+        if not _cuda.is_c_contiguous(a2):
+            msg = (
+                f"a must be C-contiguous on the CUDA path (per_row=False), got a "
+                f"strided view of shape {tuple(proxy.shape)}; pass a contiguous copy"
+            )
+            raise ValueError(msg)
+        s, z = _dynamic_quantize_flat(a2.reshape(rows * K), rows * K,
+                                      qa.reshape(rows * K))  # fmt: skip
+        mult = _g._multiplier(s.reshape(1), sb, None, N)
+        za_eff = np.full(1, int(z), np.int64)
+        tiny = not mult.min() > 0
+    if packed is not None:
+        b2 = _cuda.to_device(packed._b_s8)  # b' (eq. 5), int8
+    else:
+        b2 = _cuda.to_device(b) if host else b
+    _run_gemm(
+        qa, b2, packed, np.dtype(np.uint8), za_eff, zb_eff, np.zeros(1, np.int64),
+        mult, 0.0, -np.inf, np.inf, 2, out_dev,
+    )  # fmt: skip
+    # fl32(p + 0) == p except p == -0.0, possible only through a multiplier
+    # that underflows to 0; without bias the pass runs only then
+    if bias is not None or tiny:
+        fb = np.zeros(N, np.float32) if bias is None else bias
+        kd.add_bias[_cuda.launch_1d(rows * N, cfg.THREADS_1D, cfg.MAX_BLOCKS_1D)](
+            out_dev, nb_cuda.to_device(np.ascontiguousarray(fb))
+        )
+    if host:
+        return out_dev.copy_to_host().reshape(shape)
+    return out_ret.reshape(shape)
+
+
+# --------------------------------------------------------------------------- #
+# BF16 GEMM (kernels/bf16_gemm_cuda.py)
+
+_U16 = np.dtype(np.uint16)
+
+
+def _bf16_input(x, name):
+    """bfloat16 bits on the device side: host ml_dtypes.bfloat16 / uint16 arrays
+    are viewed as uint16; device arrays must be uint16 (CuPy and numba have no
+    bfloat16 dtype)."""
+    from . import half as _h
+
+    if isinstance(x, np.ndarray):
+        bits = _h._as_bf16_bits(x, name, _h._BF16_FIX)
+        return bits, True, bits
+    fix = "device bfloat16 is carried as uint16 bit patterns: pass x.view(uint16)"
+    return _device_input(x, name, (_U16,), fix)
+
+
+def matmul_bf16_cuda(a, b, *, bias=None, activation=None, out_dtype=np.float32):
+    """``lowprec.matmul_bf16`` on the GPU: same arguments and, for a 2-D (or
+    1-D, or packed) ``b``, lowprec.half's bfloat16 summation order (pairs of k,
+    odd term first), hence the CPU portable path's bits outside the subnormal /
+    overflow range of products. Device arrays carry bfloat16 as uint16 bits;
+    ``out_dtype`` bfloat16 on device inputs returns uint16 bits, on host inputs
+    the dtype asked for."""
+    from . import half as _h
+
+    nb_cuda, cfg, _, _ = _modules()
+    from .kernels import bf16_gemm_cuda as kb
+
+    a_in = a  # the output's kind follows the caller's array (CuPy stays CuPy)
+    a, host, a_proxy = _bf16_input(a, "a")
+    if isinstance(b, _h.PackedWeightsFP16):
+        msg = "b is packed float16 weights; use matmul_fp16, or pack_weights_bf16"
+        raise TypeError(msg)
+    packed = isinstance(b, _h.PackedWeightsBF16)
+    if packed:
+        b_shape = b.shape
+        b_dev = _cuda.to_device(b._bits)
+    else:
+        if host != isinstance(b, np.ndarray):
+            _cuda.use_cuda(a, b)  # raises the mixed host/device TypeError
+        b, _, b_proxy = _bf16_input(b, "b")
+        b_shape = tuple(b_proxy.shape)
+    try:
+        odt = np.dtype(out_dtype)
+    except TypeError:
+        odt = None
+    if odt != np.dtype(np.float32):
+        odt = _h._bf16_out_dtype(out_dtype)
+    bf16_out = odt != np.dtype(np.float32)
+    a_shape, b2, _ = _h._shapes(a_proxy, b_shape)
+    if len(b2) > 2:
+        msg = (
+            f"the CUDA path takes a 2-D b (K, N) or PackedWeightsBF16, got shape "
+            f"{b_shape}; batched b runs on the CPU (NumPy arrays) for now"
+        )
+        raise ValueError(msg)
+    K, N = b2
+    rows = math.prod(a_shape[:-1])
+    bias_h = None if bias is None else _cuda.to_host(bias)
+    bias_arr, has_bias = _h._bias(bias_h, N)
+    lo, hi = v.activation_bounds(activation)
+    a2 = _as_4d(a, host, (rows, K), "a")
+    if not packed:
+        b_dev = _as_4d(b, host, b2, "b")
+    kdt = _U16 if bf16_out else np.dtype(np.float32)
+    out_dev, out_ret = _out(a_in, host, (rows, N), kdt)
+    if rows and N:
+        kernel = kb.gemm_kernel(
+            cfg.FP16_BLOCK_M, cfg.FP16_BLOCK_N, cfg.FP16_BLOCK_K,
+            cfg.FP16_THREADS_M, cfg.FP16_THREADS_N, cfg.FP16_SMEM_PAD,
+        )  # fmt: skip
+        grid = (-(-N // cfg.FP16_BLOCK_N), -(-rows // cfg.FP16_BLOCK_M))
+        kernel[grid, cfg.FP16_THREADS_M * cfg.FP16_THREADS_N](
+            a2, b_dev, nb_cuda.to_device(bias_arr), bool(has_bias), np.float32(lo),
+            np.float32(hi), bf16_out, out_dev,
+        )  # fmt: skip
+    shape = (*a_shape[:-1], N)
+    if a_proxy.ndim == 1:
+        shape = shape[1:]
+    if len(b_shape) == 1:
+        shape = shape[:-1]
+    if host:
+        return out_dev.copy_to_host().reshape(shape).view(odt)
     return out_ret.reshape(shape)

@@ -899,7 +899,7 @@ def _bias(bias, N):
 
 
 def dynamic_quantize_matmul(
-    a, b, b_scale=None, b_zero_point=None, *, bias=None, per_row=False
+    a, b, b_scale=None, b_zero_point=None, *, bias=None, per_row=False, device=None
 ):
     """Float activations times INT8 weights, the activations quantized on the fly.
 
@@ -921,11 +921,18 @@ def dynamic_quantize_matmul(
     bias : float32 (N,), optional
     per_row : bool
         Quantize each row of ``a`` with its own scale and zero point.
+    device : None, "cpu" or "cuda"; None follows the arrays (docs/cuda.md)
 
     Returns
     -------
     float32 ndarray (..., M, N) (or (N,) for 1-D a).
     """
+    if _on_gpu(device, a, b):
+        from . import cuda_ops
+
+        return cuda_ops.dynamic_quantize_matmul_cuda(
+            a, b, b_scale, b_zero_point, bias=bias, per_row=per_row
+        )
     v.check_array(a, "a", (np.dtype(np.float32),), fix="pass a.astype(np.float32)")
     if a.ndim == 0:
         msg = "a must have at least 1 dimension, got a 0-d array"

@@ -485,14 +485,23 @@ def matmul_fp16(a, b, *, bias=None, activation=None, out_dtype=np.float32, devic
     )
 
 
-def matmul_bf16(a, b, *, bias=None, activation=None, out_dtype=np.float32):
+def matmul_bf16(a, b, *, bias=None, activation=None, out_dtype=np.float32, device=None):
     """bfloat16 matrix product with float32 accumulation (numpy matmul rules).
 
     ``a`` and ``b`` are ml_dtypes.bfloat16 arrays or uint16 bit patterns (``b``
     may be a :class:`PackedWeightsBF16`). ``out_dtype``: np.float32 (default),
     ml_dtypes.bfloat16, or np.uint16 for bfloat16 bit patterns (rounded once, to
-    nearest even). bias and activation as :func:`matmul_fp16`.
+    nearest even). bias, activation and device as :func:`matmul_fp16` (CUDA
+    arrays carry bfloat16 as uint16 bit patterns).
     """
+    if device is not None or type(a) is not np.ndarray:
+        from . import cuda_ops
+        from .gemm import _on_gpu
+
+        if _on_gpu(device, a, None if isinstance(b, _Packed) else b):
+            return cuda_ops.matmul_bf16_cuda(
+                a, b, bias=bias, activation=activation, out_dtype=out_dtype
+            )
     a_bits = _as_bf16_bits(a, "a", _BF16_FIX)
     if isinstance(b, PackedWeightsFP16):
         msg = "b is packed float16 weights; use matmul_fp16, or pack_weights_bf16"

@@ -274,9 +274,12 @@ def dequantize_linear(
         return out.astype(scale.dtype, copy=False)
 
 
-def dynamic_quantize_linear(x):
+def dynamic_quantize_linear(x, *, device=None):
     """ONNX DynamicQuantizeLinear: uint8 quantization with a scale and zero point
     chosen from the data so that the range [min(x, 0), max(x, 0)] maps onto [0, 255].
+
+    device: None, "cpu" or "cuda"; None follows x (a CUDA array runs on the GPU;
+    y comes back as the same kind, y_scale and y_zero_point on the host).
 
     Returns
     -------
@@ -287,6 +290,10 @@ def dynamic_quantize_linear(x):
     ValueError
         If x holds NaN or +-inf (no scale can represent it).
     """
+    if _on_gpu(device, x):
+        from . import cuda_ops
+
+        return cuda_ops.dynamic_quantize_linear_cuda(x)
     v.check_array(
         x,
         "x",

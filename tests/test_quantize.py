@@ -152,11 +152,14 @@ def test_min_max_kernel_matches_numpy(block):
     for n in (1, 2, 15, 100):
         for _ in range(20):
             x = rng.choice(np.array(specials, np.float32), n)
-            x[rng.random(n) < 0.5] = rng.normal(0, 1e3, n).astype(np.float32)[:1]
-            lo, hi, finite = kq.min_max(x, block)
-            assert finite and lo == x.min() and hi == x.max()
+            mask = rng.random(n) < 0.5
+            x[mask] = rng.normal(0, 1e3, mask.sum()).astype(np.float32)
+            for lo, hi, finite in (kq.min_max(x, block), kq.min_max_serial(x)):
+                assert finite
+                assert (lo, hi) == (x.min(), x.max())
             x[rng.integers(n)] = rng.choice([np.nan, np.inf, -np.inf])
             assert not kq.min_max(x, block)[2]
+            assert not kq.min_max_serial(x)[2]
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])

@@ -281,3 +281,58 @@ def test_sparse_kernels_compile(toolchain, tmp_path, cc):
         assert st["spill_st"] == 0, (name, st)
         assert st["spill_ld"] == 0, (name, st)
         assert "fma.rn.f64" not in ptx
+
+
+@pytest.mark.parametrize("cc", CCS, ids=lambda cc: f"sm_{cc[0]}{cc[1]}")
+@pytest.mark.parametrize("out_t", ["float32", "uint16"])
+def test_bf16_gemm_compiles_without_spills(toolchain, tmp_path, cc, out_t):
+    from numba import types as t
+
+    from lowprec.kernels import bf16_gemm_cuda as kb
+    from lowprec.kernels import config_cuda as cfg
+
+    kernel = kb.gemm_kernel(cfg.FP16_BLOCK_M, cfg.FP16_BLOCK_N, cfg.FP16_BLOCK_K,
+                            cfg.FP16_THREADS_M, cfg.FP16_THREADS_N,
+                            cfg.FP16_SMEM_PAD)  # fmt: skip
+    sig = (t.uint16[:, :], t.uint16[:, :], t.float32[::1], t.boolean, t.float32,
+           t.float32, t.boolean, getattr(t, out_t)[:, ::1])  # fmt: skip
+    ptx, st = _assemble(
+        toolchain, tmp_path, f"bf16_gemm_{out_t}", kernel.py_func, sig, cc,
+        launch_bounds=cfg.FP16_THREADS_M * cfg.FP16_THREADS_N,
+    )  # fmt: skip
+    assert st["spill_st"] == 0, st
+    assert st["spill_ld"] == 0, st
+    assert st["smem"] <= 48 * 1024, st
+    _no_local_in_loop(ptx, "fma.rn.f32")
+    # bfloat16 -> float32 is a shift of the bits (no conversion instruction);
+    # the output rounding is integer code that keeps NaN payloads, not cvt
+    assert "cvt.rn.bf16.f32" not in ptx
+    assert "cvt.f32.bf16" not in ptx
+
+
+@pytest.mark.parametrize("cc", CCS, ids=lambda cc: f"sm_{cc[0]}{cc[1]}")
+def test_dynamic_quantize_kernels_compile(toolchain, tmp_path, cc):
+    from numba import types as t
+
+    from lowprec.kernels import config_cuda as cfg
+    from lowprec.kernels import dynamic_quantize_cuda as kd
+
+    f1 = t.float32[::1]
+    cases = [
+        ("dq_min_max", kd.min_max_kernel(cfg.THREADS_1D),
+         (f1, f1, f1, f1, t.int32[::1])),
+        ("dq_quantize_rows", kd.quantize_rows_kernel(cfg.THREADS_1D),
+         (t.float32[:, :], t.uint8[:, ::1], f1, t.int64[::1], t.int32[::1])),
+        ("dq_row_col_mult", kd.row_col_mult, (f1, f1, t.float64[:, ::1])),
+        ("dq_add_bias", kd.add_bias, (t.float32[:, ::1], f1)),
+    ]  # fmt: skip
+    for name, kernel, sig in cases:
+        ptx, st = _assemble(toolchain, tmp_path, name, kernel.py_func, sig, cc,
+                            launch_bounds=cfg.THREADS_1D)  # fmt: skip
+        assert st["spill_st"] == 0, (name, st)
+        assert st["spill_ld"] == 0, (name, st)
+        if name == "dq_quantize_rows":
+            assert "div.rn.f32" in ptx  # IEEE divisions, as the CPU (eq. 3)
+            assert "fma.rn.f64" not in ptx
+        if name == "dq_add_bias":
+            assert "add.rn.f32" in ptx or "add.f32" in ptx

@@ -1,0 +1,343 @@
+"""conv_fp16: the accuracy contract of lowprec/conv_half.py, every path.
+
+The oracle is written from the documented order, in numpy float32: x padded
+with zeros; for each output one accumulator over the taps i, j (kernel rows,
+columns) and then the channels c of the group, c fastest; each step
+``acc + x * w`` rounds once (the product of two float16 values is exact in
+float32). Vectorized over all outputs at once, one step per (i, j, c).
+"""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lowprec import conv_half as ch
+from lowprec import half
+
+U = 2.0**-24
+
+
+@pytest.fixture(params=half.available_half_isas())
+def half_isa(request):
+    """Run the test once per half-precision path this CPU supports (forced)."""
+    before = half.get_half_isa()
+    half.set_half_isa(request.param)
+    yield request.param
+    half.set_half_isa(before)
+
+
+# --------------------------------------------------------------------------- #
+# oracle
+
+
+def onnx_pads(spatial, k, s, d, auto_pad, pads):
+    """(begin, end, out) per axis from the ONNX Conv spec."""
+    n = len(k)
+    begin, end, out = [], [], []
+    for a in range(n):
+        ke = (k[a] - 1) * d[a] + 1
+        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            o = -(-spatial[a] // s[a])
+            total = max(0, (o - 1) * s[a] + ke - spatial[a])
+            small = total // 2
+            b = small if auto_pad == "SAME_UPPER" else total - small
+            e = total - b
+        elif auto_pad == "VALID":
+            b = e = 0
+            o = (spatial[a] - ke) // s[a] + 1
+        else:
+            b, e = (pads[a], pads[a + n]) if pads else (0, 0)
+            o = (spatial[a] + b + e - ke) // s[a] + 1
+        begin.append(b)
+        end.append(e)
+        out.append(o)
+    return begin, end, out
+
+
+def ref_conv(x, w, group=1, strides=None, dilations=None, pads=None,
+             auto_pad="NOTSET", dtype=np.float32):  # fmt: skip
+    """The documented order (i, j, c) in ``dtype`` arithmetic (float32: the
+    contract; float64: the exact-ish value and the bound's sum |x||w|)."""
+    one_d = x.ndim == 3
+    if one_d:
+        x, w = x[:, :, None, :], w[:, :, None, :]
+    nsp = 1 if one_d else 2
+    k = w.shape[2:]
+    s = tuple(strides or (1,) * nsp)
+    d = tuple(dilations or (1,) * nsp)
+    if one_d:
+        s, d = (1, *s), (1, *d)
+        pads = None if pads is None else (0, pads[0], 0, pads[1])
+    b, e, o = onnx_pads(x.shape[2:], k, s, d, auto_pad, pads)
+    N, C, H, W = x.shape
+    M, Cg = w.shape[:2]
+    Mg = M // group
+    xp = np.zeros((N, C, H + b[0] + e[0], W + b[1] + e[1]), dtype)
+    xp[:, :, b[0] : b[0] + H, b[1] : b[1] + W] = x
+    wd = w.astype(dtype)
+    acc = np.zeros((N, M, o[0], o[1]), dtype)
+    with np.errstate(invalid="ignore", over="ignore"):
+        for g in range(group):
+            ms = slice(g * Mg, (g + 1) * Mg)
+            for i in range(k[0]):
+                for j in range(k[1]):
+                    for c in range(Cg):
+                        r0, c0 = i * d[0], j * d[1]
+                        xs = xp[:, g * Cg + c,
+                                r0 : r0 + (o[0] - 1) * s[0] + 1 : s[0],
+                                c0 : c0 + (o[1] - 1) * s[1] + 1 : s[1]]  # fmt: skip
+                        acc[:, ms] = acc[:, ms] + (
+                            xs[:, None] * wd[ms, c, i, j][None, :, None, None]
+                        )
+    return acc[:, :, 0, :] if one_d else acc
+
+
+def same_bits(x, y):
+    """Equal values (signed zeros equal), NaN where NaN."""
+    assert x.shape == y.shape
+    assert x.dtype == y.dtype
+    nan = np.isnan(x.astype(np.float32))
+    assert (nan == np.isnan(y.astype(np.float32))).all()
+    return bool(np.array_equal(x[~nan], y[~nan]))
+
+
+def check_contract(x, w, got, **kw):
+    ref = ref_conv(x, w, **kw)
+    assert got.dtype == np.float32
+    assert same_bits(got, ref)
+    exact = ref_conv(x, w, **kw, dtype=np.float64)
+    mag = ref_conv(np.abs(x), np.abs(w), **kw, dtype=np.float64)
+    K = w[0].size
+    gamma = K * U / (1 - K * U)
+    assert (np.abs(got - exact) <= gamma * mag).all()
+
+
+def rand(rng, shape, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(np.float16)
+
+
+# name: (x shape, w shape, attributes); each exercises one kernel choice
+CASES = {
+    "dense3x3_taps": ((1, 16, 7, 9), (20, 16, 3, 3), {"pads": (1, 1, 1, 1)}),
+    "panels_split": ((1, 16, 3, 5), (130, 16, 3, 3), {"pads": (1, 0, 1, 2)}),
+    "1x1_flat": ((2, 17, 4, 5), (9, 17, 1, 1), {}),
+    "1x1_stride2": ((1, 16, 6, 7), (8, 16, 1, 1), {"strides": (2, 2)}),
+    "stem_gather": ((1, 3, 15, 13), (10, 3, 7, 7), {"strides": (2, 2),
+                                                    "pads": (3, 3, 3, 3)}),
+    "gather_dilated": ((2, 4, 9, 9), (6, 4, 3, 2), {"dilations": (2, 3),
+                                                    "pads": (0, 2, 1, 0)}),
+    "taps_dilated_strided": ((1, 32, 10, 11), (7, 32, 3, 3), {
+        "dilations": (2, 1), "strides": (1, 3), "pads": (2, 1, 0, 1)}),
+    "groups": ((2, 32, 5, 6), (12, 16, 3, 3), {"group": 2, "pads": (1, 1, 1, 1)}),
+    "groups_small": ((1, 6, 5, 5), (9, 2, 3, 3), {"group": 3}),
+    "depthwise_s1": ((2, 5, 7, 9), (5, 1, 3, 3), {"group": 5, "pads": (1, 1, 1, 1)}),
+    "depthwise_s2": ((1, 6, 9, 8), (6, 1, 3, 3), {"group": 6, "strides": (2, 2),
+                                                  "pads": (1, 1, 1, 1)}),
+    "depthwise_5x5_dil": ((1, 4, 11, 10), (4, 1, 5, 5), {"group": 4,
+                          "dilations": (2, 1), "pads": (2, 3, 4, 1)}),
+    "depthwise_mult2": ((1, 3, 6, 6), (6, 1, 3, 3), {"group": 3}),
+    "conv1d": ((2, 18, 13), (5, 18, 3), {"pads": (1, 2), "strides": (2,)}),
+    "conv1d_depthwise": ((1, 4, 12), (4, 1, 5), {"group": 4, "dilations": (2,)}),
+    "same_upper": ((1, 16, 7, 8), (4, 16, 4, 3), {"auto_pad": "SAME_UPPER",
+                                                  "strides": (2, 1)}),
+    "same_lower": ((1, 3, 7, 8), (4, 3, 4, 3), {"auto_pad": "SAME_LOWER"}),
+    "valid": ((1, 16, 6, 6), (4, 16, 3, 3), {"auto_pad": "VALID"}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_float32_equals_ordered_sum(half_isa, name):
+    xs, ws, attrs = CASES[name]
+    rng = np.random.default_rng(list(name.encode()))
+    x, w = rand(rng, xs), rand(rng, ws)
+    got = ch.conv_fp16(x, w, **attrs)
+    check_contract(x, w, got, **attrs)
+
+
+@settings(deadline=None)
+@given(
+    st.integers(1, 2), st.integers(1, 20), st.integers(1, 9), st.integers(1, 9),
+    st.integers(1, 70), st.integers(1, 3), st.integers(1, 3), st.integers(1, 2),
+    st.integers(1, 2), st.integers(0, 2), st.sampled_from([1, 2, 0]),
+    st.integers(0, 2**32),
+)  # fmt: skip
+def test_random_geometry(half_isa, N, C, H, W, M, kh, kw, s, d, p, gsel, seed):
+    # group: 1, 2 (when it divides) or depthwise (0 -> C)
+    g = C if gsel == 0 else gsel
+    if C % g:
+        g = 1
+    if gsel == 0:
+        M = C
+    elif M % g:
+        M = g * max(1, M // g)
+    attrs = {"group": g, "strides": (s, s), "dilations": (d, d), "pads": (p,) * 4}
+    if H + 2 * p < (kh - 1) * d + 1 or W + 2 * p < (kw - 1) * d + 1:
+        return
+    rng = np.random.default_rng(seed)
+    x, w = rand(rng, (N, C, H, W)), rand(rng, (M, C // g, kh, kw))
+    check_contract(x, w, ch.conv_fp16(x, w, **attrs), **attrs)
+
+
+def test_float32_large_k_bound(half_isa):
+    # K = 9 * 64: the bound matters (values of mixed sign, large magnitudes)
+    rng = np.random.default_rng(5)
+    x, w = rand(rng, (1, 64, 6, 7), 30.0), rand(rng, (70, 64, 3, 3), 30.0)
+    check_contract(x, w, ch.conv_fp16(x, w, pads=(1, 1, 1, 1)), pads=(1,) * 4)
+
+
+# --------------------------------------------------------------------------- #
+# epilogue and output type
+
+
+@pytest.mark.parametrize("name", ["dense3x3_taps", "stem_gather", "depthwise_s1"])
+def test_bias_activation_float16_output(half_isa, name):
+    xs, ws, attrs = CASES[name]
+    rng = np.random.default_rng(11)
+    # large values: the float16 output overflows to inf in places
+    x, w = rand(rng, xs, 90.0), rand(rng, ws, 90.0)
+    M = ws[0]
+    saw_inf = False
+    bias = rng.standard_normal(M).astype(np.float32) * 100
+    acc = ref_conv(x, w, **attrs)
+    y = (acc + bias[None, :, None, None]).astype(np.float32)
+    for act, (lo, hi) in ((None, (-np.inf, np.inf)), ("relu", (0, np.inf)),
+                          ((-5e4, 3e4), (-5e4, 3e4))):  # fmt: skip
+        exp32 = np.clip(y, np.float32(lo), np.float32(hi))
+        got32 = ch.conv_fp16(x, w, bias, activation=act, **attrs)
+        assert same_bits(got32, exp32)
+        got16 = ch.conv_fp16(
+            x, w, bias.astype(np.float16).astype(np.float32) if act else bias,
+            activation=act, out_dtype=np.float16, **attrs,
+        )  # fmt: skip
+        if act:
+            b16 = bias.astype(np.float16).astype(np.float32)
+            exp32 = np.clip(
+                (acc + b16[None, :, None, None]).astype(np.float32),
+                np.float32(lo), np.float32(hi),
+            )  # fmt: skip
+        assert got16.dtype == np.float16
+        # numpy's astype rounds to nearest even, overflow -> inf
+        with np.errstate(over="ignore"):
+            assert same_bits(got16, exp32.astype(np.float16))
+        saw_inf |= bool(np.isinf(got16).any())
+    assert saw_inf
+
+
+def test_float16_bias_accepted(half_isa):
+    xs, ws, attrs = CASES["groups"]
+    rng = np.random.default_rng(3)
+    x, w = rand(rng, xs), rand(rng, ws)
+    b16 = rand(rng, (ws[0],))
+    a = ch.conv_fp16(x, w, b16, **attrs)
+    b = ch.conv_fp16(x, w, b16.astype(np.float32), **attrs)
+    assert same_bits(a, b)
+
+
+@pytest.mark.parametrize("name", ["dense3x3_taps", "stem_gather", "depthwise_s1",
+                                  "depthwise_s2", "1x1_flat"])  # fmt: skip
+def test_nan_inf_propagate(half_isa, name):
+    xs, ws, attrs = CASES[name]
+    rng = np.random.default_rng(7)
+    x, w = rand(rng, xs), rand(rng, ws)
+    x[0, 0, 1, 1] = np.nan
+    x[-1, -1, 2, 0] = np.inf
+    x[0, -1, 0, 2] = -np.inf
+    w[-1, 0, 0, -1] = np.inf  # next to padding: 0 * inf = NaN, as documented
+    got = ch.conv_fp16(x, w, **attrs)
+    ref = ref_conv(x, w, **attrs)
+    assert np.isnan(ref).any()
+    assert np.isinf(ref).any()
+    assert same_bits(got, ref)
+
+
+# --------------------------------------------------------------------------- #
+# API: packing, views, inputs untouched
+
+
+def test_packed_weights_same_result(half_isa):
+    xs, ws, attrs = CASES["groups"]
+    rng = np.random.default_rng(1)
+    x, w = rand(rng, xs), rand(rng, ws)
+    packed = ch.pack_conv_weights_fp16(w, group=2)
+    assert packed.shape == ws
+    assert packed.group == 2
+    assert "PackedConvWeightsFP16" in repr(packed)
+    assert packed.nbytes > 0
+    assert same_bits(ch.conv_fp16(x, packed, **attrs),
+                     ch.conv_fp16(x, w, **attrs))  # fmt: skip
+    with pytest.raises(AttributeError, match="immutable"):
+        packed.group = 1
+    with pytest.raises(ValueError, match="packed with"):
+        ch.conv_fp16(x, packed, group=1)
+    with pytest.raises(TypeError, match="already"):
+        ch.pack_conv_weights_fp16(packed)
+
+
+def test_views_and_inputs_untouched(half_isa):
+    rng = np.random.default_rng(2)
+    big = rand(rng, (2, 20, 9, 12))
+    x = big[:, ::2, :, ::-1]  # non-contiguous, negative strides
+    x.flags.writeable = False
+    w = rand(rng, (6, 10, 3, 3))
+    xc, wc = x.copy(), w.copy()
+    got = ch.conv_fp16(x, w, pads=(1, 1, 1, 1))
+    check_contract(np.ascontiguousarray(x), w, got, pads=(1, 1, 1, 1))
+    assert np.array_equal(x, xc)
+    assert np.array_equal(w, wc)
+
+
+def test_empty_batch():
+    x = np.zeros((0, 3, 5, 5), np.float16)
+    w = np.zeros((4, 3, 3, 3), np.float16)
+    assert ch.conv_fp16(x, w).shape == (0, 4, 3, 3)
+
+
+# --------------------------------------------------------------------------- #
+# bad input
+
+
+X = np.zeros((1, 4, 5, 5), np.float16)
+W = np.zeros((6, 4, 3, 3), np.float16)
+
+
+@pytest.mark.parametrize(
+    ("args", "kw", "exc", "match"),
+    [
+        (
+            (X.astype(np.float32), W),
+            {},
+            TypeError,
+            r"x must have dtype float16.*astype",
+        ),
+        ((X, W.astype(np.float32)), {}, TypeError, r"w must have dtype float16"),
+        ((X.tolist(), W), {}, TypeError, "numpy.ndarray"),
+        ((X, W[:, :2]), {}, ValueError, "C=4 channels"),
+        ((X, W), {"group": 2}, ValueError, "not divisible|C=4 channels"),
+        ((X, W), {"group": 0}, ValueError, "group must be >= 1"),
+        ((X, W), {"group": 1.5}, TypeError, "group must be an int"),
+        ((X[0], W), {}, ValueError, "dimensions"),
+        ((X[..., None], W[..., None]), {}, NotImplementedError, "3-D convolution"),
+        ((X, W), {"kernel_shape": (2, 2)}, ValueError, "kernel_shape"),
+        ((X, W), {"pads": (1, 1, 1, 1), "auto_pad": "VALID"}, ValueError, "together"),
+        ((X, W), {"auto_pad": "SAME"}, ValueError, "auto_pad must be one of"),
+        ((X, W), {"strides": (0, 1)}, ValueError, "strides"),
+        ((X, W), {"dilations": (3, 3)}, ValueError, "larger than the padded"),
+        ((X, W), {"out_dtype": np.int8}, TypeError, "out_dtype"),
+        ((X, W, np.zeros(5, np.float32)), {}, ValueError, "bias"),
+        ((X, W, np.zeros(6, np.int32)), {}, TypeError, "bias"),
+        ((X, W), {"activation": "gelu"}, ValueError, "activation"),
+    ],
+)
+def test_bad_input(args, kw, exc, match):
+    with pytest.raises(exc, match=match):
+        ch.conv_fp16(*args, **kw)
+
+
+def test_pack_bad_input():
+    with pytest.raises(TypeError, match="float16"):
+        ch.pack_conv_weights_fp16(W.astype(np.float32))
+    with pytest.raises(ValueError, match="not divisible"):
+        ch.pack_conv_weights_fp16(W, group=4)
+    with pytest.raises(ValueError, match="3-D .* or 4-D"):
+        ch.pack_conv_weights_fp16(W[0, 0])
