@@ -427,6 +427,22 @@ def _conv(
     flip = np.uint8(0x80 if x.dtype == np.int8 else 0)
     Hp, Wp = H + pt + pbot, W + pl + pr
     x4 = x.reshape(N, C, H, W) if layout == "NCHW" else x.reshape(N, H, W, C)
+    geo = np.array(
+        [N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M], np.int64
+    )
+    threads = numba.config.NUMBA_NUM_THREADS
+    if G == C and Mg == 1 and layout == "NCHW":
+        # depthwise on the NCHW planes themselves: no transposes
+        wd = packed._depthwise(zb_eff)
+        base = (bias - za_eff * wd.astype(np.int64).sum(axis=0)).astype(np.int32)
+        out = np.empty((N, M, Ho, Wo), odt)
+        _kc.depthwise_nchw(
+            _ro(np.ascontiguousarray(x4).view(np.uint8)), flip, np.uint8(za_eff),
+            wd, _ro(base), geo, pt, pl, np.empty((threads, Hp * (Wp + 1)), np.uint8),
+            np.empty((threads, Wo), np.int32), _ro(mult), float(zy), float(qlo),
+            float(qhi), mode, out,
+        )  # fmt: skip
+        return out.reshape(N, M, *shape_nhwc[1:-1])
     if (
         layout == "NHWC"
         and x.dtype == np.uint8
@@ -436,11 +452,7 @@ def _conv(
         xp = x4
     else:
         xp = _pad_nhwc(x4, layout, flip, np.uint8(za_eff), pt, pbot, pl, pr)
-    geo = np.array(
-        [N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M], np.int64
-    )
     out = np.empty((rows, M), odt)
-    threads = numba.config.NUMBA_NUM_THREADS
     if G == C and Mg == 1:
         wd = packed._depthwise(zb_eff)
         base = (bias - za_eff * wd.astype(np.int64).sum(axis=0)).astype(np.int32)

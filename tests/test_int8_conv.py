@@ -426,6 +426,42 @@ def test_larger_shapes_every_tile_path(isa):
         np.testing.assert_array_equal(got, conv_ref(x, w, 7, wz, **kw))
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_depthwise_nchw_fast_paths(isa, stride):
+    """The NCHW depthwise kernel's register paths (3x3, stride 1 / 2, even and
+    odd widths and pads, int8 x) and its tap-by-tap fallback (dilation 2), in
+    all three output modes, against the oracle."""
+    rng = np.random.default_rng(stride)
+    for C, H, W, pads, dil, xdt in [
+        (5, 9, 11, 1, 1, np.uint8),
+        (3, 8, 8, 0, 1, np.int8),
+        (4, 7, 10, (1, 0, 2, 1), 1, np.uint8),
+        (2, 9, 9, 2, 2, np.int8),
+    ]:
+        xi = np.iinfo(xdt)
+        x = rng.integers(xi.min, xi.max + 1, (2, C, H, W), dtype=xdt)
+        w = rng.integers(-128, 128, (C, 1, 3, 3), dtype=np.int8)
+        pads4 = (pads,) * 4 if isinstance(pads, int) else pads
+        kw = {"group": C, "strides": (stride, stride), "pads": pads4,
+              "dilations": (dil, dil)}  # fmt: skip
+        xz, wz = xdt(rng.integers(xi.min, xi.max + 1)), np.int8(3)
+        acc = conv_ref(x, w, xz, wz, **kw)
+        np.testing.assert_array_equal(
+            lowprec.conv.conv_integer(x, w, xz, wz, **kw), acc
+        )
+        sx, sw = np.float32(0.02), np.float32(0.01)
+        sy = np.float32(sx * sw * (float(np.abs(acc).std()) + 1) * 3 / 127)
+        bias = rng.integers(-3000, 3000, C).astype(np.int32)
+        for yz, fdt in [(np.uint8(128), None), (np.int8(-5), None), (None, np.float32)]:
+            got = lowprec.conv.qlinear_conv(
+                x, sx, xz, w, sw, wz, None if fdt else sy, yz, bias,
+                activation="relu6", out_dtype=fdt, **kw,
+            )  # fmt: skip
+            want = requant_ref(acc, sx, sw, sy, yz, bias=bias, activation="relu6",
+                               out_dtype=fdt)  # fmt: skip
+            np.testing.assert_array_equal(got, want)
+
+
 def test_auto_pad_modes():
     x = np.arange(35, dtype=np.uint8).reshape(1, 1, 5, 7)
     w = np.ones((1, 1, 3, 2), np.int8)
