@@ -471,8 +471,9 @@ def _conv_geometry(proxy, packed, layout, attrs):
 
 
 def _run_conv(x, proxy, host, packed, zb_eff, za, bias, mult, zy, qlo, qhi, mode,
-              odt, layout, attrs):  # fmt: skip
-    """lowprec/conv.py::_conv on the GPU; returns like the input."""
+              odt, layout, attrs, like=None):  # fmt: skip
+    """lowprec/conv.py::_conv on the GPU; returns like the input (``like``: the
+    caller's array before its conversion to a kernel array; CuPy in, CuPy out)."""
     from .gemm import K_INT32_SAFE
 
     nb_cuda, cfg, _, _ = _modules()
@@ -489,7 +490,7 @@ def _run_conv(x, proxy, host, packed, zb_eff, za, bias, mult, zy, qlo, qhi, mode
         )
         raise ValueError(msg)
     chw = layout == "NCHW"
-    out_dev, out_ret = _out(x, host, out3, odt)
+    out_dev, out_ret = _out(x if like is None else like, host, out3, odt)
     rows = N * Ho * Wo
     if rows and G * Mg:
         xd = _as_4d(x, host, x4, "x")
@@ -538,6 +539,7 @@ def conv_integer_cuda(
     """``lowprec.conv_integer`` on the GPU (same arguments, same int32 result)."""
     from . import conv as _c
 
+    x_in = x
     x, host, proxy = _device_input(x, "x", v.INT8_TYPES, _FIX_A)
     packed, zb_eff, _ = _c._weights(
         _cuda.to_host(w), _cuda.to_host(w_zero_point), None, group, need_scale=False
@@ -547,7 +549,7 @@ def conv_integer_cuda(
     return _run_conv(
         x, proxy, host, packed, zb_eff, za, np.zeros(M, np.int64), np.ones((1, 1)),
         0.0, 0.0, 0.0, _c._MODE_INT32, np.int32, "NCHW",
-        _c._attrs(auto_pad, dilations, kernel_shape, pads, strides),
+        _c._attrs(auto_pad, dilations, kernel_shape, pads, strides), like=x_in,
     )  # fmt: skip
 
 
@@ -559,6 +561,7 @@ def qlinear_conv_cuda(
     """``lowprec.qlinear_conv`` on the GPU (same arguments, same result bits)."""
     from . import conv as _c
 
+    x_in = x
     x, host, proxy = _device_input(x, "x", v.INT8_TYPES, _FIX_A)
     h = _cuda.to_host
     packed, zb_eff, sw = _c._weights(
@@ -581,7 +584,16 @@ def qlinear_conv_cuda(
     if odt == np.float32:
         mult = _g._multiplier(sx, sw, None, M)
         return _run_conv(
-            *run, mult, 0.0, lo, hi, _c._MODE_FLOAT, np.float32, layout, attrs
+            *run,
+            mult,
+            0.0,
+            lo,
+            hi,
+            _c._MODE_FLOAT,
+            np.float32,
+            layout,
+            attrs,
+            like=x_in,
         )
     if y_scale is None:
         msg = "y_scale is required unless out_dtype=np.float32"
@@ -597,7 +609,9 @@ def qlinear_conv_cuda(
         _g._hashable(activation), zy, float(sy.reshape(-1)[0]), odt
     )
     mult = _g._multiplier(sx, sw, sy.reshape(-1), M)
-    return _run_conv(*run, mult, zy, qlo, qhi, _c._MODE_QUANT, odt, layout, attrs)
+    return _run_conv(
+        *run, mult, zy, qlo, qhi, _c._MODE_QUANT, odt, layout, attrs, like=x_in
+    )
 
 
 # --------------------------------------------------------------------------- #
@@ -626,6 +640,7 @@ def matmul_fp16_cuda(a, b, *, bias=None, activation=None, out_dtype=np.float32):
     nb_cuda, cfg, _, _ = _modules()
     from .kernels import fp16_gemm_cuda as kf
 
+    a_in = a  # the output is allocated like this (CuPy in, CuPy out)
     a, host, a_proxy = _device_input(a, "a", _F16, _FIX_F16.format("a"))
     if isinstance(b, _h.PackedWeightsBF16):
         msg = "b is packed bfloat16 weights; use matmul_bf16, or pack_weights_fp16"
@@ -655,7 +670,7 @@ def matmul_fp16_cuda(a, b, *, bias=None, activation=None, out_dtype=np.float32):
         a2 = _as_4d(a, False, (rows, K), "a")
     if not packed:
         b_dev = _cuda.to_device(b.reshape(b2)) if host else _as_4d(b, False, b2, "b")
-    out_dev, out_ret = _out(a, host, (rows, N), odt)
+    out_dev, out_ret = _out(a_in, host, (rows, N), odt)
     if rows and N:
         kernel = kf.gemm_kernel(
             cfg.FP16_BLOCK_M, cfg.FP16_BLOCK_N, cfg.FP16_BLOCK_K,
@@ -694,6 +709,7 @@ def conv_fp16_cuda(
     nb_cuda, cfg, _, _ = _modules()
     from .kernels import fp16_gemm_cuda as kf
 
+    x_in = x  # the output is allocated like this (CuPy in, CuPy out)
     x, host, proxy = _device_input(x, "x", _F16, _FIX_F16.format("x"))
     if host != isinstance(w, np.ndarray):
         _cuda.use_cuda(x, w)  # raises the mixed host/device TypeError
@@ -739,7 +755,7 @@ def conv_fp16_cuda(
         [N, H, W, C, Ho, Wo, kh, kw, sh, sw, dh, dw, pt, pl, G, Cg, M // G],
         np.int64,
     )
-    out_dev, out_ret = _out(x, host, (N, M, Ho * Wo), odt)
+    out_dev, out_ret = _out(x_in, host, (N, M, Ho * Wo), odt)
     rows = N * Ho * Wo
     if rows:
         xd = _as_4d(x, host, (N, C, H, W), "x")
@@ -819,6 +835,7 @@ def spmm_cuda(w, x, *, bias=None, activation=None, out=None):
         msg = "w has int8 values; use lowprec.qlinear_spmm (or pack float values)"
         raise TypeError(msg)
     _no_out(out)
+    x_in = x  # the output is allocated like this (CuPy in, CuPy out)
     x, x2, host, N, shape = _sparse_x(w, x, v.FLOAT_INPUT_TYPES,
                                       "use float32 activations")  # fmt: skip
     M = w.shape[0]
@@ -833,7 +850,7 @@ def spmm_cuda(w, x, *, bias=None, activation=None, out=None):
                 f"got {np.shape(bias)}"
             )
             raise ValueError(msg)
-    out_dev, out_ret = _out(x, host, (M, N), np.float32)
+    out_dev, out_ret = _out(x_in, host, (M, N), np.float32)
     if M and N:
         indptr, cols, vals = _sparse_device(w)
         grid, threads = _spmm_launch(cfg, M, N)
@@ -863,6 +880,7 @@ def qlinear_spmm_cuda(
         msg = "w has float values; use lowprec.spmm (or pack with dtype=np.int8)"
         raise TypeError(msg)
     _no_out(out)
+    x_in = x  # the output is allocated like this (CuPy in, CuPy out)
     x, x2, host, N, shape = _sparse_x(
         w, x, v.INT8_TYPES, "quantize it with lowprec.quantize_linear"
     )
@@ -920,7 +938,7 @@ def qlinear_spmm_cuda(
         )
         mult = _g._multiplier(sx.reshape(-1), w.scale, sy.reshape(-1), M)[0]
         mode = 1
-    out_dev, out_ret = _out(x, host, (M, N), odt_final)
+    out_dev, out_ret = _out(x_in, host, (M, N), odt_final)
     if M and N:
         indptr_h, _, vals_h = w._expanded()
         if int(np.diff(indptr_h).max(initial=0)) > _s._INT32_SAFE_NNZ:
