@@ -28,7 +28,7 @@ from numba.extending import intrinsic
 
 from .config import PJIT
 from .int8_gemm_vnni import MR_MAX, NR, run_fused_tile
-from .layout import _load8, _store8
+from .layout import copy_bytes
 from .requant import epilogue_tile
 
 # ---------------------------------------------------------------------------
@@ -77,17 +77,12 @@ def _memcpy(typingctx, dst, src, n):
 
 @njit(inline="always")
 def _copy(dst, src, n):
-    # n bytes: 8-byte moves inline, the last one overlapping the previous (the
-    # stem's 21-byte runs cost a libc call each otherwise: ~40% of that layer)
-    if n < 8 or n > 256:
+    # n bytes: inline moves (layout.copy_bytes; the stem's 21-byte runs cost a
+    # libc call each otherwise: ~40% of that layer); a call below 8 bytes
+    if n < 8:
         _memcpy(dst, src, n)
-        return
-    i = 0
-    while i + 8 <= n:
-        _store8(dst + i, _load8(src + i))
-        i += 8
-    if i < n:
-        _store8(dst + n - 8, _load8(src + n - 8))
+    else:
+        copy_bytes(dst, src, n)
 
 
 @njit(inline="always")

@@ -40,6 +40,42 @@ def _store8(typingctx, addr, val):
     return types.void(types.int64, types.uint64), codegen
 
 
+_v32 = ir.VectorType(ir.IntType(8), 32)
+
+
+@intrinsic
+def _move32(typingctx, dst, src):
+    # 32 bytes from src to dst (any alignment; one ymm load and store)
+    def codegen(context, builder, sig, args):
+        s = builder.inttoptr(args[1], _v32.as_pointer())
+        d = builder.inttoptr(args[0], _v32.as_pointer())
+        builder.store(builder.load(s, align=1), d, align=1)
+        return context.get_dummy_value()
+
+    return types.void(types.int64, types.int64), codegen
+
+
+@njit(inline="always")
+def copy_bytes(dst, src, n):
+    # n >= 8 bytes between int64 addresses, inline: 32- or 8-byte moves, the
+    # last one overlapping the previous (no libc call for the short runs of an
+    # im2col gather; non-overlapping buffers only)
+    if n >= 32:
+        i = 0
+        while i + 32 <= n:
+            _move32(dst + i, src + i)
+            i += 32
+        if i < n:
+            _move32(dst + n - 32, src + n - 32)
+        return
+    i = 0
+    while i + 8 <= n:
+        _store8(dst + i, _load8(src + i))
+        i += 8
+    if i < n:
+        _store8(dst + n - 8, _load8(src + n - 8))
+
+
 _M32 = np.uint64(0x00000000FFFFFFFF)
 _M16 = np.uint64(0x0000FFFF0000FFFF)
 _M8 = np.uint64(0x00FF00FF00FF00FF)
@@ -120,3 +156,31 @@ def transpose(src, dst, flip):
         for i in range(a, a1):  # row tail
             for bb in range(B):
                 dst[n, h, bb, i] = src[n, i, h, bb] ^ flip
+
+
+@njit(**PJIT)
+def maxpool2x2_nhwc(y, out):
+    # y (N,H,W,C) C-contiguous, out (N,H//2,W//2,C): 2x2 stride 2 max pool,
+    # one task per output row, vectorized over channels (flat arrays, unsigned
+    # offsets). numpy's two strided np.maximum passes took 4.3 ms of the
+    # demo's 24 ms per batch.
+    N, H, W, C = y.shape
+    h = H // 2
+    w = W // 2
+    yf = y.reshape(-1)
+    of = out.reshape(-1)
+    uc = np.uint64(C)
+    for t in prange(N * h):
+        n = t // h
+        i = t - n * h
+        r0 = np.uint64(((n * H + 2 * i) * W) * C)
+        r1 = r0 + np.uint64(W * C)
+        o = np.uint64(t * w * C)
+        for j in range(w):
+            a = r0 + np.uint64(2 * j) * uc
+            b = r1 + np.uint64(2 * j) * uc
+            d = o + np.uint64(j) * uc
+            for c in range(uc):
+                m0 = max(yf[a + c], yf[a + uc + c])
+                m1 = max(yf[b + c], yf[b + uc + c])
+                of[d + c] = max(m0, m1)
