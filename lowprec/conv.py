@@ -389,6 +389,16 @@ def _check_x(x, packed, layout, kernel_shape):
 # the driver
 
 
+def _check_k(K):
+    """The reduction length must keep the int32 accumulator exact (eq. 7)."""
+    if K > K_INT32_SAFE:
+        msg = (
+            f"C/group * kH * kW = {K} exceeds {K_INT32_SAFE}, beyond which an int32 "
+            f"accumulator may overflow; lowprec's convolution does not split K"
+        )
+        raise ValueError(msg)
+
+
 def _conv(
     x, packed, zb_eff, za, bias, mult, zy, qlo, qhi, mode, odt, layout, attrs
 ):  # fmt: skip
@@ -410,12 +420,7 @@ def _conv(
     pt, pl = (0, pb[0]) if one_d else pb
     pbot, pr = (0, pe[0]) if one_d else pe
     K = kh * kw * Cg
-    if K > K_INT32_SAFE:
-        msg = (
-            f"C/group * kH * kW = {K} exceeds {K_INT32_SAFE}, beyond which an int32 "
-            f"accumulator may overflow; lowprec's convolution does not split K"
-        )
-        raise ValueError(msg)
+    _check_k(K)
     rows = N * Ho * Wo
     shape_nhwc = (N, Wo, M) if one_d else (N, Ho, Wo, M)
     if rows == 0 or M == 0:

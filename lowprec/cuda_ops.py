@@ -474,7 +474,7 @@ def _run_conv(x, proxy, host, packed, zb_eff, za, bias, mult, zy, qlo, qhi, mode
               odt, layout, attrs, like=None):  # fmt: skip
     """lowprec/conv.py::_conv on the GPU; returns like the input (``like``: the
     caller's array before its conversion to a kernel array; CuPy in, CuPy out)."""
-    from .gemm import K_INT32_SAFE
+    from . import conv as _c
 
     nb_cuda, cfg, _, _ = _modules()
     from .kernels import int8_conv_cuda as kc
@@ -483,12 +483,7 @@ def _run_conv(x, proxy, host, packed, zb_eff, za, bias, mult, zy, qlo, qhi, mode
     N, H, W, C, Ho, Wo, kh, kw = (int(t) for t in geo[:8])
     G, Cg, Mg = (int(t) for t in geo[14:])
     K = kh * kw * Cg
-    if K > K_INT32_SAFE:
-        msg = (
-            f"C/group * kH * kW = {K} exceeds {K_INT32_SAFE}, beyond which an int32 "
-            f"accumulator may overflow; lowprec's convolution does not split K"
-        )
-        raise ValueError(msg)
+    _c._check_k(K)
     chw = layout == "NCHW"
     out_dev, out_ret = _out(x if like is None else like, host, out3, odt)
     rows = N * Ho * Wo
@@ -990,23 +985,6 @@ def _min_max_dev(xf):
     return np.float32(lo), np.float32(hi), int(bad.copy_to_host()[0]) == 0
 
 
-def _dynamic_params(lo, hi):
-    """lowprec.quantize.dynamic_quantize_linear's scalar float32 steps."""
-    maxx = np.float32(max(np.float32(0), np.float32(hi)))
-    minx = np.float32(min(np.float32(0), np.float32(lo)))
-    rng = np.float32(1.0) if maxx == minx else np.float32(maxx - minx)
-    y_scale = np.float32(rng / np.float32(255))
-    if not np.isfinite(y_scale) or y_scale <= 0:
-        msg = (
-            f"the range of x [{minx}, {maxx}] does not give a finite float32 scale; "
-            f"rescale x first"
-        )
-        raise ValueError(msg)
-    zp = np.float32(np.float32(0) - minx / y_scale)
-    zp = np.rint(min(max(zp, np.float32(0)), np.float32(255)))
-    return y_scale, np.asarray(zp, dtype=np.uint8)
-
-
 def _dynamic_quantize_flat(xf, n, out):
     """out (n,) uint8 = DynamicQuantizeLinear of flat float32 device xf;
     returns (y_scale float32, y_zero_point 0-d uint8), the CPU's values."""
@@ -1021,7 +999,7 @@ def _dynamic_quantize_flat(xf, n, out):
             raise ValueError(msg)
     else:
         lo = hi = np.float32(0)
-    y_scale, y_zp = _dynamic_params(lo, hi)
+    y_scale, y_zp = _q.dynamic_params(lo, hi)
     if n:  # eq. 1 with the kernel of quantize_linear_cuda, per tensor
         kq.quantize_linear[_cuda.launch_1d(n, cfg.THREADS_1D, cfg.MAX_BLOCKS_1D)](
             xf, 1, 1, nb_cuda.to_device(np.full((1, 1, 1), y_scale, np.float32)),

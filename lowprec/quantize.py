@@ -314,7 +314,15 @@ def dynamic_quantize_linear(x, *, device=None):
             raise ValueError(msg)
     else:
         lo = hi = np.float32(0)
-    # Scalar arithmetic in float32, step by step as ONNX's reference does.
+    y_scale, y_zero_point = dynamic_params(lo, hi)
+    y = quantize_linear(x, np.asarray(y_scale, np.float32), y_zero_point)
+    return y, np.asarray(y_scale, np.float32), y_zero_point
+
+
+def dynamic_params(lo, hi):
+    """DynamicQuantizeLinear's (float32 scale, 0-d uint8 zero point) from the
+    data's min and max: scalar float32 arithmetic, step by step as ONNX's
+    reference does (also the CUDA path's, which reduces on the device)."""
     maxx = np.float32(max(np.float32(0), np.float32(hi)))
     minx = np.float32(min(np.float32(0), np.float32(lo)))
     rng = np.float32(1.0) if maxx == minx else np.float32(maxx - minx)
@@ -327,6 +335,4 @@ def dynamic_quantize_linear(x, *, device=None):
         raise ValueError(msg)
     zp = np.float32(np.float32(0) - minx / y_scale)
     zp = np.rint(min(max(zp, np.float32(0)), np.float32(255)))
-    y_zero_point = np.asarray(zp, dtype=np.uint8)
-    y = quantize_linear(x, np.asarray(y_scale, np.float32), y_zero_point)
-    return y, np.asarray(y_scale, np.float32), y_zero_point
+    return y_scale, np.asarray(zp, dtype=np.uint8)
