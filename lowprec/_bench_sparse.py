@@ -388,6 +388,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=7)
     p.add_argument("--min-time", type=float, default=0.05)
     p.add_argument("--json", default=None)
+    p.add_argument("--plot", default=None, help="speedup vs sparsity chart (PNG)")
     o = p.parse_args(argv)
     shapes = [tuple(int(v) for v in s.split("x")) for s in o.shapes.split(",")]
     variants = _csv(o.variants, str)
@@ -421,7 +422,43 @@ def main(argv=None) -> int:
     if o.json:
         with open(o.json, "w") as f:
             json.dump({"rows": rows, "blas": _b.blas_info()}, f, indent=1, default=str)
+    if o.plot:
+        plot(rows, o.plot)
     return 0
+
+
+def plot(rows, path) -> None:
+    """Speedup vs numpy float32 dense matmul against sparsity, one panel per
+    (shape, N), one line per variant (matplotlib, an optional dependency)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        msg = f"--plot needs matplotlib ({e}); pip install matplotlib"
+        raise SystemExit(msg) from e
+    panels = sorted({(r["M"], r["K"], r["N"]) for r in rows})
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False
+    )
+    for ax, (M, K, N) in zip(axes[0], panels, strict=True):
+        sub = [r for r in rows if (r["M"], r["K"], r["N"]) == (M, K, N)]
+        for var in sorted({r["variant"] for r in sub}):
+            rs = sorted(
+                (r for r in sub if r["variant"] == var), key=lambda r: r["sparsity"]
+            )
+            xs = [100 * r["sparsity"] for r in rs]
+            ax.plot(xs, [r["speedup_vs_numpy_f32"] for r in rs], "o-", label=var)
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+        ax.set_title(f"{M}x{K} @ N={N}")
+        ax.set_xlabel("sparsity (%)")
+        ax.set_ylabel("speedup vs numpy f32 dense")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -278,3 +278,20 @@ def test_busy_machine_is_retried_and_flagged(tmp_path, monkeypatch, capsys):
     assert any("other processes used" in w for w in res["warnings"])
     assert "1.00!" in capsys.readouterr().out
     assert "unreliable" in _load_table_module().render(res)
+
+
+def test_sparse_sweep_plot(tmp_path):
+    """The sparse sweep's speedup-vs-sparsity chart: one panel per (shape, N)."""
+    pytest.importorskip("matplotlib")
+    from lowprec import _bench_sparse
+
+    rows = [
+        {"M": 64, "K": 64, "N": n, "variant": v, "sparsity": s,
+         "speedup_vs_numpy_f32": 0.5 + 4 * s}
+        for n in (1, 32)
+        for v in ("fp32 csr", "int8 bsr1x4")
+        for s in (0.5, 0.9)
+    ]  # fmt: skip
+    png = tmp_path / "sparse.png"
+    _bench_sparse.plot(rows, str(png))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
