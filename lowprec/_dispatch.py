@@ -106,3 +106,20 @@ def gemm_backend():
 
         _backend = BACKENDS[get_isa()]
     return _backend
+
+
+def call_on_threads(threads: int, kernel, *args):
+    """kernel(*args), with numba's thread count set to 1 for the call when
+    ``threads == 1``: a parallel region waits for every pool thread even with
+    one task, which costs milliseconds per call when the other core is busy
+    (measured: a 512x512 sparse GEMV, 3.4 ms instead of 10 us)."""
+    import numba
+
+    if threads != 1 or numba.get_num_threads() == 1:
+        return kernel(*args)
+    before = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        return kernel(*args)
+    finally:
+        numba.set_num_threads(before)

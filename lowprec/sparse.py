@@ -562,7 +562,9 @@ def spmm(w, x, *, bias=None, activation=None, out=None, device=None):
     if N == 1:  # one column: the row-dot kernel, not a 1-of-16-lanes tile
         indptr, cols, vals = w._expanded()
         vals = _f32_values(w, vals)
-        _ks.spmv_float(
+        _dispatch.call_on_threads(
+            threads,
+            _ks.spmv_float,
             indptr,
             cols,
             vals,
@@ -578,8 +580,18 @@ def spmm(w, x, *, bias=None, activation=None, out=None, device=None):
         indptr, cols, vals = w._expanded()
         vals = _f32_values(w, vals)
         rows = _row_chunks(indptr, threads)
-        _ks.spmm_float_portable(
-            indptr, cols, vals, xf, rows, b, np.float32(lo), np.float32(hi), y2
+        _dispatch.call_on_threads(
+            threads,
+            _ks.spmm_float_portable,
+            indptr,
+            cols,
+            vals,
+            xf,
+            rows,
+            b,
+            np.float32(lo),
+            np.float32(hi),
+            y2,
         )
         return y
     R, C = w.block
@@ -766,7 +778,9 @@ def qlinear_spmm(
         _ks.pack_x_u8(x2, np.uint8(flip), xp)
         scratch = np.empty((numba.config.NUMBA_NUM_THREADS, _ks.NR), np.int32)
         with numba.parallel_chunksize(1):
-            _ks.spmm_s8_vnni(
+            _dispatch.call_on_threads(
+                threads,
+                _ks.spmm_s8_vnni,
                 w.idx.dtype == np.int32,
                 xp.ctypes.data,
                 xp.strides[0],
@@ -786,7 +800,9 @@ def qlinear_spmm(
                 y2,
             )
         return y
-    _ks.spmm_s8_portable(
+    _dispatch.call_on_threads(
+        threads,
+        _ks.spmm_s8_portable,
         indptr,
         cols,
         vals,
@@ -816,7 +832,7 @@ DENSE_BIAS = 0.85
 _CAL_N = (1, 16, 64, 256)
 _CAL_SHAPE = (512, 512)
 _CAL_SPARSITY = 0.9
-_COST_FILE = "sparse_cost_v2.json"
+_COST_FILE = "sparse_cost_v3.json"  # v3: serial small calls (v2 fits held stalls)
 _cost_memory: dict[str, dict] = {}
 
 
