@@ -26,6 +26,7 @@ from . import _dispatch
 from . import _validate as v
 from .gemm import (
     K_INT32_SAFE,
+    SERIAL_MACS,
     _a_offset,
     _b_offset,
     _bias,
@@ -435,13 +436,16 @@ def _conv(
     geo = np.array(
         [N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M], np.int64
     )
-    threads = numba.config.NUMBA_NUM_THREADS
+    threads = numba.config.NUMBA_NUM_THREADS  # scratch rows
+    # small convolutions run on the calling thread (see call_on_threads)
+    par = 1 if rows * M * K < SERIAL_MACS else numba.get_num_threads()
     if G == C and Mg == 1 and layout == "NCHW":
         # depthwise on the NCHW planes themselves: no transposes
         wd = packed._depthwise(zb_eff)
         base = (bias - za_eff * wd.astype(np.int64).sum(axis=0)).astype(np.int32)
         out = np.empty((N, M, Ho, Wo), odt)
-        _kc.depthwise_nchw(
+        _dispatch.call_on_threads(
+            par, _kc.depthwise_nchw,
             _ro(np.ascontiguousarray(x4).view(np.uint8)), flip, np.uint8(za_eff),
             wd, _ro(base), geo, pt, pl, np.empty((threads, Hp * (Wp + 1)), np.uint8),
             np.empty((threads, Wo), np.int32), _ro(mult), float(zy), float(qlo),
@@ -462,7 +466,10 @@ def _conv(
         wd = packed._depthwise(zb_eff)
         base = (bias - za_eff * wd.astype(np.int64).sum(axis=0)).astype(np.int32)
         scratch = np.empty((threads, C), np.int32)
-        _kc.depthwise(xp, wd, base, geo, scratch, mult, zy, qlo, qhi, mode, out)
+        _dispatch.call_on_threads(
+            par, _kc.depthwise, xp, wd, base, geo, scratch, mult, zy, qlo, qhi,
+            mode, out,
+        )  # fmt: skip
     else:
         za_arr = np.full(1, za_eff, np.int64)
         if zb_eff.any():
@@ -489,12 +496,16 @@ def _conv(
                 _ro(bias - za_eff * cs), _ro(mult), float(zy), float(qlo),
                 float(qhi), mode, _ro(np.zeros(M, np.float32)),
             )  # fmt: skip
-            _kc.conv_vnni(_ro(xp), bp, geo, pbk, direct, sa, fused, out)
+            _dispatch.call_on_threads(
+                par, _kc.conv_vnni, _ro(xp), bp, geo, pbk, direct, sa, fused, out
+            )
         else:
             ka = max(K, 1)
             sa = np.empty((threads, PORTABLE_TILE, ka), np.uint8)
             sp = np.empty((threads, PORTABLE_TILE, Mg), np.int32)
-            _kc.conv_portable(xp, packed._wk, geo, sa, sp, *epi)
+            _dispatch.call_on_threads(
+                par, _kc.conv_portable, xp, packed._wk, geo, sa, sp, *epi
+            )
     if layout == "NHWC":
         return out.reshape(shape_nhwc)
     return _to_nchw(out, shape_nhwc)
