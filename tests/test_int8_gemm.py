@@ -187,6 +187,29 @@ def test_nd_per_row_and_per_column_zero_points(isa):
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("a_dt", [np.uint8, np.int8])
+def test_row_blocks_and_panels(isa, a_dt):
+    """M across several 96-row blocks of the VNNI tile order (and a partial
+    one), N across panels with a tail, every output kind, against the oracle."""
+    rng = np.random.default_rng(8)
+    a = _rand(rng, (203, 37), a_dt)
+    b = _rand(rng, (37, 150), np.int8)
+    za = a_dt(rng.integers(0, 100))
+    packed = lowprec.pack_weights(b, np.int8(0), np.float32(0.01))
+    np.testing.assert_array_equal(
+        lowprec.matmul_integer(a, packed, za), ref.int_matmul(a, b, za, 0)
+    )
+    for yz in (np.uint8(128), np.int8(-3)):
+        got = lowprec.qlinear_matmul(
+            a, np.float32(0.02), za, packed, None, None, np.float32(2.0), yz
+        )
+        want = ref.qlinear_matmul(
+            a, np.float32(0.02), za, b, np.float32(0.01), np.int8(0),
+            np.float32(2.0), yz,
+        )  # fmt: skip
+        np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("n_threads", [1, 2])
 def test_results_independent_of_thread_count(isa, threads, n_threads):
     rng = np.random.default_rng(3)
