@@ -17,31 +17,52 @@ leave a finite sum unchanged; 0 * inf gives NaN, as ONNX's reference does).
     [N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M]
 
 Paths (lowprec/conv_half.py picks one):
-  taps     F16C+FMA tile kernel (6 x 64 float32 registers, strided A) called
-           once per tap (i, j) over the Cg channels, A read in place from the
-           padded NCHW image: A[r, c] = xp[n, c, ., ow0*sw + r*sw + .], row
-           stride sw*4 bytes, k stride Hp*Wp*4 bytes. No im2col at all; a
-           tile is up to 6 pixels of one output row (1x1 / stride 1 / no pad:
-           of one image). The tile stays in a per-thread scratch between taps.
-  gather   few channels per group (the 3-channel stem): 6 output pixels'
-           patches gathered from a padded NHWC copy into a per-thread
-           (6, K) buffer, then one tile-kernel call over K.
-  depthwise (C == group, one output channel each): plain loops vectorized by
-           LLVM over the output row's pixels, the kh*kw taps in order.
+  taps     F16C+FMA tile kernel (6 x 64 float32 registers, strided A) with the
+           whole sum in registers: a loop over the taps (byte offsets offs)
+           around the loop over the Cg channels (make_taps_kernel), A read in
+           place from the padded NCHW image: A[r, c] = xp[n, c, ., ow0*sw +
+           r*sw + .], row stride sw*4 bytes, k stride Hp*Wp*4 bytes; no
+           im2col. Jobs are segments of up to TS tiles of one output row;
+           bias/clamp on the registers, the segment goes to NCHW through a
+           per-thread buffer (_seg_job). 1x1 / stride 1 / no padding (flat):
+           tiles over the image's pixels, converted from float16 per segment.
+  nhwc     few channels per group (the 3-channel stem), one group, column
+           dilation 1: the same kernel on a padded NHWC copy, one "tap" per
+           kernel row over its kw*C contiguous values.
+  gather   other few-channel cases: 6 output pixels' patches gathered from
+           the NHWC copy into a per-thread (6, K) buffer, one tile call over K.
+  depthwise (C == group, one output channel each): per plane, the float16
+           plane converted into a padded scratch, then a row microkernel
+           (_make_dw_row: 16 pixels a vector, taps loop in registers, masked
+           tails); plain loops for strides > 2 and for the portable path.
   portable gathered tiles of TM pixels x Mg channels, plain loops.
 Weights (both SIMD paths): [G][Mg/64][K][64] float32, K order (i, j, c).
 """
 
 import numba
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from .config import PJIT
 from .fp16_gemm import (
     MR_MAX,
     NR,
+    NV,
     _cvt16,
     _f16_bits_to_f32,
+    _f32,
+    _fma,
+    _i1,
+    _i32,
+    _i64,
+    _no_unroll,
+    _splat,
+    _vf,
+    _vh,
+    _vi,
     f32_to_f16_bits,
     make_tile_kernel,
 )
@@ -49,8 +70,7 @@ from .fp16_gemm import (
 TM = 8  # portable: output pixels per tile
 
 # B rows of 64 float32: the weights are tiny next to the activations, and a
-# float16 B costs 4 vcvtph2ps per 24 FMAs on the FP pipes (measured: 3x3c64_56
-# ... GFLOP/s with float16 B, ... with float32 B, 2 threads)
+# float16 B costs 4 vcvtph2ps per 24 FMAs on the FP pipes
 _c1 = make_tile_kernel(1, "f32", strided_a=True)
 _c2 = make_tile_kernel(2, "f32", strided_a=True)
 _c3 = make_tile_kernel(3, "f32", strided_a=True)
@@ -74,6 +94,201 @@ def _tile(mr, a, lda, astep, b, ks, c, ldc, accum):
         _c2(a, lda, astep, b, ks, c, ldc, accum)
     else:
         _c1(a, lda, astep, b, ks, c, ldc, accum)
+
+
+def make_taps_kernel(MR):
+    """MR x 64 float32 tile over all kernel taps, accumulators in registers.
+
+    _taps(a, lda, astep, b, ks, c, ldc, offs, ntaps)    all int64
+      a      address of A at tap 0: A[r, k] = a + offs[t] + r*lda + k*astep
+      offs   address of ntaps int64 byte offsets of the taps, sum order
+      b      packed weights, rows of 64 float32, K order (tap, k): row t*ks + k
+      ks     channels per tap (Cg); c, ldc as make_tile_kernel's (the tile is
+             stored once, at the end, from 0: no per-tap reload of c)
+      o      0: store the tile to c. Else y = clamp(fl32(acc + bias[j]), lo,
+             hi) as _epilogue (bias: address of the tile's channel 0, read
+             only when hb, first nc channels) stored as MR rows of 64 float32
+             at o, ostr floats apart
+
+    Two loops of phi nodes (taps, then channels) around the 4*MR FMAs of
+    kernels/fp16_gemm.make_tile_kernel: the sum order of the per-tap calls,
+    without storing and reloading the 24 accumulators once per tap.
+    """
+
+    def codegen(context, builder, sig, args):
+        a, lda, step_a, b, ks, c, ldc, offs, ntaps, o, ostr, bias, hb, nc, lo, hi = args
+        i8p = ir.IntType(8).as_pointer()
+        zero = ir.Constant(_i64, 0)
+        one = ir.Constant(_i64, 1)
+        fma = _fma(builder)
+        fn = builder.function
+        c_base = builder.inttoptr(c, i8p)
+        ldc4 = builder.mul(ldc, ir.Constant(_i64, 4))
+        c_ptrs = []
+        for r in range(MR):
+            c_row = builder.gep(c_base, [builder.mul(ldc4, ir.Constant(_i64, r))])
+            for v in range(NV):
+                p = builder.gep(c_row, [ir.Constant(_i64, 64 * v)])
+                c_ptrs.append(builder.bitcast(p, _vf.as_pointer()))
+        init = [ir.Constant(_vf, None)] * (MR * NV)
+        pre = builder.block
+        outer = fn.append_basic_block("taps.outer")
+        inner = fn.append_basic_block("taps.inner")
+        olatch = fn.append_basic_block("taps.olatch")
+        after = fn.append_basic_block("taps.after")
+        go = builder.and_(
+            builder.icmp_signed(">", ntaps, zero), builder.icmp_signed(">", ks, zero)
+        )
+        builder.cbranch(go, outer, after)
+
+        builder.position_at_end(outer)
+        t = builder.phi(_i64, "t")
+        t.add_incoming(zero, pre)
+        ophis = []
+        for x in init:
+            p = builder.phi(_vf)
+            p.add_incoming(x, pre)
+            ophis.append(p)
+        op = builder.inttoptr(
+            builder.add(offs, builder.mul(t, ir.Constant(_i64, 8))), _i64.as_pointer()
+        )
+        a_t = builder.add(a, builder.load(op, align=8))
+        b_t = builder.add(b, builder.mul(builder.mul(t, ks), ir.Constant(_i64, 4 * NR)))
+        a_rows = [
+            builder.inttoptr(
+                builder.add(a_t, builder.mul(lda, ir.Constant(_i64, r))), i8p
+            )
+            for r in range(MR)
+        ]
+        b_base = builder.inttoptr(b_t, i8p)
+        builder.branch(inner)
+
+        builder.position_at_end(inner)
+        k = builder.phi(_i64, "k")
+        k.add_incoming(zero, outer)
+        phis = []
+        for x in ophis:
+            p = builder.phi(_vf)
+            p.add_incoming(x, outer)
+            phis.append(p)
+        b_row = builder.gep(b_base, [builder.mul(k, ir.Constant(_i64, 4 * NR))])
+        a_off = builder.mul(k, step_a)
+        bvecs = []
+        for v in range(NV):
+            p = builder.gep(b_row, [ir.Constant(_i64, 64 * v)])
+            bvecs.append(builder.load(builder.bitcast(p, _vf.as_pointer()), align=4))
+        new = []
+        for r in range(MR):
+            p = builder.bitcast(builder.gep(a_rows[r], [a_off]), _f32.as_pointer())
+            av = _splat(builder, builder.load(p, align=4), _vf)
+            for v in range(NV):
+                new.append(builder.call(fma, [av, bvecs[v], phis[r * NV + v]]))
+        kn = builder.add(k, one)
+        k.add_incoming(kn, inner)
+        for p, x in zip(phis, new, strict=True):
+            p.add_incoming(x, inner)
+        br = builder.cbranch(builder.icmp_signed("<", kn, ks), inner, olatch)
+        _no_unroll(builder, br)
+
+        builder.position_at_end(olatch)
+        tn = builder.add(t, one)
+        t.add_incoming(tn, olatch)
+        for p, x in zip(ophis, new, strict=True):
+            p.add_incoming(x, olatch)
+        br = builder.cbranch(builder.icmp_signed("<", tn, ntaps), outer, after)
+        _no_unroll(builder, br)
+
+        builder.position_at_end(after)
+        fin = []
+        for i in range(len(c_ptrs)):
+            p = builder.phi(_vf)
+            p.add_incoming(init[i], pre)
+            p.add_incoming(new[i], olatch)
+            fin.append(p)
+        tostore = fn.append_basic_block("taps.tile")
+        direct = fn.append_basic_block("taps.direct")
+        done = fn.append_basic_block("taps.done")
+        builder.cbranch(builder.icmp_signed("!=", o, zero), direct, tostore)
+        builder.position_at_end(tostore)
+        for p, ptr in zip(fin, c_ptrs, strict=True):
+            builder.store(p, ptr, align=4)
+        builder.branch(done)
+
+        # the float32 epilogue on the registers: bias (a vector over the
+        # tile's 64 channels; lanes past nc not read), clamp (NaN passes),
+        # then rows of 64 at o, ostr floats apart (the caller's channel-major
+        # copy follows). Scattering channel-wise straight into NCHW
+        # (vscatterdps) measured no faster than the scalar epilogue
+        builder.position_at_end(direct)
+        m16 = ir.VectorType(_i1, 16)
+        lane = ir.Constant(_vi, list(range(16)))
+        ncv = _splat(builder, builder.trunc(nc, _i32), _vi)
+        use_b = builder.icmp_signed("!=", hb, zero)
+        use_bv = _splat(builder, use_b, m16)
+        lov, hiv = _splat(builder, lo, _vf), _splat(builder, hi, _vf)
+        ldty = ir.FunctionType(_vf, [_vf.as_pointer(), _i32, m16, _vf])
+        ld = cgutils.get_or_insert_function(
+            builder.module, ldty, "llvm.masked.load.v16f32.p0"
+        )
+        bvs = []
+        for v in range(NV):
+            ch = builder.add(lane, ir.Constant(_vi, [16 * v] * 16))
+            bm = builder.and_(builder.icmp_signed("<", ch, ncv), use_bv)
+            bp_ = builder.inttoptr(
+                builder.add(bias, ir.Constant(_i64, 64 * v)), _vf.as_pointer()
+            )
+            zv = ir.Constant(_vf, None)
+            bvs.append(builder.call(ld, [bp_, ir.Constant(_i32, 4), bm, zv]))
+        for r in range(MR):
+            orow = builder.add(o, builder.mul(ostr, ir.Constant(_i64, 4 * r)))
+            for v in range(NV):
+                y = fin[r * NV + v]
+                y = builder.select(use_b, builder.fadd(y, bvs[v]), y)
+                y = builder.select(builder.fcmp_ordered("<", y, lov), lov, y)
+                y = builder.select(builder.fcmp_ordered(">", y, hiv), hiv, y)
+                pv = builder.inttoptr(
+                    builder.add(orow, ir.Constant(_i64, 64 * v)), _vf.as_pointer()
+                )
+                builder.store(y, pv, align=4)
+        builder.branch(done)
+        builder.position_at_end(done)
+        return context.get_dummy_value()
+
+    i = types.int64
+    f = types.float32
+
+    @intrinsic
+    def _taps(typingctx, a, lda, astep, b, ks, c, ldc, offs, ntaps, o, ostr, bias,
+              hb, nc, lo, hi):  # fmt: skip
+        sig = types.void(i, i, i, i, i, i, i, i, i, i, i, i, i, i, f, f)
+        return sig, codegen
+
+    return _taps
+
+
+_t1 = make_taps_kernel(1)
+_t2 = make_taps_kernel(2)
+_t3 = make_taps_kernel(3)
+_t4 = make_taps_kernel(4)
+_t5 = make_taps_kernel(5)
+_t6 = make_taps_kernel(6)
+
+
+@njit(inline="always")
+def _taps_tile(mr, a, lda, astep, b, ks, c, ldc, offs, ntaps, o, ostr, bias, hb,
+               nc, lo, hi):  # fmt: skip
+    if mr == 6:
+        _t6(a, lda, astep, b, ks, c, ldc, offs, ntaps, o, ostr, bias, hb, nc, lo, hi)
+    elif mr == 5:
+        _t5(a, lda, astep, b, ks, c, ldc, offs, ntaps, o, ostr, bias, hb, nc, lo, hi)
+    elif mr == 4:
+        _t4(a, lda, astep, b, ks, c, ldc, offs, ntaps, o, ostr, bias, hb, nc, lo, hi)
+    elif mr == 3:
+        _t3(a, lda, astep, b, ks, c, ldc, offs, ntaps, o, ostr, bias, hb, nc, lo, hi)
+    elif mr == 2:
+        _t2(a, lda, astep, b, ks, c, ldc, offs, ntaps, o, ostr, bias, hb, nc, lo, hi)
+    else:
+        _t1(a, lda, astep, b, ks, c, ldc, offs, ntaps, o, ostr, bias, hb, nc, lo, hi)
 
 
 # ---------------------------------------------------------------------------
@@ -164,35 +379,168 @@ def _epilogue(tile, mr, nc, p0, m0, HW, bias, has_bias, lo, hi, mode, out32, out
 
 
 # ---------------------------------------------------------------------------
-# SIMD: taps (implicit GEMM in place) and gather
+# SIMD: segments of pixel tiles (taps kernel), gathered tiles
 
 
-@njit(inline="always")
-def _tile_of(tt, geo, flat):
-    # tile tt of the pixel order -> (first flat pixel, pixels, n, oh, ow0).
-    # A row (of Wo pixels, or of Ho*Wo when flat) is cut into ceil(L/6) tiles
-    # of balanced widths (56 -> 6 x 6 + 4 x 5, not 9 x 6 + 2).
-    N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M = geo
-    L = Ho * Wo if flat else Wo
-    nt = (L + MR_MAX - 1) // MR_MAX
-    row = tt // nt
-    k = tt - row * nt
-    w0 = (k * L) // nt
-    w1 = ((k + 1) * L) // nt
-    if flat:
-        return row * L + w0, w1 - w0, row, 0, w0
-    n = row // Ho
-    oh = row - n * Ho
-    return row * Wo + w0, w1 - w0, n, oh, w0
+@intrinsic
+def _col16(typingctx, src, n, dst):
+    """dst[l] = src[l*NR] (float32) for l < n <= 16: a channel of NR-wide pixel
+    rows to a contiguous run (one masked vgatherdps, one masked store)."""
+
+    def codegen(context, builder, sig, args):
+        src, n, dst = args
+        m16 = ir.VectorType(_i1, 16)
+        lane = ir.Constant(_vi, list(range(16)))
+        mask = builder.icmp_signed(
+            "<", lane, _splat(builder, builder.trunc(n, _i32), _vi)
+        )
+        vi64 = ir.VectorType(_i64, 16)
+        offs = ir.Constant(vi64, [4 * NR * k for k in range(16)])
+        vp = ir.VectorType(_f32.as_pointer(), 16)
+        ptrs = builder.inttoptr(builder.add(_splat(builder, src, vi64), offs), vp)
+        gty = ir.FunctionType(_vf, [vp, _i32, m16, _vf])
+        ga = cgutils.get_or_insert_function(
+            builder.module, gty, "llvm.masked.gather.v16f32.v16p0"
+        )
+        y = builder.call(ga, [ptrs, ir.Constant(_i32, 4), mask, ir.Constant(_vf, None)])
+        sty = ir.FunctionType(ir.VoidType(), [_vf, _vf.as_pointer(), _i32, m16])
+        st = cgutils.get_or_insert_function(
+            builder.module, sty, "llvm.masked.store.v16f32.p0"
+        )
+        builder.call(
+            st, [y, builder.inttoptr(dst, _vf.as_pointer()), ir.Constant(_i32, 4), mask]
+        )
+        return context.get_dummy_value()
+
+    return types.void(types.int64, types.int64, types.int64), codegen
+
+
+TS = 16  # tiles per segment (a job): <= 96 output pixels of one row
 
 
 @njit(nogil=True, cache=True)
-def _simd_job(
-    t, nt, nblk, pb, gather, flat, xp, bp, geo, sa, sp, bias, has_bias, lo, hi,
-    mode, out32, out16,
+def _seg_job(
+    t, ns, nblk, pb, nhwc, flat, fuse, x16, xp, xb, bp, geo, offs, rb, sp, bias,
+    has_bias, lo, hi, mode, out32, out16,
+):  # fmt: skip
+    # job t = (group, panel block, segment), segment fastest. A segment is up
+    # to TS pixel tiles of one output row (of one image when flat). float32
+    # output: each tile's kernel applies bias and clamp in registers and
+    # stores its pixels x 64 channels as rows of the per-thread buffer rb
+    # (TS*6, 64); the segment then goes to NCHW as one contiguous run per
+    # channel (16 pixels a vgatherdps from rb). The scalar per-tile epilogue
+    # took 1.2 ms of the stem's 3.6 (1 thread); scattering each tile into
+    # NCHW with vscatterdps was no faster; through rb: stem7x7s2 54 -> 70,
+    # 1x1c256_56 49 -> 62, 3x3c64_56 78 -> 90 GFLOP/s (1 thread, A/B in one
+    # process, loaded machine). float16 output: the tile goes through the
+    # scratch tile and _epilogue.
+    N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M = geo
+    sg = t % ns
+    rest = t // ns
+    blk = rest % nblk
+    g = rest // nblk
+    tid = numba.get_thread_id()
+    tile = sp[tid]
+    ctile = tile.ctypes.data
+    buf = rb[tid]
+    hb = 1 if has_bias else 0
+    npg = bp.shape[1]
+    HW = Ho * Wo
+    L = HW if flat else Wo
+    ntr = (L + MR_MAX - 1) // MR_MAX
+    nsr = (ntr + TS - 1) // TS
+    row = sg // nsr
+    k0 = (sg - row * nsr) * TS
+    k1 = min(ntr, k0 + TS)
+    if flat:
+        n, oh = row, 0
+    else:
+        n = row // Ho
+        oh = row - n * Ho
+    W0 = (k0 * L) // ntr
+    W1 = (k1 * L) // ntr
+    qrow = oh * Wo  # flat pixel of the row's first output in the image
+    if fuse:
+        # 1x1, stride 1, no padding: the segment's pixels of the group's Cg
+        # channels are converted from float16 (x16) into the per-thread
+        # xb (Cg, TS*6) here, in cache, rather than a float32 copy of the
+        # whole input beforehand (that copy took 0.24-0.37 ms of the 1.6-2.2
+        # ms of 1x1c256_56, 1 thread: 3.2 MB written and read back)
+        xbt = xb[tid]
+        pitch = xbt.shape[1]
+        cnt = W1 - W0
+        c16 = cnt - cnt % 16
+        for c in range(Cg):
+            s0 = x16.ctypes.data + 2 * ((n * C + g * Cg + c) * HW + W0)
+            d0 = xbt.ctypes.data + 4 * c * pitch
+            for u in range(0, c16, 16):
+                _cvt16(s0 + 2 * u, d0 + 4 * u)
+            if c16 < cnt:
+                _cvt16n(s0 + 2 * c16, d0 + 4 * c16, cnt - c16)
+        arow = xbt.ctypes.data - 4 * W0
+        lda = 4
+        astep = 4 * pitch
+        ks = Cg
+        ntap = 1
+    elif nhwc:
+        # kernel row i of output pixel ow: the kw*C contiguous values at
+        # xp[n, oh*sh + i*dh, ow*sw, :], K order (j, c); taps = kernel rows
+        arow = xp.ctypes.data + 4 * ((n * Hp + oh * sh) * Wp * C)
+        lda = 4 * sw * C
+        astep = 4
+        ks = kw * C
+        ntap = kh
+    else:
+        # xp[n, g*Cg, oh*sh, 0] in place (NCHW), A strides in bytes
+        arow = xp.ctypes.data + 4 * (((n * C + g * Cg) * Hp + oh * sh) * Wp)
+        lda = 4 * sw
+        astep = 4 * Hp * Wp
+        ks = Cg
+        ntap = kh * kw
+    for jn in range(blk * pb, min(npg, blk * pb + pb)):
+        b0 = bp.ctypes.data + g * bp.strides[0] + jn * bp.strides[1]
+        m0 = g * Mg + jn * NR
+        nc = min(NR, Mg - jn * NR)
+        for kt in range(k0, k1):
+            w0 = (kt * L) // ntr
+            mr = (((kt + 1) * L) // ntr) - w0
+            a0 = arow + w0 * lda
+            if mode == 0:
+                _taps_tile(
+                    mr, a0, lda, astep, b0, ks, ctile, NR, offs.ctypes.data, ntap,
+                    buf.ctypes.data + 4 * NR * (w0 - W0), NR, bias.ctypes.data + 4 * m0,
+                    hb, nc, lo, hi,
+                )  # fmt: skip
+            else:
+                _taps_tile(
+                    mr, a0, lda, astep, b0, ks, ctile, NR, offs.ctypes.data, ntap,
+                    0, 0, 0, 0, nc, lo, hi,
+                )  # fmt: skip
+                _epilogue(
+                    tile, mr, nc, n * HW + qrow + w0, m0, HW, bias, has_bias, lo,
+                    hi, mode, out32, out16,
+                )  # fmt: skip
+        if mode == 0:
+            cnt = W1 - W0
+            o0 = out32.ctypes.data + 4 * ((n * M + m0) * HW + qrow + W0)
+            for j in range(nc):
+                for u in range(0, cnt, 16):
+                    _col16(
+                        buf.ctypes.data + 4 * (u * NR + j), min(16, cnt - u),
+                        o0 + 4 * (j * HW + u),
+                    )  # fmt: skip
+
+
+@njit(nogil=True, cache=True)
+def _gather_job(
+    t, nt, nblk, pb, xp, bp, geo, sa, sp, bias, has_bias, lo, hi, mode, out32,
+    out16,
 ):  # fmt: skip
     # job t = (group, panel block, pixel tile), pixel tile fastest: a thread's
-    # contiguous prange chunk keeps streaming the same weight panels
+    # contiguous prange chunk keeps streaming the same weight panels. Pixel
+    # tiles of 6 over N*Ho*Wo; their patches gathered K-contiguous in sa[tid]
+    # (few channels per group with column dilation or groups: the NHWC taps
+    # kernel of _seg_job covers the rest)
     N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M = geo
     tt = t % nt
     rest = t // nt
@@ -203,35 +551,13 @@ def _simd_job(
     ctile = tile.ctypes.data
     npg = bp.shape[1]
     HW = Ho * Wo
-    if gather:
-        # pixel tiles of 6 over N*Ho*Wo; K-contiguous rows in sa[tid]
-        p0 = tt * MR_MAX
-        mr = min(MR_MAX, N * HW - p0)
-        _gather(xp, geo, p0, mr, g, sa[tid])
-        ka = sa.shape[2]
-        for jn in range(blk * pb, min(npg, blk * pb + pb)):
-            b0 = bp.ctypes.data + g * bp.strides[0] + jn * bp.strides[1]
-            _tile(mr, sa[tid].ctypes.data, ka * 4, 4, b0, ka, ctile, NR, 0)
-            nc = min(NR, Mg - jn * NR)
-            _epilogue(
-                tile, mr, nc, p0, g * Mg + jn * NR, HW, bias, has_bias, lo, hi,
-                mode, out32, out16,
-            )  # fmt: skip
-        return
-    p0, mr, n, oh, ow0 = _tile_of(tt, geo, flat)
-    plane = Hp * Wp
-    # xp[n, g*Cg, oh*sh, ow0*sw] and the A strides (bytes)
-    a0 = xp.ctypes.data + 4 * (((n * C + g * Cg) * Hp + oh * sh) * Wp + ow0 * sw)
-    lda = 4 * sw
-    astep = 4 * plane
+    p0 = tt * MR_MAX
+    mr = min(MR_MAX, N * HW - p0)
+    _gather(xp, geo, p0, mr, g, sa[tid])
+    ka = sa.shape[2]
     for jn in range(blk * pb, min(npg, blk * pb + pb)):
         b0 = bp.ctypes.data + g * bp.strides[0] + jn * bp.strides[1]
-        for i in range(kh):
-            for j in range(kw):
-                tap = i * kw + j
-                a = a0 + 4 * (i * dh * Wp + j * dw)
-                b = b0 + tap * Cg * NR * 4
-                _tile(mr, a, lda, astep, b, Cg, ctile, NR, tap)
+        _tile(mr, sa[tid].ctypes.data, ka * 4, 4, b0, ka, ctile, NR, 0)
         nc = min(NR, Mg - jn * NR)
         _epilogue(
             tile, mr, nc, p0, g * Mg + jn * NR, HW, bias, has_bias, lo, hi, mode,
@@ -269,26 +595,44 @@ def _gather(xp, geo, p0, mr, g, dst):
 
 @njit(**PJIT)
 def conv_simd(
-    gather, flat, pb, xp, bp, geo, sa, sp, bias, has_bias, lo, hi, mode, out32,
-    out16,
+    gather, flat, fuse, pb, x16, xp, xb, bp, geo, sa, sp, bias, has_bias, lo, hi,
+    mode, out32, out16,
 ):  # fmt: skip
+    # fuse (flat NCHW only): x16 (N, C, H, W) float16 bits converted per
+    # segment into xb (threads, Cg, TS*6) float32; xp is then a dummy
     # xp: (N, C, Hp, Wp) float32 (taps) or (N, Hp, Wp, C) (gather); bp (G, NP,
     # K, NR) float32 packed weights, K order (i, j, c); sa (threads, 6, K)
     # float32 gather scratch; sp (threads, 6, NR) float32 tile scratch; out
     # (N, M, Ho*Wo) float32 (mode 0) / float16 bits (mode 1), the other a dummy
     N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M = geo
-    if gather:
+    nhwc_taps = gather and dw == 1 and G == 1
+    if gather and not nhwc_taps:
         nt = (N * Ho * Wo + MR_MAX - 1) // MR_MAX
-    elif flat:
-        nt = N * ((Ho * Wo + MR_MAX - 1) // MR_MAX)
-    else:
-        nt = N * Ho * ((Wo + MR_MAX - 1) // MR_MAX)
+    else:  # segments of TS tiles of a row
+        L = Ho * Wo if flat else Wo
+        ntr = (L + MR_MAX - 1) // MR_MAX
+        nt = (N if flat else N * Ho) * ((ntr + TS - 1) // TS)
     nblk = (bp.shape[1] + pb - 1) // pb
-    for t in prange(nt * nblk * G):
-        _simd_job(
-            t, nt, nblk, pb, gather, flat, xp, bp, geo, sa, sp, bias, has_bias,
-            lo, hi, mode, out32, out16,
-        )  # fmt: skip
+    # the taps' byte offsets in the padded image, sum order (i, j)
+    offs = np.empty(kh * kw, np.int64)
+    for i in range(kh):
+        for j in range(kw):
+            offs[i * kw + j] = 4 * (i * dh * Wp + j * dw)
+    if nhwc_taps:  # per kernel row in the NHWC image
+        for i in range(kh):
+            offs[i] = 4 * i * dh * Wp * C
+    if gather and not nhwc_taps:
+        for t in prange(nt * nblk * G):
+            _gather_job(
+                t, nt, nblk, pb, xp, bp, geo, sa, sp, bias, has_bias, lo, hi, mode,
+                out32, out16,
+            )  # fmt: skip
+    else:
+        for t in prange(nt * nblk * G):
+            _seg_job(
+                t, nt, nblk, pb, nhwc_taps, flat, fuse, x16, xp, xb, bp, geo, offs,
+                sa, sp, bias, has_bias, lo, hi, mode, out32, out16,
+            )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------
@@ -349,6 +693,274 @@ def conv_portable(xp, wk, geo, sa, sp, bias, has_bias, lo, hi, mode, out32, out1
         )
 
 
+@intrinsic
+def _cvt16n(typingctx, src, dst, n):
+    """The first n (< 16) float16 at address src -> float32 at dst (masked
+    vcvtph2ps): a row's tail without n scalar conversions."""
+
+    def codegen(context, builder, sig, args):
+        src, dst, n = args
+        m16 = ir.VectorType(_i1, 16)
+        vi16 = ir.VectorType(ir.IntType(16), 16)
+        nv = _splat(builder, builder.trunc(n, _i32), _vi)
+        mask = builder.icmp_signed("<", ir.Constant(_vi, list(range(16))), nv)
+        fnty = ir.FunctionType(vi16, [vi16.as_pointer(), _i32, m16, vi16])
+        ld = cgutils.get_or_insert_function(
+            builder.module, fnty, "llvm.masked.load.v16i16.p0"
+        )
+        h = builder.call(
+            ld, [builder.inttoptr(src, vi16.as_pointer()), ir.Constant(_i32, 2),
+                 mask, ir.Constant(vi16, None)],
+        )  # fmt: skip
+        y = builder.fpext(builder.bitcast(h, _vh), _vf)
+        fnty = ir.FunctionType(ir.VoidType(), [_vf, _vf.as_pointer(), _i32, m16])
+        st = cgutils.get_or_insert_function(
+            builder.module, fnty, "llvm.masked.store.v16f32.p0"
+        )
+        builder.call(
+            st, [y, builder.inttoptr(dst, _vf.as_pointer()), ir.Constant(_i32, 4),
+                 mask],
+        )  # fmt: skip
+        return context.get_dummy_value()
+
+    return types.void(types.int64, types.int64, types.int64), codegen
+
+
+# ---------------------------------------------------------------------------
+# depthwise row microkernel: one output row of one channel, 16 pixels a vector
+
+
+def _make_dw_row(NVD, SW, ROW3=False):
+    """Intrinsic: one output row of a depthwise plane, NVD vectors per chunk.
+
+    _dw_row(src, offs, w, ntaps, n, dst, mode, hb, b, lo, hi)
+      src    address of the padded float32 plane at row oh*sh, column 0
+      offs   address of ntaps int64 byte offsets of the taps from src, in the
+             sum order (i, j): 4*(i*dh*Wp + j*dw)
+      w      address of ntaps float32 weights, same order
+      n      output pixels (Wo); chunks of 16*NVD, the last one masked
+      dst    address of the output row: float32 (mode 0) or float16 bits (1)
+      hb     1: add b; then clamp to [lo, hi] (NaN passes), as _dw_finish
+
+    SW (1 or 2) is the column stride. Stride 2 loads 32 consecutive values and
+    keeps the even ones (one vpermt2ps).
+
+    ROW3 (3 kernel columns, column dilation 1): the loop runs over the
+    kernel rows i (ntaps = kh, offs = the row pitch in bytes, a multiple of
+    64, src 64-byte aligned): SW*NVD + 1 aligned loads per kernel row and
+    the three columns shifted out of them (stride 1: valignd; stride 2: the
+    even and odd columns, and the evens shifted by one), not 3*NVD (stride
+    2: 6*NVD) unaligned loads that each cross a cache line (measured, 144
+    planes, 1 thread: 56x56 stride 1 145 vs 170-190 us; stride 2: layer
+    total 0.135 vs 0.15-0.19 ms). The taps loop keeps the NVD sums in
+    registers (phi nodes); every sum is fl32(acc + x*w) with an exact product,
+    so the FMA gives the bits of the documented order. Loads past the row's
+    end feed only masked-off lanes (the caller leaves slack after the plane).
+    """
+    fl = _f32
+    vf = _vf
+    i64 = _i64
+    m16 = ir.VectorType(_i1, 16)
+    vi16 = ir.VectorType(ir.IntType(16), 16)
+    even = ir.Constant(_vi, [2 * k for k in range(16)])
+
+    def codegen(context, builder, sig, args):
+        src, offs, w, ntaps, n, dst, mode, hb, b, lo, hi = args
+        fn = builder.function
+        zero = ir.Constant(i64, 0)
+        fma = _fma(builder)
+        pre = builder.block
+        chunk = fn.append_basic_block("dw.chunk")
+        taps = fn.append_basic_block("dw.taps")
+        epi = fn.append_basic_block("dw.epi")
+        st32 = fn.append_basic_block("dw.st32")
+        st16 = fn.append_basic_block("dw.st16")
+        latch = fn.append_basic_block("dw.latch")
+        done = fn.append_basic_block("dw.done")
+        builder.cbranch(builder.icmp_signed(">", n, zero), chunk, done)
+
+        builder.position_at_end(chunk)
+        ow = builder.phi(i64, "ow")
+        ow.add_incoming(zero, pre)
+        rem = builder.trunc(builder.sub(n, ow), _i32)
+        remv = _splat(builder, rem, _vi)
+        masks = [
+            builder.icmp_signed(
+                "<", ir.Constant(_vi, [16 * v + k for k in range(16)]), remv
+            )
+            for v in range(NVD)
+        ]
+        base = builder.add(src, builder.mul(ow, ir.Constant(i64, 4 * SW)))
+        builder.branch(taps)
+
+        builder.position_at_end(taps)
+        t = builder.phi(i64, "t")
+        t.add_incoming(zero, chunk)
+        accs = []
+        for _ in range(NVD):
+            p = builder.phi(vf)
+            p.add_incoming(ir.Constant(vf, None), chunk)
+            accs.append(p)
+        if ROW3:
+            p0 = builder.add(base, builder.mul(t, offs))
+            w3 = builder.add(w, builder.mul(t, ir.Constant(i64, 12)))
+            wvs = [
+                _splat(builder, builder.load(builder.inttoptr(
+                    builder.add(w3, ir.Constant(i64, 4 * j)), fl.as_pointer()),
+                    align=4), vf)
+                for j in range(3)
+            ]  # fmt: skip
+            xs = [
+                builder.load(
+                    builder.inttoptr(builder.add(p0, ir.Constant(i64, 64 * v)),
+                                     vf.as_pointer()), align=64)
+                for v in range(SW * NVD + 1)
+            ]  # fmt: skip
+            new = []
+            odd = ir.Constant(_vi, [2 * k + 1 for k in range(16)])
+            nxt = ir.Constant(_vi, [1 + k for k in range(16)])
+            for v in range(NVD if SW == 2 else 0):
+                # stride 2: the even and odd columns of 32 loaded values, and
+                # the evens shifted by one for j = 2
+                ev = builder.shuffle_vector(xs[2 * v], xs[2 * v + 1], even)
+                od = builder.shuffle_vector(xs[2 * v], xs[2 * v + 1], odd)
+                s2 = builder.shuffle_vector(ev, xs[2 * v + 2], nxt)
+                a = accs[v]
+                for xv, wj in ((ev, wvs[0]), (od, wvs[1]), (s2, wvs[2])):
+                    a = builder.call(fma, [xv, wj, a])
+                new.append(a)
+            for v in range(NVD if SW == 1 else 0):
+                a = accs[v]
+                for j in range(3):
+                    if j == 0:
+                        xv = xs[v]
+                    else:
+                        idx = ir.Constant(_vi, [j + k for k in range(16)])
+                        xv = builder.shuffle_vector(xs[v], xs[v + 1], idx)
+                    a = builder.call(fma, [xv, wvs[j], a])
+                new.append(a)
+        else:
+            off = builder.load(
+                builder.inttoptr(builder.add(offs, builder.mul(t, ir.Constant(i64, 8))),
+                                 i64.as_pointer()), align=8)  # fmt: skip
+            wt = builder.load(
+                builder.inttoptr(builder.add(w, builder.mul(t, ir.Constant(i64, 4))),
+                                 fl.as_pointer()), align=4)  # fmt: skip
+            wv = _splat(builder, wt, vf)
+            p0 = builder.add(base, off)
+            new = []
+            for v in range(NVD):
+                if SW == 1:
+                    a = builder.add(p0, ir.Constant(i64, 64 * v))
+                    xv = builder.load(builder.inttoptr(a, vf.as_pointer()), align=4)
+                else:
+                    a = builder.add(p0, ir.Constant(i64, 128 * v))
+                    lo_v = builder.load(builder.inttoptr(a, vf.as_pointer()), align=4)
+                    a2 = builder.add(a, ir.Constant(i64, 64))
+                    hi_v = builder.load(builder.inttoptr(a2, vf.as_pointer()), align=4)
+                    xv = builder.shuffle_vector(lo_v, hi_v, even)
+                new.append(builder.call(fma, [xv, wv, accs[v]]))
+        tn = builder.add(t, ir.Constant(i64, 1))
+        t.add_incoming(tn, taps)
+        for p, x in zip(accs, new, strict=True):
+            p.add_incoming(x, taps)
+        br = builder.cbranch(builder.icmp_signed("<", tn, ntaps), taps, epi)
+        _no_unroll(builder, br)
+
+        builder.position_at_end(epi)
+        use_b = builder.icmp_signed("!=", hb, zero)
+        bv, lov, hiv = (_splat(builder, s, vf) for s in (b, lo, hi))
+        ys = []
+        for v in range(NVD):
+            y = builder.select(use_b, builder.fadd(new[v], bv), new[v])
+            y = builder.select(builder.fcmp_ordered("<", y, lov), lov, y)
+            ys.append(builder.select(builder.fcmp_ordered(">", y, hiv), hiv, y))
+        builder.cbranch(builder.icmp_signed("==", mode, zero), st32, st16)
+
+        for blk, size, conv in ((st32, 4, False), (st16, 2, True)):
+            builder.position_at_end(blk)
+            d0 = builder.add(dst, builder.mul(ow, ir.Constant(i64, size)))
+            for v in range(NVD):
+                a = builder.add(d0, ir.Constant(i64, 16 * size * v))
+                y = ys[v]
+                if conv:  # vcvtps2ph, round to nearest even (MXCSR default)
+                    y = builder.bitcast(builder.fptrunc(y, _vh), vi16)
+                name = "v16i16" if conv else "v16f32"
+                fnty = ir.FunctionType(
+                    ir.VoidType(), [y.type, y.type.as_pointer(), _i32, m16]
+                )
+                st = cgutils.get_or_insert_function(
+                    builder.module, fnty, f"llvm.masked.store.{name}.p0"
+                )
+                ptr = builder.inttoptr(a, y.type.as_pointer())
+                builder.call(st, [y, ptr, ir.Constant(_i32, size), masks[v]])
+            builder.branch(latch)
+
+        builder.position_at_end(latch)
+        own = builder.add(ow, ir.Constant(i64, 16 * NVD))
+        ow.add_incoming(own, latch)
+        br = builder.cbranch(builder.icmp_signed("<", own, n), chunk, done)
+        _no_unroll(builder, br)
+        builder.position_at_end(done)
+        return context.get_dummy_value()
+
+    i = types.int64
+    f = types.float32
+
+    @intrinsic
+    def _dw_row(typingctx, src, offs, w, ntaps, n, dst, mode, hb, b, lo, hi):
+        return types.void(i, i, i, i, i, i, i, i, f, f, f), codegen
+
+    return _dw_row
+
+
+_dw1_1 = _make_dw_row(1, 1)
+_dw1_2 = _make_dw_row(2, 1)
+_dw1_4 = _make_dw_row(4, 1)
+_dw2_1 = _make_dw_row(1, 2)
+_dw2_2 = _make_dw_row(2, 2)
+_dw2_4 = _make_dw_row(4, 2)
+_dw3_1 = _make_dw_row(1, 1, True)
+_dw3_2 = _make_dw_row(2, 1, True)
+_dw3_4 = _make_dw_row(4, 1, True)
+_dw4_1 = _make_dw_row(1, 2, True)
+_dw4_2 = _make_dw_row(2, 2, True)
+_dw4_4 = _make_dw_row(4, 2, True)
+DW_SLACK = 256  # float32 after a plane: loads of masked-off lanes stay inside
+
+
+@njit(inline="always")
+def _dw_row(sw, nv, src, offs, w, ntaps, n, dst, mode, hb, b, lo, hi):
+    # sw: 1, 2 (tap loop) or 3, 4 (the ROW3 kernel: 3 columns, stride 1, 2)
+    if sw == 4:
+        if nv == 1:
+            _dw4_1(src, offs, w, ntaps, n, dst, mode, hb, b, lo, hi)
+        elif nv == 2:
+            _dw4_2(src, offs, w, ntaps, n, dst, mode, hb, b, lo, hi)
+        else:
+            _dw4_4(src, offs, w, ntaps, n, dst, mode, hb, b, lo, hi)
+    elif sw == 3:
+        if nv == 1:
+            _dw3_1(src, offs, w, ntaps, n, dst, mode, hb, b, lo, hi)
+        elif nv == 2:
+            _dw3_2(src, offs, w, ntaps, n, dst, mode, hb, b, lo, hi)
+        else:
+            _dw3_4(src, offs, w, ntaps, n, dst, mode, hb, b, lo, hi)
+    elif sw == 1:
+        if nv == 1:
+            _dw1_1(src, offs, w, ntaps, n, dst, mode, hb, b, lo, hi)
+        elif nv == 2:
+            _dw1_2(src, offs, w, ntaps, n, dst, mode, hb, b, lo, hi)
+        else:
+            _dw1_4(src, offs, w, ntaps, n, dst, mode, hb, b, lo, hi)
+    elif nv == 1:
+        _dw2_1(src, offs, w, ntaps, n, dst, mode, hb, b, lo, hi)
+    elif nv == 2:
+        _dw2_2(src, offs, w, ntaps, n, dst, mode, hb, b, lo, hi)
+    else:
+        _dw2_4(src, offs, w, ntaps, n, dst, mode, hb, b, lo, hi)
+
+
 # ---------------------------------------------------------------------------
 # depthwise: one output channel per input channel, vectorized over pixels
 
@@ -376,35 +988,61 @@ def _dw_finish(acc, a0, Wo, b, has_bias, lo, hi, mode, out32, out16, n, c, q0):
 def _dw_load_plane(x, n, c, pt, pl, pw, Hp, dst):
     # dst[h*pw + w] (flat) <- zero-padded float32 plane (n, c) of x (float16
     # bits), padded rows Hp, row pitch pw; vcvtph2ps 16 at a time
+    # dst starts zeroed (the caller's np.zeros) and every plane writes the
+    # same data region, so the padding stays zero: nothing to clear here
+    # (clearing it per plane cost ~ half of the conversion, measured)
     H, W = x.shape[2], x.shape[3]
     W16 = W - W % 16
-    dst[: Hp * pw] = 0.0
-    src = x[n, c]
-    s0 = src.ctypes.data
+    s0 = x.ctypes.data + 2 * (n * x.shape[1] + c) * H * W
     d0 = dst.ctypes.data
     for h in range(H):
+        r = (h + pt) * pw
         sr = s0 + h * W * 2
-        dr = d0 + ((h + pt) * pw + pl) * 4
+        dr = d0 + (r + pl) * 4
         for w in range(0, W16, 16):
             _cvt16(sr + 2 * w, dr + 4 * w)
-        for w in range(W16, W):
-            dst[(h + pt) * pw + pl + w] = _f16_bits_to_f32(src[h, w])
+        if W16 < W:
+            _cvt16n(sr + 2 * W16, dr + 4 * W16, W - W16)
 
 
 @njit(nogil=True, cache=True)
-def _dw_plane(t, fused, x, xp, wd, geo, pt, pl, sc, acc, bias, has_bias, lo, hi, mode,
-              out32, out16):  # fmt: skip
-    # output plane (n, c). fused: the input plane is converted from float16
-    # into the per-thread scratch sc (flat, pitch Wp) here, no padded copy of
-    # the whole input; else it is read from xp (N, C, Hp, Wp) float32.
-    # 3x3, stride 1, dilation 1: one flat loop over u = oh*Wp + ow for all
-    # rows at once (the Wp - Wo columns past each row are computed and
-    # dropped), 9 taps unrolled so the sum stays in a register: LLVM
-    # vectorizes it over u with no per-row remainder. Otherwise one pass per
-    # tap over each output row. Sum order (i, j) as every path.
+def _dw_plane(t, fused, x, xp, wd, offs, geo, pt, pl, sc, acc, bias, has_bias, lo,
+              hi, mode, out32, out16):  # fmt: skip
+    # output plane (n, c). fused (F16C): the input plane is converted from
+    # float16 into the per-thread scratch sc here, no padded copy of the
+    # whole input; strides 1 and 2 then run the row microkernel (_dw_row),
+    # other strides the loops below on sc. Not fused (portable): read from
+    # xp (N, C, Hp, Wp) float32 with plain loops: 3x3 stride 1 as one flat
+    # loop over u = oh*Wp + ow, 9 taps unrolled (LLVM's own vectorization
+    # left it scalar here: ~5 us a 56x56 plane, 9x the row kernel);
+    # otherwise one pass per tap over each output row. Sum order (i, j) on
+    # every path.
     N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M = geo
     n = t // C
     c = t - n * C
+    if fused and sw <= 2:
+        # the row kernel: taps loop in registers, 16 pixels a vector. Pitch P:
+        # Wp rounded up to 16 floats (sc is 64-byte aligned), so that rows
+        # start aligned (the ROW3 kernel's aligned loads need it)
+        P = (Wp + 15) // 16 * 16
+        _dw_load_plane(x, n, c, pt, pl, P, Hp, sc)
+        nt = kh * kw
+        nv = 1 if Wo <= 16 else (2 if Wo <= 32 else 4)
+        hb = 1 if has_bias else 0
+        b = bias[c] if has_bias else np.float32(0.0)
+        osz = 4 if mode == 0 else 2
+        o0 = out32.ctypes.data if mode == 0 else out16.ctypes.data
+        o0 += osz * (n * C + c) * Ho * Wo
+        w0 = wd.ctypes.data + 4 * c * nt
+        kind, oa, ntap = sw, offs.ctypes.data, nt
+        if kw == 3 and dw == 1:  # ROW3 (kind 3, stride 2: 4): per kernel row
+            kind, oa, ntap = sw + 2, 4 * P * dh, kh
+        for oh in range(Ho):
+            _dw_row(
+                kind, nv, sc.ctypes.data + 4 * oh * sh * P, oa, w0, ntap, Wo,
+                o0 + osz * oh * Wo, mode, hb, b, lo, hi,
+            )  # fmt: skip
+        return
     if fused:
         _dw_load_plane(x, n, c, pt, pl, Wp, Hp, sc)
         src = sc
@@ -481,15 +1119,30 @@ def _dw_plane(t, fused, x, xp, wd, geo, pt, pl, sc, acc, bias, has_bias, lo, hi,
 
 
 @njit(**PJIT)
-def depthwise(fused, x, xp, wd, geo, pt, pl, sc, acc, bias, has_bias, lo, hi, mode,
+def depthwise(threads, fused, x, xp, wd, geo, pt, pl, bias, has_bias, lo, hi, mode,
               out32, out16):  # fmt: skip
     # x (N, C, H, W) float16 bits (fused) or xp (N, C, Hp, Wp) float32 padded;
-    # wd (C, kh*kw) float32; sc (threads, Hp*Wp) and acc (threads, Ho*Wp)
-    # float32 scratch; out (N, C, Ho*Wo). One job per (image, channel) plane.
+    # wd (C, kh*kw) float32; out (N, C, Ho*Wo). One job per (image, channel)
+    # plane. The scratch is made here (numpy calls in Python cost ~ 10 us a
+    # call, a third of a 28x28 layer's time at 2 threads): per thread a
+    # zeroed padded plane sc (rows of P floats, P = Wp rounded up to 16 for
+    # the row kernel, 64-byte aligned, DW_SLACK zeros after it) and a row
+    # buffer acc; offs: the taps' byte offsets in sc, in the sum order (i, j).
+    # threads: numba.config.NUMBA_NUM_THREADS (get_thread_id's bound)
     N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M = geo
+    P = (Wp + 15) // 16 * 16 if (fused and sw <= 2) else Wp
+    size = (Hp * P + DW_SLACK + 15) // 16 * 16
+    raw = np.zeros(threads * size + 16, np.float32)
+    off = ((-raw.ctypes.data) % 64) // 4
+    sc = raw[off : off + threads * size].reshape(threads, size)
+    acc = np.empty((threads, Ho * Wp), np.float32)
+    offs = np.empty(kh * kw, np.int64)
+    for i in range(kh):
+        for j in range(kw):
+            offs[i * kw + j] = 4 * (i * dh * P + j * dw)
     for t in prange(N * C):
         tid = numba.get_thread_id()
         _dw_plane(
-            t, fused, x, xp, wd, geo, pt, pl, sc[tid], acc[tid], bias, has_bias,
-            lo, hi, mode, out32, out16,
+            t, fused, x, xp, wd, offs, geo, pt, pl, sc[tid], acc[tid], bias,
+            has_bias, lo, hi, mode, out32, out16,
         )  # fmt: skip

@@ -27,12 +27,13 @@ Accuracy contract (tests/test_conv_half.py checks each line on every path):
   and 0 * inf = NaN (an inf/NaN weight next to padding gives NaN, as ONNX's
   reference implementation that pads with zeros). NaN and inf propagate.
 
-Kernels (kernels/fp16_conv.py): the input becomes a zero-padded float32 image
-once (vcvtph2ps); convolutions with >= 16 channels per group run the F16C+FMA
-6x64 register tile once per kernel tap straight on that image (implicit GEMM,
-no im2col); fewer channels (the RGB stem) gather 6 pixels' patches per tile;
-depthwise convolutions have their own loops, vectorized over pixels; threads
-split the work over output pixels and, when pixels are few, output channels.
+Kernels (kernels/fp16_conv.py): convolutions with >= 16 channels per group
+run the F16C+FMA 6x64 register tile over all kernel taps and channels with
+the sum in registers, straight on a zero-padded float32 image (implicit
+GEMM, no im2col; 1x1 converts float16 per block of pixels instead); the RGB
+stem runs the same kernel on an NHWC copy, one kernel row per step; depthwise
+convolutions have a row microkernel vectorized over 16 pixels; threads split
+the work over output pixels and, when pixels are few, output channels.
 """
 
 from __future__ import annotations
@@ -326,22 +327,24 @@ def conv_fp16(
         x_bits = np.array(x_bits, order="C")  # one compiled variant per kernel
     depthwise = G == C and Mg == 1
     gather = simd and not depthwise and Cg < GATHER_BELOW
+    flat = (kh, kw, sh, sw) == (1, 1, 1, 1) and (Hp, Wp) == (H, W)
+    fuse = simd and flat and not (gather or depthwise)
     if depthwise:
         fused = simd  # the kernel converts each plane itself (vcvtph2ps)
-        sc = np.empty((threads, Hp * Wp), np.float32)
-        acc = np.empty((threads, Ho * Wp), np.float32)
         if fused:
             xp = _DUMMY_SA.reshape(1, 1, 1, 1)
         else:
             xp = np.zeros((N, C, Hp, Wp), np.float32)
             xp[:, :, pt : pt + H, pl : pl + W] = x_bits.view(np.float16)
         kc.depthwise(
-            fused, x_bits, xp, packed._layout("dw"), geo, pt, pl, sc, acc, *epi
+            threads, fused, x_bits, xp, packed._layout("dw"), geo, pt, pl, *epi
         )
         return out.reshape(N, M, *out_sp)
     if gather:
         xp = np.empty((N, Hp, Wp, C), np.float32)
         kc.pad_nhwc(x_bits, xp, pt, pl)
+    elif simd and fuse:
+        xp = _DUMMY_SA.reshape(1, 1, 1, 1)  # converted per segment (x_bits)
     elif simd:
         xp = np.empty((N, C, Hp, Wp), np.float32)
         kc.pad_nchw(x_bits, xp, pt, pl)
@@ -350,19 +353,23 @@ def conv_fp16(
         xp[:, :, pt : pt + H, pl : pl + W] = x_bits.view(np.float16)
     if simd:
         bp = packed._layout("simd")
-        flat = (kh, kw, sh, sw) == (1, 1, 1, 1) and (Hp, Wp) == (H, W)
-        if gather:
+        if gather and not (dw == 1 and G == 1):
             sa = np.empty((threads, kc.MR_MAX, kh * kw * Cg), np.float32)
             tiles = -(-N * Ho * Wo // kc.MR_MAX)
-        else:
-            sa = _DUMMY_SA
+        else:  # jobs: segments of TS tiles; sa: their channel-major buffer
+            sa = np.empty((threads, kc.TS * kc.MR_MAX, kc.NR), np.float32)
             L = Ho * Wo if flat else Wo
-            tiles = N * (Ho * Wo // L) * -(-L // kc.MR_MAX)
+            ntr = -(-L // kc.MR_MAX)  # tiles per row
+            tiles = N * (Ho * Wo // L) * -(-ntr // kc.TS)
         pbk = bp.shape[1]
         if tiles * G < SPLIT_N_TILES * numba.get_num_threads():
             pbk = 1
         sp = np.empty((threads, kc.MR_MAX, kc.NR), np.float32)
-        kc.conv_simd(gather, flat, pbk, xp, bp, geo, sa, sp, *epi)
+        if fuse:
+            xb = np.empty((threads, Cg, kc.TS * kc.MR_MAX), np.float32)
+        else:
+            xb = _DUMMY_SA
+        kc.conv_simd(gather, flat, fuse, pbk, x_bits, xp, xb, bp, geo, sa, sp, *epi)
     else:
         K = kh * kw * Cg
         sa = np.empty((threads, kc.TM, K), np.float32)

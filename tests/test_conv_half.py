@@ -143,6 +143,24 @@ CASES = {
                                                   "strides": (2, 1)}),
     "same_lower": ((1, 3, 7, 8), (4, 3, 4, 3), {"auto_pad": "SAME_LOWER"}),
     "valid": ((1, 16, 6, 6), (4, 16, 3, 3), {"auto_pad": "VALID"}),
+    # rows longer than one 96-pixel segment / 64-pixel depthwise chunk, masked
+    # tails, a second 64-channel panel
+    "1x1_flat_segments": ((1, 16, 10, 23), (70, 16, 1, 1), {}),
+    "dense_wide_row": ((1, 16, 3, 120), (8, 16, 3, 3), {"pads": (1, 1, 1, 1)}),
+    "stem_wide": ((1, 3, 5, 200), (10, 3, 7, 7), {"strides": (2, 2),
+                                                  "pads": (3, 3, 3, 3)}),
+    # several segments per row / image, 2 panels, groups with dilation
+    "padded_rows": ((2, 16, 12, 14), (70, 16, 3, 3), {"pads": (1, 1, 1, 1)}),
+    "padded_rows_dilated": ((1, 32, 9, 13), (12, 16, 3, 3), {"group": 2,
+                            "dilations": (2, 2), "pads": (2, 2, 2, 2)}),
+    "depthwise_wide_rows": ((1, 3, 4, 75), (3, 1, 3, 3), {"group": 3,
+                            "pads": (1, 1, 1, 1)}),
+    "depthwise_wide_s2": ((1, 2, 5, 150), (2, 1, 3, 3), {"group": 2,
+                          "strides": (2, 2), "pads": (1, 1, 1, 1)}),
+    "depthwise_rows_dilated": ((1, 2, 9, 20), (2, 1, 3, 3), {"group": 2,
+                               "dilations": (2, 1), "pads": (1, 0, 2, 1)}),
+    "depthwise_s3": ((1, 2, 10, 11), (2, 1, 3, 3), {"group": 2,
+                     "strides": (3, 3), "pads": (1, 1, 1, 1)}),
 }  # fmt: skip
 
 
@@ -190,7 +208,16 @@ def test_float32_large_k_bound(half_isa):
 # epilogue and output type
 
 
-@pytest.mark.parametrize("name", ["dense3x3_taps", "stem_gather", "depthwise_s1"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "dense3x3_taps",
+        "stem_gather",
+        "depthwise_s1",
+        "1x1_flat_segments",
+        "depthwise_wide_rows",
+    ],
+)
 def test_bias_activation_float16_output(half_isa, name):
     xs, ws, attrs = CASES[name]
     rng = np.random.default_rng(11)
