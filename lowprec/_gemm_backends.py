@@ -76,14 +76,15 @@ class Avx512VnniGemm:
     @staticmethod
     def fused(a_u8, packed, scratch, epi, out, serial=False):
         k = _vnni()
-        fn = k.gemm_fused_serial if serial else k.gemm_fused
         if out.shape[1] > 1 and out.strides[1] != out.itemsize:
             # the tile stores vectors: columns must be contiguous
             tmp = np.empty(out.shape, out.dtype)
-            fn(a_u8, packed, epi, tmp)
+            Avx512VnniGemm.fused(a_u8, packed, scratch, epi, tmp, serial)
             out[...] = tmp
-            return
-        fn(a_u8, packed, epi, out)
+        elif serial:
+            k.gemm_fused_serial(a_u8, packed, epi, out)
+        else:
+            k.gemm_fused(a_u8, packed, epi, out, numba.get_num_threads())
 
 
 @functools.cache
