@@ -444,12 +444,15 @@ def _conv(
         wd = packed._depthwise(zb_eff)
         base = (bias - za_eff * wd.astype(np.int64).sum(axis=0)).astype(np.int32)
         out = np.empty((N, M, Ho, Wo), odt)
+        # per-thread scratch rows padded to whole cache lines (+1): rows that
+        # shared a line made 2 threads slower than 1 (false sharing)
+        plane = np.empty((threads, -(-Hp * (Wp + 1) // 64) * 64 + 64), np.uint8)
+        accs = np.empty((threads, -(-Wo // 16) * 16 + 16), np.int32)
         _dispatch.call_on_threads(
             par, _kc.depthwise_nchw,
             _ro(np.ascontiguousarray(x4).view(np.uint8)), flip, np.uint8(za_eff),
-            wd, _ro(base), geo, pt, pl, np.empty((threads, Hp * (Wp + 1)), np.uint8),
-            np.empty((threads, Wo), np.int32), _ro(mult), float(zy), float(qlo),
-            float(qhi), mode, out,
+            wd, _ro(base), geo, pt, pl, plane, accs, _ro(mult), float(zy),
+            float(qlo), float(qhi), mode, out,
         )  # fmt: skip
         return out.reshape(N, M, *shape_nhwc[1:-1])
     if (
@@ -465,7 +468,7 @@ def _conv(
     if G == C and Mg == 1:
         wd = packed._depthwise(zb_eff)
         base = (bias - za_eff * wd.astype(np.int64).sum(axis=0)).astype(np.int32)
-        scratch = np.empty((threads, C), np.int32)
+        scratch = np.empty((threads, -(-C // 16) * 16 + 16), np.int32)  # own lines
         _dispatch.call_on_threads(
             par, _kc.depthwise, xp, wd, base, geo, scratch, mult, zy, qlo, qhi,
             mode, out,
