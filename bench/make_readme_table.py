@@ -5,8 +5,9 @@ the README's markdown tables.
     python bench/make_readme_table.py bench-results.json --write README.md
 
 ``--write`` replaces what lies between the lines ``<!-- bench-table:start -->``
-and ``<!-- bench-table:end -->`` (``demo-table`` for demo results; markers kept)
-and leaves the rest untouched.
+and ``<!-- bench-table:end -->`` (int8_gemm results; ``<suite>-table`` for the
+other suites, e.g. ``int8_conv-table``; ``demo-table`` for demo results;
+markers kept) and leaves the rest untouched.
 Only the standard library is used, so it runs anywhere the JSON is.
 """
 
@@ -26,6 +27,15 @@ BASELINE_HEADERS = {
     "ort_qlmm": "ORT QLinearMatMul",
     "torch_int_mm": "torch._int_mm",
     "torch_dyn": "torch dyn. Linear",
+    "ort_dynqmm": "ORT DynamicQuantizeMatMul",
+    "ort_qlconv": "ORT QLinearConv",
+    "ort_convint": "ORT ConvInteger",
+    "ort_conv_f32": "ORT Conv f32",
+    "torch_onednn": "torch qconv onednn",
+    "torch_fbgemm": "torch qconv fbgemm",
+    "torch_bf16": "torch bf16",
+    "torch_f16": "torch f16",
+    "numpy_f16": "numpy f16",
 }
 
 
@@ -194,8 +204,10 @@ def main(argv=None) -> int:
     demo = "images" in res  # `lowprec demo --json` output
     text = render_demo(res) if demo else render(res)
     if opts.write:
-        markers = ("<!-- demo-table:start -->", "<!-- demo-table:end -->")
-        write_section(opts.write, text, *(markers if demo else (START, END)))
+        suite = "demo" if demo else res.get("suite", "int8_gemm")
+        name = "bench" if suite == "int8_gemm" else suite
+        markers = (f"<!-- {name}-table:start -->", f"<!-- {name}-table:end -->")
+        write_section(opts.write, text, *markers)
         print(f"updated {opts.write}")
     else:
         sys.stdout.write(text)
