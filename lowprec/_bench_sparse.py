@@ -274,9 +274,19 @@ SUITE = _b.Suite(
 # rounds so that a noisy machine slows every implementation alike
 
 
+# Pause before timing each implementation: the previous library's worker
+# threads (OpenBLAS, scipy, ORT) keep spinning for a while after a call, and a
+# numba parallel region started next to them waits for a core (measured: CSR at
+# 95 % timed 14x slower than dense right after numpy's sgemm, 2x faster after
+# a pause). lowprec.bench does the same (its --settle).
+SETTLE_S = 0.1
+
+
 def _time_round(fns: dict, min_time: float) -> dict:
     out = {}
     for name, fn in fns.items():
+        time.sleep(SETTLE_S)
+        fn()
         n, t0 = 0, time.perf_counter()
         while True:
             fn()
