@@ -123,62 +123,69 @@ def _gather(xp, geo, m0, mr, g, ka, dst):
 # called, not inlined, from the prange driver: numba's parfor passes rewrite the
 # whole loop body and took minutes with the tiles and epilogue inlined (gemm too)
 @njit(nogil=True, cache=True)
-def _vnni_job(t, mt, nblk, pb, direct, xp, bp, geo, sa, epi, out):
-    # job t = (group, panel block, pixel tile), pixel tile fastest: a thread's
-    # contiguous prange chunk keeps streaming the same weight panels
+def _vnni_job(t, mt, tj, nblk, pb, direct, xp, bp, geo, sa, epi, out):
+    # job t = (group, panel block, run of tj pixel tiles), the run fastest: a
+    # thread's contiguous prange chunk keeps streaming the same weight panels.
+    # Runs of tiles, not single tiles: with K = 288 a tile is ~0.5 us of
+    # vpdpbusd and the per-job call and setup were a large share of it.
     N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M = geo
     za, rs, cs, zb, bias, mult, zy, qlo, qhi, mode, fbias = epi
     rows = N * Ho * Wo
     ka = sa.shape[2]
-    tile = t % mt
-    rest = t // mt
+    nrun = (mt + tj - 1) // tj
+    run = t % nrun
+    rest = t // nrun
     blk = rest % nblk
     g = rest // nblk
-    m0 = tile * MR_MAX
-    mr = min(MR_MAX, rows - m0)
-    if direct:
-        # 1x1, stride 1, one group: the (padded) input pixels are the GEMM rows
-        a_addr = xp.ctypes.data + m0 * C
-        lda = C
-        kk = C
-    else:
-        buf = sa[numba.get_thread_id()]
-        _gather(xp, geo, m0, mr, g, ka, buf)
-        a_addr = buf.ctypes.data
-        lda = ka
-        kk = ka
-    k4 = kk // 4
+    buf = sa[numba.get_thread_id()]
     # the tile's epilogue sees group g's row sums as the GEMM's per-row term
     epi_g = (za, rs[g], cs, zb, bias, mult, zy, qlo, qhi, mode, fbias)
     npg = bp.shape[1]
-    for jn in range(blk * pb, min(npg, blk * pb + pb)):
-        run_fused_tile(
-            mr,
-            a_addr,
-            lda,
-            bp.ctypes.data + g * bp.strides[0] + jn * bp.strides[1],
-            k4,
-            kk - 4 * k4,
-            m0,
-            g * Mg + jn * NR,
-            min(NR, Mg - jn * NR),
-            epi_g,
-            xp,
-            out,
-        )
+    b0 = bp.ctypes.data + g * bp.strides[0]
+    for tile in range(run * tj, min(mt, run * tj + tj)):
+        m0 = tile * MR_MAX
+        mr = min(MR_MAX, rows - m0)
+        if direct:
+            # 1x1, stride 1, one group: the (padded) input pixels are the rows
+            a_addr = xp.ctypes.data + m0 * C
+            lda = C
+            kk = C
+        else:
+            _gather(xp, geo, m0, mr, g, ka, buf)
+            a_addr = buf.ctypes.data
+            lda = ka
+            kk = ka
+        k4 = kk // 4
+        for jn in range(blk * pb, min(npg, blk * pb + pb)):
+            run_fused_tile(
+                mr,
+                a_addr,
+                lda,
+                b0 + jn * bp.strides[1],
+                k4,
+                kk - 4 * k4,
+                m0,
+                g * Mg + jn * NR,
+                min(NR, Mg - jn * NR),
+                epi_g,
+                xp,
+                out,
+            )
 
 
 @njit(**PJIT)
-def conv_vnni(xp, bp, geo, pb, direct, sa, epi, out):
+def conv_vnni(xp, bp, geo, pb, tj, direct, sa, epi, out):
     # xp (N,Hp,Wp,C) uint8, bp (G,NP,K4,NR,4) int8 (pack_b per group, K order
     # (i,j,c)), sa (threads,MR_MAX,ka) uint8 gather scratch (ka >= max(K, 4)),
-    # epi = the GEMM epilogue tuple with rs (G,1|rows) int64, out (rows, M)
+    # epi = the GEMM epilogue tuple with rs (G,1|rows) int64, out (rows, M);
+    # tj pixel tiles per job
     N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M = geo
     rows = N * Ho * Wo
     mt = (rows + MR_MAX - 1) // MR_MAX
     nblk = (bp.shape[1] + pb - 1) // pb
-    for t in prange(mt * nblk * G):
-        _vnni_job(t, mt, nblk, pb, direct, xp, bp, geo, sa, epi, out)
+    nrun = (mt + tj - 1) // tj
+    for t in prange(nrun * nblk * G):
+        _vnni_job(t, mt, tj, nblk, pb, direct, xp, bp, geo, sa, epi, out)
 
 
 # ---------------------------------------------------------------------------

@@ -490,6 +490,9 @@ def _conv(
             mt = -(-rows // _kc.MR_MAX)
             panels = bp.shape[1]
             pbk = panels if mt * G >= SPLIT_N_TILES * numba.get_num_threads() else 1
+            # pixel tiles per job: up to 8 while leaving >= 16 jobs per thread
+            jobs = mt * G * -(-panels // pbk)
+            tj = max(1, min(8, jobs // (16 * numba.get_num_threads())))
             # the fused tile's epilogue tuple (read-only arrays, float bounds,
             # no float bias: conv's bias is the integer one in the accumulator)
             # ZA folded into the bias (eq. 8): the tile then skips the general
@@ -500,7 +503,7 @@ def _conv(
                 float(qhi), mode, _ro(np.zeros(M, np.float32)),
             )  # fmt: skip
             _dispatch.call_on_threads(
-                par, _kc.conv_vnni, _ro(xp), bp, geo, pbk, direct, sa, fused, out
+                par, _kc.conv_vnni, _ro(xp), bp, geo, pbk, tj, direct, sa, fused, out
             )
         else:
             ka = max(K, 1)
