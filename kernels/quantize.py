@@ -118,6 +118,24 @@ def min_max_serial(x):
     return f0, f1, bad == 0
 
 
+@njit(**JIT)
+def dynamic_params(lo, hi):
+    # ONNX DynamicQuantizeLinear's scale and zero point from the data's float32
+    # min and max, step by step in float32 as the reference does (numba's
+    # float32 arithmetic: numpy scalar operations cost ~1 us each, and a small
+    # dynamic matmul made a dozen of them). -> (scale, zero point float32, ok)
+    maxx = max(np.float32(0), hi)
+    minx = min(np.float32(0), lo)
+    rng = np.float32(1.0) if maxx == minx else np.float32(maxx - minx)
+    s = np.float32(rng / np.float32(255))
+    ok = s > np.float32(0) and s < np.float32(np.inf)
+    if not ok:
+        s = np.float32(1)
+    zp = np.float32(np.float32(0) - minx / s)
+    zp = np.rint(min(max(zp, np.float32(0)), np.float32(255)))
+    return s, zp, ok
+
+
 @njit(**PJIT)
 def dynamic_quantize_rows(x, out, scale, zero_point):
     # x (M,K) float32 -> out (M,K) uint8, scale (M,) float32, zero_point (M,) int64:

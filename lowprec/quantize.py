@@ -315,24 +315,28 @@ def dynamic_quantize_linear(x, *, device=None):
     else:
         lo = hi = np.float32(0)
     y_scale, y_zero_point = dynamic_params(lo, hi)
-    y = quantize_linear(x, np.asarray(y_scale, np.float32), y_zero_point)
-    return y, np.asarray(y_scale, np.float32), y_zero_point
+    # the per-tensor kernel straight away (quantize_linear would validate again)
+    y = np.empty(flat.size, np.uint8)
+    args = (y_scale, float(y_zero_point), 0.0, 255.0)
+    if flat.size <= _QUANT_BLOCK:  # one block: no parallel launch
+        _k.quantize_per_tensor_serial(flat, *args, y)
+    else:
+        _k.quantize_per_tensor(flat, args[0], args[1], _QUANT_BLOCK, *args[2:], y)
+    return y.reshape(x.shape), np.asarray(y_scale, np.float32), y_zero_point
 
 
 def dynamic_params(lo, hi):
     """DynamicQuantizeLinear's (float32 scale, 0-d uint8 zero point) from the
     data's min and max: scalar float32 arithmetic, step by step as ONNX's
-    reference does (also the CUDA path's, which reduces on the device)."""
-    maxx = np.float32(max(np.float32(0), np.float32(hi)))
-    minx = np.float32(min(np.float32(0), np.float32(lo)))
-    rng = np.float32(1.0) if maxx == minx else np.float32(maxx - minx)
-    y_scale = np.float32(rng / np.float32(255))
-    if not np.isfinite(y_scale) or y_scale <= 0:
+    reference does (kernels/quantize.py; also the CUDA path's, which reduces on
+    the device)."""
+    y_scale, zp, ok = _k.dynamic_params(np.float32(lo), np.float32(hi))
+    if not ok:
+        maxx = max(np.float32(0), np.float32(hi))
+        minx = min(np.float32(0), np.float32(lo))
         msg = (
             f"the range of x [{minx}, {maxx}] does not give a finite float32 scale; "
             f"rescale x first"
         )
         raise ValueError(msg)
-    zp = np.float32(np.float32(0) - minx / y_scale)
-    zp = np.rint(min(max(zp, np.float32(0)), np.float32(255)))
-    return y_scale, np.asarray(zp, dtype=np.uint8)
+    return np.float32(y_scale), np.asarray(zp, dtype=np.uint8)
