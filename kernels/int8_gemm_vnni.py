@@ -19,6 +19,12 @@ whole K loop of one tile is one LLVM loop built with llvmlite inside one
 MR 4-byte loads of A broadcast to zmm (vpbroadcastd), NV = 4 64-byte loads of
 B, MR * NV vpdpbusd. M tail: kernels for MR = 1..5. N tail: vectors past the
 valid columns are clamped to the last valid one and stores are masked.
+
+Two intrinsics share that loop (_k_loop): the raw tile (make_tile_kernel: P
+into int32, optionally accumulated; the K-chunked path) and the fused tile
+(make_fused_kernel: eqs. 8-13 applied to the accumulators in registers and the
+output written in its final type; gemm_fused and the convolution), which also
+takes int8 A and flips it to a' as it loads.
 """
 
 import numba
