@@ -207,6 +207,12 @@ def _check_w(w):
     v.check_array(
         w, "w", v.INT8_TYPES, fix="quantize it first with lowprec.quantize_linear"
     )
+    check_w_shape(w)
+
+
+def check_w_shape(w):
+    """Convolution weights: (M, C/group, kW) or (M, C/group, kH, kW), no empty
+    dimension (shared with the float16 convolution)."""
     if w.ndim == 5:
         msg = "3-D convolution (5-D w) is not implemented; lowprec supports 1-D and 2-D"
         raise NotImplementedError(msg)

@@ -43,7 +43,7 @@ import numpy as np
 
 from . import _validate as v
 from . import half
-from .conv import _attrs, _check_group, _geometry
+from .conv import _attrs, _check_group, _geometry, check_w_shape
 
 _F16 = np.dtype(np.float16)
 _F32 = np.dtype(np.float32)
@@ -145,18 +145,7 @@ class PackedConvWeightsFP16:
 
 def _check_w(w):
     v.check_array(w, "w", (_F16,), fix="convert it with w.astype(np.float16)")
-    if w.ndim == 5:
-        msg = "3-D convolution (5-D w) is not implemented; lowprec supports 1-D and 2-D"
-        raise NotImplementedError(msg)
-    if w.ndim not in (3, 4):
-        msg = (
-            f"w must be 3-D (M, C/group, kW) or 4-D (M, C/group, kH, kW), "
-            f"got shape {w.shape}"
-        )
-        raise ValueError(msg)
-    if 0 in w.shape:
-        msg = f"w must not have an empty dimension, got shape {w.shape}"
-        raise ValueError(msg)
+    check_w_shape(w)
 
 
 def pack_conv_weights_fp16(w, *, group: int = 1) -> PackedConvWeightsFP16:

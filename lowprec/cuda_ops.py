@@ -991,15 +991,9 @@ def _dynamic_quantize_flat(xf, n, out):
     nb_cuda, cfg, _, kq = _modules()
     if n:
         lo, hi, finite = _min_max_dev(xf)
-        if not finite:
-            msg = (
-                "x must be finite for dynamic_quantize_linear (found NaN or inf); "
-                "no uint8 scale can represent it. Clean x (np.nan_to_num) first"
-            )
-            raise ValueError(msg)
     else:
-        lo = hi = np.float32(0)
-    y_scale, y_zp = _q.dynamic_params(lo, hi)
+        lo, hi, finite = np.float32(0), np.float32(0), True
+    y_scale, y_zp = _q.dynamic_params(lo, hi, finite)
     if n:  # eq. 1 with the kernel of quantize_linear_cuda, per tensor
         kq.quantize_linear[_cuda.launch_1d(n, cfg.THREADS_1D, cfg.MAX_BLOCKS_1D)](
             xf, 1, 1, nb_cuda.to_device(np.full((1, 1, 1), y_scale, np.float32)),

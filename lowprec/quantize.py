@@ -306,15 +306,9 @@ def dynamic_quantize_linear(x, *, device=None):
             lo, hi, finite = _k.min_max_serial(flat)
         else:
             lo, hi, finite = _k.min_max(flat, _MINMAX_BLOCK)
-        if not finite:
-            msg = (
-                "x must be finite for dynamic_quantize_linear (found NaN or inf); "
-                "no uint8 scale can represent it. Clean x (np.nan_to_num) first"
-            )
-            raise ValueError(msg)
     else:
-        lo = hi = np.float32(0)
-    y_scale, y_zero_point = dynamic_params(lo, hi)
+        lo, hi, finite = np.float32(0), np.float32(0), True
+    y_scale, y_zero_point = dynamic_params(lo, hi, finite)
     # the per-tensor kernel straight away (quantize_linear would validate again)
     y = np.empty(flat.size, np.uint8)
     args = (y_scale, float(y_zero_point), 0.0, 255.0)
@@ -325,11 +319,17 @@ def dynamic_quantize_linear(x, *, device=None):
     return y.reshape(x.shape), np.asarray(y_scale, np.float32), y_zero_point
 
 
-def dynamic_params(lo, hi):
+def dynamic_params(lo, hi, finite=True):
     """DynamicQuantizeLinear's (float32 scale, 0-d uint8 zero point) from the
-    data's min and max: scalar float32 arithmetic, step by step as ONNX's
-    reference does (kernels/quantize.py; also the CUDA path's, which reduces on
-    the device)."""
+    data's min and max (``finite``: no NaN / inf seen): scalar float32
+    arithmetic, step by step as ONNX's reference does (kernels/quantize.py; also
+    the CUDA path's, which reduces on the device)."""
+    if not finite:
+        msg = (
+            "x must be finite for dynamic_quantize_linear (found NaN or inf); "
+            "no uint8 scale can represent it. Clean x (np.nan_to_num) first"
+        )
+        raise ValueError(msg)
     y_scale, zp, ok = _k.dynamic_params(np.float32(lo), np.float32(hi))
     if not ok:
         maxx = max(np.float32(0), np.float32(hi))
