@@ -36,6 +36,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .config import JIT, PJIT
+from .ir_util import no_unroll as _no_unroll
+from .ir_util import splat as _splat
 
 # ---------------------------------------------------------------------------
 # tile shape (compile-time constants). 6 x 64: 24 zmm accumulators + 4 B + 1 A.
@@ -71,26 +73,6 @@ class _BFloat(ir.Type):
 
 
 _vbf = ir.VectorType(_BFloat(), 32)
-
-_loop_counter = [0]
-
-
-def _no_unroll(builder, br):
-    """!llvm.loop unroll.disable on the latch: unrolling doubles the B/A
-    registers and spills accumulators (as in int8_gemm_vnni)."""
-    mod = builder.module
-    _loop_counter[0] += 1
-    dis = mod.add_metadata([ir.MetaDataString(mod, "llvm.loop.unroll.disable")])
-    tag = ir.MetaDataString(mod, f"half.loop.{_loop_counter[0]}")
-    loop_id = mod.add_metadata([tag, dis])
-    loop_id.operands = (loop_id, dis)
-    br.set_metadata("llvm.loop", loop_id)
-
-
-def _splat(builder, x, vty):
-    undef = ir.Constant(vty, ir.Undefined)
-    v = builder.insert_element(undef, x, ir.Constant(_i32, 0))
-    return builder.shuffle_vector(v, undef, ir.Constant(_vi, None))
 
 
 def _fma(builder):

@@ -34,6 +34,9 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from .ir_util import no_unroll as _no_unroll
+from .ir_util import splat
+
 # ---------------------------------------------------------------------------
 # Tile shape.  Compile-time constants (NOT env knobs: numba's cache would not
 # see a change).  Sweep at KC=1024, 1 thread, GOP/s (peak 436-454):
@@ -80,33 +83,6 @@ def _masked_store(builder, val, ptr, mask):
         builder.module, fnty, "llvm.masked.store.v16i32.p0"
     )
     builder.call(fn, [val, ptr, ir.Constant(_i32, 4), mask])
-
-
-_loop_counter = [0]
-
-
-def _no_unroll(builder, br):
-    """Attach !llvm.loop !{self, !{"llvm.loop.unroll.disable"}} to the latch.
-
-    Why: without it LLVM unrolls the 6x4 loop by 2, needs 2 sets of B/A
-    registers and spills accumulators to the stack (measured ~2x slower).
-    llvmlite has no 'distinct' MDValue, so we build a self-referential node by
-    patching .operands (unique string keeps it out of the metadata cache).
-    """
-    mod = builder.module
-    _loop_counter[0] += 1
-    dis = mod.add_metadata([ir.MetaDataString(mod, "llvm.loop.unroll.disable")])
-    tag = ir.MetaDataString(mod, f"vnni.loop.{_loop_counter[0]}")
-    loop_id = mod.add_metadata([tag, dis])
-    loop_id.operands = (loop_id, dis)
-    br.set_metadata("llvm.loop", loop_id)
-
-
-def _splat(builder, x32):
-    """i32 scalar -> <16 x i32> broadcast (becomes vpbroadcastd zmm, m32)."""
-    undef = ir.Constant(_v16, ir.Undefined)
-    v = builder.insert_element(undef, x32, ir.Constant(_i32, 0))
-    return builder.shuffle_vector(v, undef, ir.Constant(_v16, None))
 
 
 def _gep8(builder, p, off):
@@ -182,7 +158,7 @@ def _k_loop(builder, MR, NV_, a, lda, b, ldb, k4, kr, nvalid, flip=False):
     bvecs = [_load_v16(builder, _gep8(builder, b_row, b_offs[v])) for v in range(NV_)]
     new_accs = []
     for r in range(MR):
-        av = _splat(builder, load_a(_gep8(builder, a_rows[r], k_bytes)))
+        av = splat(builder, load_a(_gep8(builder, a_rows[r], k_bytes)), _v16)
         for v in range(NV_):
             # operand 2 = unsigned bytes (A), operand 3 = signed bytes (B)
             new_accs.append(builder.call(vpd, [acc_phis[r * NV_ + v], av, bvecs[v]]))
@@ -223,7 +199,7 @@ def _k_loop(builder, MR, NV_, a, lda, b, ldb, k4, kr, nvalid, flip=False):
             builder.sub(builder.add(k_bytes_t, kr), ir.Constant(_i64, 4)),
         )
         x = builder.lshr(load_a(p), shift)
-        av = _splat(builder, x)
+        av = splat(builder, x, _v16)
         for v in range(NV_):
             tail_accs.append(builder.call(vpd, [accs[r * NV_ + v], av, bvecs[v]]))
     tail_end = builder.block
@@ -328,11 +304,6 @@ def _vec_store(builder, val, addr, mask):
     builder.call(fn, [val, ptr, ir.Constant(_i32, 1), mask])
 
 
-def _splat_any(builder, x, vt):
-    v = builder.insert_element(ir.Constant(vt, ir.Undefined), x, ir.Constant(_i32, 0))
-    return builder.shuffle_vector(v, v, ir.Constant(_v16, None))
-
-
 def _clamp(builder, x, lo, hi):
     # min(max(x, lo), hi) as kernels/requant.py writes it (no NaN reaches here)
     x = builder.select(builder.fcmp_ordered("<", x, lo), lo, x)
@@ -393,7 +364,7 @@ def make_fused_kernel(MR, NV_):
         def row32(addr, step, r):
             at = builder.add(addr, builder.mul(step, ir.Constant(_i64, r)))
             x = builder.load(builder.inttoptr(at, _i64.as_pointer()))
-            return _splat_any(builder, builder.trunc(x, _i32), _v16)
+            return splat(builder, builder.trunc(x, _i32), _v16)
 
         bv = [col(bias, v, _i64, 8) for v in range(NV_)]
         bv = bv if wide else [builder.trunc(x, _v16) for x in bv]
@@ -432,9 +403,9 @@ def make_fused_kernel(MR, NV_):
         vf64 = ir.VectorType(_f64, 16)
         vf32 = ir.VectorType(_f32, 16)
         if kind != types.int32:
-            zyv = _splat_any(builder, zy, vf64)
-            lov = _splat_any(builder, qlo, vf64)
-            hiv = _splat_any(builder, qhi, vf64)
+            zyv = splat(builder, zy, vf64)
+            lov = splat(builder, qlo, vf64)
+            hiv = splat(builder, qhi, vf64)
             rint = cgutils.get_or_insert_function(
                 builder.module, ir.FunctionType(vf64, [vf64]), "llvm.rint.v16f64"
             )
@@ -766,8 +737,8 @@ def _peak_loop(typingctx, iters, seed):
         iters, seed = args
         vpd = _vpdpbusd(builder)
         s32 = builder.trunc(seed, _i32)
-        a = _splat(builder, s32)
-        b = _splat(builder, builder.add(s32, ir.Constant(_i32, 0x01010101)))
+        a = splat(builder, s32, _v16)
+        b = splat(builder, builder.add(s32, ir.Constant(_i32, 0x01010101)), _v16)
         pre = builder.block
         loop = builder.function.append_basic_block("pk.loop")
         done = builder.function.append_basic_block("pk.done")

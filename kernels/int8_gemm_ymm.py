@@ -26,7 +26,8 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .int8_gemm_vnni import _gep8, _load_i32, _no_unroll
+from .int8_gemm_vnni import _gep8, _load_i32
+from .ir_util import no_unroll as _no_unroll
 from .requant import epilogue_tile
 
 _i1 = ir.IntType(1)

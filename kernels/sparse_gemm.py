@@ -36,6 +36,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .config import JIT, PJIT
+from .ir_util import no_unroll as _no_unroll
+from .ir_util import splat as _splat
 
 NV = 4  # zmm vectors per output row of a register tile
 NR = 16 * NV  # output columns per register tile
@@ -64,25 +66,6 @@ def _fn(builder, name, ret, args):
     )
 
 
-def _splat(builder, s, vty):
-    undef = ir.Constant(vty, ir.Undefined)
-    v = builder.insert_element(undef, s, ir.Constant(_i32, 0))
-    return builder.shuffle_vector(v, undef, ir.Constant(_vi, None))
-
-
-def _no_unroll(builder, br, tag):
-    # the same self-referential loop metadata as int8_gemm_vnni._no_unroll: an
-    # unrolled loop would need two sets of X registers and spill accumulators
-    mod = builder.module
-    dis = mod.add_metadata([ir.MetaDataString(mod, "llvm.loop.unroll.disable")])
-    loop_id = mod.add_metadata([ir.MetaDataString(mod, tag), dis])
-    loop_id.operands = (loop_id, dis)
-    br.set_metadata("llvm.loop", loop_id)
-
-
-_counter = [0]
-
-
 def make_block_kernel(R, C, vkind, ikind):
     """An intrinsic computing one R x NR output tile of one block row.
 
@@ -96,8 +79,6 @@ def make_block_kernel(R, C, vkind, ikind):
       out    address of out[m0, n0] (float32 or int32), row stride ldo bytes
       rvalid rows of the tile inside M (1..R); nvalid columns inside N (1..NR)
     """
-    _counter[0] += 1
-    tag = f"sparse.loop.{_counter[0]}"
     is_int = vkind == S8
     vty = _vi if is_int else _vf
     vsize = {F32: 4, F16: 2, S8: 1}[vkind]
@@ -256,7 +237,7 @@ def make_block_kernel(R, C, vkind, ikind):
         for a, n in zip(accs, new, strict=True):
             a.add_incoming(n, end)
         br = builder.cbranch(builder.icmp_signed("<", pn, p1), loop, after)
-        _no_unroll(builder, br, tag)
+        _no_unroll(builder, br)
 
         builder.position_at_end(after)
         fin = []
