@@ -27,7 +27,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .config import PJIT
-from .int8_gemm_vnni import MR_MAX, NR, run_fused_tile
+from .int8_gemm_vnni import MR_MAX, NR, panel_colsum, run_channel_tile, run_fused_tile
 from .layout import copy_bytes
 from .requant import epilogue_tile
 
@@ -186,6 +186,201 @@ def conv_vnni(xp, bp, geo, pb, tj, direct, sa, epi, out):
     nrun = (mt + tj - 1) // tj
     for t in prange(nrun * nblk * G):
         _vnni_job(t, mt, tj, nblk, pb, direct, xp, bp, geo, sa, epi, out)
+
+
+# ---------------------------------------------------------------------------
+# AVX-512 VNNI on NCHW data without transposes: output channels are the GEMM's
+# rows (the weights are the broadcast operand), output pixels its columns, so
+# the tile writes NCHW output rows directly. The pixels are the vpdpbusd's
+# signed vector operand: b = x' - 128 (uint8 x ^ 0x80, int8 x as is), and
+# the weights its unsigned one, a = w' + 128. With ZW = ZB + 128 and
+# ZX = ZA - 128 (docs/quantization.md, eq. 8 with the roles swapped):
+#
+#     acc[m, p] = P[m, p] - ZW[m] * colsum(b)[p] + rbias[m]
+#     rbias[m]  = bias[m] - ZX * sum_k (a[m, k] - ZW[m])
+#
+# The input is brought once to "NCHW4": blocks of 4 channels interleaved per
+# pixel, padded with the zero point (b = ZX: those taps add 0), and for a
+# horizontal stride S the columns split by phase (w % S), so that the taps of
+# consecutive output pixels are consecutive 4-byte words for any stride:
+#
+#   x4 (N, G*Cg4, Hp, S, Wq) uint32,  x4[n, g*Cg4 + c4, h, ph, q] = the bytes
+#      b of channels g*Cg + 4*c4 + (0..3) at padded (h, w = q*S + ph), channels
+#      past Cg filled with ZX.
+#
+# A job packs one 64-pixel panel of im2col(b) as [K4][64][4] (K order
+# (i, j, c4, 4 channels), one copy per output-row run of a tap row) into
+# per-thread scratch, sums its columns with one more vpdpbusd row of ones, and
+# runs the group's channel tiles over it. 1x1 stride-1 unpadded convolutions
+# read x4 itself as the panel (k4 rows one plane apart). geo4 (int64):
+#   [N, C, H, W, G, Cg, Cg4, Hp, S, Wq, Ho, Wo, kh, kw, sh, sw, dh, dw, pt, pl,
+#    M, Mg]
+
+
+@njit(**PJIT)
+def to_nchw4(x, flip, fill, geo4, x4):
+    # x (N,C,H,W) uint8 raw bytes (flip 0x80: uint8 x -> b), x4 (N*G*Cg4*Hp*S*Wq
+    # + slack) uint32 flat; fill = the ZX byte
+    N, G, Cg4, Hp = geo4[0], geo4[4], geo4[6], geo4[7]
+    xf = x.reshape(-1)
+    # one task per (image, channel block, padded row): the stem has one block
+    for t in prange(N * G * Cg4 * Hp):
+        blk = t // Hp
+        h = t - blk * Hp
+        _nchw4_row(xf, flip, fill, geo4, blk, h, x4)
+
+
+@njit(inline="always")
+def _chan_src(n, gc, c0, Cg, C, H, W, i, fill, cc):
+    # (offset of x[n, channel, i, 0], byte mask, fill bits) for byte cc of a block
+    ok = c0 + cc < Cg
+    ch = min(gc + c0 + cc, C - 1)
+    off = np.uint64(((n * C + ch) * H + i) * W)
+    if ok:
+        return off, np.uint32(0xFF), np.uint32(0)
+    return off, np.uint32(0), np.uint32(fill) << np.uint32(8 * cc)
+
+
+@njit(nogil=True, cache=True)
+def _nchw4_row(xf, flip, fill, geo4, blk, h, x4):
+    # padded row h of block blk = (n, g, c4): S phase rows of Wq words
+    N, C, H, W, G, Cg, Cg4, Hp, S, Wq = geo4[:10]
+    pt, pl = geo4[18], geo4[19]
+    n = blk // (G * Cg4)
+    g = (blk - n * G * Cg4) // Cg4
+    c0 = 4 * (blk - n * G * Cg4 - g * Cg4)  # first channel of the block in the group
+    f4 = np.uint32(fill) * np.uint32(0x01010101)
+    i = h - pt
+    base = np.uint64((blk * Hp + h) * S * Wq)
+    if i < 0 or i >= H:
+        for q in range(np.uint64(S * Wq)):
+            x4[base + q] = f4
+        return
+    # channels past the group's end read channel C-1 under a zero mask and take
+    # the fill byte instead (one branch-free loop for every block)
+    s0, m0, p0 = _chan_src(n, g * Cg, c0, Cg, C, H, W, i, fill, 0)
+    s1, m1, p1 = _chan_src(n, g * Cg, c0, Cg, C, H, W, i, fill, 1)
+    s2, m2, p2 = _chan_src(n, g * Cg, c0, Cg, C, H, W, i, fill, 2)
+    s3, m3, p3 = _chan_src(n, g * Cg, c0, Cg, C, H, W, i, fill, 3)
+    pad = p0 | p1 | p2 | p3
+    fl = np.uint32(flip)
+    uS = np.uint64(S)
+    for ph in range(S):
+        row = base + np.uint64(ph * Wq)
+        # q with 0 <= q*S + ph - pl < W
+        qlo = max(0, (pl - ph + S - 1) // S)
+        qhi = max(qlo, min(Wq, (pl + W - ph + S - 1) // S))
+        for q in range(qlo):
+            x4[row + q] = f4
+        for q in range(qhi, Wq):
+            x4[row + q] = f4
+        j0 = np.uint64(qlo * S + ph - pl)
+        r0 = row + np.uint64(qlo)
+        for q in range(np.uint64(qhi - qlo)):
+            j = j0 + q * uS
+            v = pad | ((np.uint32(xf[s0 + j]) ^ fl) & m0)
+            v |= ((np.uint32(xf[s1 + j]) ^ fl) & m1) << np.uint32(8)
+            v |= ((np.uint32(xf[s2 + j]) ^ fl) & m2) << np.uint32(16)
+            v |= ((np.uint32(xf[s3 + j]) ^ fl) & m3) << np.uint32(24)
+            x4[r0 + q] = v
+
+
+@njit(inline="always")
+def _pack_panel(x4, geo4, n, g, p0, nv, dst):
+    # dst (address) <- [K4][64][4] bytes: im2col(b) of output pixels p0..p0+nv-1
+    # of image n, group g; K order (i, j, c4); columns past nv left as they are
+    N, C, H, W, G, Cg, Cg4, Hp, S, Wq, Ho, Wo, kh, kw, sh, sw, dh, dw = geo4[:18]
+    x0 = x4.ctypes.data
+    k4 = 0
+    for i in range(kh):
+        for j in range(kw):
+            ph = (j * dw) % S
+            qo = (j * dw) // S
+            for c4 in range(Cg4):
+                plane = (n * G * Cg4 + g * Cg4 + c4) * Hp
+                d = dst + k4 * 256
+                u = 0
+                oh = p0 // Wo
+                ow = p0 - oh * Wo
+                while u < nv:
+                    seg = min(nv - u, Wo - ow)
+                    src = x0 + 4 * (
+                        ((plane + oh * sh + i * dh) * S + ph) * Wq + ow + qo
+                    )
+                    _copy(d + 4 * u, src, 4 * seg)
+                    u += seg
+                    oh += 1
+                    ow = 0
+                k4 += 1
+
+
+@njit(nogil=True, cache=True)
+def _nchw4_job(t, npan, nrb, direct, x4, geo4, wa, ones, rbias, zw, general, mult,
+               zy, qlo, qhi, buf, csb, out):  # fmt: skip
+    # job t = (image, group, pixel panel, channel block), the channel block
+    # fastest (jobs that share a panel are neighbours)
+    N, C, H, W, G, Cg, Cg4, Hp, S, Wq, Ho, Wo, kh, kw, sh, sw, dh, dw = geo4[:18]
+    M, Mg = geo4[20], geo4[21]
+    P = Ho * Wo
+    rb = t % nrb
+    rest = t // nrb
+    jn = rest % npan
+    rest = rest // npan
+    g = rest % G
+    n = rest // G
+    p0 = jn * NR
+    nv = min(NR, P - p0)
+    K4 = kh * kw * Cg4
+    tid = numba.get_thread_id()
+    if direct:
+        ldb = 4 * Hp * S * Wq
+        b = x4.ctypes.data + (n * G * Cg4 + g * Cg4) * ldb + 4 * p0
+    else:
+        ldb = 4 * NR
+        b = buf[tid].ctypes.data
+        _pack_panel(x4, geo4, n, g, p0, nv, b)
+    cs = csb[tid].ctypes.data
+    if general:
+        panel_colsum(ones.ctypes.data, b, ldb, K4, cs, nv)
+    lda = wa.strides[0]
+    es = out.itemsize
+    mt = (Mg + MR_MAX - 1) // MR_MAX
+    for im in range(rb * mt // nrb, (rb + 1) * mt // nrb):
+        m = g * Mg + im * MR_MAX
+        run_channel_tile(
+            min(MR_MAX, g * Mg + Mg - m),
+            wa.ctypes.data + m * lda,
+            lda,
+            b,
+            ldb,
+            K4,
+            out.ctypes.data + ((n * M + m) * P + p0) * es,
+            P * es,
+            nv,
+            rbias.ctypes.data + 8 * m,
+            cs,
+            zw.ctypes.data + 8 * m,
+            general,
+            mult.ctypes.data + 8 * m,
+            zy,
+            qlo,
+            qhi,
+            out,
+        )
+
+
+@njit(**PJIT)
+def conv_nchw4(x4, geo4, nrb, direct, wa, ones, rbias, zw, general, mult, zy, qlo,
+               qhi, buf, csb, out):  # fmt: skip
+    # x4 from to_nchw4, wa (M, K4*4) uint8 = a in K order (i, j, c4, 4), ones
+    # (>= K4*4) uint8, rbias / zw (M,) int64, mult (M,) float64, buf (threads,
+    # >= K4*256) uint8 and csb (threads, >= 64) int32 scratch, out (N, M, Ho, Wo)
+    N, G = geo4[0], geo4[4]
+    P = geo4[10] * geo4[11]
+    npan = (P + NR - 1) // NR
+    for t in prange(N * G * npan * nrb):
+        _nchw4_job(t, npan, nrb, direct, x4, geo4, wa, ones, rbias, zw, general,
+                   mult, zy, qlo, qhi, buf, csb, out)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------

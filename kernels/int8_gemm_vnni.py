@@ -310,6 +310,44 @@ def _clamp(builder, x, lo, hi):
     return builder.select(builder.fcmp_ordered(">", x, hi), hi, x)
 
 
+def _store_tile(builder, kind, acc, masks, MR, NV_, c, ldc, mult_of, zy, qlo,
+                qhi, fbias_of):  # fmt: skip
+    """Eqs. 11-13 on the tile's acc lanes (int32, or int64 for byte / float
+    output) and one masked store per vector of the output row c + r*ldc bytes.
+    mult_of(r, v) -> <16 x double> multipliers; fbias_of(v) -> <16 x float>
+    (float output only)."""
+    vf64 = ir.VectorType(_f64, 16)
+    vf32 = ir.VectorType(_f32, 16)
+    if kind != types.int32:
+        zyv = splat(builder, zy, vf64)
+        lov = splat(builder, qlo, vf64)
+        hiv = splat(builder, qhi, vf64)
+        rint = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(vf64, [vf64]), "llvm.rint.v16f64"
+        )
+    esize = {types.int32: 4, types.float32: 4, types.uint8: 1, types.int8: 1}[kind]
+    for r in range(MR):
+        row = builder.add(c, builder.mul(ldc, ir.Constant(_i64, r)))
+        for v in range(NV_):
+            x = acc[r * NV_ + v]
+            at = builder.add(row, ir.Constant(_i64, 16 * esize * v))
+            if kind == types.int32:
+                _vec_store(builder, x, at, masks[v])
+                continue
+            d = builder.fmul(builder.sitofp(x, vf64), mult_of(r, v))
+            if kind == types.float32:
+                # float32(acc * mult) + fbias in float32, clamp (mode 2)
+                f = builder.fadd(builder.fptrunc(d, vf32), fbias_of(v))
+                d = _clamp(builder, builder.fpext(f, vf64), lov, hiv)
+                _vec_store(builder, builder.fptrunc(d, vf32), at, masks[v])
+            else:
+                # saturate(rint(acc * mult + zy)) (mode 1, eq. 11)
+                d = builder.call(rint, [builder.fadd(d, zyv)])
+                d = _clamp(builder, d, lov, hiv)
+                q = builder.trunc(builder.fptosi(d, _v16), ir.VectorType(_i8, 16))
+                _vec_store(builder, q, at, masks[v])
+
+
 def make_fused_kernel(MR, NV_):
     """Build an intrinsic: one MR x (16*NV_) tile over the whole K, then the
     epilogue (eqs. 8-13, kernels/requant.py) on the accumulators in registers
@@ -400,42 +438,17 @@ def make_fused_kernel(MR, NV_):
             p.add_incoming(y, corr_end)
             acc.append(p)
 
-        vf64 = ir.VectorType(_f64, 16)
-        vf32 = ir.VectorType(_f32, 16)
-        if kind != types.int32:
-            zyv = splat(builder, zy, vf64)
-            lov = splat(builder, qlo, vf64)
-            hiv = splat(builder, qhi, vf64)
-            rint = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(vf64, [vf64]), "llvm.rint.v16f64"
-            )
-            fbv = (
-                [col(fbias, v, _f32, 4) for v in range(NV_)]
-                if kind == types.float32
-                else None
-            )
-        esize = {types.int32: 4, types.float32: 4, types.uint8: 1, types.int8: 1}[kind]
-        for r in range(MR):
-            row = builder.add(c, builder.mul(ldc, ir.Constant(_i64, r)))
+        def mult_of(r, v):
             mrow = builder.add(mult, builder.mul(mult_step, ir.Constant(_i64, r)))
-            for v in range(NV_):
-                x = acc[r * NV_ + v]
-                at = builder.add(row, ir.Constant(_i64, 16 * esize * v))
-                if kind == types.int32:
-                    _vec_store(builder, x, at, masks[v])
-                    continue
-                d = builder.fmul(builder.sitofp(x, vf64), col(mrow, v, _f64, 8))
-                if kind == types.float32:
-                    # float32(acc * mult) + fbias in float32, clamp (mode 2)
-                    f = builder.fadd(builder.fptrunc(d, vf32), fbv[v])
-                    d = _clamp(builder, builder.fpext(f, vf64), lov, hiv)
-                    _vec_store(builder, builder.fptrunc(d, vf32), at, masks[v])
-                else:
-                    # saturate(rint(acc * mult + zy)) (mode 1, eq. 11)
-                    d = builder.call(rint, [builder.fadd(d, zyv)])
-                    d = _clamp(builder, d, lov, hiv)
-                    q = builder.trunc(builder.fptosi(d, _v16), ir.VectorType(_i8, 16))
-                    _vec_store(builder, q, at, masks[v])
+            return col(mrow, v, _f64, 8)
+
+        fb = (
+            [col(fbias, v, _f32, 4) for v in range(NV_)]
+            if kind == types.float32
+            else []
+        )
+        _store_tile(builder, kind, acc, masks, MR, NV_, c, ldc, mult_of, zy, qlo,
+                    qhi, lambda v: fb[v])  # fmt: skip
         return context.get_dummy_value()
 
     @intrinsic
@@ -459,6 +472,105 @@ def make_fused_kernel(MR, NV_):
         return sig, codegen
 
     return _ftile
+
+
+def make_channel_kernel(MR, NV_):
+    """Build an intrinsic for the channels-as-rows GEMM of the NCHW convolution
+    (kernels/int8_conv.py, conv_nchw4): rows are output channels, columns output
+    pixels, so every epilogue term that the fused tile takes per column is per
+    row here. One MR x (16*NV_) tile over the whole (padded) K, then
+
+        acc = P + rbias[m] - ZW[m] * colsum[n]          (eq. 8, rows <-> columns)
+
+    and eqs. 11-13 with the multiplier of row m, stored as out's dtype.
+
+    _ctile(a, lda, b, ldb, k4, c, ldc, nvalid, rbias, cs, zw, general, mult, zy,
+           qlo, qhi, out)
+      a, lda    : address of A[m0, 0] (uint8 weights, lda bytes per row)
+      b, ldb    : address of the packed pixel panel (int8, ldb bytes per k4 row)
+      k4        : K / 4 (K padded to a multiple of 4: no tail)
+      c, ldc    : address of out[m0, n0], ldc bytes per row; nvalid columns
+      rbias, zw : addresses of int64 rbias[m0], ZW[m0] (8 bytes per row)
+      cs        : address of the panel's int32 column sums
+      general   : 0 -> skip the ZW * colsum term
+      mult      : address of float64 mult[m0] (8 bytes per row)
+    The products fit int32 (|ZW| <= 255, |colsum| <= 128 K); the sum runs in
+    int64 lanes for byte / float output, wrapping int32 for int32 output.
+    """
+
+    def codegen(context, builder, sig, args):
+        a, lda, b, ldb, k4, c, ldc, nvalid = args[:8]
+        rbias, cs, zw, general, mult, zy, qlo, qhi = args[8:16]
+        kind = sig.args[-1].dtype
+        zero = ir.Constant(_i64, 0)
+        fin = _k_loop(builder, MR, NV_, a, lda, b, ldb, k4, zero, nvalid)
+        masks = _col_masks(builder, NV_, nvalid)
+        wide = kind != types.int32
+        lane = ir.VectorType(_i64, 16) if wide else _v16
+
+        def ext(x):
+            return builder.sext(x, lane) if wide else x
+
+        def row(addr, r, elt):
+            at = builder.add(addr, ir.Constant(_i64, 8 * r))
+            return builder.load(builder.inttoptr(at, elt.as_pointer()))
+
+        accs = []
+        for r in range(MR):
+            rb = row(rbias, r, _i64)
+            rb = splat(builder, rb if wide else builder.trunc(rb, _i32), lane)
+            accs += [builder.add(ext(fin[r * NV_ + v]), rb) for v in range(NV_)]
+        fn = builder.function
+        pre = builder.block
+        corr = fn.append_basic_block("cepi.general")
+        join = fn.append_basic_block("cepi.join")
+        builder.cbranch(builder.icmp_signed("!=", general, zero), corr, join)
+        builder.position_at_end(corr)
+        csv = [
+            _vec_load(
+                builder, builder.add(cs, ir.Constant(_i64, 64 * v)), _i32, masks[v]
+            )
+            for v in range(NV_)
+        ]
+        fixed = []
+        for r in range(MR):
+            zws = splat(builder, builder.trunc(row(zw, r, _i64), _i32), _v16)
+            for v in range(NV_):
+                prod = ext(builder.mul(zws, csv[v]))
+                fixed.append(builder.sub(accs[r * NV_ + v], prod))
+        corr_end = builder.block
+        builder.branch(join)
+        builder.position_at_end(join)
+        acc = []
+        for x, y in zip(accs, fixed, strict=True):
+            p = builder.phi(lane)
+            p.add_incoming(x, pre)
+            p.add_incoming(y, corr_end)
+            acc.append(p)
+        vf64 = ir.VectorType(_f64, 16)
+        mults = [splat(builder, row(mult, r, _f64), vf64) for r in range(MR)]
+        # conv has no float bias (its bias is the integer one in rbias); + 0.0f
+        # keeps mode 2 the same float operations as the fused tile's
+        fb0 = ir.Constant(ir.VectorType(_f32, 16), [0.0] * 16)
+        _store_tile(builder, kind, acc, masks, MR, NV_, c, ldc,
+                    lambda r, v: mults[r], zy, qlo, qhi, lambda v: fb0)  # fmt: skip
+        return context.get_dummy_value()
+
+    @intrinsic
+    def _ctile(typingctx, a, lda, b, ldb, k4, c, ldc, nvalid, rbias, cs, zw,
+               general, mult, zy, qlo, qhi, out):  # fmt: skip
+        if not isinstance(out, types.Array) or out.dtype not in (
+            types.int32,
+            types.uint8,
+            types.int8,
+            types.float32,
+        ):
+            return None
+        f8 = types.float64
+        sig = types.void(*([types.int64] * 13), f8, f8, f8, out)
+        return sig, codegen
+
+    return _ctile
 
 
 # One module-level intrinsic per row count (module globals, so numba's cache
@@ -486,6 +598,13 @@ def _run_tile(mr, a, lda, b, ldb, k4, kr, c, ldc, nvalid, accum):
         _tile2(a, lda, b, ldb, k4, kr, c, ldc, nvalid, accum)
     else:
         _tile1(a, lda, b, ldb, k4, kr, c, ldc, nvalid, accum)
+
+
+@njit(inline="always")
+def panel_colsum(ones, b, ldb, k4, cs, nvalid):
+    # cs (address, int32) <- column sums of the packed panel at b: one tile row
+    # of all-one bytes (ones: address of >= 4*k4 bytes of 1)
+    _tile1(ones, 0, b, ldb, k4, 0, cs, 0, nvalid, 0)
 
 
 # ---------------------------------------------------------------------------
@@ -623,6 +742,35 @@ def run_fused_tile(mr, a, lda, b, k4, kr, m0, n0, nvalid, epi, a_arr, out):
         _ftile2(*args)
     else:
         _ftile1(*args)
+
+
+_ctile1 = make_channel_kernel(1, NV)
+_ctile2 = make_channel_kernel(2, NV)
+_ctile3 = make_channel_kernel(3, NV)
+_ctile4 = make_channel_kernel(4, NV)
+_ctile5 = make_channel_kernel(5, NV)
+_ctile6 = make_channel_kernel(6, NV)
+
+
+@njit(inline="always")
+def run_channel_tile(mr, a, lda, b, ldb, k4, c, ldc, nvalid, rbias, cs, zw, general,
+                     mult, zy, qlo, qhi, out):  # fmt: skip
+    # one channels-as-rows tile (make_channel_kernel); every argument an address
+    # or a scalar, out only for its dtype
+    args = (a, lda, b, ldb, k4, c, ldc, nvalid, rbias, cs, zw, general, mult, zy,
+            qlo, qhi, out)  # fmt: skip
+    if mr == 6:
+        _ctile6(*args)
+    elif mr == 5:
+        _ctile5(*args)
+    elif mr == 4:
+        _ctile4(*args)
+    elif mr == 3:
+        _ctile3(*args)
+    elif mr == 2:
+        _ctile2(*args)
+    else:
+        _ctile1(*args)
 
 
 # Not inlined into the prange drivers on purpose: numba's parfor passes copy and

@@ -13,7 +13,9 @@ A path is a backend object with a small interface (see ``_gemm_backends``):
 from __future__ import annotations
 
 import functools
+import math
 import os
+import threading
 
 # Most capable first. Each entry: alternative sets of LLVM feature names, any
 # one of which suffices. The 256-bit vpdpbusd of avx_vnni is VEX-encoded on
@@ -123,3 +125,34 @@ def call_on_threads(threads: int, kernel, *args):
         return kernel(*args)
     finally:
         numba.set_num_threads(before)
+
+
+# Per-thread scratch reused across calls. A fresh multi-megabyte numpy array
+# is a fresh mmap on Linux: its first touch page-faults inside the kernel, and
+# two threads faulting at once serialize on the process's memory map. Measured
+# on the batch-8 3x3 convolution, 2 threads: 6.3 ms per call with fresh input
+# scratch and output, 3.2 ms with both reused. Per Python thread, so that
+# concurrent calls (the kernels release the GIL) never share a buffer.
+_scratch = threading.local()
+SCRATCH_MAX_BYTES = 64 << 20  # larger requests are not kept
+
+
+def scratch(name: str, shape, dtype):
+    """An uninitialised C-contiguous array of ``shape``/``dtype`` on 64-byte
+    alignment, backed by this thread's buffer ``name`` (grown as needed). Valid
+    until the next request of the same name on the same thread."""
+    import numpy as np
+
+    dtype = np.dtype(dtype)
+    count = shape if isinstance(shape, int) else math.prod(shape)
+    nbytes = count * dtype.itemsize
+    bufs = getattr(_scratch, "bufs", None)
+    if bufs is None:
+        bufs = _scratch.bufs = {}
+    raw, off = bufs.get(name, (None, 0))
+    if raw is None or raw.size < nbytes + 64:
+        raw = np.empty(nbytes + 64, np.uint8)
+        off = (-raw.ctypes.data) % 64
+        if nbytes <= SCRATCH_MAX_BYTES:
+            bufs[name] = (raw, off)
+    return raw[off : off + nbytes].view(dtype).reshape(shape)

@@ -17,6 +17,7 @@ place), depthwise convolutions have their own kernel (kernels/int8_conv.py).
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import numba
@@ -46,6 +47,14 @@ AUTO_PADS = ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID")
 LAYOUTS = ("NCHW", "NHWC")
 # portable path: output pixels per tile (rows of one thread's int32 scratch)
 PORTABLE_TILE = 16
+# rows of the VNNI register tile (output channels on the NCHW4 path)
+MR_ROWS = 6
+# NCHW input on the VNNI path: the channels-as-rows kernel (conv_nchw4) takes
+# convolutions with at most this many input channels per group, or at least
+# this many output pixels per image (see _nchw4_fits; tests move both to force
+# either kernel)
+NCHW4_MAX_CHANNELS = 8
+NCHW4_MIN_PIXELS = 8192
 # VNNI path: with fewer than this many pixel tiles per thread, jobs are also
 # split over 64-channel weight panels (threads over output channels)
 SPLIT_N_TILES = 8
@@ -122,7 +131,11 @@ class PackedConvWeights:
         return (
             self._wk.nbytes
             + self._col_sum.nbytes
-            + sum(a.nbytes for a in self._layouts.values())
+            + sum(
+                a.nbytes
+                for v in self._layouts.values()
+                for a in (v if isinstance(v, tuple) else (v,))
+            )
         )
 
     def _vnni(self) -> np.ndarray:
@@ -142,6 +155,28 @@ class PackedConvWeights:
             bp.flags.writeable = False
             self._layouts["vnni"] = bp
         return bp
+
+    def _nchw4(self):
+        """(a, rowsum(a), ones): a (M, kh*kw*Cg4*4) uint8 = w' + 128 in K order
+        (i, j, c4, 4 channels), channels past C/group = 128 (w' = 0); the
+        channels-as-rows layout of kernels/int8_conv.py::conv_nchw4."""
+        lay = self._layouts.get("nchw4")
+        if lay is None:
+            G, _, Mg = self._wk.shape
+            M, Cg = self.shape[:2]
+            ks = self.shape[2:]
+            kh, kw = (1, ks[0]) if len(ks) == 1 else ks
+            Cg4 = -(-Cg // 4)
+            w = self._wk.reshape(G, kh, kw, Cg, Mg).astype(np.int16) + 128
+            a = np.full((G, Mg, kh, kw, 4 * Cg4), 128, np.uint8)
+            a[..., :Cg] = w.transpose(0, 4, 1, 2, 3)
+            a = a.reshape(M, -1)
+            # a's row sums, and the row of ones that sums a panel's columns
+            lay = (a, a.sum(axis=1, dtype=np.int64), np.ones(a.shape[1], np.uint8))
+            for arr in lay:
+                arr.flags.writeable = False
+            self._layouts["nchw4"] = lay
+        return lay
 
     def _depthwise(self, zb_eff) -> np.ndarray:
         """(kh*kw, C) int32 = w - w_zero_point, exact (one output channel per group)."""
@@ -258,7 +293,7 @@ def _ints(value, name, n, default, minimum):
         msg = f"{name} must be a sequence of {n} ints, got {value!r}"
         raise TypeError(msg) from None
     if len(vals) != n or not all(
-        isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in vals
+        isinstance(t, int | np.integer) and not isinstance(t, bool) for t in vals
     ):
         msg = f"{name} must be a sequence of {n} ints, got {value!r}"
         raise ValueError(msg)
@@ -461,6 +496,18 @@ def _conv(
             float(qlo), float(qhi), mode, out,
         )  # fmt: skip
         return out.reshape(N, M, *shape_nhwc[1:-1])
+    isa = _dispatch.get_isa()
+    if (
+        layout == "NCHW"
+        and isa == "avx512_vnni"
+        and _nchw4_fits(packed, G, Mg, Ho * Wo)
+    ):
+        out = np.empty((N, M, Ho, Wo), odt)
+        _conv_nchw4(
+            x4, packed, zb_eff, za_eff, bias, mult, zy, qlo, qhi, mode,
+            geo, (pt, pl, pbot, pr), par, out,
+        )  # fmt: skip
+        return out.reshape(N, M, *shape_nhwc[1:-1])
     if (
         layout == "NHWC"
         and x.dtype == np.uint8
@@ -470,7 +517,12 @@ def _conv(
         xp = x4
     else:
         xp = _pad_nhwc(x4, layout, flip, np.uint8(za_eff), pt, pbot, pl, pr)
-    out = np.empty((rows, M), odt)
+    # an NCHW result is transposed out of this (rows, M) buffer: reused scratch
+    out = (
+        np.empty((rows, M), odt)
+        if layout == "NHWC"
+        else _dispatch.scratch("conv.rows", (rows, M), odt)
+    )
     if G == C and Mg == 1:
         wd = packed._depthwise(zb_eff)
         base = (bias - za_eff * wd.astype(np.int64).sum(axis=0)).astype(np.int32)
@@ -488,7 +540,7 @@ def _conv(
             rs = np.zeros((G, 1), np.int64)
         cs = packed._col_sum
         epi = (za_arr, rs, cs, zb_eff, bias, mult, zy, qlo, qhi, mode, out)
-        if _dispatch.get_isa() == "avx512_vnni":
+        if isa == "avx512_vnni":
             bp = packed._vnni()
             ka = -(-max(K, 4) // 64) * 64  # rows of the gather buffer 64-byte apart
             direct = kh == 1 and kw == 1 and sh == 1 and sw == 1 and G == 1 and C >= 4
@@ -523,6 +575,77 @@ def _conv(
     return _to_nchw(out, shape_nhwc)
 
 
+# the NCHW4 path's P = sum a*b is exact in int32 up to this padded K
+# (|a| <= 255, |b| <= 128: 255 * 128 * K < 2**31)
+_NCHW4_K_MAX = (2**31 - 1) // (255 * 128)
+
+
+def _nchw4_fits(packed, G, Mg, P):
+    """Whether conv_nchw4 takes this NCHW convolution (VNNI, not depthwise).
+
+    Where it is measured faster than transposes + the NHWC implicit GEMM
+    (interleaved A/B, 1 and 2 threads, same process): few input channels per
+    group (the NHWC gather copies runs of kw*C bytes; 3-channel stem 1.4-1.6x,
+    1-channel MNIST conv 3.6-3.9x) or large images (P = Ho*Wo >= 8192: 3x3 and
+    1x1 at 112^2 1.05-1.46x). Around 56^2 both are even; below, 64-pixel panels
+    waste columns (14^2: 0.7x) and the NHWC tile wins. Groups need at least one
+    full 6-channel tile, and K must keep P exact in int32.
+    """
+    if Mg < MR_ROWS and G > 1:
+        return False
+    Cg = packed.shape[1]
+    if Cg > NCHW4_MAX_CHANNELS and P < NCHW4_MIN_PIXELS:
+        return False
+    return math.prod(packed.shape[2:]) * 4 * -(-Cg // 4) <= _NCHW4_K_MAX
+
+
+def _conv_nchw4(x4, packed, zb_eff, za_eff, bias, mult, zy, qlo, qhi, mode, geo,
+                pads, par, out):  # fmt: skip
+    """NCHW convolution with output channels as the GEMM's rows (kernels/
+    int8_conv.py, conv_nchw4): no layout change of the input beyond the
+    4-channel interleave, output written in place as NCHW."""
+    N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M = geo.tolist()
+    pt, pl, pbot, pr = pads
+    H, W = Hp - pt - pbot, Wp - pl - pr
+    a, asum, ones = packed._nchw4()
+    Cg4 = -(-Cg // 4)
+    K4 = kh * kw * Cg4
+    Wq = -(-Wp // sw)
+    geo4 = np.array(
+        [N, C, H, W, G, Cg, Cg4, Hp, sw, Wq, Ho, Wo, kh, kw, sh, sw, dh, dw, pt, pl,
+         M, Mg], np.int64,
+    )  # fmt: skip
+    # b = x' - 128: uint8 x ^ 0x80, int8 x as it is; padding b = ZX = ZA - 128
+    zx = za_eff - 128
+    x4b = _dispatch.scratch("nchw4.x", N * G * Cg4 * Hp * sw * Wq + 64, np.uint32)
+    _dispatch.call_on_threads(
+        par, _kc.to_nchw4, _ro(np.ascontiguousarray(x4).view(np.uint8)),
+        np.uint8(0x80 if x4.dtype == np.uint8 else 0), np.uint8(zx & 0xFF), geo4, x4b,
+    )  # fmt: skip
+    zw = zb_eff.astype(np.int64) + 128
+    rbias = bias - zx * (asum - 4 * K4 * zw)
+    threads = numba.config.NUMBA_NUM_THREADS
+    direct = kh == kw == 1 and sh == sw == 1 and pt == pl == pbot == pr == 0
+    # per-thread panels (rows 64-byte multiples) and column sums (own lines)
+    buf = _dispatch.scratch(
+        "nchw4.panel", (threads, 1 if direct else K4 * 256), np.uint8
+    )
+    csb = _dispatch.scratch("nchw4.colsum", (threads, 80), np.int32)
+    npan = -(-(Ho * Wo) // 64)
+    jobs = N * G * npan
+    mt = -(-Mg // MR_ROWS)
+    nth = numba.get_num_threads() if par != 1 else 1
+    # too few panels for the threads: split the channel tiles too (each
+    # channel block packs the panel again; packing is a few % of a job)
+    nrb = 1 if jobs >= 8 * nth else min(mt, -(-8 * nth // jobs))
+    m = mult[0] if mult.shape[1] == M else np.full(M, mult[0, 0])
+    _dispatch.call_on_threads(
+        par, _kc.conv_nchw4, _ro(x4b), geo4, nrb, direct, a, ones, _ro(rbias),
+        _ro(zw), int(zw.any()), _ro(m), float(zy), float(qlo), float(qhi), buf, csb,
+        out,
+    )  # fmt: skip
+
+
 def _pad_nhwc(x4, layout, flip, fill, pt, pb, pl, pr):
     """x' (eq. 5) as (N, Hp, Wp, C) uint8 with a border of ``fill`` (= ZA).
 
@@ -534,7 +657,7 @@ def _pad_nhwc(x4, layout, flip, fill, pt, pb, pl, pr):
         N, C, H, W = src.shape
     else:
         N, H, W, C = src.shape
-    xp = np.empty((N, H + pt + pb, W + pl + pr, C), np.uint8)
+    xp = _dispatch.scratch("conv.xp", (N, H + pt + pb, W + pl + pr, C), np.uint8)
     if pt or pb or pl or pr:
         xp[:, :pt] = fill
         xp[:, pt + H :] = fill
@@ -555,7 +678,8 @@ def _to_nchw(out, shape_nhwc):
     N, M = shape_nhwc[0], shape_nhwc[-1]
     spatial = shape_nhwc[1:-1]
     if out.itemsize != 1:
-        return np.ascontiguousarray(np.moveaxis(out.reshape(shape_nhwc), -1, 1))
+        # a copy always: out may be reused scratch (a view would alias it)
+        return np.moveaxis(out.reshape(shape_nhwc), -1, 1).copy()
     res = np.empty((N, M, *spatial), out.dtype)
     src = out.view(np.uint8).reshape(N, -1, 1, M)
     _kl.transpose(_ro(src), res.view(np.uint8).reshape(N, 1, M, -1), np.uint8(0))

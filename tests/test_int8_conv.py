@@ -348,14 +348,28 @@ def _to_layout(y, layout):
     return np.ascontiguousarray(np.moveaxis(y, 1, -1)) if layout == "NHWC" else y
 
 
+_VNNI = "avx512_vnni" in lowprec.available_isas()
+
+
 @pytest.fixture(
-    params=[i for i in lowprec.available_isas() if i in ("avx512_vnni", "portable")]
+    params=[
+        pytest.param(
+            "avx512_vnni", marks=pytest.mark.skipif(not _VNNI, reason="no VNNI")
+        ),
+        pytest.param("nchw4", marks=pytest.mark.skipif(not _VNNI, reason="no VNNI")),
+        "portable",
+    ]
 )
-def isa(request):
-    """The convolution has a VNNI and a portable path (the 256-bit GEMM paths
-    would run the portable one again): force each in turn."""
+def isa(request, monkeypatch):
+    """The convolution has two VNNI kernels for NCHW input (the NHWC pixel tile
+    and conv_nchw4, channels as rows) and a portable path (the 256-bit GEMM
+    paths would run the portable one again): force each in turn. "avx512_vnni"
+    never takes conv_nchw4, "nchw4" takes it wherever it applies."""
     before = lowprec.get_isa()
-    lowprec.set_isa(request.param)
+    lowprec.set_isa("avx512_vnni" if request.param == "nchw4" else request.param)
+    on = request.param == "nchw4"
+    monkeypatch.setattr(lc, "NCHW4_MAX_CHANNELS", 2**62 if on else -1)
+    monkeypatch.setattr(lc, "NCHW4_MIN_PIXELS", 0 if on else 2**62)
     yield request.param
     lowprec.set_isa(before)
 
@@ -405,8 +419,11 @@ def test_conv_matches_oracle(isa, prob, layout, packed, data):
     np.testing.assert_array_equal(got, _to_layout(want, layout))
 
 
-def test_larger_shapes_every_tile_path(isa):
+def test_larger_shapes_every_tile_path(isa, monkeypatch):
     """Sizes where VNNI tiles are full and partial, > 64 channels, panels split."""
+    calls = []
+    real = lc._conv_nchw4
+    monkeypatch.setattr(lc, "_conv_nchw4", lambda *a: calls.append(1) or real(*a))
     rng = np.random.default_rng(1)
     for C, M, k, s, pads, H, G in [
         (64, 70, 3, 1, 1, 9, 1),  # 2 panels, tail panel
@@ -424,6 +441,23 @@ def test_larger_shapes_every_tile_path(isa):
         wz = rng.integers(-3, 3, M).astype(np.int8)
         got = lowprec.conv.conv_integer(x, w, np.uint8(7), wz, **kw)
         np.testing.assert_array_equal(got, conv_ref(x, w, 7, wz, **kw))
+    # the forced kernel really ran (4 non-depthwise shapes, 2 calls each)
+    assert len(calls) == (8 if isa == "nchw4" else 0)
+
+
+def test_nchw4_routing():
+    """conv_nchw4 is chosen by channels / pixels, never for groups smaller than
+    a channel tile, and never where its int32 sum could overflow."""
+    from types import SimpleNamespace as P
+
+    fits = lc._nchw4_fits
+    assert fits(P(shape=(64, 3, 7, 7)), 1, 64, 112 * 112)  # stem
+    assert fits(P(shape=(64, 64, 3, 3)), 1, 64, 112 * 112)  # large image
+    assert not fits(P(shape=(64, 64, 3, 3)), 1, 64, 56 * 56)
+    assert not fits(P(shape=(8, 4, 3, 3)), 4, 2, 112 * 112)  # 2 channels per group
+    # padded K = 4 * 182 * 182 = 132496 > (2**31 - 1) // (255 * 128)
+    assert not fits(P(shape=(8, 1, 182, 182)), 1, 8, 112 * 112)
+    assert fits(P(shape=(8, 1, 128, 128)), 1, 8, 112 * 112)
 
 
 @pytest.mark.parametrize("stride", [1, 2])
