@@ -1,0 +1,47 @@
+"""kernels/layout.py: the byte transposes and the 2x2 max pool against numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lowprec.kernels import layout
+
+
+# shapes that reach every block kind: 64x16 and 16x64 zmm blocks, 8x8 uint64
+# blocks, and the byte tails on both axes
+@pytest.mark.parametrize(
+    "shape",
+    [(1, 256, 3, 56), (1, 200, 1, 64), (2, 70, 5, 19), (1, 64, 3, 16),
+     (1, 129, 2, 130), (1, 16, 1, 64), (1, 33, 1, 200), (1, 7, 2, 5)],
+)  # fmt: skip
+@pytest.mark.parametrize("flip", [0, 0x80])
+def test_transpose_matches_numpy(shape, flip):
+    rng = np.random.default_rng(sum(shape))
+    src = rng.integers(0, 256, shape, dtype=np.uint8)
+    before = src.copy()
+    dst = np.zeros(tuple(np.array(shape)[[0, 2, 3, 1]]), np.uint8)
+    layout.transpose(src, dst, np.uint8(flip))
+    np.testing.assert_array_equal(dst, src.transpose(0, 2, 3, 1) ^ np.uint8(flip))
+    np.testing.assert_array_equal(src, before)
+
+
+def test_transpose_into_strided_destination():
+    # the padded NHWC buffer's interior: row strides larger than the rows
+    rng = np.random.default_rng(3)
+    src = rng.integers(0, 256, (1, 96, 4, 40), dtype=np.uint8)
+    big = np.full((1, 6, 44, 96), 7, np.uint8)
+    layout.transpose(src, big[:, 1:5, 2:42], np.uint8(0))
+    np.testing.assert_array_equal(big[:, 1:5, 2:42], src.transpose(0, 2, 3, 1))
+    assert (big[:, 0] == 7).all()
+    assert (big[:, :, :2] == 7).all()
+    assert (big[:, :, 42:] == 7).all()
+
+
+def test_maxpool2x2_nhwc():
+    rng = np.random.default_rng(4)
+    y = rng.standard_normal((2, 7, 9, 5)).astype(np.float32)
+    out = np.empty((2, 3, 4, 5), np.float32)
+    layout.maxpool2x2_nhwc(y, out)
+    want = y[:, :6, :8].reshape(2, 3, 2, 4, 2, 5).max(axis=(2, 4))
+    np.testing.assert_array_equal(out, want)
