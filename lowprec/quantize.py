@@ -301,6 +301,13 @@ def dynamic_quantize_linear(x, *, device=None):
         fix="ONNX DynamicQuantizeLinear takes float32; pass x.astype(np.float32)",
     )
     flat = np.ascontiguousarray(x).reshape(-1)
+    if 0 < flat.size <= _QUANT_BLOCK:
+        # one block: the whole operator in one call on this thread
+        y = np.empty(flat.size, np.uint8)
+        s, zp, lo, hi, status = _k.dynamic_quantize_serial(flat, y)
+        if status:
+            dynamic_params(lo, hi, status != 1)  # raises the matching error
+        return y.reshape(x.shape), np.asarray(s, np.float32), np.asarray(zp, np.uint8)
     if flat.size:
         if flat.size <= _MINMAX_BLOCK:  # one block: no parallel launch
             lo, hi, finite = _k.min_max_serial(flat)

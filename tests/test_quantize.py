@@ -162,10 +162,34 @@ def test_min_max_kernel_matches_numpy(block):
             assert not kq.min_max_serial(x)[2]
 
 
+# one call on this thread (<= 32768 elements), serial blocks, parallel blocks
+SIZES = [3, 40_000, 70_000]
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_dynamic_quantize_every_size_path(n):
+    x = np.random.default_rng(n).normal(0, 3, n).astype(np.float32)
+    y, s, z = lowprec.dynamic_quantize_linear(x)
+    wy, ws, wz = _dynamic_oracle(x)
+    np.testing.assert_array_equal(y, wy)
+    assert (s, z) == (ws, wz)
+
+
+@pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-def test_dynamic_quantize_rejects_non_finite(bad):
-    x = np.array([1.0, bad, 2.0], np.float32)
+def test_dynamic_quantize_rejects_non_finite(bad, n):
+    x = np.ones(n, np.float32)
+    x[n // 2] = bad
     with pytest.raises(ValueError, match="finite"):
+        lowprec.dynamic_quantize_linear(x)
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_dynamic_quantize_rejects_unrepresentable_range(n):
+    # max - min overflows float32: no finite scale
+    x = np.zeros(n, np.float32)
+    x[0], x[-1] = np.finfo(np.float32).max, -np.finfo(np.float32).max
+    with pytest.raises(ValueError, match="finite float32 scale"):
         lowprec.dynamic_quantize_linear(x)
 
 
