@@ -154,7 +154,10 @@ def _vnni_job(t, mt, tj, nblk, pb, direct, xp, bp, geo, sa, epi, out):
             _gather(xp, geo, m0, mr, g, ka, buf)
             a_addr = buf.ctypes.data
             lda = ka
-            kk = ka
+            # the K loop runs over K bytes, not the row's 64-byte padding:
+            # B holds ceil(K/4) k4 rows per panel (reading ka/4 rows overran
+            # the last panel and cost 11 % at K = 288)
+            kk = max(kh * kw * Cg, 4)
         k4 = kk // 4
         for jn in range(blk * pb, min(npg, blk * pb + pb)):
             run_fused_tile(

@@ -491,6 +491,34 @@ def test_prune_save_load_sparse(cnn_data, pattern):
     assert len(enc[1]) < len(enc[0])
 
 
+def test_blob_deflates_and_checks_parts():
+    # skewed int8 values (as kept weights are) compress; random bytes do not
+    rng = np.random.default_rng(0)
+    vals = np.clip(rng.normal(0, 12, 4000), -127, 127).astype(np.int8)
+    noise = rng.integers(-128, 128, 4000, dtype=np.int8)
+    blob = S._Blob()
+    d_vals, d_noise, d_raw = (
+        blob.add(vals, deflate=True),
+        blob.add(noise, deflate=True),
+        blob.add(vals),
+    )
+    assert 0 < d_vals["deflated"] < 0.95 * vals.nbytes
+    assert "deflated" not in d_noise
+    assert "deflated" not in d_raw
+    back = S._Blob(blob.bytes())
+    for d, a in ((d_vals, vals), (d_noise, noise), (d_raw, vals)):
+        np.testing.assert_array_equal(back.get(d), a)
+    bad = blob.bytes().copy()
+    off = d_vals["offset"]
+    bad[off + 2 : off + d_vals["deflated"]] ^= np.uint8(0x5A)
+    with pytest.raises(ValueError, match="compressed part"):
+        S._Blob(bad).get(d_vals)
+    # a part that claims a smaller array than its stream holds
+    small = dict(d_vals, shape=[10])
+    with pytest.raises(ValueError, match="inflate to its array"):
+        S._Blob(blob.bytes()).get(small)
+
+
 def test_save_load_roundtrip_exact(cnn_data, tmp_path):
     g, x = cnn_data
     for model in (g, T.quantize(g, x, per_channel=False)):
