@@ -844,6 +844,7 @@ class AutoPacked:
     choice: str  # "dense" or a format name
     reason: str
     estimates_s: dict  # choice -> estimated seconds per call at n_hint
+    measured_s: dict | None = None  # {"dense": s, choice: s} when timed
 
     def __str__(self):
         return f"{self.choice}: {self.reason}"
@@ -963,13 +964,48 @@ def _estimate(table: dict, n: int, work: int) -> float:
     return _interp(table, n, 0) + work * _interp(table, n, 1)
 
 
-def auto_pack(w, *, n_hint, mask=None, dtype=None, formats=FORMATS) -> AutoPacked:
+# auto_pack times its sparse choice against dense when a dense call is
+# estimated to take at most this long (a few ms of timing per layer at most)
+VERIFY_MAX_S = 0.02
+
+
+def _measure_pair(dense_w, sm, n, rounds=5, min_time=1e-3):
+    """(dense, sparse) seconds per call on one random X, interleaved rounds,
+    the fastest round of each (a neighbour's burst slows one round, not all)."""
+    x = np.random.default_rng(1).standard_normal((dense_w.shape[1], n))
+    x = x.astype(np.float32)
+    fns = (lambda: dense_w @ x, lambda: spmm(sm, x))
+    best = [math.inf, math.inf]
+    for f in fns:
+        f()
+    for _ in range(rounds):
+        for i, f in enumerate(fns):
+            k, t0 = 0, time.perf_counter()
+            while True:
+                f()
+                k += 1
+                el = time.perf_counter() - t0
+                if el >= min_time:
+                    break
+            best[i] = min(best[i], el / k)
+    return best[0], best[1]
+
+
+def auto_pack(
+    w, *, n_hint, mask=None, dtype=None, formats=FORMATS, verify=True
+) -> AutoPacked:
     """Pack float weights (M, K) in the format expected to be fastest for
     ``W @ X`` with X of ``n_hint`` columns: dense (numpy float32 matmul) or one
     of ``formats``. Uses :func:`calibrate` (measured once per machine, cached).
 
+    A sparse format must beat dense by ``DENSE_BIAS`` in the model; with
+    ``verify`` (default) and a dense call estimated at <= ``VERIFY_MAX_S``, the
+    choice is then timed against dense on these weights (interleaved, fastest
+    of 5 rounds each) and dropped if it measures slower: a cost model cached
+    while the machine was busy once picked a format 2.3x slower than dense.
+
     Returns an :class:`AutoPacked` with the weights, the choice, the reason and
-    the estimates. A sparse format must beat dense by ``DENSE_BIAS``.
+    the estimates (and the measured seconds when timed).
     """
     v.check_array(w, "w", v.FLOAT_INPUT_TYPES, fix="auto_pack takes float weights")
     if w.ndim != 2:
@@ -1004,6 +1040,7 @@ def auto_pack(w, *, n_hint, mask=None, dtype=None, formats=FORMATS) -> AutoPacke
     best = min((f for f in est if f != "dense"), key=est.get, default=None)
     d = est["dense"]
     density = float(mask.mean()) if mask.size else 0.0
+    dense = np.where(mask, w, 0).astype(dtype or np.float32)
     if best is not None and est[best] <= DENSE_BIAS * d:
         sm = from_dense(w, mask, format=best, dtype=dtype)
         reason = (
@@ -1011,8 +1048,15 @@ def auto_pack(w, *, n_hint, mask=None, dtype=None, formats=FORMATS) -> AutoPacke
             f"{est[best] * 1e6:.1f} us vs dense {d * 1e6:.1f} us "
             f"({d / est[best]:.2f}x, needs >= {1 / DENSE_BIAS:.2f}x)"
         )
-        return AutoPacked(sm, best, reason, est)
-    dense = np.where(mask, w, 0).astype(dtype or np.float32)
+        if not verify or d > VERIFY_MAX_S:
+            return AutoPacked(sm, best, reason, est)
+        td, ts = _measure_pair(dense.astype(np.float32, copy=False), sm, n_hint)
+        got = {"dense": td, best: ts}
+        timed = f"measured {ts * 1e6:.1f} us vs dense {td * 1e6:.1f} us"
+        if ts <= td:
+            return AutoPacked(sm, best, f"{reason}; {timed}", est, got)
+        reason = f"{reason}, but {timed}: dense kept"
+        return AutoPacked(dense, "dense", reason, est, got)
     if best is None:
         reason = "no sparse format applies"
     else:

@@ -303,16 +303,38 @@ def test_auto_pack_choice_and_reason(monkeypatch):
     monkeypatch.setitem(sp._cost_memory, sp._machine_key(), model)
     rng = np.random.default_rng(8)
     w = rng.standard_normal((64, 64)).astype(np.float32)
-    got = sp.auto_pack(np.where(prune.magnitude(w, 0.5), w, 0), n_hint=64)
+    got = sp.auto_pack(np.where(prune.magnitude(w, 0.5), w, 0), n_hint=64, verify=False)
     assert got.choice == "dense"
     assert "not" in got.reason
     assert isinstance(got.weights, np.ndarray)
-    got = sp.auto_pack(np.where(prune.magnitude(w, 0.95), w, 0), n_hint=64)
+    w95 = np.where(prune.magnitude(w, 0.95), w, 0)
+    got = sp.auto_pack(w95, n_hint=64, verify=False)
     assert got.choice == "csr"
     assert isinstance(got.weights, sp.SparseMatrix)
     assert "csr estimated" in str(got)
+    assert got.measured_s is None
+    # verified: the model's choice is timed against dense on these weights and
+    # dropped when it measures slower (a stale or busy-machine model)
+    monkeypatch.setattr(sp, "_measure_pair", lambda d, s, n: (1e-5, 3e-5))
+    got = sp.auto_pack(w95, n_hint=64)
+    assert got.choice == "dense"
+    assert "dense kept" in got.reason
+    assert got.measured_s == {"dense": 1e-5, "csr": 3e-5}
+    np.testing.assert_array_equal(got.weights, w95)
+    monkeypatch.setattr(sp, "_measure_pair", lambda d, s, n: (3e-5, 1e-5))
+    got = sp.auto_pack(w95, n_hint=64)
+    assert got.choice == "csr"
+    assert "measured" in got.reason
     with pytest.raises(ValueError, match="n_hint"):
         sp.auto_pack(w, n_hint=0)
+
+
+def test_measure_pair_times_both():
+    w = np.random.default_rng(2).standard_normal((64, 64)).astype(np.float32)
+    w[np.abs(w) < 1.5] = 0
+    td, ts = sp._measure_pair(w, sp.from_dense(w, format="csr"), 8, rounds=2)
+    assert 0 < td < 0.01
+    assert 0 < ts < 0.01
 
 
 def test_calibrate_writes_cache(monkeypatch, tmp_path):
