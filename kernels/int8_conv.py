@@ -28,6 +28,7 @@ from numba.extending import intrinsic
 
 from .config import PJIT
 from .int8_gemm_vnni import MR_MAX, NR, panel_colsum, run_channel_tile, run_fused_tile
+from .ir_util import splat
 from .layout import copy_bytes
 from .requant import epilogue_tile
 
@@ -599,21 +600,15 @@ def _dw_row_out(of, o0, acc, uwo, m, zy, qlo, qhi, mode):
             of[o0 + ow] = min(max(v, qlo), qhi)
 
 
-@njit(nogil=True, cache=True)
-def _dw_plane(t, x, flip, za, wd, base, geo, pt, pl, pf, acc, mult, zy, qlo, qhi,
-              mode, out):  # fmt: skip
-    # plane t = (n, c): pad, then every output row
+@njit(inline="always")
+def _dw_pad(x, flip, za, geo, pt, pl, pf, n, c, split):
+    # plane (n, c) of x' = x ^ flip into pf with a border of za; split: even
+    # padded columns first, then odd ones (the stride-2 layout, rows of We)
     N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M = geo
     H = x.shape[2]
     W = x.shape[3]
-    n = t // C
-    c = t - n * C
     xf = x.reshape(-1)
-    of = out.reshape(-1)
-    uwo = np.uint64(Wo)
-    fast = kh == 3 and kw == 3 and dw == 1 and (sw == 1 or sw == 2)
-    split = fast and sw == 2
-    We = np.uint64((Wp + 1) // 2)  # even columns per row (stride-2 layout)
+    We = np.uint64((Wp + 1) // 2)
     for k in range(pf.shape[0]):
         pf[k] = za
     for i in range(H):
@@ -633,6 +628,20 @@ def _dw_plane(t, x, flip, za, wd, base, geo, pt, pl, pf, acc, mult, zy, qlo, qhi
             r = np.uint64((pt + i) * Wp + pl)
             for j in range(np.uint64(W)):
                 pf[r + j] = xf[xo + j] ^ flip
+
+
+@njit(nogil=True, cache=True)
+def _dw_plane(t, x, flip, za, wd, base, geo, pt, pl, pf, acc, mult, zy, qlo, qhi,
+              mode, out):  # fmt: skip
+    # plane t = (n, c): pad, then every output row
+    N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M = geo
+    n = t // C
+    c = t - n * C
+    of = out.reshape(-1)
+    uwo = np.uint64(Wo)
+    fast = kh == 3 and kw == 3 and dw == 1 and (sw == 1 or sw == 2)
+    We = np.uint64((Wp + 1) // 2)  # even columns per row (stride-2 layout)
+    _dw_pad(x, flip, za, geo, pt, pl, pf, n, c, fast and sw == 2)
     b = base[c]
     m = mult[0, c]
     for oh in range(Ho):
@@ -690,3 +699,90 @@ def depthwise_nchw(x, flip, za, wd, base, geo, pt, pl, plane, accs, mult, zy, ql
         tid = numba.get_thread_id()
         _dw_plane(t, x, flip, za, wd, base, geo, pt, pl, plane[tid], accs[tid],
                   mult, zy, qlo, qhi, mode, out)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------
+# 3x3 depthwise on vpdpbusd (AVX-512 VNNI with VBMI byte permutes): for 16
+# outputs of a row, one 64-byte load of each input row is permuted so that
+# lane l holds the kernel row's three taps (x'[s*l], x'[s*l+1], x'[s*l+2], 0)
+# and one vpdpbusd against the splat (w0, w1, w2, 0) adds the three products:
+# 3 permutes + 3 vpdpbusd per 16 outputs instead of 27 widening multiplies and
+# adds, and stride 2 reads the plain padded row (no even/odd split). Weights
+# must fit int8 (w - w_zp in [-128, 127]: symmetric int8 weights, uint8 with
+# zero point 128); the others take the int32 kernel above.
+
+
+def _make_dw3(stride):
+    from .int8_gemm_vnni import _vpdpbusd
+
+    v64 = ir.VectorType(ir.IntType(8), 64)
+    v16 = ir.VectorType(ir.IntType(32), 16)
+    # byte 4l + t of the permuted row: tap t of output l (t = 3: the zero)
+    idx = [stride * (b // 4) + b % 4 if b % 4 < 3 else 64 for b in range(64)]
+
+    def codegen(context, builder, sig, args):
+        p0, p1, p2, w0, w1, w2, base, dst = args
+        vpd = _vpdpbusd(builder)
+        acc = splat(builder, base, v16)
+        zero = ir.Constant(v64, None)
+        mask = ir.Constant(ir.VectorType(ir.IntType(32), 64), idx)
+        for p, w in ((p0, w0), (p1, w1), (p2, w2)):
+            row = builder.load(builder.inttoptr(p, v64.as_pointer()), align=1)
+            taps = builder.bitcast(builder.shuffle_vector(row, zero, mask), v16)
+            acc = builder.call(vpd, [acc, taps, splat(builder, w, v16)])
+        builder.store(acc, builder.inttoptr(dst, v16.as_pointer()), align=1)
+        return context.get_dummy_value()
+
+    @intrinsic
+    def dw3(typingctx, p0, p1, p2, w0, w1, w2, base, dst):
+        i64, i32 = types.int64, types.int32
+        return types.void(i64, i64, i64, i32, i32, i32, i32, i64), codegen
+
+    return dw3
+
+
+_dw3s1 = _make_dw3(1)
+_dw3s2 = _make_dw3(2)
+
+
+@njit(nogil=True, cache=True)
+def _dw_plane_vnni(t, x, flip, za, wp, base, geo, pt, pl, pf, acc, mult, zy, qlo,
+                   qhi, mode, out):  # fmt: skip
+    # plane t = (n, c) of a 3x3, unit-dilation-in-w, stride 1 or 2 depthwise
+    # conv: pad, then 16 outputs per dw3 block (reads run up to 63 bytes past a
+    # row: into the next row or the plane's slack), then the row's epilogue
+    N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M = geo
+    n = t // C
+    c = t - n * C
+    of = out.reshape(-1)
+    _dw_pad(x, flip, za, geo, pt, pl, pf, n, c, False)
+    pa = pf.ctypes.data
+    aa = acc.ctypes.data
+    w0, w1, w2 = wp[0, c], wp[1, c], wp[2, c]
+    b = base[c]
+    m = mult[0, c]
+    nblk = (Wo + 15) // 16
+    for oh in range(Ho):
+        r0 = pa + oh * sh * Wp
+        r1 = r0 + dh * Wp
+        r2 = r1 + dh * Wp
+        for blk in range(nblk):
+            o = 16 * blk * sw
+            if sw == 1:
+                _dw3s1(r0 + o, r1 + o, r2 + o, w0, w1, w2, b, aa + 64 * blk)
+            else:
+                _dw3s2(r0 + o, r1 + o, r2 + o, w0, w1, w2, b, aa + 64 * blk)
+        o0 = np.uint64(((n * C + c) * Ho + oh) * Wo)
+        _dw_row_out(of, o0, acc, np.uint64(Wo), m, zy, qlo, qhi, mode)
+
+
+@njit(**PJIT)
+def depthwise_nchw_vnni(x, flip, za, wp, base, geo, pt, pl, plane, accs, mult, zy,
+                        qlo, qhi, mode, out):  # fmt: skip
+    # as depthwise_nchw for 3x3 kernels (dw == 1, stride 1 or 2) with wp (3, C)
+    # int32 = the kernel rows' int8 weights packed (w0, w1, w2, 0) little-endian
+    N, C = x.shape[0], x.shape[1]
+    for t in prange(N * C):
+        tid = numba.get_thread_id()
+        _dw_plane_vnni(t, x, flip, za, wp, base, geo, pt, pl, plane[tid], accs[tid],
+                       mult, zy, qlo, qhi, mode, out)  # fmt: skip

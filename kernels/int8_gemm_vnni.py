@@ -310,6 +310,29 @@ def _clamp(builder, x, lo, hi):
     return builder.select(builder.fcmp_ordered(">", x, hi), hi, x)
 
 
+def _if_general(builder, general, accs, lane, correct):
+    """accs, or correct() of them when general != 0: the zero-point terms of
+    eq. 8 behind one branch, merged by a phi per accumulator vector."""
+    fn = builder.function
+    pre = builder.block
+    corr = fn.append_basic_block("epi.general")
+    join = fn.append_basic_block("epi.join")
+    zero = ir.Constant(_i64, 0)
+    builder.cbranch(builder.icmp_signed("!=", general, zero), corr, join)
+    builder.position_at_end(corr)
+    fixed = correct()
+    corr_end = builder.block
+    builder.branch(join)
+    builder.position_at_end(join)
+    acc = []
+    for x, y in zip(accs, fixed, strict=True):
+        p = builder.phi(lane)
+        p.add_incoming(x, pre)
+        p.add_incoming(y, corr_end)
+        acc.append(p)
+    return acc
+
+
 def _store_tile(builder, kind, acc, masks, MR, NV_, c, ldc, mult_of, zy, qlo,
                 qhi, fbias_of):  # fmt: skip
     """Eqs. 11-13 on the tile's acc lanes (int32, or int64 for byte / float
@@ -407,36 +430,25 @@ def make_fused_kernel(MR, NV_):
         bv = [col(bias, v, _i64, 8) for v in range(NV_)]
         bv = bv if wide else [builder.trunc(x, _v16) for x in bv]
         accs = [builder.add(ext(fin[i]), bv[i % NV_]) for i in range(MR * NV_)]
-        fn = builder.function
-        pre = builder.block
-        corr = fn.append_basic_block("epi.general")
-        join = fn.append_basic_block("epi.join")
-        builder.cbranch(
-            builder.icmp_signed("!=", general, ir.Constant(_i64, 0)), corr, join
-        )
-        builder.position_at_end(corr)
-        # each product fits int32 (|ZA*colsum|, |ZB*rowsum| <= 255*255*K): 32-bit
-        # multiplies, widened before the subtraction (vpmullq is slow on Zen 4)
-        csv = [col32(cs, v) for v in range(NV_)]
-        zbv = [col32(zb, v) for v in range(NV_)]
-        fixed = []
-        for r in range(MR):
-            zas = row32(za, za_step, r)
-            rss = row32(rs, rs_step, r)
-            for v in range(NV_):
-                x = accs[r * NV_ + v]
-                x = builder.sub(x, ext(builder.mul(zas, csv[v])))
-                x = builder.sub(x, ext(builder.mul(zbv[v], rss)))
-                fixed.append(x)
-        corr_end = builder.block
-        builder.branch(join)
-        builder.position_at_end(join)
-        acc = []
-        for x, y in zip(accs, fixed, strict=True):
-            p = builder.phi(lane)
-            p.add_incoming(x, pre)
-            p.add_incoming(y, corr_end)
-            acc.append(p)
+
+        def correct():
+            # each product fits int32 (|ZA*colsum|, |ZB*rowsum| <= 255*255*K):
+            # 32-bit multiplies, widened before the subtraction (vpmullq is
+            # slow on Zen 4)
+            csv = [col32(cs, v) for v in range(NV_)]
+            zbv = [col32(zb, v) for v in range(NV_)]
+            fixed = []
+            for r in range(MR):
+                zas = row32(za, za_step, r)
+                rss = row32(rs, rs_step, r)
+                for v in range(NV_):
+                    x = accs[r * NV_ + v]
+                    x = builder.sub(x, ext(builder.mul(zas, csv[v])))
+                    x = builder.sub(x, ext(builder.mul(zbv[v], rss)))
+                    fixed.append(x)
+            return fixed
+
+        acc = _if_general(builder, general, accs, lane, correct)
 
         def mult_of(r, v):
             mrow = builder.add(mult, builder.mul(mult_step, ir.Constant(_i64, r)))
@@ -520,33 +532,23 @@ def make_channel_kernel(MR, NV_):
             rb = row(rbias, r, _i64)
             rb = splat(builder, rb if wide else builder.trunc(rb, _i32), lane)
             accs += [builder.add(ext(fin[r * NV_ + v]), rb) for v in range(NV_)]
-        fn = builder.function
-        pre = builder.block
-        corr = fn.append_basic_block("cepi.general")
-        join = fn.append_basic_block("cepi.join")
-        builder.cbranch(builder.icmp_signed("!=", general, zero), corr, join)
-        builder.position_at_end(corr)
-        csv = [
-            _vec_load(
-                builder, builder.add(cs, ir.Constant(_i64, 64 * v)), _i32, masks[v]
-            )
-            for v in range(NV_)
-        ]
-        fixed = []
-        for r in range(MR):
-            zws = splat(builder, builder.trunc(row(zw, r, _i64), _i32), _v16)
-            for v in range(NV_):
-                prod = ext(builder.mul(zws, csv[v]))
-                fixed.append(builder.sub(accs[r * NV_ + v], prod))
-        corr_end = builder.block
-        builder.branch(join)
-        builder.position_at_end(join)
-        acc = []
-        for x, y in zip(accs, fixed, strict=True):
-            p = builder.phi(lane)
-            p.add_incoming(x, pre)
-            p.add_incoming(y, corr_end)
-            acc.append(p)
+
+        def correct():
+            csv = [
+                _vec_load(
+                    builder, builder.add(cs, ir.Constant(_i64, 64 * v)), _i32, masks[v]
+                )
+                for v in range(NV_)
+            ]
+            fixed = []
+            for r in range(MR):
+                zws = splat(builder, builder.trunc(row(zw, r, _i64), _i32), _v16)
+                for v in range(NV_):
+                    prod = ext(builder.mul(zws, csv[v]))
+                    fixed.append(builder.sub(accs[r * NV_ + v], prod))
+            return fixed
+
+        acc = _if_general(builder, general, accs, lane, correct)
         vf64 = ir.VectorType(_f64, 16)
         mults = [splat(builder, row(mult, r, _f64), vf64) for r in range(MR)]
         # conv has no float bias (its bias is the integer one in rbias); + 0.0f

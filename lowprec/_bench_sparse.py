@@ -287,14 +287,7 @@ def _time_round(fns: dict, min_time: float) -> dict:
     for name, fn in fns.items():
         time.sleep(SETTLE_S)
         fn()
-        n, t0 = 0, time.perf_counter()
-        while True:
-            fn()
-            n += 1
-            el = time.perf_counter() - t0
-            if el >= min_time:
-                break
-        out[name] = el / n
+        out[name] = sp.per_call(fn, min_time)
     return out
 
 

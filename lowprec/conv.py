@@ -13,6 +13,11 @@ before padding). The input is brought once to a padded NHWC uint8 buffer x'
 a full im2col matrix: the VNNI path gathers 6 output pixels' patches per tile
 into a small per-thread buffer (1x1 stride-1 convolutions read the pixels in
 place), depthwise convolutions have their own kernel (kernels/int8_conv.py).
+
+NCHW input with few channels per group or large images takes a second VNNI
+kernel instead (conv_nchw4, chosen by _nchw4_fits): output channels are the
+tile's rows and pixels its columns, so there is no transpose on either side,
+only a 4-channel interleave of the input, and the output is written as NCHW.
 """
 
 from __future__ import annotations
@@ -487,12 +492,26 @@ def _conv(
         out = np.empty((N, M, Ho, Wo), odt)
         # per-thread scratch rows padded to whole cache lines (+1): rows that
         # shared a line made 2 threads slower than 1 (false sharing)
-        plane = np.empty((threads, -(-Hp * (Wp + 1) // 64) * 64 + 64), np.uint8)
-        accs = np.empty((threads, -(-Wo // 16) * 16 + 16), np.int32)
+        plane = _dispatch.scratch(
+            "dw.plane", (threads, -(-Hp * (Wp + 1) // 64) * 64 + 64), np.uint8
+        )
+        accs = _dispatch.scratch("dw.acc", (threads, -(-Wo // 16) * 16 + 16), np.int32)
+        isa = _dispatch.get_isa()
+        kernel, wk = _kc.depthwise_nchw, wd
+        if (
+            isa == "avx512_vnni"
+            and (kh, kw, dw) == (3, 3, 1)
+            and sw in (1, 2)
+            and -128 <= wd.min() <= wd.max() <= 127
+        ):
+            # the kernel rows' int8 weights packed (w0, w1, w2, 0) per int32
+            b8 = wd.astype(np.int64) & 0xFF
+            wk = (b8[0::3] | b8[1::3] << 8 | b8[2::3] << 16).astype(np.int32)
+            kernel = _kc.depthwise_nchw_vnni
         _dispatch.call_on_threads(
-            par, _kc.depthwise_nchw,
+            par, kernel,
             _ro(np.ascontiguousarray(x4).view(np.uint8)), flip, np.uint8(za_eff),
-            wd, _ro(base), geo, pt, pl, plane, accs, _ro(mult), float(zy),
+            _ro(wk), _ro(base), geo, pt, pl, plane, accs, _ro(mult), float(zy),
             float(qlo), float(qhi), mode, out,
         )  # fmt: skip
         return out.reshape(N, M, *shape_nhwc[1:-1])

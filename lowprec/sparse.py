@@ -864,19 +864,20 @@ def _machine_key() -> str:
     return f"{_dispatch.get_isa()}|threads={numba.get_num_threads()}|{feats}"
 
 
+def per_call(fn, min_time):
+    """Seconds per call of fn, called back to back until min_time has passed."""
+    n, t0 = 0, time.perf_counter()
+    while True:
+        fn()
+        n += 1
+        el = time.perf_counter() - t0
+        if el >= min_time:
+            return el / n
+
+
 def _time(fn, min_time=0.02):
     fn()
-    best = math.inf
-    for _ in range(3):
-        n, t0 = 0, time.perf_counter()
-        while True:
-            fn()
-            n += 1
-            el = time.perf_counter() - t0
-            if el >= min_time / 3:
-                break
-        best = min(best, el / n)
-    return best
+    return min(per_call(fn, min_time / 3) for _ in range(3))
 
 
 def calibrate(*, refresh=False) -> dict:
@@ -980,14 +981,7 @@ def _measure_pair(dense_w, sm, n, rounds=5, min_time=1e-3):
         f()
     for _ in range(rounds):
         for i, f in enumerate(fns):
-            k, t0 = 0, time.perf_counter()
-            while True:
-                f()
-                k += 1
-                el = time.perf_counter() - t0
-                if el >= min_time:
-                    break
-            best[i] = min(best[i], el / k)
+            best[i] = min(best[i], per_call(f, min_time))
     return best[0], best[1]
 
 

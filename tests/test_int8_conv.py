@@ -461,24 +461,34 @@ def test_nchw4_routing():
 
 
 @pytest.mark.parametrize("stride", [1, 2])
-def test_depthwise_nchw_fast_paths(isa, stride):
+@pytest.mark.parametrize("w_zp", [0, 3])
+def test_depthwise_nchw_fast_paths(isa, stride, w_zp, monkeypatch):
     """The NCHW depthwise kernel's register paths (3x3, stride 1 / 2, even and
-    odd widths and pads, int8 x) and its tap-by-tap fallback (dilation 2), in
-    all three output modes, against the oracle."""
+    odd widths and pads, rows of several 16-output blocks, int8 x) and its
+    tap-by-tap fallback (dilation 2), in all three output modes, against the
+    oracle. w_zp 0: w - w_zp fits int8, so VNNI takes the vpdpbusd kernel;
+    w_zp 3: it does not (w = -128), so every path takes the int32 one."""
+    calls = []
+    real = lc._kc.depthwise_nchw_vnni
+    monkeypatch.setattr(
+        lc._kc, "depthwise_nchw_vnni", lambda *a: calls.append(1) or real(*a)
+    )
     rng = np.random.default_rng(stride)
     for C, H, W, pads, dil, xdt in [
         (5, 9, 11, 1, 1, np.uint8),
         (3, 8, 8, 0, 1, np.int8),
         (4, 7, 10, (1, 0, 2, 1), 1, np.uint8),
+        (2, 5, 45, (0, 2, 1, 1), 1, np.uint8),
         (2, 9, 9, 2, 2, np.int8),
     ]:
         xi = np.iinfo(xdt)
         x = rng.integers(xi.min, xi.max + 1, (2, C, H, W), dtype=xdt)
         w = rng.integers(-128, 128, (C, 1, 3, 3), dtype=np.int8)
+        w[0, 0, 0, 0] = -128
         pads4 = (pads,) * 4 if isinstance(pads, int) else pads
         kw = {"group": C, "strides": (stride, stride), "pads": pads4,
               "dilations": (dil, dil)}  # fmt: skip
-        xz, wz = xdt(rng.integers(xi.min, xi.max + 1)), np.int8(3)
+        xz, wz = xdt(rng.integers(xi.min, xi.max + 1)), np.int8(w_zp)
         acc = conv_ref(x, w, xz, wz, **kw)
         np.testing.assert_array_equal(
             lowprec.conv.conv_integer(x, w, xz, wz, **kw), acc
@@ -494,6 +504,8 @@ def test_depthwise_nchw_fast_paths(isa, stride):
             want = requant_ref(acc, sx, sw, sy, yz, bias=bias, activation="relu6",
                                out_dtype=fdt)  # fmt: skip
             np.testing.assert_array_equal(got, want)
+    # 4 register-path shapes x 4 calls on VNNI with int8-sized weights
+    assert len(calls) == (16 if isa != "portable" and w_zp == 0 else 0)
 
 
 def test_auto_pad_modes():
