@@ -713,15 +713,17 @@ def depthwise_nchw(x, flip, za, wd, base, geo, pt, pl, plane, accs, mult, zy, ql
 
 
 def _make_dw3(stride):
-    from .int8_gemm_vnni import _vpdpbusd
+    from .int8_gemm_vnni import _col_masks, _store_tile, _vpdpbusd
 
     v64 = ir.VectorType(ir.IntType(8), 64)
     v16 = ir.VectorType(ir.IntType(32), 16)
+    vf64 = ir.VectorType(ir.DoubleType(), 16)
+    fzero = ir.Constant(ir.VectorType(ir.FloatType(), 16), [0.0] * 16)
     # byte 4l + t of the permuted row: tap t of output l (t = 3: the zero)
     idx = [stride * (b // 4) + b % 4 if b % 4 < 3 else 64 for b in range(64)]
 
     def codegen(context, builder, sig, args):
-        p0, p1, p2, w0, w1, w2, base, dst = args
+        p0, p1, p2, w0, w1, w2, base, dst, nvalid, mult, zy, qlo, qhi = args[:13]
         vpd = _vpdpbusd(builder)
         acc = splat(builder, base, v16)
         zero = ir.Constant(v64, None)
@@ -730,13 +732,30 @@ def _make_dw3(stride):
             row = builder.load(builder.inttoptr(p, v64.as_pointer()), align=1)
             taps = builder.bitcast(builder.shuffle_vector(row, zero, mask), v16)
             acc = builder.call(vpd, [acc, taps, splat(builder, w, v16)])
-        builder.store(acc, builder.inttoptr(dst, v16.as_pointer()), align=1)
+        # eqs. 11-13 on the 16 sums in registers (the GEMM tile's epilogue, one
+        # multiplier for the channel), one masked store of nvalid outputs
+        mv = splat(builder, mult, vf64)
+        kind = sig.args[-1].dtype
+        _store_tile(builder, kind, [acc], _col_masks(builder, 1, nvalid), 1, 1, dst,
+                    ir.Constant(ir.IntType(64), 0), lambda r, v: mv, zy, qlo, qhi,
+                    lambda v: fzero)  # fmt: skip
         return context.get_dummy_value()
 
     @intrinsic
-    def dw3(typingctx, p0, p1, p2, w0, w1, w2, base, dst):
-        i64, i32 = types.int64, types.int32
-        return types.void(i64, i64, i64, i32, i32, i32, i32, i64), codegen
+    def dw3(typingctx, p0, p1, p2, w0, w1, w2, base, dst, nvalid, mult, zy, qlo, qhi,
+            out):  # fmt: skip
+        if not isinstance(out, types.Array) or out.dtype not in (
+            types.int32,
+            types.uint8,
+            types.int8,
+            types.float32,
+        ):
+            return None
+        i64, i32, f8 = types.int64, types.int32, types.float64
+        sig = types.void(
+            i64, i64, i64, i32, i32, i32, i32, i64, i64, f8, f8, f8, f8, out
+        )
+        return sig, codegen
 
     return dw3
 
@@ -746,43 +765,48 @@ _dw3s2 = _make_dw3(2)
 
 
 @njit(nogil=True, cache=True)
-def _dw_plane_vnni(t, x, flip, za, wp, base, geo, pt, pl, pf, acc, mult, zy, qlo,
-                   qhi, mode, out):  # fmt: skip
+def _dw_plane_vnni(t, x, flip, za, wp, base, geo, pt, pl, pf, mult, zy, qlo, qhi,
+                   out):  # fmt: skip
     # plane t = (n, c) of a 3x3, unit-dilation-in-w, stride 1 or 2 depthwise
-    # conv: pad, then 16 outputs per dw3 block (reads run up to 63 bytes past a
-    # row: into the next row or the plane's slack), then the row's epilogue
+    # conv: pad, then 16 outputs per dw3 block, sum and epilogue in registers
+    # (reads run up to 63 bytes past a row: into the next row or the plane's
+    # slack; stores are masked to the row)
     N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M = geo
     n = t // C
     c = t - n * C
-    of = out.reshape(-1)
     _dw_pad(x, flip, za, geo, pt, pl, pf, n, c, False)
     pa = pf.ctypes.data
-    aa = acc.ctypes.data
     w0, w1, w2 = wp[0, c], wp[1, c], wp[2, c]
     b = base[c]
     m = mult[0, c]
+    es = out.itemsize
     nblk = (Wo + 15) // 16
     for oh in range(Ho):
         r0 = pa + oh * sh * Wp
         r1 = r0 + dh * Wp
         r2 = r1 + dh * Wp
+        o0 = out.ctypes.data + (((n * C + c) * Ho + oh) * Wo) * es
         for blk in range(nblk):
             o = 16 * blk * sw
+            d = o0 + 16 * blk * es
+            nv = min(16, Wo - 16 * blk)
             if sw == 1:
-                _dw3s1(r0 + o, r1 + o, r2 + o, w0, w1, w2, b, aa + 64 * blk)
+                _dw3s1(r0 + o, r1 + o, r2 + o, w0, w1, w2, b, d, nv, m, zy, qlo, qhi,
+                       out)  # fmt: skip
             else:
-                _dw3s2(r0 + o, r1 + o, r2 + o, w0, w1, w2, b, aa + 64 * blk)
-        o0 = np.uint64(((n * C + c) * Ho + oh) * Wo)
-        _dw_row_out(of, o0, acc, np.uint64(Wo), m, zy, qlo, qhi, mode)
+                _dw3s2(r0 + o, r1 + o, r2 + o, w0, w1, w2, b, d, nv, m, zy, qlo, qhi,
+                       out)  # fmt: skip
 
 
 @njit(**PJIT)
 def depthwise_nchw_vnni(x, flip, za, wp, base, geo, pt, pl, plane, accs, mult, zy,
                         qlo, qhi, mode, out):  # fmt: skip
-    # as depthwise_nchw for 3x3 kernels (dw == 1, stride 1 or 2) with wp (3, C)
-    # int32 = the kernel rows' int8 weights packed (w0, w1, w2, 0) little-endian
+    # as depthwise_nchw (same arguments; accs and mode unused: the epilogue runs
+    # in registers, its mode from out's dtype) for 3x3 kernels, dw == 1, stride
+    # 1 or 2, with wp (3, C) int32 = each kernel row's int8 weights packed
+    # (w0, w1, w2, 0) little-endian
     N, C = x.shape[0], x.shape[1]
     for t in prange(N * C):
         tid = numba.get_thread_id()
-        _dw_plane_vnni(t, x, flip, za, wp, base, geo, pt, pl, plane[tid], accs[tid],
-                       mult, zy, qlo, qhi, mode, out)  # fmt: skip
+        _dw_plane_vnni(t, x, flip, za, wp, base, geo, pt, pl, plane[tid], mult, zy,
+                       qlo, qhi, out)  # fmt: skip
