@@ -422,8 +422,8 @@ def test_conv_matches_oracle(isa, prob, layout, packed, data):
 def test_larger_shapes_every_tile_path(isa, monkeypatch):
     """Sizes where VNNI tiles are full and partial, > 64 channels, panels split."""
     calls = []
-    real = lc._conv_nchw4
-    monkeypatch.setattr(lc, "_conv_nchw4", lambda *a: calls.append(1) or real(*a))
+    real = lc._nchw4_plan
+    monkeypatch.setattr(lc, "_nchw4_plan", lambda *a: calls.append(1) or real(*a))
     rng = np.random.default_rng(1)
     for C, M, k, s, pads, H, G in [
         (64, 70, 3, 1, 1, 9, 1),  # 2 panels, tail panel
@@ -596,3 +596,47 @@ def test_bad_inputs():
         lowprec.conv.conv_integer(x, p, group=2)
     with pytest.raises(TypeError, match="already"):
         lowprec.conv.pack_conv_weights(p)
+
+
+def test_plan_cache_follows_every_argument():
+    """Calls with prepacked weights reuse a plan per (x shape/dtype, arguments):
+    a changed scale, zero point, bias (even mutated in place), activation or
+    dtype must give that call's own result, never an earlier plan's."""
+    rng = np.random.default_rng(11)
+    x = rng.integers(0, 256, (1, 6, 7, 7), dtype=np.uint8)
+    w = rng.integers(-128, 128, (10, 6, 3, 3), dtype=np.int8)
+    wp = lowprec.conv.pack_conv_weights(w, None, np.float32(0.01))
+    bias = rng.integers(-500, 500, 10).astype(np.int32)
+    acc = conv_ref(x, w, 3, 0, pads=(1, 1, 1, 1))
+    base = {"xz": np.uint8(3), "sy": np.float32(0.3), "yz": np.uint8(128)}
+
+    def run(act=None, b=bias, **changed):
+        xz, sy, yz = ({**base, **changed}[k] for k in ("xz", "sy", "yz"))
+        got = lowprec.conv.qlinear_conv(
+            x, np.float32(0.02), xz, wp, None, None, sy, yz, b, pads=(1, 1, 1, 1),
+            activation=act,
+        )  # fmt: skip
+        want = requant_ref(
+            conv_ref(x, w, int(xz), 0, pads=(1, 1, 1, 1)), np.float32(0.02),
+            np.float32(0.01), sy, yz, bias=b, activation=act,
+        )  # fmt: skip
+        np.testing.assert_array_equal(got, want)
+        return got
+
+    first = run()
+    np.testing.assert_array_equal(run(), first)  # a cache hit, same result
+    assert len(wp._plans) == 1
+    run(sy=np.float32(0.5))
+    run(xz=np.uint8(9))
+    run(yz=np.int8(0))
+    run(act="relu")
+    b2 = bias.copy()
+    run(b=b2)
+    b2[:] += 100  # mutated in place: a new key by value
+    run(b=b2)
+    assert len(wp._plans) == 6
+    # another x dtype / shape
+    xi = (x.astype(np.int16) - 128).astype(np.int8)
+    got = lowprec.conv.conv_integer(xi, wp, np.int8(-5), pads=(1, 1, 1, 1))
+    np.testing.assert_array_equal(got, conv_ref(xi, w, -5, 0, pads=(1, 1, 1, 1)))
+    assert acc.shape == first.shape
