@@ -23,105 +23,13 @@ bits, not ``cvt.rn.bf16.f32`` (which returns a canonical NaN), so NaN payloads
 match the CPU. Tiling: kernels/config_cuda.py FP16_* (BK must be even).
 """
 
-import functools
-
-import numpy as np
-from numba import cuda
-
-from .cuda_intrinsics import bits_f32, f32_bits
+from . import fp16_gemm_cuda
 
 
-@functools.cache
 def gemm_kernel(bm, bn, bk, tm, tn, pad):
-    """The BF16 GEMM for one tile configuration."""
-    if bm % tm or bn % tn or bk % 2:
-        msg = (
-            f"FP16_BLOCK_M={bm}, FP16_BLOCK_N={bn} must be multiples of "
-            f"FP16_THREADS_M={tm}, FP16_THREADS_N={tn}, and FP16_BLOCK_K={bk} "
-            f"even (bfloat16 pairs of k)"
-        )
+    """The BF16 GEMM for one tile configuration: kernels/fp16_gemm_cuda.py's
+    half GEMM compiled for bfloat16 bits (one loop for both formats)."""
+    if bk % 2:
+        msg = f"FP16_BLOCK_K={bk} must be even (bfloat16 pairs of k)"
         raise ValueError(msg)
-    rm = bm // tm
-    rn = bn // tn
-    nthreads = tm * tn
-    a_elems = bm * bk
-    b_elems = bn * bk
-    a_cols = bm + pad
-    b_cols = bn + pad
-
-    @cuda.jit
-    def gemm_bf16_f32(a, b, bias, has_bias, lo, hi, bf16_out, out):
-        # a (M,K) uint16 bfloat16 bits, b (K,N) uint16, any strides; bias (1|N,)
-        # float32; lo/hi float32; out (M,N) float32, or uint16 bfloat16 bits
-        # when bf16_out. grid (ceil(N/bn), ceil(M/bm)), block tm*tn threads.
-        As = cuda.shared.array((bk, a_cols), np.float32)
-        Bs = cuda.shared.array((bk, b_cols), np.float32)
-        acc = cuda.local.array((rm, rn), np.float32)
-        fa = cuda.local.array(rm, np.float32)
-        fb = cuda.local.array(rn, np.float32)
-        M = a.shape[0]
-        K = a.shape[1]
-        N = b.shape[1]
-        tid = cuda.threadIdx.x
-        tx = tid % tn
-        ty = tid // tn
-        m0 = cuda.blockIdx.y * bm
-        n0 = cuda.blockIdx.x * bn
-        for i in range(rm):
-            for j in range(rn):
-                acc[i, j] = 0
-        for k0 in range(0, K, bk):
-            for e in range(tid, a_elems, nthreads):
-                mm = e // bk  # k fastest: a row's K run is contiguous in a
-                kk = e % bk
-                m = m0 + mm
-                k = k0 + kk
-                val = np.float32(0)
-                if m < M and k < K:
-                    val = bits_f32(np.uint32(np.uint32(a[m, k]) << np.uint32(16)))
-                As[kk, mm] = val
-            for e in range(tid, b_elems, nthreads):
-                kk = e // bn  # n fastest: coalesced across the warp
-                nn = e % bn
-                n = n0 + nn
-                k = k0 + kk
-                val = np.float32(0)
-                if n < N and k < K:
-                    val = bits_f32(np.uint32(np.uint32(b[k, n]) << np.uint32(16)))
-                Bs[kk, nn] = val
-            cuda.syncthreads()
-            for kk in range(bk):
-                kx = kk ^ 1  # the odd k of each pair first
-                for i in range(rm):
-                    fa[i] = As[kx, ty + i * tm]
-                for j in range(rn):
-                    fb[j] = Bs[kx, tx + j * tn]
-                for i in range(rm):
-                    for j in range(rn):
-                        acc[i, j] += fa[i] * fb[j]
-            cuda.syncthreads()
-        Nb = bias.shape[0]
-        for i in range(rm):
-            m = m0 + ty + i * tm
-            if m < M:
-                for j in range(rn):
-                    n = n0 + tx + j * tn
-                    if n < N:
-                        y = acc[i, j]
-                        if has_bias:
-                            y = np.float32(y + bias[n if Nb > 1 else 0])
-                        y = lo if y < lo else y
-                        y = hi if y > hi else y
-                        if bf16_out:
-                            u = f32_bits(y)
-                            if (u & 0x7F800000) == 0x7F800000 and (u & 0x7FFFFF) != 0:
-                                h = (u >> np.uint32(16)) | np.uint32(0x40)  # quiet NaN
-                            else:
-                                h = (
-                                    u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & 1)
-                                ) >> np.uint32(16)
-                            out[m, n] = np.uint16(h)
-                        else:
-                            out[m, n] = y
-
-    return gemm_bf16_f32
+    return fp16_gemm_cuda.gemm_kernel(bm, bn, bk, tm, tn, pad, bf16=True)

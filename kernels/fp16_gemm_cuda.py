@@ -28,6 +28,21 @@ import functools
 import numpy as np
 from numba import cuda
 
+from .cuda_intrinsics import bits_f32, f32_bits
+
+
+@cuda.jit(device=True, inline=True)
+def f32_to_bf16_bits(y):
+    # float32 -> bfloat16 bits, round to nearest even, NaN kept and quieted (as
+    # kernels/fp16_gemm.py::f32_to_bf16_bits; cvt.rn.bf16.f32 would return a
+    # canonical NaN)
+    u = f32_bits(y)
+    if (u & 0x7F800000) == 0x7F800000 and (u & 0x7FFFFF) != 0:
+        return np.uint16((u >> np.uint32(16)) | np.uint32(0x40))
+    return np.uint16(
+        (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & 1)) >> np.uint32(16)
+    )
+
 
 def _check(bm, bn, tm, tn):
     if bm % tm or bn % tn:
@@ -39,8 +54,12 @@ def _check(bm, bn, tm, tn):
 
 
 @functools.cache
-def gemm_kernel(bm, bn, bk, tm, tn, pad):
-    """The FP16 GEMM for one tile configuration."""
+def gemm_kernel(bm, bn, bk, tm, tn, pad, bf16=False):
+    """The half GEMM for one tile configuration: float16 operands, or with
+    ``bf16`` bfloat16 bit patterns (uint16) summed in kernels/bf16_gemm_cuda.py's
+    pair order and optionally rounded to bfloat16 bits on output. ``bf16`` is a
+    compile-time constant of the kernel: each variant compiles only its own
+    branches."""
     _check(bm, bn, tm, tn)
     rm = bm // tm
     rn = bn // tn
@@ -51,10 +70,11 @@ def gemm_kernel(bm, bn, bk, tm, tn, pad):
     b_cols = bn + pad
 
     @cuda.jit
-    def gemm_f16_f32(a, b, bias, has_bias, lo, hi, out):
-        # a (M,K) float16, b (K,N) float16, any strides; bias (1|N,) float32;
-        # lo/hi float32; out (M,N) float32|float16.
-        # grid (ceil(N/bn), ceil(M/bm)), block tm*tn threads.
+    def gemm_half_f32(a, b, bias, has_bias, lo, hi, bf16_out, out):
+        # a (M,K), b (K,N) float16 (or uint16 bfloat16 bits), any strides; bias
+        # (1|N,) float32; lo/hi float32; out (M,N) float32|float16, or uint16
+        # bfloat16 bits when bf16_out. grid (ceil(N/bn), ceil(M/bm)), block
+        # tm*tn threads.
         As = cuda.shared.array((bk, a_cols), np.float32)
         Bs = cuda.shared.array((bk, b_cols), np.float32)
         acc = cuda.local.array((rm, rn), np.float32)
@@ -79,7 +99,10 @@ def gemm_kernel(bm, bn, bk, tm, tn, pad):
                 k = k0 + kk
                 val = np.float32(0)
                 if m < M and k < K:
-                    val = np.float32(a[m, k])
+                    if bf16:  # bfloat16 -> float32: the bits shifted up (exact)
+                        val = bits_f32(np.uint32(np.uint32(a[m, k]) << np.uint32(16)))
+                    else:
+                        val = np.float32(a[m, k])
                 As[kk, mm] = val
             for e in range(tid, b_elems, nthreads):
                 kk = e // bn  # n fastest: coalesced across the warp
@@ -88,14 +111,18 @@ def gemm_kernel(bm, bn, bk, tm, tn, pad):
                 k = k0 + kk
                 val = np.float32(0)
                 if n < N and k < K:
-                    val = np.float32(b[k, n])
+                    if bf16:
+                        val = bits_f32(np.uint32(np.uint32(b[k, n]) << np.uint32(16)))
+                    else:
+                        val = np.float32(b[k, n])
                 Bs[kk, nn] = val
             cuda.syncthreads()
             for kk in range(bk):
+                kx = kk ^ 1 if bf16 else kk  # bfloat16: the odd k of a pair first
                 for i in range(rm):
-                    fa[i] = As[kk, ty + i * tm]
+                    fa[i] = As[kx, ty + i * tm]
                 for j in range(rn):
-                    fb[j] = Bs[kk, tx + j * tn]
+                    fb[j] = Bs[kx, tx + j * tn]
                 for i in range(rm):
                     for j in range(rn):
                         acc[i, j] += fa[i] * fb[j]
@@ -112,9 +139,12 @@ def gemm_kernel(bm, bn, bk, tm, tn, pad):
                             y = np.float32(y + bias[n if Nb > 1 else 0])
                         y = lo if y < lo else y
                         y = hi if y > hi else y
-                        out[m, n] = y  # float16 out: one cvt.rn.f16.f32
+                        if bf16 and bf16_out:
+                            out[m, n] = f32_to_bf16_bits(y)
+                        else:
+                            out[m, n] = y  # float16 out: one cvt.rn.f16.f32
 
-    return gemm_f16_f32
+    return gemm_half_f32
 
 
 @functools.cache

@@ -673,7 +673,7 @@ def matmul_fp16_cuda(a, b, *, bias=None, activation=None, out_dtype=np.float32):
         )  # fmt: skip
         grid = (-(-N // cfg.FP16_BLOCK_N), -(-rows // cfg.FP16_BLOCK_M))
         kernel[grid, cfg.FP16_THREADS_M * cfg.FP16_THREADS_N](
-            a2, b_dev, nb_cuda.to_device(bias_arr), has_bias, lo, hi, out_dev
+            a2, b_dev, nb_cuda.to_device(bias_arr), has_bias, lo, hi, False, out_dev
         )
     shape = (*a_shape[:-1], N)
     if a_proxy.ndim == 1:

@@ -235,7 +235,7 @@ def test_fp16_gemm_and_conv_compile_without_spills(toolchain, tmp_path, cc, out_
     epi = (t.float32[::1], t.boolean, t.float32, t.float32)
     cases = [
         ("fp16_gemm_" + out_t, kf.gemm_kernel(*tiles),
-         (t.float16[:, :], t.float16[:, :], *epi, o[:, ::1])),
+         (t.float16[:, :], t.float16[:, :], *epi, t.boolean, o[:, ::1])),
         ("fp16_conv_" + out_t, kf.conv_kernel(*tiles),
          (t.float16[:, :, :, ::1], t.float16[:, ::1], t.int64[::1], *epi,
           o[:, :, ::1])),
