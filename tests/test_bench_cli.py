@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import pathlib
+import statistics
 import subprocess
 import sys
 
@@ -60,8 +61,8 @@ TOP_KEYS = {
 }
 
 
-def _load_table_module():
-    spec = importlib.util.spec_from_file_location("make_readme_table", TABLE_SCRIPT)
+def _load_table_module(path=TABLE_SCRIPT):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -157,6 +158,25 @@ def test_bench_quick_json_and_readme_table(tmp_path, capsys):
     assert text.startswith("intro\n")
     assert text.endswith(f"{mod.END}\noutro\n")
     assert "| Shape" in text
+
+    # bench/merge_runs.py pools the samples of several runs
+    merge = _load_table_module(ROOT / "bench" / "merge_runs.py")
+    slow = json.loads(out.read_text())
+    for r in slow["rows"]:
+        r["lowprec"]["samples_s"] = [2 * t for t in r["lowprec"]["samples_s"]]
+    merged = merge.merge([res, slow])
+    _check_results(merged, shapes, list(lb.DEFAULT_VARIANTS), [1])
+    for r0, r in zip(res["rows"], merged["rows"], strict=True):
+        pooled = r0["lowprec"]["samples_s"] + [
+            2 * t for t in r0["lowprec"]["samples_s"]
+        ]
+        assert r["lowprec"]["median_s"] == statistics.median(pooled)
+        assert r["merged_runs"] == 2
+        assert r["pct_peak"] == pytest.approx(
+            100 * r["lowprec"]["gops"] / merged["peak_gops"]["1"]
+        )
+    assert merged["settings"]["repeat"] == 2 * res["settings"]["repeat"]
+    assert "samples pooled" in mod.render(merged)
 
 
 def test_bench_without_optional_libraries(tmp_path, monkeypatch):
