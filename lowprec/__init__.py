@@ -16,7 +16,7 @@ if not _os.path.isdir(_os.path.join(__path__[0], "kernels")) and _os.path.isfile
 ):
     __path__.append(_src_root)  # noqa: F821 (package __path__)
 
-from . import prune, sparse
+from . import nbits, prune, sparse
 from ._dispatch import available_isas, get_isa, set_isa
 from .conv import PackedConvWeights, conv_integer, pack_conv_weights, qlinear_conv
 from .conv_half import PackedConvWeightsFP16, conv_fp16, pack_conv_weights_fp16
@@ -40,14 +40,29 @@ from .half import (
     pack_weights_fp16,
     set_half_isa,
 )
+from .nbits import (
+    PackedCodebook,
+    PackedNBits,
+    dequantize_blockwise,
+    dequantize_codebook,
+    kmeans_quantize,
+    log2_quantize,
+    matmul_codebook,
+    matmul_nbits,
+    pack_codebook,
+    pack_nbits,
+    quantize_blockwise,
+)
 from .quantize import dequantize_linear, dynamic_quantize_linear, quantize_linear
 from .sparse import qlinear_spmm, spmm
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "PackedCodebook",
     "PackedConvWeights",
     "PackedConvWeightsFP16",
+    "PackedNBits",
     "PackedWeights",
     "PackedWeightsBF16",
     "PackedWeightsFP16",
@@ -56,17 +71,26 @@ __all__ = [
     "bfloat16_to_float32",
     "conv_fp16",
     "conv_integer",
+    "dequantize_blockwise",
+    "dequantize_codebook",
     "dequantize_linear",
     "dynamic_quantize_linear",
     "dynamic_quantize_matmul",
     "float32_to_bfloat16",
     "get_half_isa",
     "get_isa",
+    "kmeans_quantize",
+    "log2_quantize",
     "matmul_bf16",
+    "matmul_codebook",
     "matmul_fp16",
     "matmul_integer",
+    "matmul_nbits",
+    "nbits",
+    "pack_codebook",
     "pack_conv_weights",
     "pack_conv_weights_fp16",
+    "pack_nbits",
     "pack_weights",
     "pack_weights_bf16",
     "pack_weights_fp16",
@@ -74,6 +98,7 @@ __all__ = [
     "qlinear_conv",
     "qlinear_matmul",
     "qlinear_spmm",
+    "quantize_blockwise",
     "quantize_linear",
     "set_half_isa",
     "set_isa",

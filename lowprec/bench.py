@@ -1449,7 +1449,7 @@ def _register_suites() -> None:
     # once it is complete; a suite whose module fails to import is left out
     import importlib
 
-    for mod in ("_bench_conv", "_bench_sparse", "_bench_half"):
+    for mod in ("_bench_conv", "_bench_sparse", "_bench_half", "_bench_nbits"):
         try:
             suite = importlib.import_module(f"lowprec.{mod}").SUITE
         except (ImportError, AttributeError):  # partial installs; or the suite

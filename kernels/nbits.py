@@ -1,0 +1,178 @@
+"""Sub-byte weights (MatMulNBits blocks, codebooks): portable numba kernels.
+
+One packed layout serves every kernel here and in ``nbits_vnni.py`` ("quad
+planes", built once by ``lowprec.nbits``):
+
+    bits b in {2, 4, 8}, P = 8 // b planes per byte, G = 16 * P columns per group
+    wq[g, q, 4*L + r]   uint8 (ngroups, Kp/4, 64); bits [b*p, b*p + b) hold the
+                        code of weight (k = 4q + r, n = G*g + 16p + L)
+
+so one 64-byte row gives, after a shift and a mask, P vectors of 16 columns x
+4 consecutive k: the operand layout of ``vpdpbusd``. K is padded to whole
+blocks (Kp) with code 0; the activations' padding is 0, so padding adds 0.
+
+Per block j of ``bs`` k (scale s[n, j], zero point z[n, j], codes c[k, n]):
+
+    float path   y[m, n] = sum_j s[n, j] * sum_{k in j} a[m, k] * (c[k, n] - z[n, j])
+    int8 path    a[m, k] ~ qa[m, k] * sa[m, j], qa = rint(a / sa) in [-127, 127],
+                 sa = max|a[m, j-block]| / 127 (MLAS's accuracy level 4), then
+                 y[m, n] += (float(sum qa*c) - z * sum qa) * (s[n, j] * sa[m, j])
+                 block by block in float32 (the integer part is exact).
+"""
+
+import numpy as np
+from numba import njit, prange
+
+from .config import JIT, PJIT
+
+
+@njit(**JIT)
+def quantize_rows_blockwise(a, bs, qa, ascale, qasum):
+    # a (M, K) float32 -> qa (M, Kp) int8 (zero past K), ascale (M, nblk) f32,
+    # qasum (M, nblk) f32 (as float: the kernels' epilogue operand)
+    M, K = a.shape
+    Kp = qa.shape[1]
+    for m in range(M):
+        for j in range(Kp // bs):
+            k1 = min((j + 1) * bs, K)
+            amax = np.float32(0.0)
+            for k in range(j * bs, k1):
+                amax = max(amax, abs(a[m, k]))
+            s = amax / np.float32(127.0)
+            inv = np.float32(1.0) / s if s > 0 else np.float32(0.0)
+            total = 0
+            for k in range(j * bs, k1):
+                q = min(
+                    max(np.rint(a[m, k] * inv), np.float32(-127.0)), np.float32(127.0)
+                )
+                qa[m, k] = np.int8(q)
+                total += np.int32(q)
+            for k in range(max(k1, j * bs), (j + 1) * bs):
+                qa[m, k] = 0
+            ascale[m, j] = s
+            qasum[m, j] = np.float32(total)
+
+
+@njit(**JIT)
+def repeat_quads(a, arep):
+    # arep[m, q, i] = a[m, 4q + (i & 3)]: the activations in the lanes of a
+    # quad row, so the float kernel's inner loop is contiguous (it did not
+    # vectorize with the (i & 3) index: 2.7 ms -> see nbits_f32)
+    M, nq, _ = arep.shape
+    for m in range(M):
+        for q in range(nq):
+            for i in range(64):
+                arep[m, q, i] = a[m, 4 * q + (i & 3)]
+
+
+@njit(**PJIT)
+def nbits_f32(arep, wq, sc, zp, zstride, bits, bs, out):
+    # arep (M, Kp/4, 64) f32 (repeat_quads), wq (ng, Kp/4, 64) u8,
+    # sc (ng, nblk, G) f32, zp (ng, nz, G) f32 (block j at row j*zstride),
+    # out (M, ng*G) f32
+    M = arep.shape[0]
+    ng, nq, _ = wq.shape
+    G = sc.shape[2]
+    P = G // 16
+    mask = (1 << bits) - 1
+    qpb = bs // 4
+    for g in prange(ng):
+        acc = np.empty((P, 64), np.float32)
+        zx = np.empty((P, 64), np.float32)
+        for m in range(M):
+            o = np.zeros(G, np.float32)
+            for j in range(nq // qpb):
+                for p in range(P):
+                    for i in range(64):
+                        zx[p, i] = zp[g, j * zstride, 16 * p + (i >> 2)]
+                acc[:] = 0
+                for q in range(j * qpb, (j + 1) * qpb):
+                    w = wq[g, q]
+                    ar = arep[m, q]
+                    for p in range(P):
+                        sh = bits * p
+                        ap = acc[p]
+                        zp_ = zx[p]
+                        for i in range(64):
+                            ap[i] += ar[i] * (np.float32((w[i] >> sh) & mask) - zp_[i])
+                for p in range(P):
+                    for L in range(16):
+                        i = 4 * L
+                        s = acc[p, i] + acc[p, i + 1] + acc[p, i + 2] + acc[p, i + 3]
+                        o[16 * p + L] += s * sc[g, j, 16 * p + L]
+            for n in range(G):
+                out[m, g * G + n] = o[n]
+
+
+@njit(**PJIT)
+def nbits_i8(
+    qa, ascale, qasum, wq, sc, sstride, zp, zstride, bits, bs, lut, use_lut, out
+):
+    # qa (M, Kp) int8, ascale/qasum (M, nblk) f32; sc/zp block j at row
+    # j*sstride / j*zstride; lut (ng, G, 2**bits) int32
+    # (weight byte of code c in column n; only read when use_lut) -> out (M, ng*G)
+    M = qa.shape[0]
+    ng, nq, _ = wq.shape
+    G = sc.shape[2]
+    P = G // 16
+    mask = (1 << bits) - 1
+    qpb = bs // 4
+    for g in prange(ng):
+        acc = np.empty((P, 64), np.int32)
+        for m in range(M):
+            o = np.zeros(G, np.float32)
+            for j in range(nq // qpb):
+                acc[:] = 0
+                for q in range(j * qpb, (j + 1) * qpb):
+                    for p in range(P):
+                        sh = bits * p
+                        if use_lut:
+                            for i in range(64):
+                                c = lut[
+                                    g, 16 * p + (i >> 2), (wq[g, q, i] >> sh) & mask
+                                ]
+                                acc[p, i] += np.int32(qa[m, 4 * q + (i & 3)]) * c
+                        else:
+                            for i in range(64):
+                                c = np.int32((wq[g, q, i] >> sh) & mask)
+                                acc[p, i] += np.int32(qa[m, 4 * q + (i & 3)]) * c
+                sa = ascale[m, j]
+                for p in range(P):
+                    for L in range(16):
+                        n = 16 * p + L
+                        i = 4 * L
+                        t = np.float32(
+                            acc[p, i] + acc[p, i + 1] + acc[p, i + 2] + acc[p, i + 3]
+                        )
+                        t = t - zp[g, j * zstride, n] * qasum[m, j]
+                        o[n] = o[n] + t * (sc[g, j * sstride, n] * sa)
+            for n in range(G):
+                out[m, g * G + n] = o[n]
+
+
+@njit(**PJIT)
+def codebook_f32(a, wq, lut, bits, out):
+    # float activations x codebook weights: lut (ng, G, 2**bits) f32 holds each
+    # column's codebook; y[m, n] = sum_k a[m, k] * lut[n, c[k, n]]
+    M = a.shape[0]
+    ng, nq, _ = wq.shape
+    G = lut.shape[1]
+    P = G // 16
+    mask = (1 << bits) - 1
+    for g in prange(ng):
+        acc = np.empty((P, 64), np.float32)
+        for m in range(M):
+            acc[:] = 0
+            for q in range(nq):
+                for p in range(P):
+                    sh = bits * p
+                    for i in range(64):
+                        c = (wq[g, q, i] >> sh) & mask
+                        acc[p, i] += (
+                            a[m, 4 * q + (i & 3)] * lut[g, 16 * p + (i >> 2), c]
+                        )
+            for p in range(P):
+                for L in range(16):
+                    i = 4 * L
+                    s = acc[p, i] + acc[p, i + 1] + acc[p, i + 2] + acc[p, i + 3]
+                    out[m, g * G + 16 * p + L] = s

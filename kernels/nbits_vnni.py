@@ -1,0 +1,452 @@
+"""Sub-byte weights on AVX-512 VNNI: ``vpdpbusd`` straight on the packed codes.
+
+Layout and math: ``kernels/nbits.py`` (quad planes; the int8 path). Per 64-byte
+row of ``wq`` (P = 8 / bits planes of 16 columns x 4 k), per plane p:
+
+    w_p = (row >> bits*p) & mask            unsigned codes, the u8 operand
+    w_p = vpshufb(table, w_p)               codebooks only (4 bits, one table)
+    acc[r, p] = vpdpbusd(acc[r, p], w_p, broadcast qa[r, 4q : 4q + 4])
+
+and at the end of each block j, in float32 and in the portable kernel's order
+(so the two agree bit for bit):
+
+    o[r, p] += (float(acc[r, p]) - zp[j, p] * qasum[r, j]) * (sc[j, p] * sa[r, j])
+
+Int accumulators live for one block, float accumulators for the whole K, all
+in zmm registers (phi nodes): MR * P of each.
+"""
+
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .config import PJIT
+from .ir_util import no_unroll, splat
+
+_i8 = ir.IntType(8)
+_i32 = ir.IntType(32)
+_i64 = ir.IntType(64)
+_f32 = ir.FloatType()
+_v16 = ir.VectorType(_i32, 16)
+_vf = ir.VectorType(_f32, 16)
+_b64 = ir.VectorType(_i8, 64)
+
+
+def _fn(builder, name, ret, args):
+    return cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(ret, args), name
+    )
+
+
+def _ptr(builder, base, off, ty):
+    p = builder.inttoptr(builder.add(base, off), ty.as_pointer())
+    return p
+
+
+def make_tile(MR, bits, lut):
+    """Intrinsic: an MR x G tile (G = 16 * 8 / bits columns) over all blocks.
+
+    _t(qa, lda, wq, nblk, qpb, sc, sstep, zp, zstep, sa, qs, lds, table, out, ldo)
+    all int64; addresses: qa (int8 rows, lda bytes apart), wq (group's quad
+    rows), sc / zp (float32 x G per block, sstep / zstep bytes apart: 0 repeats
+    block 0), sa / qs (float32 per block, rows lds bytes apart), table (16
+    bytes), out (float32 rows, ldo bytes apart; G columns written).
+    """
+    P = 8 // bits
+    # independent vpdpbusd chains per accumulator: its latency (~5 cycles) with
+    # only MR*P chains bounded the GEMV (measured 0.102 ms at 4096x4096, 4 bits,
+    # 1 row: 2 chains); block sizes >= 16 give >= 4 quads per block
+    NCH = 4 if MR == 1 else (2 if MR == 2 else 1)
+
+    def codegen(context, builder, sig, args):
+        qa, lda, wq, nblk, qpb, sc, sstep, zp, zstep, sa, qs, lds, table, out, ldo = (
+            args
+        )
+        c64 = lambda x: ir.Constant(_i64, x)  # noqa: E731
+        vpd = _fn(builder, "llvm.x86.avx512.vpdpbusd.512", _v16, [_v16, _v16, _v16])
+        shuf = _fn(builder, "llvm.x86.avx512.pshuf.b.512", _b64, [_b64, _b64])
+        m32 = int.from_bytes(bytes([(1 << bits) - 1] * 4), "little")
+        mask = ir.Constant(_v16, [m32] * 16)
+        if lut:
+            t16 = builder.load(
+                _ptr(builder, table, c64(0), ir.VectorType(_i8, 16)), align=1
+            )
+            tab = builder.shuffle_vector(
+                t16,
+                t16,
+                ir.Constant(ir.VectorType(_i32, 64), [i % 16 for i in range(64)]),
+            )
+        fn = builder.function
+        pre = builder.block
+        zero_f = ir.Constant(_vf, None)
+        zero_i = ir.Constant(_v16, None)
+        # ---- block loop (float accumulators)
+        jloop = fn.append_basic_block("nb.j")
+        builder.branch(jloop)
+        builder.position_at_end(jloop)
+        j = builder.phi(_i64, "j")
+        j.add_incoming(c64(0), pre)
+        fo = []
+        for _ in range(MR * P):
+            ph = builder.phi(_vf)
+            ph.add_incoming(zero_f, pre)
+            fo.append(ph)
+        qbase = builder.mul(j, qpb)
+        # ---- quad loop (int accumulators)
+        jhead = builder.block
+        qloop = fn.append_basic_block("nb.q")
+        builder.branch(qloop)
+        builder.position_at_end(qloop)
+        q = builder.phi(_i64, "q")
+        q.add_incoming(c64(0), jhead)
+        ia = []
+        for _ in range(MR * P * NCH):
+            ph = builder.phi(_v16)
+            ph.add_incoming(zero_i, jhead)
+            ia.append(ph)
+        new = list(ia)
+        for ch in range(NCH):
+            qq = builder.add(qbase, builder.add(q, c64(ch)))
+            row = builder.load(
+                _ptr(builder, wq, builder.mul(qq, c64(64)), _v16), align=1
+            )
+            planes = []
+            for p in range(P):
+                if bits == 8:
+                    x = row
+                elif lut or p == 0:
+                    x = builder.and_(
+                        builder.lshr(row, ir.Constant(_v16, [bits * p] * 16)), mask
+                    )
+                else:
+                    # the plane in place, = 2**(bits*p) x code: one AND, no shift;
+                    # the block sum is divided back exactly (ashr) below
+                    x = builder.and_(row, ir.Constant(_v16, [m32 << (bits * p)] * 16))
+                if lut:
+                    x = builder.bitcast(
+                        builder.call(shuf, [tab, builder.bitcast(x, _b64)]), _v16
+                    )
+                planes.append(x)
+            koff = builder.mul(qq, c64(4))
+            for r in range(MR):
+                a4 = builder.load(
+                    _ptr(
+                        builder, qa, builder.add(builder.mul(lda, c64(r)), koff), _i32
+                    ),
+                    align=1,
+                )
+                av = splat(builder, a4, _v16)
+                for p in range(P):
+                    i = (r * P + p) * NCH + ch
+                    new[i] = builder.call(vpd, [ia[i], planes[p], av])
+        qn = builder.add(q, c64(NCH))
+        qend = builder.block
+        q.add_incoming(qn, qend)
+        for ph, x in zip(ia, new, strict=True):
+            ph.add_incoming(x, qend)
+        qexit = fn.append_basic_block("nb.qx")
+        builder.cbranch(builder.icmp_signed("<", qn, qpb), qloop, qexit)
+        # the chains' sums (exact integers)
+        builder.position_at_end(qexit)
+        tot = []
+        for i in range(MR * P):
+            x = new[i * NCH]
+            for ch in range(1, NCH):
+                x = builder.add(x, new[i * NCH + ch])
+            p = i % P
+            if p and not lut and bits != 8:
+                x = builder.ashr(x, ir.Constant(_v16, [bits * p] * 16))
+            tot.append(x)
+        # ---- block epilogue
+        soff = builder.mul(j, sstep)
+        zoff = builder.mul(j, zstep)
+        j4 = builder.mul(j, c64(4))
+        nfo = []
+        for r in range(MR):
+            roff = builder.add(builder.mul(lds, c64(r)), j4)
+            sa_r = splat(builder, builder.load(_ptr(builder, sa, roff, _f32)), _vf)
+            qs_r = splat(builder, builder.load(_ptr(builder, qs, roff, _f32)), _vf)
+            for p in range(P):
+                scv = builder.load(
+                    _ptr(builder, sc, builder.add(soff, c64(64 * p)), _vf), align=4
+                )
+                zpv = builder.load(
+                    _ptr(builder, zp, builder.add(zoff, c64(64 * p)), _vf), align=4
+                )
+                t = builder.fsub(
+                    builder.sitofp(tot[r * P + p], _vf), builder.fmul(zpv, qs_r)
+                )
+                s = builder.fmul(scv, sa_r)
+                nfo.append(builder.fadd(fo[r * P + p], builder.fmul(t, s)))
+        jn = builder.add(j, c64(1))
+        jend = builder.block
+        j.add_incoming(jn, jend)
+        for ph, x in zip(fo, nfo, strict=True):
+            ph.add_incoming(x, jend)
+        done = fn.append_basic_block("nb.done")
+        br = builder.cbranch(builder.icmp_signed("<", jn, nblk), jloop, done)
+        no_unroll(builder, br)
+        builder.position_at_end(done)
+        for r in range(MR):
+            for p in range(P):
+                off = builder.add(builder.mul(ldo, c64(r)), c64(64 * p))
+                builder.store(nfo[r * P + p], _ptr(builder, out, off, _vf), align=4)
+        return context.get_dummy_value()
+
+    @intrinsic
+    def _t(typingctx, qa, lda, wq, nblk, qpb, sc, sstep, zp, zstep, sa, qs, lds, table,
+           out, ldo):  # fmt: skip
+        return types.void(*([types.int64] * 15)), codegen
+
+    return _t
+
+
+# Rows per tile: 2 * MR * P zmm accumulators (int + float) stay under the 32
+# registers with room for the P planes and the broadcast.
+_t4_1, _t4_2, _t4_3, _t4_4 = (make_tile(m, 4, False) for m in (1, 2, 3, 4))
+_l4_1, _l4_2, _l4_3, _l4_4 = (make_tile(m, 4, True) for m in (1, 2, 3, 4))
+_t8_1, _t8_2, _t8_3, _t8_4 = (make_tile(m, 8, False) for m in (1, 2, 3, 4))
+_t2_1, _t2_2 = (make_tile(m, 2, False) for m in (1, 2))
+
+
+@njit(cache=True, nogil=True)
+def _tile(bits, lut, mr, *a):
+    if bits == 4 and lut:
+        if mr == 4:
+            _l4_4(*a)
+        elif mr == 3:
+            _l4_3(*a)
+        elif mr == 2:
+            _l4_2(*a)
+        else:
+            _l4_1(*a)
+    elif bits == 4:
+        if mr == 4:
+            _t4_4(*a)
+        elif mr == 3:
+            _t4_3(*a)
+        elif mr == 2:
+            _t4_2(*a)
+        else:
+            _t4_1(*a)
+    elif bits == 8:
+        if mr == 4:
+            _t8_4(*a)
+        elif mr == 3:
+            _t8_3(*a)
+        elif mr == 2:
+            _t8_2(*a)
+        else:
+            _t8_1(*a)
+    elif mr == 2:
+        _t2_2(*a)
+    else:
+        _t2_1(*a)
+
+
+@njit(**PJIT)
+def run(qa, ascale, qasum, wq, sc, sstride, zp, zstride, bits, bs, table, lut, out):
+    # qa (M, Kp) int8, ascale/qasum (M, nblk) f32, wq (ng, Kp/4, 64) u8,
+    # sc/zp (ng, *, G) f32, table (16,) u8 (read when lut) -> out (M, ng*G)
+    M = qa.shape[0]
+    ng, nq, _ = wq.shape
+    G = sc.shape[2]
+    qpb = bs // 4
+    nblk = nq // qpb
+    mr_max = 2 if bits == 2 else 4
+    for g in prange(ng):
+        m0 = 0
+        while m0 < M:
+            mr = min(mr_max, M - m0)
+            _tile(
+                bits, lut, mr,
+                qa.ctypes.data + m0 * qa.strides[0], qa.strides[0],
+                wq.ctypes.data + g * wq.strides[0], nblk, qpb,
+                sc.ctypes.data + g * sc.strides[0], sstride * sc.strides[1],
+                zp.ctypes.data + g * zp.strides[0], zstride * zp.strides[1],
+                ascale.ctypes.data + m0 * ascale.strides[0],
+                qasum.ctypes.data + m0 * qasum.strides[0], ascale.strides[0],
+                table.ctypes.data,
+                out.ctypes.data + m0 * out.strides[0] + g * G * 4, out.strides[0],
+            )  # fmt: skip
+            m0 += mr
+
+
+# ---------------------------------------------------------------------------
+# float activations (accuracy level 0): the same quad rows, converted to float.
+# Lane i = 4L + r of the c-th 16-byte quarter of a plane holds weight
+# (k = 4q + r, n = 16p + 4c + L): the activation vector is a[4q : 4q+4] four
+# times, and the 4 r-lanes of each column are summed at the very end. Per block
+# acc[r, p, c] = sum a * (code - zp) with FMA; then o += acc * scale, o kept
+# lane-expanded in the caller's buffer (L1) so only acc needs registers.
+
+_vf4 = ir.VectorType(_f32, 4)
+
+
+def make_ftile(MR, bits):
+    """_f(a, lda, wq, nblk, qpb, sc, zp, zstep, o, ldo) all int64: a (float32
+    rows, lda bytes apart), sc / zp (float32 x G per block; zp zstep bytes
+    apart), o (float32 4*G lane-expanded per row, ldo bytes apart, += )."""
+    P = 8 // bits
+
+    def codegen(context, builder, sig, args):
+        a, lda, wq, nblk, qpb, sc, zp, zstep, o, ldo = args
+        c64 = lambda x: ir.Constant(_i64, x)  # noqa: E731
+        fma = _fn(builder, "llvm.fma.v16f32", _vf, [_vf, _vf, _vf])
+        mask = ir.Constant(
+            _v16, [int.from_bytes(bytes([(1 << bits) - 1] * 4), "little")] * 16
+        )
+        rep4 = ir.Constant(_v16, [i % 4 for i in range(16)])
+        fn = builder.function
+        pre = builder.block
+        zero_f = ir.Constant(_vf, None)
+        jloop = fn.append_basic_block("nf.j")
+        builder.branch(jloop)
+        builder.position_at_end(jloop)
+        j = builder.phi(_i64, "j")
+        j.add_incoming(c64(0), pre)
+        # zero points of block j, lane-expanded: lane i of quarter c holds
+        # column 4c + i // 4
+        zoff = builder.mul(j, zstep)
+        soff = builder.mul(j, c64(64 * P))
+        zx, sx = [], []
+        for p in range(P):
+            zv = builder.load(
+                _ptr(builder, zp, builder.add(zoff, c64(64 * p)), _vf), align=4
+            )
+            sv = builder.load(
+                _ptr(builder, sc, builder.add(soff, c64(64 * p)), _vf), align=4
+            )
+            for c in range(4):
+                sel = ir.Constant(_v16, [4 * c + i // 4 for i in range(16)])
+                zx.append(builder.shuffle_vector(zv, zv, sel))
+                sx.append(builder.shuffle_vector(sv, sv, sel))
+        qbase = builder.mul(j, qpb)
+        jhead = builder.block
+        qloop = fn.append_basic_block("nf.q")
+        builder.branch(qloop)
+        builder.position_at_end(qloop)
+        q = builder.phi(_i64, "q")
+        q.add_incoming(c64(0), jhead)
+        acc = []
+        for _ in range(MR * P * 4):
+            ph = builder.phi(_vf)
+            ph.add_incoming(zero_f, jhead)
+            acc.append(ph)
+        qq = builder.add(qbase, q)
+        row = builder.load(_ptr(builder, wq, builder.mul(qq, c64(64)), _v16), align=1)
+        ws = []
+        for p in range(P):
+            x = (
+                row
+                if bits == 8
+                else builder.and_(
+                    builder.lshr(row, ir.Constant(_v16, [bits * p] * 16)), mask
+                )
+            )
+            xb = builder.bitcast(x, _b64)
+            for c in range(4):
+                part = builder.shuffle_vector(
+                    xb, xb, ir.Constant(_v16, list(range(16 * c, 16 * c + 16)))
+                )
+                f = builder.uitofp(part, _vf)
+                ws.append(builder.fsub(f, zx[4 * p + c]))
+        new = []
+        koff = builder.mul(qq, c64(16))
+        for r in range(MR):
+            a4 = builder.load(
+                _ptr(builder, a, builder.add(builder.mul(lda, c64(r)), koff), _vf4),
+                align=4,
+            )
+            av = builder.shuffle_vector(a4, a4, rep4)
+            for i in range(P * 4):
+                new.append(builder.call(fma, [av, ws[i], acc[r * P * 4 + i]]))
+        qn = builder.add(q, c64(1))
+        qend = builder.block
+        q.add_incoming(qn, qend)
+        for ph, x in zip(acc, new, strict=True):
+            ph.add_incoming(x, qend)
+        qexit = fn.append_basic_block("nf.qx")
+        builder.cbranch(builder.icmp_signed("<", qn, qpb), qloop, qexit)
+        builder.position_at_end(qexit)
+        for r in range(MR):
+            for i in range(P * 4):
+                off = builder.add(builder.mul(ldo, c64(r)), c64(64 * i))
+                ptr = _ptr(builder, o, off, _vf)
+                old = builder.load(ptr, align=4)
+                builder.store(
+                    builder.call(fma, [new[r * P * 4 + i], sx[i], old]), ptr, align=4
+                )
+        jn = builder.add(j, c64(1))
+        jend = builder.block
+        j.add_incoming(jn, jend)
+        done = fn.append_basic_block("nf.done")
+        br = builder.cbranch(builder.icmp_signed("<", jn, nblk), jloop, done)
+        no_unroll(builder, br)
+        builder.position_at_end(done)
+        return context.get_dummy_value()
+
+    @intrinsic
+    def _f(typingctx, a, lda, wq, nblk, qpb, sc, zp, zstep, o, ldo):
+        return types.void(*([types.int64] * 10)), codegen
+
+    return _f
+
+
+_f4_1, _f4_2 = make_ftile(1, 4), make_ftile(2, 4)
+_f8_1, _f8_2, _f8_3, _f8_4 = (make_ftile(m, 8) for m in (1, 2, 3, 4))
+_f2_1 = make_ftile(1, 2)
+
+
+@njit(cache=True, nogil=True)
+def _ftile(bits, mr, *a):
+    if bits == 4:
+        if mr == 2:
+            _f4_2(*a)
+        else:
+            _f4_1(*a)
+    elif bits == 8:
+        if mr == 4:
+            _f8_4(*a)
+        elif mr == 3:
+            _f8_3(*a)
+        elif mr == 2:
+            _f8_2(*a)
+        else:
+            _f8_1(*a)
+    else:
+        _f2_1(*a)
+
+
+@njit(**PJIT)
+def run_f32(a, wq, sc, zp, zstride, bits, bs, obuf, out):
+    # a (M, Kp) f32, wq (ng, Kp/4, 64) u8, sc (ng, nblk, G) / zp (ng, *, G) f32,
+    # obuf (M, ng, 4*G) f32 scratch -> out (M, ng*G) f32
+    M = a.shape[0]
+    ng, nq, _ = wq.shape
+    G = sc.shape[2]
+    qpb = bs // 4
+    mr_max = 4 if bits == 8 else (2 if bits == 4 else 1)
+    for g in prange(ng):
+        m0 = 0
+        while m0 < M:
+            mr = min(mr_max, M - m0)
+            for r in range(m0, m0 + mr):
+                obuf[r, g, :] = 0
+            _ftile(
+                bits, mr,
+                a.ctypes.data + m0 * a.strides[0], a.strides[0],
+                wq.ctypes.data + g * wq.strides[0], nq // qpb, qpb,
+                sc.ctypes.data + g * sc.strides[0],
+                zp.ctypes.data + g * zp.strides[0], zstride * zp.strides[1],
+                obuf.ctypes.data + m0 * obuf.strides[0] + g * obuf.strides[1],
+                obuf.strides[0],
+            )  # fmt: skip
+            for r in range(m0, m0 + mr):
+                for n in range(G):
+                    # obuf lane 4L + r' of quarter c, plane p <- column 16p + 4c + L
+                    b = 64 * (n // 16) + 16 * ((n % 16) // 4) + 4 * (n % 4)
+                    ob = obuf[r, g]
+                    out[r, g * G + n] = ob[b] + ob[b + 1] + ob[b + 2] + ob[b + 3]
+            m0 += mr

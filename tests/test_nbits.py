@@ -1,0 +1,383 @@
+"""lowprec.nbits: MatMulNBits blocks, codebooks, power-of-two codes.
+
+Oracles are written from the layout and the math in the module docstring (plain
+NumPy, float64 or a float32 evaluation of the int8 path's formula), plus ONNX
+Runtime's MatMulNBits on the same arrays.
+"""
+
+import numpy as np
+import pytest
+
+import lowprec
+from lowprec import nbits as nb
+
+# every instruction-set path this machine runs, forced in turn
+ISAS = [i for i in ("avx512_vnni", "portable") if i in lowprec.available_isas()]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    before = lowprec.get_isa()
+    lowprec.set_isa(request.param)
+    yield request.param
+    lowprec.set_isa(before)
+
+
+def _codes_oracle(packed, bits, K):
+    """(N, nblk, blob) bytes -> (N, K) codes, bit by bit (low bits first)."""
+    N = packed.shape[0]
+    flat = packed.reshape(N, -1)
+    out = np.zeros((N, K), np.int64)
+    for k in range(K):
+        bit = k * bits
+        out[:, k] = (flat[:, bit // 8].astype(np.int64) >> (bit % 8)) & (
+            (1 << bits) - 1
+        )
+    return out
+
+
+def _weights_oracle(packed, scales, zps, K, bits, bs):
+    """float64 (K, N) weights: (code - zp) * scale per block, zps (N, nblk)."""
+    N = packed.shape[0]
+    codes = _codes_oracle(packed, bits, K)
+    blk = np.arange(K) // bs
+    s = scales.reshape(N, -1).astype(np.float64)[:, blk]
+    z = zps[:, blk]
+    return ((codes - z) * s).T
+
+
+def _int8_oracle(a, w_codes, scales, zps, K, bs):
+    """The int8 path, from the docstring: float32 per-block evaluation."""
+    M = a.shape[0]
+    N = w_codes.shape[0]
+    nblk = -(-K // bs)
+    y = np.zeros((M, N), np.float32)
+    for j in range(nblk):
+        sl = slice(j * bs, min(K, (j + 1) * bs))
+        blk = a[:, sl].astype(np.float32)
+        sa = (np.abs(blk).max(axis=1) / np.float32(127)).astype(np.float32)
+        with np.errstate(divide="ignore"):
+            inv = np.where(sa > 0, np.float32(1) / sa, np.float32(0)).astype(np.float32)
+        qa = np.clip(np.rint(blk * inv[:, None]), -127, 127).astype(np.int64)
+        dot = qa @ w_codes[:, sl].T  # exact integers
+        qs = qa.sum(axis=1).astype(np.float32)
+        t = dot.astype(np.float32) - zps[:, j].astype(np.float32)[None] * qs[:, None]
+        s = scales.reshape(N, -1)[:, j].astype(np.float32)[None] * sa[:, None]
+        y = (y + t.astype(np.float32) * s.astype(np.float32)).astype(np.float32)
+    return y
+
+
+CASES = [
+    # M, K, N, bits, block_size, symmetric
+    (1, 64, 32, 4, 32, True),
+    (3, 100, 24, 4, 16, True),  # K not a multiple of the block, N of the group
+    (5, 130, 70, 4, 64, False),
+    (2, 96, 40, 2, 32, False),
+    (6, 130, 17, 8, 32, True),
+    (7, 200, 33, 8, 16, False),
+]
+
+
+@pytest.mark.parametrize(("M", "K", "N", "bits", "bs", "sym"), CASES)
+def test_quantize_blockwise_layout_and_roundtrip(M, K, N, bits, bs, sym):
+    rng = np.random.default_rng([K, N, bits])
+    w = rng.standard_normal((K, N)).astype(np.float32)
+    w_in = w.copy()
+    packed, scales, zp = nb.quantize_blockwise(
+        w, bits=bits, block_size=bs, symmetric=sym
+    )
+    assert np.array_equal(w, w_in)
+    nblk = -(-K // bs)
+    assert packed.shape == (N, nblk, bs * bits // 8)
+    assert packed.dtype == np.uint8
+    assert scales.shape == (N, nblk)
+    assert scales.dtype == np.float32
+    if sym:
+        assert zp is None
+        zps = np.full((N, nblk), 1 << (bits - 1))
+    else:
+        assert zp.shape == (N, -(-nblk * bits // 8))
+        zps = _codes_oracle(zp[:, None, :], bits, nblk)
+    wd = nb.dequantize_blockwise(packed, scales, zp, K=K, bits=bits, block_size=bs)
+    ref = _weights_oracle(packed, scales, zps, K, bits, bs)
+    assert np.allclose(wd, ref, rtol=1e-6, atol=0)
+    # rounding error: half a step, one step at the clipped end of symmetric
+    step = np.abs(scales)[:, np.arange(K) // bs].T
+    bound = step * (1.0 if sym else 0.5) * (1 + 1e-5)
+    assert (np.abs(wd - w) <= bound).all()
+    # axis=1: the same weights given as (N, K)
+    p2, s2, z2 = nb.quantize_blockwise(
+        w.T.copy(), bits=bits, block_size=bs, symmetric=sym, axis=1
+    )
+    assert np.array_equal(p2, packed)
+    assert np.array_equal(s2, scales)
+
+
+def _pack_codes_ref(codes, bits):
+    """(N, L) codes -> bytes, bit by bit."""
+    N, L = codes.shape
+    out = np.zeros((N, L * bits // 8), np.uint8)
+    for k in range(L):
+        bit = k * bits
+        out[:, bit // 8] |= (codes[:, k] << (bit % 8)).astype(np.uint8)
+    return out
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_pack_unpack_codes_bit_exact(bits):
+    rng = np.random.default_rng(bits)
+    codes = rng.integers(0, 1 << bits, (5, 64), dtype=np.uint8)
+    packed = nb.pack_codes(codes, bits)
+    assert np.array_equal(packed, _pack_codes_ref(codes.astype(np.int64), bits))
+    assert np.array_equal(nb.unpack_codes(packed, bits, 64), codes)
+
+
+@pytest.mark.parametrize(("M", "K", "N", "bits", "bs", "sym"), CASES)
+def test_matmul_nbits_float_path_error_bound(isa, M, K, N, bits, bs, sym):
+    rng = np.random.default_rng([M, K, N, bits, 1])
+    w = rng.standard_normal((K, N)).astype(np.float32)
+    packed, scales, zp = nb.quantize_blockwise(
+        w, bits=bits, block_size=bs, symmetric=sym
+    )
+    wd = nb.dequantize_blockwise(
+        packed, scales, zp, K=K, bits=bits, block_size=bs
+    ).astype(np.float64)
+    a = rng.standard_normal((M, K)).astype(np.float32)
+    bias = rng.standard_normal(N).astype(np.float32)
+    a_in = a.copy()
+    got = nb.matmul_nbits(
+        a, packed, scales, zp, K=K, N=N, bits=bits, block_size=bs, bias=bias
+    )
+    assert np.array_equal(a, a_in)
+    assert got.shape == (M, N)
+    assert got.dtype == np.float32
+    ref = a.astype(np.float64) @ wd + bias
+    bound = (K + 2) * 2.0**-24 * (
+        np.abs(a).astype(np.float64) @ np.abs(wd)
+    ) + 2.0**-23 * np.abs(ref)
+    assert (np.abs(got - ref) <= bound).all()
+    # prepacked gives the same numbers
+    pk = nb.pack_nbits(packed, scales, zp, K=K, N=N, bits=bits, block_size=bs)
+    assert np.array_equal(nb.matmul_nbits(a, pk, bias=bias), got)
+
+
+@pytest.mark.parametrize(("M", "K", "N", "bits", "bs", "sym"), CASES)
+def test_matmul_nbits_int8_path_bit_exact(isa, M, K, N, bits, bs, sym):
+    rng = np.random.default_rng([M, K, N, bits, 2])
+    w = rng.standard_normal((K, N)).astype(np.float32)
+    packed, scales, zp = nb.quantize_blockwise(
+        w, bits=bits, block_size=bs, symmetric=sym
+    )
+    a = (rng.standard_normal((M, K)) * 3).astype(np.float32)
+    a[0, : min(K, bs)] = 0  # an all-zero block: scale 0
+    pk = nb.pack_nbits(packed, scales, zp, K=K, N=N, bits=bits, block_size=bs)
+    got = nb.matmul_nbits(a, pk, accuracy_level=4)
+    nblk = -(-K // bs)
+    zps = (
+        np.full((N, nblk), 1 << (bits - 1))
+        if zp is None
+        else _codes_oracle(zp[:, None, :], bits, nblk)
+    )
+    codes = _codes_oracle(packed, bits, K)
+    ref = _int8_oracle(a, codes, scales, zps, K, bs)
+    assert np.array_equal(got, ref)
+
+
+def _ort_nbits(a, packed, scales, zp, K, N, bits, bs, level):
+    ort = pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper, numpy_helper
+
+    names = ["A", "B", "S"] + (["Z"] if zp is not None else [])
+    inits = [numpy_helper.from_array(packed, "B"), numpy_helper.from_array(scales, "S")]
+    if zp is not None:
+        inits.append(numpy_helper.from_array(zp.reshape(-1), "Z"))
+    node = helper.make_node(
+        "MatMulNBits", names, ["Y"], domain="com.microsoft",
+        K=K, N=N, bits=bits, block_size=bs, accuracy_level=level,
+    )  # fmt: skip
+    graph = helper.make_graph(
+        [node], "g",
+        [helper.make_tensor_value_info("A", TensorProto.FLOAT, list(a.shape))],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [a.shape[0], N])],
+        inits,
+    )  # fmt: skip
+    model = helper.make_model(
+        graph,
+        opset_imports=[
+            helper.make_opsetid("", 21),
+            helper.make_opsetid("com.microsoft", 1),
+        ],
+    )
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    sess = ort.InferenceSession(
+        model.SerializeToString(), so, providers=["CPUExecutionProvider"]
+    )
+    return sess.run(None, {"A": a})[0]
+
+
+@pytest.mark.parametrize(("M", "K", "N", "bits", "bs", "sym"), CASES)
+def test_matmul_nbits_matches_onnxruntime(M, K, N, bits, bs, sym):
+    rng = np.random.default_rng([M, K, N, bits, 3])
+    w = rng.standard_normal((K, N)).astype(np.float32)
+    packed, scales, zp = nb.quantize_blockwise(
+        w, bits=bits, block_size=bs, symmetric=sym
+    )
+    a = rng.standard_normal((M, K)).astype(np.float32)
+    ref = _ort_nbits(a, packed, scales, zp, K, N, bits, bs, 0)
+    got = nb.matmul_nbits(a, packed, scales, zp, K=K, N=N, bits=bits, block_size=bs)
+    wd = nb.dequantize_blockwise(packed, scales, zp, K=K, bits=bits, block_size=bs)
+    tol = 2 * (K + 2) * 2.0**-24 * (np.abs(a) @ np.abs(wd)) + 1e-6
+    assert (np.abs(got - ref) <= tol).all()
+    # accuracy level 4: both quantize the activations per block; the
+    # roundings may differ by one step per element
+    ref4 = _ort_nbits(a, packed, scales, zp, K, N, bits, bs, 4)
+    got4 = nb.matmul_nbits(a, packed, scales, zp, K=K, N=N, bits=bits, block_size=bs,
+                           accuracy_level=4)  # fmt: skip
+    step = np.abs(a).max() / 127
+    assert np.abs(got4 - ref4).max() <= step * np.abs(wd).sum(axis=0).max()
+
+
+def test_matmul_nbits_shapes_and_float16():
+    rng = np.random.default_rng(5)
+    K, N = 64, 48
+    w = rng.standard_normal((K, N)).astype(np.float32)
+    p, s, _ = nb.quantize_blockwise(w)
+    pk = nb.pack_nbits(p, s, K=K, N=N)
+    a = rng.standard_normal((2, 3, K)).astype(np.float32)
+    y = nb.matmul_nbits(a, pk)
+    assert y.shape == (2, 3, N)
+    assert np.array_equal(y.reshape(6, N), nb.matmul_nbits(a.reshape(6, K), pk))
+    assert nb.matmul_nbits(a[0, 0], pk).shape == (N,)
+    h = a.astype(np.float16)
+    assert np.array_equal(
+        nb.matmul_nbits(h, pk), nb.matmul_nbits(h.astype(np.float32), pk)
+    )
+    # ORT's flattened scales / zero points are accepted
+    p2, s2, z2 = nb.quantize_blockwise(w, symmetric=False)
+    y1 = nb.matmul_nbits(a[0], p2, s2, z2, K=K, N=N)
+    y2 = nb.matmul_nbits(a[0], p2, s2.reshape(-1), z2.reshape(-1), K=K, N=N)
+    assert np.array_equal(y1, y2)
+
+
+def test_nbits_bad_inputs():
+    w = np.ones((64, 32), np.float32)
+    with pytest.raises(ValueError, match="bits must be one of"):
+        nb.quantize_blockwise(w, bits=5)
+    with pytest.raises(ValueError, match="power of two"):
+        nb.quantize_blockwise(w, block_size=48)
+    with pytest.raises(ValueError, match="power of two"):
+        nb.quantize_blockwise(w, block_size=8)
+    with pytest.raises(TypeError, match="w must have dtype"):
+        nb.quantize_blockwise(w.astype(np.int32))
+    p, s, _ = nb.quantize_blockwise(w)
+    a = np.ones((1, 64), np.float32)
+    with pytest.raises(ValueError, match="b must have shape"):
+        nb.matmul_nbits(a, p[:, :1], s, K=64, N=32)
+    with pytest.raises(ValueError, match="b must have shape"):
+        nb.matmul_nbits(a, p, s, K=64, N=32, bits=2)
+    with pytest.raises(ValueError, match="scales must have shape"):
+        nb.matmul_nbits(a, p, s[:, :1], K=64, N=32)
+    with pytest.raises(TypeError, match="K and N are required"):
+        nb.matmul_nbits(a, p, s)
+    with pytest.raises(ValueError, match="a must have shape"):
+        nb.matmul_nbits(np.ones((1, 63), np.float32), p, s, K=64, N=32)
+    with pytest.raises(ValueError, match="accuracy_level"):
+        nb.matmul_nbits(a, p, s, K=64, N=32, accuracy_level=2)
+    with pytest.raises(ValueError, match="zero_points must be packed"):
+        nb.matmul_nbits(a, p, s, np.zeros(3, np.uint8), K=64, N=32)
+    with pytest.raises(ValueError, match="NaN"):
+        nb.matmul_nbits(a, p, np.full_like(s, np.nan), K=64, N=32)
+    pk = nb.pack_nbits(p, s, K=64, N=32)
+    with pytest.raises(TypeError, match="PackedNBits"):
+        nb.matmul_nbits(a, pk, s)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        nb.matmul_nbits(a, pk, bias=np.ones(3, np.float32))
+
+
+# ---------------------------------------------------------------------------
+# codebooks
+
+
+def test_kmeans_deterministic_and_beats_uniform_grid():
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((256, 64)).astype(np.float32)
+    idx, cb = nb.kmeans_quantize(w, bits=4)
+    idx2, cb2 = nb.kmeans_quantize(w, bits=4)
+    assert np.array_equal(idx, idx2)
+    assert np.array_equal(cb, cb2)
+    assert idx.shape == (64, 128)
+    assert cb.shape == (16,)
+    wd = nb.dequantize_codebook(idx, cb, K=256)
+    mse = float(((wd - w) ** 2).mean())
+    # a plain uniform 4-bit grid: symmetric, max |w| / 7.5 steps (16 levels)
+    step = np.abs(w).max() / 7.5
+    uni = (np.clip(np.floor(w / step), -8, 7) + 0.5) * step
+    mse_uniform = float(((uni - w) ** 2).mean())
+    assert mse <= mse_uniform
+    # per_row: one table per output column, no worse than the shared one
+    idx_r, cb_r = nb.kmeans_quantize(w, bits=4, per_row=True)
+    assert cb_r.shape == (64, 16)
+    wd_r = nb.dequantize_codebook(idx_r, cb_r, K=256)
+    assert ((wd_r - w) ** 2).mean() <= mse
+    # every weight takes its nearest table entry
+    d = np.abs(w[..., None] - cb[None, None, :])
+    assert np.allclose(np.abs(wd - w), d.min(axis=2))
+
+
+def test_log2_quantize_codes():
+    w = np.array([[1.0, -0.5], [0.26, -3.9], [0.0, 0.001]], np.float32)  # (K=3, N=2)
+    idx, cb = nb.log2_quantize(w, bits=4)
+    # e = rint(log2(3.9)) = 2: magnitudes 0, 4, 2, 1, 0.5, 0.25, 0.125, 0.0625
+    assert np.array_equal(
+        cb[:8], np.array([0, 4, 2, 1, 0.5, 0.25, 0.125, 0.0625], np.float32)
+    )
+    assert np.array_equal(cb[8:], -cb[:8])
+    wd = nb.dequantize_codebook(idx, cb, K=3)
+    assert np.array_equal(wd, np.array([[1, -0.5], [0.25, -4], [0, 0]], np.float32))
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_matmul_codebook(isa, per_row, bits):
+    rng = np.random.default_rng([bits, per_row])
+    M, K, N = 3, 150, 40
+    w = rng.standard_normal((K, N)).astype(np.float32)
+    idx, cb = nb.kmeans_quantize(w, bits=bits, per_row=per_row)
+    wd = nb.dequantize_codebook(idx, cb, K=K, bits=bits).astype(np.float64)
+    a = rng.standard_normal((M, K)).astype(np.float32)
+    got = nb.matmul_codebook(a, idx, cb, K=K, N=N, bits=bits)
+    ref = a.astype(np.float64) @ wd
+    bound = (K + 2) * 2.0**-24 * (np.abs(a).astype(np.float64) @ np.abs(wd))
+    assert (np.abs(got - ref) <= bound).all()
+    # int8 path: the int8 oracle with the table rounded to int8 (+128, zero point 128)
+    pk = nb.pack_codebook(idx, cb, K=K, N=N, bits=bits)
+    got4 = nb.matmul_codebook(a, pk, accuracy_level=4)
+    table = np.broadcast_to(cb, (N, 1 << bits))
+    cs = (np.abs(table).max(axis=1) / np.float32(127)).astype(np.float32)
+    qt = np.rint(table / cs[:, None]).astype(np.int64) + 128
+    codes = nb.unpack_codes(idx, bits, K).astype(np.int64)
+    wq = np.take_along_axis(qt, codes, axis=1)  # (N, K) unsigned table values
+    Kp = -(-K // 32) * 32
+    ref4 = _int8_oracle(
+        a, wq, np.repeat(cs[:, None], Kp // 32, 1), np.full((N, Kp // 32), 128), K, 32
+    )
+    assert np.array_equal(got4, ref4)
+
+
+def test_codebook_bad_inputs():
+    idx = np.zeros((4, 8), np.uint8)
+    cb = np.zeros(16, np.float32)
+    a = np.ones((1, 16), np.float32)
+    with pytest.raises(ValueError, match="indices must have shape"):
+        nb.matmul_codebook(a, idx[:, :3], cb, K=16, N=4)
+    with pytest.raises(ValueError, match="codebook must have shape"):
+        nb.matmul_codebook(a, idx, cb[:8], K=16, N=4)
+    with pytest.raises(TypeError, match="codebook must have dtype"):
+        nb.matmul_codebook(a, idx, cb.astype(np.float64), K=16, N=4)
+    with pytest.raises(ValueError, match="bits must be one of"):
+        nb.kmeans_quantize(np.ones((4, 4), np.float32), bits=3)
+    with pytest.raises(ValueError, match="iters"):
+        nb.kmeans_quantize(np.ones((4, 4), np.float32), iters=-1)
+    with pytest.raises(ValueError, match="NaN"):
+        nb.kmeans_quantize(np.full((4, 4), np.nan, np.float32))
