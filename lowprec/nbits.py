@@ -121,8 +121,76 @@ def _pad_to(n: int, m: int) -> int:
 # MatMulNBits quantization
 
 
-def quantize_blockwise(w, *, bits=4, block_size=32, symmetric=True, axis=0):
-    """Round-to-nearest block quantization of weights into MatMulNBits' layout.
+def _block_params(x: np.ndarray, bits: int, symmetric: bool):
+    """Scales and zero points (float32, x.shape[:-1]) of blocks x (..., bs)."""
+    qmax = (1 << bits) - 1
+    if symmetric:
+        idx = np.abs(x).argmax(axis=-1)[..., None]
+        peak = np.take_along_axis(x, idx, axis=-1)[..., 0]
+        scale = (peak / np.float32(-(1 << (bits - 1)))).astype(np.float32)
+        zp = np.full(x.shape[:-1], 1 << (bits - 1), np.float32)
+    else:
+        lo = np.minimum(x.min(axis=-1), 0)
+        hi = np.maximum(x.max(axis=-1), 0)
+        scale = ((hi - lo) / np.float32(qmax)).astype(np.float32)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            zp = np.where(scale > 0, np.clip(np.rint(-lo / scale), 0, qmax), 0)
+        zp = zp.astype(np.float32)
+    return scale, zp
+
+
+def _block_codes(x, scale, zp, bits):
+    """clip(rint(x / scale) + zp) per block (scale, zp broadcast over the last axis)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.rint(x / scale[..., None])
+    q = np.where(scale[..., None] != 0, q, 0) + zp[..., None]
+    return np.clip(q, 0, (1 << bits) - 1)
+
+
+def _gptq(wt, xcal, bits, bs, symmetric, damp):
+    """GPTQ (Frantar et al. 2022) for (N, K) weights and calibration inputs
+    (S, K): columns quantized in order, each one's rounding error spread over
+    the columns not yet quantized through the inverse Hessian of the layer's
+    squared output error, H = 2 X^T X (+ damp * mean diag). A block's scale
+    and zero point are set when its first column is reached, from the weights
+    as updated so far. Returns (codes (N, Kp), scale, zp (N, nblk))."""
+    N, K = wt.shape
+    nblk = -(-K // bs)
+    W = np.zeros((N, nblk * bs))
+    W[:, :K] = wt
+    Kp = W.shape[1]
+    X = xcal.astype(np.float64)
+    H = np.zeros((Kp, Kp))
+    H[:K, :K] = 2 * X.T @ X
+    dead = np.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H += np.eye(Kp) * damp * np.mean(np.diag(H))
+    # upper Cholesky factor of H^-1: row i holds the update weights of column i
+    Hinv = np.linalg.cholesky(np.linalg.inv(H)).T
+    codes = np.zeros((N, Kp))
+    scale = np.zeros((N, nblk), np.float32)
+    zp = np.zeros((N, nblk), np.float32)
+    for j in range(nblk):
+        i1, i2 = j * bs, (j + 1) * bs
+        s, z = _block_params(W[:, i1:i2].astype(np.float32), bits, symmetric)
+        scale[:, j], zp[:, j] = s, z
+        err = np.zeros((N, bs))
+        for i in range(i1, i2):
+            w = W[:, i]
+            c = _block_codes(w.astype(np.float32)[:, None], s, z, bits)[:, 0]
+            codes[:, i] = c
+            q = (c - z).astype(np.float64) * s
+            e = (w - q) / Hinv[i, i]
+            W[:, i + 1 : i2] -= e[:, None] * Hinv[i, i + 1 : i2][None]
+            err[:, i - i1] = e
+        W[:, i2:] -= err @ Hinv[i1:i2, i2:]
+    return codes.astype(np.uint8), scale, zp
+
+
+def quantize_blockwise(w, *, bits=4, block_size=32, symmetric=True, axis=0,
+                       method="rtn", calibration=None, damp=0.01):  # fmt: skip
+    """Block quantization of weights into MatMulNBits' layout.
 
     w: float (K, N) weights with K along ``axis`` (0: MatMul's B; 1: a Linear
     layer's (N, K) weight). Returns ``(packed, scales, zero_points)``:
@@ -135,33 +203,37 @@ def quantize_blockwise(w, *, bits=4, block_size=32, symmetric=True, axis=0):
     over the block and 0, zero point rint(-min / scale). Codes are
     clip(rint(w / scale) + zero_point) with true division and rounding half to
     even (ONNX QuantizeLinear); a zero scale gives code = zero point.
+
+    method: ``"rtn"`` (round to nearest, as above) or ``"gptq"``: the same
+    grid, but columns are rounded in order and each rounding error is
+    compensated on the columns not yet rounded (GPTQ), which needs
+    ``calibration``: float (S, K) samples of the layer's input; ``damp`` is
+    GPTQ's relative diagonal damping.
     """
     bits = _check_bits(bits)
     bs = _check_block(block_size)
     wt = _weights_2d(w, axis)
     N, K = wt.shape
     nblk = -(-K // bs)
-    x = np.zeros((N, nblk * bs), np.float32)
-    x[:, :K] = wt
-    x = x.reshape(N, nblk, bs)
-    qmax = (1 << bits) - 1
-    if symmetric:
-        idx = np.abs(x).argmax(axis=2)[..., None]
-        peak = np.take_along_axis(x, idx, axis=2)[..., 0]
-        scale = (peak / np.float32(-(1 << (bits - 1)))).astype(np.float32)
-        zp = np.full((N, nblk), 1 << (bits - 1), np.float32)
+    if method == "gptq":
+        if calibration is None:
+            msg = "method='gptq' needs calibration: float (S, K) inputs of the layer"
+            raise ValueError(msg)
+        v.check_array(calibration, "calibration", _FLOATS)
+        if calibration.ndim != 2 or calibration.shape[1] != K:
+            msg = f"calibration must have shape (S, {K}), got {calibration.shape}"
+            raise ValueError(msg)
+        codes, scale, zp = _gptq(wt, calibration, bits, bs, symmetric, float(damp))
+    elif method == "rtn":
+        x = np.zeros((N, nblk * bs), np.float32)
+        x[:, :K] = wt
+        x = x.reshape(N, nblk, bs)
+        scale, zp = _block_params(x, bits, symmetric)
+        codes = _block_codes(x, scale, zp, bits).astype(np.uint8).reshape(N, -1)
     else:
-        lo = np.minimum(x.min(axis=2), 0)
-        hi = np.maximum(x.max(axis=2), 0)
-        scale = ((hi - lo) / np.float32(qmax)).astype(np.float32)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            zp = np.where(scale > 0, np.clip(np.rint(-lo / scale), 0, qmax), 0)
-        zp = zp.astype(np.float32)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        q = np.rint(x / scale[..., None])
-    q = np.where(scale[..., None] != 0, q, 0) + zp[..., None]
-    codes = np.clip(q, 0, qmax).astype(np.uint8)
-    packed = pack_codes(codes, bits)
+        msg = f"method must be 'rtn' or 'gptq', got {method!r}"
+        raise ValueError(msg)
+    packed = pack_codes(codes.reshape(N, nblk, bs), bits)
     if symmetric:
         return packed, scale, None
     zpc = np.zeros((N, _pad_to(nblk, 8 // bits)), np.uint8)
