@@ -3,6 +3,7 @@ simulator (``NUMBA_ENABLE_CUDASIM=1``), which cannot run inline PTX.
 
     dp4a(a, b, c)   c + sum_i u8(a)[i] * s8(b)[i]   (PTX dp4a.u32.s32)
     mul_rn(x, y)    x * y in float64, rounded once; never fused with a later add
+    mul_rn32(x, y)  the same in float32
     rint(x)         round half to even (cvt.rni.f64.f64)
     f32_bits(x)     float32 -> its uint32 bit pattern (a register move)
     bits_f32(u)     uint32 bit pattern -> float32 (bfloat16 -> float32 is
@@ -35,6 +36,9 @@ if SIM:
 
     def mul_rn(x, y):
         return np.float64(x) * np.float64(y)
+
+    def mul_rn32(x, y):
+        return np.float32(np.float32(x) * np.float32(y))
 
     def rint(x):
         return np.rint(np.float64(x))
@@ -71,6 +75,18 @@ else:
             f64 = ir.DoubleType()
             fnty = ir.FunctionType(f64, [f64, f64])
             asm = ir.InlineAsm(fnty, "mul.rn.f64 $0, $1, $2;", "=d,d,d")
+            return builder.call(asm, args)
+
+        return sig, codegen
+
+    @intrinsic
+    def mul_rn32(typingctx, x, y):
+        sig = types.float32(types.float32, types.float32)
+
+        def codegen(context, builder, sig, args):
+            f32 = ir.FloatType()
+            fnty = ir.FunctionType(f32, [f32, f32])
+            asm = ir.InlineAsm(fnty, "mul.rn.f32 $0, $1, $2;", "=f,f,f")
             return builder.call(asm, args)
 
         return sig, codegen

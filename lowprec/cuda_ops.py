@@ -1221,3 +1221,83 @@ def matmul_bf16_cuda(a, b, *, bias=None, activation=None, out_dtype=np.float32):
     if host:
         return out_dev.copy_to_host().reshape(shape).view(odt)
     return out_ret.reshape(shape)
+
+
+# ---------------------------------------------------------------------------
+# below 8 bits (lowprec/nbits.py, kernels/nbits_cuda.py)
+
+NBITS_WARPS = 4  # warps per thread block: one warp per output element
+
+
+def _nbits_device(pk, codebook: bool):
+    """The weights in MatMulNBits' layout on the device, built once per packed
+    object from its quad planes: (b3, sc, zp, float table, int table, bs)."""
+    if pk._dev is not None:
+        return pk._dev
+    from . import nbits as _n
+
+    d = _cuda.to_device
+    codes = _n._codes_from_planes(pk._wq, pk.bits)[: pk.N]
+    bs = _n.CODEBOOK_ACT_BLOCK if codebook else pk.block_size
+    nblk = codes.shape[1] // bs
+    b3 = _n.pack_codes(codes.reshape(pk.N, nblk, bs), pk.bits)
+    G = pk._sc.shape[2]
+
+    def per_col(x):  # (ng, J, G) -> (N, J)
+        return np.ascontiguousarray(
+            x.transpose(0, 2, 1).reshape(-1, x.shape[1])[: pk.N]
+        )
+
+    sc, zp = per_col(pk._sc), per_col(pk._zp)
+    if not codebook and zp.shape[1] != sc.shape[1]:
+        zp = np.ascontiguousarray(np.broadcast_to(zp, sc.shape))
+    if codebook:
+        ftab = pk._lut.reshape(-1, pk._lut.shape[2])[: pk.N]
+        itab = pk._qlut.reshape(-1, pk._qlut.shape[2])[: pk.N]
+    else:
+        ftab = np.zeros((1, 1), np.float32)
+        itab = np.zeros((1, 1), np.int32)
+    del G
+    pk._dev = (d(b3), d(sc), d(zp), d(ftab), d(itab), bs)
+    return pk._dev
+
+
+def nbits_cuda(pk, a, level: int, bias, codebook: bool):
+    """``matmul_nbits`` / ``matmul_codebook`` on the GPU: float32 (..., N); the
+    int8 path (level 4) gives the CPU's bits, the float path its bound."""
+    nb_cuda, _, _, _ = _modules()
+    from .kernels import nbits_cuda as kn
+
+    x, host, proxy = _device_input(a, "a", (np.dtype(np.float32),),
+                                   "pass a.astype(np.float32)")  # fmt: skip
+    if proxy.ndim < 1 or proxy.shape[-1] != pk.K:
+        msg = f"a must have shape (..., K) with K={pk.K}, got {tuple(proxy.shape)}"
+        raise ValueError(msg)
+    lead = tuple(proxy.shape[:-1])
+    M = int(np.prod(lead, dtype=np.int64)) if lead else 1
+    a2 = _as_4d(x, host, (M, pk.K), "a")
+    b3, sc, zp, ftab, itab, bs = _nbits_device(pk, codebook)
+    bvec = np.zeros(pk.N, np.float32) if bias is None else bias
+    out_dev, out_ret = _out(a, host, (M, pk.N), np.float32)
+    if M:
+        threads = 32 * NBITS_WARPS
+        grid = -(-(M * pk.N) // NBITS_WARPS)
+        bits = pk.bits
+        if level == 4:
+            nblk = b3.shape[1]
+            qa = nb_cuda.device_array((M, nblk * bs), np.int8)
+            sa = nb_cuda.device_array((M, nblk), np.float32)
+            qs = nb_cuda.device_array((M, nblk), np.float32)
+            qgrid = -(-(M * nblk) // 128)
+            kn.quantize_blocks[qgrid, 128](a2, bs, qa, sa, qs)
+            kern = kn.nbits_int8_kernel(bits, bs, codebook, NBITS_WARPS)
+            kern[grid, threads](
+                qa, sa, qs, b3, sc, zp, itab, _cuda.to_device(bvec), out_dev
+            )
+        else:
+            kern = kn.nbits_float_kernel(bits, bs, codebook, NBITS_WARPS)
+            kern[grid, threads](a2, b3, sc, zp, ftab, _cuda.to_device(bvec), out_dev)
+    shape = (*lead, pk.N)
+    if host:
+        return out_dev.copy_to_host().reshape(shape)
+    return out_ret.reshape(shape)

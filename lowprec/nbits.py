@@ -326,6 +326,16 @@ def _quad_planes(codes_nk: np.ndarray, bits: int) -> np.ndarray:
     return np.ascontiguousarray(wq.reshape(ng, Kp // 4, 64))
 
 
+def _codes_from_planes(wq: np.ndarray, bits: int) -> np.ndarray:
+    """The inverse of _quad_planes: wq -> codes (ngroups * G, Kp) uint8."""
+    ng, nq, _ = wq.shape
+    P = 8 // bits
+    x = wq.reshape(ng, nq, 16, 4)
+    planes = [(x >> (bits * p)) & ((1 << bits) - 1) for p in range(P)]
+    c = np.stack(planes, axis=1)  # (g, p, q, L, r)
+    return np.ascontiguousarray(c.transpose(0, 1, 3, 2, 4).reshape(ng * P * 16, nq * 4))
+
+
 def _per_group(x_nj: np.ndarray, G: int, fill: float = 0.0) -> np.ndarray:
     """(N, J) per-column values -> (ngroups, J, G) float32 (padded columns fill)."""
     N, J = x_nj.shape
@@ -349,6 +359,7 @@ class PackedNBits:
         "_zp",
         "_zstride",
         "nbytes",
+        "_dev",
     )
 
     def __init__(self, codes, sc, zp, K, N, bits, bs):
@@ -364,6 +375,7 @@ class PackedNBits:
         for arr in (self._wq, self._sc, self._zp):
             arr.flags.writeable = False
         self.nbytes = self._wq.nbytes + self._sc.nbytes + self._zp.nbytes
+        self._dev = None  # device copies (lowprec.cuda_ops), built on first use
 
     def __repr__(self):
         return (
@@ -448,13 +460,16 @@ def _threads(M: int, K: int, N: int) -> int:
 
 
 def matmul_nbits(a, b, scales=None, zero_points=None, *, K=None, N=None, bits=4,
-                 block_size=32, bias=None, accuracy_level=0):  # fmt: skip
+                 block_size=32, bias=None, accuracy_level=0, device=None):  # fmt: skip
     """y = a @ W (+ bias) for MatMulNBits weights W (module docstring).
 
     a: float32 or float16 (..., K); b: a :class:`PackedNBits` (then scales,
     zero_points, K, N, bits and block_size come from it) or the uint8 packed
     codes with their scales (and zero points), repacked on every call (pack
     once with :func:`pack_nbits` for repeated calls). Returns float32 (..., N).
+    device: None (follow a: CuPy / numba device arrays run on the GPU), "cpu"
+    or "cuda" (docs/cuda.md); on the GPU a must be float32 and the int8 path
+    gives the CPU's bits.
     """
     if isinstance(b, PackedNBits):
         if scales is not None or zero_points is not None:
@@ -472,9 +487,21 @@ def matmul_nbits(a, b, scales=None, zero_points=None, *, K=None, N=None, bits=4,
             b, scales, zero_points, K=K, N=N, bits=bits, block_size=block_size
         )
     level = _level(accuracy_level)
-    a2, lead = _activations(a, pk.K)
     bias_ = _bias(bias, pk.N)
+    if _on_gpu(a, device):
+        from . import cuda_ops
+
+        return cuda_ops.nbits_cuda(pk, a, level, bias_, codebook=False)
+    a2, lead = _activations(a, pk.K)
     return _finish(_run_nbits(pk, a2, level), pk.N, bias_, lead)
+
+
+def _on_gpu(a, device) -> bool:
+    if device is None and type(a) is np.ndarray:
+        return False
+    from . import _cuda
+
+    return _cuda.use_cuda(a, device=device)
 
 
 def _run_nbits(pk: PackedNBits, a2: np.ndarray, level: int) -> np.ndarray:
@@ -667,7 +694,7 @@ class PackedCodebook:
     :func:`pack_codebook`. Immutable."""
 
     __slots__ = ("K", "N", "bits", "shared", "_wq", "_lut", "_qlut", "_sc", "_zp",
-                 "_table", "nbytes")  # fmt: skip
+                 "_table", "nbytes", "_dev")  # fmt: skip
 
     def __init__(self, codes, cb, K, N, bits):
         self.K, self.N, self.bits = K, N, bits
@@ -700,6 +727,7 @@ class PackedCodebook:
         for arr in (self._wq, self._lut, self._qlut, self._sc, self._zp):
             arr.flags.writeable = False
         self.nbytes = self._wq.nbytes + (C * 4 if self.shared else N * C * 4)
+        self._dev = None
 
     def __repr__(self):
         return (
@@ -716,12 +744,13 @@ def pack_codebook(indices, codebook, *, K, N, bits=4) -> PackedCodebook:
 
 
 def matmul_codebook(a, indices, codebook=None, *, K=None, N=None, bits=4, bias=None,
-                    accuracy_level=0):  # fmt: skip
+                    accuracy_level=0, device=None):  # fmt: skip
     """y = a @ codebook[indices] (+ bias), float32 out (module docstring).
 
     indices: a :class:`PackedCodebook`, or the packed uint8 indices with their
     codebook (repacked on every call). accuracy_level 4: int8 activations per
-    block of 32 and the codebook rounded to int8.
+    block of 32 and the codebook rounded to int8. device: as
+    :func:`matmul_nbits`.
     """
     if isinstance(indices, PackedCodebook):
         if codebook is not None:
@@ -734,8 +763,12 @@ def matmul_codebook(a, indices, codebook=None, *, K=None, N=None, bits=4, bias=N
             raise TypeError(msg)
         pk = pack_codebook(indices, codebook, K=K, N=N, bits=bits)
     level = _level(accuracy_level)
-    a2, lead = _activations(a, pk.K)
     bias_ = _bias(bias, pk.N)
+    if _on_gpu(a, device):
+        from . import cuda_ops
+
+        return cuda_ops.nbits_cuda(pk, a, level, bias_, codebook=True)
+    a2, lead = _activations(a, pk.K)
     M = a2.shape[0]
     ng, nq, _ = pk._wq.shape
     G = pk._lut.shape[1]

@@ -336,3 +336,36 @@ def test_dynamic_quantize_kernels_compile(toolchain, tmp_path, cc):
             assert "fma.rn.f64" not in ptx
         if name == "dq_add_bias":
             assert "add.rn.f32" in ptx or "add.f32" in ptx
+
+
+@pytest.mark.parametrize("cc", CCS, ids=lambda cc: f"sm_{cc[0]}{cc[1]}")
+@pytest.mark.parametrize(
+    ("bits", "lut"), [(4, False), (4, True), (2, False), (8, False)]
+)
+def test_nbits_kernels_compile(toolchain, tmp_path, cc, bits, lut):
+    from numba import types as t
+
+    from lowprec.cuda_ops import NBITS_WARPS
+    from lowprec.kernels import nbits_cuda as kn
+
+    f2 = t.float32[:, ::1]
+    b3 = t.uint8[:, :, ::1]
+    fk = kn.nbits_float_kernel(bits, 32, lut, NBITS_WARPS)
+    ik = kn.nbits_int8_kernel(bits, 32, lut, NBITS_WARPS)
+    cases = [
+        (f"nbits{bits}_f32{'_lut' if lut else ''}", fk,
+         (f2, b3, f2, f2, f2, t.float32[::1], f2)),
+        (f"nbits{bits}_i8{'_lut' if lut else ''}", ik,
+         (t.int8[:, ::1], f2, f2, b3, f2, f2, t.int32[:, ::1], t.float32[::1], f2)),
+        ("nbits_quantize_blocks", kn.quantize_blocks,
+         (f2, t.int64, t.int8[:, ::1], f2, f2)),
+    ]  # fmt: skip
+    for name, kernel, sig in cases:
+        ptx, st = _assemble(toolchain, tmp_path, name, kernel.py_func, sig, cc)
+        assert st["spill_st"] == 0, (name, st)
+        assert st["spill_ld"] == 0, (name, st)
+        if "_i8" in name:
+            # the block terms are multiplied and added with separate roundings
+            # (the CPU kernels' bits): no contracted fma on the float path
+            assert "mul.rn.f32" in ptx
+            assert "fma.rn.f32" not in ptx
