@@ -512,27 +512,23 @@ def _run_nbits(pk: PackedNBits, a2: np.ndarray, level: int) -> np.ndarray:
     y = _output(M, pk.N, ng * G)
     threads = _threads(M, pk.K, pk.N)
     if level == 4:
-        qa, ascale, qasum = _quantized(a2, Kp, pk.block_size)
         if _vnni():
-            from .kernels import nbits_vnni as _kv
-
             _dispatch.call_on_threads(
-                threads, _kv.run, qa, ascale, qasum, pk._wq, pk._sc, 1, pk._zp,
+                threads, _kv().run_quantizing, _f32(a2), pk._wq, pk._sc, 1, pk._zp,
                 pk._zstride, pk.bits, pk.block_size, _NO_LUT, False, y,
             )  # fmt: skip
-        else:
-            _dispatch.call_on_threads(
-                threads, _kn.nbits_i8, qa, ascale, qasum, pk._wq, pk._sc, 1, pk._zp,
-                pk._zstride, pk.bits, pk.block_size, _LUT_DUMMY, False, y,
-            )  # fmt: skip
+            return y
+        qa, ascale, qasum = _quantized(a2, Kp, pk.block_size)
+        _dispatch.call_on_threads(
+            threads, _kn.nbits_i8, qa, ascale, qasum, pk._wq, pk._sc, 1, pk._zp,
+            pk._zstride, pk.bits, pk.block_size, _LUT_DUMMY, False, y,
+        )  # fmt: skip
     else:
         x = _padded(a2, Kp)
         if _vnni():
-            from .kernels import nbits_vnni as _kv
-
             obuf = _dispatch.scratch("nbits.o", (M, ng, 4 * G), np.float32)
             _dispatch.call_on_threads(
-                threads, _kv.run_f32, x, pk._wq, pk._sc, pk._zp, pk._zstride, pk.bits,
+                threads, _kv().run_f32, x, pk._wq, pk._sc, pk._zp, pk._zstride, pk.bits,
                 pk.block_size, obuf, y,
             )  # fmt: skip
         else:
@@ -553,6 +549,20 @@ for _c in (_LUT_DUMMY, _NO_LUT):
 
 def _vnni() -> bool:
     return _dispatch.get_isa() == "avx512_vnni"
+
+
+def _kv():
+    from .kernels import nbits_vnni
+
+    return nbits_vnni
+
+
+def _f32(a2: np.ndarray) -> np.ndarray:
+    return (
+        a2
+        if a2.dtype == np.float32 and a2.flags.c_contiguous
+        else (np.ascontiguousarray(a2, dtype=np.float32))
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -775,15 +785,13 @@ def matmul_codebook(a, indices, codebook=None, *, K=None, N=None, bits=4, bias=N
     y = _output(M, pk.N, ng * G)
     threads = _threads(M, pk.K, pk.N)
     if level == 4:
-        qa, ascale, qasum = _quantized(a2, nq * 4, CODEBOOK_ACT_BLOCK)
         if _vnni() and pk.shared and pk.bits == 4:
-            from .kernels import nbits_vnni as _kv
-
             _dispatch.call_on_threads(
-                threads, _kv.run, qa, ascale, qasum, pk._wq, pk._sc, 0, pk._zp, 0,
+                threads, _kv().run_quantizing, _f32(a2), pk._wq, pk._sc, 0, pk._zp, 0,
                 pk.bits, CODEBOOK_ACT_BLOCK, pk._table, True, y,
             )  # fmt: skip
         else:
+            qa, ascale, qasum = _quantized(a2, nq * 4, CODEBOOK_ACT_BLOCK)
             _dispatch.call_on_threads(
                 threads, _kn.nbits_i8, qa, ascale, qasum, pk._wq, pk._sc, 0, pk._zp, 0,
                 pk.bits, CODEBOOK_ACT_BLOCK, pk._qlut, True, y,
