@@ -5,7 +5,9 @@ layout) or a 4-bit k-means codebook, prepacked, against ONNX Runtime's
 ``com.microsoft::MatMulNBits`` (constant weights, prepacked at session
 creation; accuracy level 0 for the float rows, 4 for the int8-activation rows),
 lowprec's own INT8 GEMV (``matmul_integer``, uint8 x int8 weights prepacked:
-the kernel with twice the weight bytes) and numpy float32 (context only).
+the kernel with twice the weight bytes, no activation quantization; and
+``dynamic_quantize_matmul``, float32 in and out like ``matmul_nbits``) and numpy
+float32 (context only).
 GOP/s = 2 M K N / t.
 """
 
@@ -146,6 +148,13 @@ def _build_int8(case, x):
     return lambda: lowprec.matmul_integer(a, packed, zp)
 
 
+def _build_int8_dynamic(case, x):
+    rng = np.random.default_rng(1)
+    b = rng.integers(-127, 128, (case.K, case.N), dtype=np.int8)
+    packed = lowprec.pack_weights(b, None, np.float32(0.01))
+    return lambda: lowprec.dynamic_quantize_matmul(x.a, packed)
+
+
 def _build_numpy(case, x):
     out = np.empty((case.M, case.N), np.float32)
     return lambda: np.matmul(x.a, x.w, out=out)
@@ -169,6 +178,15 @@ BASELINES = (
         _ALL,
         True,
         _build_int8,
+    ),
+    _b.Baseline(
+        "lowprec_int8_dyn",
+        "lowprec dynamic_quantize_matmul: float32 in, float32 out, int8 weights "
+        "prepacked (the INT8 GEMV that takes what matmul_nbits takes)",
+        (),
+        _ALL,
+        True,
+        _build_int8_dynamic,
     ),
     _b.Baseline(
         "numpy_f32",
