@@ -577,13 +577,29 @@ def _assign(x: np.ndarray, table: np.ndarray) -> np.ndarray:
     return order[np.searchsorted(mids, x, side="left")].astype(np.uint8)
 
 
-def _lloyd(x: np.ndarray, C: int, iters: int) -> np.ndarray:
-    """1-D k-means with linear initialization over [min, max] (Deep
-    Compression's best-performing init); exact Lloyd steps on sorted values
-    with prefix sums, O(C log n) per step. Deterministic."""
+def _kmeanspp(xs: np.ndarray, C: int, rng) -> np.ndarray:
+    """k-means++ seeding on sorted 1-D values: each next center drawn with
+    probability proportional to the squared distance to the nearest chosen one."""
+    c = [xs[rng.integers(xs.size)]]
+    d2 = (xs - c[0]) ** 2
+    for _ in range(1, C):
+        total = d2.sum()
+        if total <= 0:  # fewer distinct values than C: repeat the last center
+            c.append(c[-1])
+            continue
+        pick = np.searchsorted(np.cumsum(d2), rng.random() * total, side="right")
+        c.append(xs[min(pick, xs.size - 1)])
+        d2 = np.minimum(d2, (xs - c[-1]) ** 2)
+    return np.sort(np.array(c))
+
+
+def _lloyd(x: np.ndarray, C: int, iters: int, init: str, rng) -> np.ndarray:
+    """1-D k-means: exact Lloyd steps on sorted values with prefix sums,
+    O(C log n) per step, from a linear initialization over [min, max] (Deep
+    Compression's best-performing init) or k-means++ seeding (rng)."""
     xs = np.sort(x.astype(np.float64))
     cum = np.concatenate(([0.0], np.cumsum(xs)))
-    c = np.linspace(xs[0], xs[-1], C)
+    c = np.linspace(xs[0], xs[-1], C) if init == "linear" else _kmeanspp(xs, C, rng)
     for _ in range(iters):
         mids = (c[:-1] + c[1:]) / 2
         bounds = np.concatenate(
@@ -618,23 +634,30 @@ def _check_iters(iters) -> int:
     return int(iters)
 
 
-def kmeans_quantize(w, *, bits=4, per_row=False, iters=30, axis=0):
+def kmeans_quantize(w, *, bits=4, per_row=False, iters=30, init="linear", seed=0,
+                    axis=0):  # fmt: skip
     """Deep Compression weight sharing: 2**bits shared float32 values.
 
     w: float (K, N) with K along ``axis``. Returns ``(indices_packed,
     codebook)``: indices uint8 (N, ceil(K * bits / 8)) packed low bits first
     along K; codebook float32 (2**bits,), or (N, 2**bits) with per_row (one
     table per output column). Each weight takes its nearest codebook value.
-    Deterministic: linear initialization, at most ``iters`` Lloyd steps.
+    At most ``iters`` Lloyd steps from ``init``: "linear" (evenly spaced over
+    [min, max]; needs no seed) or "kmeans++" (seeded by ``seed``). The same
+    arguments give the same result.
     """
     bits = _check_bits(bits)
     iters = _check_iters(iters)
+    if init not in ("linear", "kmeans++"):
+        msg = f"init must be 'linear' or 'kmeans++', got {init!r}"
+        raise ValueError(msg)
     wt = _weights_2d(w, axis)
     C = 1 << bits
+    rng = np.random.default_rng(seed)
     if per_row:
-        table = np.stack([_lloyd(row, C, iters) for row in wt])
+        table = np.stack([_lloyd(row, C, iters, init, rng) for row in wt])
     else:
-        table = _lloyd(wt.reshape(-1), C, iters)
+        table = _lloyd(wt.reshape(-1), C, iters, init, rng)
     return _codebook_out(wt, table, bits)
 
 

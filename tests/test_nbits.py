@@ -350,6 +350,13 @@ def test_kmeans_deterministic_and_beats_uniform_grid():
     assert cb_r.shape == (64, 16)
     wd_r = nb.dequantize_codebook(idx_r, cb_r, K=256)
     assert ((wd_r - w) ** 2).mean() <= mse
+    # k-means++ seeding: deterministic per seed, also no worse than the grid
+    a1 = nb.kmeans_quantize(w, bits=4, init="kmeans++", seed=3)
+    a2 = nb.kmeans_quantize(w, bits=4, init="kmeans++", seed=3)
+    assert np.array_equal(a1[0], a2[0])
+    assert np.array_equal(a1[1], a2[1])
+    wpp = nb.dequantize_codebook(*a1, K=256)
+    assert ((wpp - w) ** 2).mean() <= mse_uniform
     # every weight takes its nearest table entry
     d = np.abs(w[..., None] - cb[None, None, :])
     assert np.allclose(np.abs(wd - w), d.min(axis=2))
@@ -407,6 +414,8 @@ def test_codebook_bad_inputs():
         nb.matmul_codebook(a, idx, cb.astype(np.float64), K=16, N=4)
     with pytest.raises(ValueError, match="bits must be one of"):
         nb.kmeans_quantize(np.ones((4, 4), np.float32), bits=3)
+    with pytest.raises(ValueError, match="init must be"):
+        nb.kmeans_quantize(np.ones((4, 4), np.float32), init="random")
     with pytest.raises(ValueError, match="iters"):
         nb.kmeans_quantize(np.ones((4, 4), np.float32), iters=-1)
     with pytest.raises(ValueError, match="NaN"):
