@@ -29,15 +29,18 @@ from .config import JIT, PJIT
 @njit(**JIT)
 def quantize_rows_blockwise(a, bs, qa, ascale, qasum):
     # a (M, K) float32 -> qa (M, Kp) int8 (zero past K), ascale (M, nblk) f32,
-    # qasum (M, nblk) f32 (as float: the kernels' epilogue operand)
+    # qasum (M, nblk) f32 (as float: the kernels' epilogue operand).
+    # Returns False if a holds NaN or +-inf (x * 0 is NaN exactly then).
     M, K = a.shape
     Kp = qa.shape[1]
+    probe = np.float32(0.0)
     for m in range(M):
         for j in range(Kp // bs):
             k1 = min((j + 1) * bs, K)
             amax = np.float32(0.0)
             for k in range(j * bs, k1):
                 amax = max(amax, abs(a[m, k]))
+                probe += a[m, k] * np.float32(0.0)
             s = amax / np.float32(127.0)
             inv = np.float32(1.0) / s if s > 0 else np.float32(0.0)
             total = 0
@@ -51,6 +54,7 @@ def quantize_rows_blockwise(a, bs, qa, ascale, qasum):
                 qa[m, k] = 0
             ascale[m, j] = s
             qasum[m, j] = np.float32(total)
+    return probe == 0
 
 
 @njit(**JIT)

@@ -128,9 +128,10 @@ def nbits_int8_kernel(bits, bs, lut, warps):
 
 
 @cuda.jit
-def quantize_blocks(a, bs, qa, sa, qs):
+def quantize_blocks(a, bs, qa, sa, qs, bad):
     # a (M, K) f32 -> qa (M, Kp) int8 (0 past K), sa/qs (M, nblk) f32; one
-    # thread per (m, block), as kernels/nbits.py quantize_rows_blockwise
+    # thread per (m, block), as kernels/nbits.py quantize_rows_blockwise;
+    # bad[0] = 1 where a block holds NaN or +-inf (every writer writes 1)
     M, K = a.shape
     nblk = sa.shape[1]
     t = cuda.grid(1)
@@ -140,8 +141,12 @@ def quantize_blocks(a, bs, qa, sa, qs):
     j = t % nblk
     k1 = min((j + 1) * bs, K)
     amax = np.float32(0)
+    probe = np.float32(0)
     for k in range(j * bs, k1):
         amax = max(amax, abs(a[m, k]))
+        probe += a[m, k] * np.float32(0)
+    if probe != 0 or probe != probe:
+        bad[0] = 1
     s = amax / np.float32(127.0)
     inv = np.float32(1.0) / s if s > 0 else np.float32(0.0)
     total = 0
@@ -149,7 +154,8 @@ def quantize_blocks(a, bs, qa, sa, qs):
         q = 0
         if k < K:
             f = rint(mul_rn32(a[m, k], inv))
-            q = int(min(max(f, -127.0), 127.0))
+            if f == f:  # NaN (bad[0] is set) stays 0: int(NaN) is undefined
+                q = int(min(max(f, -127.0), 127.0))
         qa[m, k] = q
         total += q
     sa[m, j] = s

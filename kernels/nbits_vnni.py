@@ -285,8 +285,10 @@ def run_quantizing(a, wq, sc, sstride, zp, zstride, bits, bs, table, lut, out):
     qa = np.empty((M, Kp), np.int8)
     ascale = np.empty((M, Kp // bs), np.float32)
     qasum = np.empty((M, Kp // bs), np.float32)
-    quantize_rows_blockwise(a, bs, qa, ascale, qasum)
+    if not quantize_rows_blockwise(a, bs, qa, ascale, qasum):
+        return False  # non-finite activations: the caller raises
     run(qa, ascale, qasum, wq, sc, sstride, zp, zstride, bits, bs, table, lut, out)
+    return True
 
 
 # ---------------------------------------------------------------------------

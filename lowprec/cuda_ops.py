@@ -1289,7 +1289,12 @@ def nbits_cuda(pk, a, level: int, bias, codebook: bool):
             sa = nb_cuda.device_array((M, nblk), np.float32)
             qs = nb_cuda.device_array((M, nblk), np.float32)
             qgrid = -(-(M * nblk) // 128)
-            kn.quantize_blocks[qgrid, 128](a2, bs, qa, sa, qs)
+            bad = nb_cuda.to_device(np.zeros(1, np.int32))
+            kn.quantize_blocks[qgrid, 128](a2, bs, qa, sa, qs, bad)
+            if bad.copy_to_host()[0]:
+                from .nbits import _finite
+
+                _finite(False)
             kern = kn.nbits_int8_kernel(bits, bs, codebook, NBITS_WARPS)
             kern[grid, threads](
                 qa, sa, qs, b3, sc, zp, itab, _cuda.to_device(bvec), out_dev

@@ -436,8 +436,17 @@ def _quantized(a2: np.ndarray, Kp: int, bs: int):
     qa = _dispatch.scratch("nbits.qa", (M, Kp), np.int8)
     ascale = np.empty((M, Kp // bs), np.float32)
     qasum = np.empty((M, Kp // bs), np.float32)
-    _kn.quantize_rows_blockwise(a2, bs, qa, ascale, qasum)
+    _finite(_kn.quantize_rows_blockwise(a2, bs, qa, ascale, qasum))
     return qa, ascale, qasum
+
+
+def _finite(ok: bool) -> None:
+    if not ok:
+        msg = (
+            "a holds NaN or infinity: accuracy_level=4 quantizes the activations "
+            "to int8 and cannot represent them; clean a or use accuracy_level=0"
+        )
+        raise ValueError(msg)
 
 
 def _output(M: int, N: int, width: int) -> np.ndarray:
@@ -513,10 +522,11 @@ def _run_nbits(pk: PackedNBits, a2: np.ndarray, level: int) -> np.ndarray:
     threads = _threads(M, pk.K, pk.N)
     if level == 4:
         if _vnni():
-            _dispatch.call_on_threads(
+            ok = _dispatch.call_on_threads(
                 threads, _kv().run_quantizing, _f32(a2), pk._wq, pk._sc, 1, pk._zp,
                 pk._zstride, pk.bits, pk.block_size, _NO_LUT, False, y,
             )  # fmt: skip
+            _finite(ok)
             return y
         qa, ascale, qasum = _quantized(a2, Kp, pk.block_size)
         _dispatch.call_on_threads(
@@ -809,10 +819,11 @@ def matmul_codebook(a, indices, codebook=None, *, K=None, N=None, bits=4, bias=N
     threads = _threads(M, pk.K, pk.N)
     if level == 4:
         if _vnni() and pk.shared and pk.bits == 4:
-            _dispatch.call_on_threads(
+            ok = _dispatch.call_on_threads(
                 threads, _kv().run_quantizing, _f32(a2), pk._wq, pk._sc, 0, pk._zp, 0,
                 pk.bits, CODEBOOK_ACT_BLOCK, pk._table, True, y,
             )  # fmt: skip
+            _finite(ok)
         else:
             qa, ascale, qasum = _quantized(a2, nq * 4, CODEBOOK_ACT_BLOCK)
             _dispatch.call_on_threads(

@@ -282,6 +282,40 @@ def test_matmul_nbits_shapes_and_float16():
     assert np.array_equal(y1, y2)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nbits_non_finite_activations(isa, bad):
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((64, 32)).astype(np.float32)
+    p, s, _ = nb.quantize_blockwise(w)
+    pk = nb.pack_nbits(p, s, K=64, N=32)
+    idx, cb = nb.kmeans_quantize(w)
+    pc = nb.pack_codebook(idx, cb, K=64, N=32)
+    a = rng.standard_normal((2, 64)).astype(np.float32)
+    a[1, 40] = bad
+    # int8 activations cannot hold it: a clear error, never a finite answer
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        nb.matmul_nbits(a, pk, accuracy_level=4)
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        nb.matmul_codebook(a, pc, accuracy_level=4)
+    # the float path propagates it (IEEE), the clean row is unaffected
+    y = nb.matmul_nbits(a, pk)
+    assert not np.isfinite(y[1]).any()
+    assert np.isfinite(y[0]).all()
+
+
+def test_nbits_empty_and_tiny(isa):
+    w = np.random.default_rng(6).standard_normal((5, 1)).astype(np.float32)
+    p, s, _ = nb.quantize_blockwise(w, block_size=16)
+    pk = nb.pack_nbits(p, s, K=5, N=1, block_size=16)
+    assert nb.matmul_nbits(np.zeros((0, 5), np.float32), pk).shape == (0, 1)
+    assert nb.matmul_nbits(
+        np.zeros((0, 5), np.float32), pk, accuracy_level=4
+    ).shape == (0, 1)
+    a = np.ones((1, 5), np.float32)
+    wd = nb.dequantize_blockwise(p, s, K=5, block_size=16)
+    assert np.allclose(nb.matmul_nbits(a, pk), a @ wd, rtol=1e-6)
+
+
 def test_nbits_bad_inputs():
     w = np.ones((64, 32), np.float32)
     with pytest.raises(ValueError, match="bits must be one of"):

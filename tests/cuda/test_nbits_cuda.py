@@ -68,3 +68,14 @@ def test_nbits_cuda_rejects_float16_device_input():
     pk = nb.pack_nbits(p, s, K=32, N=4)
     with pytest.raises(TypeError, match="float32"):
         nb.matmul_nbits(_dev(np.ones((1, 32), np.float16)), pk)
+
+
+def test_nbits_cuda_int8_path_rejects_non_finite():
+    w = np.ones((32, 4), np.float32)
+    p, s, _ = nb.quantize_blockwise(w)
+    pk = nb.pack_nbits(p, s, K=32, N=4)
+    a = np.ones((1, 32), np.float32)
+    a[0, 3] = np.inf
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        nb.matmul_nbits(a, pk, accuracy_level=4, device="cuda")
+    assert np.isinf(nb.matmul_nbits(a, pk, device="cuda")).all()

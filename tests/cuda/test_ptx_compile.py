@@ -358,7 +358,7 @@ def test_nbits_kernels_compile(toolchain, tmp_path, cc, bits, lut):
         (f"nbits{bits}_i8{'_lut' if lut else ''}", ik,
          (t.int8[:, ::1], f2, f2, b3, f2, f2, t.int32[:, ::1], t.float32[::1], f2)),
         ("nbits_quantize_blocks", kn.quantize_blocks,
-         (f2, t.int64, t.int8[:, ::1], f2, f2)),
+         (f2, t.int64, t.int8[:, ::1], f2, f2, t.int32[::1])),
     ]  # fmt: skip
     for name, kernel, sig in cases:
         ptx, st = _assemble(toolchain, tmp_path, name, kernel.py_func, sig, cc)
