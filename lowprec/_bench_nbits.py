@@ -101,40 +101,46 @@ class NBitsCase:
         return lambda: nb.matmul_codebook(x.a, x.pk, accuracy_level=self.level)
 
 
-def _build_ort(case, x):
-    if VARIANTS[case.variant][0] != "nbits":
-        raise _b.Unsupported("MatMulNBits has no codebook weights")
+def ort_nbits_session(packed, scales, zero_points, *, K, N, bits, block_size,
+                      accuracy_level, threads=1):  # fmt: skip
+    """An onnxruntime session of one com.microsoft::MatMulNBits node with
+    constant weights (input "A" float32 (M, K), output float32 (M, N)); shared
+    by this suite and tests/test_nbits.py."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    inits = [
-        numpy_helper.from_array(x.packed, "B"),
-        numpy_helper.from_array(x.scales, "S"),
-    ]
+    names = ["A", "B", "S"] + (["Z"] if zero_points is not None else [])
+    inits = [numpy_helper.from_array(packed, "B"), numpy_helper.from_array(scales, "S")]
+    if zero_points is not None:
+        inits.append(numpy_helper.from_array(zero_points.reshape(-1), "Z"))
     node = helper.make_node(
-        "MatMulNBits", ["A", "B", "S"], ["Y"], domain="com.microsoft",
-        K=case.K, N=case.N, bits=4, block_size=BLOCK, accuracy_level=case.level,
+        "MatMulNBits", names, ["Y"], domain="com.microsoft",
+        K=K, N=N, bits=bits, block_size=block_size, accuracy_level=accuracy_level,
     )  # fmt: skip
     graph = helper.make_graph(
         [node],
         "nbits",
-        [helper.make_tensor_value_info("A", TensorProto.FLOAT, [case.M, case.K])],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [case.M, case.N])],
+        [helper.make_tensor_value_info("A", TensorProto.FLOAT, [None, K])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, N])],
         inits,
     )
-    model = helper.make_model(
-        graph,
-        opset_imports=[
-            helper.make_opsetid("", 21),
-            helper.make_opsetid("com.microsoft", 1),
-        ],
-    )
+    opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
     so = ort.SessionOptions()
-    so.intra_op_num_threads = case.threads
+    so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
-    sess = ort.InferenceSession(
+    return ort.InferenceSession(
         model.SerializeToString(), so, providers=["CPUExecutionProvider"]
     )
+
+
+def _build_ort(case, x):
+    if VARIANTS[case.variant][0] != "nbits":
+        raise _b.Unsupported("MatMulNBits has no codebook weights")
+    sess = ort_nbits_session(
+        x.packed, x.scales, None, K=case.K, N=case.N, bits=4, block_size=BLOCK,
+        accuracy_level=case.level, threads=case.threads,
+    )  # fmt: skip
     feed = {"A": x.a}
     return lambda: sess.run(None, feed)[0]
 

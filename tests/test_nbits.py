@@ -206,34 +206,11 @@ def test_matmul_nbits_int8_path_bit_exact(isa, M, K, N, bits, bs, sym):
 
 
 def _ort_nbits(a, packed, scales, zp, K, N, bits, bs, level):
-    ort = pytest.importorskip("onnxruntime")
-    from onnx import TensorProto, helper, numpy_helper
+    pytest.importorskip("onnxruntime")
+    from lowprec._bench_nbits import ort_nbits_session
 
-    names = ["A", "B", "S"] + (["Z"] if zp is not None else [])
-    inits = [numpy_helper.from_array(packed, "B"), numpy_helper.from_array(scales, "S")]
-    if zp is not None:
-        inits.append(numpy_helper.from_array(zp.reshape(-1), "Z"))
-    node = helper.make_node(
-        "MatMulNBits", names, ["Y"], domain="com.microsoft",
-        K=K, N=N, bits=bits, block_size=bs, accuracy_level=level,
-    )  # fmt: skip
-    graph = helper.make_graph(
-        [node], "g",
-        [helper.make_tensor_value_info("A", TensorProto.FLOAT, list(a.shape))],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [a.shape[0], N])],
-        inits,
-    )  # fmt: skip
-    model = helper.make_model(
-        graph,
-        opset_imports=[
-            helper.make_opsetid("", 21),
-            helper.make_opsetid("com.microsoft", 1),
-        ],
-    )
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    sess = ort.InferenceSession(
-        model.SerializeToString(), so, providers=["CPUExecutionProvider"]
+    sess = ort_nbits_session(
+        packed, scales, zp, K=K, N=N, bits=bits, block_size=bs, accuracy_level=level
     )
     return sess.run(None, {"A": a})[0]
 
