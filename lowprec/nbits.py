@@ -35,7 +35,8 @@ Kernels: ``kernels/nbits.py`` (portable numba) and ``kernels/nbits_vnni.py``
 
 from __future__ import annotations
 
-import numba
+import functools
+
 import numpy as np
 
 from . import _dispatch
@@ -464,8 +465,16 @@ def _finish(y, N, bias, lead):
     return out.reshape(*lead, N)
 
 
-def _threads(M: int, K: int, N: int) -> int:
-    return 1 if M * K * N < (1 << 18) else numba.get_num_threads()
+# below this many multiply-adds a call runs on the calling thread (a parallel
+# launch costs more than the work, lowprec.gemm.SERIAL_MACS measured the same)
+SERIAL_MACS = 1 << 18
+
+
+def _call(macs: int, kernel, *args):
+    """kernel(*args) on numba's threads, or on this thread for small work."""
+    if macs >= SERIAL_MACS:
+        return kernel(*args)
+    return _dispatch.call_on_threads(1, kernel, *args)
 
 
 def matmul_nbits(a, b, scales=None, zero_points=None, *, K=None, N=None, bits=4,
@@ -519,33 +528,33 @@ def _run_nbits(pk: PackedNBits, a2: np.ndarray, level: int) -> np.ndarray:
     ng, _, _ = pk._wq.shape
     G = pk._sc.shape[2]
     y = _output(M, pk.N, ng * G)
-    threads = _threads(M, pk.K, pk.N)
+    macs = M * pk.K * pk.N
     if level == 4:
         if _vnni():
-            ok = _dispatch.call_on_threads(
-                threads, _kv().run_quantizing, _f32(a2), pk._wq, pk._sc, 1, pk._zp,
+            ok = _call(
+                macs, _kv().run_quantizing, _f32(a2), pk._wq, pk._sc, 1, pk._zp,
                 pk._zstride, pk.bits, pk.block_size, _NO_LUT, False, y,
             )  # fmt: skip
             _finite(ok)
             return y
         qa, ascale, qasum = _quantized(a2, Kp, pk.block_size)
-        _dispatch.call_on_threads(
-            threads, _kn.nbits_i8, qa, ascale, qasum, pk._wq, pk._sc, 1, pk._zp,
+        _call(
+                macs, _kn.nbits_i8, qa, ascale, qasum, pk._wq, pk._sc, 1, pk._zp,
             pk._zstride, pk.bits, pk.block_size, _LUT_DUMMY, False, y,
         )  # fmt: skip
     else:
         x = _padded(a2, Kp)
         if _vnni():
             obuf = _dispatch.scratch("nbits.o", (M, ng, 4 * G), np.float32)
-            _dispatch.call_on_threads(
-                threads, _kv().run_f32, x, pk._wq, pk._sc, pk._zp, pk._zstride, pk.bits,
+            _call(
+                macs, _kv().run_f32, x, pk._wq, pk._sc, pk._zp, pk._zstride, pk.bits,
                 pk.block_size, obuf, y,
             )  # fmt: skip
         else:
             arep = _dispatch.scratch("nbits.arep", (M, Kp // 4, 64), np.float32)
             _kn.repeat_quads(x, arep)
-            _dispatch.call_on_threads(
-                threads, _kn.nbits_f32, arep, pk._wq, pk._sc, pk._zp, pk._zstride,
+            _call(
+                macs, _kn.nbits_f32, arep, pk._wq, pk._sc, pk._zp, pk._zstride,
                 pk.bits, pk.block_size, y,
             )  # fmt: skip
     return y
@@ -561,6 +570,7 @@ def _vnni() -> bool:
     return _dispatch.get_isa() == "avx512_vnni"
 
 
+@functools.cache
 def _kv():
     from .kernels import nbits_vnni
 
@@ -816,25 +826,23 @@ def matmul_codebook(a, indices, codebook=None, *, K=None, N=None, bits=4, bias=N
     ng, nq, _ = pk._wq.shape
     G = pk._lut.shape[1]
     y = _output(M, pk.N, ng * G)
-    threads = _threads(M, pk.K, pk.N)
+    macs = M * pk.K * pk.N
     if level == 4:
         if _vnni() and pk.shared and pk.bits == 4:
-            ok = _dispatch.call_on_threads(
-                threads, _kv().run_quantizing, _f32(a2), pk._wq, pk._sc, 0, pk._zp, 0,
+            ok = _call(
+                macs, _kv().run_quantizing, _f32(a2), pk._wq, pk._sc, 0, pk._zp, 0,
                 pk.bits, CODEBOOK_ACT_BLOCK, pk._table, True, y,
             )  # fmt: skip
             _finite(ok)
         else:
             qa, ascale, qasum = _quantized(a2, nq * 4, CODEBOOK_ACT_BLOCK)
-            _dispatch.call_on_threads(
-                threads, _kn.nbits_i8, qa, ascale, qasum, pk._wq, pk._sc, 0, pk._zp, 0,
+            _call(
+                macs, _kn.nbits_i8, qa, ascale, qasum, pk._wq, pk._sc, 0, pk._zp, 0,
                 pk.bits, CODEBOOK_ACT_BLOCK, pk._qlut, True, y,
             )  # fmt: skip
     else:
         x = _padded(a2, nq * 4)
-        _dispatch.call_on_threads(
-            threads, _kn.codebook_f32, x, pk._wq, pk._lut, pk.bits, y
-        )
+        _call(macs, _kn.codebook_f32, x, pk._wq, pk._lut, pk.bits, y)
     return _finish(y, pk.N, bias_, lead)
 
 
