@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import functools
 
+import numba
 import numpy as np
 
 from . import _dispatch
@@ -544,7 +545,15 @@ def _run_nbits(pk: PackedNBits, a2: np.ndarray, level: int) -> np.ndarray:
         )  # fmt: skip
     else:
         x = _padded(a2, Kp)
-        if _vnni():
+        if _vnni() and M >= _kv().PANEL_MIN_ROWS:
+            panels = _dispatch.scratch(
+                "nbits.panel", (numba.config.NUMBA_NUM_THREADS, Kp * G), np.float32
+            )
+            _call(
+                macs, _kv().run_f32_panel, x, pk._wq, pk._sc, pk._zp, pk._zstride,
+                pk.bits, pk.block_size, panels, y,
+            )  # fmt: skip
+        elif _vnni():
             obuf = _dispatch.scratch("nbits.o", (M, ng, 4 * G), np.float32)
             _call(
                 macs, _kv().run_f32, x, pk._wq, pk._sc, pk._zp, pk._zstride, pk.bits,

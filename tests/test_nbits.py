@@ -75,6 +75,9 @@ CASES = [
     (2, 96, 40, 2, 32, False),
     (6, 130, 17, 8, 32, True),
     (7, 200, 33, 8, 16, False),
+    (9, 100, 40, 4, 32, False),  # >= 8 rows: the dequantized-panel float kernel
+    (13, 64, 70, 2, 16, True),
+    (8, 70, 20, 8, 32, False),
 ]
 
 
