@@ -86,7 +86,10 @@ def _weights_2d(w, axis) -> np.ndarray:
     """w with the reduction axis K at `axis` -> float32 (N, K) copy."""
     v.check_array(w, "w", _FLOATS, fix="pass w.astype(np.float32)")
     if w.ndim != 2:
-        msg = f"w must be 2-D (K, N) weights, got shape {w.shape}"
+        msg = (
+            f"w must be 2-D weights, (K, N) for axis=0 or (N, K) for axis=1, got "
+            f"shape {w.shape}; reshape it to 2-D"
+        )
         raise ValueError(msg)
     axis = v.check_axis(axis, 2)
     wt = (w.T if axis == 0 else w).astype(np.float32)
@@ -405,7 +408,7 @@ def _activations(a, K: int) -> tuple[np.ndarray, tuple]:
 def _bias(bias, N: int):
     if bias is None:
         return None
-    v.check_array(bias, "bias", v.FLOAT_INPUT_TYPES)
+    v.check_array(bias, "bias", v.FLOAT_INPUT_TYPES, fix="pass bias.astype(np.float32)")
     if bias.shape != (N,):
         msg = f"bias must have shape ({N},) (one per output column), got {bias.shape}"
         raise ValueError(msg)
