@@ -302,6 +302,47 @@ def run_quantizing(a, wq, sc, sstride, zp, zstride, bits, bs, table, lut, out):
 _vf4 = ir.VectorType(_f32, 4)
 
 
+def _lane_params(builder, sc, zp, j, sstep, zstep, P):
+    """Block j's scales and zero points, lane-expanded per plane p and quarter
+    c (lane i of quarter c holds column 16p + 4c + i // 4): lists of 4 * P
+    <16 x float> (index 4p + c)."""
+    c64 = lambda x: ir.Constant(_i64, x)  # noqa: E731
+    zoff = builder.mul(j, zstep)
+    soff = builder.mul(j, sstep)
+    zx, sx = [], []
+    for p in range(P):
+        zv = builder.load(
+            _ptr(builder, zp, builder.add(zoff, c64(64 * p)), _vf), align=4
+        )
+        sv = builder.load(
+            _ptr(builder, sc, builder.add(soff, c64(64 * p)), _vf), align=4
+        )
+        for c in range(4):
+            sel = ir.Constant(_v16, [4 * c + i // 4 for i in range(16)])
+            zx.append(builder.shuffle_vector(zv, zv, sel))
+            sx.append(builder.shuffle_vector(sv, sv, sel))
+    return zx, sx
+
+
+def _plane_floats(builder, row, bits, p):
+    """Plane p of a 64-byte quad row as 4 <16 x float> codes (quarter c = bytes
+    16c .. 16c + 15: lane 4L + r is (k = 4q + r, column 16p + 4c + L))."""
+    if bits == 8:
+        x = row
+    else:
+        m32 = int.from_bytes(bytes([(1 << bits) - 1] * 4), "little")
+        shifted = builder.lshr(row, ir.Constant(_v16, [bits * p] * 16))
+        x = builder.and_(shifted, ir.Constant(_v16, [m32] * 16))
+    xb = builder.bitcast(x, _b64)
+    out = []
+    for c in range(4):
+        part = builder.shuffle_vector(
+            xb, xb, ir.Constant(_v16, list(range(16 * c, 16 * c + 16)))
+        )
+        out.append(builder.uitofp(part, _vf))
+    return out
+
+
 def make_ftile(MR, bits):
     """_f(a, lda, wq, nblk, qpb, sc, zp, zstep, o, ldo) all int64: a (float32
     rows, lda bytes apart), sc / zp (float32 x G per block; zp zstep bytes
@@ -312,9 +353,6 @@ def make_ftile(MR, bits):
         a, lda, wq, nblk, qpb, sc, zp, zstep, o, ldo = args
         c64 = lambda x: ir.Constant(_i64, x)  # noqa: E731
         fma = _fn(builder, "llvm.fma.v16f32", _vf, [_vf, _vf, _vf])
-        mask = ir.Constant(
-            _v16, [int.from_bytes(bytes([(1 << bits) - 1] * 4), "little")] * 16
-        )
         rep4 = ir.Constant(_v16, [i % 4 for i in range(16)])
         fn = builder.function
         pre = builder.block
@@ -324,22 +362,7 @@ def make_ftile(MR, bits):
         builder.position_at_end(jloop)
         j = builder.phi(_i64, "j")
         j.add_incoming(c64(0), pre)
-        # zero points of block j, lane-expanded: lane i of quarter c holds
-        # column 4c + i // 4
-        zoff = builder.mul(j, zstep)
-        soff = builder.mul(j, c64(64 * P))
-        zx, sx = [], []
-        for p in range(P):
-            zv = builder.load(
-                _ptr(builder, zp, builder.add(zoff, c64(64 * p)), _vf), align=4
-            )
-            sv = builder.load(
-                _ptr(builder, sc, builder.add(soff, c64(64 * p)), _vf), align=4
-            )
-            for c in range(4):
-                sel = ir.Constant(_v16, [4 * c + i // 4 for i in range(16)])
-                zx.append(builder.shuffle_vector(zv, zv, sel))
-                sx.append(builder.shuffle_vector(sv, sv, sel))
+        zx, sx = _lane_params(builder, sc, zp, j, c64(64 * P), zstep, P)
         qbase = builder.mul(j, qpb)
         jhead = builder.block
         qloop = fn.append_basic_block("nf.q")
@@ -356,19 +379,7 @@ def make_ftile(MR, bits):
         row = builder.load(_ptr(builder, wq, builder.mul(qq, c64(64)), _v16), align=1)
         ws = []
         for p in range(P):
-            x = (
-                row
-                if bits == 8
-                else builder.and_(
-                    builder.lshr(row, ir.Constant(_v16, [bits * p] * 16)), mask
-                )
-            )
-            xb = builder.bitcast(x, _b64)
-            for c in range(4):
-                part = builder.shuffle_vector(
-                    xb, xb, ir.Constant(_v16, list(range(16 * c, 16 * c + 16)))
-                )
-                f = builder.uitofp(part, _vf)
+            for c, f in enumerate(_plane_floats(builder, row, bits, p)):
                 ws.append(builder.fsub(f, zx[4 * p + c]))
         new = []
         koff = builder.mul(qq, c64(16))
@@ -495,8 +506,6 @@ def make_dequant(bits):
     def codegen(context, builder, sig, args):
         wq, nblk, qpb, sc, zp, zstep, panel = args
         c64 = lambda x: ir.Constant(_i64, x)  # noqa: E731
-        m32 = int.from_bytes(bytes([(1 << bits) - 1] * 4), "little")
-        mask = ir.Constant(_v16, [m32] * 16)
         fn = builder.function
         pre = builder.block
         jloop = fn.append_basic_block("dq.j")
@@ -504,20 +513,7 @@ def make_dequant(bits):
         builder.position_at_end(jloop)
         j = builder.phi(_i64, "j")
         j.add_incoming(c64(0), pre)
-        zoff = builder.mul(j, zstep)
-        soff = builder.mul(j, c64(4 * G))
-        zx, sx = [], []
-        for p in range(P):
-            zv = builder.load(
-                _ptr(builder, zp, builder.add(zoff, c64(64 * p)), _vf), align=4
-            )
-            sv = builder.load(
-                _ptr(builder, sc, builder.add(soff, c64(64 * p)), _vf), align=4
-            )
-            for c in range(4):
-                sel = ir.Constant(_v16, [4 * c + i // 4 for i in range(16)])
-                zx.append(builder.shuffle_vector(zv, zv, sel))
-                sx.append(builder.shuffle_vector(sv, sv, sel))
+        zx, sx = _lane_params(builder, sc, zp, j, c64(4 * G), zstep, P)
         qbase = builder.mul(j, qpb)
         jhead = builder.block
         qloop = fn.append_basic_block("dq.q")
@@ -527,23 +523,11 @@ def make_dequant(bits):
         q.add_incoming(c64(0), jhead)
         qq = builder.add(qbase, q)
         row = builder.load(_ptr(builder, wq, builder.mul(qq, c64(64)), _v16), align=1)
-        i32x16 = ir.VectorType(_i32, 16)
         for p in range(P):
-            x = (
-                row
-                if bits == 8
-                else builder.and_(
-                    builder.lshr(row, ir.Constant(_v16, [bits * p] * 16)), mask
-                )
-            )
-            xb = builder.bitcast(x, _b64)
-            v = []
-            for c in range(4):
-                part = builder.shuffle_vector(
-                    xb, xb, ir.Constant(i32x16, list(range(16 * c, 16 * c + 16)))
-                )
-                f = builder.fsub(builder.uitofp(part, _vf), zx[4 * p + c])
-                v.append(builder.fmul(f, sx[4 * p + c]))
+            v = [
+                builder.fmul(builder.fsub(f, zx[4 * p + c]), sx[4 * p + c])
+                for c, f in enumerate(_plane_floats(builder, row, bits, p))
+            ]
 
             # v[c] lane 4L + r holds w[4q + r, 16p + 4c + L]; transpose to
             # u[r] lane 4c + L (two stages of two-input shuffles)
@@ -551,7 +535,7 @@ def make_dequant(bits):
                 # lanes (r - r0) * 8 + h * 4 + L <- (a_ if h == 0 else b_)[4L + r]
                 idx = [(16 if h else 0) + 4 * L + r0 + rr for rr in range(2)
                        for h in range(2) for L in range(4)]  # fmt: skip
-                return builder.shuffle_vector(a_, b_, ir.Constant(i32x16, idx))
+                return builder.shuffle_vector(a_, b_, ir.Constant(_v16, idx))
 
             x01 = [st1(v[0], v[1], 0), st1(v[0], v[1], 2)]
             x23 = [st1(v[2], v[3], 0), st1(v[2], v[3], 2)]
@@ -559,7 +543,7 @@ def make_dequant(bits):
                 lo, rr = divmod(r, 2)
                 idx = [(16 if c >= 2 else 0) + rr * 8 + (c % 2) * 4 + L
                        for c in range(4) for L in range(4)]  # fmt: skip
-                u = builder.shuffle_vector(x01[lo], x23[lo], ir.Constant(i32x16, idx))
+                u = builder.shuffle_vector(x01[lo], x23[lo], ir.Constant(_v16, idx))
                 krow = builder.add(builder.mul(qq, c64(4)), c64(r))
                 off = builder.add(builder.mul(krow, c64(4 * G)), c64(64 * p))
                 builder.store(u, _ptr(builder, panel, off, _vf), align=4)

@@ -1241,7 +1241,6 @@ def _nbits_device(pk, codebook: bool):
     bs = _n.CODEBOOK_ACT_BLOCK if codebook else pk.block_size
     nblk = codes.shape[1] // bs
     b3 = _n.pack_codes(codes.reshape(pk.N, nblk, bs), pk.bits)
-    G = pk._sc.shape[2]
 
     def per_col(x):  # (ng, J, G) -> (N, J)
         return np.ascontiguousarray(
@@ -1257,7 +1256,6 @@ def _nbits_device(pk, codebook: bool):
     else:
         ftab = np.zeros((1, 1), np.float32)
         itab = np.zeros((1, 1), np.int32)
-    del G
     pk._dev = (d(b3), d(sc), d(zp), d(ftab), d(itab), bs)
     return pk._dev
 

@@ -787,8 +787,6 @@ class PackedCodebook:
         self._sc = _per_group(cs[:, None], G)
         self._zp = np.full((ng, 1, G), 128, np.float32)
         self._table = (q[0] + 128).astype(np.uint8) if self.shared else None
-        if self._table is not None and bits == 4:
-            self._table = np.ascontiguousarray(self._table)
         for arr in (self._wq, self._lut, self._qlut, self._sc, self._zp):
             arr.flags.writeable = False
         self.nbytes = self._wq.nbytes + (C * 4 if self.shared else N * C * 4)
