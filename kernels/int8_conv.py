@@ -736,7 +736,8 @@ def _make_dw3(stride):
         # multiplier for the channel), one masked store of nvalid outputs
         mv = splat(builder, mult, vf64)
         kind = sig.args[-1].dtype
-        _store_tile(builder, kind, [acc], _col_masks(builder, 1, nvalid), 1, 1, dst,
+        masks = _col_masks(builder, 1, nvalid)
+        _store_tile(builder, kind, lambda r, v: acc, masks, 1, 1, dst,
                     ir.Constant(ir.IntType(64), 0), lambda r, v: mv, zy, qlo, qhi,
                     lambda v: fzero)  # fmt: skip
         return context.get_dummy_value()

@@ -310,64 +310,67 @@ def _clamp(builder, x, lo, hi):
     return builder.select(builder.fcmp_ordered(">", x, hi), hi, x)
 
 
-def _if_general(builder, general, accs, lane, correct):
-    """accs, or correct() of them when general != 0: the zero-point terms of
-    eq. 8 behind one branch, merged by a phi per accumulator vector."""
-    fn = builder.function
-    pre = builder.block
-    corr = fn.append_basic_block("epi.general")
-    join = fn.append_basic_block("epi.join")
-    zero = ir.Constant(_i64, 0)
-    builder.cbranch(builder.icmp_signed("!=", general, zero), corr, join)
-    builder.position_at_end(corr)
-    fixed = correct()
-    corr_end = builder.block
-    builder.branch(join)
-    builder.position_at_end(join)
-    acc = []
-    for x, y in zip(accs, fixed, strict=True):
-        p = builder.phi(lane)
-        p.add_incoming(x, pre)
-        p.add_incoming(y, corr_end)
-        acc.append(p)
-    return acc
+def _by_general(builder, general, emit):
+    """emit(False) when general == 0, else emit(True), each on its own branch.
+    Each branch runs the whole epilogue one accumulator vector at a time: a
+    phi that merged the corrected accumulators (24 of them, 48 zmm once widened
+    to int64 lanes) kept them all live and spilled them to the stack (measured:
+    the u8 / float epilogue cost 20-24 % of a K = 288 GEMM)."""
+    with builder.if_else(builder.icmp_signed("!=", general, ir.Constant(_i64, 0))) as (
+        gen,
+        plain,
+    ):
+        with gen:
+            emit(True)
+        with plain:
+            emit(False)
 
 
-def _store_tile(builder, kind, acc, masks, MR, NV_, c, ldc, mult_of, zy, qlo,
+def _store_tile(builder, kind, acc_of, masks, MR, NV_, c, ldc, mult_of, zy, qlo,
                 qhi, fbias_of):  # fmt: skip
     """Eqs. 11-13 on the tile's acc lanes (int32, or int64 for byte / float
     output) and one masked store per vector of the output row c + r*ldc bytes.
-    mult_of(r, v) -> <16 x double> multipliers; fbias_of(v) -> <16 x float>
-    (float output only)."""
+    acc_of(r, v) -> the accumulator vector (emitted where it is used, so only
+    the vector at hand is widened); mult_of(r, v) -> <16 x double> multipliers;
+    fbias_of(v) -> <16 x float> (float output only). Column vector outer, row
+    inner: each column's parameters are loaded once and the accumulators die
+    in order."""
     vf64 = ir.VectorType(_f64, 16)
     vf32 = ir.VectorType(_f32, 16)
     if kind != types.int32:
         zyv = splat(builder, zy, vf64)
         lov = splat(builder, qlo, vf64)
         hiv = splat(builder, qhi, vf64)
-        rint = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(vf64, [vf64]), "llvm.rint.v16f64"
+        # float output clamps in float32: with the bounds rounded to float32 it
+        # gives the float64 clamp's result rounded (no float32 lies strictly
+        # between a bound and its rounding), in 2 instructions instead of 8
+        lo32 = splat(builder, builder.fptrunc(qlo, _f32), vf32)
+        hi32 = splat(builder, builder.fptrunc(qhi, _f32), vf32)
+        # rint then convert as one vcvtpd2dq (round to nearest even); the
+        # integer bounds commute with rint, so clamping first is the same
+        lrint = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(_v16, [vf64]), "llvm.lrint.v16i32.v16f64"
         )
     esize = {types.int32: 4, types.float32: 4, types.uint8: 1, types.int8: 1}[kind]
-    for r in range(MR):
-        row = builder.add(c, builder.mul(ldc, ir.Constant(_i64, r)))
-        for v in range(NV_):
-            x = acc[r * NV_ + v]
+    for v in range(NV_):
+        fb = fbias_of(v) if kind == types.float32 else None
+        for r in range(MR):
+            row = builder.add(c, builder.mul(ldc, ir.Constant(_i64, r)))
+            x = acc_of(r, v)
             at = builder.add(row, ir.Constant(_i64, 16 * esize * v))
             if kind == types.int32:
                 _vec_store(builder, x, at, masks[v])
                 continue
-            d = builder.fmul(builder.sitofp(x, vf64), mult_of(r, v))
+            d = x if x.type == vf64 else builder.sitofp(x, vf64)
+            d = builder.fmul(d, mult_of(r, v))
             if kind == types.float32:
                 # float32(acc * mult) + fbias in float32, clamp (mode 2)
-                f = builder.fadd(builder.fptrunc(d, vf32), fbias_of(v))
-                d = _clamp(builder, builder.fpext(f, vf64), lov, hiv)
-                _vec_store(builder, builder.fptrunc(d, vf32), at, masks[v])
+                f = builder.fadd(builder.fptrunc(d, vf32), fb)
+                _vec_store(builder, _clamp(builder, f, lo32, hi32), at, masks[v])
             else:
                 # saturate(rint(acc * mult + zy)) (mode 1, eq. 11)
-                d = builder.call(rint, [builder.fadd(d, zyv)])
-                d = _clamp(builder, d, lov, hiv)
-                q = builder.trunc(builder.fptosi(d, _v16), ir.VectorType(_i8, 16))
+                d = _clamp(builder, builder.fadd(d, zyv), lov, hiv)
+                q = builder.trunc(builder.call(lrint, [d]), ir.VectorType(_i8, 16))
                 _vec_store(builder, q, at, masks[v])
 
 
@@ -392,8 +395,9 @@ def make_fused_kernel(MR, NV_):
                   the epilogue: int32 -> mode 0, uint8/int8 -> mode 1,
                   float32 -> mode 2.
     The caller guarantees K <= K_INT32_SAFE, so the raw int32 P is exact
-    (docs/quantization.md, eq. 7); eq. 8 then runs in int64 lanes (wrapping
-    int32 for int32 output, which keeps the same low 32 bits).
+    (docs/quantization.md, eq. 7); eq. 8 then runs exactly: P + bias in
+    float64 lanes, or int64 lanes with the ZA / ZB terms (wrapping int32 for
+    int32 output, which keeps the same low 32 bits).
     """
 
     def codegen(context, builder, sig, args):
@@ -409,15 +413,15 @@ def make_fused_kernel(MR, NV_):
             at = builder.add(addr, ir.Constant(_i64, 16 * size * v))
             return _vec_load(builder, at, elt, masks[v])
 
-        # eq. 8: + bias always; the ZA / ZB terms only when `general`. int32
-        # output: wrapping int32 arithmetic (the same low 32 bits as the int64
-        # sum the reference stores). Requantized / float output: int64 lanes, so
-        # acc is exact whatever the bias (the double conversion needs it exact).
-        wide = kind != types.int32
-        lane = ir.VectorType(_i64, 16) if wide else _v16
-
-        def ext(x):
-            return builder.sext(x, lane) if wide else x
+        # eq. 8: + bias always; the ZA / ZB terms only when `general`.
+        # int32 output: wrapping int32 arithmetic (the same low 32 bits as the
+        # int64 sum the reference stores). Requantized / float output needs acc
+        # exact: without the ZA / ZB terms, P (exact int32) and the int64 bias
+        # are added in float64 (both exact there: 2 instructions, not the 7 of
+        # int64 lanes); with them, int64 lanes. Measured, K = 288, u8 output:
+        # the epilogue 20 % -> 5 % of the tile's time.
+        vf64 = ir.VectorType(_f64, 16)
+        i64v = ir.VectorType(_i64, 16)
 
         def col32(addr, v):
             return builder.trunc(col(addr, v, _i64, 8), _v16)
@@ -427,40 +431,51 @@ def make_fused_kernel(MR, NV_):
             x = builder.load(builder.inttoptr(at, _i64.as_pointer()))
             return splat(builder, builder.trunc(x, _i32), _v16)
 
-        bv = [col(bias, v, _i64, 8) for v in range(NV_)]
-        bv = bv if wide else [builder.trunc(x, _v16) for x in bv]
-        accs = [builder.add(ext(fin[i]), bv[i % NV_]) for i in range(MR * NV_)]
-
-        def correct():
-            # each product fits int32 (|ZA*colsum|, |ZB*rowsum| <= 255*255*K):
-            # 32-bit multiplies, widened before the subtraction (vpmullq is
-            # slow on Zen 4)
-            csv = [col32(cs, v) for v in range(NV_)]
-            zbv = [col32(zb, v) for v in range(NV_)]
-            fixed = []
-            for r in range(MR):
-                zas = row32(za, za_step, r)
-                rss = row32(rs, rs_step, r)
-                for v in range(NV_):
-                    x = accs[r * NV_ + v]
-                    x = builder.sub(x, ext(builder.mul(zas, csv[v])))
-                    x = builder.sub(x, ext(builder.mul(zbv[v], rss)))
-                    fixed.append(x)
-            return fixed
-
-        acc = _if_general(builder, general, accs, lane, correct)
-
         def mult_of(r, v):
             mrow = builder.add(mult, builder.mul(mult_step, ir.Constant(_i64, r)))
             return col(mrow, v, _f64, 8)
 
-        fb = (
-            [col(fbias, v, _f32, 4) for v in range(NV_)]
-            if kind == types.float32
-            else []
-        )
-        _store_tile(builder, kind, acc, masks, MR, NV_, c, ldc, mult_of, zy, qlo,
-                    qhi, lambda v: fb[v])  # fmt: skip
+        def emit(general):
+            # per column vector: bias (and colsum, ZB); per row: ZA, rowsum.
+            # Each product fits int32 (|ZA*colsum|, |ZB*rowsum| <= 255*255*K):
+            # 32-bit multiplies, widened before the subtraction (vpmullq is
+            # slow on Zen 4)
+            cols = {}
+            if kind == types.int32:
+                lane = _v16
+            elif general:
+                lane = i64v
+            else:
+                lane = vf64
+
+            def acc_of(r, v):
+                if r == 0:
+                    bv = col(bias, v, _i64, 8)
+                    if lane is _v16:
+                        bv = builder.trunc(bv, _v16)
+                    elif lane is vf64:
+                        bv = builder.sitofp(bv, vf64)
+                    cols[v] = (
+                        bv,
+                        col32(cs, v) if general else None,
+                        col32(zb, v) if general else None,
+                    )
+                bv, csv, zbv = cols[v]
+                p = fin[r * NV_ + v]
+                if lane is vf64:
+                    return builder.fadd(builder.sitofp(p, vf64), bv)
+                x = builder.add(p if lane is _v16 else builder.sext(p, lane), bv)
+                if general:
+                    zas = row32(za, za_step, r)
+                    rss = row32(rs, rs_step, r)
+                    for t in (builder.mul(zas, csv), builder.mul(zbv, rss)):
+                        x = builder.sub(x, t if lane is _v16 else builder.sext(t, lane))
+                return x
+
+            _store_tile(builder, kind, acc_of, masks, MR, NV_, c, ldc, mult_of,
+                        zy, qlo, qhi, lambda v: col(fbias, v, _f32, 4))  # fmt: skip
+
+        _by_general(builder, general, emit)
         return context.get_dummy_value()
 
     @intrinsic
@@ -506,8 +521,9 @@ def make_channel_kernel(MR, NV_):
       cs        : address of the panel's int32 column sums
       general   : 0 -> skip the ZW * colsum term
       mult      : address of float64 mult[m0] (8 bytes per row)
-    The products fit int32 (|ZW| <= 255, |colsum| <= 128 K); the sum runs in
-    int64 lanes for byte / float output, wrapping int32 for int32 output.
+    The products fit int32 (|ZW| <= 255, |colsum| <= 128 K); the sum runs as
+    in make_fused_kernel (float64 P + rbias without the ZW term, int64 lanes
+    with it, wrapping int32 for int32 output).
     """
 
     def codegen(context, builder, sig, args):
@@ -517,45 +533,51 @@ def make_channel_kernel(MR, NV_):
         zero = ir.Constant(_i64, 0)
         fin = _k_loop(builder, MR, NV_, a, lda, b, ldb, k4, zero, nvalid)
         masks = _col_masks(builder, NV_, nvalid)
-        wide = kind != types.int32
-        lane = ir.VectorType(_i64, 16) if wide else _v16
-
-        def ext(x):
-            return builder.sext(x, lane) if wide else x
+        vf64 = ir.VectorType(_f64, 16)
+        i64v = ir.VectorType(_i64, 16)
 
         def row(addr, r, elt):
             at = builder.add(addr, ir.Constant(_i64, 8 * r))
             return builder.load(builder.inttoptr(at, elt.as_pointer()))
 
-        accs = []
-        for r in range(MR):
-            rb = row(rbias, r, _i64)
-            rb = splat(builder, rb if wide else builder.trunc(rb, _i32), lane)
-            accs += [builder.add(ext(fin[r * NV_ + v]), rb) for v in range(NV_)]
-
-        def correct():
-            csv = [
-                _vec_load(
-                    builder, builder.add(cs, ir.Constant(_i64, 64 * v)), _i32, masks[v]
-                )
-                for v in range(NV_)
-            ]
-            fixed = []
-            for r in range(MR):
-                zws = splat(builder, builder.trunc(row(zw, r, _i64), _i32), _v16)
-                for v in range(NV_):
-                    prod = ext(builder.mul(zws, csv[v]))
-                    fixed.append(builder.sub(accs[r * NV_ + v], prod))
-            return fixed
-
-        acc = _if_general(builder, general, accs, lane, correct)
-        vf64 = ir.VectorType(_f64, 16)
-        mults = [splat(builder, row(mult, r, _f64), vf64) for r in range(MR)]
         # conv has no float bias (its bias is the integer one in rbias); + 0.0f
         # keeps mode 2 the same float operations as the fused tile's
         fb0 = ir.Constant(ir.VectorType(_f32, 16), [0.0] * 16)
-        _store_tile(builder, kind, acc, masks, MR, NV_, c, ldc,
-                    lambda r, v: mults[r], zy, qlo, qhi, lambda v: fb0)  # fmt: skip
+
+        def emit(general):
+            # lanes as in make_fused_kernel: wrapping int32 for int32 output,
+            # else float64 P + rbias (exact) or int64 lanes with the ZW term
+            csv = {}
+            if kind == types.int32:
+                lane = _v16
+            elif general:
+                lane = i64v
+            else:
+                lane = vf64
+
+            def acc_of(r, v):
+                rb = row(rbias, r, _i64)
+                p = fin[r * NV_ + v]
+                if lane is vf64:
+                    rb = splat(builder, builder.sitofp(rb, _f64), vf64)
+                    return builder.fadd(builder.sitofp(p, vf64), rb)
+                rb = rb if lane is i64v else builder.trunc(rb, _i32)
+                rb = splat(builder, rb, lane)
+                x = builder.add(p if lane is _v16 else builder.sext(p, lane), rb)
+                if general:
+                    if r == 0:
+                        at = builder.add(cs, ir.Constant(_i64, 64 * v))
+                        csv[v] = _vec_load(builder, at, _i32, masks[v])
+                    zws = splat(builder, builder.trunc(row(zw, r, _i64), _i32), _v16)
+                    t = builder.mul(zws, csv[v])
+                    x = builder.sub(x, t if lane is _v16 else builder.sext(t, lane))
+                return x
+
+            _store_tile(builder, kind, acc_of, masks, MR, NV_, c, ldc,
+                        lambda r, v: splat(builder, row(mult, r, _f64), vf64), zy,
+                        qlo, qhi, lambda v: fb0)  # fmt: skip
+
+        _by_general(builder, general, emit)
         return context.get_dummy_value()
 
     @intrinsic

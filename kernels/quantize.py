@@ -68,18 +68,25 @@ def _key(u):
     return u ^ ((u >> 31) & 0x7FFFFFFF)
 
 
+# Keys of +inf and -inf: a NaN's key lies beyond the infinity of its sign, and
+# every finite float's strictly between the two.
+_KEY_POS_INF = np.int32(0x7F800000)
+_KEY_NEG_INF = np.int32(0x7F800000 - 0x80000000) ^ np.int32(0x7FFFFFFF)
+
+
 @njit(inline="always")
 def _min_max_keys(xs):
-    # xs (n,) int32 float bits -> (min key, max key, any non-finite)
+    # xs (n,) int32 float bits -> (min key, max key, any non-finite). The
+    # non-finite test reads the two extreme keys, not every element: the loop
+    # is a key transform, a min and a max (measured 1.8M floats, 1 thread:
+    # 171 -> 83 us)
     mn = np.int32(0x7FFFFFFF)
     mx = np.int32(-0x80000000)
-    nonfinite = np.int32(0)
     for i in range(xs.shape[0]):
-        u = xs[i]
-        nonfinite |= np.int32((u & 0x7F800000) == 0x7F800000)  # NaN or +-inf
-        k = np.int32(_key(u))
+        k = np.int32(_key(xs[i]))
         mn = min(mn, k)
         mx = max(mx, k)
+    nonfinite = np.int32(mx >= _KEY_POS_INF or mn <= _KEY_NEG_INF)
     return mn, mx, nonfinite
 
 
@@ -187,7 +194,10 @@ def dynamic_quantize_rows(x, out, scale, zero_point):
 @njit(inline="always")
 def _quantize_block(xs, scale, zero_point, qmin, qmax, os):
     # 8/16-bit outputs round and clamp in float32 (vectorizes twice as wide):
-    # rint(v) + zp is exact below 2**24 and saturates either way above it
+    # rint(v) + zp is exact below 2**24 and saturates either way above it.
+    # The true division stays: x * (1/scale) with a check that it rounds like
+    # the quotient (redoing by division where not) measured 264 vs 214 us for
+    # 1.8M floats (vdivps zmm is ~0.44 cycles per float on Zen 4).
     if qmax - qmin < 131072.0:
         zf = np.float32(zero_point)
         lof = np.float32(qmin)
@@ -204,6 +214,24 @@ def _quantize_block(xs, scale, zero_point, qmin, qmax, os):
             v = xs[i] / scale
             r = min(max(np.rint(np.float64(v)) + zero_point, qmin), qmax)
             os[i] = r if v == v else zero_point
+
+
+@njit(**JIT)
+def dynamic_quantize_scaled(x, out, sb, mult):
+    # dynamic_quantize_serial, and with its scale s the multiplier of eq. 14,
+    # mult[n] = fl32(s * sb[n or 0]) as float64 (sb (1|N,) float32): one call
+    # where the two cost ~5 us of a 1 x 384 x 16 dynamic matmul
+    s, zp, lo, hi, status = dynamic_quantize_serial(x, out)
+    scaled_multiplier(s, sb, mult)
+    return s, zp, lo, hi, status
+
+
+@njit(**JIT)
+def scaled_multiplier(s, sb, mult):
+    # mult (N,) float64 = fl32(s * sb[n]), sb (1|N,) float32 broadcast over N
+    one = sb.shape[0] == 1
+    for n in range(mult.shape[0]):
+        mult[n] = np.float64(np.float32(s * sb[0 if one else n]))
 
 
 @njit(**PJIT)

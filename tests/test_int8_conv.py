@@ -405,7 +405,7 @@ def test_conv_matches_oracle(isa, prob, layout, packed, data):
         if data.draw(st.booleans())
         else None
     )
-    act = data.draw(st.sampled_from([None, "relu", "relu6", (-1.5, 2.0)]))
+    act = data.draw(st.sampled_from([None, "relu", "relu6", (-1.5, 2.0), (-0.3, 0.7)]))
     fdt = np.float32 if odt == np.float32 else None
     wp = lowprec.conv.pack_conv_weights(w, wz, sw, group=prob["group"]) if packed else w
     got = lowprec.conv.qlinear_conv(

@@ -103,7 +103,7 @@ def test_matmul_integer_matches_oracle(
 @given(
     gemm_case(),
     st.sampled_from([None, np.uint8, np.int8, np.float32]),
-    st.sampled_from([None, "relu", "relu6", (-1.5, 2.0)]),
+    st.sampled_from([None, "relu", "relu6", (-1.5, 2.0), (-0.3, 0.7)]),
     st.booleans(),
     st.booleans(),
     st.sampled_from([np.float32, np.float16]),
@@ -384,9 +384,37 @@ def test_dynamic_quantize_matmul_matches_oracle(
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("shape", [(1, 3, 70), (300, 130)])  # 39000 > _QUANT_BLOCK
+@pytest.mark.parametrize("sb_kind", ["scalar", "float16"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_dynamic_quantize_matmul_per_tensor_variants(isa, shape, sb_kind, with_bias):
+    # the per-tensor fast path: small a (quantization and multiplier in one
+    # call) and large a, scalar and float16 scales, with and without bias, N-D a
+    rng = np.random.default_rng(sum(shape))
+    a = (rng.normal(0, 2, shape) + 0.5).astype(np.float32)
+    K, N = shape[-1], 37
+    b = _rand(rng, (K, N), np.int8)
+    if sb_kind == "scalar":
+        sb = np.float32(0.02)
+    else:
+        sb = (10.0 ** rng.uniform(-3, 0, N)).astype(np.float16)
+    bias = rng.normal(0, 1, N).astype(np.float32) if with_bias else None
+    want = ref.dynamic_quantize_matmul(a, b, sb, None, bias)
+    for w in (b, lowprec.pack_weights(b, None, sb)):
+        got = lowprec.dynamic_quantize_matmul(
+            a, w, None if w is not b else sb, bias=bias
+        )
+        assert got.shape == shape[:-1] + (N,)
+        np.testing.assert_array_equal(got, want)
+
+
 def test_dynamic_quantize_matmul_rejects_non_finite():
     a = np.array([[1.0, np.nan]], np.float32)
     b = np.ones((2, 3), np.int8)
     for per_row in (False, True):
         with pytest.raises(ValueError, match="finite"):
             lowprec.dynamic_quantize_matmul(a, b, 0.1, per_row=per_row)
+        big = np.ones((300, 130), np.float32)  # the multi-block quantization
+        big[299, 129] = np.inf
+        with pytest.raises(ValueError, match="finite"):
+            lowprec.dynamic_quantize_matmul(big, np.ones((130, 3), np.int8), 0.1)

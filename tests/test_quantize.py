@@ -157,13 +157,15 @@ def test_min_max_kernel_matches_numpy(block):
             for lo, hi, finite in (kq.min_max(x, block), kq.min_max_serial(x)):
                 assert finite
                 assert (lo, hi) == (x.min(), x.max())
-            x[rng.integers(n)] = rng.choice([np.nan, np.inf, -np.inf])
+            # the non-finite test reads the extreme keys: NaN of either sign
+            x[rng.integers(n)] = rng.choice([np.nan, -np.nan, np.inf, -np.inf])
             assert not kq.min_max(x, block)[2]
             assert not kq.min_max_serial(x)[2]
 
 
-# one call on this thread (<= 32768 elements), serial blocks, parallel blocks
-SIZES = [3, 40_000, 70_000]
+# one call on this thread (<= 32768 elements), serial blocks, parallel
+# quantization blocks, parallel min/max blocks (> 2**18)
+SIZES = [3, 40_000, 70_000, 300_000]
 
 
 @pytest.mark.parametrize("n", SIZES)
