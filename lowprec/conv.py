@@ -627,7 +627,7 @@ def _plan(
             jobs = mt * G * -(-panels // pbk)
             tj = max(1, min(8, jobs // (16 * nth)))
             out = rows_out()
-            sa = np.empty((threads, _kc.MR_MAX, ka), np.uint8)
+            sa = np.zeros((threads, _kc.MR_MAX, ka), np.uint8)
             _dispatch.call_on_threads(
                 par(), _kc.conv_vnni, _ro(xp), bp, geo, pbk, tj, direct, sa, fused, out
             )
@@ -638,7 +638,7 @@ def _plan(
     def run_portable(x):
         xp = padded(x)
         out = rows_out()
-        sa = np.empty((threads, PORTABLE_TILE, max(K, 1)), np.uint8)
+        sa = np.zeros((threads, PORTABLE_TILE, max(K, 1)), np.uint8)
         sp = np.empty((threads, PORTABLE_TILE, Mg), np.int32)
         _dispatch.call_on_threads(
             par(), _kc.conv_portable, xp, packed._wk, geo, sa, sp, za_arr,
