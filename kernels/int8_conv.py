@@ -27,7 +27,14 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .config import PJIT
-from .int8_gemm_vnni import MR_MAX, NR, panel_colsum, run_channel_tile, run_fused_tile
+from .int8_gemm_vnni import (
+    MR_MAX,
+    NR,
+    narrow_epilogue,
+    panel_colsum,
+    run_channel_tile,
+    run_fused_tile,
+)
 from .ir_util import splat
 from .layout import copy_bytes
 from .requant import epilogue_tile
@@ -132,7 +139,7 @@ def _gather(xp, geo, m0, mr, g, dst):
 # called, not inlined, from the prange driver: numba's parfor passes rewrite the
 # whole loop body and took minutes with the tiles and epilogue inlined (gemm too)
 @njit(nogil=True, cache=True)
-def _vnni_job(t, mt, tj, nblk, pb, direct, xp, bp, geo, sa, epi, out):
+def _vnni_job(t, mt, tj, nblk, pb, direct, xp, bp, geo, sa, epi, narrow, out):
     # job t = (group, panel block, run of tj pixel tiles), the run fastest: a
     # thread's contiguous prange chunk keeps streaming the same weight panels.
     # Runs of tiles, not single tiles: with K = 288 a tile is ~0.5 us of
@@ -180,6 +187,7 @@ def _vnni_job(t, mt, tj, nblk, pb, direct, xp, bp, geo, sa, epi, out):
                 g * Mg + jn * NR,
                 min(NR, Mg - jn * NR),
                 epi_g,
+                narrow,
                 xp,
                 out,
             )
@@ -196,8 +204,14 @@ def conv_vnni(xp, bp, geo, pb, tj, direct, sa, epi, out):
     mt = (rows + MR_MAX - 1) // MR_MAX
     nblk = (bp.shape[1] + pb - 1) // pb
     nrun = (mt + tj - 1) // tj
+    # every group's row-sum term or none (eq. 8): the narrow test on group 0's
+    narrow = narrow_epilogue(
+        (epi[0], epi[1][0], epi[2], epi[3], epi[4], epi[5], epi[6], epi[7], epi[8],
+         epi[9], epi[10]),
+        kh * kw * Cg,
+    )  # fmt: skip
     for t in prange(nrun * nblk * G):
-        _vnni_job(t, mt, tj, nblk, pb, direct, xp, bp, geo, sa, epi, out)
+        _vnni_job(t, mt, tj, nblk, pb, direct, xp, bp, geo, sa, epi, narrow, out)
 
 
 # ---------------------------------------------------------------------------

@@ -640,3 +640,28 @@ def test_plan_cache_follows_every_argument():
     got = lowprec.conv.conv_integer(xi, wp, np.int8(-5), pads=(1, 1, 1, 1))
     np.testing.assert_array_equal(got, conv_ref(xi, w, -5, 0, pads=(1, 1, 1, 1)))
     assert acc.shape == first.shape
+
+
+@pytest.mark.parametrize("big", [False, True])
+def test_qlinear_conv_bias_beyond_the_narrow_epilogue(isa, big):
+    # NHWC 3x3 (the VNNI implicit GEMM): int32 lanes + FMA while |P + bias| <
+    # 2**29, float64 lanes for a bias near the int32 limits; both exact
+    rng = np.random.default_rng(11)
+    x = rng.integers(0, 256, (2, 8, 7, 7), dtype=np.uint8)
+    w = rng.integers(-128, 128, (20, 8, 3, 3), dtype=np.int8)
+    lim = 2**31 - 1 if big else 2**20
+    bias = rng.integers(-lim, lim, 20, endpoint=True).astype(np.int32)
+    bias[:2] = [lim, -lim]  # where int32 lanes would wrap
+    sx, sw = np.float32(0.02), np.full(20, 0.01, np.float32)
+    sy = np.float32(0.02 * 0.01 * (2.0**32 if big else 2.0**22) / 200)
+    acc = conv_ref(x, w, 5, 0, pads=[1, 1, 1, 1])
+    want = requant_ref(acc, sx, sw, sy, np.uint8(128), bias=bias)
+    for layout in ("NCHW", "NHWC"):
+        got = lowprec.conv.qlinear_conv(
+            _to_layout(x, layout), sx, np.uint8(5), w, sw, np.int8(0), sy,
+            np.uint8(128), bias, pads=[1, 1, 1, 1], layout=layout,
+        )  # fmt: skip
+        got = got.transpose(0, 3, 1, 2) if layout == "NHWC" else got
+        np.testing.assert_array_equal(got, want)
+    assert len(np.unique(want)) > 10
+    assert want.min() < 128 < want.max()

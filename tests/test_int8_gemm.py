@@ -154,6 +154,33 @@ def test_qlinear_matmul_matches_oracle(
     np.testing.assert_array_equal(got_p, want)
 
 
+@pytest.mark.parametrize("out", [np.uint8, np.float32])
+@pytest.mark.parametrize("big", [False, True])
+def test_qlinear_matmul_bias_beyond_the_narrow_epilogue(isa, out, big):
+    # the VNNI tile takes int32 lanes and one FMA only while |P + bias| < 2**29
+    # (kernels/int8_gemm_vnni.py::narrow_epilogue); a bias near the int32
+    # limits takes the float64 lanes: both exact
+    rng = np.random.default_rng(7)
+    M, K, N = 13, 70, 40
+    a = _rand(rng, (M, K), np.uint8)
+    b = _rand(rng, (K, N), np.int8)
+    lim = 2**31 - 1 if big else 2**20
+    bias = rng.integers(-lim, lim, N, endpoint=True).astype(np.int32)
+    bias[:2] = [np.iinfo(np.int32).max, np.iinfo(np.int32).min]
+    sa, sb = np.float32(0.02), np.float32(0.01)
+    # y_scale so that the biased accumulators land inside the uint8 range
+    sy = np.float32(sa * sb * (2.0**32 if big else 2.0**22) / 200)
+    yz = None if out == np.float32 else np.uint8(128)
+    kw = dict(bias=bias, out_dtype=np.float32 if out == np.float32 else None)
+    args = (a, sa, np.uint8(3), b, sb, np.int8(0), None if yz is None else sy, yz)
+    got = lowprec.qlinear_matmul(*args, **kw)
+    want = ref.qlinear_matmul(*args, **kw)
+    np.testing.assert_array_equal(got, want)
+    if out == np.uint8:
+        assert len(np.unique(got)) > 10
+        assert got.min() < 128 < got.max()
+
+
 @pytest.mark.parametrize("a_dt", INT8)
 @pytest.mark.parametrize("b_dt", INT8)
 def test_numpy_broadcasting(isa, a_dt, b_dt):
