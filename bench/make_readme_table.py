@@ -173,8 +173,9 @@ def render_demo(res: dict) -> str:
     lines += [
         "",
         f"{res['images']} images in batches of {res['batch']}, calibration "
-        f"{cal.get('size')} images (seed {cal.get('seed')}), median of "
-        f"{res['repeat']} passes; int8 convolutions: {res.get('int8_conv_path')}.",
+        f"{cal.get('size')} images (seed {cal.get('seed')}), median batch over "
+        f"{res['repeat']} passes taken in rounds over all rows; int8 convolutions: "
+        f"{res.get('int8_conv_path')}.",
     ]
     return "\n".join(lines) + "\n"
 
