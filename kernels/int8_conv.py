@@ -96,13 +96,13 @@ def _copy(dst, src, n):
 @njit(inline="always")
 def _gather(xp, geo, m0, mr, g, dst):
     # dst (>=mr, >=K) uint8 <- im2col rows of output pixels m0..m0+mr-1, group g,
-    # K order (i, j, c); bytes [K, ka) are left alone: the caller zeroes the
-    # buffer once (they meet zero weights). Zeroing them here per row and two
-    # divisions per row cost 14 % of the 3x3 32->64 layer (1.64 -> 1.41 ms,
-    # 62 x 14 x 14, 1 thread). With
-    # one group and no horizontal dilation a kernel row's kw taps are one run of
-    # kw*C input bytes: one copy per kernel row (measured: the per-byte loop
-    # made the 3x3 64->64 layer 0.63x the speed of the same GEMM).
+    # K order (i, j, c). The bytes past K are left alone: the caller zeroes the
+    # buffer once (they meet zero weights); zeroing them per row here, and two
+    # divisions per row, cost 14 % of the 3x3 32->64 layer (1.64 -> 1.41 ms,
+    # 62 x 14 x 14, 1 thread). With one group and no horizontal dilation a
+    # kernel row's kw taps are one run of kw*C input bytes: one copy per kernel
+    # row (measured: the per-byte loop made the 3x3 64->64 layer 0.63x the
+    # speed of the same GEMM).
     N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M = geo
     x0 = xp.ctypes.data
     d0 = dst.ctypes.data
@@ -204,7 +204,8 @@ def conv_vnni(xp, bp, geo, pb, tj, direct, sa, epi, out):
     mt = (rows + MR_MAX - 1) // MR_MAX
     nblk = (bp.shape[1] + pb - 1) // pb
     nrun = (mt + tj - 1) // tj
-    # every group's row-sum term or none (eq. 8): the narrow test on group 0's
+    # rs holds row sums for every group or for none (eq. 8), so group 0's
+    # epilogue decides the narrow case for all
     narrow = narrow_epilogue(
         (epi[0], epi[1][0], epi[2], epi[3], epi[4], epi[5], epi[6], epi[7], epi[8],
          epi[9], epi[10]),
