@@ -331,6 +331,15 @@ def _by_general(builder, general, emit, narrow=False):
     builder.position_at_end(join)
 
 
+def _epilogue_lane(kind, case):
+    """The lanes eq. 8 runs in, per epilogue case (make_fused_kernel): wrapping
+    int32 for int32 output and for case 2, int64 with the zero-point row terms
+    (case 1), else float64."""
+    if kind == types.int32 or case == 2:
+        return _v16
+    return ir.VectorType(_i64 if case == 1 else _f64, 16)
+
+
 def _store_tile(builder, kind, acc_of, masks, MR, NV_, c, ldc, mult_of, zy, qlo,
                 qhi, fbias_of, fma=False):  # fmt: skip
     """Eqs. 11-13 on the tile's acc lanes (int32, int64 or float64) and one
@@ -439,7 +448,6 @@ def make_fused_kernel(MR, NV_):
         # 64 +18-20 % before this layout, 49000 x 288 x 64 +10 % after it and
         # +7 % with case 2; float output at 16 x 384 x 1536 +21 % -> +9 %.
         vf64 = ir.VectorType(_f64, 16)
-        i64v = ir.VectorType(_i64, 16)
 
         def col32(addr, v):
             return builder.trunc(col(addr, v, _i64, 8), _v16)
@@ -461,19 +469,14 @@ def make_fused_kernel(MR, NV_):
             # 2**29, so int32 lanes are exact and the requantization one FMA.
             general = case == 1
             cols = {}
-            if kind == types.int32 or case == 2:
-                lane = _v16
-            elif general:
-                lane = i64v
-            else:
-                lane = vf64
+            lane = _epilogue_lane(kind, case)
 
             def acc_of(r, v):
                 if r == 0:
                     bv = col(bias, v, _i64, 8)
-                    if lane is _v16:
+                    if lane == _v16:
                         bv = builder.trunc(bv, _v16)
-                    elif lane is vf64:
+                    elif lane == vf64:
                         bv = builder.sitofp(bv, vf64)
                     cols[v] = (
                         bv,
@@ -482,14 +485,14 @@ def make_fused_kernel(MR, NV_):
                     )
                 bv, csv, zbv = cols[v]
                 p = fin[r * NV_ + v]
-                if lane is vf64:
+                if lane == vf64:
                     return builder.fadd(builder.sitofp(p, vf64), bv)
-                x = builder.add(p if lane is _v16 else builder.sext(p, lane), bv)
+                x = builder.add(p if lane == _v16 else builder.sext(p, lane), bv)
                 if general:
                     zas = row32(za, za_step, r)
                     rss = row32(rs, rs_step, r)
                     for t in (builder.mul(zas, csv), builder.mul(zbv, rss)):
-                        x = builder.sub(x, t if lane is _v16 else builder.sext(t, lane))
+                        x = builder.sub(x, t if lane == _v16 else builder.sext(t, lane))
                 return x
 
             _store_tile(builder, kind, acc_of, masks, MR, NV_, c, ldc, mult_of,
@@ -569,29 +572,24 @@ def make_channel_kernel(MR, NV_):
             # lanes as in make_fused_kernel: wrapping int32 for int32 output,
             # else float64 P + rbias (exact) or int64 lanes with the ZW term
             csv = {}
-            if kind == types.int32:
-                lane = _v16
-            elif general:
-                lane = i64v
-            else:
-                lane = vf64
+            lane = _epilogue_lane(kind, general)
 
             def acc_of(r, v):
                 rb = row(rbias, r, _i64)
                 p = fin[r * NV_ + v]
-                if lane is vf64:
+                if lane == vf64:
                     rb = splat(builder, builder.sitofp(rb, _f64), vf64)
                     return builder.fadd(builder.sitofp(p, vf64), rb)
-                rb = rb if lane is i64v else builder.trunc(rb, _i32)
+                rb = rb if lane == i64v else builder.trunc(rb, _i32)
                 rb = splat(builder, rb, lane)
-                x = builder.add(p if lane is _v16 else builder.sext(p, lane), rb)
+                x = builder.add(p if lane == _v16 else builder.sext(p, lane), rb)
                 if general:
                     if r == 0:
                         at = builder.add(cs, ir.Constant(_i64, 64 * v))
                         csv[v] = _vec_load(builder, at, _i32, masks[v])
                     zws = splat(builder, builder.trunc(row(zw, r, _i64), _i32), _v16)
                     t = builder.mul(zws, csv[v])
-                    x = builder.sub(x, t if lane is _v16 else builder.sext(t, lane))
+                    x = builder.sub(x, t if lane == _v16 else builder.sext(t, lane))
                 return x
 
             _store_tile(builder, kind, acc_of, masks, MR, NV_, c, ldc,
