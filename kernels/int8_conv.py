@@ -34,6 +34,7 @@ from .int8_gemm_vnni import (
     panel_colsum,
     run_channel_tile,
     run_fused_tile,
+    run_seg_tile,
 )
 from .ir_util import splat
 from .layout import copy_bytes
@@ -132,6 +133,28 @@ def _gather(xp, geo, m0, mr, g, dst):
                     _copy(dr + (i * kw + j) * Cg, src, Cg)
 
 
+@njit(inline="always")
+def _row_starts(xp, geo, m0, mr, starts):
+    # starts[r] = address of output pixel m0+r's first tap in the padded NHWC
+    # input (one group, dw == 1): its K row is kh runs of kw*C bytes, one per
+    # kernel row, dh*Wp*C bytes apart (the implicit GEMM read in place)
+    N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M = geo
+    x0 = xp.ctypes.data
+    n = m0 // (Ho * Wo)
+    q = m0 - n * Ho * Wo
+    oh = q // Wo
+    ow = q - oh * Wo
+    for r in range(mr):
+        starts[r] = x0 + ((n * Hp + oh * sh) * Wp + ow * sw) * C
+        ow += 1
+        if ow == Wo:
+            ow = 0
+            oh += 1
+            if oh == Ho:
+                oh = 0
+                n += 1
+
+
 # ---------------------------------------------------------------------------
 # AVX-512 VNNI: implicit GEMM on the 6 x 64 tile of kernels/int8_gemm_vnni.py
 
@@ -139,7 +162,7 @@ def _gather(xp, geo, m0, mr, g, dst):
 # called, not inlined, from the prange driver: numba's parfor passes rewrite the
 # whole loop body and took minutes with the tiles and epilogue inlined (gemm too)
 @njit(nogil=True, cache=True)
-def _vnni_job(t, mt, tj, nblk, pb, direct, xp, bp, geo, sa, epi, narrow, out):
+def _vnni_job(t, mt, tj, nblk, pb, direct, xp, bp, geo, sa, st, epi, narrow, out):
     # job t = (group, panel block, run of tj pixel tiles), the run fastest: a
     # thread's contiguous prange chunk keeps streaming the same weight panels.
     # Runs of tiles, not single tiles: with K = 288 a tile is ~0.5 us of
@@ -153,7 +176,9 @@ def _vnni_job(t, mt, tj, nblk, pb, direct, xp, bp, geo, sa, epi, narrow, out):
     rest = t // nrun
     blk = rest % nblk
     g = rest // nblk
-    buf = sa[numba.get_thread_id()]
+    tid = numba.get_thread_id()
+    buf = sa[tid]
+    starts = st[tid]
     # the tile's epilogue sees group g's row sums as the GEMM's per-row term
     epi_g = (za, rs[g], cs, zb, bias, mult, zy, qlo, qhi, mode, fbias)
     npg = bp.shape[1]
@@ -161,6 +186,17 @@ def _vnni_job(t, mt, tj, nblk, pb, direct, xp, bp, geo, sa, epi, narrow, out):
     for tile in range(run * tj, min(mt, run * tj + tj)):
         m0 = tile * MR_MAX
         mr = min(MR_MAX, rows - m0)
+        if direct == 2:
+            # rows read in place: kh runs of kw*C bytes (no gather)
+            _row_starts(xp, geo, m0, mr, starts)
+            run4 = kw * C // 4
+            for jn in range(blk * pb, min(npg, blk * pb + pb)):
+                run_seg_tile(
+                    mr, starts.ctypes.data, dh * Wp * C, b0 + jn * bp.strides[1],
+                    kh * run4, run4, m0, g * Mg + jn * NR, min(NR, Mg - jn * NR),
+                    epi_g, narrow, xp, out,
+                )  # fmt: skip
+            continue
         if direct:
             # 1x1, stride 1, one group: the (padded) input pixels are the rows
             a_addr = xp.ctypes.data + m0 * C
@@ -194,11 +230,14 @@ def _vnni_job(t, mt, tj, nblk, pb, direct, xp, bp, geo, sa, epi, narrow, out):
 
 
 @njit(**PJIT)
-def conv_vnni(xp, bp, geo, pb, tj, direct, sa, epi, out):
+def conv_vnni(xp, bp, geo, pb, tj, direct, sa, st, epi, out):
     # xp (N,Hp,Wp,C) uint8, bp (G,NP,K4,NR,4) int8 (pack_b per group, K order
     # (i,j,c)), sa (threads,MR_MAX,ka) uint8 gather scratch (ka >= max(K, 4)),
-    # epi = the GEMM epilogue tuple with rs (G,1|rows) int64, out (rows, M);
-    # tj pixel tiles per job
+    # st (threads,MR_MAX) int64 row starts, epi = the GEMM epilogue tuple with
+    # rs (G,1|rows) int64, out (rows, M); tj pixel tiles per job. direct: 0
+    # gather each tile's im2col rows; 1 the input pixels are the rows (1x1,
+    # stride 1); 2 read the rows in place as kernel-row runs (one group,
+    # dw == 1, kw*C a multiple of 4)
     N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M = geo
     rows = N * Ho * Wo
     mt = (rows + MR_MAX - 1) // MR_MAX
@@ -212,7 +251,7 @@ def conv_vnni(xp, bp, geo, pb, tj, direct, sa, epi, out):
         kh * kw * Cg,
     )  # fmt: skip
     for t in prange(nrun * nblk * G):
-        _vnni_job(t, mt, tj, nblk, pb, direct, xp, bp, geo, sa, epi, narrow, out)
+        _vnni_job(t, mt, tj, nblk, pb, direct, xp, bp, geo, sa, st, epi, narrow, out)
 
 
 # ---------------------------------------------------------------------------

@@ -215,6 +215,108 @@ def _k_loop(builder, MR, NV_, a, lda, b, ldb, k4, kr, nvalid, flip=False):
     return fin
 
 
+def _k_loop_seg(builder, MR, NV_, a, seg_stride, b, ldb, k4, run4, nvalid):
+    """_k_loop for a convolution's implicit GEMM, reading A in place: a is the
+    address of MR int64 row start addresses (any spacing: a tile may span
+    output rows and images), each row's K bytes being k4 / run4 runs of run4
+    4-byte words (one kernel row of an NHWC input) seg_stride bytes apart.
+    Two nested loops (runs, words), so the inner one is _k_loop's plain loop
+    (a select-based run counter in one loop measured slower than the gather
+    it replaces). No K tail (K = 4 * k4)."""
+    NRB = 64
+    vpd = _vpdpbusd(builder)
+    i8p = _i8.as_pointer()
+    zero64 = ir.Constant(_i64, 0)
+    one64 = ir.Constant(_i64, 1)
+    b_base = builder.inttoptr(b, i8p)
+    starts = builder.inttoptr(a, _i64.as_pointer())
+    a_rows = [
+        builder.inttoptr(builder.load(builder.gep(starts, [ir.Constant(_i64, r)])), i8p)
+        for r in range(MR)
+    ]
+    nvec = builder.udiv(
+        builder.add(nvalid, ir.Constant(_i64, 15)), ir.Constant(_i64, 16)
+    )
+    last = builder.sub(nvec, one64)
+    b_offs = []
+    for v in range(NV_):
+        cv = ir.Constant(_i64, v)
+        vv = builder.select(builder.icmp_signed("<", cv, last), cv, last)
+        b_offs.append(builder.mul(vv, ir.Constant(_i64, NRB)))
+    nseg = builder.sdiv(k4, run4)
+    zero_v = ir.Constant(_v16, None)
+    fn = builder.function
+    pre = builder.block
+    outer = fn.append_basic_block("seg.outer")
+    inner = fn.append_basic_block("seg.inner")
+    latch = fn.append_basic_block("seg.latch")
+    after = fn.append_basic_block("seg.after")
+    builder.cbranch(builder.icmp_signed(">", nseg, zero64), outer, after)
+
+    # ---- outer: one kernel-row run; the accumulators carried as phis
+    builder.position_at_end(outer)
+    sphi = builder.phi(_i64, "s")
+    sphi.add_incoming(zero64, pre)
+    aoff = builder.phi(_i64, "aoff")  # s * seg_stride
+    aoff.add_incoming(zero64, pre)
+    kb = builder.phi(_i64, "kb")  # s * run4: B row of the run's first word
+    kb.add_incoming(zero64, pre)
+    acc_o = []
+    for _ in range(MR * NV_):
+        p = builder.phi(_v16)
+        p.add_incoming(zero_v, pre)
+        acc_o.append(p)
+    run_rows = [_gep8(builder, a_rows[r], aoff) for r in range(MR)]
+    b_run = _gep8(builder, b_base, builder.mul(kb, ldb))
+    builder.branch(inner)
+
+    # ---- inner: the plain K loop over the run's words
+    builder.position_at_end(inner)
+    jphi = builder.phi(_i64, "j")
+    jphi.add_incoming(zero64, outer)
+    acc_i = []
+    for i in range(MR * NV_):
+        p = builder.phi(_v16)
+        p.add_incoming(acc_o[i], outer)
+        acc_i.append(p)
+    j_bytes = builder.shl(jphi, ir.Constant(_i64, 2))
+    b_row = _gep8(builder, b_run, builder.mul(jphi, ldb))
+    bvecs = [_load_v16(builder, _gep8(builder, b_row, b_offs[v])) for v in range(NV_)]
+    new_accs = []
+    for r in range(MR):
+        av = splat(
+            builder, _load_i32(builder, _gep8(builder, run_rows[r], j_bytes)), _v16
+        )
+        for v in range(NV_):
+            new_accs.append(builder.call(vpd, [acc_i[r * NV_ + v], av, bvecs[v]]))
+    jnext = builder.add(jphi, one64)
+    inner_end = builder.block
+    jphi.add_incoming(jnext, inner_end)
+    for p, nv in zip(acc_i, new_accs, strict=True):
+        p.add_incoming(nv, inner_end)
+    br = builder.cbranch(builder.icmp_signed("<", jnext, run4), inner, latch)
+    _no_unroll(builder, br)
+
+    # ---- latch: next run
+    builder.position_at_end(latch)
+    snext = builder.add(sphi, one64)
+    sphi.add_incoming(snext, latch)
+    aoff.add_incoming(builder.add(aoff, seg_stride), latch)
+    kb.add_incoming(builder.add(kb, run4), latch)
+    for p, nv in zip(acc_o, new_accs, strict=True):
+        p.add_incoming(nv, latch)
+    builder.cbranch(builder.icmp_signed("<", snext, nseg), outer, after)
+
+    builder.position_at_end(after)
+    fin = []
+    for i in range(MR * NV_):
+        p = builder.phi(_v16)
+        p.add_incoming(zero_v, pre)
+        p.add_incoming(new_accs[i], latch)
+        fin.append(p)
+    return fin
+
+
 def _col_masks(builder, NV_, nvalid):
     """<16 x i1> per vector v: column 16*v + lane < nvalid."""
     v64 = ir.VectorType(_i64, 16)
@@ -399,7 +501,7 @@ def _store_tile(builder, kind, acc_of, masks, MR, NV_, c, ldc, mult_of, zy, qlo,
                 _vec_store(builder, q, at, masks[v])
 
 
-def make_fused_kernel(MR, NV_):
+def make_fused_kernel(MR, NV_, seg=False):
     """Build an intrinsic: one MR x (16*NV_) tile over the whole K, then the
     epilogue (eqs. 8-13, kernels/requant.py) on the accumulators in registers
     and one masked store per vector: no int32 scratch round trip.
@@ -419,6 +521,9 @@ def make_fused_kernel(MR, NV_):
       out       : the output array itself, only for its dtype, which picks
                   the epilogue: int32 -> mode 0, uint8/int8 -> mode 1,
                   float32 -> mode 2.
+    seg=True: a convolution's implicit GEMM read in place (_k_loop_seg): a is
+    the address of the tile's MR int64 row start addresses, lda the bytes from
+    one kernel-row run to the next, kr the 4-byte words per run.
     The caller guarantees K <= K_INT32_SAFE, so the raw int32 P is exact
     (docs/quantization.md, eq. 7); eq. 8 then runs exactly: P + bias in
     float64 lanes, or int64 lanes with the ZA / ZB terms (wrapping int32 for
@@ -431,7 +536,10 @@ def make_fused_kernel(MR, NV_):
         mult, mult_step, zy, qlo, qhi, fbias = args[17:23]
         kind = sig.args[-1].dtype
         flip = sig.args[-2].dtype == types.int8
-        fin = _k_loop(builder, MR, NV_, a, lda, b, ldb, k4, kr, nvalid, flip)
+        if seg:
+            fin = _k_loop_seg(builder, MR, NV_, a, lda, b, ldb, k4, kr, nvalid)
+        else:
+            fin = _k_loop(builder, MR, NV_, a, lda, b, ldb, k4, kr, nvalid, flip)
         masks = _col_masks(builder, NV_, nvalid)
 
         def col(addr, v, elt, size):
@@ -754,11 +862,59 @@ _ftile5 = make_fused_kernel(5, NV)
 _ftile6 = make_fused_kernel(6, NV)
 
 
+_stile1 = make_fused_kernel(1, NV, seg=True)
+_stile2 = make_fused_kernel(2, NV, seg=True)
+_stile3 = make_fused_kernel(3, NV, seg=True)
+_stile4 = make_fused_kernel(4, NV, seg=True)
+_stile5 = make_fused_kernel(5, NV, seg=True)
+_stile6 = make_fused_kernel(6, NV, seg=True)
+
+
 @njit(inline="always")
 def run_fused_tile(mr, a, lda, b, k4, kr, m0, n0, nvalid, epi, narrow, a_arr, out):
     # one fused tile: rows m0..m0+mr of A (address a, row stride lda bytes;
     # a_arr's dtype says uint8 a' or int8 a), the packed panel at address b,
     # output columns n0..n0+nvalid (eqs. 6-13); narrow: narrow_epilogue(...)
+    args = _fused_args(a, lda, b, k4, kr, m0, n0, nvalid, epi, narrow, a_arr, out)
+    if mr == 6:
+        _ftile6(*args)
+    elif mr == 5:
+        _ftile5(*args)
+    elif mr == 4:
+        _ftile4(*args)
+    elif mr == 3:
+        _ftile3(*args)
+    elif mr == 2:
+        _ftile2(*args)
+    else:
+        _ftile1(*args)
+
+
+@njit(inline="always")
+def run_seg_tile(mr, starts, stride, b, k4, run4, m0, n0, nvalid, epi, narrow, a_arr,
+                 out):  # fmt: skip
+    # run_fused_tile for a convolution's implicit GEMM read in place: the mr
+    # rows start at the int64 addresses at `starts`, each K row being runs of
+    # run4 4-byte words `stride` bytes apart (make_fused_kernel's seg)
+    args = _fused_args(starts, stride, b, k4, run4, m0, n0, nvalid, epi, narrow,
+                       a_arr, out)  # fmt: skip
+    if mr == 6:
+        _stile6(*args)
+    elif mr == 5:
+        _stile5(*args)
+    elif mr == 4:
+        _stile4(*args)
+    elif mr == 3:
+        _stile3(*args)
+    elif mr == 2:
+        _stile2(*args)
+    else:
+        _stile1(*args)
+
+
+@njit(inline="always")
+def _fused_args(a, lda, b, k4, kr, m0, n0, nvalid, epi, narrow, a_arr, out):
+    # the fused tile's arguments (make_fused_kernel) from the epilogue tuple
     za, rs, cs, zb, bias, mult, zy, qlo, qhi, mode, fbias = epi
     za_step = 8 if za.shape[0] > 1 else 0
     rs_step = 8 if rs.shape[0] > 1 else 0
@@ -794,18 +950,7 @@ def run_fused_tile(mr, a, lda, b, k4, kr, m0, n0, nvalid, epi, narrow, a_arr, ou
         a_arr,
         out,
     )
-    if mr == 6:
-        _ftile6(*args)
-    elif mr == 5:
-        _ftile5(*args)
-    elif mr == 4:
-        _ftile4(*args)
-    elif mr == 3:
-        _ftile3(*args)
-    elif mr == 2:
-        _ftile2(*args)
-    else:
-        _ftile1(*args)
+    return args
 
 
 _ctile1 = make_channel_kernel(1, NV)

@@ -665,3 +665,34 @@ def test_qlinear_conv_bias_beyond_the_narrow_epilogue(isa, big):
         np.testing.assert_array_equal(got, want)
     assert len(np.unique(want)) > 10
     assert want.min() < 128 < want.max()
+
+
+@pytest.mark.parametrize(
+    ("C", "k", "strides", "dilations", "pads"),
+    [
+        (8, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1)),
+        (4, (2, 3), (2, 1), (2, 1), (0, 1, 1, 0)),
+        (12, (3, 1), (1, 2), (1, 1), (2, 0, 1, 0)),
+        (32, (3, 3), (2, 2), (1, 1), (1, 1, 1, 1)),
+    ],
+)
+@pytest.mark.parametrize("x_dt", [np.uint8, np.int8])
+def test_nhwc_implicit_gemm_read_in_place(isa, C, k, strides, dilations, pads, x_dt):
+    # one group, kw * C a multiple of 4: the VNNI path reads each pixel's
+    # kernel-row runs in place (tiles of 6 pixels across output rows and images)
+    rng = np.random.default_rng(C)
+    x = rng.integers(-128 if x_dt == np.int8 else 0, 128 if x_dt == np.int8 else 256,
+                     (3, C, 11, 9)).astype(x_dt)  # fmt: skip
+    w = rng.integers(-128, 128, (20, C, *k), dtype=np.int8)
+    xz = x_dt(5)
+    kw = dict(strides=list(strides), dilations=list(dilations), pads=list(pads))
+    acc = conv_ref(x, w, int(xz), 0, **kw)
+    sx, sw = np.float32(0.02), np.full(20, 0.01, np.float32)
+    sy = np.float32(0.02 * 0.01 * float(np.abs(acc).std() + 1) * 3 / 100)
+    want = requant_ref(acc, sx, sw, sy, np.uint8(128))
+    got = lowprec.conv.qlinear_conv(
+        _to_layout(x, "NHWC"), sx, xz, w, sw, np.int8(0), sy, np.uint8(128),
+        layout="NHWC", **kw,
+    )  # fmt: skip
+    np.testing.assert_array_equal(got.transpose(0, 3, 1, 2), want)
+    assert len(np.unique(want)) > 10
