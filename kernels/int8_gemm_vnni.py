@@ -100,6 +100,24 @@ def _load_v16(builder, p8):
     return builder.load(ptr, align=1)
 
 
+def _b_offsets(builder, NV_, nvalid):
+    """Byte offsets of the tile's B vectors in a panel row (64 bytes per vector:
+    16 columns x 4 k-bytes), clamped: min(v, nvec-1) * 64, nvec =
+    ceil(nvalid/16) (columns past nvalid repeat the last valid vector, which
+    the masked stores drop)."""
+    one64 = ir.Constant(_i64, 1)
+    nvec = builder.udiv(
+        builder.add(nvalid, ir.Constant(_i64, 15)), ir.Constant(_i64, 16)
+    )
+    last = builder.sub(nvec, one64)
+    offs = []
+    for v in range(NV_):
+        cv = ir.Constant(_i64, v)
+        vv = builder.select(builder.icmp_signed("<", cv, last), cv, last)
+        offs.append(builder.mul(vv, ir.Constant(_i64, 64)))
+    return offs
+
+
 def _k_loop(builder, MR, NV_, a, lda, b, ldb, k4, kr, nvalid, flip=False):
     """Emit the K loop of one MR x (16*NV_) tile; returns its accumulators.
 
@@ -113,7 +131,6 @@ def _k_loop(builder, MR, NV_, a, lda, b, ldb, k4, kr, nvalid, flip=False):
         x = _load_i32(builder, ptr)
         return builder.xor(x, ir.Constant(_i32, 0x80808080)) if flip else x
 
-    NRB = 64  # bytes of one B vector (16 columns x 4 k-bytes)
     vpd = _vpdpbusd(builder)
     i8p = _i8.as_pointer()
     zero64 = ir.Constant(_i64, 0)
@@ -126,16 +143,7 @@ def _k_loop(builder, MR, NV_, a, lda, b, ldb, k4, kr, nvalid, flip=False):
         _gep8(builder, a_base, builder.mul(lda, ir.Constant(_i64, r)))
         for r in range(MR)
     ]
-    # clamped B vector byte offsets: min(v, nvec-1) * 64, nvec = ceil(nvalid/16)
-    nvec = builder.udiv(
-        builder.add(nvalid, ir.Constant(_i64, 15)), ir.Constant(_i64, 16)
-    )
-    last = builder.sub(nvec, one64)
-    b_offs = []
-    for v in range(NV_):
-        cv = ir.Constant(_i64, v)
-        vv = builder.select(builder.icmp_signed("<", cv, last), cv, last)
-        b_offs.append(builder.mul(vv, ir.Constant(_i64, NRB)))
+    b_offs = _b_offsets(builder, NV_, nvalid)
 
     zero_v = ir.Constant(_v16, None)
     fn = builder.function
@@ -223,7 +231,6 @@ def _k_loop_seg(builder, MR, NV_, a, seg_stride, b, ldb, k4, run4, nvalid):
     Two nested loops (runs, words), so the inner one is _k_loop's plain loop
     (a select-based run counter in one loop measured slower than the gather
     it replaces). No K tail (K = 4 * k4)."""
-    NRB = 64
     vpd = _vpdpbusd(builder)
     i8p = _i8.as_pointer()
     zero64 = ir.Constant(_i64, 0)
@@ -234,15 +241,7 @@ def _k_loop_seg(builder, MR, NV_, a, seg_stride, b, ldb, k4, run4, nvalid):
         builder.inttoptr(builder.load(builder.gep(starts, [ir.Constant(_i64, r)])), i8p)
         for r in range(MR)
     ]
-    nvec = builder.udiv(
-        builder.add(nvalid, ir.Constant(_i64, 15)), ir.Constant(_i64, 16)
-    )
-    last = builder.sub(nvec, one64)
-    b_offs = []
-    for v in range(NV_):
-        cv = ir.Constant(_i64, v)
-        vv = builder.select(builder.icmp_signed("<", cv, last), cv, last)
-        b_offs.append(builder.mul(vv, ir.Constant(_i64, NRB)))
+    b_offs = _b_offsets(builder, NV_, nvalid)
     nseg = builder.sdiv(k4, run4)
     zero_v = ir.Constant(_v16, None)
     fn = builder.function
