@@ -19,16 +19,17 @@ llvmlite loop inside a numba @intrinsic, the approach of int8_gemm_vnni.py).
 Columns past N are masked on loads and stores. Threads take contiguous block
 rows balanced by nonzero count (the caller's ``chunks``).
 
-Kernel (int8, 1x4 blocks): X packed as [ceil(K/4)][N][4] uint8 (x' = x + 128 for
-int8 X), each 4-byte block of W broadcast and multiplied with vpdpbusd into
-int32 accumulators; raw products land in a per-thread scratch tile and the
-requantization epilogue (docs/quantization.md eqs. 8-13) runs while it is in L1.
+Kernel (int8, 1x4 blocks): X packed as [ceil(K/4)][Np][4] uint8 (x' = x + 128
+for int8 X; Np = N rounded up to 16; 64-byte aligned), each 4-byte block of W
+broadcast and multiplied with vpdpbusd into int32 accumulators of a 1 x 16/32/64
+tile (the narrowest that covers the tile's columns), two accumulator sets
+taking alternate blocks, and the requantization epilogue (docs/quantization.md
+eqs. 8-13, the dense tile's _store_tile) run on the accumulators in registers.
 
 Portable fallbacks (any CPU, any format through its expanded CSR view): plain
 numba loops, float32 accumulation in column-index order, exact int32 for int8.
 """
 
-import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
@@ -36,11 +37,13 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .config import JIT, PJIT
+from .int8_gemm_vnni import _b_offsets, _col_masks, _store_tile, _vec_store
 from .ir_util import no_unroll as _no_unroll
 from .ir_util import splat as _splat
 
 NV = 4  # zmm vectors per output row of a register tile
 NR = 16 * NV  # output columns per register tile
+NR8 = 64  # output columns of the widest int8 tile (4 zmm)
 PF_DIST = 8  # blocks ahead for the X-row software prefetch (0: off)
 
 _i1 = ir.IntType(1)
@@ -50,6 +53,7 @@ _i32 = ir.IntType(32)
 _i64 = ir.IntType(64)
 _f32 = ir.FloatType()
 _f16 = ir.HalfType()
+_f64 = ir.DoubleType()
 _vf = ir.VectorType(_f32, 16)
 _vi = ir.VectorType(_i32, 16)
 _m16 = ir.VectorType(_i1, 16)
@@ -66,78 +70,37 @@ def _fn(builder, name, ret, args):
     )
 
 
-def make_block_kernel(R, C, vkind, ikind):
-    """An intrinsic computing one R x NR output tile of one block row.
+def _block_loop(builder, R, C, vkind, ikind, NV_, args, load_x, sets=1):
+    """The block loop of one tile: R * NV_ accumulator vectors (phis of one
+    llvmlite loop), returned as their values after the loop (zero when the
+    block row is empty). args = (x, ldx, idx, val, p0, p1) as in
+    make_block_kernel; load_x(row_i8ptr, v) loads vector v of an X row.
 
-    _tile(x, ldx, idx, val, p0, p1, out, ldo, rvalid, nvalid)   all int64
-      x      address of X[0, n0] (float32, row stride ldx bytes), or for int8 of
-             Xp[0, n0, 0] (uint8 [K4][N][4], k4-row stride ldx bytes)
-      idx    address of the block index array (uint16 / int32), or for 2:4 of
-             the position bytes (one per group)
-      val    address of the values (float32 / float16 / int8)
-      p0, p1 block range of this block row (for 2:4: group range)
-      out    address of out[m0, n0] (float32 or int32), row stride ldo bytes
-      rvalid rows of the tile inside M (1..R); nvalid columns inside N (1..NR)
-    """
+    sets=2 (int8 only: integer sums are exact in any order): blocks p0, p0+2,
+    ... go to one set of accumulators and p0+1, p0+3, ... to a second, added at
+    the end. Why: with one set each accumulator takes one vpdpbusd per block,
+    a dependency chain that held the 1 x 64 tile to 4 vpdpbusd per 7.6 cycles
+    with X in L1 (Zen 4); two sets double the independent chains."""
+    x, ldx, idx, val, p0, p1 = args
     is_int = vkind == S8
     vty = _vi if is_int else _vf
     vsize = {F32: 4, F16: 2, S8: 1}[vkind]
     isize = {U16: 2, I32: 4, NM: 1}[ikind]
     vals_per_block = 2 if ikind == NM else R * C
     cols = 2 if ikind == NM else C  # X rows touched per block
+    i8p = _i8.as_pointer()
+    x8 = builder.inttoptr(x, i8p)
+    idx8 = builder.inttoptr(idx, i8p)
+    val8 = builder.inttoptr(val, i8p)
+    if is_int:
+        dot = _fn(builder, "llvm.x86.avx512.vpdpbusd.512", _vi, [_vi, _vi, _vi])
+    else:
+        dot = _fn(builder, "llvm.fma.v16f32", _vf, [_vf, _vf, _vf])
+    zero_v = ir.Constant(vty, None)
+    one = ir.Constant(_i64, 1)
 
-    def codegen(context, builder, sig, args):
-        x, ldx, idx, val, p0, p1, out, ldo, rvalid, nvalid = args
-        i8p = _i8.as_pointer()
-        x8 = builder.inttoptr(x, i8p)
-        idx8 = builder.inttoptr(idx, i8p)
-        val8 = builder.inttoptr(val, i8p)
-        # column masks of the NV vectors of a row
-        lanes = ir.Constant(ir.VectorType(_i64, 16), list(range(16)))
-        nv = _splat(builder, nvalid, ir.VectorType(_i64, 16))
-        masks = []
-        for v in range(NV):
-            col = builder.add(
-                lanes, ir.Constant(ir.VectorType(_i64, 16), [16 * v] * 16)
-            )
-            masks.append(builder.icmp_signed("<", col, nv))
-        mload = _fn(
-            builder,
-            "llvm.masked.load.v16f32.p0"
-            if not is_int
-            else "llvm.masked.load.v16i32.p0",
-            vty,
-            [vty.as_pointer(), _i32, _m16, vty],
-        )
-        mstore = _fn(
-            builder,
-            "llvm.masked.store.v16f32.p0"
-            if not is_int
-            else "llvm.masked.store.v16i32.p0",
-            ir.VoidType(),
-            [vty, vty.as_pointer(), _i32, _m16],
-        )
-        if is_int:
-            dot = _fn(builder, "llvm.x86.avx512.vpdpbusd.512", _vi, [_vi, _vi, _vi])
-        else:
-            dot = _fn(builder, "llvm.fma.v16f32", _vf, [_vf, _vf, _vf])
-        zero_v = ir.Constant(vty, None)
-
-        fn = builder.function
-        pre = builder.block
-        loop = fn.append_basic_block("sp.loop")
-        after = fn.append_basic_block("sp.after")
-        builder.cbranch(builder.icmp_signed("<", p0, p1), loop, after)
-
-        builder.position_at_end(loop)
-        p = builder.phi(_i64)
-        p.add_incoming(p0, pre)
-        accs = []
-        for _ in range(R * NV):
-            a = builder.phi(vty)
-            a.add_incoming(zero_v, pre)
-            accs.append(a)
-        # the X rows of this block
+    def block(p, accs):
+        # accs + the products of block p
         ip = builder.gep(idx8, [builder.mul(p, ir.Constant(_i64, isize))])
         if ikind == U16:
             b_idx = builder.zext(
@@ -169,7 +132,7 @@ def make_block_kernel(R, C, vkind, ikind):
             # software prefetch of the X row PF_DIST blocks ahead (clamped to
             # this row's last block so the index read stays in bounds)
             pa = builder.add(p, ir.Constant(_i64, PF_DIST))
-            last = builder.sub(p1, ir.Constant(_i64, 1))
+            last = builder.sub(p1, one)
             pa = builder.select(builder.icmp_signed("<", pa, p1), pa, last)
             ipa = builder.gep(idx8, [builder.mul(pa, ir.Constant(_i64, isize))])
             ity = _i16 if ikind == U16 else _i32
@@ -179,7 +142,7 @@ def make_block_kernel(R, C, vkind, ikind):
             pf = _fn(
                 builder, "llvm.prefetch.p0", ir.VoidType(), [i8p, _i32, _i32, _i32]
             )
-            for v in range(NV):
+            for v in range(NV_):
                 builder.call(
                     pf,
                     [
@@ -189,17 +152,7 @@ def make_block_kernel(R, C, vkind, ikind):
                         ir.Constant(_i32, 1),
                     ],
                 )
-        xv = []
-        for xr in xrows:
-            row = []
-            for v in range(NV):
-                ptr = builder.bitcast(
-                    builder.gep(xr, [ir.Constant(_i64, 64 * v)]), vty.as_pointer()
-                )
-                row.append(
-                    builder.call(mload, [ptr, ir.Constant(_i32, 4), masks[v], zero_v])
-                )
-            xv.append(row)
+        xv = [[load_x(xr, v) for v in range(NV_)] for xr in xrows]
         vbase = builder.gep(
             val8, [builder.mul(p, ir.Constant(_i64, vals_per_block * vsize))]
         )
@@ -207,63 +160,132 @@ def make_block_kernel(R, C, vkind, ikind):
         if is_int:
             w = builder.load(builder.bitcast(vbase, _i32.as_pointer()), align=1)
             ws = _splat(builder, w, _vi)
-            for v in range(NV):
+            for v in range(NV_):
                 # operand 2 unsigned bytes (X'), operand 3 signed bytes (W)
                 new[v] = builder.call(dot, [new[v], xv[0][v], ws])
-        else:
-            for r in range(R):
-                for c in range(cols):
-                    off = ir.Constant(_i64, (r * cols + c) * vsize)
-                    wp = builder.gep(vbase, [off])
-                    if vkind == F32:
-                        w = builder.load(
-                            builder.bitcast(wp, _f32.as_pointer()), align=1
-                        )
-                    else:
-                        w = builder.fpext(
-                            builder.load(
-                                builder.bitcast(wp, _f16.as_pointer()), align=1
-                            ),
-                            _f32,
-                        )
-                    ws = _splat(builder, w, _vf)
-                    for v in range(NV):
-                        new[r * NV + v] = builder.call(
-                            dot, [ws, xv[c][v], new[r * NV + v]]
-                        )
-        pn = builder.add(p, ir.Constant(_i64, 1))
-        end = builder.block
-        p.add_incoming(pn, end)
-        for a, n in zip(accs, new, strict=True):
-            a.add_incoming(n, end)
-        br = builder.cbranch(builder.icmp_signed("<", pn, p1), loop, after)
-        _no_unroll(builder, br)
+            return new
+        for r in range(R):
+            for c in range(cols):
+                off = ir.Constant(_i64, (r * cols + c) * vsize)
+                wp = builder.gep(vbase, [off])
+                if vkind == F32:
+                    w = builder.load(builder.bitcast(wp, _f32.as_pointer()), align=1)
+                else:
+                    w = builder.fpext(
+                        builder.load(builder.bitcast(wp, _f16.as_pointer()), align=1),
+                        _f32,
+                    )
+                ws = _splat(builder, w, _vf)
+                for v in range(NV_):
+                    new[r * NV_ + v] = builder.call(
+                        dot, [ws, xv[c][v], new[r * NV_ + v]]
+                    )
+        return new
 
-        builder.position_at_end(after)
-        fin = []
-        for i in range(R * NV):
-            f = builder.phi(vty)
-            f.add_incoming(zero_v, pre)
-            f.add_incoming(new[i], end)
-            fin.append(f)
-        o8 = builder.inttoptr(out, i8p)
+    n_acc = R * NV_
+    fn = builder.function
+    pre = builder.block
+    loop = fn.append_basic_block("sp.loop")
+    after = fn.append_basic_block("sp.after")
+    # the loop runs over groups of `sets` blocks; a last odd block follows it
+    pend = p1
+    if sets == 2:
+        n2 = builder.and_(builder.sub(p1, p0), ir.Constant(_i64, -2))
+        pend = builder.add(p0, n2)
+    builder.cbranch(builder.icmp_signed("<", p0, pend), loop, after)
+
+    builder.position_at_end(loop)
+    p = builder.phi(_i64)
+    p.add_incoming(p0, pre)
+    accs = []
+    for _ in range(sets * n_acc):
+        a = builder.phi(vty)
+        a.add_incoming(zero_v, pre)
+        accs.append(a)
+    new = []
+    for s_ in range(sets):
+        q = builder.add(p, ir.Constant(_i64, s_)) if s_ else p
+        new += block(q, accs[s_ * n_acc : (s_ + 1) * n_acc])
+    pn = builder.add(p, ir.Constant(_i64, sets))
+    end = builder.block
+    p.add_incoming(pn, end)
+    for a, n in zip(accs, new, strict=True):
+        a.add_incoming(n, end)
+    br = builder.cbranch(builder.icmp_signed("<", pn, pend), loop, after)
+    _no_unroll(builder, br)
+
+    builder.position_at_end(after)
+    fin = []
+    for i in range(sets * n_acc):
+        f = builder.phi(vty)
+        f.add_incoming(zero_v, pre)
+        f.add_incoming(new[i], end)
+        fin.append(f)
+    if sets == 1:
+        return fin
+    # the odd block (into the first set), then the sets added
+    odd = fn.append_basic_block("sp.odd")
+    done = fn.append_basic_block("sp.done")
+    from_after = builder.block
+    builder.cbranch(builder.icmp_signed("<", pend, p1), odd, done)
+    builder.position_at_end(odd)
+    odd_acc = block(pend, fin[:n_acc])
+    from_odd = builder.block
+    builder.branch(done)
+    builder.position_at_end(done)
+    merged = []
+    for i in range(n_acc):
+        f = builder.phi(vty)
+        f.add_incoming(fin[i], from_after)
+        f.add_incoming(odd_acc[i], from_odd)
+        merged.append(f)
+    return [builder.add(f, g) for f, g in zip(merged, fin[n_acc:], strict=True)]
+
+
+def make_block_kernel(R, C, vkind, ikind):
+    """An intrinsic computing one R x NR output tile of one block row (float
+    values; int8 values: make_s8_kernel).
+
+    _tile(x, ldx, idx, val, p0, p1, out, ldo, rvalid, nvalid)   all int64
+      x      address of X[0, n0] (float32, row stride ldx bytes)
+      idx    address of the block index array (uint16 / int32), or for 2:4 of
+             the position bytes (one per group)
+      val    address of the values (float32 / float16)
+      p0, p1 block range of this block row (for 2:4: group range)
+      out    address of out[m0, n0] (float32), row stride ldo bytes
+      rvalid rows of the tile inside M (1..R); nvalid columns inside N (1..NR)
+    """
+
+    def codegen(context, builder, sig, args):
+        x, ldx, idx, val, p0, p1, out, ldo, rvalid, nvalid = args
+        masks = _col_masks(builder, NV, nvalid)
+        mload = _fn(
+            builder,
+            "llvm.masked.load.v16f32.p0",
+            _vf,
+            [_vf.as_pointer(), _i32, _m16, _vf],
+        )
+        zero_v = ir.Constant(_vf, None)
+
+        def load_x(xr, v):
+            ptr = builder.bitcast(
+                builder.gep(xr, [ir.Constant(_i64, 64 * v)]), _vf.as_pointer()
+            )
+            return builder.call(mload, [ptr, ir.Constant(_i32, 4), masks[v], zero_v])
+
+        fin = _block_loop(
+            builder, R, C, vkind, ikind, NV, (x, ldx, idx, val, p0, p1), load_x
+        )
+        o8 = builder.inttoptr(out, _i8.as_pointer())
         for r in range(R):
             inside = builder.icmp_signed("<", ir.Constant(_i64, r), rvalid)
             rmask = _splat(builder, inside, _m16)
             orow = builder.gep(o8, [builder.mul(ldo, ir.Constant(_i64, r))])
             for v in range(NV):
-                ptr = builder.bitcast(
-                    builder.gep(orow, [ir.Constant(_i64, 64 * v)]), vty.as_pointer()
+                at = builder.ptrtoint(
+                    builder.gep(orow, [ir.Constant(_i64, 64 * v)]), _i64
                 )
-                builder.call(
-                    mstore,
-                    [
-                        fin[r * NV + v],
-                        ptr,
-                        ir.Constant(_i32, 4),
-                        builder.and_(masks[v], rmask),
-                    ],
-                )
+                _vec_store(builder, fin[r * NV + v], at, builder.and_(masks[v], rmask))
         return context.get_dummy_value()
 
     @intrinsic
@@ -271,6 +293,66 @@ def make_block_kernel(R, C, vkind, ikind):
         return types.void(*([types.int64] * 10)), codegen
 
     return _tile
+
+
+def make_s8_kernel(ikind, NV_):
+    """An intrinsic computing one 1 x 16*NV_ output tile of one row of int8 1x4
+    blocks with the requantization epilogue fused (docs/quantization.md eqs.
+    8-13, the dense tile's _store_tile): the products never leave registers.
+
+    _s8tile(x, ldx, idx, val, p0, p1, out, nvalid, c, mult, zy, qlo, qhi, y)
+      x      address of Xp[0, n0, 0] (uint8 [K4][Np][4], Np a multiple of 16
+             so whole vectors load; k4-row stride ldx bytes)
+      idx    address of the block index array (uint16 / int32)
+      val    address of the int8 values (4 per block)
+      p0, p1 block range of this row
+      out    address of y[m, n0]; nvalid columns inside N (1..16*NV_)
+      c      int64 row term -ZX' * rowsum(W) + bias[m] (eq. 8; exact in float64,
+             as is P + c: |P + c| < 2**53)
+      mult   float64 multiplier of row m; zy, qlo, qhi as in requant.py
+      y      the output array (its dtype selects the epilogue: uint8 / int8 /
+             float32)
+    """
+
+    def codegen(context, builder, sig, args):
+        x, ldx, idx, val, p0, p1, out, nvalid, c, mult, zy, qlo, qhi = args[:13]
+        kind = sig.args[-1].dtype
+        offs = _b_offsets(builder, NV_, nvalid)
+
+        def load_x(xr, v):
+            ptr = builder.bitcast(builder.gep(xr, [offs[v]]), _vi.as_pointer())
+            return builder.load(ptr, align=4)
+
+        fin = _block_loop(
+            builder, 1, 4, S8, ikind, NV_, (x, ldx, idx, val, p0, p1), load_x, 2
+        )
+        masks = _col_masks(builder, NV_, nvalid)
+        vf64 = ir.VectorType(_f64, 16)
+        cv = _splat(builder, builder.sitofp(c, _f64), vf64)
+        multv = _splat(builder, mult, vf64)
+        fb0 = ir.Constant(_vf, [0.0] * 16)  # no float bias: + 0.0f as conv's
+
+        def acc_of(r, v):
+            return builder.fadd(builder.sitofp(fin[v], vf64), cv)
+
+        zero = ir.Constant(_i64, 0)
+        _store_tile(builder, kind, acc_of, masks, 1, NV_, out, zero,
+                    lambda r, v: multv, zy, qlo, qhi, lambda v: fb0)  # fmt: skip
+        return context.get_dummy_value()
+
+    @intrinsic
+    def _s8tile(typingctx, x, ldx, idx, val, p0, p1, out, nvalid, c, mult, zy,
+                qlo, qhi, y):  # fmt: skip
+        if not isinstance(y, types.Array) or y.dtype not in (
+            types.uint8,
+            types.int8,
+            types.float32,
+        ):
+            return None
+        f8 = types.float64
+        return types.void(*([types.int64] * 9), f8, f8, f8, f8, y), codegen
+
+    return _s8tile
 
 
 # One module-level intrinsic per (block shape, value type, index type): module
@@ -289,8 +371,15 @@ _c4_f16_u16 = make_block_kernel(1, 4, F16, U16)
 _c4_f16_i32 = make_block_kernel(1, 4, F16, I32)
 _nm_f32 = make_block_kernel(1, 4, F32, NM)
 _nm_f16 = make_block_kernel(1, 4, F16, NM)
-_c4_s8_u16 = make_block_kernel(1, 4, S8, U16)
-_c4_s8_i32 = make_block_kernel(1, 4, S8, I32)
+# int8: one kernel per tile width (1, 2, 4 vectors), so that N <= 32 and the
+# last tile of N compute no columns past N (a 4-vector tile on N = 32 did
+# twice the work)
+_c4_s8_u16_1 = make_s8_kernel(U16, 1)
+_c4_s8_u16_2 = make_s8_kernel(U16, 2)
+_c4_s8_u16_4 = make_s8_kernel(U16, 4)
+_c4_s8_i32_1 = make_s8_kernel(I32, 1)
+_c4_s8_i32_2 = make_s8_kernel(I32, 2)
+_c4_s8_i32_4 = make_s8_kernel(I32, 4)
 
 # kernel ids handed to the drivers: 4 * shape + 2 * (value is f16) + (index i32)
 CSR, R4, C4, NM24 = 0, 1, 2, 3
@@ -405,20 +494,44 @@ def spmm_float_serial(
 
 @njit(**JIT)
 def pack_x_u8(x, flip, out):
-    # x (K,N) int8|uint8 -> out (K4,N,4) uint8 = x ^ flip (x' = x + 128 for int8),
-    # rows past K zero. On the calling thread: a second parallel region per
-    # call cost more than the copy (~0.1 ms for 1024x256) on a busy 2-core box.
+    # x (K,N) int8|uint8 -> out (K4,Np,4) uint8 = x ^ flip (x' = x + 128 for int8),
+    # rows past K and columns past N zero. Each output word is assembled from
+    # the four k rows (1024x256: 8 us; byte stores at stride 4 took 115 us). On
+    # the calling thread: a second parallel region per call costs more.
     K, N = x.shape
-    K4 = out.shape[0]
+    K4, Np = out.shape[0], out.shape[1]
+    o32 = out.view(np.uint32)  # (K4, Np, 1)
+    f = np.uint32(flip) * np.uint32(0x01010101)
+    z = np.zeros(1, x.dtype)
     for g in range(K4):
-        for i in range(4):
-            k = 4 * g + i
-            if k < K:
-                for n in range(N):
-                    out[g, n, i] = np.uint8(x[k, n]) ^ flip
-            else:
-                for n in range(N):
-                    out[g, n, i] = 0
+        k = 4 * g
+        x0 = x[k]
+        x1 = x[k + 1] if k + 1 < K else z
+        x2 = x[k + 2] if k + 2 < K else z
+        x3 = x[k + 3] if k + 3 < K else z
+        s1 = 1 if k + 1 < K else 0
+        s2 = 1 if k + 2 < K else 0
+        s3 = 1 if k + 3 < K else 0
+        # flip only the bytes of rows inside K (rows past K stay zero)
+        fg = f & np.uint32(0xFF | (0xFF00 * s1) | (0xFF0000 * s2) | (0xFF000000 * s3))
+        o = o32[g]
+        if s3 == 1:
+            for n in range(N):
+                o[n, 0] = (
+                    np.uint32(np.uint8(x0[n]))
+                    | (np.uint32(np.uint8(x1[n])) << 8)
+                    | (np.uint32(np.uint8(x2[n])) << 16)
+                    | (np.uint32(np.uint8(x3[n])) << 24)
+                ) ^ fg
+        else:
+            for n in range(N):
+                o[n, 0] = (
+                    np.uint32(np.uint8(x0[n]))
+                    | (np.uint32(np.uint8(x1[n * s1])) * s1 << 8)
+                    | (np.uint32(np.uint8(x2[n * s2])) * s2 << 16)
+                ) ^ fg
+        for n in range(N, Np):
+            o[n, 0] = 0
 
 
 @njit(inline="always")
@@ -441,91 +554,70 @@ def _requant_row(p, m, n0, nc, zx, rs, bias, mult, zy, qlo, qhi, mode, out):
 
 
 @njit(inline="always")
-def _s8_rows(
-    use_i32,
-    c0,
-    c1,
-    xa,
-    ldx,
-    idx,
-    val,
-    ptr,
-    scratch,
-    zx,
-    rs,
-    bias,
-    mult,
-    zy,
-    qlo,
-    qhi,
-    mode,
-    out,
-):
+def _s8_tile(i32, x, ldx, idx, val, p0, p1, o, nvalid, c, mult, zy, qlo, qhi, out):
+    # the narrowest kernel that covers nvalid columns
+    if i32:
+        if nvalid > 32:
+            _c4_s8_i32_4(x, ldx, idx, val, p0, p1, o, nvalid, c, mult, zy, qlo,
+                         qhi, out)  # fmt: skip
+        elif nvalid > 16:
+            _c4_s8_i32_2(x, ldx, idx, val, p0, p1, o, nvalid, c, mult, zy, qlo,
+                         qhi, out)  # fmt: skip
+        else:
+            _c4_s8_i32_1(x, ldx, idx, val, p0, p1, o, nvalid, c, mult, zy, qlo,
+                         qhi, out)  # fmt: skip
+    elif nvalid > 32:
+        _c4_s8_u16_4(x, ldx, idx, val, p0, p1, o, nvalid, c, mult, zy, qlo, qhi,
+                     out)  # fmt: skip
+    elif nvalid > 16:
+        _c4_s8_u16_2(x, ldx, idx, val, p0, p1, o, nvalid, c, mult, zy, qlo, qhi,
+                     out)  # fmt: skip
+    else:
+        _c4_s8_u16_1(x, ldx, idx, val, p0, p1, o, nvalid, c, mult, zy, qlo, qhi,
+                     out)  # fmt: skip
+
+
+@njit(inline="always")
+def _s8_rows(c0, c1, xp, idx, val, ptr, zx, rs, bias, mult, zy, qlo, qhi, out, nr):
+    # rows c0..c1-1 of out, one 1 x NR8 tile at a time, N tiles outer (the
+    # tile's X slab, K4 x NR8 x 4 bytes, stays in L2 across the rows)
     M, N = out.shape
-    tile = scratch[numba.get_thread_id()]
-    ta = tile.ctypes.data
-    nt = (N + NR - 1) // NR
+    ldo = np.int64(out.strides[0])
+    esize = out.itemsize
+    oa = out.ctypes.data
+    xa, ldx = xp.ctypes.data, np.int64(xp.strides[0])
+    ia, va = idx.ctypes.data, val.ctypes.data
+    nt = (N + nr - 1) // nr
     for t in range(nt):
-        n0 = t * NR
-        nvalid = min(NR, N - n0)
+        n0 = t * nr
+        nvalid = min(nr, N - n0)
         for m in range(c0, c1):
-            if use_i32:
-                _c4_s8_i32(
-                    xa + 4 * n0, ldx, idx, val, ptr[m], ptr[m + 1], ta, 0, 1, nvalid
-                )
-            else:
-                _c4_s8_u16(
-                    xa + 4 * n0, ldx, idx, val, ptr[m], ptr[m + 1], ta, 0, 1, nvalid
-                )
-            _requant_row(
-                tile, m, n0, nvalid, zx, rs, bias, mult, zy, qlo, qhi, mode, out
-            )
+            c = -zx * rs[m] + bias[m]
+            o = oa + m * ldo + esize * n0
+            _s8_tile(idx.itemsize == 4, xa + 4 * n0, ldx, ia, va, ptr[m],
+                     ptr[m + 1], o, nvalid, c, mult[m], zy, qlo, qhi, out)  # fmt: skip
 
 
 @njit(**PJIT)
-def spmm_s8_vnni(
-    use_i32,
-    xa,
-    ldx,
-    idx,
-    val,
-    ptr,
-    chunks,
-    scratch,
-    zx,
-    rs,
-    bias,
-    mult,
-    zy,
-    qlo,
-    qhi,
-    mode,
-    out,
-):
-    # W 1x4 blocks int8 (zero point 0) @ Xp (K4,N,4) uint8 -> requantized out;
-    # scratch (threads, NR) int32; zx = x zero point + 128 for int8 x;
-    # rs (M,) int64 = rowsum(W); bias (M,) int64; mult (M,) float64
+def spmm_s8_vnni(xp, idx, val, ptr, chunks, zx, rs, bias, mult, zy, qlo, qhi, out, nr):
+    # out (M,N) = requant(W @ X): W 1x4 blocks of int8 (zero point 0; idx
+    # uint16 / int32 block columns, val 4 bytes per block, ptr (M+1,) block
+    # pointers), xp (K4,Np,4) uint8 = X + 128 for int8 X (pack_x_u8); out's
+    # dtype (uint8 / int8 / float32) selects the epilogue. zx = x zero point
+    # (+ 128 for int8 x); rs (M,) int64 = rowsum(W); bias (M,) int64; mult
+    # (M,) float64; chunks (parts+1,) row bounds balanced by nnz
     for c in prange(chunks.shape[0] - 1):
-        _s8_rows(
-            use_i32,
-            chunks[c],
-            chunks[c + 1],
-            xa,
-            ldx,
-            idx,
-            val,
-            ptr,
-            scratch,
-            zx,
-            rs,
-            bias,
-            mult,
-            zy,
-            qlo,
-            qhi,
-            mode,
-            out,
-        )
+        _s8_rows(chunks[c], chunks[c + 1], xp, idx, val, ptr, zx, rs, bias, mult,
+                 zy, qlo, qhi, out, nr)  # fmt: skip
+
+
+@njit(**JIT)
+def spmm_s8_vnni_serial(
+    xp, idx, val, ptr, chunks, zx, rs, bias, mult, zy, qlo, qhi, out, nr
+):
+    # as spmm_s8_vnni on the calling thread (no parallel region)
+    _s8_rows(0, ptr.shape[0] - 1, xp, idx, val, ptr, zx, rs, bias, mult, zy, qlo,
+             qhi, out, nr)  # fmt: skip
 
 
 @njit(**PJIT)

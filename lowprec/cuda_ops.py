@@ -935,19 +935,13 @@ def qlinear_spmm_cuda(
         mode = 1
     out_dev, out_ret = _out(x_in, host, (M, N), odt_final)
     if M and N:
-        indptr_h, _, vals_h = w._expanded()
-        if int(np.diff(indptr_h).max(initial=0)) > _s._INT32_SAFE_NNZ:
+        maxrow, _, rs = _s._row_stats(w)  # as lowprec.qlinear_spmm
+        if maxrow > _s._INT32_SAFE_NNZ:
             msg = (
                 f"a row of w stores more than {_s._INT32_SAFE_NNZ} entries: int32 "
                 f"sums could overflow; split K"
             )
             raise ValueError(msg)
-        rs = w._cache.get("rowsum_zw")
-        if rs is None:  # as lowprec.qlinear_spmm: rowsum(W - zw), stored entries
-            rows = np.repeat(np.arange(M), np.diff(indptr_h))
-            rs = np.zeros(M, np.int64)
-            np.add.at(rs, rows, vals_h.astype(np.int64) - w.zero_point[rows])
-            w._cache["rowsum_zw"] = rs
         indptr, cols, vals = _sparse_device(w)
         grid, threads = _spmm_launch(cfg, M, N)
         kernel = ks.spmm_s8_kernel(cfg.SPMM_ROWS, cfg.SPMM_THREADS, cfg.SPMM_VN)

@@ -39,6 +39,7 @@ import numpy as np
 
 from . import _dispatch
 from . import _validate as v
+from . import gemm as _g  # the multiplier and clamp of qlinear_matmul
 from .kernels import sparse_gemm as _ks
 
 FORMATS = ("csr", "bsr4x1", "bsr1x4", "nm24")
@@ -51,6 +52,7 @@ FORMAT_VERSION = 1
 # launch costs a few microseconds, more than a small product)
 SERIAL_MACS = 1 << 18
 CHUNKS_PER_THREAD = 8
+_S8_NR = 64
 # |w - zw| * |x| <= 255 * 255: int32 sums are exact up to this many per output
 _INT32_SAFE_NNZ = (2**31 - 1) // (255 * 255)
 
@@ -639,6 +641,38 @@ def _f32_values(w, vals):
     return got
 
 
+def _row_multiplier(w, sx, sy):
+    """eq. 10 per row, (M,) float64, cached on w per (x_scale, y_scale)."""
+    key = ("mult", sx.dtype.str, sx.tobytes(), None if sy is None else sy.tobytes())
+    got = w._cache.get(key)
+    if got is None:
+        sy_ = None if sy is None else sy.reshape(-1)
+        got = np.ascontiguousarray(
+            _g._multiplier(sx.reshape(-1), w.scale, sy_, w.shape[0])[0]
+        )
+        got.flags.writeable = False
+        w._cache[key] = got
+    return got
+
+
+def _row_stats(w):
+    """(longest row's stored count, all zero points 0, rowsum(W - zw) (M,)
+    int64 over the stored entries), cached on w (pruned entries hold zw: 0)."""
+    got = w._cache.get("row_stats")
+    if got is None:
+        M = w.shape[0]
+        indptr, _, vals = w._expanded()
+        counts = np.diff(indptr)
+        rows = np.repeat(np.arange(M), counts)
+        wz = vals.astype(np.int64) - w.zero_point.astype(np.int64)[rows]
+        rs = np.zeros(M, np.int64)
+        np.add.at(rs, rows, wz)
+        rs.flags.writeable = False
+        got = (int(counts.max(initial=0)), not w.zero_point.any(), rs)
+        w._cache["row_stats"] = got
+    return got
+
+
 def _row_chunks(indptr, threads):
     work = indptr + np.arange(indptr.size)
     got = np.searchsorted(work, np.linspace(0, work[-1], threads + 1)).astype(np.int64)
@@ -686,8 +720,6 @@ def qlinear_spmm(
                 w, x, x_scale, x_zero_point, y_scale, y_zero_point, bias=bias,
                 activation=activation, out_dtype=out_dtype, out=out,
             )  # fmt: skip
-    from . import gemm as _g  # the multiplier and clamp of qlinear_matmul
-
     _check_w(w)
     if w.dtype != np.int8:
         msg = "w has float values; use lowprec.spmm (or pack with dtype=np.int8)"
@@ -726,7 +758,7 @@ def qlinear_spmm(
             raise ValueError(msg)
         bias64 = np.broadcast_to(bias.reshape(-1).astype(np.int64), (M,)).copy()
     if odt == np.float32:
-        mult = _g._multiplier(sx.reshape(-1), w.scale, None, M)[0]
+        mult = _row_multiplier(w, sx, None)
         zy = 0.0
         qlo, qhi = v.activation_bounds(activation)
         mode, odt_final = 2, np.dtype(np.float32)
@@ -744,16 +776,14 @@ def qlinear_spmm(
         qlo, qhi = _g._quant_bounds(
             _g._hashable(activation), zy, float(sy.reshape(-1)[0]), odt_final
         )
-        mult = _g._multiplier(sx.reshape(-1), w.scale, sy.reshape(-1), M)[0]
+        mult = _row_multiplier(w, sx, sy)
         mode = 1
-    mult = np.ascontiguousarray(mult)
     shape = (M,) if x.ndim == 1 else (M, N)
     y = _check_out(out, shape, odt_final, x)
     y2 = y.reshape(M, N)
     if M == 0 or N == 0:
         return y
-    indptr, cols, vals = w._expanded()
-    if int(np.diff(indptr).max(initial=0)) > _INT32_SAFE_NNZ:
+    if _row_stats(w)[0] > _INT32_SAFE_NNZ:
         msg = (
             f"a row of w stores more than {_INT32_SAFE_NNZ} entries: int32 sums "
             f"could overflow; split K"
@@ -761,45 +791,24 @@ def qlinear_spmm(
         raise ValueError(msg)
     threads = _threads(w.nnz * N)
     flip = 0x80 if x.dtype == np.int8 else 0
-    use_vnni = (
-        _fast_path() and w.format == "bsr1x4" and not w.zero_point.any() and K > 0
-    )
-    rs = w._cache.get("rowsum_zw")
-    if rs is None:
-        # rowsum(W - zw) over the stored entries (pruned ones hold zw: 0)
-        rows = np.repeat(np.arange(M), np.diff(indptr))
-        wz = vals.astype(np.int64) - w.zero_point.astype(np.int64)[rows]
-        rs = np.zeros(M, np.int64)
-        np.add.at(rs, rows, wz)
-        w._cache["rowsum_zw"] = rs
-    if use_vnni:
-        K4 = -(-K // 4)
-        xp = np.empty((K4, N, 4), np.uint8)
-        _ks.pack_x_u8(x2, np.uint8(flip), xp)
-        scratch = np.empty((numba.config.NUMBA_NUM_THREADS, _ks.NR), np.int32)
-        with numba.parallel_chunksize(1):
-            _dispatch.call_on_threads(
-                threads,
-                _ks.spmm_s8_vnni,
-                w.idx.dtype == np.int32,
-                xp.ctypes.data,
-                xp.strides[0],
-                w.idx.ctypes.data,
-                w.val.ctypes.data,
-                w.ptr,
-                w._chunks(_parts(threads)),
-                scratch,
-                zx + flip,
-                rs,
-                bias64,
-                mult,
-                zy,
-                qlo,
-                qhi,
-                mode,
-                y2,
-            )
+    maxrow, symmetric, rs = _row_stats(w)
+    if _fast_path() and w.format == "bsr1x4" and symmetric and K > 0:
+        K4, Np = -(-K // 4), -(-N // 16) * 16
+        # 64-byte aligned (a zmm load across two cache lines costs two: the
+        # tile loop ran 8 cycles per block instead of 5.7 with X in L1)
+        xp = _dispatch.scratch("spmm_s8_x", (K4, Np, 4), np.uint8)
+        _ks.pack_x_u8(np.ascontiguousarray(x2), np.uint8(flip), xp)
+        args = (xp, w.idx, w.val, w.ptr, w._chunks(_parts(threads)), zx + flip, rs,
+                bias64, mult, zy, qlo, qhi, y2, _S8_NR)  # fmt: skip
+        if threads == 1:
+            # no parallel region at all (numba.set_num_threads around a prange
+            # call cost ~20 us of a 60 us small call)
+            _ks.spmm_s8_vnni_serial(*args)
+        else:
+            with numba.parallel_chunksize(1):
+                _ks.spmm_s8_vnni(*args)
         return y
+    indptr, cols, vals = w._expanded()
     _dispatch.call_on_threads(
         threads,
         _ks.spmm_s8_portable,

@@ -181,6 +181,48 @@ def test_qlinear_spmm_bit_exact(isa, fmt, x_dtype):
         np.testing.assert_array_equal(got, ref)
 
 
+@pytest.mark.parametrize("parallel", [False, True])
+def test_qlinear_spmm_vnni_tiles(isa, parallel, monkeypatch):
+    """The int8 1x4 kernel's tile widths (16 / 32 / 64 columns, chosen per
+    tile), rows of 0..5 blocks (the loop runs two accumulator sets and a last
+    odd block), K not a multiple of 4, both index widths, every output type,
+    on the calling thread and across the pool."""
+    if parallel:
+        monkeypatch.setattr(sp, "SERIAL_MACS", 0)
+    rng = np.random.default_rng([21, parallel])
+    for M, K, N, x_dtype in [
+        (7, 23, 16, np.uint8),
+        (6, 40, 17, np.int8),
+        (9, 21, 32, np.uint8),
+        (5, 30, 33, np.int8),
+        (11, 64, 65, np.uint8),
+        (4, 90, 130, np.int8),
+        (3, 70_003, 20, np.uint8),  # int32 block indices
+    ]:
+        blocks = np.zeros((M, -(-K // 4)), bool)
+        for m in range(M):  # row m keeps m % 6 blocks
+            keep = rng.choice(blocks.shape[1], min(m % 6, blocks.shape[1]), False)
+            blocks[m, keep] = True
+        mask = np.repeat(blocks, 4, axis=1)[:, :K]
+        w = rng.standard_normal((M, K)).astype(np.float32)
+        W = sp.from_dense(w, mask, format="bsr1x4", dtype=np.int8)
+        assert (W.idx.dtype == np.int32) == (K > 4 * 65535)
+        info = np.iinfo(x_dtype)
+        x = rng.integers(info.min, info.max + 1, (K, N), dtype=x_dtype)
+        sx, zx = np.float32(0.03), x_dtype(rng.integers(info.min, info.max + 1))
+        bias = rng.integers(-3000, 3000, M, dtype=np.int32)
+        for y_zp, kw in [
+            (np.uint8(100), {"bias": bias}),
+            (np.int8(-7), {"activation": "relu"}),
+            (None, {"out_dtype": np.float32, "bias": bias, "activation": (-0.5, 3)}),
+        ]:
+            sy = None if y_zp is None else np.float32(0.04)
+            got = sp.qlinear_spmm(W, x, sx, zx, sy, y_zp, **kw)
+            ref = _qref(W, x, sx, zx, sy, y_zp, **kw)
+            assert got.dtype == ref.dtype
+            np.testing.assert_array_equal(got, ref)
+
+
 def test_save_load_round_trip_and_smaller(tmp_path):
     rng = np.random.default_rng(5)
     w = rng.standard_normal((256, 512)).astype(np.float32)
