@@ -30,6 +30,7 @@ Portable fallbacks (any CPU, any format through its expanded CSR view): plain
 numba loops, float32 accumulation in column-index order, exact int32 for int8.
 """
 
+import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
@@ -599,25 +600,69 @@ def _s8_rows(c0, c1, xp, idx, val, ptr, zx, rs, bias, mult, zy, qlo, qhi, out, n
 
 
 @njit(**PJIT)
-def spmm_s8_vnni(xp, idx, val, ptr, chunks, zx, rs, bias, mult, zy, qlo, qhi, out, nr):
+def spmm_s8_vnni(
+    x,
+    flip,
+    xps,
+    packed,
+    idx,
+    val,
+    ptr,
+    chunks,
+    zx,
+    rs,
+    bias,
+    mult,
+    zy,
+    qlo,
+    qhi,
+    out,
+    nr,
+):
     # out (M,N) = requant(W @ X): W 1x4 blocks of int8 (zero point 0; idx
     # uint16 / int32 block columns, val 4 bytes per block, ptr (M+1,) block
-    # pointers), xp (K4,Np,4) uint8 = X + 128 for int8 X (pack_x_u8); out's
-    # dtype (uint8 / int8 / float32) selects the epilogue. zx = x zero point
-    # (+ 128 for int8 x); rs (M,) int64 = rowsum(W); bias (M,) int64; mult
-    # (M,) float64; chunks (parts+1,) row bounds balanced by nnz
+    # pointers); out's dtype (uint8 / int8 / float32) selects the epilogue.
+    # x (K,N) int8|uint8; each thread packs its own copy xps[tid] (K4,Np,4) =
+    # x ^ flip (pack_x_u8) before its first part (packed (threads,) zeros on
+    # entry). Why private copies: a copy packed on the calling thread and read
+    # by both cores is shared in the other core's cache, and writing it again
+    # on the next call waits for the invalidations (measured, 1024x32: 16.5 us
+    # to pack after a parallel call, 8 us after a serial one).
+    # zx = x zero point (+ 128 for int8 x); rs (M,) int64 = rowsum(W); bias
+    # (M,) int64; mult (M,) float64; chunks (parts+1,) row bounds balanced by nnz
     for c in prange(chunks.shape[0] - 1):
-        _s8_rows(chunks[c], chunks[c + 1], xp, idx, val, ptr, zx, rs, bias, mult,
-                 zy, qlo, qhi, out, nr)  # fmt: skip
+        tid = numba.get_thread_id()
+        if packed[tid] == 0:
+            pack_x_u8(x, flip, xps[tid])
+            packed[tid] = 1
+        _s8_rows(chunks[c], chunks[c + 1], xps[tid], idx, val, ptr, zx, rs, bias,
+                 mult, zy, qlo, qhi, out, nr)  # fmt: skip
 
 
 @njit(**JIT)
 def spmm_s8_vnni_serial(
-    xp, idx, val, ptr, chunks, zx, rs, bias, mult, zy, qlo, qhi, out, nr
+    x,
+    flip,
+    xps,
+    packed,
+    idx,
+    val,
+    ptr,
+    chunks,
+    zx,
+    rs,
+    bias,
+    mult,
+    zy,
+    qlo,
+    qhi,
+    out,
+    nr,
 ):
     # as spmm_s8_vnni on the calling thread (no parallel region)
-    _s8_rows(0, ptr.shape[0] - 1, xp, idx, val, ptr, zx, rs, bias, mult, zy, qlo,
-             qhi, out, nr)  # fmt: skip
+    pack_x_u8(x, flip, xps[0])
+    _s8_rows(0, ptr.shape[0] - 1, xps[0], idx, val, ptr, zx, rs, bias, mult, zy,
+             qlo, qhi, out, nr)  # fmt: skip
 
 
 @njit(**PJIT)

@@ -794,11 +794,13 @@ def qlinear_spmm(
     maxrow, symmetric, rs = _row_stats(w)
     if _fast_path() and w.format == "bsr1x4" and symmetric and K > 0:
         K4, Np = -(-K // 4), -(-N // 16) * 16
+        # one packed copy of X per thread (kernels/sparse_gemm.spmm_s8_vnni),
         # 64-byte aligned (a zmm load across two cache lines costs two: the
         # tile loop ran 8 cycles per block instead of 5.7 with X in L1)
-        xp = _dispatch.scratch("spmm_s8_x", (K4, Np, 4), np.uint8)
-        _ks.pack_x_u8(np.ascontiguousarray(x2), np.uint8(flip), xp)
-        args = (xp, w.idx, w.val, w.ptr, w._chunks(_parts(threads)), zx + flip, rs,
+        T = 1 if threads == 1 else numba.config.NUMBA_NUM_THREADS
+        xps = _dispatch.scratch("spmm_s8_x", (T, K4, Np, 4), np.uint8)
+        args = (np.ascontiguousarray(x2), np.uint8(flip), xps, np.zeros(T, np.int64),
+                w.idx, w.val, w.ptr, w._chunks(_parts(threads)), zx + flip, rs,
                 bias64, mult, zy, qlo, qhi, y2, _S8_NR)  # fmt: skip
         if threads == 1:
             # no parallel region at all (numba.set_num_threads around a prange
