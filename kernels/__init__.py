@@ -24,14 +24,15 @@ def _cache_dir() -> str:
         return _os.path.join(_HERE, "__pycache__")
 
 
-def _drop_stale_cache() -> None:
+def _drop_stale_cache() -> str:
     """numba's cache (``cache=True``) checks only the source file of each
     function, but the kernels inline intrinsics and helpers from the other
     files here: after an edit or an upgrade of one file, the functions of an
     unchanged file would load machine code built against the old one (seen:
     a conv kernel kept an old epilogue after int8_gemm_vnni.py changed). One
     stamp over every kernel source; when it differs, this package's cache
-    files are removed. ~1 ms per import."""
+    files are removed. ~1 ms per import. Returns the stamp (SOURCE_STAMP:
+    caches of measured kernel speeds key on it too)."""
     digest = _hashlib.sha256()
     names = []
     for path in sorted(_glob.glob(_os.path.join(_HERE, "*.py"))):
@@ -45,7 +46,7 @@ def _drop_stale_cache() -> None:
     try:
         with open(stamp_file) as f:
             if f.read().strip() == stamp:
-                return
+                return stamp
     except OSError:
         pass
     try:
@@ -58,6 +59,7 @@ def _drop_stale_cache() -> None:
             f.write(stamp + "\n")
     except OSError:  # read-only or raced by another process: numba copes
         pass
+    return stamp
 
 
-_drop_stale_cache()
+SOURCE_STAMP = _drop_stale_cache()

@@ -40,6 +40,7 @@ import numpy as np
 from . import _dispatch
 from . import _validate as v
 from . import gemm as _g  # the multiplier and clamp of qlinear_matmul
+from . import kernels as _ks_pkg
 from .kernels import sparse_gemm as _ks
 
 FORMATS = ("csr", "bsr4x1", "bsr1x4", "nm24")
@@ -872,7 +873,9 @@ def _machine_key() -> str:
     feats = ",".join(
         sorted(f for f in _dispatch.host_features() if f.startswith("avx"))
     )
-    return f"{_dispatch.get_isa()}|threads={numba.get_num_threads()}|{feats}"
+    # the kernels' source stamp: a model measured on older kernels is stale
+    stamp = _ks_pkg.SOURCE_STAMP[:12]
+    return f"{_dispatch.get_isa()}|threads={numba.get_num_threads()}|{feats}|{stamp}"
 
 
 def per_call(fn, min_time):
@@ -981,17 +984,22 @@ def _estimate(table: dict, n: int, work: int) -> float:
 VERIFY_MAX_S = 0.02
 
 
-def _measure_pair(dense_w, sm, n, rounds=5, min_time=1e-3):
+def _measure_pair(dense_w, sm, n, rounds=5, min_time=2e-3, warmup=3):
     """(dense, sparse) seconds per call on one random X, interleaved rounds,
-    the fastest round of each (a neighbour's burst slows one round, not all)."""
+    the fastest round of each (a neighbour's burst slows one round, not all).
+    Each round first makes ``warmup`` untimed calls: the first call after the
+    other library ran pays for switching thread pools (numpy's BLAS threads
+    and numba's, both spinning on the same cores; measured on the 2-core VM:
+    0.2-6 ms extra for a 150 us spmm), which with 1 ms windows made both sides
+    measure 10-30x too slow and kept dense for a 95 % sparse layer."""
     x = np.random.default_rng(1).standard_normal((dense_w.shape[1], n))
     x = x.astype(np.float32)
     fns = (lambda: dense_w @ x, lambda: spmm(sm, x))
     best = [math.inf, math.inf]
-    for f in fns:
-        f()
     for _ in range(rounds):
         for i, f in enumerate(fns):
+            for _ in range(warmup):
+                f()
             best[i] = min(best[i], per_call(f, min_time))
     return best[0], best[1]
 

@@ -23,3 +23,5 @@ def test_stale_cache_files_are_dropped_when_any_kernel_source_changes(
     ours.write_bytes(b"x")
     kernels._drop_stale_cache()
     assert ours.exists()
+    # the stamp is the one kernels exposes (the sparse cost model keys on it)
+    assert stamp == kernels.SOURCE_STAMP == kernels._drop_stale_cache()
