@@ -36,7 +36,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .config import JIT, PJIT
-from .ir_util import no_unroll as _no_unroll
+from .ir_util import loop as _ir_loop
 from .ir_util import splat as _splat
 
 # ---------------------------------------------------------------------------
@@ -113,7 +113,6 @@ def make_tile_kernel(MR, kind, strided_a=False):
             step_a = ir.Constant(_i64, 4)  # one float32 or one bfloat16 pair
         i8p = ir.IntType(8).as_pointer()
         zero64 = ir.Constant(_i64, 0)
-        one64 = ir.Constant(_i64, 1)
         a_base = builder.inttoptr(a, i8p)
         b_base = builder.inttoptr(b, i8p)
         c_base = builder.inttoptr(c, i8p)
@@ -134,42 +133,32 @@ def make_tile_kernel(MR, kind, strided_a=False):
             builder.select(use_c, builder.load(p, align=4), ir.Constant(_vf, None))
             for p in c_ptrs
         ]
-        fn = builder.function
-        pre = builder.block
-        loop = fn.append_basic_block("half.loop")
-        after = fn.append_basic_block("half.after")
-        builder.cbranch(builder.icmp_signed(">", ks, zero64), loop, after)
 
-        builder.position_at_end(loop)
-        kphi = builder.phi(_i64, "k")
-        kphi.add_incoming(zero64, pre)
-        phis = []
-        for x in init:
-            p = builder.phi(_vf)
-            p.add_incoming(x, pre)
-            phis.append(p)
-        b_row = builder.gep(b_base, [builder.mul(kphi, ir.Constant(_i64, step_b))])
-        a_off = builder.mul(kphi, step_a)
-        new = []
-        if kind in ("f16", "f32"):
-            fma = _fma(builder)
-            bvecs = []
-            for v in range(NV):
-                if kind == "f32":
-                    p = builder.gep(b_row, [ir.Constant(_i64, 64 * v)])
-                    bvecs.append(
-                        builder.load(builder.bitcast(p, _vf.as_pointer()), align=4)
-                    )
-                    continue
-                p = builder.gep(b_row, [ir.Constant(_i64, 32 * v)])
-                h = builder.load(builder.bitcast(p, _vh.as_pointer()), align=2)
-                bvecs.append(builder.fpext(h, _vf))  # vcvtph2ps zmm, m256
-            for r in range(MR):
-                p = builder.bitcast(builder.gep(a_rows[r], [a_off]), _f32.as_pointer())
-                av = _splat(builder, builder.load(p, align=4), _vf)
+        def kstep(kphi, phis):
+            b_row = builder.gep(b_base, [builder.mul(kphi, ir.Constant(_i64, step_b))])
+            a_off = builder.mul(kphi, step_a)
+            new = []
+            if kind in ("f16", "f32"):
+                fma = _fma(builder)
+                bvecs = []
                 for v in range(NV):
-                    new.append(builder.call(fma, [av, bvecs[v], phis[r * NV + v]]))
-        else:
+                    if kind == "f32":
+                        p = builder.gep(b_row, [ir.Constant(_i64, 64 * v)])
+                        bvecs.append(
+                            builder.load(builder.bitcast(p, _vf.as_pointer()), align=4)
+                        )
+                        continue
+                    p = builder.gep(b_row, [ir.Constant(_i64, 32 * v)])
+                    h = builder.load(builder.bitcast(p, _vh.as_pointer()), align=2)
+                    bvecs.append(builder.fpext(h, _vf))  # vcvtph2ps zmm, m256
+                for r in range(MR):
+                    p = builder.bitcast(
+                        builder.gep(a_rows[r], [a_off]), _f32.as_pointer()
+                    )
+                    av = _splat(builder, builder.load(p, align=4), _vf)
+                    for v in range(NV):
+                        new.append(builder.call(fma, [av, bvecs[v], phis[r * NV + v]]))
+                return new
             dp = _dpbf16(builder)
             bvecs = []
             for v in range(NV):
@@ -184,21 +173,9 @@ def make_tile_kernel(MR, kind, strided_a=False):
                 )
                 for v in range(NV):
                     new.append(builder.call(dp, [phis[r * NV + v], av, bvecs[v]]))
-        knext = builder.add(kphi, one64)
-        loop_end = builder.block
-        kphi.add_incoming(knext, loop_end)
-        for p, x in zip(phis, new, strict=True):
-            p.add_incoming(x, loop_end)
-        br = builder.cbranch(builder.icmp_signed("<", knext, ks), loop, after)
-        _no_unroll(builder, br)
+            return new
 
-        builder.position_at_end(after)
-        fin = []
-        for i in range(len(c_ptrs)):
-            p = builder.phi(_vf)
-            p.add_incoming(init[i], pre)
-            p.add_incoming(new[i], loop_end)
-            fin.append(p)
+        fin = _ir_loop(builder, zero64, ks, init, kstep, name="half")
         for p, ptr in zip(fin, c_ptrs, strict=True):
             builder.store(p, ptr, align=4)
         return context.get_dummy_value()
@@ -660,9 +637,6 @@ def _make_peak_loop(kind):
     def codegen(context, builder, sig, args):
         iters, seed = args
         x = builder.sitofp(seed, _f32)
-        pre = builder.block
-        loop = builder.function.append_basic_block("pk.loop")
-        done = builder.function.append_basic_block("pk.done")
         if kind == "f16":
             op = _fma(builder)
             b = _splat(builder, x, _vf)
@@ -672,26 +646,15 @@ def _make_peak_loop(kind):
             bits = builder.bitcast(x, _i32)
             b = builder.bitcast(_splat(builder, bits, _vi), _vbf)
             a = b
-        builder.branch(loop)
-        builder.position_at_end(loop)
-        k = builder.phi(_i64)
-        k.add_incoming(ir.Constant(_i64, 0), pre)
-        accs = []
-        for j in range(_NACC):
-            p = builder.phi(_vf)
-            p.add_incoming(ir.Constant(_vf, [float(j)] * 16), pre)
-            accs.append(p)
-        if kind == "f16":
-            new = [builder.call(op, [a, b, p]) for p in accs]
-        else:
-            new = [builder.call(op, [p, a, b]) for p in accs]
-        kn = builder.add(k, ir.Constant(_i64, 1))
-        k.add_incoming(kn, loop)
-        for p, n in zip(accs, new, strict=True):
-            p.add_incoming(n, loop)
-        br = builder.cbranch(builder.icmp_signed("<", kn, iters), loop, done)
-        _no_unroll(builder, br)
-        builder.position_at_end(done)
+
+        def step(k, accs):
+            if kind == "f16":
+                return [builder.call(op, [a, b, p]) for p in accs]
+            return [builder.call(op, [p, a, b]) for p in accs]
+
+        init = [ir.Constant(_vf, [float(j)] * 16) for j in range(_NACC)]
+        new = _ir_loop(builder, ir.Constant(_i64, 0), iters, init, step, guard=False,
+                       name="pk")  # fmt: skip
         s = new[0]
         for n in new[1:]:
             s = builder.fadd(s, n)

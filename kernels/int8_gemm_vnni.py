@@ -34,7 +34,8 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .ir_util import no_unroll as _no_unroll
+from .ir_util import if_then as _ir_if
+from .ir_util import loop as _ir_loop
 from .ir_util import splat
 
 # ---------------------------------------------------------------------------
@@ -134,7 +135,6 @@ def _k_loop(builder, MR, NV_, a, lda, b, ldb, k4, kr, nvalid, flip=False):
     vpd = _vpdpbusd(builder)
     i8p = _i8.as_pointer()
     zero64 = ir.Constant(_i64, 0)
-    one64 = ir.Constant(_i64, 1)
 
     a_base = builder.inttoptr(a, i8p)
     b_base = builder.inttoptr(b, i8p)
@@ -146,81 +146,42 @@ def _k_loop(builder, MR, NV_, a, lda, b, ldb, k4, kr, nvalid, flip=False):
     b_offs = _b_offsets(builder, NV_, nvalid)
 
     zero_v = ir.Constant(_v16, None)
-    fn = builder.function
-    pre = builder.block
-    loop = fn.append_basic_block("vnni.loop")
-    after = fn.append_basic_block("vnni.after")
-    builder.cbranch(builder.icmp_signed(">", k4, zero64), loop, after)
 
-    # ---- main K loop: accumulators as phi nodes -> stay in zmm registers
-    builder.position_at_end(loop)
-    kphi = builder.phi(_i64, "k")
-    kphi.add_incoming(zero64, pre)
-    acc_phis = []
-    for _ in range(MR * NV_):
-        p = builder.phi(_v16)
-        p.add_incoming(zero_v, pre)
-        acc_phis.append(p)
-    k_bytes = builder.shl(kphi, ir.Constant(_i64, 2))
-    b_row = _gep8(builder, b_base, builder.mul(kphi, ldb))
-    bvecs = [_load_v16(builder, _gep8(builder, b_row, b_offs[v])) for v in range(NV_)]
-    new_accs = []
-    for r in range(MR):
-        av = splat(builder, load_a(_gep8(builder, a_rows[r], k_bytes)), _v16)
-        for v in range(NV_):
-            # operand 2 = unsigned bytes (A), operand 3 = signed bytes (B)
-            new_accs.append(builder.call(vpd, [acc_phis[r * NV_ + v], av, bvecs[v]]))
-    knext = builder.add(kphi, one64)
-    loop_end = builder.block
-    kphi.add_incoming(knext, loop_end)
-    for p, nv in zip(acc_phis, new_accs, strict=True):
-        p.add_incoming(nv, loop_end)
-    br = builder.cbranch(builder.icmp_signed("<", knext, k4), loop, after)
-    _no_unroll(builder, br)
+    def step(kphi, accs):
+        # one k4 row: MR broadcasts of A, NV_ vectors of B, MR * NV_ vpdpbusd
+        k_bytes = builder.shl(kphi, ir.Constant(_i64, 2))
+        b_row = _gep8(builder, b_base, builder.mul(kphi, ldb))
+        bvecs = [_load_v16(builder, _gep8(builder, b_row, o)) for o in b_offs]
+        new = []
+        for r in range(MR):
+            av = splat(builder, load_a(_gep8(builder, a_rows[r], k_bytes)), _v16)
+            for v in range(NV_):
+                # operand 2 = unsigned bytes (A), operand 3 = signed bytes (B)
+                new.append(builder.call(vpd, [accs[r * NV_ + v], av, bvecs[v]]))
+        return new
 
-    # ---- after loop: merge, then optional K tail (kr bytes)
-    builder.position_at_end(after)
-    accs = []
-    for i in range(MR * NV_):
-        p = builder.phi(_v16)
-        p.add_incoming(zero_v, pre)
-        p.add_incoming(new_accs[i], loop_end)
-        accs.append(p)
-    tail = fn.append_basic_block("vnni.tail")
-    done = fn.append_basic_block("vnni.done")
-    after_end = builder.block
-    builder.cbranch(builder.icmp_signed(">", kr, zero64), tail, done)
+    # main K loop: accumulators as phi nodes -> stay in zmm registers
+    accs = _ir_loop(builder, zero64, k4, [zero_v] * (MR * NV_), step, name="vnni")
 
-    builder.position_at_end(tail)
-    # bytes [4*k4, 4*k4+kr) of each row: load the 4 bytes ending at the
-    # tail end (always inside the row) and shift out the (4-kr) low bytes.
-    k_bytes_t = builder.shl(k4, ir.Constant(_i64, 2))
-    back = builder.sub(ir.Constant(_i64, 4), kr)
-    shift = builder.trunc(builder.shl(back, ir.Constant(_i64, 3)), _i32)
-    b_row = _gep8(builder, b_base, builder.mul(k4, ldb))
-    bvecs = [_load_v16(builder, _gep8(builder, b_row, b_offs[v])) for v in range(NV_)]
-    tail_accs = []
-    for r in range(MR):
-        p = _gep8(
-            builder,
-            a_rows[r],
-            builder.sub(builder.add(k_bytes_t, kr), ir.Constant(_i64, 4)),
-        )
-        x = builder.lshr(load_a(p), shift)
-        av = splat(builder, x, _v16)
-        for v in range(NV_):
-            tail_accs.append(builder.call(vpd, [accs[r * NV_ + v], av, bvecs[v]]))
-    tail_end = builder.block
-    builder.branch(done)
+    def tail(accs):
+        # bytes [4*k4, 4*k4+kr) of each row: load the 4 bytes ending at the
+        # tail end (always inside the row) and shift out the (4-kr) low bytes.
+        k_bytes_t = builder.shl(k4, ir.Constant(_i64, 2))
+        back = builder.sub(ir.Constant(_i64, 4), kr)
+        shift = builder.trunc(builder.shl(back, ir.Constant(_i64, 3)), _i32)
+        b_row = _gep8(builder, b_base, builder.mul(k4, ldb))
+        bvecs = [_load_v16(builder, _gep8(builder, b_row, o)) for o in b_offs]
+        new = []
+        for r in range(MR):
+            at = builder.sub(builder.add(k_bytes_t, kr), ir.Constant(_i64, 4))
+            x = builder.lshr(load_a(_gep8(builder, a_rows[r], at)), shift)
+            av = splat(builder, x, _v16)
+            for v in range(NV_):
+                new.append(builder.call(vpd, [accs[r * NV_ + v], av, bvecs[v]]))
+        return new
 
-    builder.position_at_end(done)
-    fin = []
-    for i in range(MR * NV_):
-        p = builder.phi(_v16)
-        p.add_incoming(accs[i], after_end)
-        p.add_incoming(tail_accs[i], tail_end)
-        fin.append(p)
-    return fin
+    return _ir_if(builder, builder.icmp_signed(">", kr, zero64), accs, tail,
+                    name="vnni.tail")  # fmt: skip
 
 
 def _k_loop_seg(builder, MR, NV_, a, seg_stride, b, ldb, k4, run4, nvalid):
@@ -234,7 +195,6 @@ def _k_loop_seg(builder, MR, NV_, a, seg_stride, b, ldb, k4, run4, nvalid):
     vpd = _vpdpbusd(builder)
     i8p = _i8.as_pointer()
     zero64 = ir.Constant(_i64, 0)
-    one64 = ir.Constant(_i64, 1)
     b_base = builder.inttoptr(b, i8p)
     starts = builder.inttoptr(a, _i64.as_pointer())
     a_rows = [
@@ -244,76 +204,32 @@ def _k_loop_seg(builder, MR, NV_, a, seg_stride, b, ldb, k4, run4, nvalid):
     b_offs = _b_offsets(builder, NV_, nvalid)
     nseg = builder.sdiv(k4, run4)
     zero_v = ir.Constant(_v16, None)
-    fn = builder.function
-    pre = builder.block
-    outer = fn.append_basic_block("seg.outer")
-    inner = fn.append_basic_block("seg.inner")
-    latch = fn.append_basic_block("seg.latch")
-    after = fn.append_basic_block("seg.after")
-    builder.cbranch(builder.icmp_signed(">", nseg, zero64), outer, after)
 
-    # ---- outer: one kernel-row run; the accumulators carried as phis
-    builder.position_at_end(outer)
-    sphi = builder.phi(_i64, "s")
-    sphi.add_incoming(zero64, pre)
-    aoff = builder.phi(_i64, "aoff")  # s * seg_stride
-    aoff.add_incoming(zero64, pre)
-    kb = builder.phi(_i64, "kb")  # s * run4: B row of the run's first word
-    kb.add_incoming(zero64, pre)
-    acc_o = []
-    for _ in range(MR * NV_):
-        p = builder.phi(_v16)
-        p.add_incoming(zero_v, pre)
-        acc_o.append(p)
-    run_rows = [_gep8(builder, a_rows[r], aoff) for r in range(MR)]
-    b_run = _gep8(builder, b_base, builder.mul(kb, ldb))
-    builder.branch(inner)
+    def run(s_, carried):
+        # one kernel-row run (the accumulators carried by the outer loop),
+        # then the plain K loop over the run's words
+        aoff, kb, accs = carried[0], carried[1], carried[2:]
+        run_rows = [_gep8(builder, a_rows[r], aoff) for r in range(MR)]
+        b_run = _gep8(builder, b_base, builder.mul(kb, ldb))
 
-    # ---- inner: the plain K loop over the run's words
-    builder.position_at_end(inner)
-    jphi = builder.phi(_i64, "j")
-    jphi.add_incoming(zero64, outer)
-    acc_i = []
-    for i in range(MR * NV_):
-        p = builder.phi(_v16)
-        p.add_incoming(acc_o[i], outer)
-        acc_i.append(p)
-    j_bytes = builder.shl(jphi, ir.Constant(_i64, 2))
-    b_row = _gep8(builder, b_run, builder.mul(jphi, ldb))
-    bvecs = [_load_v16(builder, _gep8(builder, b_row, b_offs[v])) for v in range(NV_)]
-    new_accs = []
-    for r in range(MR):
-        av = splat(
-            builder, _load_i32(builder, _gep8(builder, run_rows[r], j_bytes)), _v16
-        )
-        for v in range(NV_):
-            new_accs.append(builder.call(vpd, [acc_i[r * NV_ + v], av, bvecs[v]]))
-    jnext = builder.add(jphi, one64)
-    inner_end = builder.block
-    jphi.add_incoming(jnext, inner_end)
-    for p, nv in zip(acc_i, new_accs, strict=True):
-        p.add_incoming(nv, inner_end)
-    br = builder.cbranch(builder.icmp_signed("<", jnext, run4), inner, latch)
-    _no_unroll(builder, br)
+        def word(j, accs):
+            j_bytes = builder.shl(j, ir.Constant(_i64, 2))
+            b_row = _gep8(builder, b_run, builder.mul(j, ldb))
+            bvecs = [_load_v16(builder, _gep8(builder, b_row, o)) for o in b_offs]
+            new = []
+            for r in range(MR):
+                a4 = _load_i32(builder, _gep8(builder, run_rows[r], j_bytes))
+                av = splat(builder, a4, _v16)
+                for v in range(NV_):
+                    new.append(builder.call(vpd, [accs[r * NV_ + v], av, bvecs[v]]))
+            return new
 
-    # ---- latch: next run
-    builder.position_at_end(latch)
-    snext = builder.add(sphi, one64)
-    sphi.add_incoming(snext, latch)
-    aoff.add_incoming(builder.add(aoff, seg_stride), latch)
-    kb.add_incoming(builder.add(kb, run4), latch)
-    for p, nv in zip(acc_o, new_accs, strict=True):
-        p.add_incoming(nv, latch)
-    builder.cbranch(builder.icmp_signed("<", snext, nseg), outer, after)
+        accs = _ir_loop(builder, zero64, run4, accs, word, guard=False, name="seg.in")
+        return [builder.add(aoff, seg_stride), builder.add(kb, run4)] + accs
 
-    builder.position_at_end(after)
-    fin = []
-    for i in range(MR * NV_):
-        p = builder.phi(_v16)
-        p.add_incoming(zero_v, pre)
-        p.add_incoming(new_accs[i], latch)
-        fin.append(p)
-    return fin
+    # aoff = s * seg_stride, kb = s * run4 (B row of the run's first word)
+    init = [zero64, zero64] + [zero_v] * (MR * NV_)
+    return _ir_loop(builder, zero64, nseg, init, run, name="seg")[2:]
 
 
 def _col_masks(builder, NV_, nvalid):
@@ -1098,26 +1014,12 @@ def _peak_loop(typingctx, iters, seed):
         s32 = builder.trunc(seed, _i32)
         a = splat(builder, s32, _v16)
         b = splat(builder, builder.add(s32, ir.Constant(_i32, 0x01010101)), _v16)
-        pre = builder.block
-        loop = builder.function.append_basic_block("pk.loop")
-        done = builder.function.append_basic_block("pk.done")
-        builder.branch(loop)
-        builder.position_at_end(loop)
-        k = builder.phi(_i64)
-        k.add_incoming(ir.Constant(_i64, 0), pre)
-        accs = []
-        for j in range(_NACC):
-            p = builder.phi(_v16)
-            p.add_incoming(ir.Constant(_v16, [j] * 16), pre)
-            accs.append(p)
-        new = [builder.call(vpd, [p, a, b]) for p in accs]
-        kn = builder.add(k, ir.Constant(_i64, 1))
-        k.add_incoming(kn, loop)
-        for p, n in zip(accs, new, strict=True):
-            p.add_incoming(n, loop)
-        br = builder.cbranch(builder.icmp_signed("<", kn, iters), loop, done)
-        _no_unroll(builder, br)
-        builder.position_at_end(done)
+        init = [ir.Constant(_v16, [j] * 16) for j in range(_NACC)]
+        new = _ir_loop(
+            builder, ir.Constant(_i64, 0), iters, init,
+            lambda k, accs: [builder.call(vpd, [p, a, b]) for p in accs],
+            guard=False, name="pk",
+        )  # fmt: skip
         s = new[0]
         for n in new[1:]:
             s = builder.xor(s, n)

@@ -27,7 +27,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .int8_gemm_vnni import _gep8, _load_i32
-from .ir_util import no_unroll as _no_unroll
+from .ir_util import if_then as _ir_if
+from .ir_util import loop as _ir_loop
 from .requant import epilogue_tile
 
 _i1 = ir.IntType(1)
@@ -155,77 +156,40 @@ def make_tile_kernel(MR, NV, dot_cls):
             return new
 
         zero_v = ir.Constant(_v8, None)
-        fn = builder.function
-        pre = builder.block
-        loop = fn.append_basic_block("ymm.loop")
-        after = fn.append_basic_block("ymm.after")
-        builder.cbranch(builder.icmp_signed(">", k4, zero64), loop, after)
+
+        def kstep(kphi, accs):
+            k_bytes = builder.shl(kphi, ir.Constant(_i64, 2))
+            bvecs = load_b(_gep8(builder, b_base, builder.mul(kphi, ldb)))
+            a32s = [
+                _load_i32(builder, _gep8(builder, a_rows[r], k_bytes))
+                for r in range(MR)
+            ]
+            return step(accs, a32s, bvecs)
 
         # main K loop, accumulators as phi nodes (they stay in registers)
-        builder.position_at_end(loop)
-        kphi = builder.phi(_i64, "k")
-        kphi.add_incoming(zero64, pre)
-        phis = []
-        for _ in range(MR * NV * P):
-            p = builder.phi(_v8)
-            p.add_incoming(zero_v, pre)
-            phis.append(p)
-        k_bytes = builder.shl(kphi, ir.Constant(_i64, 2))
-        bvecs = load_b(_gep8(builder, b_base, builder.mul(kphi, ldb)))
-        a32s = [
-            _load_i32(builder, _gep8(builder, a_rows[r], k_bytes)) for r in range(MR)
-        ]
-        new = step(phis, a32s, bvecs)
-        knext = builder.add(kphi, one64)
-        loop_end = builder.block
-        kphi.add_incoming(knext, loop_end)
-        for p, nv in zip(phis, new, strict=True):
-            p.add_incoming(nv, loop_end)
-        br = builder.cbranch(builder.icmp_signed("<", knext, k4), loop, after)
-        _no_unroll(builder, br)
+        accs = _ir_loop(builder, zero64, k4, [zero_v] * (MR * NV * P), kstep,
+                     name="ymm")  # fmt: skip
 
-        builder.position_at_end(after)
-        accs = []
-        for i in range(MR * NV * P):
-            p = builder.phi(_v8)
-            p.add_incoming(zero_v, pre)
-            p.add_incoming(new[i], loop_end)
-            accs.append(p)
-        tail = fn.append_basic_block("ymm.tail")
-        store = fn.append_basic_block("ymm.store")
-        after_end = builder.block
-        builder.cbranch(builder.icmp_signed(">", kr, zero64), tail, store)
-
-        # K tail: the 4 bytes ending at the row's end, shifted so that only the
-        # kr tail bytes remain (they meet zero padding in B)
-        builder.position_at_end(tail)
-        k_end = builder.add(builder.shl(k4, ir.Constant(_i64, 2)), kr)
-        shift = builder.trunc(
-            builder.shl(builder.sub(ir.Constant(_i64, 4), kr), ir.Constant(_i64, 3)),
-            _i32,
-        )
-        bvecs = load_b(_gep8(builder, b_base, builder.mul(k4, ldb)))
-        a32s = [
-            builder.lshr(
-                _load_i32(
-                    builder,
-                    _gep8(builder, a_rows[r], builder.sub(k_end, ir.Constant(_i64, 4))),
+        def tail(accs):
+            # K tail: the 4 bytes ending at the row's end, shifted so that only
+            # the kr tail bytes remain (they meet zero padding in B)
+            k_end = builder.add(builder.shl(k4, ir.Constant(_i64, 2)), kr)
+            shift = builder.trunc(
+                builder.shl(
+                    builder.sub(ir.Constant(_i64, 4), kr), ir.Constant(_i64, 3)
                 ),
-                shift,
+                _i32,
             )
-            for r in range(MR)
-        ]
-        tail_accs = step(accs, a32s, bvecs)
-        tail_end = builder.block
-        builder.branch(store)
+            bvecs = load_b(_gep8(builder, b_base, builder.mul(k4, ldb)))
+            at = builder.sub(k_end, ir.Constant(_i64, 4))
+            a32s = [
+                builder.lshr(_load_i32(builder, _gep8(builder, a_rows[r], at)), shift)
+                for r in range(MR)
+            ]
+            return step(accs, a32s, bvecs)
 
-        builder.position_at_end(store)
-        fin = []
-        for i in range(MR * NV * P):
-            p = builder.phi(_v8)
-            p.add_incoming(accs[i], after_end)
-            p.add_incoming(tail_accs[i], tail_end)
-            fin.append(p)
+        fin = _ir_if(builder, builder.icmp_signed(">", kr, zero64), accs, tail,
+                       name="ymm.tail")  # fmt: skip
         lanes = ir.Constant(ir.VectorType(_i64, 8), list(range(8)))
         nv_s = builder.insert_element(
             ir.Constant(ir.VectorType(_i64, 8), ir.Undefined),

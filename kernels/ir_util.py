@@ -31,3 +31,69 @@ def splat(builder, x, vty):
     undef = ir.Constant(vty, ir.Undefined)
     v = builder.insert_element(undef, x, ir.Constant(_i32, 0))
     return builder.shuffle_vector(v, undef, ir.Constant(_lanes16, None))
+
+
+def loop(builder, start, stop, init, body, *, step=1, guard=True, name="loop"):
+    """A counted loop carrying SSA values: for i in range(start, stop, step),
+    values = body(i, values). Returns the values after it (init when it runs
+    no iteration). guard=False: the caller knows start < stop (no entry test).
+
+    The carried values are phi nodes of the loop block, so a register tile's
+    accumulators stay in registers; the latch carries no_unroll (unrolling a
+    register-tile loop doubled its live vectors and spilled them).
+    """
+    fn = builder.function
+    pre = builder.block
+    head = fn.append_basic_block(f"{name}.body")
+    after = fn.append_basic_block(f"{name}.after")
+    if guard:
+        builder.cbranch(builder.icmp_signed("<", start, stop), head, after)
+    else:
+        builder.branch(head)
+    builder.position_at_end(head)
+    i = builder.phi(start.type, f"{name}.i")
+    i.add_incoming(start, pre)
+    phis = []
+    for v in init:
+        p = builder.phi(v.type)
+        p.add_incoming(v, pre)
+        phis.append(p)
+    new = list(body(i, phis))
+    inext = builder.add(i, ir.Constant(start.type, step))
+    end = builder.block
+    i.add_incoming(inext, end)
+    for p, n in zip(phis, new, strict=True):
+        p.add_incoming(n, end)
+    br = builder.cbranch(builder.icmp_signed("<", inext, stop), head, after)
+    no_unroll(builder, br)
+    builder.position_at_end(after)
+    if not guard:
+        return new
+    out = []
+    for v, n in zip(init, new, strict=True):
+        p = builder.phi(v.type)
+        p.add_incoming(v, pre)
+        p.add_incoming(n, end)
+        out.append(p)
+    return out
+
+
+def if_then(builder, cond, values, then, *, name="if"):
+    """values, replaced by then(values) where cond holds (phis after)."""
+    fn = builder.function
+    here = builder.block
+    blk = fn.append_basic_block(f"{name}.then")
+    done = fn.append_basic_block(f"{name}.done")
+    builder.cbranch(cond, blk, done)
+    builder.position_at_end(blk)
+    new = list(then(values))
+    end = builder.block
+    builder.branch(done)
+    builder.position_at_end(done)
+    out = []
+    for v, n in zip(values, new, strict=True):
+        p = builder.phi(v.type)
+        p.add_incoming(v, here)
+        p.add_incoming(n, end)
+        out.append(p)
+    return out

@@ -39,7 +39,8 @@ from numba.extending import intrinsic
 
 from .config import JIT, PJIT
 from .int8_gemm_vnni import _b_offsets, _col_masks, _store_tile, _vec_store
-from .ir_util import no_unroll as _no_unroll
+from .ir_util import if_then as _ir_if
+from .ir_util import loop as _ir_loop
 from .ir_util import splat as _splat
 
 NV = 4  # zmm vectors per output row of a register tile
@@ -184,63 +185,26 @@ def _block_loop(builder, R, C, vkind, ikind, NV_, args, load_x, sets=1):
         return new
 
     n_acc = R * NV_
-    fn = builder.function
-    pre = builder.block
-    loop = fn.append_basic_block("sp.loop")
-    after = fn.append_basic_block("sp.after")
     # the loop runs over groups of `sets` blocks; a last odd block follows it
     pend = p1
     if sets == 2:
-        n2 = builder.and_(builder.sub(p1, p0), ir.Constant(_i64, -2))
-        pend = builder.add(p0, n2)
-    builder.cbranch(builder.icmp_signed("<", p0, pend), loop, after)
+        pend = builder.add(p0, builder.and_(builder.sub(p1, p0), ir.Constant(_i64, -2)))
 
-    builder.position_at_end(loop)
-    p = builder.phi(_i64)
-    p.add_incoming(p0, pre)
-    accs = []
-    for _ in range(sets * n_acc):
-        a = builder.phi(vty)
-        a.add_incoming(zero_v, pre)
-        accs.append(a)
-    new = []
-    for s_ in range(sets):
-        q = builder.add(p, ir.Constant(_i64, s_)) if s_ else p
-        new += block(q, accs[s_ * n_acc : (s_ + 1) * n_acc])
-    pn = builder.add(p, ir.Constant(_i64, sets))
-    end = builder.block
-    p.add_incoming(pn, end)
-    for a, n in zip(accs, new, strict=True):
-        a.add_incoming(n, end)
-    br = builder.cbranch(builder.icmp_signed("<", pn, pend), loop, after)
-    _no_unroll(builder, br)
+    def group(p, accs):
+        new = []
+        for s_ in range(sets):
+            q = builder.add(p, ir.Constant(_i64, s_)) if s_ else p
+            new += block(q, accs[s_ * n_acc : (s_ + 1) * n_acc])
+        return new
 
-    builder.position_at_end(after)
-    fin = []
-    for i in range(sets * n_acc):
-        f = builder.phi(vty)
-        f.add_incoming(zero_v, pre)
-        f.add_incoming(new[i], end)
-        fin.append(f)
+    fin = _ir_loop(builder, p0, pend, [zero_v] * (sets * n_acc), group, step=sets,
+                name="sp")  # fmt: skip
     if sets == 1:
         return fin
     # the odd block (into the first set), then the sets added
-    odd = fn.append_basic_block("sp.odd")
-    done = fn.append_basic_block("sp.done")
-    from_after = builder.block
-    builder.cbranch(builder.icmp_signed("<", pend, p1), odd, done)
-    builder.position_at_end(odd)
-    odd_acc = block(pend, fin[:n_acc])
-    from_odd = builder.block
-    builder.branch(done)
-    builder.position_at_end(done)
-    merged = []
-    for i in range(n_acc):
-        f = builder.phi(vty)
-        f.add_incoming(fin[i], from_after)
-        f.add_incoming(odd_acc[i], from_odd)
-        merged.append(f)
-    return [builder.add(f, g) for f, g in zip(merged, fin[n_acc:], strict=True)]
+    first = _ir_if(builder, builder.icmp_signed("<", pend, p1), fin[:n_acc],
+                     lambda accs: block(pend, accs), name="sp.odd")  # fmt: skip
+    return [builder.add(f, g) for f, g in zip(first, fin[n_acc:], strict=True)]
 
 
 def make_block_kernel(R, C, vkind, ikind):
