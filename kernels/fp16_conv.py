@@ -63,6 +63,7 @@ from .fp16_gemm import (
     _vh,
     _vi,
     f32_to_f16_bits,
+    fma_step,
     make_tile_kernel,
 )
 from .ir_util import loop as _ir_loop
@@ -119,7 +120,6 @@ def make_taps_kernel(MR):
         a, lda, step_a, b, ks, c, ldc, offs, ntaps, o, ostr, bias, hb, nc, lo, hi = args
         i8p = ir.IntType(8).as_pointer()
         zero = ir.Constant(_i64, 0)
-        fma = _fma(builder)
         fn = builder.function
         c_base = builder.inttoptr(c, i8p)
         ldc4 = builder.mul(ldc, ir.Constant(_i64, 4))
@@ -152,21 +152,7 @@ def make_taps_kernel(MR):
             def kstep(k, phis):
                 b_row = builder.gep(b_base, [builder.mul(k, ir.Constant(_i64, 4 * NR))])
                 a_off = builder.mul(k, step_a)
-                bvecs = []
-                for v in range(NV):
-                    p = builder.gep(b_row, [ir.Constant(_i64, 64 * v)])
-                    bvecs.append(
-                        builder.load(builder.bitcast(p, _vf.as_pointer()), align=4)
-                    )
-                new = []
-                for r in range(MR):
-                    p = builder.bitcast(
-                        builder.gep(a_rows[r], [a_off]), _f32.as_pointer()
-                    )
-                    av = _splat(builder, builder.load(p, align=4), _vf)
-                    for v in range(NV):
-                        new.append(builder.call(fma, [av, bvecs[v], phis[r * NV + v]]))
-                return new
+                return fma_step(builder, phis, a_rows, a_off, b_row)
 
             return _ir_loop(builder, zero, ks, ophis, kstep, guard=False,
                             name="taps.k")  # fmt: skip

@@ -87,6 +87,29 @@ def _dpbf16(builder):
     )
 
 
+def fma_step(builder, accs, a_rows, a_off, b_row, kind="f32"):
+    """One k step of an MR x 64 float32 tile: NV vectors of B at b_row (float32,
+    or float16 converted with vcvtph2ps for kind "f16"), one float32 of A per
+    row at a_rows[r] + a_off broadcast; returns accs + MR * NV FMAs."""
+    fma = _fma(builder)
+    bvecs = []
+    for v in range(NV):
+        if kind == "f32":
+            p = builder.gep(b_row, [ir.Constant(_i64, 64 * v)])
+            bvecs.append(builder.load(builder.bitcast(p, _vf.as_pointer()), align=4))
+        else:
+            p = builder.gep(b_row, [ir.Constant(_i64, 32 * v)])
+            h = builder.load(builder.bitcast(p, _vh.as_pointer()), align=2)
+            bvecs.append(builder.fpext(h, _vf))  # vcvtph2ps zmm, m256
+    new = []
+    for r, row in enumerate(a_rows):
+        p = builder.bitcast(builder.gep(row, [a_off]), _f32.as_pointer())
+        av = _splat(builder, builder.load(p, align=4), _vf)
+        for v in range(NV):
+            new.append(builder.call(fma, [av, bvecs[v], accs[r * NV + v]]))
+    return new
+
+
 def make_tile_kernel(MR, kind, strided_a=False):
     """One MR x NR float32 tile over a K range, as an intrinsic.
 
@@ -139,26 +162,7 @@ def make_tile_kernel(MR, kind, strided_a=False):
             a_off = builder.mul(kphi, step_a)
             new = []
             if kind in ("f16", "f32"):
-                fma = _fma(builder)
-                bvecs = []
-                for v in range(NV):
-                    if kind == "f32":
-                        p = builder.gep(b_row, [ir.Constant(_i64, 64 * v)])
-                        bvecs.append(
-                            builder.load(builder.bitcast(p, _vf.as_pointer()), align=4)
-                        )
-                        continue
-                    p = builder.gep(b_row, [ir.Constant(_i64, 32 * v)])
-                    h = builder.load(builder.bitcast(p, _vh.as_pointer()), align=2)
-                    bvecs.append(builder.fpext(h, _vf))  # vcvtph2ps zmm, m256
-                for r in range(MR):
-                    p = builder.bitcast(
-                        builder.gep(a_rows[r], [a_off]), _f32.as_pointer()
-                    )
-                    av = _splat(builder, builder.load(p, align=4), _vf)
-                    for v in range(NV):
-                        new.append(builder.call(fma, [av, bvecs[v], phis[r * NV + v]]))
-                return new
+                return fma_step(builder, phis, a_rows, a_off, b_row, kind)
             dp = _dpbf16(builder)
             bvecs = []
             for v in range(NV):

@@ -119,6 +119,21 @@ def _b_offsets(builder, NV_, nvalid):
     return offs
 
 
+def _vnni_step(builder, accs, a4, b_row, b_offs):
+    """One k4 step of an MR x (16*NV_) tile: a4 = the MR rows' 4 A bytes
+    (i32), b_row = the packed B row (NV_ vectors at b_offs); returns accs +
+    MR * NV_ vpdpbusd (row-major)."""
+    vpd = _vpdpbusd(builder)
+    bvecs = [_load_v16(builder, _gep8(builder, b_row, o)) for o in b_offs]
+    new = []
+    for r, x in enumerate(a4):
+        av = splat(builder, x, _v16)
+        for v, bv in enumerate(bvecs):
+            # operand 2 = unsigned bytes (A), operand 3 = signed bytes (B)
+            new.append(builder.call(vpd, [accs[r * len(bvecs) + v], av, bv]))
+    return new
+
+
 def _k_loop(builder, MR, NV_, a, lda, b, ldb, k4, kr, nvalid, flip=False):
     """Emit the K loop of one MR x (16*NV_) tile; returns its accumulators.
 
@@ -132,7 +147,6 @@ def _k_loop(builder, MR, NV_, a, lda, b, ldb, k4, kr, nvalid, flip=False):
         x = _load_i32(builder, ptr)
         return builder.xor(x, ir.Constant(_i32, 0x80808080)) if flip else x
 
-    vpd = _vpdpbusd(builder)
     i8p = _i8.as_pointer()
     zero64 = ir.Constant(_i64, 0)
 
@@ -148,17 +162,10 @@ def _k_loop(builder, MR, NV_, a, lda, b, ldb, k4, kr, nvalid, flip=False):
     zero_v = ir.Constant(_v16, None)
 
     def step(kphi, accs):
-        # one k4 row: MR broadcasts of A, NV_ vectors of B, MR * NV_ vpdpbusd
         k_bytes = builder.shl(kphi, ir.Constant(_i64, 2))
         b_row = _gep8(builder, b_base, builder.mul(kphi, ldb))
-        bvecs = [_load_v16(builder, _gep8(builder, b_row, o)) for o in b_offs]
-        new = []
-        for r in range(MR):
-            av = splat(builder, load_a(_gep8(builder, a_rows[r], k_bytes)), _v16)
-            for v in range(NV_):
-                # operand 2 = unsigned bytes (A), operand 3 = signed bytes (B)
-                new.append(builder.call(vpd, [accs[r * NV_ + v], av, bvecs[v]]))
-        return new
+        a4 = [load_a(_gep8(builder, a_rows[r], k_bytes)) for r in range(MR)]
+        return _vnni_step(builder, accs, a4, b_row, b_offs)
 
     # main K loop: accumulators as phi nodes -> stay in zmm registers
     accs = _ir_loop(builder, zero64, k4, [zero_v] * (MR * NV_), step, name="vnni")
@@ -169,16 +176,13 @@ def _k_loop(builder, MR, NV_, a, lda, b, ldb, k4, kr, nvalid, flip=False):
         k_bytes_t = builder.shl(k4, ir.Constant(_i64, 2))
         back = builder.sub(ir.Constant(_i64, 4), kr)
         shift = builder.trunc(builder.shl(back, ir.Constant(_i64, 3)), _i32)
+        at = builder.sub(builder.add(k_bytes_t, kr), ir.Constant(_i64, 4))
+        a4 = [
+            builder.lshr(load_a(_gep8(builder, a_rows[r], at)), shift)
+            for r in range(MR)
+        ]
         b_row = _gep8(builder, b_base, builder.mul(k4, ldb))
-        bvecs = [_load_v16(builder, _gep8(builder, b_row, o)) for o in b_offs]
-        new = []
-        for r in range(MR):
-            at = builder.sub(builder.add(k_bytes_t, kr), ir.Constant(_i64, 4))
-            x = builder.lshr(load_a(_gep8(builder, a_rows[r], at)), shift)
-            av = splat(builder, x, _v16)
-            for v in range(NV_):
-                new.append(builder.call(vpd, [accs[r * NV_ + v], av, bvecs[v]]))
-        return new
+        return _vnni_step(builder, accs, a4, b_row, b_offs)
 
     return _ir_if(builder, builder.icmp_signed(">", kr, zero64), accs, tail,
                     name="vnni.tail")  # fmt: skip
@@ -192,7 +196,6 @@ def _k_loop_seg(builder, MR, NV_, a, seg_stride, b, ldb, k4, run4, nvalid):
     Two nested loops (runs, words), so the inner one is _k_loop's plain loop
     (a select-based run counter in one loop measured slower than the gather
     it replaces). No K tail (K = 4 * k4)."""
-    vpd = _vpdpbusd(builder)
     i8p = _i8.as_pointer()
     zero64 = ir.Constant(_i64, 0)
     b_base = builder.inttoptr(b, i8p)
@@ -215,14 +218,11 @@ def _k_loop_seg(builder, MR, NV_, a, seg_stride, b, ldb, k4, run4, nvalid):
         def word(j, accs):
             j_bytes = builder.shl(j, ir.Constant(_i64, 2))
             b_row = _gep8(builder, b_run, builder.mul(j, ldb))
-            bvecs = [_load_v16(builder, _gep8(builder, b_row, o)) for o in b_offs]
-            new = []
-            for r in range(MR):
-                a4 = _load_i32(builder, _gep8(builder, run_rows[r], j_bytes))
-                av = splat(builder, a4, _v16)
-                for v in range(NV_):
-                    new.append(builder.call(vpd, [accs[r * NV_ + v], av, bvecs[v]]))
-            return new
+            a4 = [
+                _load_i32(builder, _gep8(builder, run_rows[r], j_bytes))
+                for r in range(MR)
+            ]
+            return _vnni_step(builder, accs, a4, b_row, b_offs)
 
         accs = _ir_loop(builder, zero64, run4, accs, word, guard=False, name="seg.in")
         return [builder.add(aoff, seg_stride), builder.add(kb, run4)] + accs

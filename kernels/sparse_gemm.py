@@ -56,6 +56,7 @@ _i64 = ir.IntType(64)
 _f32 = ir.FloatType()
 _f16 = ir.HalfType()
 _f64 = ir.DoubleType()
+_vh16 = ir.VectorType(_f16, 16)
 _vf = ir.VectorType(_f32, 16)
 _vi = ir.VectorType(_i32, 16)
 _m16 = ir.VectorType(_i1, 16)
@@ -172,12 +173,13 @@ def _block_loop(builder, R, C, vkind, ikind, NV_, args, load_x, sets=1):
                 wp = builder.gep(vbase, [off])
                 if vkind == F32:
                     w = builder.load(builder.bitcast(wp, _f32.as_pointer()), align=1)
+                    ws = _splat(builder, w, _vf)
                 else:
-                    w = builder.fpext(
-                        builder.load(builder.bitcast(wp, _f16.as_pointer()), align=1),
-                        _f32,
-                    )
-                ws = _splat(builder, w, _vf)
+                    # splat the half, then one vcvtph2ps of the vector: a
+                    # scalar fpext was a vpinsrw into an accumulator's register
+                    # (a false dependency on the previous block's FMA)
+                    h = builder.load(builder.bitcast(wp, _f16.as_pointer()), align=1)
+                    ws = builder.fpext(_splat(builder, h, _vh16), _vf)
                 for v in range(NV_):
                     new[r * NV_ + v] = builder.call(
                         dot, [ws, xv[c][v], new[r * NV_ + v]]
