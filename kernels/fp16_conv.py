@@ -157,6 +157,8 @@ def make_taps_kernel(MR):
             return _ir_loop(builder, zero, ks, ophis, kstep, guard=False,
                             name="taps.k")  # fmt: skip
 
+        # the channel loop runs at least once (guard=False), so ks > 0 is
+        # folded into the taps loop's trip count
         go = builder.and_(
             builder.icmp_signed(">", ntaps, zero), builder.icmp_signed(">", ks, zero)
         )

@@ -160,10 +160,10 @@ def make_tile_kernel(MR, kind, strided_a=False):
         def kstep(kphi, phis):
             b_row = builder.gep(b_base, [builder.mul(kphi, ir.Constant(_i64, step_b))])
             a_off = builder.mul(kphi, step_a)
-            new = []
             if kind in ("f16", "f32"):
                 return fma_step(builder, phis, a_rows, a_off, b_row, kind)
             dp = _dpbf16(builder)
+            new = []
             bvecs = []
             for v in range(NV):
                 p = builder.gep(b_row, [ir.Constant(_i64, 64 * v)])

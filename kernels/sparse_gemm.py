@@ -545,7 +545,7 @@ def _s8_tile(i32, x, ldx, idx, val, p0, p1, o, nvalid, c, mult, zy, qlo, qhi, ou
 
 
 @njit(inline="always")
-def _s8_rows(c0, c1, xp, idx, val, ptr, zx, rs, bias, mult, zy, qlo, qhi, out, nr):
+def _s8_rows(c0, c1, xp, idx, val, ptr, zx, rs, bias, mult, zy, qlo, qhi, out):
     # rows c0..c1-1 of out, one 1 x NR8 tile at a time, N tiles outer (the
     # tile's X slab, K4 x NR8 x 4 bytes, stays in L2 across the rows)
     M, N = out.shape
@@ -554,10 +554,9 @@ def _s8_rows(c0, c1, xp, idx, val, ptr, zx, rs, bias, mult, zy, qlo, qhi, out, n
     oa = out.ctypes.data
     xa, ldx = xp.ctypes.data, np.int64(xp.strides[0])
     ia, va = idx.ctypes.data, val.ctypes.data
-    nt = (N + nr - 1) // nr
-    for t in range(nt):
-        n0 = t * nr
-        nvalid = min(nr, N - n0)
+    for t in range((N + NR8 - 1) // NR8):
+        n0 = t * NR8
+        nvalid = min(NR8, N - n0)
         for m in range(c0, c1):
             c = -zx * rs[m] + bias[m]
             o = oa + m * ldo + esize * n0
@@ -567,68 +566,42 @@ def _s8_rows(c0, c1, xp, idx, val, ptr, zx, rs, bias, mult, zy, qlo, qhi, out, n
 
 @njit(**PJIT)
 def spmm_s8_vnni(
-    x,
-    flip,
-    xps,
-    packed,
-    idx,
-    val,
-    ptr,
-    chunks,
-    zx,
-    rs,
-    bias,
-    mult,
-    zy,
-    qlo,
-    qhi,
-    out,
-    nr,
-):
+    x, flip, xps, packed, idx, val, ptr, chunks, zx, rs, bias, mult, zy, qlo, qhi,
+    out
+):  # fmt: skip
     # out (M,N) = requant(W @ X): W 1x4 blocks of int8 (zero point 0; idx
     # uint16 / int32 block columns, val 4 bytes per block, ptr (M+1,) block
     # pointers); out's dtype (uint8 / int8 / float32) selects the epilogue.
-    # x (K,N) int8|uint8; each thread packs its own copy xps[tid] (K4,Np,4) =
-    # x ^ flip (pack_x_u8) before its first part (packed (threads,) zeros on
-    # entry). Why private copies: a copy packed on the calling thread and read
-    # by both cores is shared in the other core's cache, and writing it again
-    # on the next call waits for the invalidations (measured, 1024x32: 16.5 us
-    # to pack after a parallel call, 8 us after a serial one).
-    # zx = x zero point (+ 128 for int8 x); rs (M,) int64 = rowsum(W); bias
-    # (M,) int64; mult (M,) float64; chunks (parts+1,) row bounds balanced by nnz
+    # x (K,N) int8|uint8 packed as xp (K4,Np,4) = x ^ flip (pack_x_u8). With
+    # xps (threads, ...) each thread packs its own copy before its first part
+    # (packed (threads,) zeros on entry); with xps (1, ...) the caller packed
+    # the one copy (packed all ones). Why private copies: a copy packed on the
+    # calling thread and read by both cores is shared in the other core's
+    # cache, and writing it again on the next call waits for the
+    # invalidations (measured, 1024x32: 16.5 us to pack after a parallel call,
+    # 8 us after a serial one). zx = x zero point (+ 128 for int8 x); rs (M,)
+    # int64 = rowsum(W); bias (M,) int64; mult (M,) float64; chunks (parts+1,)
+    # row bounds balanced by nnz
     for c in prange(chunks.shape[0] - 1):
         tid = numba.get_thread_id()
+        slot = tid if xps.shape[0] > 1 else 0
         if packed[tid] == 0:
-            pack_x_u8(x, flip, xps[tid])
+            pack_x_u8(x, flip, xps[slot])
             packed[tid] = 1
-        _s8_rows(chunks[c], chunks[c + 1], xps[tid], idx, val, ptr, zx, rs, bias,
-                 mult, zy, qlo, qhi, out, nr)  # fmt: skip
+        _s8_rows(chunks[c], chunks[c + 1], xps[slot], idx, val, ptr, zx, rs, bias,
+                 mult, zy, qlo, qhi, out)  # fmt: skip
 
 
 @njit(**JIT)
 def spmm_s8_vnni_serial(
-    x,
-    flip,
-    xps,
-    packed,
-    idx,
-    val,
-    ptr,
-    chunks,
-    zx,
-    rs,
-    bias,
-    mult,
-    zy,
-    qlo,
-    qhi,
-    out,
-    nr,
-):
-    # as spmm_s8_vnni on the calling thread (no parallel region)
+    x, flip, xps, packed, idx, val, ptr, chunks, zx, rs, bias, mult, zy, qlo, qhi,
+    out
+):  # fmt: skip
+    # as spmm_s8_vnni on the calling thread (no parallel region): packs into
+    # xps[0] itself; packed and chunks (the parallel call's) are not used
     pack_x_u8(x, flip, xps[0])
     _s8_rows(0, ptr.shape[0] - 1, xps[0], idx, val, ptr, zx, rs, bias, mult, zy,
-             qlo, qhi, out, nr)  # fmt: skip
+             qlo, qhi, out)  # fmt: skip
 
 
 @njit(**PJIT)

@@ -53,7 +53,9 @@ FORMAT_VERSION = 1
 # launch costs a few microseconds, more than a small product)
 SERIAL_MACS = 1 << 18
 CHUNKS_PER_THREAD = 8
-_S8_NR = 64
+# qlinear_spmm (int8 1x4): per-thread packed copies of X up to this many bytes
+# in all (every thread packs all of X; past this one shared copy is packed)
+_S8_PRIVATE_X_BYTES = 16 << 20
 # |w - zw| * |x| <= 255 * 255: int32 sums are exact up to this many per output
 _INT32_SAFE_NNZ = (2**31 - 1) // (255 * 255)
 
@@ -643,17 +645,19 @@ def _f32_values(w, vals):
 
 
 def _row_multiplier(w, sx, sy):
-    """eq. 10 per row, (M,) float64, cached on w per (x_scale, y_scale)."""
-    key = ("mult", sx.dtype.str, sx.tobytes(), None if sy is None else sy.tobytes())
-    got = w._cache.get(key)
-    if got is None:
+    """eq. 10 per row, (M,) float64, cached on w for the last (x_scale,
+    y_scale) seen (one slot: dynamically quantized activations change x_scale
+    on every call)."""
+    key = (sx.dtype.str, sx.tobytes(), None if sy is None else sy.tobytes())
+    got = w._cache.get("mult")
+    if got is None or got[0] != key:
         sy_ = None if sy is None else sy.reshape(-1)
-        got = np.ascontiguousarray(
+        m = np.ascontiguousarray(
             _g._multiplier(sx.reshape(-1), w.scale, sy_, w.shape[0])[0]
         )
-        got.flags.writeable = False
-        w._cache[key] = got
-    return got
+        m.flags.writeable = False
+        got = w._cache["mult"] = (key, m)
+    return got[1]
 
 
 def _row_stats(w):
@@ -784,7 +788,8 @@ def qlinear_spmm(
     y2 = y.reshape(M, N)
     if M == 0 or N == 0:
         return y
-    if _row_stats(w)[0] > _INT32_SAFE_NNZ:
+    maxrow, symmetric, rs = _row_stats(w)
+    if maxrow > _INT32_SAFE_NNZ:
         msg = (
             f"a row of w stores more than {_INT32_SAFE_NNZ} entries: int32 sums "
             f"could overflow; split K"
@@ -792,17 +797,25 @@ def qlinear_spmm(
         raise ValueError(msg)
     threads = _threads(w.nnz * N)
     flip = 0x80 if x.dtype == np.int8 else 0
-    maxrow, symmetric, rs = _row_stats(w)
     if _fast_path() and w.format == "bsr1x4" and symmetric and K > 0:
         K4, Np = -(-K // 4), -(-N // 16) * 16
-        # one packed copy of X per thread (kernels/sparse_gemm.spmm_s8_vnni),
-        # 64-byte aligned (a zmm load across two cache lines costs two: the
-        # tile loop ran 8 cycles per block instead of 5.7 with X in L1)
+        x2 = np.ascontiguousarray(x2)
+        # X packed 64-byte aligned (a zmm load across two cache lines costs
+        # two: the tile loop ran 8 cycles per block instead of 5.7 with X in
+        # L1), one copy per thread packed inside the parallel region
+        # (kernels/sparse_gemm.spmm_s8_vnni) unless the copies would pass
+        # _S8_PRIVATE_X_BYTES: then one copy, packed here
         T = 1 if threads == 1 else numba.config.NUMBA_NUM_THREADS
+        if T * K4 * Np * 4 > _S8_PRIVATE_X_BYTES:
+            T = 1
         xps = _dispatch.scratch("spmm_s8_x", (T, K4, Np, 4), np.uint8)
-        args = (np.ascontiguousarray(x2), np.uint8(flip), xps, np.zeros(T, np.int64),
-                w.idx, w.val, w.ptr, w._chunks(_parts(threads)), zx + flip, rs,
-                bias64, mult, zy, qlo, qhi, y2, _S8_NR)  # fmt: skip
+        packed = np.zeros(numba.config.NUMBA_NUM_THREADS, np.int64)
+        if T == 1 and threads != 1:
+            _ks.pack_x_u8(x2, np.uint8(flip), xps[0])
+            packed[:] = 1
+        args = (x2, np.uint8(flip), xps, packed, w.idx, w.val, w.ptr,
+                w._chunks(_parts(threads)), zx + flip, rs, bias64, mult, zy, qlo,
+                qhi, y2)  # fmt: skip
         if threads == 1:
             # no parallel region at all (numba.set_num_threads around a prange
             # call cost ~20 us of a 60 us small call)
@@ -980,18 +993,20 @@ def _estimate(table: dict, n: int, work: int) -> float:
 
 
 # auto_pack times its sparse choice against dense when a dense call is
-# estimated to take at most this long (a few ms of timing per layer at most)
+# estimated to take at most this long (_measure_pair: up to ~0.3 s per layer)
 VERIFY_MAX_S = 0.02
 
 
-def _measure_pair(dense_w, sm, n, rounds=5, min_time=2e-3, warmup=3):
+def _measure_pair(dense_w, sm, n, rounds=5, min_time=1e-3, warmup=2):
     """(dense, sparse) seconds per call on one random X, interleaved rounds,
     the fastest round of each (a neighbour's burst slows one round, not all).
     Each round first makes ``warmup`` untimed calls: the first call after the
     other library ran pays for switching thread pools (numpy's BLAS threads
     and numba's, both spinning on the same cores; measured on the 2-core VM:
-    0.2-6 ms extra for a 150 us spmm), which with 1 ms windows made both sides
-    measure 10-30x too slow and kept dense for a 95 % sparse layer."""
+    0.2-6 ms extra for a 150 us spmm), which with 1 ms windows and no warm-up
+    made both sides measure 10-30x too slow and kept dense for a 95 % sparse
+    layer. Cost: rounds x 2 x (warmup + 1..) calls, ~0.3 s for the slowest
+    layers timed (dense estimated at VERIFY_MAX_S)."""
     x = np.random.default_rng(1).standard_normal((dense_w.shape[1], n))
     x = x.astype(np.float32)
     fns = (lambda: dense_w @ x, lambda: spmm(sm, x))

@@ -181,15 +181,18 @@ def test_qlinear_spmm_bit_exact(isa, fmt, x_dtype):
         np.testing.assert_array_equal(got, ref)
 
 
-@pytest.mark.parametrize("parallel", [False, True])
-def test_qlinear_spmm_vnni_tiles(isa, parallel, monkeypatch):
+@pytest.mark.parametrize("threads", ["serial", "private_x", "shared_x"])
+def test_qlinear_spmm_vnni_tiles(isa, threads, monkeypatch):
     """The int8 1x4 kernel's tile widths (16 / 32 / 64 columns, chosen per
     tile), rows of 0..5 blocks (the loop runs two accumulator sets and a last
     odd block), K not a multiple of 4, both index widths, every output type,
-    on the calling thread and across the pool."""
-    if parallel:
+    on the calling thread and across the pool (each thread packing its own
+    copy of X, or one copy packed before the parallel region)."""
+    if threads != "serial":
         monkeypatch.setattr(sp, "SERIAL_MACS", 0)
-    rng = np.random.default_rng([21, parallel])
+    if threads == "shared_x":
+        monkeypatch.setattr(sp, "_S8_PRIVATE_X_BYTES", 0)
+    rng = np.random.default_rng([21, len(threads)])
     for M, K, N, x_dtype in [
         (7, 23, 16, np.uint8),
         (6, 40, 17, np.int8),
@@ -197,7 +200,9 @@ def test_qlinear_spmm_vnni_tiles(isa, parallel, monkeypatch):
         (5, 30, 33, np.int8),
         (11, 64, 65, np.uint8),
         (4, 90, 130, np.int8),
-        (3, 70_003, 20, np.uint8),  # int32 block indices
+        # int32 block indices (K4 > 65535): 32- then 64- and 16-column tiles
+        (3, 4 * 65536 + 3, 20, np.uint8),
+        (3, 4 * 65536 + 1, 80, np.int8),
     ]:
         blocks = np.zeros((M, -(-K // 4)), bool)
         for m in range(M):  # row m keeps m % 6 blocks
@@ -206,7 +211,7 @@ def test_qlinear_spmm_vnni_tiles(isa, parallel, monkeypatch):
         mask = np.repeat(blocks, 4, axis=1)[:, :K]
         w = rng.standard_normal((M, K)).astype(np.float32)
         W = sp.from_dense(w, mask, format="bsr1x4", dtype=np.int8)
-        assert (W.idx.dtype == np.int32) == (K > 4 * 65535)
+        assert (W.idx.dtype == np.int32) == (-(-K // 4) > 65535)
         info = np.iinfo(x_dtype)
         x = rng.integers(info.min, info.max + 1, (K, N), dtype=x_dtype)
         sx, zx = np.float32(0.03), x_dtype(rng.integers(info.min, info.max + 1))
