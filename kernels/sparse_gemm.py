@@ -73,11 +73,12 @@ def _fn(builder, name, ret, args):
     )
 
 
-def _block_loop(builder, R, C, vkind, ikind, NV_, args, load_x, sets=1):
+def _block_loop(builder, R, C, vkind, ikind, NV_, args, load_x, sets=1, init=None):
     """The block loop of one tile: R * NV_ accumulator vectors (phis of one
     llvmlite loop), returned as their values after the loop (zero when the
     block row is empty). args = (x, ldx, idx, val, p0, p1) as in
-    make_block_kernel; load_x(row_i8ptr, v) loads vector v of an X row.
+    make_block_kernel; load_x(row_i8ptr, v) loads vector v of an X row;
+    init: the first set's starting values (default zero).
 
     sets=2 (int8 only: integer sums are exact in any order): blocks p0, p0+2,
     ... go to one set of accumulators and p0+1, p0+3, ... to a second, added at
@@ -199,7 +200,8 @@ def _block_loop(builder, R, C, vkind, ikind, NV_, args, load_x, sets=1):
             new += block(q, accs[s_ * n_acc : (s_ + 1) * n_acc])
         return new
 
-    fin = _ir_loop(builder, p0, pend, [zero_v] * (sets * n_acc), group, step=sets,
+    start = (init or [zero_v] * n_acc) + [zero_v] * ((sets - 1) * n_acc)
+    fin = _ir_loop(builder, p0, pend, start, group, step=sets,
                 name="sp")  # fmt: skip
     if sets == 1:
         return fin
@@ -213,18 +215,22 @@ def make_block_kernel(R, C, vkind, ikind):
     """An intrinsic computing one R x NR output tile of one block row (float
     values; int8 values: make_s8_kernel).
 
-    _tile(x, ldx, idx, val, p0, p1, out, ldo, rvalid, nvalid)   all int64
+    _tile(x, ldx, idx, val, p0, p1, out, ldo, rvalid, nvalid, resume)  int64
       x      address of X[0, n0] (float32, row stride ldx bytes)
       idx    address of the block index array (uint16 / int32), or for 2:4 of
              the position bytes (one per group)
       val    address of the values (float32 / float16)
-      p0, p1 block range of this block row (for 2:4: group range)
+      p0, p1 block range of this block row (for 2:4: group range); one K
+             chunk of it when the caller splits K
       out    address of out[m0, n0] (float32), row stride ldo bytes
       rvalid rows of the tile inside M (1..R); nvalid columns inside N (1..NR)
+      resume 1: start from the sums already in out (the previous K chunk's),
+             else from zero. float32 partial sums are stored and reloaded
+             exactly, so the chunked sum is the unchunked one bit for bit.
     """
 
     def codegen(context, builder, sig, args):
-        x, ldx, idx, val, p0, p1, out, ldo, rvalid, nvalid = args
+        x, ldx, idx, val, p0, p1, out, ldo, rvalid, nvalid, resume = args
         masks = _col_masks(builder, NV, nvalid)
         mload = _fn(
             builder,
@@ -240,24 +246,49 @@ def make_block_kernel(R, C, vkind, ikind):
             )
             return builder.call(mload, [ptr, ir.Constant(_i32, 4), masks[v], zero_v])
 
-        fin = _block_loop(
-            builder, R, C, vkind, ikind, NV, (x, ldx, idx, val, p0, p1), load_x
-        )
+        # the out tile's addresses and masks (rows past rvalid, columns past
+        # nvalid: neither loaded nor stored)
         o8 = builder.inttoptr(out, _i8.as_pointer())
+        slots = []
         for r in range(R):
             inside = builder.icmp_signed("<", ir.Constant(_i64, r), rvalid)
             rmask = _splat(builder, inside, _m16)
             orow = builder.gep(o8, [builder.mul(ldo, ir.Constant(_i64, r))])
             for v in range(NV):
-                at = builder.ptrtoint(
-                    builder.gep(orow, [ir.Constant(_i64, 64 * v)]), _i64
-                )
-                _vec_store(builder, fin[r * NV + v], at, builder.and_(masks[v], rmask))
+                at = builder.gep(orow, [ir.Constant(_i64, 64 * v)])
+                slots.append((at, builder.and_(masks[v], rmask)))
+        on = _splat(builder, builder.icmp_signed("!=", resume, ir.Constant(_i64, 0)),
+                    _m16)  # fmt: skip
+        init = [
+            builder.call(
+                mload,
+                [
+                    builder.bitcast(at, _vf.as_pointer()),
+                    ir.Constant(_i32, 4),
+                    builder.and_(m, on),
+                    zero_v,
+                ],
+            )  # fmt: skip
+            for at, m in slots
+        ]
+        fin = _block_loop(
+            builder,
+            R,
+            C,
+            vkind,
+            ikind,
+            NV,
+            (x, ldx, idx, val, p0, p1),
+            load_x,
+            init=init,
+        )
+        for f, (at, m) in zip(fin, slots, strict=True):
+            _vec_store(builder, f, builder.ptrtoint(at, _i64), m)
         return context.get_dummy_value()
 
     @intrinsic
-    def _tile(typingctx, x, ldx, idx, val, p0, p1, out, ldo, rvalid, nvalid):
-        return types.void(*([types.int64] * 10)), codegen
+    def _tile(typingctx, x, ldx, idx, val, p0, p1, out, ldo, rvalid, nvalid, resume):
+        return types.void(*([types.int64] * 11)), codegen
 
     return _tile
 
@@ -353,64 +384,64 @@ CSR, R4, C4, NM24 = 0, 1, 2, 3
 
 
 @njit(inline="always")
-def _float_tile(kid, x, ldx, idx, val, p0, p1, out, ldo, rvalid, nvalid):
+def _float_tile(kid, x, ldx, idx, val, p0, p1, out, ldo, rvalid, nvalid, rs):
     if kid == 0:
-        _csr_f32_u16(x, ldx, idx, val, p0, p1, out, ldo, rvalid, nvalid)
+        _csr_f32_u16(x, ldx, idx, val, p0, p1, out, ldo, rvalid, nvalid, rs)
     elif kid == 1:
-        _csr_f32_i32(x, ldx, idx, val, p0, p1, out, ldo, rvalid, nvalid)
+        _csr_f32_i32(x, ldx, idx, val, p0, p1, out, ldo, rvalid, nvalid, rs)
     elif kid == 2:
-        _csr_f16_u16(x, ldx, idx, val, p0, p1, out, ldo, rvalid, nvalid)
+        _csr_f16_u16(x, ldx, idx, val, p0, p1, out, ldo, rvalid, nvalid, rs)
     elif kid == 3:
-        _csr_f16_i32(x, ldx, idx, val, p0, p1, out, ldo, rvalid, nvalid)
+        _csr_f16_i32(x, ldx, idx, val, p0, p1, out, ldo, rvalid, nvalid, rs)
     elif kid == 4:
-        _r4_f32_u16(x, ldx, idx, val, p0, p1, out, ldo, rvalid, nvalid)
+        _r4_f32_u16(x, ldx, idx, val, p0, p1, out, ldo, rvalid, nvalid, rs)
     elif kid == 5:
-        _r4_f32_i32(x, ldx, idx, val, p0, p1, out, ldo, rvalid, nvalid)
+        _r4_f32_i32(x, ldx, idx, val, p0, p1, out, ldo, rvalid, nvalid, rs)
     elif kid == 6:
-        _r4_f16_u16(x, ldx, idx, val, p0, p1, out, ldo, rvalid, nvalid)
+        _r4_f16_u16(x, ldx, idx, val, p0, p1, out, ldo, rvalid, nvalid, rs)
     elif kid == 7:
-        _r4_f16_i32(x, ldx, idx, val, p0, p1, out, ldo, rvalid, nvalid)
+        _r4_f16_i32(x, ldx, idx, val, p0, p1, out, ldo, rvalid, nvalid, rs)
     elif kid == 8:
-        _c4_f32_u16(x, ldx, idx, val, p0, p1, out, ldo, rvalid, nvalid)
+        _c4_f32_u16(x, ldx, idx, val, p0, p1, out, ldo, rvalid, nvalid, rs)
     elif kid == 9:
-        _c4_f32_i32(x, ldx, idx, val, p0, p1, out, ldo, rvalid, nvalid)
+        _c4_f32_i32(x, ldx, idx, val, p0, p1, out, ldo, rvalid, nvalid, rs)
     elif kid == 10:
-        _c4_f16_u16(x, ldx, idx, val, p0, p1, out, ldo, rvalid, nvalid)
+        _c4_f16_u16(x, ldx, idx, val, p0, p1, out, ldo, rvalid, nvalid, rs)
     elif kid == 11:
-        _c4_f16_i32(x, ldx, idx, val, p0, p1, out, ldo, rvalid, nvalid)
+        _c4_f16_i32(x, ldx, idx, val, p0, p1, out, ldo, rvalid, nvalid, rs)
     elif kid == 12 or kid == 13:
-        _nm_f32(x, ldx, idx, val, p0, p1, out, ldo, rvalid, nvalid)
+        _nm_f32(x, ldx, idx, val, p0, p1, out, ldo, rvalid, nvalid, rs)
     else:
-        _nm_f16(x, ldx, idx, val, p0, p1, out, ldo, rvalid, nvalid)
+        _nm_f16(x, ldx, idx, val, p0, p1, out, ldo, rvalid, nvalid, rs)
 
 
 @njit(inline="always")
-def _float_rows(kid, R, c0, c1, xa, ldx, idx, val, ptr, out, oa, bias, lo, hi, epi):
-    # block rows c0..c1-1 of one thread, every N tile, then bias / clamp
+def _float_rows(kid, R, c0, c1, xa, ldx, idx, val, kptr, out, oa, bias, lo, hi, epi):
+    # block rows c0..c1-1 of one thread: per N tile and K chunk kc (block row
+    # b's blocks kptr[b, kc] .. kptr[b, kc+1]-1), every block row's tile, the
+    # partial sums kept in out between chunks; then bias / clamp. Why chunks
+    # (only for long K, see lowprec.sparse.SPMM_K_CHUNK): a tile's X slab is
+    # K x NR x 4 bytes, 1 MB at K = 4096, which with the values streaming
+    # past does not stay in L2; a chunk's slab does.
     M, N = out.shape
     ldo = np.int64(out.strides[0])
-    nt = (N + NR - 1) // NR
-    for t in range(nt):
+    nkc = kptr.shape[1] - 1
+    for t in range((N + NR - 1) // NR):
         n0 = t * NR
         nvalid = min(NR, N - n0)
-        for b in range(c0, c1):
-            m0 = b * R
-            rvalid = min(R, M - m0)
-            _float_tile(
-                kid,
-                xa + 4 * n0,
-                ldx,
-                idx,
-                val,
-                ptr[b],
-                ptr[b + 1],
-                oa + m0 * ldo + 4 * n0,
-                ldo,
-                rvalid,
-                nvalid,
-            )
-            if epi:
-                for r in range(rvalid):
+        for kc in range(nkc):
+            for b in range(c0, c1):
+                p0, p1 = kptr[b, kc], kptr[b, kc + 1]
+                if kc > 0 and p0 == p1:
+                    continue  # nothing to add to this tile's sums
+                m0 = b * R
+                _float_tile(kid, xa + 4 * n0, ldx, idx, val, p0, p1,
+                            oa + m0 * ldo + 4 * n0, ldo, min(R, M - m0), nvalid,
+                            1 if kc > 0 else 0)  # fmt: skip
+        if epi:
+            for b in range(c0, c1):
+                m0 = b * R
+                for r in range(min(R, M - m0)):
                     m = m0 + r
                     bm = bias[m] if bias.shape[0] > 1 else bias[0]
                     orow = out[m]
@@ -420,39 +451,24 @@ def _float_rows(kid, R, c0, c1, xa, ldx, idx, val, ptr, out, oa, bias, lo, hi, e
 
 
 @njit(**PJIT)
-def spmm_float(kid, R, xa, ldx, idx, val, ptr, chunks, out, oa, bias, lo, hi, epi):
+def spmm_float(kid, R, xa, ldx, idx, val, kptr, chunks, out, oa, bias, lo, hi, epi):
     # out (M,N) float32 = W @ X (+bias, clamp to [lo, hi] when epi);
     # xa, idx, val, oa: addresses of X (float32, row stride ldx bytes), the block
-    # indices, the values and out; ptr (Mb+1,) int64 block pointers;
+    # indices, the values and out; kptr (Mb, nkc+1) int64 block pointers of
+    # each block row's K chunks (column ranges in order);
     # chunks (T+1,) int64 block-row bounds of the T threads (balanced by nnz)
     for c in prange(chunks.shape[0] - 1):
-        _float_rows(
-            kid,
-            R,
-            chunks[c],
-            chunks[c + 1],
-            xa,
-            ldx,
-            idx,
-            val,
-            ptr,
-            out,
-            oa,
-            bias,
-            lo,
-            hi,
-            epi,
-        )
+        _float_rows(kid, R, chunks[c], chunks[c + 1], xa, ldx, idx, val, kptr, out,
+                    oa, bias, lo, hi, epi)  # fmt: skip
 
 
 @njit(**JIT)
 def spmm_float_serial(
-    kid, R, xa, ldx, idx, val, ptr, chunks, out, oa, bias, lo, hi, epi
+    kid, R, xa, ldx, idx, val, kptr, chunks, out, oa, bias, lo, hi, epi
 ):
     # as spmm_float on the calling thread (small problems: no pool launch)
-    _float_rows(
-        kid, R, 0, ptr.shape[0] - 1, xa, ldx, idx, val, ptr, out, oa, bias, lo, hi, epi
-    )
+    _float_rows(kid, R, 0, kptr.shape[0], xa, ldx, idx, val, kptr, out, oa, bias,
+                lo, hi, epi)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- #

@@ -56,6 +56,9 @@ CHUNKS_PER_THREAD = 8
 # qlinear_spmm (int8 1x4): per-thread packed copies of X up to this many bytes
 # in all (every thread packs all of X; past this one shared copy is packed)
 _S8_PRIVATE_X_BYTES = 16 << 20
+# spmm (float): K is walked in chunks of this many columns, so that a tile's X
+# rows (chunk x 64 columns x 4 bytes = 256 KB) stay in L2 across the rows
+SPMM_K_CHUNK = 1024
 # |w - zw| * |x| <= 255 * 255: int32 sums are exact up to this many per output
 _INT32_SAFE_NNZ = (2**31 - 1) // (255 * 255)
 
@@ -617,7 +620,7 @@ def spmm(w, x, *, bias=None, activation=None, out=None, device=None):
         xf.strides[0],
         w.idx.ctypes.data,
         w.val.ctypes.data,
-        w.ptr,
+        _k_chunks(w, SPMM_K_CHUNK),
         chunks,
         y2,
         y2.ctypes.data,
@@ -675,6 +678,33 @@ def _row_stats(w):
         rs.flags.writeable = False
         got = (int(counts.max(initial=0)), not w.zero_point.any(), rs)
         w._cache["row_stats"] = got
+    return got
+
+
+def _k_chunks(w, k_chunk):
+    """(Mb, nkc+1) int64: block row b's blocks whose columns lie in K chunk j
+    ([j*k_chunk, (j+1)*k_chunk)) are kptr[b, j] .. kptr[b, j+1]-1 (cached on
+    w). One chunk for 2:4 (its groups are all stored), for K <= k_chunk, and
+    for rows whose block columns are not increasing (a file written
+    elsewhere)."""
+    key = ("kptr", k_chunk)
+    got = w._cache.get(key)
+    if got is None:
+        Mb, (_, C) = w.ptr.size - 1, w.block
+        ncols = -(-w.shape[1] // C)  # block columns
+        step = max(1, k_chunk // C)
+        nkc = -(-ncols // step)
+        rows = np.repeat(np.arange(Mb, dtype=np.int64), np.diff(w.ptr))
+        keys = rows * ncols + w.idx.astype(np.int64)
+        if w.format == "nm24" or nkc <= 1 or np.any(np.diff(keys) <= 0):
+            got = np.stack([w.ptr[:-1], w.ptr[1:]], 1)
+        else:
+            bounds = np.minimum(np.arange(nkc + 1, dtype=np.int64) * step, ncols)
+            targets = np.arange(Mb, dtype=np.int64)[:, None] * ncols + bounds
+            got = np.searchsorted(keys, targets.ravel()).reshape(Mb, nkc + 1)
+        got = np.ascontiguousarray(got, dtype=np.int64)
+        got.flags.writeable = False
+        w._cache[key] = got
     return got
 
 
