@@ -211,9 +211,9 @@ def _block_loop(builder, R, C, vkind, ikind, NV_, args, load_x, sets=1, init=Non
     return [builder.add(f, g) for f, g in zip(first, fin[n_acc:], strict=True)]
 
 
-def make_block_kernel(R, C, vkind, ikind):
-    """An intrinsic computing one R x NR output tile of one block row (float
-    values; int8 values: make_s8_kernel).
+def make_block_kernel(R, C, vkind, ikind, NV_=NV):
+    """An intrinsic computing one R x 16*NV_ output tile of one block row
+    (float values; int8 values: make_s8_kernel).
 
     _tile(x, ldx, idx, val, p0, p1, out, ldo, rvalid, nvalid, resume)  int64
       x      address of X[0, n0] (float32, row stride ldx bytes)
@@ -223,7 +223,8 @@ def make_block_kernel(R, C, vkind, ikind):
       p0, p1 block range of this block row (for 2:4: group range); one K
              chunk of it when the caller splits K
       out    address of out[m0, n0] (float32), row stride ldo bytes
-      rvalid rows of the tile inside M (1..R); nvalid columns inside N (1..NR)
+      rvalid rows of the tile inside M (1..R); nvalid columns inside N
+             (1..16*NV_)
       resume 1: start from the sums already in out (the previous K chunk's),
              else from zero. float32 partial sums are stored and reloaded
              exactly, so the chunked sum is the unchunked one bit for bit.
@@ -231,7 +232,7 @@ def make_block_kernel(R, C, vkind, ikind):
 
     def codegen(context, builder, sig, args):
         x, ldx, idx, val, p0, p1, out, ldo, rvalid, nvalid, resume = args
-        masks = _col_masks(builder, NV, nvalid)
+        masks = _col_masks(builder, NV_, nvalid)
         mload = _fn(
             builder,
             "llvm.masked.load.v16f32.p0",
@@ -254,7 +255,7 @@ def make_block_kernel(R, C, vkind, ikind):
             inside = builder.icmp_signed("<", ir.Constant(_i64, r), rvalid)
             rmask = _splat(builder, inside, _m16)
             orow = builder.gep(o8, [builder.mul(ldo, ir.Constant(_i64, r))])
-            for v in range(NV):
+            for v in range(NV_):
                 at = builder.gep(orow, [ir.Constant(_i64, 64 * v)])
                 slots.append((at, builder.and_(masks[v], rmask)))
         on = _splat(builder, builder.icmp_signed("!=", resume, ir.Constant(_i64, 0)),
@@ -277,7 +278,7 @@ def make_block_kernel(R, C, vkind, ikind):
             C,
             vkind,
             ikind,
-            NV,
+            NV_,
             (x, ldx, idx, val, p0, p1),
             load_x,
             init=init,
@@ -359,6 +360,12 @@ _csr_f32_u16 = make_block_kernel(1, 1, F32, U16)
 _csr_f32_i32 = make_block_kernel(1, 1, F32, I32)
 _csr_f16_u16 = make_block_kernel(1, 1, F16, U16)
 _csr_f16_i32 = make_block_kernel(1, 1, F16, I32)
+# CSR tiles of 32 columns, for N <= 32 and the last tile of N: a 64-column
+# tile there spent half its loads and FMAs on masked-off columns
+_csr_f32_u16_2 = make_block_kernel(1, 1, F32, U16, 2)
+_csr_f32_i32_2 = make_block_kernel(1, 1, F32, I32, 2)
+_csr_f16_u16_2 = make_block_kernel(1, 1, F16, U16, 2)
+_csr_f16_i32_2 = make_block_kernel(1, 1, F16, I32, 2)
 _r4_f32_u16 = make_block_kernel(4, 1, F32, U16)
 _r4_f32_i32 = make_block_kernel(4, 1, F32, I32)
 _r4_f16_u16 = make_block_kernel(4, 1, F16, U16)
@@ -385,7 +392,16 @@ CSR, R4, C4, NM24 = 0, 1, 2, 3
 
 @njit(inline="always")
 def _float_tile(kid, x, ldx, idx, val, p0, p1, out, ldo, rvalid, nvalid, rs):
-    if kid == 0:
+    if kid < 4 and nvalid <= 32:
+        if kid == 0:
+            _csr_f32_u16_2(x, ldx, idx, val, p0, p1, out, ldo, rvalid, nvalid, rs)
+        elif kid == 1:
+            _csr_f32_i32_2(x, ldx, idx, val, p0, p1, out, ldo, rvalid, nvalid, rs)
+        elif kid == 2:
+            _csr_f16_u16_2(x, ldx, idx, val, p0, p1, out, ldo, rvalid, nvalid, rs)
+        else:
+            _csr_f16_i32_2(x, ldx, idx, val, p0, p1, out, ldo, rvalid, nvalid, rs)
+    elif kid == 0:
         _csr_f32_u16(x, ldx, idx, val, p0, p1, out, ldo, rvalid, nvalid, rs)
     elif kid == 1:
         _csr_f32_i32(x, ldx, idx, val, p0, p1, out, ldo, rvalid, nvalid, rs)
