@@ -9,8 +9,11 @@ transposed product), itself tested against the int64 oracle.
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import lowprec
+import reference as ref
 from lowprec import prune
 from lowprec import sparse as sp
 
@@ -249,6 +252,56 @@ def test_qlinear_spmm_vnni_tiles(isa, threads, monkeypatch):
             ref = _qref(W, x, sx, zx, sy, y_zp, **kw)
             assert got.dtype == ref.dtype
             np.testing.assert_array_equal(got, ref)
+
+
+@given(
+    st.integers(1, 12),
+    st.integers(1, 200),
+    st.integers(1, 140),
+    st.floats(0.0, 1.0),
+    st.sampled_from([np.uint8, np.int8]),
+    st.sampled_from(["u8", "s8", "f32"]),
+    st.booleans(),
+    st.sampled_from(lowprec.available_isas()),
+    st.integers(0, 2**32 - 1),
+)
+def test_qlinear_spmm_bsr1x4_matches_oracle(
+    use_isa, M, K, N, density, x_dtype, out, parallel, isa, seed
+):
+    """int8 1x4 blocks (the VNNI kernel where the path has it) against the
+    plain int64 oracle of eqs. 8-12 on the densified weights, any shape."""
+    use_isa(isa)
+    rng = np.random.default_rng(seed)
+    blocks = rng.random((M, -(-K // 4))) < density
+    mask = np.repeat(blocks, 4, axis=1)[:, :K]
+    W = sp.from_dense(
+        rng.standard_normal((M, K)).astype(np.float32), mask, format="bsr1x4",
+        dtype=np.int8,
+    )  # fmt: skip
+    info = np.iinfo(x_dtype)
+    x = rng.integers(info.min, info.max + 1, (K, N)).astype(x_dtype)
+    zx = x_dtype(rng.integers(info.min, info.max + 1))
+    sx = np.float32(rng.uniform(0.001, 0.1))
+    bias = rng.integers(-20000, 20000, M).astype(np.int32)
+    act = [None, "relu", (-1.5, 2.5)][int(rng.integers(3))]
+    sy, zy = np.float32(rng.uniform(0.01, 1.0)), None
+    kw = {"bias": bias, "activation": act}
+    if out == "f32":
+        sy, kw["out_dtype"] = None, np.float32
+    else:
+        zy = np.uint8(rng.integers(0, 256)) if out == "u8" else np.int8(-5)
+    before = sp.SERIAL_MACS
+    sp.SERIAL_MACS = 0 if parallel else 1 << 62
+    try:
+        got = sp.qlinear_spmm(W, x, sx, zx, sy, zy, **kw)
+    finally:
+        sp.SERIAL_MACS = before
+    want = ref.qlinear_matmul(
+        np.ascontiguousarray(x.T), sx, zx, np.ascontiguousarray(W.to_dense().T),
+        W.scale, W.zero_point, sy, zy, **kw,
+    ).T  # fmt: skip
+    assert got.dtype == want.dtype
+    np.testing.assert_array_equal(got, want)
 
 
 def test_save_load_round_trip_and_smaller(tmp_path):
