@@ -827,6 +827,18 @@ def qlinear_spmm(
         raise ValueError(msg)
     threads = _threads(w.nnz * N)
     flip = 0x80 if x.dtype == np.int8 else 0
+    if _fast_path() and w.format == "bsr1x4" and symmetric and K > 0 and N == 1:
+        # one column: gathered X words, 16 blocks per vpdpbusd
+        xp = _dispatch.scratch("spmm_s8_x1", (-(-K // 4), 1, 4), np.uint8)
+        _ks.pack_x_u8(np.ascontiguousarray(x2), np.uint8(flip), xp)
+        args = (xp, w.idx, w.val, w.ptr, w._chunks(_parts(threads)), zx + flip, rs,
+                bias64, mult, zy, qlo, qhi, mode, y2)  # fmt: skip
+        if threads == 1:
+            _ks.spmm_s8_gemv_serial(*args)
+        else:
+            with numba.parallel_chunksize(1):
+                _ks.spmm_s8_gemv(*args)
+        return y
     if _fast_path() and w.format == "bsr1x4" and symmetric and K > 0:
         K4, Np = -(-K // 4), -(-N // 16) * 16
         x2 = np.ascontiguousarray(x2)

@@ -210,8 +210,9 @@ def test_qlinear_spmm_bit_exact(isa, fmt, x_dtype):
 @pytest.mark.parametrize("threads", ["serial", "private_x", "shared_x"])
 def test_qlinear_spmm_vnni_tiles(isa, threads, monkeypatch):
     """The int8 1x4 kernel's tile widths (16 / 32 / 64 columns, chosen per
-    tile), rows of 0..5 blocks (the loop runs two accumulator sets and a last
-    odd block), K not a multiple of 4, both index widths, every output type,
+    tile) and its one-column gather kernel, rows of 0..5 blocks (the loop runs
+    two accumulator sets and a last odd block; the gather masks a partial
+    group of 16), K not a multiple of 4, both index widths, every output type,
     on the calling thread and across the pool (each thread packing its own
     copy of X, or one copy packed before the parallel region)."""
     if threads != "serial":
@@ -229,10 +230,14 @@ def test_qlinear_spmm_vnni_tiles(isa, threads, monkeypatch):
         # int32 block indices (K4 > 65535): 32- then 64- and 16-column tiles
         (3, 4 * 65536 + 3, 20, np.uint8),
         (3, 4 * 65536 + 1, 80, np.int8),
+        # one column: the gather kernel (uint16 and int32 indices)
+        (9, 300, 1, np.int8),
+        (3, 4 * 65536 + 2, 1, np.uint8),
     ]:
         blocks = np.zeros((M, -(-K // 4)), bool)
-        for m in range(M):  # row m keeps m % 6 blocks
-            keep = rng.choice(blocks.shape[1], min(m % 6, blocks.shape[1]), False)
+        for m in range(M):  # row m keeps m % 6 blocks (one column: 7m % 40)
+            nb = m % 6 if N > 1 else 7 * m % 40
+            keep = rng.choice(blocks.shape[1], min(nb, blocks.shape[1]), False)
             blocks[m, keep] = True
         mask = np.repeat(blocks, 4, axis=1)[:, :K]
         w = rng.standard_normal((M, K)).astype(np.float32)
