@@ -512,6 +512,18 @@ def _parts(threads: int) -> int:
     return 1 if threads == 1 else threads * CHUNKS_PER_THREAD
 
 
+def _run(threads: int, serial, parallel, args) -> None:
+    """serial(*args) on this thread for threads == 1 (no parallel region at
+    all: numba.set_num_threads around a prange call cost ~20 us of a 60 us
+    small call), else parallel(*args) with the parts handed out one at a time
+    (see _parts)."""
+    if threads == 1:
+        serial(*args)
+    else:
+        with numba.parallel_chunksize(1):
+            parallel(*args)
+
+
 def _threads(work: int) -> int:
     return 1 if work < SERIAL_MACS else numba.get_num_threads()
 
@@ -629,11 +641,7 @@ def spmm(w, x, *, bias=None, activation=None, out=None, device=None):
         np.float32(hi),
         epi,
     )
-    if threads == 1:
-        _ks.spmm_float_serial(*args)
-    else:
-        with numba.parallel_chunksize(1):
-            _ks.spmm_float(*args)
+    _run(threads, _ks.spmm_float_serial, _ks.spmm_float, args)
     return y
 
 
@@ -833,11 +841,7 @@ def qlinear_spmm(
         _ks.pack_x_u8(np.ascontiguousarray(x2), np.uint8(flip), xp)
         args = (xp, w.idx, w.val, w.ptr, w._chunks(_parts(threads)), zx + flip, rs,
                 bias64, mult, zy, qlo, qhi, mode, y2)  # fmt: skip
-        if threads == 1:
-            _ks.spmm_s8_gemv_serial(*args)
-        else:
-            with numba.parallel_chunksize(1):
-                _ks.spmm_s8_gemv(*args)
+        _run(threads, _ks.spmm_s8_gemv_serial, _ks.spmm_s8_gemv, args)
         return y
     if _fast_path() and w.format == "bsr1x4" and symmetric and K > 0:
         K4, Np = -(-K // 4), -(-N // 16) * 16
@@ -858,13 +862,7 @@ def qlinear_spmm(
         args = (x2, np.uint8(flip), xps, packed, w.idx, w.val, w.ptr,
                 w._chunks(_parts(threads)), zx + flip, rs, bias64, mult, zy, qlo,
                 qhi, y2)  # fmt: skip
-        if threads == 1:
-            # no parallel region at all (numba.set_num_threads around a prange
-            # call cost ~20 us of a 60 us small call)
-            _ks.spmm_s8_vnni_serial(*args)
-        else:
-            with numba.parallel_chunksize(1):
-                _ks.spmm_s8_vnni(*args)
+        _run(threads, _ks.spmm_s8_vnni_serial, _ks.spmm_s8_vnni, args)
         return y
     indptr, cols, vals = w._expanded()
     _dispatch.call_on_threads(
