@@ -101,21 +101,20 @@ def _load_v16(builder, p8):
     return builder.load(ptr, align=1)
 
 
-def _b_offsets(builder, NV_, nvalid):
-    """Byte offsets of the tile's B vectors in a panel row (64 bytes per vector:
-    16 columns x 4 k-bytes), clamped: min(v, nvec-1) * 64, nvec =
-    ceil(nvalid/16) (columns past nvalid repeat the last valid vector, which
-    the masked stores drop)."""
-    one64 = ir.Constant(_i64, 1)
+def _b_offsets(builder, NV_, nvalid, lanes=16):
+    """Byte offsets of the tile's B vectors in a panel row (4 * lanes bytes per
+    vector: lanes columns x 4 k-bytes), clamped: min(v, nvec-1) * 4 * lanes,
+    nvec = ceil(nvalid/lanes) (columns past nvalid repeat the last valid
+    vector, which the masked stores drop; no read past the panel)."""
     nvec = builder.udiv(
-        builder.add(nvalid, ir.Constant(_i64, 15)), ir.Constant(_i64, 16)
+        builder.add(nvalid, ir.Constant(_i64, lanes - 1)), ir.Constant(_i64, lanes)
     )
-    last = builder.sub(nvec, one64)
+    last = builder.sub(nvec, ir.Constant(_i64, 1))
     offs = []
     for v in range(NV_):
         cv = ir.Constant(_i64, v)
         vv = builder.select(builder.icmp_signed("<", cv, last), cv, last)
-        offs.append(builder.mul(vv, ir.Constant(_i64, 64)))
+        offs.append(builder.mul(vv, ir.Constant(_i64, 4 * lanes)))
     return offs
 
 

@@ -26,7 +26,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .int8_gemm_vnni import _gep8, _load_i32
+from .int8_gemm_vnni import _b_offsets, _gep8, _load_i32
 from .ir_util import if_then as _ir_if
 from .ir_util import loop as _ir_loop
 from .requant import epilogue_tile
@@ -112,14 +112,12 @@ def make_tile_kernel(MR, NV, dot_cls):
     meaning of ``int8_gemm_vnni.make_tile_kernel`` (8-lane vectors, 32 bytes of B
     per vector).
     """
-    NRB = 32
 
     def codegen(context, builder, sig, args):
         a, lda, b, ldb, k4, kr, c, ldc, nvalid, accum = args
         dot = dot_cls(builder)
         P = dot.parts
         zero64 = ir.Constant(_i64, 0)
-        one64 = ir.Constant(_i64, 1)
         a_base = builder.inttoptr(a, _i8.as_pointer())
         b_base = builder.inttoptr(b, _i8.as_pointer())
         a_rows = [
@@ -128,15 +126,7 @@ def make_tile_kernel(MR, NV, dot_cls):
         ]
         # vectors past the valid columns re-read the last valid one (no reads
         # beyond the packed panel); their lanes are masked off at the store
-        nvec = builder.udiv(
-            builder.add(nvalid, ir.Constant(_i64, 7)), ir.Constant(_i64, 8)
-        )
-        last = builder.sub(nvec, one64)
-        b_offs = []
-        for v in range(NV):
-            cv = ir.Constant(_i64, v)
-            vv = builder.select(builder.icmp_signed("<", cv, last), cv, last)
-            b_offs.append(builder.mul(vv, ir.Constant(_i64, NRB)))
+        b_offs = _b_offsets(builder, NV, nvalid, lanes=8)
 
         def load_b(row):
             return [

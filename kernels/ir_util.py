@@ -67,15 +67,7 @@ def loop(builder, start, stop, init, body, *, step=1, guard=True, name="loop"):
     br = builder.cbranch(builder.icmp_signed("<", inext, stop), head, after)
     no_unroll(builder, br)
     builder.position_at_end(after)
-    if not guard:
-        return new
-    out = []
-    for v, n in zip(init, new, strict=True):
-        p = builder.phi(v.type)
-        p.add_incoming(v, pre)
-        p.add_incoming(n, end)
-        out.append(p)
-    return out
+    return new if not guard else _merge(builder, init, pre, new, end)
 
 
 def if_then(builder, cond, values, then, *, name="if"):
@@ -90,10 +82,15 @@ def if_then(builder, cond, values, then, *, name="if"):
     end = builder.block
     builder.branch(done)
     builder.position_at_end(done)
+    return _merge(builder, values, here, new, end)
+
+
+def _merge(builder, a, a_block, b, b_block):
+    """Phis at the current block: a[i] arriving from a_block, b[i] from b_block."""
     out = []
-    for v, n in zip(values, new, strict=True):
-        p = builder.phi(v.type)
-        p.add_incoming(v, here)
-        p.add_incoming(n, end)
+    for x, y in zip(a, b, strict=True):
+        p = builder.phi(x.type)
+        p.add_incoming(x, a_block)
+        p.add_incoming(y, b_block)
         out.append(p)
     return out

@@ -494,43 +494,32 @@ def spmm_float_serial(
 @njit(**JIT)
 def pack_x_u8(x, flip, out):
     # x (K,N) int8|uint8 -> out (K4,Np,4) uint8 = x ^ flip (x' = x + 128 for int8),
-    # rows past K and columns past N zero. Each output word is assembled from
-    # the four k rows (1024x256: 8 us; byte stores at stride 4 took 115 us). On
-    # the calling thread: a second parallel region per call costs more.
+    # rows past K and columns past N zero. Each output word of a full group of
+    # four k rows is assembled from them (1024x256: 8 us; byte stores at
+    # stride 4 took 115 us); the last, partial group byte by byte. On the
+    # calling thread: a second parallel region per call costs more.
     K, N = x.shape
     K4, Np = out.shape[0], out.shape[1]
     o32 = out.view(np.uint32)  # (K4, Np, 1)
     f = np.uint32(flip) * np.uint32(0x01010101)
-    z = np.zeros(1, x.dtype)
-    for g in range(K4):
-        k = 4 * g
-        x0 = x[k]
-        x1 = x[k + 1] if k + 1 < K else z
-        x2 = x[k + 2] if k + 2 < K else z
-        x3 = x[k + 3] if k + 3 < K else z
-        s1 = 1 if k + 1 < K else 0
-        s2 = 1 if k + 2 < K else 0
-        s3 = 1 if k + 3 < K else 0
-        # flip only the bytes of rows inside K (rows past K stay zero)
-        fg = f & np.uint32(0xFF | (0xFF00 * s1) | (0xFF0000 * s2) | (0xFF000000 * s3))
+    for g in range(K // 4):
+        x0, x1, x2, x3 = x[4 * g], x[4 * g + 1], x[4 * g + 2], x[4 * g + 3]
         o = o32[g]
-        if s3 == 1:
-            for n in range(N):
-                o[n, 0] = (
-                    np.uint32(np.uint8(x0[n]))
-                    | (np.uint32(np.uint8(x1[n])) << 8)
-                    | (np.uint32(np.uint8(x2[n])) << 16)
-                    | (np.uint32(np.uint8(x3[n])) << 24)
-                ) ^ fg
-        else:
-            for n in range(N):
-                o[n, 0] = (
-                    np.uint32(np.uint8(x0[n]))
-                    | (np.uint32(np.uint8(x1[n * s1])) * s1 << 8)
-                    | (np.uint32(np.uint8(x2[n * s2])) * s2 << 16)
-                ) ^ fg
+        for n in range(N):
+            o[n, 0] = (
+                np.uint32(np.uint8(x0[n]))
+                | (np.uint32(np.uint8(x1[n])) << 8)
+                | (np.uint32(np.uint8(x2[n])) << 16)
+                | (np.uint32(np.uint8(x3[n])) << 24)
+            ) ^ f
+    for g in range(K // 4, K4):
+        for n in range(N):
+            for i in range(4):
+                k = 4 * g + i
+                out[g, n, i] = np.uint8(x[k, n]) ^ flip if k < K else 0
+    for g in range(K4):
         for n in range(N, Np):
-            o[n, 0] = 0
+            o32[g, n, 0] = 0
 
 
 @njit(inline="always")
