@@ -10,6 +10,7 @@ chosen before numba is imported, and it is slow (one OS thread per CUDA thread).
 import os
 import sys
 
+import numpy as np
 import pytest
 
 SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
@@ -23,6 +24,42 @@ if SIM:
     # the simulator's block manager polls under the GIL: a short switch interval
     # makes small blocks several times faster
     sys.setswitchinterval(1e-4)
+
+
+def _atomic_shared_arrays():
+    """numba-cuda's simulator (0.30) hands out a block's shared arrays with an
+    unlocked get -> np.empty -> set on a dict keyed by the calling line: a thread
+    switch inside that window gives two threads of one block two different
+    arrays, and the kernel reads values another thread never wrote. It failed
+    one CI run in six (tests/cuda/test_bf16_cuda.py, 36 of 117 outputs wrong);
+    with a sleep forced into np.empty it failed 9 launches in 10. This is the
+    same lookup, keyed the same way, made atomic (a threading.Lock here made
+    the simulated suite 10x slower: 13 -> 139 s)."""
+    from numba.core import types
+    from numba.cuda.simulator import kernelapi
+    from numba.np import numpy_support
+
+    original = kernelapi.FakeCUDAShared.array
+
+    def array(self, shape, dtype, *args, **kwargs):
+        if shape == 0 or args or kwargs:  # dynamic shared memory: no lookup
+            return original(self, shape, dtype, *args, **kwargs)
+        caller = sys._getframe(1)
+        key = (caller.f_code.co_filename, caller.f_lineno)
+        if isinstance(dtype, types.Type):
+            dtype = numpy_support.as_dtype(dtype)
+        res = self._allocations.get(key)
+        if res is None:
+            # dict.setdefault is one step under the GIL (a tuple key hashes
+            # in C): the first array stored wins, and every thread gets it
+            res = self._allocations.setdefault(key, np.empty(shape, dtype))
+        return res
+
+    kernelapi.FakeCUDAShared.array = array
+
+
+if SIM:
+    _atomic_shared_arrays()
 
 
 def pytest_collection_modifyitems(config, items):
