@@ -41,6 +41,8 @@ _MODE_INT32, _MODE_QUANT, _MODE_FLOAT = 0, 1, 2
 # read-only constants handed to kernels that only read them
 _ZERO1 = np.zeros(1, np.int64)
 _ONE11 = np.ones((1, 1))  # the multiplier of int32 output: never read
+# cached epilogues / ZA folds per PackedWeights (cleared when full)
+_FOLDED_MAX = 64
 for _c in (_ZERO1, _ONE11):
     _c.flags.writeable = False
 
@@ -255,11 +257,13 @@ def _gemm_2d(a, packed, zb, za_eff, bias, mult, zy, qlo, qhi, mode, out, fbias=N
     )
 
 
-def _int32_cached(a, packed, za_eff, out) -> bool:
-    """matmul_integer's common call (C-contiguous a used in place, no row sums,
+def _fused_cached(a, packed, za_eff, key, epi_of, out) -> bool:
+    """The common engine call (C-contiguous a used in place, no row sums,
     per-tensor ZA) with the epilogue tuple and the layout kept on the pack per
-    (path, ZA): what _gemm_2d builds on every call. False: not that case.
-    Saves ~1.5 us of the ~7 us Python + dispatch cost of a 16x384x1536 call."""
+    (path, ZA, key): what _gemm_2d builds on every call. epi_of(bias) makes the
+    tuple from the bias with ZA folded in. False: not that case (the caller
+    takes _gemm_2d). Saves ~1.5 us (int32) and ~5 us (requantized) of the Python
+    cost of a 16x384x1536 call."""
     backend = _dispatch.gemm_backend()
     M, K = a.shape
     if (
@@ -272,22 +276,30 @@ def _int32_cached(a, packed, za_eff, out) -> bool:
     ):
         return False
     za = int(za_eff[0])
-    key = ("epi", backend.name, za)
-    hit = packed._folded.get(key)
+    full = ("epi", backend.name, za, *key)
+    hit = packed._folded.get(full)
     if hit is None:
-        bias, za_arr = packed._zeros_n, _ro(za_eff)
-        if za != 0:
-            bias, za_arr = packed._fold_za(za, bias), _ZERO1
-        epi = (
-            za_arr, _ZERO1, packed._col_sum, _ro(packed._zb_eff), _ro(bias), _ONE11,
-            0.0, 0.0, 0.0, _MODE_INT32, _ro(packed._fzeros_n),
-        )  # fmt: skip
-        hit = packed._folded[key] = (packed._layout(backend), epi)
+        if len(packed._folded) > _FOLDED_MAX:
+            packed._folded.clear()
+        bias = packed._fold_za(za, packed._zeros_n) if za else packed._zeros_n
+        hit = packed._folded[full] = (packed._layout(backend), epi_of(_ro(bias)))
     layout, epi = hit
     N = out.shape[1]
     serial = M * N * K < SERIAL_MACS or numba.get_num_threads() == 1
     backend.fused(_ro(a), layout, None, epi, out, serial=serial)
     return True
+
+
+def _int32_cached(a, packed, za_eff, out) -> bool:
+    """matmul_integer's call through _fused_cached."""
+
+    def epi_of(bias):
+        return (
+            _ro(_ZERO1), _ro(_ZERO1), packed._col_sum, _ro(packed._zb_eff), bias,
+            _ro(_ONE11), 0.0, 0.0, 0.0, _MODE_INT32, _ro(packed._fzeros_n),
+        )  # fmt: skip
+
+    return _fused_cached(a, packed, za_eff, (), epi_of, out)
 
 
 def _ro(x: np.ndarray) -> np.ndarray:
@@ -593,6 +605,35 @@ def _const_za(value: int) -> np.ndarray:
     return arr
 
 
+def _packed_match(value, packed_value, dtype, key) -> bool:
+    """Whether a b-side argument of a call with PackedWeights adds nothing to
+    the pack: None, the packed array itself, or a scalar equal to the packed
+    per-tensor one (what an engine passing every ONNX input sends). key(x,
+    dtype) -> a hashable scalar value or None."""
+    if value is None or value is packed_value:
+        return True
+    if packed_value is None or packed_value.size != 1:
+        return False
+    got = key(value, dtype)
+    return got is not None and got == key(packed_value, dtype)
+
+
+def _call_multiplier(packed, sa, sy):
+    """eq. 10 for per-tensor a_scale / y_scale keys (_scale_key) against the
+    packed b_scale, (1, N) float64, kept on the pack: an engine calling one
+    layer with fixed scales computes it once."""
+    mult = packed._mults.get((sa, sy))
+    if mult is None:
+        if len(packed._mults) > _FOLDED_MAX:
+            packed._mults.clear()
+        sa_arr = np.full(1, sa[1], np.dtype(sa[0]))
+        sy_arr = np.full(1, sy[1], np.dtype(sy[0]))
+        mult = _multiplier(sa_arr, packed.scale, sy_arr, packed.shape[1])
+        mult.flags.writeable = False
+        packed._mults[(sa, sy)] = mult
+    return mult
+
+
 def _scale_key(value):
     """A per-tensor scale as (dtype char, float value), or None where the general
     path must look at it (and raise if it is invalid)."""
@@ -753,13 +794,15 @@ def qlinear_matmul(
         )  # fmt: skip
     fast = None
     if (
-        b_zero_point is None
-        and b_scale is None
-        and bias is None
+        bias is None
         and y_scale is not None
+        and type(b) is PackedWeights
+        and b.scale is not None
+        and _packed_match(b_zero_point, b.zero_point, b.dtype, _scalar_zero_point)
+        and _packed_match(b_scale, b.scale, None, lambda s, _: _scale_key(s))
     ):
         fast = _fast_2d(a, b, a_zero_point)
-    if fast is not None and b.scale is not None:
+    if fast is not None:
         sa, sy = _scale_key(a_scale), _scale_key(y_scale)
         zy = None
         if isinstance(y_zero_point, np.ndarray | np.integer) and y_zero_point.size == 1:
@@ -772,20 +815,24 @@ def qlinear_matmul(
             M, _, N, za_eff = fast
             odt = zy.dtype
             zyf = float(zy.item())
-            qlo, qhi = _quant_bounds(_hashable(activation), zyf, sy[1], odt)
+            act = _hashable(activation)
+            qlo, qhi = _quant_bounds(act, zyf, sy[1], odt)
             out = np.empty((M, N), odt)
-            # the multiplier row depends on the call's scales only: an engine
-            # calling one layer with fixed scales computes it once
-            mult = b._mults.get((sa, sy))
-            if mult is None:
-                if len(b._mults) > 64:
-                    b._mults.clear()
-                sa_arr = np.full(1, sa[1], np.dtype(sa[0]))
-                sy_arr = np.full(1, sy[1], np.dtype(sy[0]))
-                mult = _multiplier(sa_arr, b.scale, sy_arr, N)
-                mult.flags.writeable = False
-                b._mults[(sa, sy)] = mult
-            _gemm_2d(a, b, b._zb_eff, za_eff, b._zeros_n, mult, zyf, qlo, qhi, 1, out)
+
+            def epi_of(bias):
+                mult = _ro(_call_multiplier(b, sa, sy))
+                return (
+                    _ro(_ZERO1), _ro(_ZERO1), b._col_sum, _ro(b._zb_eff), bias,
+                    mult, zyf, qlo, qhi, _MODE_QUANT, _ro(b._fzeros_n),
+                )  # fmt: skip
+
+            key = (sa, sy, odt.char, zyf, act)
+            if not _fused_cached(a, b, za_eff, key, epi_of, out):
+                mult = _call_multiplier(b, sa, sy)
+                _gemm_2d(
+                    a, b, b._zb_eff, za_eff, b._zeros_n, mult, zyf, qlo, qhi,
+                    _MODE_QUANT, out,
+                )  # fmt: skip
             return out
 
     a_shape, b_shape, batch = _check_ab(a, b)

@@ -383,6 +383,40 @@ def test_tiny_call_path_matches_general_path(isa):
         np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("b_dt", [np.int8, np.uint8])
+def test_engine_call_with_every_onnx_input(isa, b_dt):
+    # qlinear_matmul with the packed b_scale / b_zero_point passed again (an
+    # engine mapping QLinearMatMul's eight inputs): the cached epilogue of the
+    # pack (int8 b, ZB = 0) or the general tile (uint8 b: row sums); each call's
+    # own scales, zero points and activation must reach the result
+    rng = np.random.default_rng(6)
+    a = _rand(rng, (5, 40), np.uint8)
+    b = _rand(rng, (40, 24), b_dt)
+    zb = b_dt(0 if b_dt == np.int8 else 131)
+    sb = np.float32(0.004)
+    packed = lowprec.pack_weights(b, zb, sb)
+    calls = [
+        (np.uint8(120), np.float32(0.02), np.float32(0.3), np.uint8(128), None),
+        (np.uint8(120), np.float32(0.02), np.float32(0.3), np.uint8(128), "relu"),
+        (np.uint8(9), np.float32(0.02), np.float32(0.3), np.uint8(128), None),
+        (np.uint8(9), np.float32(0.03), np.float32(0.2), np.int8(-5), (-1.0, 2.5)),
+    ]
+    for b_args in ((None, None), (sb, zb), (packed.scale, packed.zero_point),
+                   (0.004, int(zb))):  # fmt: skip
+        for za, sa, sy, zy, act in calls:
+            got = lowprec.qlinear_matmul(
+                a, sa, za, packed, *b_args, sy, zy, activation=act
+            )
+            want = ref.qlinear_matmul(a, sa, za, b, sb, zb, sy, zy, activation=act)
+            np.testing.assert_array_equal(got, want)
+            assert got.dtype == zy.dtype
+    with pytest.raises(ValueError, match="b_scale was given both"):
+        lowprec.qlinear_matmul(
+            a, np.float32(0.02), np.uint8(1), packed, np.float32(0.005), zb,
+            np.float32(0.3), np.uint8(128),
+        )  # fmt: skip
+
+
 @given(
     st.integers(0, 2**32 - 1),
     st.sampled_from([1, 3, 7, 20]),
