@@ -445,6 +445,27 @@ def test_larger_shapes_every_tile_path(isa, monkeypatch):
     assert len(calls) == (8 if isa == "nchw4" else 0)
 
 
+@pytest.mark.parametrize("x_dt", [np.uint8, np.int8])
+def test_wide_rows(isa, x_dt):
+    """Rows wide enough for to_nchw4's 16-word vector chunks (stride 1 and 2,
+    both phases, left padding, channel blocks with masked bytes, groups) and
+    their scalar tails."""
+    rng = np.random.default_rng(11)
+    info = np.iinfo(x_dt)
+    for C, M, G, k, s, d, pads, H, W in [
+        (3, 8, 1, (7, 7), (2, 2), (1, 1), (3, 3, 3, 3), 9, 77),  # stem-like
+        (6, 7, 1, (1, 1), (1, 1), (1, 1), (0, 0, 0, 0), 2, 50),  # 1x1 direct
+        (8, 12, 2, (3, 3), (1, 2), (1, 1), (0, 2, 1, 1), 5, 70),
+        (5, 6, 1, (2, 3), (2, 1), (1, 2), (1, 0, 0, 2), 4, 40),
+    ]:
+        x = rng.integers(info.min, info.max + 1, (1, C, H, W), dtype=x_dt)
+        w = rng.integers(-128, 128, (M, C // G, *k), dtype=np.int8)
+        xz = x_dt(rng.integers(info.min, info.max + 1))
+        kw = {"group": G, "strides": s, "dilations": d, "pads": pads}
+        got = lowprec.conv.conv_integer(x, w, xz, **kw)
+        np.testing.assert_array_equal(got, conv_ref(x, w, xz, 0, **kw))
+
+
 def test_nchw4_routing():
     """conv_nchw4 is chosen by channels / pixels, never for groups smaller than
     a channel tile, and never where its int32 sum could overflow."""
