@@ -479,32 +479,10 @@ def _pack_panel(x4, geo4, n, g, p0, nv, dst):
                 k4 += 1
 
 
-@njit(nogil=True, cache=True)
-def _nchw4_job(t, npan, nrb, direct, x4, geo4, wa, ones, rbias, zw, general, mult,
-               zy, qlo, qhi, buf, csb, out):  # fmt: skip
-    # job t = (image, group, pixel panel, channel block), the channel block
-    # fastest (jobs that share a panel are neighbours)
-    N, C, H, W, G, Cg, Cg4, Hp, S, Wq, Ho, Wo, kh, kw, sh, sw, dh, dw = geo4[:18]
-    M, Mg = geo4[20], geo4[21]
-    P = Ho * Wo
-    rb = t % nrb
-    rest = t // nrb
-    jn = rest % npan
-    rest = rest // npan
-    g = rest % G
-    n = rest // G
-    p0 = jn * NR
-    nv = min(NR, P - p0)
-    K4 = kh * kw * Cg4
-    tid = numba.get_thread_id()
-    if direct:
-        ldb = 4 * Hp * S * Wq
-        b = x4.ctypes.data + (n * G * Cg4 + g * Cg4) * ldb + 4 * p0
-    else:
-        ldb = 4 * NR
-        b = buf[tid].ctypes.data
-        _pack_panel(x4, geo4, n, g, p0, nv, b)
-    cs = csb[tid].ctypes.data
+@njit(inline="always")
+def _nchw4_tiles(rb, nrb, n, g, p0, nv, b, ldb, K4, M, Mg, P, wa, ones, rbias, zw,
+                 general, mult, zy, qlo, qhi, cs, out):  # fmt: skip
+    # the channel tiles of channel block rb (of nrb) against one packed panel b
     if general:
         panel_colsum(ones.ctypes.data, b, ldb, K4, cs, nv)
     lda = wa.strides[0]
@@ -534,6 +512,35 @@ def _nchw4_job(t, npan, nrb, direct, x4, geo4, wa, ones, rbias, zw, general, mul
         )
 
 
+@njit(nogil=True, cache=True)
+def _nchw4_job(t, npan, nrb, direct, x4, geo4, wa, ones, rbias, zw, general, mult,
+               zy, qlo, qhi, buf, csb, out):  # fmt: skip
+    # job t = (image, group, pixel panel, channel block), the channel block
+    # fastest (jobs that share a panel are neighbours)
+    N, C, H, W, G, Cg, Cg4, Hp, S, Wq, Ho, Wo, kh, kw, sh, sw, dh, dw = geo4[:18]
+    M, Mg = geo4[20], geo4[21]
+    P = Ho * Wo
+    rb = t % nrb
+    rest = t // nrb
+    jn = rest % npan
+    rest = rest // npan
+    g = rest % G
+    n = rest // G
+    p0 = jn * NR
+    nv = min(NR, P - p0)
+    K4 = kh * kw * Cg4
+    tid = numba.get_thread_id()
+    if direct:
+        ldb = 4 * Hp * S * Wq
+        b = x4.ctypes.data + (n * G * Cg4 + g * Cg4) * ldb + 4 * p0
+    else:
+        ldb = 4 * NR
+        b = buf[tid].ctypes.data
+        _pack_panel(x4, geo4, n, g, p0, nv, b)
+    _nchw4_tiles(rb, nrb, n, g, p0, nv, b, ldb, K4, M, Mg, P, wa, ones, rbias, zw,
+                 general, mult, zy, qlo, qhi, csb[tid].ctypes.data, out)  # fmt: skip
+
+
 @njit(**PJIT)
 def conv_nchw4(x4, geo4, nrb, direct, wa, ones, rbias, zw, general, mult, zy, qlo,
                qhi, buf, csb, out):  # fmt: skip
@@ -546,6 +553,228 @@ def conv_nchw4(x4, geo4, nrb, direct, wa, ones, rbias, zw, general, mult, zy, ql
     for t in prange(N * G * npan * nrb):
         _nchw4_job(t, npan, nrb, direct, x4, geo4, wa, ones, rbias, zw, general,
                    mult, zy, qlo, qhi, buf, csb, out)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------
+# dense K for few channels: the NCHW4 tile's B without the 4-channel padding
+#
+# K order (i, c, j): run r = i*Cg + c is kernel row i of channel c, kw bytes
+# (j = 0..kw-1), and K = kh*Cg*kw bytes are packed back to back in words
+# (a 3-channel 7x7 stem: 37 words where the channel blocks take 49). A word
+# spans at most two runs when kw >= 3; 16 pixels of one output row read each
+# run from one 64-byte window of the padded input row (15*sw + (kw-1)*dw < 64),
+# so a word row of 16 pixels is one vpermi2b of two windows. vpermi2b is
+# AVX-512 VBMI: these kernels are compiled only on hosts that have it
+# (lowprec/conv.py checks).
+#
+# geoD (int64): [N, C, Hp, Wp, G, Cg, Ho, Wo, kh, kw, sh, sw, dh, dw, K, K4,
+#                npan, fill]
+
+
+@njit(**PJIT)
+def pad_bytes(x, flip, fill, geoD, pt, pl, xp):
+    # x (N,C,H,W) uint8 raw bytes -> xp flat (N*C*Hp*Wp + 64 slack) uint8: the
+    # b bytes (x ^ flip) inside a border of fill
+    N, C, Hp, Wp = geoD[0], geoD[1], geoD[2], geoD[3]
+    H, W = x.shape[2], x.shape[3]
+    xf = x.reshape(-1)
+    fb = np.uint8(fill)
+    for t in prange(N * C * Hp):
+        nc = t // Hp
+        i = t - nc * Hp - pt
+        d = t * Wp
+        if i < 0 or i >= H:
+            for q in range(Wp):
+                xp[d + q] = fb
+            continue
+        for q in range(pl):
+            xp[d + q] = fb
+        for q in range(pl + W, Wp):
+            xp[d + q] = fb
+        src = (nc * H + i) * W
+        n64 = W // 64 * 64
+        _xor_copy64(xp.ctypes.data + d + pl, xf.ctypes.data + src, n64, flip)
+        if n64 and n64 < W:  # the tail as one more 64 bytes, overlapping
+            e = W - 64
+            _xor_copy64(xp.ctypes.data + d + pl + e, xf.ctypes.data + src + e, 64, flip)
+            n64 = W
+        for q in range(n64, W):
+            xp[d + pl + q] = xf[src + q] ^ flip
+
+
+@intrinsic
+def _xor_copy64(typingctx, dst, src, n, flip):
+    # dst[q] = src[q] ^ flip for q < n (n a multiple of 64), 64 bytes a step
+    # (numba's byte loop: ~5 cycles a byte)
+    v64 = ir.VectorType(ir.IntType(8), 64)
+    i64 = ir.IntType(64)
+
+    def codegen(context, builder, sig, args):
+        d, s_, n, f = args
+        fv = builder.shuffle_vector(
+            builder.insert_element(
+                ir.Constant(v64, ir.Undefined), f, ir.Constant(ir.IntType(32), 0)
+            ),
+            ir.Constant(v64, ir.Undefined),
+            ir.Constant(ir.VectorType(ir.IntType(32), 64), None),
+        )
+
+        def body(q, carried):
+            x = builder.load(
+                builder.inttoptr(builder.add(s_, q), v64.as_pointer()), align=1
+            )
+            at = builder.inttoptr(builder.add(d, q), v64.as_pointer())
+            builder.store(builder.xor(x, fv), at, align=1)
+            return carried
+
+        ir_loop(builder, ir.Constant(i64, 0), n, [], body, step=64, name="xcopy")
+        return context.get_dummy_value()
+
+    return types.void(types.int64, types.int64, types.int64, types.uint8), codegen
+
+
+def _make_dense16():
+    """Intrinsic: k4n word rows of 16 pixels, row k at dst + k*ldd:
+    vpermi2b(window r1(k), idx[k], window r2(k)), the windows being the 64
+    bytes at runs[r] + off (runs: int64 addresses; rsel: int64 pairs r1, r2 per
+    k; idx: 64 index bytes per k, bit 6 picking the second window)."""
+    v64 = ir.VectorType(ir.IntType(8), 64)
+    i64 = ir.IntType(64)
+
+    def codegen(context, builder, sig, args):
+        dst, ldd, runs, off, rsel, idx, k4n = args
+        perm = cgutils.get_or_insert_function(
+            builder.module,
+            ir.FunctionType(v64, [v64, v64, v64]),
+            "llvm.x86.avx512.vpermi2var.qi.512",
+        )
+
+        def at(addr, ty):
+            return builder.load(builder.inttoptr(addr, ty.as_pointer()), align=1)
+
+        def window(k, half):
+            pair = builder.add(rsel, builder.mul(k, ir.Constant(i64, 16)))
+            r = at(builder.add(pair, ir.Constant(i64, 8 * half)), i64)
+            base = at(builder.add(runs, builder.mul(r, ir.Constant(i64, 8))), i64)
+            return at(builder.add(base, off), v64)
+
+        def body(k, carried):
+            ix = at(builder.add(idx, builder.mul(k, ir.Constant(i64, 64))), v64)
+            w = builder.call(perm, [window(k, 0), ix, window(k, 1)])
+            d = builder.add(dst, builder.mul(k, ldd))
+            builder.store(w, builder.inttoptr(d, v64.as_pointer()), align=1)
+            return carried
+
+        ir_loop(builder, ir.Constant(i64, 0), k4n, [], body, name="dense16")
+        return context.get_dummy_value()
+
+    @intrinsic
+    def _d16(typingctx, dst, ldd, runs, off, rsel, idx, k4n):
+        return types.void(*([types.int64] * 7)), codegen
+
+    return _d16
+
+
+_dense16 = _make_dense16()
+
+
+@njit(inline="always")
+def _dense_pixel(xp, geoD, n, g, oh, ow, dst):
+    # one pixel's K bytes, scalar, into its column (dst: address of its word in
+    # K row 0; K rows 4*NR bytes apart); the pad bytes of the last word = fill
+    N, C, Hp, Wp, G, Cg, Ho, Wo, kh, kw, sh, sw, dh, dw, K, K4 = geoD[:16]
+    k = 0
+    for i in range(kh):
+        for c in range(Cg):
+            row = ((n * C + g * Cg + c) * Hp + oh * sh + i * dh) * Wp + ow * sw
+            for j in range(kw):
+                _store_byte(dst + (k >> 2) * 4 * NR + (k & 3), xp[row + j * dw])
+                k += 1
+    while k < 4 * K4:
+        _store_byte(dst + (k >> 2) * 4 * NR + (k & 3), np.uint8(geoD[17]))
+        k += 1
+
+
+@intrinsic
+def _store_byte(typingctx, addr, val):
+    def codegen(context, builder, sig, args):
+        ptr = builder.inttoptr(args[0], ir.IntType(8).as_pointer())
+        builder.store(args[1], ptr)
+        return context.get_dummy_value()
+
+    return types.void(types.int64, types.uint8), codegen
+
+
+@njit(inline="always")
+def _dense_panel(xp, geoD, rsel, idx, rt, n, g, p0, nv, dst):
+    # dst (address) <- [K4][NR][4] bytes: the dense-K columns of output pixels
+    # p0..p0+nv-1 of image n, group g (16 a vpermi2b where they share an output
+    # row, else one by one); rt: this thread's run addresses (int64 scratch)
+    N, C, Hp, Wp, G, Cg, Ho, Wo, kh, kw, sh, sw, dh, dw, K, K4 = geoD[:16]
+    x0 = xp.ctypes.data
+    oh = -1
+    u = 0
+    while u < nv:
+        p = p0 + u
+        r = p // Wo
+        ow = p - r * Wo
+        if r != oh:
+            oh = r
+            for i in range(kh):
+                for c in range(Cg):
+                    ch = n * C + g * Cg + c
+                    rt[i * Cg + c] = x0 + (ch * Hp + oh * sh + i * dh) * Wp
+        col = dst + 4 * u
+        if u + 16 <= nv and ow + 16 <= Wo:
+            _dense16(col, 4 * NR, rt.ctypes.data, ow * sw, rsel.ctypes.data,
+                     idx.ctypes.data, K4)  # fmt: skip
+            if K < 4 * K4:  # the last word's pad bytes
+                last = col + (K4 - 1) * 4 * NR
+                for q in range(16):
+                    for b in range(K - 4 * (K4 - 1), 4):
+                        _store_byte(last + 4 * q + b, np.uint8(geoD[17]))
+            u += 16
+        else:
+            _dense_pixel(xp, geoD, n, g, oh, ow, col)
+            u += 1
+
+
+@njit(nogil=True, cache=True)
+def _dense_job(t, npan, nrb, xp, geoD, rsel, idx, runs, wa, ones, rbias, zw,
+               general, mult, zy, qlo, qhi, buf, csb, out):  # fmt: skip
+    # _nchw4_job with the panel packed with a dense K (no 4-channel blocks)
+    N, C, Hp, Wp, G, Cg, Ho, Wo, kh, kw, sh, sw, dh, dw, K, K4 = geoD[:16]
+    M = out.shape[1]
+    Mg = M // G
+    P = Ho * Wo
+    rb = t % nrb
+    rest = t // nrb
+    jn = rest % npan
+    rest = rest // npan
+    g = rest % G
+    n = rest // G
+    p0 = jn * NR
+    nv = min(NR, P - p0)
+    tid = numba.get_thread_id()
+    b = buf[tid].ctypes.data
+    _dense_panel(xp, geoD, rsel, idx, runs[tid], n, g, p0, nv, b)
+    cs = csb[tid].ctypes.data
+    _nchw4_tiles(rb, nrb, n, g, p0, nv, b, 4 * NR, K4, M, Mg, P, wa, ones, rbias,
+                 zw, general, mult, zy, qlo, qhi, cs, out)  # fmt: skip
+
+
+@njit(**PJIT)
+def conv_nchw4_dense(xp, geoD, rsel, idx, runs, nrb, wa, ones, rbias, zw, general,
+                     mult, zy, qlo, qhi, buf, csb, out):  # fmt: skip
+    # conv_nchw4 on dense-K panels: xp from pad_bytes; rsel (K4, 2) int64 and
+    # idx (K4, 64) uint8 (lowprec/conv.py builds them); runs (threads, >= kh*Cg)
+    # int64 scratch; wa in K order (i, c, j); the rest as conv_nchw4
+    N, G = geoD[0], geoD[4]
+    P = geoD[6] * geoD[7]
+    npan = (P + NR - 1) // NR
+    for t in prange(N * G * npan * nrb):
+        _dense_job(t, npan, nrb, xp, geoD, rsel, idx, runs, wa, ones, rbias, zw,
+                   general, mult, zy, qlo, qhi, buf, csb, out)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------

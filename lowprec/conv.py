@@ -62,6 +62,9 @@ MR_ROWS = 6
 # either kernel)
 NCHW4_MAX_CHANNELS = 8
 NCHW4_MIN_PIXELS = 8192
+# the NCHW4 path packs few-channel inputs with a dense K where it can
+# (_dense_k; tests turn it off to run the 4-channel blocks)
+NCHW4_DENSE = True
 # VNNI path: with fewer than this many pixel tiles per thread, jobs are also
 # split over 64-channel weight panels (threads over output channels)
 SPLIT_N_TILES = 8
@@ -185,6 +188,26 @@ class PackedConvWeights:
             for arr in lay:
                 arr.flags.writeable = False
             self._layouts["nchw4"] = lay
+        return lay
+
+    def _nchw4_dense(self):
+        """_nchw4's triple with K order (i, c, j) and no channel padding: K =
+        kh*Cg*kw bytes, padded to whole words with 128 (w' = 0); the layout of
+        kernels/int8_conv.py::pack_dense."""
+        lay = self._layouts.get("nchw4d")
+        if lay is None:
+            G, _, Mg = self._wk.shape
+            M, Cg = self.shape[:2]
+            ks = self.shape[2:]
+            kh, kw = (1, ks[0]) if len(ks) == 1 else ks
+            K = kh * Cg * kw
+            w = self._wk.reshape(G, kh, kw, Cg, Mg).astype(np.int16) + 128
+            a = np.full((M, -(-K // 4) * 4), 128, np.uint8)
+            a[:, :K] = w.transpose(0, 4, 1, 3, 2).reshape(M, K)
+            lay = (a, a.sum(axis=1, dtype=np.int64), np.ones(a.shape[1], np.uint8))
+            for arr in lay:
+                arr.flags.writeable = False
+            self._layouts["nchw4d"] = lay
         return lay
 
     def _depthwise(self, zb_eff) -> np.ndarray:
@@ -700,6 +723,10 @@ def _nchw4_plan(x, packed, zb_eff, za_eff, bias, mult, zy, qlo, qhi, geo, pads):
     zx = za_eff - 128
     flip = np.uint8(0x80 if x.dtype == np.uint8 else 0)
     fill = np.uint8(zx & 0xFF)
+    dense = _dense_k(packed, sw, dw)
+    if dense:
+        a, asum, ones = packed._nchw4_dense()
+        K4 = a.shape[1] // 4
     zw = zb_eff.astype(np.int64) + 128
     general = int(zw.any())
     rbias = _ro(bias - zx * (asum - 4 * K4 * zw))
@@ -714,19 +741,82 @@ def _nchw4_plan(x, packed, zb_eff, za_eff, bias, mult, zy, qlo, qhi, geo, pads):
     jobs = N * G * npan
     mt = -(-Mg // MR_ROWS)
 
+    dense_run = None
+    if dense:
+        dense_run = _dense_plan(geo, (pt, pl), K4, npan, fill, flip)
+
     def run(xb, par, out):
-        x4b = _dispatch.scratch("nchw4.x", x4_size, np.uint32)
-        _dispatch.call_on_threads(par, _kc.to_nchw4, xb, flip, fill, geo4, x4b)
         nth = numba.get_num_threads() if par != 1 else 1
         # too few panels for the threads: split the channel tiles too (each
         # channel block packs the panel again; packing is a few % of a job)
         nrb = 1 if jobs >= 8 * nth else min(mt, -(-8 * nth // jobs))
+        if dense:
+            dense_run(xb, par, nrb, a, ones, rbias, zw, general, m, zy, qlo, qhi,
+                      _dispatch.scratch("nchw4.panel", buf_shape, np.uint8),
+                      _dispatch.scratch("nchw4.colsum", (threads, 80), np.int32),
+                      out)  # fmt: skip
+            return
+        x4b = _dispatch.scratch("nchw4.x", x4_size, np.uint32)
+        _dispatch.call_on_threads(par, _kc.to_nchw4, xb, flip, fill, geo4, x4b)
         _dispatch.call_on_threads(
             par, _kc.conv_nchw4, _ro(x4b), geo4, nrb, direct, a, ones, rbias, zw,
             general, m, zy, qlo, qhi,
             _dispatch.scratch("nchw4.panel", buf_shape, np.uint8),
             _dispatch.scratch("nchw4.colsum", (threads, 80), np.int32), out,
         )  # fmt: skip
+
+    return run
+
+
+def _dense_k(packed, sw, dw):
+    """Whether the NCHW4 tile takes its B with a dense K (kernels/int8_conv.py,
+    pack_dense): channels per group not a multiple of 4 (the channel blocks
+    pad them), kernel rows of >= 3 taps (a word then spans <= 2 runs), 16
+    pixels' taps inside one 64-byte window, and a host with AVX-512 VBMI."""
+    Cg, ks = packed.shape[1], packed.shape[2:]
+    kw = ks[-1]
+    return (
+        NCHW4_DENSE
+        and Cg % 4 != 0
+        and kw >= 3
+        and 15 * sw + (kw - 1) * dw < 64
+        and "avx512vbmi" in _dispatch.host_features()
+    )
+
+
+def _dense_plan(geo, pads, K4, npan, fill, flip):
+    """The dense-K NCHW4 call (kernels/int8_conv.py, conv_nchw4_dense): the
+    padded input, then the channel tiles on panels packed per job. The word
+    rows' run pairs and vpermi2b indices are built once per plan."""
+    N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M = geo.tolist()
+    pt, pl = pads
+    K = kh * Cg * kw
+    R = kh * Cg
+    k = np.arange(4 * K4).reshape(K4, 4)
+    last = np.minimum(k[:, 3], K - 1)
+    rsel = np.stack([k[:, 0] // kw, last // kw], axis=1).astype(np.int64)
+    # index of byte u of pixel q in word row k4: window r1 or r2 (bit 6), byte
+    # q*sw + t*dw; the pad bytes (k >= K) point at byte 0 and are rewritten
+    kk = k[:, None, :]  # (K4, 1, 4)
+    q = np.arange(16)[None, :, None]
+    second = (kk // kw) != rsel[:, :1, None]
+    idx = np.where(kk < K, 64 * second + q * sw + (kk % kw) * dw, 0)
+    idx = _ro(np.ascontiguousarray(idx.reshape(K4, 64).astype(np.uint8)))
+    rsel = _ro(rsel)
+    geoD = np.array(
+        [N, C, Hp, Wp, G, Cg, Ho, Wo, kh, kw, sh, sw, dh, dw, K, K4, npan, fill],
+        np.int64,
+    )
+    threads = numba.config.NUMBA_NUM_THREADS
+    xp_size = N * C * Hp * Wp + 64  # +64: the last row's 64-byte windows
+
+    def run(xb, par, nrb, *rest):
+        xp = _dispatch.scratch("nchw4.xp", xp_size, np.uint8)
+        _dispatch.call_on_threads(par, _kc.pad_bytes, xb, flip, fill, geoD, pt, pl, xp)
+        runs = _dispatch.scratch("nchw4.runs", (threads, R), np.int64)
+        _dispatch.call_on_threads(
+            par, _kc.conv_nchw4_dense, _ro(xp), geoD, rsel, idx, runs, nrb, *rest
+        )
 
     return run
 

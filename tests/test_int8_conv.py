@@ -446,10 +446,11 @@ def test_larger_shapes_every_tile_path(isa, monkeypatch):
 
 
 @pytest.mark.parametrize("x_dt", [np.uint8, np.int8])
-def test_wide_rows(isa, x_dt):
+def test_wide_rows(isa, x_dt, monkeypatch):
     """Rows wide enough for to_nchw4's 16-word vector chunks (stride 1 and 2,
     both phases, left padding, channel blocks with masked bytes, groups) and
-    their scalar tails."""
+    their scalar tails, and for the dense-K panels' 16-pixel vpermi2b rows
+    (few channels, kernel rows of >= 3 taps) next to their one-pixel packing."""
     rng = np.random.default_rng(11)
     info = np.iinfo(x_dt)
     for C, M, G, k, s, d, pads, H, W in [
@@ -462,8 +463,37 @@ def test_wide_rows(isa, x_dt):
         w = rng.integers(-128, 128, (M, C // G, *k), dtype=np.int8)
         xz = x_dt(rng.integers(info.min, info.max + 1))
         kw = {"group": G, "strides": s, "dilations": d, "pads": pads}
-        got = lowprec.conv.conv_integer(x, w, xz, **kw)
-        np.testing.assert_array_equal(got, conv_ref(x, w, xz, 0, **kw))
+        # per-channel weight zero points: the pad bytes of the last K word
+        # must hold the input's zero point exactly (they meet w' = -w_zp)
+        wz = rng.integers(-3, 4, M).astype(np.int8)
+        want = conv_ref(x, w, xz, wz, **kw)
+        # the NCHW4 path with dense-K panels and with 4-channel blocks
+        for dense in (True, False) if isa == "nchw4" else (True,):
+            monkeypatch.setattr(lc, "NCHW4_DENSE", dense)
+            got = lowprec.conv.conv_integer(x, w, xz, wz, **kw)
+            np.testing.assert_array_equal(got, want)
+
+
+def test_dense_k_routing(monkeypatch):
+    """Dense-K panels: channels per group not a multiple of 4, kernel rows of
+    >= 3 taps whose 16-pixel windows fit 64 bytes, and VBMI on the host."""
+    from types import SimpleNamespace as P
+
+    dense = lc._dense_k
+    stem = P(shape=(64, 3, 7, 7))
+    assert dense(stem, 2, 1) == ("avx512vbmi" in lowprec._dispatch.host_features())
+    monkeypatch.setattr(lowprec._dispatch, "host_features", lambda: {"avx512vbmi"})
+    assert dense(stem, 2, 1)
+    assert dense(P(shape=(8, 1, 3, 3)), 1, 1)  # MNIST-like: 3 words, not 9
+    assert not dense(P(shape=(64, 4, 7, 7)), 2, 1)  # whole channel blocks
+    assert not dense(P(shape=(64, 3, 2, 2)), 1, 1)  # a word would span 3 runs
+    assert not dense(P(shape=(64, 3, 7, 7)), 4, 1)  # 15*4 + 6 > 63
+    assert dense(P(shape=(64, 3, 7)), 3, 2)  # 1-D: 45 + 12 < 64
+    monkeypatch.setattr(lowprec._dispatch, "host_features", lambda: {"avx512vnni"})
+    assert not dense(stem, 2, 1)
+    monkeypatch.setattr(lc, "NCHW4_DENSE", False)
+    monkeypatch.setattr(lowprec._dispatch, "host_features", lambda: {"avx512vbmi"})
+    assert not dense(stem, 2, 1)
 
 
 def test_nchw4_routing():
