@@ -14,10 +14,12 @@ a full im2col matrix: the VNNI path gathers 6 output pixels' patches per tile
 into a small per-thread buffer (1x1 stride-1 convolutions read the pixels in
 place), depthwise convolutions have their own kernel (kernels/int8_conv.py).
 
-NCHW input with few channels per group or large images takes a second VNNI
-kernel instead (conv_nchw4, chosen by _nchw4_fits): output channels are the
-tile's rows and pixels its columns, so there is no transpose on either side,
-only a 4-channel interleave of the input, and the output is written as NCHW.
+NCHW input with few channels per group, large images or a 1x1 stride-1
+kernel takes a second VNNI kernel instead (conv_nchw4, chosen by _nchw4_fits):
+output channels are the tile's rows and pixels its columns, so there is no
+transpose on either side, only a 4-channel interleave of the input (per panel
+for 1x1; with a dense K and no channel blocks for few channels on VBMI hosts),
+and the output is written as NCHW.
 """
 
 from __future__ import annotations
@@ -62,6 +64,8 @@ MR_ROWS = 6
 # either kernel)
 NCHW4_MAX_CHANNELS = 8
 NCHW4_MIN_PIXELS = 8192
+# ... and every 1x1 stride-1 unpadded convolution (tests turn it off)
+NCHW4_DIRECT = True
 # the NCHW4 path packs few-channel inputs with a dense K where it can
 # (_dense_k; tests turn it off to run the 4-channel blocks)
 NCHW4_DENSE = True
@@ -563,7 +567,13 @@ def _plan(
     if (
         layout == "NCHW"
         and isa == "avx512_vnni"
-        and _nchw4_fits(packed, G, Mg, Ho * Wo)
+        and _nchw4_fits(
+            packed,
+            G,
+            Mg,
+            Ho * Wo,
+            kh == kw == 1 and sh == sw == 1 and pt == pl == pbot == pr == 0,
+        )
     ):
         nchw4 = _nchw4_plan(
             x, packed, zb_eff, za_eff, bias, mult, zy, qlo, qhi, geo,
@@ -679,27 +689,35 @@ def _plan(
     return run_portable
 
 
+# conv_nchw4's x4 argument where it packs from x itself (one compiled variant)
+_NO_X4 = np.zeros(16, np.uint32)
+_NO_X4.flags.writeable = False
 # the NCHW4 path's P = sum a*b is exact in int32 up to this padded K
 # (|a| <= 255, |b| <= 128: 255 * 128 * K < 2**31)
 _NCHW4_K_MAX = (2**31 - 1) // (255 * 128)
 
 
-def _nchw4_fits(packed, G, Mg, P):
+def _nchw4_fits(packed, G, Mg, P, direct=False):
     """Whether conv_nchw4 takes this NCHW convolution (VNNI, not depthwise).
 
     Where it is measured faster than transposes + the NHWC implicit GEMM
     (interleaved A/B, 1 and 2 threads, same process): few input channels per
     group (the NHWC gather copies runs of kw*C bytes; 3-channel stem 1.4-1.6x,
-    1-channel MNIST conv 3.6-3.9x) or large images (P = Ho*Wo >= 8192: 3x3 and
-    1x1 at 112^2 1.05-1.46x). Around 56^2 both are even; below, 64-pixel panels
-    waste columns (14^2: 0.7x) and the NHWC tile wins. Groups need at least one
-    full 6-channel tile, and K must keep P exact in int32.
+    1-channel MNIST conv 3.6-3.9x), large images (P = Ho*Wo >= 8192: 3x3 and
+    1x1 at 112^2 1.05-1.46x), and every 1x1 stride-1 unpadded (``direct``)
+    convolution, whose panels are packed from the NCHW rows themselves (256 ->
+    64 at 56^2 1.14-1.17x, 512 -> 128 at 28^2 1.24-1.36x, 96 -> 24 at 28^2
+    1.7-2.3x, 1024 -> 256 at 14^2 1.1x; 256 -> 1024 at 14^2 0.94-1.0x). Other
+    3x3 layers below 112^2 lose to the NHWC tile (56^2 0.86-0.89x, 28^2
+    0.72-0.91x: 64-pixel panels, the gather). Groups need at least one full
+    6-channel tile, and K must keep P exact in int32.
     """
     if Mg < MR_ROWS and G > 1:
         return False
     Cg = packed.shape[1]
     if Cg > NCHW4_MAX_CHANNELS and P < NCHW4_MIN_PIXELS:
-        return False
+        if not (direct and NCHW4_DIRECT):
+            return False
     return math.prod(packed.shape[2:]) * 4 * -(-Cg // 4) <= _NCHW4_K_MAX
 
 
@@ -736,7 +754,7 @@ def _nchw4_plan(x, packed, zb_eff, za_eff, bias, mult, zy, qlo, qhi, geo, pads):
     direct = kh == kw == 1 and sh == sw == 1 and pt == pl == pbot == pr == 0
     x4_size = N * G * Cg4 * Hp * sw * Wq + 64  # +64: the last panel's vector loads
     # per-thread panels (rows 64-byte multiples) and column sums (own lines)
-    buf_shape = (threads, 1 if direct else K4 * 256)
+    buf_shape = (threads, K4 * 256)
     npan = -(-(Ho * Wo) // 64)
     jobs = N * G * npan
     mt = -(-Mg // MR_ROWS)
@@ -756,11 +774,14 @@ def _nchw4_plan(x, packed, zb_eff, za_eff, bias, mult, zy, qlo, qhi, geo, pads):
                       _dispatch.scratch("nchw4.colsum", (threads, 80), np.int32),
                       out)  # fmt: skip
             return
-        x4b = _dispatch.scratch("nchw4.x", x4_size, np.uint32)
-        _dispatch.call_on_threads(par, _kc.to_nchw4, xb, flip, fill, geo4, x4b)
+        if direct:  # the panels are packed from x itself
+            x4b = _NO_X4
+        else:
+            x4b = _dispatch.scratch("nchw4.x", x4_size, np.uint32)
+            _dispatch.call_on_threads(par, _kc.to_nchw4, xb, flip, fill, geo4, x4b)
         _dispatch.call_on_threads(
-            par, _kc.conv_nchw4, _ro(x4b), geo4, nrb, direct, a, ones, rbias, zw,
-            general, m, zy, qlo, qhi,
+            par, _kc.conv_nchw4, xb.reshape(-1), flip, fill, _ro(x4b), geo4, nrb,
+            direct, a, ones, rbias, zw, general, m, zy, qlo, qhi,
             _dispatch.scratch("nchw4.panel", buf_shape, np.uint8),
             _dispatch.scratch("nchw4.colsum", (threads, 80), np.int32), out,
         )  # fmt: skip

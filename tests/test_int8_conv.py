@@ -370,6 +370,7 @@ def isa(request, monkeypatch):
     on = request.param == "nchw4"
     monkeypatch.setattr(lc, "NCHW4_MAX_CHANNELS", 2**62 if on else -1)
     monkeypatch.setattr(lc, "NCHW4_MIN_PIXELS", 0 if on else 2**62)
+    monkeypatch.setattr(lc, "NCHW4_DIRECT", on)
     yield request.param
     lowprec.set_isa(before)
 
@@ -496,7 +497,7 @@ def test_dense_k_routing(monkeypatch):
     assert not dense(stem, 2, 1)
 
 
-def test_nchw4_routing():
+def test_nchw4_routing(monkeypatch):
     """conv_nchw4 is chosen by channels / pixels, never for groups smaller than
     a channel tile, and never where its int32 sum could overflow."""
     from types import SimpleNamespace as P
@@ -505,6 +506,10 @@ def test_nchw4_routing():
     assert fits(P(shape=(64, 3, 7, 7)), 1, 64, 112 * 112)  # stem
     assert fits(P(shape=(64, 64, 3, 3)), 1, 64, 112 * 112)  # large image
     assert not fits(P(shape=(64, 64, 3, 3)), 1, 64, 56 * 56)
+    assert fits(P(shape=(64, 256, 1, 1)), 1, 64, 56 * 56, direct=True)  # 1x1
+    monkeypatch.setattr(lc, "NCHW4_DIRECT", False)
+    assert not fits(P(shape=(64, 256, 1, 1)), 1, 64, 56 * 56, direct=True)
+    assert not fits(P(shape=(64, 256, 1, 1)), 1, 64, 56 * 56)  # 1x1 with pads
     assert not fits(P(shape=(8, 4, 3, 3)), 4, 2, 112 * 112)  # 2 channels per group
     # padded K = 4 * 182 * 182 = 132496 > (2**31 - 1) // (255 * 128)
     assert not fits(P(shape=(8, 1, 182, 182)), 1, 8, 112 * 112)
