@@ -565,7 +565,7 @@ def make_channel_kernel(MR, NV_):
       c, ldc    : address of out[m0, n0], ldc bytes per row; nvalid columns
       rbias, zw : addresses of int64 rbias[m0], ZW[m0] (8 bytes per row)
       cs        : address of the panel's int32 column sums
-      general   : 0 -> skip the ZW * colsum term
+      general   : 0 -> skip the ZW * colsum term; 2 -> int32 lanes (narrow)
       mult      : address of float64 mult[m0] (8 bytes per row)
     The products fit int32 (|ZW| <= 255, |colsum| <= 128 K); the sum runs as
     in make_fused_kernel (float64 P + rbias without the ZW term, int64 lanes
@@ -590,11 +590,15 @@ def make_channel_kernel(MR, NV_):
         # keeps mode 2 the same float operations as the fused tile's
         fb0 = ir.Constant(ir.VectorType(_f32, 16), [0.0] * 16)
 
-        def emit(general):
+        def emit(case):
             # lanes as in make_fused_kernel: wrapping int32 for int32 output,
-            # else float64 P + rbias (exact) or int64 lanes with the ZW term
+            # else float64 P + rbias (exact) or int64 lanes with the ZW term;
+            # case 2 (the caller found |P| + |rbias| + |ZW * colsum| < 2**29):
+            # int32 lanes with the ZW term and the requantization one FMA
+            # (the 3-channel stem's epilogue: int64 lanes took ~15 % of it)
+            general = case != 0
             csv = {}
-            lane = _epilogue_lane(kind, general)
+            lane = _epilogue_lane(kind, case)
 
             def acc_of(r, v):
                 rb = row(rbias, r, _i64)
@@ -616,9 +620,9 @@ def make_channel_kernel(MR, NV_):
 
             _store_tile(builder, kind, acc_of, masks, MR, NV_, c, ldc,
                         lambda r, v: splat(builder, row(mult, r, _f64), vf64), zy,
-                        qlo, qhi, lambda v: fb0)  # fmt: skip
+                        qlo, qhi, lambda v: fb0, fma=case == 2)  # fmt: skip
 
-        _by_general(builder, general, emit)
+        _by_general(builder, general, emit, narrow=True)
         return context.get_dummy_value()
 
     @intrinsic

@@ -747,7 +747,13 @@ def _nchw4_plan(x, packed, zb_eff, za_eff, bias, mult, zy, qlo, qhi, geo, pads):
         K4 = a.shape[1] // 4
     zw = zb_eff.astype(np.int64) + 128
     general = int(zw.any())
-    rbias = _ro(bias - zx * (asum - 4 * K4 * zw))
+    rbias = bias - zx * (asum - 4 * K4 * zw)
+    # case 2 of the tile's epilogue: every term of eq. 8 in int32 lanes and
+    # rint(acc * mult + zy) one FMA, exact when |acc| < 2**29 (|P|, |ZW *
+    # colsum| <= 255 * 128 * K each; mult a float32 value, eq. 10)
+    if 2 * 255 * 128 * 4 * K4 + int(np.abs(rbias).max(initial=0)) < 2**29:
+        general = 2
+    rbias = _ro(rbias)
     zw = _ro(zw)
     m = _ro(np.ascontiguousarray(np.broadcast_to(mult[0], (M,))))
     threads = numba.config.NUMBA_NUM_THREADS
