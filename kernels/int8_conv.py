@@ -530,6 +530,19 @@ def _pack_panel(x4, geo4, n, g, p0, nv, dst):
 
 
 @njit(inline="always")
+def _nchw4_job_index(t, nrb, npan, G, P):
+    # job t = (image, group, pixel panel, channel block), the channel block
+    # fastest (jobs that share a panel are neighbours): (block, n, g, first
+    # pixel, valid pixels)
+    rb = t % nrb
+    rest = t // nrb
+    jn = rest % npan
+    rest = rest // npan
+    p0 = jn * NR
+    return rb, rest // G, rest % G, p0, min(NR, P - p0)
+
+
+@njit(inline="always")
 def _nchw4_tiles(rb, nrb, n, g, p0, nv, b, ldb, K4, M, Mg, P, wa, ones, rbias, zw,
                  general, mult, zy, qlo, qhi, cs, out):  # fmt: skip
     # the channel tiles of channel block rb (of nrb) against one packed panel b
@@ -565,19 +578,11 @@ def _nchw4_tiles(rb, nrb, n, g, p0, nv, b, ldb, K4, M, Mg, P, wa, ones, rbias, z
 @njit(nogil=True, cache=True)
 def _nchw4_job(t, npan, nrb, direct, xr, flip, fill, x4, geo4, wa, ones, rbias, zw,
                general, mult, zy, qlo, qhi, buf, csb, out):  # fmt: skip
-    # job t = (image, group, pixel panel, channel block), the channel block
-    # fastest (jobs that share a panel are neighbours)
+    # one job of conv_nchw4 (_nchw4_job_index)
     N, C, H, W, G, Cg, Cg4, Hp, S, Wq, Ho, Wo, kh, kw, sh, sw, dh, dw = geo4[:18]
     M, Mg = geo4[20], geo4[21]
     P = Ho * Wo
-    rb = t % nrb
-    rest = t // nrb
-    jn = rest % npan
-    rest = rest // npan
-    g = rest % G
-    n = rest // G
-    p0 = jn * NR
-    nv = min(NR, P - p0)
+    rb, n, g, p0, nv = _nchw4_job_index(t, nrb, npan, G, P)
     K4 = kh * kw * Cg4
     tid = numba.get_thread_id()
     ldb = 4 * NR
@@ -798,14 +803,7 @@ def _dense_job(t, npan, nrb, xp, geoD, rsel, idx, runs, wa, ones, rbias, zw,
     M = out.shape[1]
     Mg = M // G
     P = Ho * Wo
-    rb = t % nrb
-    rest = t // nrb
-    jn = rest % npan
-    rest = rest // npan
-    g = rest % G
-    n = rest // G
-    p0 = jn * NR
-    nv = min(NR, P - p0)
+    rb, n, g, p0, nv = _nchw4_job_index(t, nrb, npan, G, P)
     tid = numba.get_thread_id()
     b = buf[tid].ctypes.data
     _dense_panel(xp, geoD, rsel, idx, runs[tid], n, g, p0, nv, b)

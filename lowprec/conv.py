@@ -172,46 +172,33 @@ class PackedConvWeights:
             self._layouts["vnni"] = bp
         return bp
 
-    def _nchw4(self):
-        """(a, rowsum(a), ones): a (M, kh*kw*Cg4*4) uint8 = w' + 128 in K order
-        (i, j, c4, 4 channels), channels past C/group = 128 (w' = 0); the
-        channels-as-rows layout of kernels/int8_conv.py::conv_nchw4."""
-        lay = self._layouts.get("nchw4")
+    def _nchw4(self, dense=False):
+        """(a, rowsum(a), ones): a (M, K) uint8 = w' + 128 in the K order of
+        kernels/int8_conv.py's channels-as-rows tile, padding bytes = 128 (w'
+        = 0). K order (i, j, c4, 4 channels), channels past C/group padded
+        (conv_nchw4); with ``dense`` (i, c, j), K = kh*Cg*kw bytes padded to
+        whole words only (conv_nchw4_dense)."""
+        key = "nchw4d" if dense else "nchw4"
+        lay = self._layouts.get(key)
         if lay is None:
             G, _, Mg = self._wk.shape
             M, Cg = self.shape[:2]
             ks = self.shape[2:]
             kh, kw = (1, ks[0]) if len(ks) == 1 else ks
-            Cg4 = -(-Cg // 4)
             w = self._wk.reshape(G, kh, kw, Cg, Mg).astype(np.int16) + 128
-            a = np.full((G, Mg, kh, kw, 4 * Cg4), 128, np.uint8)
-            a[..., :Cg] = w.transpose(0, 4, 1, 2, 3)
-            a = a.reshape(M, -1)
+            if dense:
+                K = kh * Cg * kw
+                a = np.full((M, -(-K // 4) * 4), 128, np.uint8)
+                a[:, :K] = w.transpose(0, 4, 1, 3, 2).reshape(M, K)
+            else:
+                a = np.full((G, Mg, kh, kw, 4 * -(-Cg // 4)), 128, np.uint8)
+                a[..., :Cg] = w.transpose(0, 4, 1, 2, 3)
+                a = a.reshape(M, -1)
             # a's row sums, and the row of ones that sums a panel's columns
             lay = (a, a.sum(axis=1, dtype=np.int64), np.ones(a.shape[1], np.uint8))
             for arr in lay:
                 arr.flags.writeable = False
-            self._layouts["nchw4"] = lay
-        return lay
-
-    def _nchw4_dense(self):
-        """_nchw4's triple with K order (i, c, j) and no channel padding: K =
-        kh*Cg*kw bytes, padded to whole words with 128 (w' = 0); the layout of
-        kernels/int8_conv.py::pack_dense."""
-        lay = self._layouts.get("nchw4d")
-        if lay is None:
-            G, _, Mg = self._wk.shape
-            M, Cg = self.shape[:2]
-            ks = self.shape[2:]
-            kh, kw = (1, ks[0]) if len(ks) == 1 else ks
-            K = kh * Cg * kw
-            w = self._wk.reshape(G, kh, kw, Cg, Mg).astype(np.int16) + 128
-            a = np.full((M, -(-K // 4) * 4), 128, np.uint8)
-            a[:, :K] = w.transpose(0, 4, 1, 3, 2).reshape(M, K)
-            lay = (a, a.sum(axis=1, dtype=np.int64), np.ones(a.shape[1], np.uint8))
-            for arr in lay:
-                arr.flags.writeable = False
-            self._layouts["nchw4d"] = lay
+            self._layouts[key] = lay
         return lay
 
     def _depthwise(self, zb_eff) -> np.ndarray:
@@ -743,7 +730,7 @@ def _nchw4_plan(x, packed, zb_eff, za_eff, bias, mult, zy, qlo, qhi, geo, pads):
     fill = np.uint8(zx & 0xFF)
     dense = _dense_k(packed, sw, dw)
     if dense:
-        a, asum, ones = packed._nchw4_dense()
+        a, asum, ones = packed._nchw4(dense=True)
         K4 = a.shape[1] // 4
     zw = zb_eff.astype(np.int64) + 128
     general = int(zw.any())
@@ -797,7 +784,7 @@ def _nchw4_plan(x, packed, zb_eff, za_eff, bias, mult, zy, qlo, qhi, geo, pads):
 
 def _dense_k(packed, sw, dw):
     """Whether the NCHW4 tile takes its B with a dense K (kernels/int8_conv.py,
-    pack_dense): channels per group not a multiple of 4 (the channel blocks
+    conv_nchw4_dense): channels per group not a multiple of 4 (the channel blocks
     pad them), kernel rows of >= 3 taps (a word then spans <= 2 runs), 16
     pixels' taps inside one 64-byte window, and a host with AVX-512 VBMI."""
     Cg, ks = packed.shape[1], packed.shape[2:]
