@@ -283,7 +283,9 @@ def conv_vnni(xp, bp, geo, pb, tj, direct, sa, st, epi, out):
 # (i, j, c4, 4 channels), one copy per output-row run of a tap row) into
 # per-thread scratch, sums its columns with one more vpdpbusd row of ones, and
 # runs the group's channel tiles over it. 1x1 stride-1 unpadded convolutions
-# read x4 itself as the panel (k4 rows one plane apart). geo4 (int64):
+# skip x4: each job interleaves its panel straight from the NCHW rows
+# (_pack_direct). Few channels per group: a dense K instead of the channel
+# blocks (conv_nchw4_dense, below). geo4 (int64):
 #   [N, C, H, W, G, Cg, Cg4, Hp, S, Wq, Ho, Wo, kh, kw, sh, sw, dh, dw, pt, pl,
 #    M, Mg]
 
