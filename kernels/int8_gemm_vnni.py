@@ -118,15 +118,17 @@ def _b_offsets(builder, NV_, nvalid, lanes=16):
     return offs
 
 
-def _vnni_step(builder, accs, a4, b_row, b_offs):
-    """One k4 step of an MR x (16*NV_) tile: a4 = the MR rows' 4 A bytes
-    (i32), b_row = the packed B row (NV_ vectors at b_offs); returns accs +
-    MR * NV_ vpdpbusd (row-major)."""
+def _vnni_step(builder, accs, MR, a_of, b_row, b_offs):
+    """One k4 step of an MR x (16*NV_) tile: a_of(r) emits row r's 4 A bytes
+    (i32) where its broadcast is used, b_row = the packed B row (NV_ vectors
+    at b_offs); returns accs + MR * NV_ vpdpbusd (row-major). Emitting all MR
+    A words first (a list) made the int8-A tile (load, xor 0x80, broadcast)
+    30 % slower: 1024^3 s8s8 424 -> 281-319 GOP/s on 1 thread."""
     vpd = _vpdpbusd(builder)
     bvecs = [_load_v16(builder, _gep8(builder, b_row, o)) for o in b_offs]
     new = []
-    for r, x in enumerate(a4):
-        av = splat(builder, x, _v16)
+    for r in range(MR):
+        av = splat(builder, a_of(r), _v16)
         for v, bv in enumerate(bvecs):
             # operand 2 = unsigned bytes (A), operand 3 = signed bytes (B)
             new.append(builder.call(vpd, [accs[r * len(bvecs) + v], av, bv]))
@@ -163,8 +165,10 @@ def _k_loop(builder, MR, NV_, a, lda, b, ldb, k4, kr, nvalid, flip=False):
     def step(kphi, accs):
         k_bytes = builder.shl(kphi, ir.Constant(_i64, 2))
         b_row = _gep8(builder, b_base, builder.mul(kphi, ldb))
-        a4 = [load_a(_gep8(builder, a_rows[r], k_bytes)) for r in range(MR)]
-        return _vnni_step(builder, accs, a4, b_row, b_offs)
+        return _vnni_step(
+            builder, accs, MR, lambda r: load_a(_gep8(builder, a_rows[r], k_bytes)),
+            b_row, b_offs,
+        )  # fmt: skip
 
     # main K loop: accumulators as phi nodes -> stay in zmm registers
     accs = _ir_loop(builder, zero64, k4, [zero_v] * (MR * NV_), step, name="vnni")
@@ -176,12 +180,12 @@ def _k_loop(builder, MR, NV_, a, lda, b, ldb, k4, kr, nvalid, flip=False):
         back = builder.sub(ir.Constant(_i64, 4), kr)
         shift = builder.trunc(builder.shl(back, ir.Constant(_i64, 3)), _i32)
         at = builder.sub(builder.add(k_bytes_t, kr), ir.Constant(_i64, 4))
-        a4 = [
-            builder.lshr(load_a(_gep8(builder, a_rows[r], at)), shift)
-            for r in range(MR)
-        ]
         b_row = _gep8(builder, b_base, builder.mul(k4, ldb))
-        return _vnni_step(builder, accs, a4, b_row, b_offs)
+        return _vnni_step(
+            builder, accs, MR,
+            lambda r: builder.lshr(load_a(_gep8(builder, a_rows[r], at)), shift),
+            b_row, b_offs,
+        )  # fmt: skip
 
     return _ir_if(builder, builder.icmp_signed(">", kr, zero64), accs, tail,
                     name="vnni.tail")  # fmt: skip
@@ -217,11 +221,11 @@ def _k_loop_seg(builder, MR, NV_, a, seg_stride, b, ldb, k4, run4, nvalid):
         def word(j, accs):
             j_bytes = builder.shl(j, ir.Constant(_i64, 2))
             b_row = _gep8(builder, b_run, builder.mul(j, ldb))
-            a4 = [
-                _load_i32(builder, _gep8(builder, run_rows[r], j_bytes))
-                for r in range(MR)
-            ]
-            return _vnni_step(builder, accs, a4, b_row, b_offs)
+            return _vnni_step(
+                builder, accs, MR,
+                lambda r: _load_i32(builder, _gep8(builder, run_rows[r], j_bytes)),
+                b_row, b_offs,
+            )  # fmt: skip
 
         accs = _ir_loop(builder, zero64, run4, accs, word, guard=False, name="seg.in")
         return [builder.add(aoff, seg_stride), builder.add(kb, run4)] + accs
