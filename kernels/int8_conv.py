@@ -489,17 +489,18 @@ def _pack_direct(xr, flip, fill, geo4, n, g, p0, nv, dst):
             v |= ((np.uint32(xr[np.int64(s1) + j]) ^ fl) & m1) << np.uint32(8)
             v |= ((np.uint32(xr[np.int64(s2) + j]) ^ fl) & m2) << np.uint32(16)
             v |= ((np.uint32(xr[np.int64(s3) + j]) ^ fl) & m3) << np.uint32(24)
-            _store_word(d + 4 * q, v)
+            _store(d + 4 * q, v)
 
 
 @intrinsic
-def _store_word(typingctx, addr, val):
+def _store(typingctx, addr, val):
+    # *addr = val (a numba integer of any width; unaligned)
     def codegen(context, builder, sig, args):
-        ptr = builder.inttoptr(args[0], ir.IntType(32).as_pointer())
-        builder.store(args[1], ptr, align=1)
+        ty = context.get_value_type(sig.args[1])
+        builder.store(args[1], builder.inttoptr(args[0], ty.as_pointer()), align=1)
         return context.get_dummy_value()
 
-    return types.void(types.int64, types.uint32), codegen
+    return types.void(types.int64, val), codegen
 
 
 @njit(inline="always")
@@ -669,13 +670,7 @@ def _xor_copy64(typingctx, dst, src, n, flip):
 
     def codegen(context, builder, sig, args):
         d, s_, n, f = args
-        fv = builder.shuffle_vector(
-            builder.insert_element(
-                ir.Constant(v64, ir.Undefined), f, ir.Constant(ir.IntType(32), 0)
-            ),
-            ir.Constant(v64, ir.Undefined),
-            ir.Constant(ir.VectorType(ir.IntType(32), 64), None),
-        )
+        fv = splat(builder, f, v64)
 
         def body(q, carried):
             x = builder.load(
@@ -746,21 +741,11 @@ def _dense_pixel(xp, geoD, n, g, oh, ow, dst):
         for c in range(Cg):
             row = ((n * C + g * Cg + c) * Hp + oh * sh + i * dh) * Wp + ow * sw
             for j in range(kw):
-                _store_byte(dst + (k >> 2) * 4 * NR + (k & 3), xp[row + j * dw])
+                _store(dst + (k >> 2) * 4 * NR + (k & 3), xp[row + j * dw])
                 k += 1
     while k < 4 * K4:
-        _store_byte(dst + (k >> 2) * 4 * NR + (k & 3), np.uint8(geoD[17]))
+        _store(dst + (k >> 2) * 4 * NR + (k & 3), np.uint8(geoD[17]))
         k += 1
-
-
-@intrinsic
-def _store_byte(typingctx, addr, val):
-    def codegen(context, builder, sig, args):
-        ptr = builder.inttoptr(args[0], ir.IntType(8).as_pointer())
-        builder.store(args[1], ptr)
-        return context.get_dummy_value()
-
-    return types.void(types.int64, types.uint8), codegen
 
 
 @njit(inline="always")
@@ -790,7 +775,7 @@ def _dense_panel(xp, geoD, rsel, idx, rt, n, g, p0, nv, dst):
                 last = col + (K4 - 1) * 4 * NR
                 for q in range(16):
                     for b in range(K - 4 * (K4 - 1), 4):
-                        _store_byte(last + 4 * q + b, np.uint8(geoD[17]))
+                        _store(last + 4 * q + b, np.uint8(geoD[17]))
             u += 16
         else:
             _dense_pixel(xp, geoD, n, g, oh, ow, col)

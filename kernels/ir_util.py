@@ -27,10 +27,11 @@ def no_unroll(builder, br):
 
 
 def splat(builder, x, vty):
-    """Scalar x -> the 16-lane vector type vty with x in every lane."""
+    """Scalar x -> the vector type vty (any lane count) with x in every lane."""
     undef = ir.Constant(vty, ir.Undefined)
     v = builder.insert_element(undef, x, ir.Constant(_i32, 0))
-    return builder.shuffle_vector(v, undef, ir.Constant(_lanes16, None))
+    mask = ir.Constant(ir.VectorType(_i32, vty.count), None)
+    return builder.shuffle_vector(v, undef, mask)
 
 
 def loop(builder, start, stop, init, body, *, step=1, guard=True, name="loop"):

@@ -716,9 +716,10 @@ def _nchw4_plan(x, packed, zb_eff, za_eff, bias, mult, zy, qlo, qhi, geo, pads):
     N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M = geo.tolist()
     pt, pl, pbot, pr = pads
     H, W = Hp - pt - pbot, Wp - pl - pr
-    a, asum, ones = packed._nchw4()
+    dense = _dense_k(packed, sw, dw)
+    a, asum, ones = packed._nchw4(dense)
     Cg4 = -(-Cg // 4)
-    K4 = kh * kw * Cg4
+    K4 = a.shape[1] // 4  # kh*kw*Cg4, or the dense K's words
     Wq = -(-Wp // sw)
     geo4 = np.array(
         [N, C, H, W, G, Cg, Cg4, Hp, sw, Wq, Ho, Wo, kh, kw, sh, sw, dh, dw, pt, pl,
@@ -728,10 +729,6 @@ def _nchw4_plan(x, packed, zb_eff, za_eff, bias, mult, zy, qlo, qhi, geo, pads):
     zx = za_eff - 128
     flip = np.uint8(0x80 if x.dtype == np.uint8 else 0)
     fill = np.uint8(zx & 0xFF)
-    dense = _dense_k(packed, sw, dw)
-    if dense:
-        a, asum, ones = packed._nchw4(dense=True)
-        K4 = a.shape[1] // 4
     zw = zb_eff.astype(np.int64) + 128
     general = int(zw.any())
     rbias = bias - zx * (asum - 4 * K4 * zw)
