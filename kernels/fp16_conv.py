@@ -1,4 +1,4 @@
-"""float16 convolution with float32 sums: implicit GEMM, gathered tiles, depthwise.
+"""float16 convolution with float32 sums: implicit GEMM both ways round, depthwise.
 
 Every path computes, for each output (n, m, oh, ow) of group g = m // Mg, one
 float32 accumulator in the order of lowprec/conv_half.py (the accuracy
@@ -17,7 +17,7 @@ leave a finite sum unchanged; 0 * inf gives NaN, as ONNX's reference does).
     [N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M]
 
 Paths (lowprec/conv_half.py picks one):
-  taps     F16C+FMA tile kernel (6 x 64 float32 registers, strided A) with the
+  taps     F16C+FMA tile kernel (6 pixels x 64 channels, strided A) with the
            whole sum in registers: a loop over the taps (byte offsets offs)
            around the loop over the Cg channels (make_taps_kernel), A read in
            place from the padded NCHW image: A[r, c] = xp[n, c, ., ow0*sw +
@@ -26,17 +26,21 @@ Paths (lowprec/conv_half.py picks one):
            bias/clamp on the registers, the segment goes to NCHW through a
            per-thread buffer (_seg_job). 1x1 / stride 1 / no padding (flat):
            tiles over the image's pixels, converted from float16 per segment.
-  nhwc     few channels per group (the 3-channel stem), one group, column
-           dilation 1: the same kernel on a padded NHWC copy, one "tap" per
-           kernel row over its kw*C contiguous values.
-  gather   other few-channel cases: 6 output pixels' patches gathered from
-           the NHWC copy into a per-thread (6, K) buffer, one tile call over K.
+  rows     the transposed tile (make_rows_kernel: 6 output channels x 64
+           positions, weights broadcast, input loaded 16 positions a vector)
+           over the taps and channels, on the image split into its sh*sw
+           stride phases (pad_phases), so a tap's 64 positions are contiguous
+           in one phase plane whatever the stride: positions run over a grid
+           of Ho rows of Wq = ceil(Wp/sw) columns, the columns past Wo are
+           computed and dropped as each vector is stored (vcompressps, then a
+           masked store) straight into NCHW. Few channels per group (the RGB
+           stem: 3 channels, its loop unrolled) and narrow layers.
   depthwise (C == group, one output channel each): per plane, the float16
            plane converted into a padded scratch, then a row microkernel
            (_make_dw_row: 16 pixels a vector, taps loop in registers, masked
            tails); plain loops for strides > 2 and for the portable path.
   portable gathered tiles of TM pixels x Mg channels, plain loops.
-Weights (both SIMD paths): [G][Mg/64][K][64] float32, K order (i, j, c).
+Weights: taps [G][Mg/64][K][64], rows [G][Mg/6][K][6] float32, K order (i, j, c).
 """
 
 import numba
@@ -64,37 +68,10 @@ from .fp16_gemm import (
     _vi,
     f32_to_f16_bits,
     fma_step,
-    make_tile_kernel,
 )
 from .ir_util import loop as _ir_loop
 
 TM = 8  # portable: output pixels per tile
-
-# B rows of 64 float32: the weights are tiny next to the activations, and a
-# float16 B costs 4 vcvtph2ps per 24 FMAs on the FP pipes
-_c1 = make_tile_kernel(1, "f32", strided_a=True)
-_c2 = make_tile_kernel(2, "f32", strided_a=True)
-_c3 = make_tile_kernel(3, "f32", strided_a=True)
-_c4 = make_tile_kernel(4, "f32", strided_a=True)
-_c5 = make_tile_kernel(5, "f32", strided_a=True)
-_c6 = make_tile_kernel(6, "f32", strided_a=True)
-assert MR_MAX == 6
-
-
-@njit(inline="always")
-def _tile(mr, a, lda, astep, b, ks, c, ldc, accum):
-    if mr == 6:
-        _c6(a, lda, astep, b, ks, c, ldc, accum)
-    elif mr == 5:
-        _c5(a, lda, astep, b, ks, c, ldc, accum)
-    elif mr == 4:
-        _c4(a, lda, astep, b, ks, c, ldc, accum)
-    elif mr == 3:
-        _c3(a, lda, astep, b, ks, c, ldc, accum)
-    elif mr == 2:
-        _c2(a, lda, astep, b, ks, c, ldc, accum)
-    else:
-        _c1(a, lda, astep, b, ks, c, ldc, accum)
 
 
 def make_taps_kernel(MR):
@@ -281,27 +258,6 @@ def pad_nchw(x, xp, pt, pl):
                 row[pl + w] = _f16_bits_to_f32(src[h - pt, w])
 
 
-@njit(**PJIT)
-def pad_nhwc(x, xp, pt, pl):
-    # x (N, C, H, W) uint16 float16 bits -> xp (N, Hp, Wp, C) float32, zeros
-    # around (used for few channels: a scalar transposition is cheap there)
-    N, C, H, W = x.shape
-    Hp, _Wp = xp.shape[1], xp.shape[2]
-    for t in prange(N * Hp):
-        n = t // Hp
-        h = t - n * Hp
-        dst = xp[n, h]
-        if h < pt or h >= pt + H:
-            dst[:, :] = 0.0
-            continue
-        dst[:pl, :] = 0.0
-        dst[pl + W :, :] = 0.0
-        for c in range(C):
-            src = x[n, c, h - pt]
-            for w in range(W):
-                dst[pl + w, c] = _f16_bits_to_f32(src[w])
-
-
 # ---------------------------------------------------------------------------
 # epilogue: tile (pixels x channels) -> NCHW output
 
@@ -379,7 +335,7 @@ TS = 16  # tiles per segment (a job): <= 96 output pixels of one row
 
 @njit(nogil=True, cache=True)
 def _seg_job(
-    t, ns, nblk, pb, nhwc, flat, fuse, x16, xp, xb, bp, geo, offs, rb, sp, bias,
+    t, ns, nblk, pb, flat, fuse, x16, xp, xb, bp, geo, offs, rb, sp, bias,
     has_bias, lo, hi, mode, out32, out16,
 ):  # fmt: skip
     # job t = (group, panel block, segment), segment fastest. A segment is up
@@ -441,14 +397,6 @@ def _seg_job(
         astep = 4 * pitch
         ks = Cg
         ntap = 1
-    elif nhwc:
-        # kernel row i of output pixel ow: the kw*C contiguous values at
-        # xp[n, oh*sh + i*dh, ow*sw, :], K order (j, c); taps = kernel rows
-        arow = xp.ctypes.data + 4 * ((n * Hp + oh * sh) * Wp * C)
-        lda = 4 * sw * C
-        astep = 4
-        ks = kw * C
-        ntap = kh
     else:
         # xp[n, g*Cg, oh*sh, 0] in place (NCHW), A strides in bytes
         arow = xp.ctypes.data + 4 * (((n * C + g * Cg) * Hp + oh * sh) * Wp)
@@ -490,108 +438,354 @@ def _seg_job(
                     )  # fmt: skip
 
 
-@njit(nogil=True, cache=True)
-def _gather_job(
-    t, nt, nblk, pb, xp, bp, geo, sa, sp, bias, has_bias, lo, hi, mode, out32,
-    out16,
-):  # fmt: skip
-    # job t = (group, panel block, pixel tile), pixel tile fastest: a thread's
-    # contiguous prange chunk keeps streaming the same weight panels. Pixel
-    # tiles of 6 over N*Ho*Wo; their patches gathered K-contiguous in sa[tid]
-    # (few channels per group with column dilation or groups: the NHWC taps
-    # kernel of _seg_job covers the rest)
-    N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M = geo
-    tt = t % nt
-    rest = t // nt
-    blk = rest % nblk
-    g = rest // nblk
-    tid = numba.get_thread_id()
-    tile = sp[tid]
-    ctile = tile.ctypes.data
-    npg = bp.shape[1]
-    HW = Ho * Wo
-    p0 = tt * MR_MAX
-    mr = min(MR_MAX, N * HW - p0)
-    _gather(xp, geo, p0, mr, g, sa[tid])
-    ka = sa.shape[2]
-    for jn in range(blk * pb, min(npg, blk * pb + pb)):
-        b0 = bp.ctypes.data + g * bp.strides[0] + jn * bp.strides[1]
-        _tile(mr, sa[tid].ctypes.data, ka * 4, 4, b0, ka, ctile, NR, 0)
-        nc = min(NR, Mg - jn * NR)
-        _epilogue(
-            tile, mr, nc, p0, g * Mg + jn * NR, HW, bias, has_bias, lo, hi, mode,
-            out32, out16,
-        )  # fmt: skip
-
-
-@njit(inline="always")
-def _gather(xp, geo, p0, mr, g, dst):
-    # dst (>=mr, ka) float32 <- patches of output pixels p0..p0+mr-1, group g,
-    # from xp (N, Hp, Wp, C) NHWC; K order (i, j, c); ka = K
-    N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M = geo
-    xf = xp.reshape(-1)
-    ka = dst.shape[1]
-    df = dst.reshape(-1)
-    ucg = np.uint64(Cg)
-    # with dw == 1 and one group a kernel row's taps are kw*C contiguous values
-    run = np.uint64(kw * Cg) if (dw == 1 and G == 1) else ucg
-    jstep = kw if (dw == 1 and G == 1) else 1
-    for r in range(mr):
-        p = p0 + r
-        n = p // (Ho * Wo)
-        q = p - n * Ho * Wo
-        oh = q // Wo
-        ow = q - oh * Wo
-        d0 = np.uint64(r * ka)
-        for i in range(kh):
-            rowoff = (n * Hp + oh * sh + i * dh) * Wp
-            for j in range(0, kw, jstep):
-                s0 = np.uint64((rowoff + ow * sw + j * dw) * C + g * Cg)
-                o = d0 + np.uint64((i * kw + j) * Cg)
-                for c in range(run):
-                    df[o + c] = xf[s0 + c]
-
-
 @njit(**PJIT)
 def conv_simd(
-    gather, flat, fuse, pb, x16, xp, xb, bp, geo, sa, sp, bias, has_bias, lo, hi,
-    mode, out32, out16,
+    flat, fuse, pb, x16, xp, xb, bp, geo, rb, sp, bias, has_bias, lo, hi, mode,
+    out32, out16,
 ):  # fmt: skip
     # fuse (flat NCHW only): x16 (N, C, H, W) float16 bits converted per
     # segment into xb (threads, Cg, TS*6) float32; xp is then a dummy
-    # xp: (N, C, Hp, Wp) float32 (taps) or (N, Hp, Wp, C) (gather); bp (G, NP,
-    # K, NR) float32 packed weights, K order (i, j, c); sa (threads, 6, K)
-    # float32 gather scratch; sp (threads, 6, NR) float32 tile scratch; out
-    # (N, M, Ho*Wo) float32 (mode 0) / float16 bits (mode 1), the other a dummy
+    # xp: (N, C, Hp, Wp) float32; bp (G, NP, K, NR) float32 packed weights, K
+    # order (i, j, c); rb (threads, TS*6, NR) float32 segment buffer; sp
+    # (threads, 6, NR) float32 tile scratch; out (N, M, Ho*Wo) float32 (mode
+    # 0) / float16 bits (mode 1), the other a dummy
     N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M = geo
-    nhwc_taps = gather and dw == 1 and G == 1
-    if gather and not nhwc_taps:
-        nt = (N * Ho * Wo + MR_MAX - 1) // MR_MAX
-    else:  # segments of TS tiles of a row
-        L = Ho * Wo if flat else Wo
-        ntr = (L + MR_MAX - 1) // MR_MAX
-        nt = (N if flat else N * Ho) * ((ntr + TS - 1) // TS)
+    L = Ho * Wo if flat else Wo  # segments of TS tiles of a row
+    ntr = (L + MR_MAX - 1) // MR_MAX
+    nt = (N if flat else N * Ho) * ((ntr + TS - 1) // TS)
     nblk = (bp.shape[1] + pb - 1) // pb
     # the taps' byte offsets in the padded image, sum order (i, j)
     offs = np.empty(kh * kw, np.int64)
     for i in range(kh):
         for j in range(kw):
             offs[i * kw + j] = 4 * (i * dh * Wp + j * dw)
-    if nhwc_taps:  # per kernel row in the NHWC image
-        for i in range(kh):
-            offs[i] = 4 * i * dh * Wp * C
-    if gather and not nhwc_taps:
-        for t in prange(nt * nblk * G):
-            _gather_job(
-                t, nt, nblk, pb, xp, bp, geo, sa, sp, bias, has_bias, lo, hi, mode,
-                out32, out16,
-            )  # fmt: skip
+    for t in prange(nt * nblk * G):
+        _seg_job(
+            t, nt, nblk, pb, flat, fuse, x16, xp, xb, bp, geo, offs, rb, sp, bias,
+            has_bias, lo, hi, mode, out32, out16,
+        )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------
+# channels as rows: output channels broadcast, 64 grid positions in vectors
+
+WS = MR_MAX  # floats per K row of the "rows" weight layout (channels padded to 6)
+
+
+def make_rows_kernel(MR, KS=0):
+    """MR output channels x 64 positions float32 tile over all taps, stored NCHW.
+
+    _rows(x, astep, w, ks, offs, ntaps, out, ostr, pos, bias, hb, lo, hi, mode)
+      x      address of the tile's first grid position in channel 0's plane
+             (float32): B[k, l] = x + offs[t] + c*astep + 4*l, k = (t, c), l < 64
+      w      weights of the MR channels: rows of WS float32 in K order (t, c),
+             row t*ks + c, channel r at float r
+      ks     channels per tap (Cg); KS > 0 compiles the channel loop unrolled
+             for ks == KS (few-channel stems: a loop of 3 is mostly overhead)
+      out    address of output (n, m0, 0), ostr bytes per channel
+      pos    address of 2*NV int64: the grid lanes of vector v to store (a
+             16-bit mask: valid column, inside the grid) and the output
+             element of its first one; vectors are compressed (vcompressps
+             in registers, then a masked store of the first popcount lanes)
+             since the grid's pad columns drop out of the NCHW output
+      bias   address of bias[m0] (read when hb != 0); lo, hi the clamp
+      mode   0: float32 out; 1: float16 bits (vcvtps2ph, nearest even)
+
+    Sum order (t outer, c inner) is the accuracy contract's; each output is
+    one accumulator lane, so the bits match every other path.
+    """
+
+    def codegen(context, builder, sig, args):
+        x, astep, w, ks, offs, ntaps, out, ostr, pos, bias, hb, lo, hi, mode = args
+        i8p = ir.IntType(8).as_pointer()
+        zero = ir.Constant(_i64, 0)
+        fn = builder.function
+        init = [ir.Constant(_vf, None)] * (MR * NV)
+
+        def tap(t, ophis):
+            op = builder.inttoptr(
+                builder.add(offs, builder.mul(t, ir.Constant(_i64, 8))),
+                _i64.as_pointer(),
+            )
+            x_t = builder.add(x, builder.load(op, align=8))
+            w_t = builder.add(w, builder.mul(builder.mul(t, ks),
+                                             ir.Constant(_i64, 4 * WS)))  # fmt: skip
+            a_rows = [
+                builder.inttoptr(builder.add(w_t, ir.Constant(_i64, 4 * r)), i8p)
+                for r in range(MR)
+            ]
+
+            def kstep(k, phis):
+                b_row = builder.inttoptr(builder.add(x_t, builder.mul(k, astep)), i8p)
+                a_off = builder.mul(k, ir.Constant(_i64, 4 * WS))
+                return fma_step(builder, phis, a_rows, a_off, b_row)
+
+            if KS:
+                phis = ophis
+                for k in range(KS):
+                    phis = kstep(ir.Constant(_i64, k), phis)
+                return phis
+            return _ir_loop(builder, zero, ks, ophis, kstep, guard=False,
+                            name="rows.k")  # fmt: skip
+
+        go = builder.and_(
+            builder.icmp_signed(">", ntaps, zero), builder.icmp_signed(">", ks, zero)
+        )
+        fin = _ir_loop(builder, zero, builder.select(go, ntaps, zero), init, tap,
+                       name="rows")  # fmt: skip
+
+        m16 = ir.VectorType(_i1, 16)
+        i16 = ir.IntType(16)
+        vi16 = ir.VectorType(i16, 16)
+        comp = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(_vf, [_vf, _vf, m16]),
+            "llvm.x86.avx512.mask.compress.v16f32",
+        )  # fmt: skip
+        ctpop = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(i16, [i16]), "llvm.ctpop.i16"
+        )
+        posp = builder.inttoptr(pos, _i64.as_pointer())
+        cmask, smask, voff = [], [], []
+        for v in range(NV):
+            mv = builder.trunc(builder.load(builder.gep(posp, [ir.Constant(_i64, v)])),
+                               i16)  # fmt: skip
+            cnt = builder.call(ctpop, [mv])
+            sm = builder.sub(builder.shl(ir.Constant(_i32, 1), builder.zext(cnt, _i32)),
+                             ir.Constant(_i32, 1))  # fmt: skip
+            cmask.append(builder.bitcast(mv, m16))
+            smask.append(builder.bitcast(builder.trunc(sm, i16), m16))
+            voff.append(builder.load(builder.gep(posp, [ir.Constant(_i64, NV + v)])))
+        use_b = builder.icmp_signed("!=", hb, zero)
+        lov, hiv = _splat(builder, lo, _vf), _splat(builder, hi, _vf)
+        ys = []
+        for r in range(MR):
+            bp_ = builder.inttoptr(builder.add(bias, ir.Constant(_i64, 4 * r)),
+                                   _f32.as_pointer())  # fmt: skip
+            # the bias is read only when hb (bias may be a 1-element dummy)
+            bsel = builder.select(use_b, builder.ptrtoint(bp_, _i64), bias)
+            b_r = builder.load(builder.inttoptr(bsel, _f32.as_pointer()), align=4)
+            bv = _splat(builder, b_r, _vf)
+            for v in range(NV):
+                y = fin[r * NV + v]
+                y = builder.select(use_b, builder.fadd(y, bv), y)
+                y = builder.select(builder.fcmp_ordered("<", y, lov), lov, y)
+                y = builder.select(builder.fcmp_ordered(">", y, hiv), hiv, y)
+                ys.append(builder.call(comp, [y, ir.Constant(_vf, None), cmask[v]]))
+        st32 = cgutils.get_or_insert_function(
+            builder.module,
+            ir.FunctionType(ir.VoidType(), [_vf, _vf.as_pointer(), _i32, m16]),
+            "llvm.masked.store.v16f32.p0",
+        )
+        st16 = cgutils.get_or_insert_function(
+            builder.module,
+            ir.FunctionType(ir.VoidType(), [vi16, vi16.as_pointer(), _i32, m16]),
+            "llvm.masked.store.v16i16.p0",
+        )
+        f32blk = fn.append_basic_block("rows.f32")
+        f16blk = fn.append_basic_block("rows.f16")
+        done = fn.append_basic_block("rows.done")
+        builder.cbranch(builder.icmp_signed("==", mode, zero), f32blk, f16blk)
+        for blk, esz in ((f32blk, 4), (f16blk, 2)):
+            builder.position_at_end(blk)
+            for r in range(MR):
+                orow = builder.add(out, builder.mul(ostr, ir.Constant(_i64, r)))
+                for v in range(NV):
+                    off = builder.mul(voff[v], ir.Constant(_i64, esz))
+                    addr = builder.add(orow, off)
+                    y = ys[r * NV + v]
+                    if esz == 4:
+                        args = [y, builder.inttoptr(addr, _vf.as_pointer())]
+                        builder.call(st32, [*args, ir.Constant(_i32, 4), smask[v]])
+                    else:
+                        h = builder.bitcast(builder.fptrunc(y, _vh), vi16)
+                        args = [h, builder.inttoptr(addr, vi16.as_pointer())]
+                        builder.call(st16, [*args, ir.Constant(_i32, 2), smask[v]])
+            builder.branch(done)
+        builder.position_at_end(done)
+        return context.get_dummy_value()
+
+    i = types.int64
+    f = types.float32
+
+    @intrinsic
+    def _rows(typingctx, x, astep, w, ks, offs, ntaps, out, ostr, pos, bias, hb, lo,
+              hi, mode):  # fmt: skip
+        sig = types.void(i, i, i, i, i, i, i, i, i, i, i, f, f, i)
+        return sig, codegen
+
+    return _rows
+
+
+_r1 = make_rows_kernel(1)
+_r2 = make_rows_kernel(2)
+_r3 = make_rows_kernel(3)
+_r4 = make_rows_kernel(4)
+_r5 = make_rows_kernel(5)
+_r6 = make_rows_kernel(6)
+_r6c3 = make_rows_kernel(6, 3)
+_r4c3 = make_rows_kernel(4, 3)
+
+
+@njit(inline="always")
+def _rows_tile(mr, c3, x, astep, w, ks, offs, ntaps, out, ostr, pos, bias, hb, lo,
+               hi, mode):  # fmt: skip
+    if c3 and mr == 6:
+        _r6c3(x, astep, w, ks, offs, ntaps, out, ostr, pos, bias, hb, lo, hi, mode)
+    elif c3 and mr == 4:
+        _r4c3(x, astep, w, ks, offs, ntaps, out, ostr, pos, bias, hb, lo, hi, mode)
+    elif mr == 6:
+        _r6(x, astep, w, ks, offs, ntaps, out, ostr, pos, bias, hb, lo, hi, mode)
+    elif mr == 5:
+        _r5(x, astep, w, ks, offs, ntaps, out, ostr, pos, bias, hb, lo, hi, mode)
+    elif mr == 4:
+        _r4(x, astep, w, ks, offs, ntaps, out, ostr, pos, bias, hb, lo, hi, mode)
+    elif mr == 3:
+        _r3(x, astep, w, ks, offs, ntaps, out, ostr, pos, bias, hb, lo, hi, mode)
+    elif mr == 2:
+        _r2(x, astep, w, ks, offs, ntaps, out, ostr, pos, bias, hb, lo, hi, mode)
     else:
-        for t in prange(nt * nblk * G):
-            _seg_job(
-                t, nt, nblk, pb, nhwc_taps, flat, fuse, x16, xp, xb, bp, geo, offs,
-                sa, sp, bias, has_bias, lo, hi, mode, out32, out16,
+        _r1(x, astep, w, ks, offs, ntaps, out, ostr, pos, bias, hb, lo, hi, mode)
+
+
+@intrinsic
+def _deint32(typingctx, src, even, odd):
+    """32 float16 at src -> float32: lanes 0, 2, .. 30 to even, 1, 3, .. 31 to
+    odd (16 each; two vcvtph2ps and two vpermt2ps): a row of a stride-2
+    convolution's input split into its two column phases."""
+
+    def codegen(context, builder, sig, args):
+        src, even, odd = args
+        vh32 = ir.VectorType(ir.HalfType(), 32)
+        h = builder.load(builder.inttoptr(src, vh32.as_pointer()), align=2)
+        f = builder.fpext(h, ir.VectorType(_f32, 32))
+        for dst, first in ((even, 0), (odd, 1)):
+            y = builder.shuffle_vector(
+                f, ir.Constant(f.type, None),
+                ir.Constant(ir.VectorType(_i32, 16), list(range(first, 32, 2))),
             )  # fmt: skip
+            builder.store(y, builder.inttoptr(dst, _vf.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return types.void(types.int64, types.int64, types.int64), codegen
+
+
+@njit(**PJIT)
+def pad_phases(x, xp, pt, pl, sh, sw, Hq, Wq):
+    # x (N, C, H, W) uint16 float16 bits, C-contiguous -> xp (N*C, >= sh*sw*Hq*Wq)
+    # float32: the zero-padded image split into sh*sw phase planes of Hq x Wq,
+    # phase (a, b) holding padded rows a, a+sh, ... and columns b, b+sw, ...;
+    # a strided convolution is then sh*sw stride-1 ones (tap (i, j) reads
+    # phase (i*dh % sh, j*dw % sw) at (i*dh // sh, j*dw // sw)). Stride 1: one
+    # phase, the padded plane (rows converted 16 at a time)
+    N, C, H, W = x.shape
+    P = Hq * Wq
+    for t in prange(N * C):
+        n = t // C
+        c = t - n * C
+        src = x[n, c]
+        dst = xp[t]
+        dst[:] = 0.0
+        if sh == 1 and sw == 1:
+            W16 = W - W % 16
+            for h in range(H):
+                s0 = src.ctypes.data + h * W * 2
+                d0 = dst.ctypes.data + ((h + pt) * Wq + pl) * 4
+                for u in range(0, W16, 16):
+                    _cvt16(s0 + 2 * u, d0 + 4 * u)
+                if W16 < W:
+                    _cvt16n(s0 + 2 * W16, d0 + 4 * W16, W - W16)
+        else:
+            # stride 2 in width: 32 columns at a time to the two phases
+            W32 = W - W % 32 if sw == 2 else 0
+            for h in range(H):
+                hp = h + pt
+                a = hp % sh
+                rb = (a * sw) * P + (hp // sh) * Wq
+                s0 = src.ctypes.data + h * W * 2
+                for u in range(0, W32, 32):
+                    wp = u + pl
+                    _deint32(
+                        s0 + 2 * u,
+                        dst.ctypes.data + 4 * (rb + (wp % 2) * P + wp // 2),
+                        dst.ctypes.data + 4 * (rb + ((wp + 1) % 2) * P + (wp + 1) // 2),
+                    )  # fmt: skip
+                for u in range(W32, W):
+                    wp = u + pl
+                    dst[rb + (wp % sw) * P + wp // sw] = _f16_bits_to_f32(src[h, u])
+
+
+@njit(nogil=True, cache=True)
+def _rows_job(t, nq, nblk, c3, xp, wr, geo, Wg, offs, ps, bias, has_bias, lo, hi,
+              mode, out32, out16):  # fmt: skip
+    # job t = (n, group, channel block, position chunk), chunks fastest: the
+    # grid's ntile 64-position tiles (Ho rows of Wg) in nq near-equal
+    # contiguous chunks, the MT 6-channel tiles in nblk blocks (so a thread's
+    # share differs from another's by at most one tile's work per job). Per
+    # tile the 2*NV store masks/offsets (ps); then each channel tile runs over
+    # the chunk's positions with its weights (K x 6 floats) in L1
+    N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M = geo
+    qb = t % nq
+    rest = t // nq
+    blk = rest % nblk
+    rest = rest // nblk
+    g = rest % G
+    n = rest // G
+    tid = numba.get_thread_id()
+    pv = ps[tid]
+    Q = Ho * Wg
+    HWo = Ho * Wo
+    MT = wr.shape[1]
+    K = wr.shape[2]
+    plane = xp.shape[1]
+    x0 = xp.ctypes.data + 4 * (n * C + g * Cg) * plane
+    hb = 1 if has_bias else 0
+    esz = 4 if mode == 0 else 2
+    obase = out32.ctypes.data if mode == 0 else out16.ctypes.data
+    ntile = (Q + NR - 1) // NR
+    q_lo = (qb * ntile) // nq
+    q_hi = ((qb + 1) * ntile) // nq
+    for qt in range(q_lo, q_hi):
+        q0 = qt * NR
+        for v in range(NV):
+            qv = q0 + 16 * v
+            row = qv // Wg
+            col = qv - row * Wg
+            m = 0
+            for lane in range(16):
+                if qv + lane < Q and col < Wo:
+                    m |= 1 << lane
+                col += 1
+                if col == Wg:
+                    col = 0
+            pv[(qt - q_lo) * 2 * NV + v] = m
+            pv[(qt - q_lo) * 2 * NV + NV + v] = (qv // Wg) * Wo + min(qv % Wg, Wo)
+    for mt in range((blk * MT) // nblk, ((blk + 1) * MT) // nblk):
+        m0 = mt * WS
+        mr = min(WS, Mg - m0)
+        mg = g * Mg + m0
+        wt = wr.ctypes.data + 4 * (g * MT + mt) * K * WS
+        o0 = obase + esz * (n * M + mg) * HWo
+        for qt in range(q_lo, q_hi):
+            _rows_tile(
+                mr, c3, x0 + 4 * qt * NR, 4 * plane, wt, Cg, offs.ctypes.data,
+                kh * kw, o0, esz * HWo, pv.ctypes.data + 8 * (qt - q_lo) * 2 * NV,
+                bias.ctypes.data + 4 * mg, hb, lo, hi, mode,
+            )  # fmt: skip
+
+
+@njit(**PJIT)
+def conv_rows(nq, nblk, c3, xp, wr, geo, Wg, offs, ps, bias, has_bias, lo, hi, mode,
+              out32, out16):  # fmt: skip
+    # xp (N*C, plane) float32 phase planes (pad_phases), wr (G, MT, K, WS)
+    # float32 weights, offs (kh*kw) int64 tap byte offsets, ps (threads,
+    # >= 2*NV*ceil(ntile/nq)) int64 scratch; out (N, M, Ho*Wo) float32 (mode
+    # 0) / float16 bits (1)
+    N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M = geo
+    for t in prange(N * G * nblk * nq):
+        _rows_job(
+            t, nq, nblk, c3, xp, wr, geo, Wg, offs, ps, bias, has_bias, lo, hi,
+            mode, out32, out16,
+        )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------

@@ -110,7 +110,7 @@ def fma_step(builder, accs, a_rows, a_off, b_row, kind="f32"):
     return new
 
 
-def make_tile_kernel(MR, kind, strided_a=False):
+def make_tile_kernel(MR, kind):
     """One MR x NR float32 tile over a K range, as an intrinsic.
 
     _tile(a, lda, b, ks, c, ldc, accum)    all int64
@@ -121,19 +121,12 @@ def make_tile_kernel(MR, kind, strided_a=False):
       ks    steps: k values (f16, f32) or k pairs (bf16)
       c     address of a float32 MR x NR tile, row stride ldc elements
       accum 0: the tile starts from 0; 1: from c (continues the same sum order)
-
-    strided_a=True adds an argument after lda, ``astep``: the bytes between
-    A[m, k] and A[m, k+1] (4 when A's rows are contiguous); the implicit-GEMM
-    convolution (kernels/fp16_conv.py) reads A straight from an NCHW image.
     """
     step_b = 2 * NR if kind == "f16" else 4 * NR
 
     def codegen(context, builder, sig, args):
-        if strided_a:
-            a, lda, step_a, b, ks, c, ldc, accum = args
-        else:
-            a, lda, b, ks, c, ldc, accum = args
-            step_a = ir.Constant(_i64, 4)  # one float32 or one bfloat16 pair
+        a, lda, b, ks, c, ldc, accum = args
+        step_a = ir.Constant(_i64, 4)  # one float32 or one bfloat16 pair
         i8p = ir.IntType(8).as_pointer()
         zero64 = ir.Constant(_i64, 0)
         a_base = builder.inttoptr(a, i8p)
@@ -185,13 +178,6 @@ def make_tile_kernel(MR, kind, strided_a=False):
         return context.get_dummy_value()
 
     i = types.int64
-    if strided_a:
-
-        @intrinsic
-        def _tile_s(typingctx, a, lda, astep, b, ks, c, ldc, accum):
-            return types.void(i, i, i, i, i, i, i, i), codegen
-
-        return _tile_s
 
     @intrinsic
     def _tile(typingctx, a, lda, b, ks, c, ldc, accum):

@@ -27,13 +27,16 @@ Accuracy contract (tests/test_conv_half.py checks each line on every path):
   and 0 * inf = NaN (an inf/NaN weight next to padding gives NaN, as ONNX's
   reference implementation that pads with zeros). NaN and inf propagate.
 
-Kernels (kernels/fp16_conv.py): convolutions with >= 16 channels per group
-run the F16C+FMA 6x64 register tile over all kernel taps and channels with
-the sum in registers, straight on a zero-padded float32 image (implicit
-GEMM, no im2col; 1x1 converts float16 per block of pixels instead); the RGB
-stem runs the same kernel on an NHWC copy, one kernel row per step; depthwise
-convolutions have a row microkernel vectorized over 16 pixels; threads split
-the work over output pixels and, when pixels are few, output channels.
+Kernels (kernels/fp16_conv.py), F16C+FMA with the sum in registers over all
+kernel taps and channels (implicit GEMM, no im2col): the taps kernel (6
+pixels x 64 channels, straight on a zero-padded float32 image; 1x1 converts
+float16 per block of pixels instead) for layers with >= 16 channels per
+group; the rows kernel (6 channels x 64 pixels, on the image split into
+stride phases, stored NCHW in vectors) for fewer channels, such as the RGB
+stem, and where the taps kernel's 64-channel panels would run mostly empty;
+depthwise convolutions have a row microkernel vectorized over 16 pixels;
+threads split the work over output pixels and, when pixels are few, output
+channels.
 """
 
 from __future__ import annotations
@@ -52,9 +55,9 @@ _DUMMY32 = np.empty((1, 1, 1), np.float32)
 _DUMMY16 = np.empty((1, 1, 1), np.uint16)
 _DUMMY_SA = np.empty((1, 1, 1), np.float32)
 
-# channels per group below which the SIMD path gathers patches (one tile-kernel
-# call over all of K) instead of calling the kernel once per tap over Cg
-GATHER_BELOW = 16
+# channels per group below which the SIMD path always takes the rows kernel
+# (its channel loop per tap is short, but the taps kernel's is as short)
+ROWS_BELOW = 16
 # with fewer than this many pixel tiles per thread, jobs are also split over
 # 64-channel weight panels (threads over output channels), as lowprec/conv.py
 SPLIT_N_TILES = 8
@@ -71,8 +74,9 @@ class PackedConvWeightsFP16:
 
     Build with :func:`pack_conv_weights_fp16`. Holds the float16 weights and
     each path's layout (built on first use): [group][M/group/64][K][64]
-    float32 tiles in K order (i, j, c) for the F16C+FMA kernel, (group, K,
-    M/group) for the portable loops, (C, kH*kW) for depthwise.
+    float32 tiles in K order (i, j, c) for the taps kernel, [group][M/group/6]
+    [K][6] for the rows kernel, (group, K, M/group) for the portable loops,
+    (C, kH*kW) for depthwise.
     """
 
     __slots__ = ("shape", "group", "_bits", "_layouts")
@@ -126,6 +130,16 @@ class PackedConvWeightsFP16:
             lay = np.ascontiguousarray(
                 self._bits.view(np.float16).astype(np.float32).reshape(M, -1)
             )
+        elif kind == "rows":  # (G, MT, K, WS) float32, zero channels past M/group
+            wk = self._gemm_order()
+            G, K, Mg = wk.shape
+            ws = _kernels().WS
+            MT = -(-Mg // ws)
+            padded = np.zeros((G, K, MT * ws), np.float32)
+            padded[:, :, :Mg] = wk
+            lay = np.ascontiguousarray(
+                padded.reshape(G, K, MT, ws).transpose(0, 2, 1, 3)
+            )
         else:  # "simd": (G, NP, K, NR) float32, zero columns past M/group
             wk = self._gemm_order()
             G, K, Mg = wk.shape
@@ -141,6 +155,73 @@ class PackedConvWeightsFP16:
         lay.flags.writeable = False
         self._layouts[kind] = lay
         return lay
+
+
+# extra float32 after the last phase plane: a tile's vector loads run up to 63
+# positions past the grid's end
+ROWS_SLACK = 128
+# 64-position tiles per job of the rows kernel (before the split below), and
+# the fewest jobs per thread before channel tiles are split across jobs too
+ROWS_QB = 8
+ROWS_MIN_JOBS = 4
+
+
+def _use_rows(geo) -> bool:
+    """The channels-as-rows kernel, or the 64-channel taps kernel?
+
+    Few channels per group (< ROWS_BELOW; the 3-channel stem): rows, whose
+    K loop runs Cg channels per tap straight from the phase planes (the taps
+    kernel read 3-channel stems from an NHWC copy and gathered the rest:
+    1.15-4.8x slower, measured on 7 few-channel layers). Otherwise the kernel
+    that wastes less of its tile: taps loses the columns past M/group in its
+    64-wide panels, rows the grid's pad columns and the last tile's tail, and
+    its 6-channel tiles past M/group. At equal use taps measured 3-15 %
+    faster (3x3c64_56: 0.97x; strided layers convert every phase: 0.6-0.8x).
+    """
+    N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M = (int(g) for g in geo)
+    if Cg < ROWS_BELOW:
+        return True
+    Wq = -(-Wp // sw)
+    use_taps = Mg / (64 * -(-Mg // 64))
+    use_rows = Ho * Wo / (64 * -(-Ho * Wq // 64)) * Mg / (6 * -(-Mg // 6))
+    return use_rows > 1.1 * use_taps
+
+
+def _conv_rows(kc, x_bits, packed, geo, pt, pl, epi):
+    N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M = (int(g) for g in geo)
+    Hq, Wq = -(-Hp // sh), -(-Wp // sw)
+    P = sh * sw * Hq * Wq
+    raw = np.empty(N * C * P + ROWS_SLACK, np.float32)
+    raw[N * C * P :] = 0.0
+    xp = raw[: N * C * P].reshape(N * C, P)
+    kc.pad_phases(x_bits, xp, pt, pl, sh, sw, Hq, Wq)
+    offs = np.empty(kh * kw, np.int64)
+    for i in range(kh):
+        for j in range(kw):
+            r, c = i * dh, j * dw
+            ph = (r % sh) * sw + c % sw
+            offs[i * kw + j] = 4 * (ph * Hq * Wq + (r // sh) * Wq + c // sw)
+    wr = packed._layout("rows")
+    ntile = -(-Ho * Wq // kc.NR)
+    nq, nblk = _rows_split(N * G, ntile, wr.shape[1])
+    threads = numba.config.NUMBA_NUM_THREADS
+    ps = np.empty((threads, 2 * kc.NV * -(-ntile // nq)), np.int64)
+    kc.conv_rows(nq, nblk, Cg == 3, xp, wr, geo, Wq, offs, ps, *epi)
+
+
+def _rows_split(units, ntile, MT):
+    """(nq, nblk): position chunks per image/group and channel blocks."""
+    threads = numba.get_num_threads()
+    nq = max(1, min(ntile, round(ntile / ROWS_QB)))
+    # a multiple of the threads when there are few jobs (prange hands each
+    # thread a contiguous equal count: 13 jobs on 2 threads ran 7 against 6)
+    if units * nq < 8 * threads:
+        while (units * nq) % threads and nq < ntile:
+            nq += 1
+    nblk = 1
+    if units * nq < ROWS_MIN_JOBS * threads:
+        nblk = min(MT, -(-ROWS_MIN_JOBS * threads // (units * nq)))
+    return nq, nblk
 
 
 def _check_w(w):
@@ -315,9 +396,6 @@ def conv_fp16(
     if not (x_bits.flags.c_contiguous and x_bits.flags.writeable):
         x_bits = np.array(x_bits, order="C")  # one compiled variant per kernel
     depthwise = G == C and Mg == 1
-    gather = simd and not depthwise and Cg < GATHER_BELOW
-    flat = (kh, kw, sh, sw) == (1, 1, 1, 1) and (Hp, Wp) == (H, W)
-    fuse = simd and flat and not (gather or depthwise)
     if depthwise:
         fused = simd  # the kernel converts each plane itself (vcvtph2ps)
         if fused:
@@ -329,10 +407,12 @@ def conv_fp16(
             threads, fused, x_bits, xp, packed._layout("dw"), geo, pt, pl, *epi
         )
         return out.reshape(N, M, *out_sp)
-    if gather:
-        xp = np.empty((N, Hp, Wp, C), np.float32)
-        kc.pad_nhwc(x_bits, xp, pt, pl)
-    elif simd and fuse:
+    if simd and _use_rows(geo):
+        _conv_rows(kc, x_bits, packed, geo, pt, pl, epi)
+        return out.reshape(N, M, *out_sp)
+    flat = (kh, kw, sh, sw) == (1, 1, 1, 1) and (Hp, Wp) == (H, W)
+    fuse = simd and flat
+    if fuse:
         xp = _DUMMY_SA.reshape(1, 1, 1, 1)  # converted per segment (x_bits)
     elif simd:
         xp = np.empty((N, C, Hp, Wp), np.float32)
@@ -342,14 +422,11 @@ def conv_fp16(
         xp[:, :, pt : pt + H, pl : pl + W] = x_bits.view(np.float16)
     if simd:
         bp = packed._layout("simd")
-        if gather and not (dw == 1 and G == 1):
-            sa = np.empty((threads, kc.MR_MAX, kh * kw * Cg), np.float32)
-            tiles = -(-N * Ho * Wo // kc.MR_MAX)
-        else:  # jobs: segments of TS tiles; sa: their channel-major buffer
-            sa = np.empty((threads, kc.TS * kc.MR_MAX, kc.NR), np.float32)
-            L = Ho * Wo if flat else Wo
-            ntr = -(-L // kc.MR_MAX)  # tiles per row
-            tiles = N * (Ho * Wo // L) * -(-ntr // kc.TS)
+        # jobs: segments of TS tiles; rb: their channel-major buffer
+        rb = np.empty((threads, kc.TS * kc.MR_MAX, kc.NR), np.float32)
+        L = Ho * Wo if flat else Wo
+        ntr = -(-L // kc.MR_MAX)  # tiles per row
+        tiles = N * (Ho * Wo // L) * -(-ntr // kc.TS)
         pbk = bp.shape[1]
         if tiles * G < SPLIT_N_TILES * numba.get_num_threads():
             pbk = 1
@@ -358,7 +435,7 @@ def conv_fp16(
             xb = np.empty((threads, Cg, kc.TS * kc.MR_MAX), np.float32)
         else:
             xb = _DUMMY_SA
-        kc.conv_simd(gather, flat, fuse, pbk, x_bits, xp, xb, bp, geo, sa, sp, *epi)
+        kc.conv_simd(flat, fuse, pbk, x_bits, xp, xb, bp, geo, rb, sp, *epi)
     else:
         K = kh * kw * Cg
         sa = np.empty((threads, kc.TM, K), np.float32)

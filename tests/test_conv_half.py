@@ -27,6 +27,14 @@ def half_isa(request):
     half.set_half_isa(before)
 
 
+@pytest.fixture(params=["taps", "rows"])
+def tile_kernel(request, monkeypatch):
+    """Force the SIMD path's tile kernel (6 pixels x 64 channels "taps", or 6
+    channels x 64 positions "rows") whatever lowprec's routing would pick."""
+    monkeypatch.setattr(ch, "_use_rows", lambda geo: request.param == "rows")
+    return request.param
+
+
 # --------------------------------------------------------------------------- #
 # oracle
 
@@ -123,9 +131,9 @@ CASES = {
     "panels_split": ((1, 16, 3, 5), (130, 16, 3, 3), {"pads": (1, 0, 1, 2)}),
     "1x1_flat": ((2, 17, 4, 5), (9, 17, 1, 1), {}),
     "1x1_stride2": ((1, 16, 6, 7), (8, 16, 1, 1), {"strides": (2, 2)}),
-    "stem_gather": ((1, 3, 15, 13), (10, 3, 7, 7), {"strides": (2, 2),
+    "stem": ((1, 3, 15, 13), (10, 3, 7, 7), {"strides": (2, 2),
                                                     "pads": (3, 3, 3, 3)}),
-    "gather_dilated": ((2, 4, 9, 9), (6, 4, 3, 2), {"dilations": (2, 3),
+    "few_channels_dilated": ((2, 4, 9, 9), (6, 4, 3, 2), {"dilations": (2, 3),
                                                     "pads": (0, 2, 1, 0)}),
     "taps_dilated_strided": ((1, 32, 10, 11), (7, 32, 3, 3), {
         "dilations": (2, 1), "strides": (1, 3), "pads": (2, 1, 0, 1)}),
@@ -161,11 +169,21 @@ CASES = {
                                "dilations": (2, 1), "pads": (1, 0, 2, 1)}),
     "depthwise_s3": ((1, 2, 10, 11), (2, 1, 3, 3), {"group": 2,
                      "strides": (3, 3), "pads": (1, 1, 1, 1)}),
+    # rows kernel: stride-2 columns split 32 at a time (odd and even left
+    # pads), a grid narrower than a vector (one vector spans 3+ rows), strides
+    # and dilations across phases, 6-channel tiles past M/group
+    "stem_wide_even_pad": ((1, 3, 4, 100), (7, 3, 5, 5), {"strides": (2, 2),
+                           "pads": (2, 2, 2, 2)}),
+    "phases_odd_pad": ((1, 5, 9, 77), (8, 5, 3, 4), {"strides": (2, 3),
+                       "dilations": (2, 1), "pads": (1, 3, 0, 2)}),
+    "narrow_grid": ((2, 7, 6, 4), (13, 7, 3, 3), {"pads": (1, 1, 1, 1)}),
+    "rows_groups": ((1, 24, 11, 20), (21, 8, 3, 3), {"group": 3,
+                    "strides": (1, 2), "pads": (1, 1, 1, 1)}),
 }  # fmt: skip
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_float32_equals_ordered_sum(half_isa, name):
+def test_float32_equals_ordered_sum(half_isa, tile_kernel, name):
     xs, ws, attrs = CASES[name]
     rng = np.random.default_rng(list(name.encode()))
     x, w = rand(rng, xs), rand(rng, ws)
@@ -204,6 +222,34 @@ def test_float32_large_k_bound(half_isa):
     check_contract(x, w, ch.conv_fp16(x, w, pads=(1, 1, 1, 1)), pads=(1,) * 4)
 
 
+@pytest.mark.parametrize(
+    ("xs", "ws", "attrs", "rows"),
+    [
+        ((1, 3, 20, 20), (64, 3, 7, 7), {"strides": (2, 2)}, True),  # RGB stem
+        ((1, 8, 9, 9), (64, 8, 3, 3), {}, True),  # few channels per group
+        ((1, 32, 30, 30), (32, 32, 3, 3), {"pads": (1,) * 4}, True),  # narrow
+        ((1, 64, 30, 30), (64, 64, 3, 3), {"pads": (1,) * 4}, False),
+        ((1, 64, 6, 6), (32, 64, 3, 3), {"pads": (1,) * 4}, False),  # small grid
+        ((1, 64, 16, 16), (128, 64, 1, 1), {"strides": (2, 2)}, False),
+    ],
+)
+def test_kernel_routing(monkeypatch, xs, ws, attrs, rows):
+    # which tile kernel runs (the SIMD path); results as the contract
+    if "avx512_f16c" not in half.available_half_isas():
+        pytest.skip("no F16C+AVX-512 path on this CPU")
+    kc = ch._kernels()
+    ran = []
+    for name in ("conv_rows", "conv_simd"):
+        real = getattr(kc, name)
+        monkeypatch.setattr(
+            kc, name, lambda *a, _r=real, _n=name: (ran.append(_n), _r(*a))[1]
+        )
+    rng = np.random.default_rng(4)
+    x, w = rand(rng, xs), rand(rng, ws)
+    check_contract(x, w, ch.conv_fp16(x, w, **attrs), **attrs)
+    assert ran == ["conv_rows" if rows else "conv_simd"]
+
+
 # --------------------------------------------------------------------------- #
 # epilogue and output type
 
@@ -212,13 +258,14 @@ def test_float32_large_k_bound(half_isa):
     "name",
     [
         "dense3x3_taps",
-        "stem_gather",
+        "stem",
         "depthwise_s1",
         "1x1_flat_segments",
         "depthwise_wide_rows",
+        "narrow_grid",
     ],
 )
-def test_bias_activation_float16_output(half_isa, name):
+def test_bias_activation_float16_output(half_isa, tile_kernel, name):
     xs, ws, attrs = CASES[name]
     rng = np.random.default_rng(11)
     # large values: the float16 output overflows to inf in places
@@ -261,9 +308,9 @@ def test_float16_bias_accepted(half_isa):
     assert same_bits(a, b)
 
 
-@pytest.mark.parametrize("name", ["dense3x3_taps", "stem_gather", "depthwise_s1",
+@pytest.mark.parametrize("name", ["dense3x3_taps", "stem", "depthwise_s1",
                                   "depthwise_s2", "1x1_flat"])  # fmt: skip
-def test_nan_inf_propagate(half_isa, name):
+def test_nan_inf_propagate(half_isa, tile_kernel, name):
     xs, ws, attrs = CASES[name]
     rng = np.random.default_rng(7)
     x, w = rand(rng, xs), rand(rng, ws)
