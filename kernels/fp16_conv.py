@@ -440,9 +440,11 @@ def _seg_job(
 
 @njit(**PJIT)
 def conv_simd(
-    flat, fuse, pb, x16, xp, xb, bp, geo, rb, sp, bias, has_bias, lo, hi, mode,
+    flat, fuse, pb, pt, pl, x16, xp, xb, bp, geo, rb, sp, bias, has_bias, lo, hi, mode,
     out32, out16,
 ):  # fmt: skip
+    # not fuse: xp is first filled from x16 here (pad_nchw; one call from
+    # Python instead of two: ~3 us of a small layer's ~20)
     # fuse (flat NCHW only): x16 (N, C, H, W) float16 bits converted per
     # segment into xb (threads, Cg, TS*6) float32; xp is then a dummy
     # xp: (N, C, Hp, Wp) float32; bp (G, NP, K, NR) float32 packed weights, K
@@ -450,6 +452,8 @@ def conv_simd(
     # (threads, 6, NR) float32 tile scratch; out (N, M, Ho*Wo) float32 (mode
     # 0) / float16 bits (mode 1), the other a dummy
     N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M = geo
+    if not fuse:
+        pad_nchw(x16, xp, pt, pl)
     L = Ho * Wo if flat else Wo  # segments of TS tiles of a row
     ntr = (L + MR_MAX - 1) // MR_MAX
     nt = (N if flat else N * Ho) * ((ntr + TS - 1) // TS)
@@ -774,13 +778,15 @@ def _rows_job(t, nq, nblk, c3, xp, wr, geo, Wg, offs, ps, bias, has_bias, lo, hi
 
 
 @njit(**PJIT)
-def conv_rows(nq, nblk, c3, xp, wr, geo, Wg, offs, ps, bias, has_bias, lo, hi, mode,
-              out32, out16):  # fmt: skip
-    # xp (N*C, plane) float32 phase planes (pad_phases), wr (G, MT, K, WS)
+def conv_rows(nq, nblk, c3, x16, pt, pl, xp, wr, geo, Wg, offs, ps, bias, has_bias,
+              lo, hi, mode, out32, out16):  # fmt: skip
+    # x16 (N, C, H, W) float16 bits -> xp (N*C, plane) float32 phase planes
+    # (pad_phases, first: one call from Python), wr (G, MT, K, WS)
     # float32 weights, offs (kh*kw) int64 tap byte offsets, ps (threads,
     # >= 2*NV*ceil(ntile/nq)) int64 scratch; out (N, M, Ho*Wo) float32 (mode
     # 0) / float16 bits (1)
     N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M = geo
+    pad_phases(x16, xp, pt, pl, sh, sw, (Hp + sh - 1) // sh, Wg)
     for t in prange(N * G * nblk * nq):
         _rows_job(
             t, nq, nblk, c3, xp, wr, geo, Wg, offs, ps, bias, has_bias, lo, hi,

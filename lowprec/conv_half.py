@@ -63,10 +63,17 @@ ROWS_BELOW = 16
 SPLIT_N_TILES = 8
 
 
-def _kernels():
-    from .kernels import fp16_conv
+_KC = []
 
-    return fp16_conv
+
+def _kernels():
+    # imported on first use (numba compiles or loads the kernels then); the
+    # module kept, as an import statement costs ~1 us a call
+    if not _KC:
+        from .kernels import fp16_conv
+
+        _KC.append(fp16_conv)
+    return _KC[0]
 
 
 class PackedConvWeightsFP16:
@@ -166,7 +173,7 @@ ROWS_QB = 8
 ROWS_MIN_JOBS = 4
 
 
-def _use_rows(geo) -> bool:
+def _use_rows(Cg, Mg, Ho, Wo, Wp, sw) -> bool:
     """The channels-as-rows kernel, or the 64-channel taps kernel?
 
     Few channels per group (< ROWS_BELOW; the 3-channel stem): rows, whose
@@ -178,7 +185,6 @@ def _use_rows(geo) -> bool:
     its 6-channel tiles past M/group. At equal use taps measured 3-15 %
     faster (3x3c64_56: 0.97x; strided layers convert every phase: 0.6-0.8x).
     """
-    N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M = (int(g) for g in geo)
     if Cg < ROWS_BELOW:
         return True
     Wq = -(-Wp // sw)
@@ -188,13 +194,12 @@ def _use_rows(geo) -> bool:
 
 
 def _conv_rows(kc, x_bits, packed, geo, pt, pl, epi):
-    N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M = (int(g) for g in geo)
+    N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M = geo.tolist()
     Hq, Wq = -(-Hp // sh), -(-Wp // sw)
     P = sh * sw * Hq * Wq
     raw = np.empty(N * C * P + ROWS_SLACK, np.float32)
     raw[N * C * P :] = 0.0
     xp = raw[: N * C * P].reshape(N * C, P)
-    kc.pad_phases(x_bits, xp, pt, pl, sh, sw, Hq, Wq)
     offs = np.empty(kh * kw, np.int64)
     for i in range(kh):
         for j in range(kw):
@@ -206,7 +211,7 @@ def _conv_rows(kc, x_bits, packed, geo, pt, pl, epi):
     nq, nblk = _rows_split(N * G, ntile, wr.shape[1])
     threads = numba.config.NUMBA_NUM_THREADS
     ps = np.empty((threads, 2 * kc.NV * -(-ntile // nq)), np.int64)
-    kc.conv_rows(nq, nblk, Cg == 3, xp, wr, geo, Wq, offs, ps, *epi)
+    kc.conv_rows(nq, nblk, Cg == 3, x_bits, pt, pl, xp, wr, geo, Wq, offs, ps, *epi)
 
 
 def _rows_split(units, ntile, MT):
@@ -407,7 +412,7 @@ def conv_fp16(
             threads, fused, x_bits, xp, packed._layout("dw"), geo, pt, pl, *epi
         )
         return out.reshape(N, M, *out_sp)
-    if simd and _use_rows(geo):
+    if simd and _use_rows(Cg, Mg, Ho, Wo, Wp, sw):
         _conv_rows(kc, x_bits, packed, geo, pt, pl, epi)
         return out.reshape(N, M, *out_sp)
     flat = (kh, kw, sh, sw) == (1, 1, 1, 1) and (Hp, Wp) == (H, W)
@@ -415,8 +420,7 @@ def conv_fp16(
     if fuse:
         xp = _DUMMY_SA.reshape(1, 1, 1, 1)  # converted per segment (x_bits)
     elif simd:
-        xp = np.empty((N, C, Hp, Wp), np.float32)
-        kc.pad_nchw(x_bits, xp, pt, pl)
+        xp = np.empty((N, C, Hp, Wp), np.float32)  # filled by conv_simd
     else:  # portable: numpy's conversion (no F16C instruction needed)
         xp = np.zeros((N, C, Hp, Wp), np.float32)
         xp[:, :, pt : pt + H, pl : pl + W] = x_bits.view(np.float16)
@@ -435,7 +439,7 @@ def conv_fp16(
             xb = np.empty((threads, Cg, kc.TS * kc.MR_MAX), np.float32)
         else:
             xb = _DUMMY_SA
-        kc.conv_simd(flat, fuse, pbk, x_bits, xp, xb, bp, geo, rb, sp, *epi)
+        kc.conv_simd(flat, fuse, pbk, pt, pl, x_bits, xp, xb, bp, geo, rb, sp, *epi)
     else:
         K = kh * kw * Cg
         sa = np.empty((threads, kc.TM, K), np.float32)

@@ -31,7 +31,7 @@ def half_isa(request):
 def tile_kernel(request, monkeypatch):
     """Force the SIMD path's tile kernel (6 pixels x 64 channels "taps", or 6
     channels x 64 positions "rows") whatever lowprec's routing would pick."""
-    monkeypatch.setattr(ch, "_use_rows", lambda geo: request.param == "rows")
+    monkeypatch.setattr(ch, "_use_rows", lambda *geo: request.param == "rows")
     return request.param
 
 
@@ -169,6 +169,13 @@ CASES = {
                                "dilations": (2, 1), "pads": (1, 0, 2, 1)}),
     "depthwise_s3": ((1, 2, 10, 11), (2, 1, 3, 3), {"group": 2,
                      "strides": (3, 3), "pads": (1, 1, 1, 1)}),
+    # stride 2 on rows split into column phases: even left pad, a masked
+    # 32-column tail; dilated 5x5 taps across both phases
+    "depthwise_s2_even_pad": ((1, 3, 7, 45), (3, 1, 3, 3), {"group": 3,
+                              "strides": (2, 2), "pads": (2, 0, 1, 2)}),
+    "depthwise_s2_dilated": ((1, 2, 9, 40), (2, 1, 5, 5), {"group": 2,
+                             "strides": (2, 2), "dilations": (1, 2),
+                             "pads": (2, 3, 2, 3)}),
     # rows kernel: stride-2 columns split 32 at a time (odd and even left
     # pads), a grid narrower than a vector (one vector spans 3+ rows), strides
     # and dilations across phases, 6-channel tiles past M/group
@@ -406,6 +413,21 @@ W = np.zeros((6, 4, 3, 3), np.float16)
 def test_bad_input(args, kw, exc, match):
     with pytest.raises(exc, match=match):
         ch.conv_fp16(*args, **kw)
+
+
+def test_geometry_cache_keeps_checking():
+    # the attributes' checks are cached by value: a valid call first, then the
+    # same values as bools / floats / numpy ints must still be judged afresh
+    ok = ch.conv_fp16(X, W, pads=[1, 1, 1, 1], strides=(1, 1), group=True + 0)
+    assert ok.shape == (1, 6, 5, 5)
+    with pytest.raises(ValueError, match="pads"):
+        ch.conv_fp16(X, W, pads=[True, 1, 1, 1], strides=(1, 1))
+    with pytest.raises(ValueError, match="pads"):
+        ch.conv_fp16(X, W, pads=[1.0, 1, 1, 1])
+    with pytest.raises(TypeError, match="group must be an int"):
+        ch.conv_fp16(X, W, group=True)
+    same = ch.conv_fp16(X, W, pads=np.array([1, 1, 1, 1]), strides=(1, 1))
+    assert same_bits(same, ok)
 
 
 def test_pack_bad_input():
