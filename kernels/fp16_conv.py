@@ -335,7 +335,7 @@ TS = 16  # tiles per segment (a job): <= 96 output pixels of one row
 
 @njit(nogil=True, cache=True)
 def _seg_job(
-    t, ns, nblk, pb, flat, fuse, x16, xp, xb, bp, geo, offs, rb, sp, bias,
+    t, ns, nsr, nblk, pb, flat, fuse, x16, xp, xb, bp, geo, offs, rb, sp, bias,
     has_bias, lo, hi, mode, out32, out16,
 ):  # fmt: skip
     # job t = (group, panel block, segment), segment fastest. A segment is up
@@ -363,10 +363,9 @@ def _seg_job(
     HW = Ho * Wo
     L = HW if flat else Wo
     ntr = (L + MR_MAX - 1) // MR_MAX
-    nsr = (ntr + TS - 1) // TS
     row = sg // nsr
-    k0 = (sg - row * nsr) * TS
-    k1 = min(ntr, k0 + TS)
+    k0 = ((sg - row * nsr) * ntr) // nsr  # near-equal runs of <= TS tiles
+    k1 = ((sg - row * nsr + 1) * ntr) // nsr
     if flat:
         n, oh = row, 0
     else:
@@ -440,8 +439,8 @@ def _seg_job(
 
 @njit(**PJIT)
 def conv_simd(
-    flat, fuse, pb, pt, pl, x16, xp, xb, bp, geo, rb, sp, bias, has_bias, lo, hi, mode,
-    out32, out16,
+    flat, fuse, nsr, pb, pt, pl, x16, xp, xb, bp, geo, rb, sp, bias, has_bias, lo,
+    hi, mode, out32, out16,
 ):  # fmt: skip
     # not fuse: xp is first filled from x16 here (pad_nchw; one call from
     # Python instead of two: ~3 us of a small layer's ~20)
@@ -454,9 +453,8 @@ def conv_simd(
     N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M = geo
     if not fuse:
         pad_nchw(x16, xp, pt, pl)
-    L = Ho * Wo if flat else Wo  # segments of TS tiles of a row
-    ntr = (L + MR_MAX - 1) // MR_MAX
-    nt = (N if flat else N * Ho) * ((ntr + TS - 1) // TS)
+    # nsr segments of <= TS tiles per row (per image when flat)
+    nt = (N if flat else N * Ho) * nsr
     nblk = (bp.shape[1] + pb - 1) // pb
     # the taps' byte offsets in the padded image, sum order (i, j)
     offs = np.empty(kh * kw, np.int64)
@@ -465,7 +463,7 @@ def conv_simd(
             offs[i * kw + j] = 4 * (i * dh * Wp + j * dw)
     for t in prange(nt * nblk * G):
         _seg_job(
-            t, nt, nblk, pb, flat, fuse, x16, xp, xb, bp, geo, offs, rb, sp, bias,
+            t, nt, nsr, nblk, pb, flat, fuse, x16, xp, xb, bp, geo, offs, rb, sp, bias,
             has_bias, lo, hi, mode, out32, out16,
         )  # fmt: skip
 

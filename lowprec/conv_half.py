@@ -430,16 +430,25 @@ def conv_fp16(
         rb = np.empty((threads, kc.TS * kc.MR_MAX, kc.NR), np.float32)
         L = Ho * Wo if flat else Wo
         ntr = -(-L // kc.MR_MAX)  # tiles per row
-        tiles = N * (Ho * Wo // L) * -(-ntr // kc.TS)
+        nsr = -(-ntr // kc.TS)  # segments per row, <= TS tiles each
+        rows = N * (Ho * Wo // L)
+        nthr = numba.get_num_threads()
         pbk = bp.shape[1]
-        if tiles * G < SPLIT_N_TILES * numba.get_num_threads():
+        if rows * nsr * G < SPLIT_N_TILES * nthr:
             pbk = 1
+        # few jobs: a multiple of the threads (the 1x1 56x56 layer's 33
+        # segments ran 17 against 16 on 2 threads)
+        jobs = rows * G * -(-bp.shape[1] // pbk)
+        if jobs * nsr < 8 * nthr:
+            while (jobs * nsr) % nthr and nsr < ntr:
+                nsr += 1
         sp = np.empty((threads, kc.MR_MAX, kc.NR), np.float32)
         if fuse:
             xb = np.empty((threads, Cg, kc.TS * kc.MR_MAX), np.float32)
         else:
             xb = _DUMMY_SA
-        kc.conv_simd(flat, fuse, pbk, pt, pl, x_bits, xp, xb, bp, geo, rb, sp, *epi)
+        args = (x_bits, xp, xb, bp, geo, rb, sp)
+        kc.conv_simd(flat, fuse, nsr, pbk, pt, pl, *args, *epi)
     else:
         K = kh * kw * Cg
         sa = np.empty((threads, kc.TM, K), np.float32)
