@@ -61,6 +61,9 @@ ROWS_BELOW = 16
 # with fewer than this many pixel tiles per thread, jobs are also split over
 # 64-channel weight panels (threads over output channels), as lowprec/conv.py
 SPLIT_N_TILES = 8
+# below this many jobs per thread their count is rounded up to a multiple of
+# the thread count (one job more on one thread costs > 3 % here)
+BALANCE_JOBS = 32
 
 
 _KC = []
@@ -219,8 +222,8 @@ def _rows_split(units, ntile, MT):
     threads = numba.get_num_threads()
     nq = max(1, min(ntile, round(ntile / ROWS_QB)))
     # a multiple of the threads when there are few jobs (prange hands each
-    # thread a contiguous equal count: 13 jobs on 2 threads ran 7 against 6)
-    if units * nq < 8 * threads:
+    # thread an equal contiguous count: 13 jobs on 2 threads ran 7 against 6)
+    if units * nq < BALANCE_JOBS * threads:
         while (units * nq) % threads and nq < ntile:
             nq += 1
     nblk = 1
@@ -436,10 +439,11 @@ def conv_fp16(
         pbk = bp.shape[1]
         if rows * nsr * G < SPLIT_N_TILES * nthr:
             pbk = 1
-        # few jobs: a multiple of the threads (the 1x1 56x56 layer's 33
-        # segments ran 17 against 16 on 2 threads)
+        # up to BALANCE_JOBS per thread, a multiple of the threads (prange
+        # hands each thread an equal contiguous count: the 1x1 56x56 layer's
+        # 33 segments ran 17 against 16 on 2 threads)
         jobs = rows * G * -(-bp.shape[1] // pbk)
-        if jobs * nsr < 8 * nthr:
+        if jobs * nsr < BALANCE_JOBS * nthr:
             while (jobs * nsr) % nthr and nsr < ntr:
                 nsr += 1
         sp = np.empty((threads, kc.MR_MAX, kc.NR), np.float32)
