@@ -73,7 +73,13 @@ def merge(runs: list[dict]) -> dict:
         new["best_baseline"] = best
         new["best_baseline_gops"] = counted.get(best)
         new["ratio"] = new["lowprec"]["gops"] / counted[best] if best else None
-        peak = peaks.get(str(row["threads"]))
+        if row.get("peak_kind"):
+            # a per-row peak (the half suite: the FMA or vdpbf16ps rate of the
+            # row's own instruction), the best of the runs
+            rp = [s["peak_gops"] for s in same if s.get("peak_gops")]
+            peak = max(rp) if rp else None
+        else:
+            peak = peaks.get(str(row["threads"]))
         new["peak_gops"] = peak
         new["pct_peak"] = 100.0 * new["lowprec"]["gops"] / peak if peak else None
         new["merged_runs"] = len(same)

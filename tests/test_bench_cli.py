@@ -177,6 +177,14 @@ def test_bench_quick_json_and_readme_table(tmp_path, capsys):
         )
     assert merged["settings"]["repeat"] == 2 * res["settings"]["repeat"]
     assert "samples pooled" in mod.render(merged)
+    # a row that carries its own peak (the half suite's FMA / vdpbf16ps rate)
+    # keeps it, the best of the runs, instead of the suite's vpdpbusd peak
+    for run, p in ((res, 100.0), (slow, 120.0)):
+        run["rows"][0]["peak_kind"] = "vfmadd231ps"
+        run["rows"][0]["peak_gops"] = p
+    own = merge.merge([res, slow])["rows"][0]
+    assert own["peak_gops"] == 120.0
+    assert own["pct_peak"] == pytest.approx(100 * own["lowprec"]["gops"] / 120.0)
 
 
 def test_bench_without_optional_libraries(tmp_path, monkeypatch):
