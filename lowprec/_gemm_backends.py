@@ -18,6 +18,7 @@ import functools
 import numba
 import numpy as np
 
+from . import _dispatch
 from .kernels import config
 from .kernels import int8_gemm as _portable
 
@@ -84,7 +85,7 @@ class Avx512VnniGemm:
         elif serial:
             k.gemm_fused_serial(a_u8, packed, epi, out)
         else:
-            k.gemm_fused(a_u8, packed, epi, out, numba.get_num_threads())
+            k.gemm_fused(a_u8, packed, epi, out, _dispatch.num_threads())
 
 
 @functools.cache

@@ -550,7 +550,7 @@ def _plan(
         return _ro(np.ascontiguousarray(x).reshape(x4shape).view(np.uint8))
 
     def par():
-        return 1 if small else numba.get_num_threads()
+        return 1 if small else _dispatch.num_threads()
 
     if depthwise and layout == "NCHW":
         # depthwise on the NCHW planes themselves: no transposes
@@ -679,7 +679,7 @@ def _plan(
             xp = padded(x)
             fused = (zero1, _ro(row_sums(xp)), cs, _ro(zb_eff), folded, mult, zy,
                      qlo, qhi, mode, fzeros)  # fmt: skip
-            nth = numba.get_num_threads()
+            nth = _dispatch.num_threads()
             pbk = panels if mt * G >= SPLIT_N_TILES * nth else 1
             # pixel tiles per job: up to 8 while leaving >= 16 jobs per thread
             jobs = mt * G * -(-panels // pbk)
@@ -787,7 +787,7 @@ def _nchw4_plan(x, packed, zb_eff, za_eff, bias, mult, zy, qlo, qhi, geo, pads):
         dense_run = _dense_plan(geo, (pt, pl), K4, npan, fill, flip)
 
     def run(xb, par, out):
-        nth = numba.get_num_threads() if par != 1 else 1
+        nth = _dispatch.num_threads() if par != 1 else 1
         # too few panels for the threads: split the channel tiles too (each
         # channel block packs the panel again; packing is a few % of a job)
         nrb = 1 if jobs >= 8 * nth else min(mt, -(-8 * nth // jobs))

@@ -44,8 +44,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from . import _dispatch, half
 from . import _validate as v
-from . import half
 from .conv import _attrs, _check_group, _geometry, check_w_shape
 
 _F16 = np.dtype(np.float16)
@@ -200,7 +200,7 @@ def _conv_rows(kc, x_bits, packed, geo, pt, pl, epi):
     N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M = geo.tolist()
     Hq, Wq = -(-Hp // sh), -(-Wp // sw)
     P = sh * sw * Hq * Wq
-    raw = np.empty(N * C * P + ROWS_SLACK, np.float32)
+    raw = _dispatch.scratch("conv_fp16.phases", N * C * P + ROWS_SLACK, np.float32)
     raw[N * C * P :] = 0.0
     xp = raw[: N * C * P].reshape(N * C, P)
     offs = np.empty(kh * kw, np.int64)
@@ -219,7 +219,7 @@ def _conv_rows(kc, x_bits, packed, geo, pt, pl, epi):
 
 def _rows_split(units, ntile, MT):
     """(nq, nblk): position chunks per image/group and channel blocks."""
-    threads = numba.get_num_threads()
+    threads = _dispatch.num_threads()
     nq = max(1, min(ntile, round(ntile / ROWS_QB)))
     # a multiple of the threads when there are few jobs (prange hands each
     # thread an equal contiguous count: 13 jobs on 2 threads ran 7 against 6)
@@ -423,19 +423,20 @@ def conv_fp16(
     if fuse:
         xp = _DUMMY_SA.reshape(1, 1, 1, 1)  # converted per segment (x_bits)
     elif simd:
-        xp = np.empty((N, C, Hp, Wp), np.float32)  # filled by conv_simd
+        xp = _dispatch.scratch("conv_fp16.xp", (N, C, Hp, Wp), np.float32)
     else:  # portable: numpy's conversion (no F16C instruction needed)
         xp = np.zeros((N, C, Hp, Wp), np.float32)
         xp[:, :, pt : pt + H, pl : pl + W] = x_bits.view(np.float16)
     if simd:
         bp = packed._layout("simd")
         # jobs: segments of TS tiles; rb: their channel-major buffer
-        rb = np.empty((threads, kc.TS * kc.MR_MAX, kc.NR), np.float32)
+        rb = _dispatch.scratch("conv_fp16.rb", (threads, kc.TS * kc.MR_MAX, kc.NR),
+                               np.float32)  # fmt: skip
         L = Ho * Wo if flat else Wo
         ntr = -(-L // kc.MR_MAX)  # tiles per row
         nsr = -(-ntr // kc.TS)  # segments per row, <= TS tiles each
         rows = N * (Ho * Wo // L)
-        nthr = numba.get_num_threads()
+        nthr = _dispatch.num_threads()
         pbk = bp.shape[1]
         if rows * nsr * G < SPLIT_N_TILES * nthr:
             pbk = 1
@@ -446,9 +447,10 @@ def conv_fp16(
         if jobs * nsr < BALANCE_JOBS * nthr:
             while (jobs * nsr) % nthr and nsr < ntr:
                 nsr += 1
-        sp = np.empty((threads, kc.MR_MAX, kc.NR), np.float32)
+        sp = _dispatch.scratch("conv_fp16.sp", (threads, kc.MR_MAX, kc.NR), np.float32)
         if fuse:
-            xb = np.empty((threads, Cg, kc.TS * kc.MR_MAX), np.float32)
+            xb = _dispatch.scratch("conv_fp16.xb", (threads, Cg, kc.TS * kc.MR_MAX),
+                                   np.float32)  # fmt: skip
         else:
             xb = _DUMMY_SA
         args = (x_bits, xp, xb, bp, geo, rb, sp)

@@ -253,7 +253,7 @@ def _gemm_2d(a, packed, zb, za_eff, bias, mult, zy, qlo, qhi, mode, out, fbias=N
             _ro(packed._fzeros_n if fbias is None else fbias),
         ),
         out,
-        serial=M * N * K < SERIAL_MACS or numba.get_num_threads() == 1,
+        serial=M * N * K < SERIAL_MACS or _dispatch.num_threads() == 1,
     )
 
 
@@ -285,7 +285,7 @@ def _fused_cached(a, packed, za_eff, key, epi_of, out) -> bool:
         hit = packed._folded[full] = (packed._layout(backend), epi_of(_ro(bias)))
     layout, epi = hit
     N = out.shape[1]
-    serial = M * N * K < SERIAL_MACS or numba.get_num_threads() == 1
+    serial = M * N * K < SERIAL_MACS or _dispatch.num_threads() == 1
     backend.fused(_ro(a), layout, None, epi, out, serial=serial)
     return True
 
@@ -1037,7 +1037,7 @@ def _dynamic_per_tensor(a2, packed, sb, fbias):
         0.0, -np.inf, np.inf, _MODE_FLOAT, _ro(fbias),
     )  # fmt: skip
     out = np.empty((M, N), np.float32)
-    serial = M * N * K < SERIAL_MACS or numba.get_num_threads() == 1
+    serial = M * N * K < SERIAL_MACS or _dispatch.num_threads() == 1
     backend.fused(_ro(qa), packed._layout(backend), None, epi, out, serial=serial)
     return out
 

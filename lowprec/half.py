@@ -312,7 +312,7 @@ def _gemm_2d(a_bits, packed: _Packed, kind, bias, has_bias, lo, hi, mode, out):
     simd = _simd(kind)
     out32 = out if mode == 0 else _DUMMY32
     out16 = out.view(np.uint16) if mode != 0 else _DUMMY16
-    serial = M * N * K < SERIAL_MACS or numba.get_num_threads() == 1
+    serial = M * N * K < SERIAL_MACS or _dispatch.num_threads() == 1
     threads = numba.config.NUMBA_NUM_THREADS
     lay = packed._layout(simd)
     args = (bias, has_bias, lo, hi, mode, out32, out16)

@@ -525,7 +525,7 @@ def _run(threads: int, serial, parallel, args) -> None:
 
 
 def _threads(work: int) -> int:
-    return 1 if work < SERIAL_MACS else numba.get_num_threads()
+    return 1 if work < SERIAL_MACS else _dispatch.num_threads()
 
 
 def spmm(w, x, *, bias=None, activation=None, out=None, device=None):
@@ -928,7 +928,7 @@ def _machine_key() -> str:
     )
     # the kernels' source stamp: a model measured on older kernels is stale
     stamp = _ks_pkg.SOURCE_STAMP[:12]
-    return f"{_dispatch.get_isa()}|threads={numba.get_num_threads()}|{feats}|{stamp}"
+    return f"{_dispatch.get_isa()}|threads={_dispatch.num_threads()}|{feats}|{stamp}"
 
 
 def per_call(fn, min_time):

@@ -248,6 +248,19 @@ def test_results_independent_of_thread_count(isa, threads, n_threads):
     np.testing.assert_array_equal(got, ref.int_matmul(a, b, za, zb))
 
 
+def test_num_threads_follows_set_num_threads(threads):
+    # lowprec's cheap getter reads the same per-thread count as numba's
+    from lowprec import _dispatch
+
+    before = numba.get_num_threads()
+    try:
+        for n in range(1, threads + 1):
+            numba.set_num_threads(n)
+            assert _dispatch.num_threads() == numba.get_num_threads() == n
+    finally:
+        numba.set_num_threads(before)
+
+
 def test_k_chunks_combine_exactly(isa, monkeypatch):
     # the K-chunked int64 path (K > 33025 in real use) with tiny chunks
     monkeypatch.setattr(config, "K_CHUNK", 8)
