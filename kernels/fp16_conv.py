@@ -74,6 +74,41 @@ from .ir_util import loop as _ir_loop
 TM = 8  # portable: output pixels per tile
 
 
+def _tap_sums(builder, ntaps, ks, offs, MR, tap_rows, name, KS=0):
+    """The MR x 64 float32 sums over ntaps taps x ks channels (c fastest), in
+    registers: for tap t, tap_rows(t, off_t) -> (a_rows, a_step, b_of) with
+    off_t = offs[t] (int64 at address offs), A broadcast from a_rows[r] +
+    k*a_step and B (64 float32) at b_of(k). KS > 0: the channel loop unrolled
+    for ks == KS. Zero taps or channels: zeros."""
+    zero = ir.Constant(_i64, 0)
+
+    def tap(t, ophis):
+        op = builder.inttoptr(
+            builder.add(offs, builder.mul(t, ir.Constant(_i64, 8))), _i64.as_pointer()
+        )
+        a_rows, a_step, b_of = tap_rows(t, builder.load(op, align=8))
+
+        def kstep(k, phis):
+            return fma_step(builder, phis, a_rows, builder.mul(k, a_step), b_of(k))
+
+        if KS:
+            phis = ophis
+            for k in range(KS):
+                phis = kstep(ir.Constant(_i64, k), phis)
+            return phis
+        return _ir_loop(builder, zero, ks, ophis, kstep, guard=False,
+                        name=f"{name}.k")  # fmt: skip
+
+    # the channel loop runs at least once (guard=False), so ks > 0 is folded
+    # into the taps loop's trip count
+    go = builder.and_(
+        builder.icmp_signed(">", ntaps, zero), builder.icmp_signed(">", ks, zero)
+    )
+    init = [ir.Constant(_vf, None)] * (MR * NV)
+    return _ir_loop(builder, zero, builder.select(go, ntaps, zero), init, tap,
+                    name=name)  # fmt: skip
+
+
 def make_taps_kernel(MR):
     """MR x 64 float32 tile over all kernel taps, accumulators in registers.
 
@@ -106,15 +141,10 @@ def make_taps_kernel(MR):
             for v in range(NV):
                 p = builder.gep(c_row, [ir.Constant(_i64, 64 * v)])
                 c_ptrs.append(builder.bitcast(p, _vf.as_pointer()))
-        init = [ir.Constant(_vf, None)] * (MR * NV)
 
-        def tap(t, ophis):
-            # tap t: its A offset and B panel, then the K loop over the channels
-            op = builder.inttoptr(
-                builder.add(offs, builder.mul(t, ir.Constant(_i64, 8))),
-                _i64.as_pointer(),
-            )
-            a_t = builder.add(a, builder.load(op, align=8))
+        def tap_rows(t, off):
+            # tap t: A at a + off (rows lda apart), its B panel of ks rows
+            a_t = builder.add(a, off)
             b_t = builder.add(
                 b, builder.mul(builder.mul(t, ks), ir.Constant(_i64, 4 * NR))
             )
@@ -125,22 +155,14 @@ def make_taps_kernel(MR):
                 for r in range(MR)
             ]
             b_base = builder.inttoptr(b_t, i8p)
+            step_b = ir.Constant(_i64, 4 * NR)
+            return (
+                a_rows,
+                step_a,
+                lambda k: builder.gep(b_base, [builder.mul(k, step_b)]),
+            )
 
-            def kstep(k, phis):
-                b_row = builder.gep(b_base, [builder.mul(k, ir.Constant(_i64, 4 * NR))])
-                a_off = builder.mul(k, step_a)
-                return fma_step(builder, phis, a_rows, a_off, b_row)
-
-            return _ir_loop(builder, zero, ks, ophis, kstep, guard=False,
-                            name="taps.k")  # fmt: skip
-
-        # the channel loop runs at least once (guard=False), so ks > 0 is
-        # folded into the taps loop's trip count
-        go = builder.and_(
-            builder.icmp_signed(">", ntaps, zero), builder.icmp_signed(">", ks, zero)
-        )
-        fin = _ir_loop(builder, zero, builder.select(go, ntaps, zero), init, tap,
-                       name="taps")  # fmt: skip
+        fin = _tap_sums(builder, ntaps, ks, offs, MR, tap_rows, "taps")
         tostore = fn.append_basic_block("taps.tile")
         direct = fn.append_basic_block("taps.direct")
         done = fn.append_basic_block("taps.done")
@@ -502,39 +524,26 @@ def make_rows_kernel(MR, KS=0):
         i8p = ir.IntType(8).as_pointer()
         zero = ir.Constant(_i64, 0)
         fn = builder.function
-        init = [ir.Constant(_vf, None)] * (MR * NV)
 
-        def tap(t, ophis):
-            op = builder.inttoptr(
-                builder.add(offs, builder.mul(t, ir.Constant(_i64, 8))),
-                _i64.as_pointer(),
-            )
-            x_t = builder.add(x, builder.load(op, align=8))
+        def tap_rows(t, off):
+            # tap t: B (the input) at x + off + k*astep, the weights' rows of
+            # this tap (6 floats per k) broadcast
+            x_t = builder.add(x, off)
             w_t = builder.add(w, builder.mul(builder.mul(t, ks),
                                              ir.Constant(_i64, 4 * WS)))  # fmt: skip
             a_rows = [
                 builder.inttoptr(builder.add(w_t, ir.Constant(_i64, 4 * r)), i8p)
                 for r in range(MR)
             ]
+            return (
+                a_rows,
+                ir.Constant(_i64, 4 * WS),
+                lambda k: builder.inttoptr(
+                    builder.add(x_t, builder.mul(k, astep)), i8p
+                ),
+            )
 
-            def kstep(k, phis):
-                b_row = builder.inttoptr(builder.add(x_t, builder.mul(k, astep)), i8p)
-                a_off = builder.mul(k, ir.Constant(_i64, 4 * WS))
-                return fma_step(builder, phis, a_rows, a_off, b_row)
-
-            if KS:
-                phis = ophis
-                for k in range(KS):
-                    phis = kstep(ir.Constant(_i64, k), phis)
-                return phis
-            return _ir_loop(builder, zero, ks, ophis, kstep, guard=False,
-                            name="rows.k")  # fmt: skip
-
-        go = builder.and_(
-            builder.icmp_signed(">", ntaps, zero), builder.icmp_signed(">", ks, zero)
-        )
-        fin = _ir_loop(builder, zero, builder.select(go, ntaps, zero), init, tap,
-                       name="rows")  # fmt: skip
+        fin = _tap_sums(builder, ntaps, ks, offs, MR, tap_rows, "rows", KS)
 
         m16 = ir.VectorType(_i1, 16)
         i16 = ir.IntType(16)
