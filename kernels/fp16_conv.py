@@ -250,7 +250,7 @@ def _taps_tile(mr, a, lda, astep, b, ks, c, ldc, offs, ntaps, o, ostr, bias, hb,
 
 
 # ---------------------------------------------------------------------------
-# input: float16 bits -> zero-padded float32 (NCHW, or NHWC for the gather)
+# input: float16 bits -> zero-padded float32 NCHW (taps kernel)
 
 
 @njit(**PJIT)
@@ -316,7 +316,7 @@ def _epilogue(tile, mr, nc, p0, m0, HW, bias, has_bias, lo, hi, mode, out32, out
 
 
 # ---------------------------------------------------------------------------
-# SIMD: segments of pixel tiles (taps kernel), gathered tiles
+# SIMD: segments of pixel tiles (taps kernel)
 
 
 @intrinsic
