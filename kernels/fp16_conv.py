@@ -572,7 +572,8 @@ def make_rows_kernel(MR, KS=0):
         for r in range(MR):
             bp_ = builder.inttoptr(builder.add(bias, ir.Constant(_i64, 4 * r)),
                                    _f32.as_pointer())  # fmt: skip
-            # the bias is read only when hb (bias may be a 1-element dummy)
+            # without a bias (hb == 0) bias points at a 1-element dummy: this
+            # loads its element 0 (the caller passes no offset then), unused
             bsel = builder.select(use_b, builder.ptrtoint(bp_, _i64), bias)
             b_r = builder.load(builder.inttoptr(bsel, _f32.as_pointer()), align=4)
             bv = _splat(builder, b_r, _vf)
@@ -780,7 +781,7 @@ def _rows_job(t, nq, nblk, c3, xp, wr, geo, Wg, offs, ps, bias, has_bias, lo, hi
             _rows_tile(
                 mr, c3, x0 + 4 * qt * NR, 4 * plane, wt, Cg, offs.ctypes.data,
                 kh * kw, o0, esz * HWo, pv.ctypes.data + 8 * (qt - q_lo) * 2 * NV,
-                bias.ctypes.data + 4 * mg, hb, lo, hi, mode,
+                bias.ctypes.data + (4 * mg if has_bias else 0), hb, lo, hi, mode,
             )  # fmt: skip
 
 

@@ -167,9 +167,6 @@ class PackedConvWeightsFP16:
         return lay
 
 
-# extra float32 after the last phase plane: a tile's vector loads run up to 63
-# positions past the grid's end
-ROWS_SLACK = 128
 # 64-position tiles per job of the rows kernel (before the split below), and
 # the fewest jobs per thread before channel tiles are split across jobs too
 ROWS_QB = 8
@@ -200,7 +197,11 @@ def _conv_rows(kc, x_bits, packed, geo, pt, pl, epi):
     N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M = geo.tolist()
     Hq, Wq = -(-Hp // sh), -(-Wp // sw)
     P = sh * sw * Hq * Wq
-    raw = _dispatch.scratch("conv_fp16.phases", N * C * P + ROWS_SLACK, np.float32)
+    # zeros after the last phase plane: a tile loads all 64 of its positions
+    # for every tap, and the last one's dropped lanes reach up to 63 + Wq - Wo
+    # floats past the plane (a 251-tap 1-D kernel: 280)
+    slack = kc.NR + Wq
+    raw = _dispatch.scratch("conv_fp16.phases", N * C * P + slack, np.float32)
     raw[N * C * P :] = 0.0
     xp = raw[: N * C * P].reshape(N * C, P)
     offs = np.empty(kh * kw, np.int64)

@@ -242,8 +242,8 @@ def test_float32_large_k_bound(half_isa):
 )
 def test_kernel_routing(monkeypatch, xs, ws, attrs, rows):
     # which tile kernel runs (the SIMD path); results as the contract
-    if "avx512_f16c" not in half.available_half_isas():
-        pytest.skip("no F16C+AVX-512 path on this CPU")
+    if not half._simd("f16"):
+        pytest.skip("the selected half-precision path is not F16C+AVX-512")
     kc = ch._kernels()
     ran = []
     for name in ("conv_rows", "conv_simd"):
@@ -255,6 +255,63 @@ def test_kernel_routing(monkeypatch, xs, ws, attrs, rows):
     x, w = rand(rng, xs), rand(rng, ws)
     check_contract(x, w, ch.conv_fp16(x, w, **attrs), **attrs)
     assert ran == ["conv_rows" if rows else "conv_simd"]
+
+
+def _guarded(count, dtype, keep):
+    """count dtype items ending right before a PROT_NONE page: a read past the
+    end faults (the test process dies) rather than reading unused bytes. The
+    mapping is appended to keep (alive for the caller's test)."""
+    import ctypes
+    import mmap
+
+    dt = np.dtype(dtype)
+    page = mmap.PAGESIZE
+    nbytes = count * dt.itemsize
+    size = -(-nbytes // page) * page
+    buf = mmap.mmap(-1, size + page, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    assert libc.mprotect(base + size, page, 0) == 0  # PROT_NONE
+    keep.append(buf)
+    return np.frombuffer(buf, dt, count=count, offset=size - nbytes)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_rows_kernel_reads_stay_inside(monkeypatch, bias):
+    # the rows kernel's loads of dropped lanes: past the last phase plane into
+    # the slack (a 251-tap 1-D kernel reaches 280 floats past it), and the
+    # bias when there is none (a 1-element dummy): both buffers end at a page
+    # that faults on any read past them
+    if not half._simd("f16"):
+        pytest.skip("the selected half-precision path is not F16C+AVX-512")
+    keep = []
+    real = ch._dispatch.scratch
+
+    def scratch(name, shape, dtype):
+        if name == "conv_fp16.phases":
+            return _guarded(shape, dtype, keep)
+        return real(name, shape, dtype)
+
+    monkeypatch.setattr(ch._dispatch, "scratch", scratch)
+    zero = _guarded(1, np.float32, keep)
+    zero[0] = 0.0
+    monkeypatch.setattr(half, "_ZERO_BIAS", zero)
+    rng = np.random.default_rng(12)
+    for xs, ws, attrs in (
+        ((1, 1, 600), (8, 1, 251), {"pads": (125, 125)}),
+        ((1, 3, 9, 9), (12, 3, 3, 3), {"pads": (1, 1, 1, 1)}),
+        ((1, 2, 5, 70), (7, 2, 3, 9), {"strides": (1, 2), "pads": (1, 4, 1, 4)}),
+    ):
+        x, w = rand(rng, xs), rand(rng, ws)
+        b = rng.standard_normal(ws[0]).astype(np.float32) if bias else None
+        got = ch.conv_fp16(x, w, b, **attrs)
+        acc = ref_conv(x, w, **attrs)
+        if bias:
+            acc = (acc + b[(None, slice(None)) + (None,) * (acc.ndim - 2)]).astype(
+                np.float32
+            )
+        assert same_bits(got, acc)
 
 
 # --------------------------------------------------------------------------- #
