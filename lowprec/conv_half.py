@@ -179,7 +179,8 @@ def _use_rows(Cg, Mg, Ho, Wo, Wp, sw) -> bool:
     Few channels per group (< ROWS_BELOW; the 3-channel stem): rows, whose
     K loop runs Cg channels per tap straight from the phase planes (the taps
     kernel read 3-channel stems from an NHWC copy and gathered the rest:
-    1.15-4.8x slower, measured on 7 few-channel layers). Otherwise the kernel
+    1.16-4.8x slower on 7 few-channel layers, 1 thread; on 2 threads one of
+    them, 8 -> 32 channels at 56x56, ran 0.85x). Otherwise the kernel
     that wastes less of its tile: taps loses the columns past M/group in its
     64-wide panels, rows the grid's pad columns and the last tile's tail, and
     its 6-channel tiles past M/group. At equal use taps measured 3-15 %

@@ -475,7 +475,7 @@ def test_bad_input(args, kw, exc, match):
 def test_geometry_cache_keeps_checking():
     # the attributes' checks are cached by value: a valid call first, then the
     # same values as bools / floats / numpy ints must still be judged afresh
-    ok = ch.conv_fp16(X, W, pads=[1, 1, 1, 1], strides=(1, 1), group=True + 0)
+    ok = ch.conv_fp16(X, W, pads=[1, 1, 1, 1], strides=(1, 1), group=1)
     assert ok.shape == (1, 6, 5, 5)
     with pytest.raises(ValueError, match="pads"):
         ch.conv_fp16(X, W, pads=[True, 1, 1, 1], strides=(1, 1))
