@@ -21,9 +21,99 @@ Per block j of ``bs`` k (scale s[n, j], zero point z[n, j], codes c[k, n]):
 """
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
 from .config import JIT, PJIT
+from .ir_util import loop, splat
+
+_i8 = ir.IntType(8)
+_i32 = ir.IntType(32)
+_i64 = ir.IntType(64)
+_f32 = ir.FloatType()
+_vi = ir.VectorType(_i32, 16)
+_vf = ir.VectorType(_f32, 16)
+
+
+@intrinsic
+def _quantize_blocks(typingctx, src, nb, bs, dst, sa, qs):
+    """Blocks 0 .. nb-1 of bs floats (bs % 16 == 0) at src: per block
+    sa = max|a| / 127, dst = clamp(rint(a * (1 / sa)), +-127) as int8 (0 where
+    sa = 0), qs = float(sum dst): the scalar loop's arithmetic, 16 lanes a
+    step (the scalar loop took 7 us for 4096 floats, most of a GEMV's
+    fixed cost). All int64 addresses; returns the largest |a| bit pattern
+    (>= 0x7F800000 when a NaN or infinity was seen)."""
+
+    def codegen(context, builder, sig, args):
+        src, nb, bs, dst, sa, qs = args
+        c64 = lambda x: ir.Constant(_i64, x)  # noqa: E731
+        mod = builder.module
+        fn = lambda name, ret, a: mod.declare_intrinsic(  # noqa: E731
+            name, fnty=ir.FunctionType(ret, a)
+        )
+        smax = fn("llvm.smax.v16i32", _vi, [_vi, _vi])
+        rmax = fn("llvm.vector.reduce.smax.v16i32", _i32, [_vi])
+        radd = fn("llvm.vector.reduce.add.v16i32", _i32, [_vi])
+        rint = fn("llvm.rint.v16f32", _vf, [_vf])
+        nv = builder.sdiv(bs, c64(16))
+        absmask = splat(builder, ir.Constant(_i32, 0x7FFFFFFF), _vi)
+        hi = splat(builder, ir.Constant(_f32, 127.0), _vf)
+        lo = splat(builder, ir.Constant(_f32, -127.0), _vf)
+
+        def vec(base, i, ty, step):
+            off = builder.add(base, builder.mul(i, c64(step)))
+            return builder.inttoptr(off, ty.as_pointer())
+
+        def block(j, vals):
+            (seen,) = vals
+            a0 = builder.add(src, builder.mul(j, builder.mul(bs, c64(4))))
+            q0 = builder.add(dst, builder.mul(j, bs))
+
+            def amax(i, m):
+                v = builder.load(vec(a0, i, _vi, 64), align=4)
+                return [builder.call(smax, [m[0], builder.and_(v, absmask)])]
+
+            (mv,) = loop(
+                builder, c64(0), nv, [ir.Constant(_vi, None)], amax, guard=False
+            )
+            mx = builder.call(rmax, [mv])
+            s = builder.fdiv(builder.bitcast(mx, _f32), ir.Constant(_f32, 127.0))
+            pos = builder.fcmp_ordered(">", s, ir.Constant(_f32, 0.0))
+            inv = builder.select(
+                pos, builder.fdiv(ir.Constant(_f32, 1.0), s), ir.Constant(_f32, 0.0)
+            )
+            invv = splat(builder, inv, _vf)
+
+            def quant(i, t):
+                x = builder.fmul(builder.load(vec(a0, i, _vf, 64), align=4), invv)
+                x = builder.call(rint, [x])
+                # numba's min(max(x, -127), 127) for a number x
+                x = builder.select(builder.fcmp_ordered("<", x, lo), lo, x)
+                x = builder.select(builder.fcmp_ordered(">", x, hi), hi, x)
+                q = builder.fptosi(x, _vi)
+                builder.store(
+                    builder.trunc(q, ir.VectorType(_i8, 16)),
+                    vec(q0, i, ir.VectorType(_i8, 16), 16),
+                    align=1,
+                )
+                return [builder.add(t[0], q)]
+
+            (tv,) = loop(
+                builder, c64(0), nv, [ir.Constant(_vi, None)], quant, guard=False
+            )
+            so = builder.mul(j, c64(4))
+            builder.store(s, builder.inttoptr(builder.add(sa, so), _f32.as_pointer()))
+            builder.store(
+                builder.sitofp(builder.call(radd, [tv]), _f32),
+                builder.inttoptr(builder.add(qs, so), _f32.as_pointer()),
+            )
+            return [builder.call(fn("llvm.smax.i32", _i32, [_i32, _i32]), [seen, mx])]
+
+        (seen,) = loop(builder, c64(0), nb, [ir.Constant(_i32, 0)], block)
+        return builder.sext(seen, _i64)
+
+    return types.int64(*([types.int64] * 6)), codegen
 
 
 @njit(**JIT)
@@ -34,8 +124,23 @@ def quantize_rows_blockwise(a, bs, qa, ascale, qasum):
     M, K = a.shape
     Kp = qa.shape[1]
     probe = np.float32(0.0)
+    # whole blocks of a contiguous row: 16 lanes a step (_quantize_blocks)
+    unit = (
+        a.strides[1] == 4 and qa.strides[1] == 1
+        and ascale.strides[1] == 4 and qasum.strides[1] == 4
+    )  # fmt: skip
+    nfast = K // bs if unit and bs % 16 == 0 else 0
     for m in range(M):
-        for j in range(Kp // bs):
+        if nfast:
+            seen = _quantize_blocks(
+                a.ctypes.data + m * a.strides[0], nfast, bs,
+                qa.ctypes.data + m * qa.strides[0],
+                ascale.ctypes.data + m * ascale.strides[0],
+                qasum.ctypes.data + m * qasum.strides[0],
+            )  # fmt: skip
+            if seen >= 0x7F800000:
+                probe = np.float32(np.nan)
+        for j in range(nfast, Kp // bs):
             k1 = min((j + 1) * bs, K)
             amax = np.float32(0.0)
             for k in range(j * bs, k1):

@@ -466,7 +466,7 @@ def _finish(y, N, bias, lead):
     out = y if y.shape[1] == N else np.array(y[:, :N])  # scratch is copied
     if bias is not None:
         out += bias
-    return out.reshape(*lead, N)
+    return out if len(lead) == 1 else out.reshape(*lead, N)  # (M, N) already
 
 
 # below this many multiply-adds a call runs on the calling thread (a parallel
@@ -537,7 +537,7 @@ def _run_nbits(pk: PackedNBits, a2: np.ndarray, level: int) -> np.ndarray:
         if _vnni():
             ok = _call(
                 macs, _kv().run_quantizing, _f32(a2), pk._wq, pk._sc, 1, pk._zp,
-                pk._zstride, pk.bits, pk.block_size, _NO_LUT, False, y,
+                pk._zstride, pk.bits, pk.block_size, _NO_LUT, False, y, 0,
             )  # fmt: skip
             _finite(ok)
             return y
@@ -841,7 +841,7 @@ def matmul_codebook(a, indices, codebook=None, *, K=None, N=None, bits=4, bias=N
         if _vnni() and pk.shared and pk.bits == 4:
             ok = _call(
                 macs, _kv().run_quantizing, _f32(a2), pk._wq, pk._sc, 0, pk._zp, 0,
-                pk.bits, CODEBOOK_ACT_BLOCK, pk._table, True, y,
+                pk.bits, CODEBOOK_ACT_BLOCK, pk._table, True, y, _kv().LUT_KIND,
             )  # fmt: skip
             _finite(ok)
         else:

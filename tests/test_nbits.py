@@ -208,6 +208,42 @@ def test_matmul_nbits_int8_path_bit_exact(isa, M, K, N, bits, bs, sym):
     assert np.array_equal(got, ref)
 
 
+@pytest.mark.parametrize(
+    ("K", "N", "bs", "zero"),
+    [
+        (64, 96, 32, None),  # a pair of groups and a lone one
+        (200, 130, 32, None),  # K past the last whole block, a padded group
+        (96, 64, 16, 5),  # 4 rows a block (the loop form), one zero point 5
+        (256, 160, 64, None),
+        (300, 64, 128, 0),
+        (4096, 64, 4096, None),  # the largest block the GEMV kernel takes
+        (8192, 32, 8192, None),  # past it: the tile kernel
+    ],
+)
+def test_matmul_nbits_gemv_bit_exact(isa, K, N, bs, zero):
+    # one row of activations, 4 bits, one zero point for the whole matrix:
+    # the VNNI path's GEMV kernel (kernels/nbits_vnni.make_gemv4), whose
+    # integer zero-point term must give the float formula's bits
+    rng = np.random.default_rng([K, N, bs, 7])
+    w = rng.standard_normal((K, N)).astype(np.float32)
+    packed, scales, zp = nb.quantize_blockwise(w, bits=4, block_size=bs)
+    nblk = -(-K // bs)
+    zps = np.full((N, nblk), 8)
+    if zero is not None:  # two 4-bit codes a byte
+        zp = np.full((N, (nblk + 1) // 2), zero * 17, np.uint8)
+        zps[:] = zero
+    a = (rng.standard_normal((1, K)) * 3).astype(np.float32)
+    # a block at the int8 extremes (the largest integer sums), an all-zero
+    # block (scale 0) where there is room
+    a[0, K - K % bs - bs : K - K % bs] = np.where(np.arange(bs) % 3, 1.0, -1.0)
+    if K >= 2 * bs:
+        a[0, :bs] = 0
+    pk = nb.pack_nbits(packed, scales, zp, K=K, N=N, bits=4, block_size=bs)
+    got = nb.matmul_nbits(a, pk, accuracy_level=4)
+    ref = _int8_oracle(a, _codes_oracle(packed, 4, K), scales, zps, K, bs)
+    assert np.array_equal(got, ref)
+
+
 def _ort_nbits(a, packed, scales, zp, K, N, bits, bs, level):
     pytest.importorskip("onnxruntime")
     from lowprec._bench_nbits import ort_nbits_session
@@ -263,7 +299,8 @@ def test_matmul_nbits_shapes_and_float16():
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-def test_nbits_non_finite_activations(isa, bad):
+@pytest.mark.parametrize("where", [40, 63])
+def test_nbits_non_finite_activations(isa, bad, where):
     rng = np.random.default_rng(4)
     w = rng.standard_normal((64, 32)).astype(np.float32)
     p, s, _ = nb.quantize_blockwise(w)
@@ -271,7 +308,7 @@ def test_nbits_non_finite_activations(isa, bad):
     idx, cb = nb.kmeans_quantize(w)
     pc = nb.pack_codebook(idx, cb, K=64, N=32)
     a = rng.standard_normal((2, 64)).astype(np.float32)
-    a[1, 40] = bad
+    a[1, where] = bad
     # int8 activations cannot hold it: a clear error, never a finite answer
     with pytest.raises(ValueError, match="NaN or infinity"):
         nb.matmul_nbits(a, pk, accuracy_level=4)
@@ -390,9 +427,20 @@ def test_log2_quantize_codes():
 
 @pytest.mark.parametrize("per_row", [False, True])
 @pytest.mark.parametrize("bits", [2, 4])
-def test_matmul_codebook(isa, per_row, bits):
-    rng = np.random.default_rng([bits, per_row])
-    M, K, N = 3, 150, 40
+@pytest.mark.parametrize(("M", "N"), [(3, 40), (1, 100)])  # 1 row: the GEMV kernel
+@pytest.mark.parametrize("lookup", ["pshufb", "vpermb"])
+def test_matmul_codebook(isa, per_row, bits, M, N, lookup, monkeypatch):
+    if "avx512_vnni" in lowprec.available_isas():
+        # the GEMV kernel's table lookup, each in turn (vpermb falls back to
+        # pshufb on hosts without AVX-512 VBMI)
+        from lowprec.kernels import nbits_vnni as kv
+
+        kind = kv.LUT_VPERMB if lookup == "vpermb" else kv.LUT_PSHUFB
+        monkeypatch.setattr(kv, "LUT_KIND", kind)
+    elif lookup == "vpermb":
+        pytest.skip("one lookup without AVX-512 VNNI")
+    rng = np.random.default_rng([bits, per_row, M])
+    K = 150
     w = rng.standard_normal((K, N)).astype(np.float32)
     idx, cb = nb.kmeans_quantize(w, bits=bits, per_row=per_row)
     wd = nb.dequantize_codebook(idx, cb, K=K, bits=bits).astype(np.float64)
