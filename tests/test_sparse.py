@@ -309,6 +309,52 @@ def test_qlinear_spmm_bsr1x4_matches_oracle(
     np.testing.assert_array_equal(got, want)
 
 
+def test_qlinear_spmm_cached_parameters():
+    """The validated per-tensor parameters are cached on w per call key: calls
+    that change one parameter at a time on the same w each match the oracle,
+    and a bad value after cached good calls still raises."""
+    rng = np.random.default_rng(11)
+    M, K = 40, 64
+    mask = np.repeat(rng.random((M, K // 4)) < 0.4, 4, axis=1)
+    W = sp.from_dense(
+        rng.standard_normal((M, K)).astype(np.float32), mask, format="bsr1x4",
+        dtype=np.int8,
+    )  # fmt: skip
+    x = rng.integers(0, 256, (K, 1)).astype(np.uint8)
+    xs = x.astype(np.int16) - 128
+    f32, u8, relu = np.float32, np.uint8, {"activation": "relu"}
+    real = {"out_dtype": np.float32}
+    calls = [
+        (x, f32(0.02), u8(128), f32(0.5), u8(128), {}),
+        (x, f32(0.03), u8(128), f32(0.5), u8(128), {}),
+        (x, f32(0.03), 120, f32(0.5), u8(128), {}),
+        (x, f32(0.03), 120, np.float16(0.25), u8(128), {}),
+        (x, f32(0.03), 120, f32(0.5), u8(3), {}),
+        (x, f32(0.03), 120, f32(0.5), np.int8(-3), {}),
+        (x, f32(0.03), 120, f32(0.5), u8(3), relu),
+        (x, f32(0.03), 120, None, None, real),
+        (x, 0.03, 120, None, None, {**real, "activation": (-1.0, 1.0)}),
+        (xs.astype(np.int8), f32(0.03), np.int8(-8), f32(0.5), u8(3), {}),
+        (x, f32(0.02), u8(128), f32(0.5), u8(128), {}),
+    ]  # fmt: skip
+    for _ in range(2):  # the second round reads every key from the cache
+        for xx, sx, zx, sy, zy, kw in calls:
+            got = sp.qlinear_spmm(W, xx, sx, zx, sy, zy, **kw)
+            zx_ = np.asarray(zx, xx.dtype)
+            want = ref.qlinear_matmul(
+                np.ascontiguousarray(xx.T), np.float32(sx), zx_,
+                np.ascontiguousarray(W.to_dense().T), W.scale, W.zero_point, sy, zy,
+                **kw,
+            ).T  # fmt: skip
+            assert got.dtype == want.dtype
+            np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="x_scale"):
+        sp.qlinear_spmm(W, x, np.float32(-1.0), np.uint8(128), np.float32(0.5),
+                        np.uint8(128))  # fmt: skip
+    with pytest.raises(ValueError, match="zero_point"):
+        sp.qlinear_spmm(W, x, np.float32(0.02), 300, np.float32(0.5), np.uint8(128))
+
+
 def test_save_load_round_trip_and_smaller(tmp_path):
     rng = np.random.default_rng(5)
     w = rng.standard_normal((256, 512)).astype(np.float32)
