@@ -40,10 +40,11 @@ _vf = ir.VectorType(_f32, 16)
 def _quantize_blocks(typingctx, src, nb, bs, dst, sa, qs):
     """Blocks 0 .. nb-1 of bs floats (bs % 16 == 0) at src: per block
     sa = max|a| / 127, dst = clamp(rint(a * (1 / sa)), +-127) as int8 (0 where
-    sa = 0), qs = float(sum dst): the scalar loop's arithmetic, 16 lanes a
-    step (the scalar loop took 7 us for 4096 floats, most of a GEMV's
-    fixed cost). All int64 addresses; returns the largest |a| bit pattern
-    (>= 0x7F800000 when a NaN or infinity was seen)."""
+    sa = 0, and for a = 0 where 1 / sa overflows), qs = float(sum dst): the
+    scalar loop's arithmetic, 16 lanes a step (the scalar loop took 7 us for
+    4096 floats, most of a GEMV's fixed cost). All int64 addresses; returns
+    the largest |a| bit pattern (>= 0x7F800000 when a NaN or infinity was
+    seen)."""
 
     def codegen(context, builder, sig, args):
         src, nb, bs, dst, sa, qs = args
@@ -88,6 +89,10 @@ def _quantize_blocks(typingctx, src, nb, bs, dst, sa, qs):
             def quant(i, t):
                 x = builder.fmul(builder.load(vec(a0, i, _vf, 64), align=4), invv)
                 x = builder.call(rint, [x])
+                # 0 * inf = NaN where the scale is subnormal (1 / s = inf):
+                # 0, as the scalar loop and the CUDA kernel
+                nan = builder.fcmp_unordered("uno", x, x)
+                x = builder.select(nan, ir.Constant(_vf, None), x)
                 # numba's min(max(x, -127), 127) for a number x
                 x = builder.select(builder.fcmp_ordered("<", x, lo), lo, x)
                 x = builder.select(builder.fcmp_ordered(">", x, hi), hi, x)
@@ -150,9 +155,11 @@ def quantize_rows_blockwise(a, bs, qa, ascale, qasum):
             inv = np.float32(1.0) / s if s > 0 else np.float32(0.0)
             total = 0
             for k in range(j * bs, k1):
-                q = min(
-                    max(np.rint(a[m, k] * inv), np.float32(-127.0)), np.float32(127.0)
-                )
+                f = np.rint(a[m, k] * inv)
+                # NaN: 0 * inf with a subnormal scale (1 / s = inf): 0
+                q = np.float32(0.0)
+                if f == f:
+                    q = min(max(f, np.float32(-127.0)), np.float32(127.0))
                 qa[m, k] = np.int8(q)
                 total += np.int32(q)
             for k in range(max(k1, j * bs), (j + 1) * bs):

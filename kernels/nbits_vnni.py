@@ -249,8 +249,9 @@ def _tile(bits, lut, mr, *a):
 
 def make_gemv4(NG, NCH, QPB, kind):
     """Intrinsic: one row of activations x NG groups of 4-bit codes with one
-    zero point z for the whole matrix (the symmetric default; the codebook's
-    128), block size 4 * QPB (0: any, a runtime loop). kind: CODES, or a
+    integer zero point z for the whole matrix (the symmetric default's 8, the
+    codebook's 128; run_quantizing sends fractional ones to make_tile), block
+    size 4 * QPB (0: any, a runtime loop). kind: CODES, or a
     codebook looked up with LUT_PSHUFB or LUT_VPERMB.
 
     _g(qa, zi, wq, gw, nblk, qpb, sc, gs, ss, sa, table, out) all int64: qa
@@ -545,8 +546,11 @@ def run_quantizing(a, wq, sc, sstride, zp, zstride, bits, bs, table, lut, out, l
     if not quantize_rows_blockwise(a, bs, qa, ascale, qasum):
         return False  # non-finite activations: the caller raises
     kind = lutk if lut else CODES
-    if M == 1 and bits == 4 and zstride == 0 and gemv_exact(bs, kind):
-        gemv4(qa, qasum, ascale, wq, sc, sstride, zp[0, 0, 0], bs, table, kind, out)
+    # the GEMV's zero point is an integer code (a float one takes the tile)
+    z = zp[0, 0, 0]
+    zcode = z == np.floor(z) and 0 <= z <= (255 if lut else 15)
+    if M == 1 and bits == 4 and zstride == 0 and zcode and gemv_exact(bs, kind):
+        gemv4(qa, qasum, ascale, wq, sc, sstride, z, bs, table, kind, out)
     else:
         run(qa, ascale, qasum, wq, sc, sstride, zp, zstride, bits, bs, table, lut, out)
     return True

@@ -56,9 +56,11 @@ def _int8_oracle(a, w_codes, scales, zps, K, bs):
         sl = slice(j * bs, min(K, (j + 1) * bs))
         blk = a[:, sl].astype(np.float32)
         sa = (np.abs(blk).max(axis=1) / np.float32(127)).astype(np.float32)
-        with np.errstate(divide="ignore"):
+        with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
             inv = np.where(sa > 0, np.float32(1) / sa, np.float32(0)).astype(np.float32)
-        qa = np.clip(np.rint(blk * inv[:, None]), -127, 127).astype(np.int64)
+            q = np.rint(blk * inv[:, None])
+        # 0 * inf (a subnormal scale) is NaN: 0, as every kernel
+        qa = np.clip(np.where(np.isnan(q), 0, q), -127, 127).astype(np.int64)
         dot = qa @ w_codes[:, sl].T  # exact integers
         qs = qa.sum(axis=1).astype(np.float32)
         t = dot.astype(np.float32) - zps[:, j].astype(np.float32)[None] * qs[:, None]
@@ -216,6 +218,7 @@ def test_matmul_nbits_int8_path_bit_exact(isa, M, K, N, bits, bs, sym):
         (96, 64, 16, 5),  # 4 rows a block (the loop form), one zero point 5
         (256, 160, 64, None),
         (300, 64, 128, 0),
+        (256, 64, 64, 15),  # the largest zero point
         (4096, 64, 4096, None),  # the largest block the GEMV kernel takes
         (8192, 32, 8192, None),  # past it: the tile kernel
     ],
@@ -233,15 +236,38 @@ def test_matmul_nbits_gemv_bit_exact(isa, K, N, bs, zero):
         zp = np.full((N, (nblk + 1) // 2), zero * 17, np.uint8)
         zps[:] = zero
     a = (rng.standard_normal((1, K)) * 3).astype(np.float32)
-    # a block at the int8 extremes (the largest integer sums), an all-zero
-    # block (scale 0) where there is room
-    a[0, K - K % bs - bs : K - K % bs] = np.where(np.arange(bs) % 3, 1.0, -1.0)
+    # a block at the int8 extremes, one sign (the largest integer sums), an
+    # all-zero block (scale 0) where there is room
+    a[0, K - K % bs - bs : K - K % bs] = 1.0
     if K >= 2 * bs:
         a[0, :bs] = 0
     pk = nb.pack_nbits(packed, scales, zp, K=K, N=N, bits=4, block_size=bs)
     got = nb.matmul_nbits(a, pk, accuracy_level=4)
     ref = _int8_oracle(a, _codes_oracle(packed, 4, K), scales, zps, K, bs)
     assert np.array_equal(got, ref)
+
+
+@pytest.mark.parametrize("M", [1, 2])
+def test_nbits_int8_path_edge_blocks(isa, M):
+    # a block of subnormal-scale values (1 / scale overflows: its zeros must
+    # quantize to 0, in the vector quantizer and in the partial last block's
+    # scalar loop) and a fractional zero point (not the GEMV kernel's integer
+    # term): bit for bit with the oracle, one row as two
+    rng = np.random.default_rng([M, 9])
+    K, N, bs = 80, 48, 32  # blocks 0 and 1 whole (vector), 2 partial (scalar)
+    w = rng.standard_normal((K, N)).astype(np.float32)
+    packed, scales, _ = nb.quantize_blockwise(w, bits=4, block_size=bs)
+    # only tiny blocks, so a wrong block sum shows in the result
+    a = np.zeros((M, K), np.float32)
+    a[:, 0], a[:, 1] = 1e-38, -3e-39
+    a[:, 70] = 2e-39
+    codes = _codes_oracle(packed, 4, K)
+    for zp in (None, np.full((N, 3), 7.5, np.float32)):
+        pk = nb.pack_nbits(packed, scales, zp, K=K, N=N, bits=4, block_size=bs)
+        zps = np.full((N, 3), 8.0) if zp is None else np.full((N, 3), 7.5)
+        got = nb.matmul_nbits(a, pk, accuracy_level=4)
+        ref = _int8_oracle(a, codes, scales, zps, K, bs)
+        assert np.array_equal(got, ref)
 
 
 def _ort_nbits(a, packed, scales, zp, K, N, bits, bs, level):
@@ -299,15 +325,15 @@ def test_matmul_nbits_shapes_and_float16():
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-@pytest.mark.parametrize("where", [40, 63])
+@pytest.mark.parametrize("where", [40, 63, 75])  # whole blocks; the partial one
 def test_nbits_non_finite_activations(isa, bad, where):
     rng = np.random.default_rng(4)
-    w = rng.standard_normal((64, 32)).astype(np.float32)
+    w = rng.standard_normal((80, 32)).astype(np.float32)
     p, s, _ = nb.quantize_blockwise(w)
-    pk = nb.pack_nbits(p, s, K=64, N=32)
+    pk = nb.pack_nbits(p, s, K=80, N=32)
     idx, cb = nb.kmeans_quantize(w)
-    pc = nb.pack_codebook(idx, cb, K=64, N=32)
-    a = rng.standard_normal((2, 64)).astype(np.float32)
+    pc = nb.pack_codebook(idx, cb, K=80, N=32)
+    a = rng.standard_normal((2, 80)).astype(np.float32)
     a[1, where] = bad
     # int8 activations cannot hold it: a clear error, never a finite answer
     with pytest.raises(ValueError, match="NaN or infinity"):
@@ -427,7 +453,8 @@ def test_log2_quantize_codes():
 
 @pytest.mark.parametrize("per_row", [False, True])
 @pytest.mark.parametrize("bits", [2, 4])
-@pytest.mark.parametrize(("M", "N"), [(3, 40), (1, 100)])  # 1 row: the GEMV kernel
+# 1 row: the GEMV kernel (150 columns: a set of 4 groups and a lone one)
+@pytest.mark.parametrize(("M", "N"), [(3, 40), (1, 150)])
 @pytest.mark.parametrize("lookup", ["pshufb", "vpermb"])
 def test_matmul_codebook(isa, per_row, bits, M, N, lookup, monkeypatch):
     if "avx512_vnni" in lowprec.available_isas():
