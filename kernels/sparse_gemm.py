@@ -625,99 +625,126 @@ def spmm_s8_vnni_serial(
              qlo, qhi, out)  # fmt: skip
 
 
-def make_gather_dot(ikind):
-    """Intrinsic for the int8 GEMV (N = 1): _gdot(x, idx, val, p0, p1) -> int32
-    = sum over blocks p0..p1-1 of dot4(w_p, x'[4*idx_p .. 4*idx_p + 3]), 16
-    blocks per step: one vpgatherdd of the X words, one load of the 16 W words,
-    one vpdpbusd, then a horizontal sum. A 1 x 16 tile would use 1 of its 16
-    lanes (measured: 1024x1024 @ 70 %, 2 threads, 99 -> ~45 us per call).
-    x: address of the packed X words (uint32, x' = x ^ flip), idx: uint16 /
-    int32 block columns, val: int8 values (4 per block); lanes past p1 masked."""
-    isize = {U16: 2, I32: 4}[ikind]
-    ity = ir.VectorType(_i16 if ikind == U16 else _i32, 16)
+# One column, banked (N = 1): the 16 rows of a tile are the 16 lanes, and the
+# X words come from registers instead of a gather. X's words are cut into
+# banks of 32 (two zmm registers); per (tile, bank) the rows' blocks whose
+# word lies in the bank are laid out in slots: slot s holds, for each lane, one
+# block's 4 weight bytes (bv, an int32; 0 pads shorter rows) and the word's
+# index within the bank (bi, a byte). One vpermi2d of the bank's registers
+# gives the 16 X words of a slot, one vpdpbusd adds the 16 dot4s:
+#
+#     acc[lane] += dot4(bv[s, lane], X'[32 b + bi[s, lane]])
+#
+# (a kernel that gathered 16 X words per vpdpbusd took ~40 cycles per 16
+# blocks in vpgatherdd: 1024 x 1024 at 70 %, 1 thread, 57 -> 18 us a call).
+# Slot counts are padded to a multiple of BANK_CHAINS, the independent
+# accumulators that hide vpdpbusd's latency. Layout built by
+# lowprec.sparse._gemv_banks.
+BANK_WORDS = 32
+BANK_CHAINS = 4
+
+
+@intrinsic
+def _bank_tile(typingctx, x, bv, bi, tb, nb, acc):
+    """acc[0:16] (int32) = one row tile's sums over its banks: x (X' words,
+    uint32, nb * 32 of them, zero past K), bv / bi (the tile's slots), tb
+    (int64 slot offsets, nb + 1 of them, relative to bv / bi); all addresses
+    int64."""
 
     def codegen(context, builder, sig, args):
-        x, idx, val, p0, p1 = args
-        i8p = _i8.as_pointer()
-        mload_i = _fn(builder, f"llvm.masked.load.v16i{8 * isize}.p0", ity,
-                      [ity.as_pointer(), _i32, _m16, ity])  # fmt: skip
-        mload_w = _fn(builder, "llvm.masked.load.v16i32.p0", _vi,
-                      [_vi.as_pointer(), _i32, _m16, _vi])  # fmt: skip
-        gather = _fn(builder, "llvm.x86.avx512.mask.gather.dpi.512", _vi,
-                     [_vi, i8p, _vi, _m16, _i32])  # fmt: skip
+        x, bv, bi, tb, nb, acc = args
+        c64 = lambda v: ir.Constant(_i64, v)  # noqa: E731
+        perm = _fn(builder, "llvm.x86.avx512.vpermi2var.d.512", _vi, [_vi, _vi, _vi])
         dot = _fn(builder, "llvm.x86.avx512.vpdpbusd.512", _vi, [_vi, _vi, _vi])
-        lanes = ir.Constant(ir.VectorType(_i64, 16), list(range(16)))
-        xb = builder.inttoptr(x, i8p)
+        vb = ir.VectorType(_i8, 16)
 
-        def step(p, accs):
-            rem = _splat(builder, builder.sub(p1, p), ir.VectorType(_i64, 16))
-            mask = builder.icmp_signed("<", lanes, rem)
-            ip = builder.inttoptr(
-                builder.add(idx, builder.mul(p, ir.Constant(_i64, isize))),
-                ity.as_pointer(),
+        def ptr(base, off, ty):
+            return builder.inttoptr(builder.add(base, off), ty.as_pointer())
+
+        def bank(b, accs):
+            s0 = builder.load(ptr(tb, builder.mul(b, c64(8)), _i64))
+            s1 = builder.load(
+                ptr(tb, builder.mul(builder.add(b, c64(1)), c64(8)), _i64)
             )
-            iv = builder.call(mload_i, [ip, ir.Constant(_i32, isize), mask,
-                                        ir.Constant(ity, None)])  # fmt: skip
-            if ikind == U16:
-                iv = builder.zext(iv, _vi)
-            xg = builder.call(gather, [ir.Constant(_vi, None), xb, iv, mask,
-                                       ir.Constant(_i32, 4)])  # fmt: skip
-            wp = builder.inttoptr(
-                builder.add(val, builder.mul(p, ir.Constant(_i64, 4))), _vi.as_pointer()
-            )
-            wv = builder.call(mload_w, [wp, ir.Constant(_i32, 1), mask,
-                                        ir.Constant(_vi, None)])  # fmt: skip
-            # operand 2 unsigned bytes (X'), operand 3 signed bytes (W)
-            return [builder.call(dot, [accs[0], xg, wv])]
+            xo = builder.mul(b, c64(4 * BANK_WORDS))
+            x0 = builder.load(ptr(x, xo, _vi), align=4)
+            x1 = builder.load(ptr(x, builder.add(xo, c64(64)), _vi), align=4)
 
-        (acc,) = _ir_loop(builder, p0, p1, [ir.Constant(_vi, None)], step, step=16,
-                          name="gdot")  # fmt: skip
-        red = _fn(builder, "llvm.vector.reduce.add.v16i32", _i32, [_vi])
-        return builder.call(red, [acc])
+            def slots(s, accs):
+                new = []
+                for c in range(BANK_CHAINS):
+                    sc = builder.add(s, c64(c))
+                    iv = builder.zext(
+                        builder.load(ptr(bi, builder.mul(sc, c64(16)), vb), align=1),
+                        _vi,
+                    )
+                    xv = builder.call(perm, [x0, iv, x1])
+                    wv = builder.load(ptr(bv, builder.mul(sc, c64(64)), _vi), align=4)
+                    # operand 2 unsigned bytes (X'), operand 3 signed bytes (W)
+                    new.append(builder.call(dot, [accs[c], xv, wv]))
+                return new
 
-    @intrinsic
-    def _gdot(typingctx, x, idx, val, p0, p1):
-        return types.int32(*([types.int64] * 5)), codegen
+            return _ir_loop(builder, s0, s1, accs, slots, step=BANK_CHAINS, name="slot")
 
-    return _gdot
+        zero = ir.Constant(_vi, None)
+        accs = _ir_loop(builder, c64(0), nb, [zero] * BANK_CHAINS, bank, name="bank")
+        total = accs[0]
+        for a in accs[1:]:
+            total = builder.add(total, a)
+        builder.store(total, ptr(acc, c64(0), _vi), align=4)
+        return context.get_dummy_value()
 
-
-_gdot_u16 = make_gather_dot(U16)
-_gdot_i32 = make_gather_dot(I32)
+    return types.void(*([types.int64] * 6)), codegen
 
 
 @njit(inline="always")
-def _s8_gemv_rows(c0, c1, xp, idx, val, ptr, zx, rs, bias, mult, zy, qlo, qhi, mode,
+def _s8_bank_rows(t0, t1, xp, bv, bi, tb, zx, rs, bias, mult, zy, qlo, qhi, mode,
                   out):  # fmt: skip
-    # out[m, 0] for rows c0..c1-1: the gathered dot of each row, then eqs.
-    # 8-13 as the portable kernel runs them (_requant_row)
-    xa, ia, va = xp.ctypes.data, idx.ctypes.data, val.ctypes.data
-    acc = np.empty(1, np.int32)
-    for m in range(c0, c1):
-        if idx.itemsize == 4:
-            acc[0] = _gdot_i32(xa, ia, va, ptr[m], ptr[m + 1])
-        else:
-            acc[0] = _gdot_u16(xa, ia, va, ptr[m], ptr[m + 1])
-        _requant_row(acc, m, 0, 1, zx, rs, bias, mult, zy, qlo, qhi, mode, out)
+    # out[m] (1-D) for the rows of tiles t0..t1-1: the tiles' sums, then eqs.
+    # 8-13 in _requant_row's arithmetic, one loop over the rows (it vectorizes:
+    # per row through _requant_row it took as long as the tiles, 7 us for
+    # 1024 rows)
+    M = out.shape[0]
+    nb = tb.shape[1] - 1
+    acc = np.empty(16 * (t1 - t0), np.int32)
+    for t in range(t0, t1):
+        _bank_tile(xp.ctypes.data, bv.ctypes.data, bi.ctypes.data,
+                   tb.ctypes.data + t * tb.strides[0], nb,
+                   acc.ctypes.data + 64 * (t - t0))  # fmt: skip
+    m0 = 16 * t0
+    if mode == 1:
+        for m in range(m0, min(16 * t1, M)):
+            v = np.rint(np.float64(np.int64(acc[m - m0]) - zx * rs[m] + bias[m])
+                        * mult[m] + zy)  # fmt: skip
+            out[m] = min(max(v, qlo), qhi)
+    else:
+        for m in range(m0, min(16 * t1, M)):
+            v = np.float64(np.int64(acc[m - m0]) - zx * rs[m] + bias[m]) * mult[m]
+            out[m] = min(max(np.float32(v), qlo), qhi)
 
 
 @njit(**PJIT)
-def spmm_s8_gemv(xp, idx, val, ptr, chunks, zx, rs, bias, mult, zy, qlo, qhi, mode,
-                 out):  # fmt: skip
-    # out (M,1) = requant(W @ x) for W 1x4 blocks of int8 (zero point 0) and x
-    # packed as xp (K4,) uint32 words (pack_x_u8 with N = 1); mode 1: uint8 /
-    # int8 out, 2: float32 out; chunks (parts+1,) row bounds balanced by nnz
+def spmm_s8_banks(x, flip, bv, bi, tb, chunks, zx, rs, bias, mult, zy, qlo, qhi,
+                  mode, out):  # fmt: skip
+    # out (M,) = requant(W @ x) for W's banked slots (see BANK_WORDS) and x
+    # (K, 1) uint8 / int8, packed here (flip: 0x80 for int8) as nb*32 uint32
+    # words, zero past K; chunks (parts+1,) tile bounds. Packing inside the
+    # call: one dispatch and no scratch lookup (~2 us of a ~15 us call)
+    xp = np.empty((BANK_WORDS * (tb.shape[1] - 1), 1, 4), np.uint8)
+    pack_x_u8(x, flip, xp)
     for c in prange(chunks.shape[0] - 1):
-        _s8_gemv_rows(chunks[c], chunks[c + 1], xp, idx, val, ptr, zx, rs, bias,
-                      mult, zy, qlo, qhi, mode, out)  # fmt: skip
+        _s8_bank_rows(chunks[c], chunks[c + 1], xp, bv, bi, tb, zx, rs, bias, mult,
+                      zy, qlo, qhi, mode, out)  # fmt: skip
 
 
 @njit(**JIT)
-def spmm_s8_gemv_serial(xp, idx, val, ptr, chunks, zx, rs, bias, mult, zy, qlo, qhi,
-                        mode, out):  # fmt: skip
-    # as spmm_s8_gemv on the calling thread
-    _s8_gemv_rows(0, ptr.shape[0] - 1, xp, idx, val, ptr, zx, rs, bias, mult, zy,
-                  qlo, qhi, mode, out)  # fmt: skip
+def spmm_s8_banks_serial(x, flip, bv, bi, tb, chunks, zx, rs, bias, mult, zy, qlo,
+                         qhi, mode, out):  # fmt: skip
+    # as spmm_s8_banks on the calling thread
+    xp = np.empty((BANK_WORDS * (tb.shape[1] - 1), 1, 4), np.uint8)
+    pack_x_u8(x, flip, xp)
+    _s8_bank_rows(0, tb.shape[0], xp, bv, bi, tb, zx, rs, bias, mult, zy, qlo, qhi,
+                  mode, out)  # fmt: skip
 
 
 @njit(**PJIT)

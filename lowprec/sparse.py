@@ -52,6 +52,10 @@ FORMAT_VERSION = 1
 # below this many multiply-adds a call runs on the calling thread (numba's pool
 # launch costs a few microseconds, more than a small product)
 SERIAL_MACS = 1 << 18
+# the one-column int8 kernel runs on the calling thread below this many slots:
+# a parallel call costs ~6.6 us more than its kernel halves save at 8052 slots
+# (1024 x 1024 at 70 %, 2 threads: serial 15.2 us, parallel 17.8-19.5 us)
+BANK_PARALLEL_SLOTS = 16384
 CHUNKS_PER_THREAD = 8
 # qlinear_spmm (int8 1x4): per-thread packed copies of X up to this many bytes
 # in all (every thread packs all of X; past this one shared copy is packed)
@@ -816,12 +820,15 @@ def qlinear_spmm(
     threads = _threads(w.nnz * N)
     flip = 0x80 if x.dtype == np.int8 else 0
     if _fast_path() and w.format == "bsr1x4" and symmetric and K > 0 and N == 1:
-        # one column: gathered X words, 16 blocks per vpdpbusd
-        xp = _dispatch.scratch("spmm_s8_x1", (-(-K // 4), 1, 4), np.uint8)
-        _ks.pack_x_u8(np.ascontiguousarray(x2), np.uint8(flip), xp)
-        args = (xp, w.idx, w.val, w.ptr, w._chunks(_parts(threads)), zx + flip, rs,
-                bias64, mult, zy, qlo, qhi, mode, y2)  # fmt: skip
-        _run(threads, _ks.spmm_s8_gemv_serial, _ks.spmm_s8_gemv, args)
+        # one column: 16 rows a tile, X words from two registers per bank
+        bv, bi, tb, slot_ptr = _gemv_banks(w)
+        if slot_ptr[-1] < BANK_PARALLEL_SLOTS:
+            threads = 1
+        chunks = _bank_chunks(w, slot_ptr, _parts(threads))
+        xc = np.ascontiguousarray(x2)
+        args = (xc, np.uint8(flip), bv, bi, tb, chunks, zx + flip, rs, bias64, mult,
+                zy, qlo, qhi, mode, y2.reshape(M))  # fmt: skip
+        _run(threads, _ks.spmm_s8_banks_serial, _ks.spmm_s8_banks, args)
         return y
     if _fast_path() and w.format == "bsr1x4" and symmetric and K > 0:
         K4, Np = -(-K // 4), -(-N // 16) * 16
@@ -865,6 +872,61 @@ def qlinear_spmm(
         y2,
     )
     return y
+
+
+def _gemv_banks(w):
+    """The one-column int8 kernel's slots (kernels/sparse_gemm.py, BANK_WORDS),
+    built once per w: bv (slots, 16) int32 block words, bi (slots, 16) uint8
+    word indices within the bank, tb (tiles, banks + 1) int64 slot offsets,
+    slot_ptr (tiles + 1,) each tile's first slot and the slot count."""
+    got = w._cache.get("gemv_banks")
+    if got is not None:
+        return got
+    M, K = w.shape
+    BW, CH = _ks.BANK_WORDS, _ks.BANK_CHAINS
+    K4 = -(-K // 4)
+    nb = -(-K4 // BW)
+    nt = -(-M // 16)
+    counts = np.diff(w.ptr.astype(np.int64))
+    rows = np.repeat(np.arange(M, dtype=np.int64), counts)
+    words = w.idx.astype(np.int64)
+    banks = words // BW
+    order = np.lexsort((words, banks, rows))  # by row, bank, word
+    rows, banks, words = rows[order], banks[order], words[order]
+    group = rows * nb + banks
+    per = np.bincount(group, minlength=M * nb)
+    rank = np.arange(group.size) - (np.cumsum(per) - per)[group]
+    tiled = np.zeros((nt * 16, nb), np.int64)
+    tiled[:M] = per.reshape(M, nb)
+    slots = -(-tiled.reshape(nt, 16, nb).max(axis=1) // CH) * CH  # (nt, nb)
+    first = np.zeros(nt * nb + 1, np.int64)
+    np.cumsum(slots.reshape(-1), out=first[1:])
+    tb = first[np.arange(nt)[:, None] * nb + np.arange(nb + 1)[None, :]]
+    at = first[(rows // 16) * nb + banks] + rank
+    bv = np.zeros((first[-1], 16), np.int32)
+    bi = np.zeros((first[-1], 16), np.uint8)
+    lane = rows % 16
+    bv[at, lane] = np.ascontiguousarray(w.val).view(np.int32)[order]
+    bi[at, lane] = words - banks * BW
+    for arr in (bv, bi, tb):
+        arr.flags.writeable = False
+    slot_ptr = np.append(tb[:, 0], first[-1])
+    got = w._cache["gemv_banks"] = (bv, bi, tb, slot_ptr)
+    return got
+
+
+def _bank_chunks(w, slot_ptr, parts: int) -> np.ndarray:
+    """Tile bounds of ``parts`` contiguous parts of ~equal slots (cached)."""
+    key = ("bank_chunks", parts)
+    got = w._cache.get(key)
+    if got is None:
+        nt = slot_ptr.size - 1
+        work = slot_ptr + np.arange(nt + 1)  # slots plus a fixed cost per tile
+        targets = np.linspace(0, work[-1], parts + 1)
+        got = np.searchsorted(work, targets).astype(np.int64)
+        got[0], got[-1] = 0, nt
+        got = w._cache[key] = np.maximum.accumulate(got)
+    return got
 
 
 def _s8_key(x, x_scale, x_zero_point, y_scale, y_zero_point, activation, out_dtype):

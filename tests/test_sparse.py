@@ -309,6 +309,52 @@ def test_qlinear_spmm_bsr1x4_matches_oracle(
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("threads", ["serial", "parallel"])
+@pytest.mark.parametrize(
+    ("M", "K", "density"),
+    [
+        (1, 4, 1.0),
+        (17, 130, 0.3),  # a partial tile and a partial bank, K % 4 != 0
+        (40, 300, 1.0),  # full banks: 32 slots a (tile, bank)
+        (33, 520, 0.04),  # empty rows and empty banks
+        (16, 1024, 0.6),
+    ],
+)
+@pytest.mark.parametrize(("x_dtype", "out"), [(np.uint8, "u8"), (np.int8, "f32")])
+def test_qlinear_spmm_one_column_banks(
+    M, K, density, threads, x_dtype, out, monkeypatch
+):
+    """N = 1: the banked one-column kernel (kernels/sparse_gemm.py BANK_WORDS,
+    lowprec.sparse._gemv_banks) against the int64 oracle, serial and split
+    into parts; rows are chosen so that some have many blocks in one bank
+    (many slots) and others none."""
+    rng = np.random.default_rng([M, K, round(density * 100)])
+    blocks = rng.random((M, -(-K // 4))) < density
+    blocks[M // 2] = True  # one full row next to sparse ones: padded slots
+    mask = np.repeat(blocks, 4, axis=1)[:, :K]
+    W = sp.from_dense(
+        rng.standard_normal((M, K)).astype(np.float32), mask, format="bsr1x4",
+        dtype=np.int8,
+    )  # fmt: skip
+    info = np.iinfo(x_dtype)
+    x = rng.integers(info.min, info.max + 1, K).astype(x_dtype)
+    zx = x_dtype(3)
+    bias = rng.integers(-20000, 20000, M).astype(np.int32)
+    sy, zy, kw = np.float32(0.3), np.uint8(100), {"bias": bias, "activation": "relu"}
+    if out == "f32":
+        sy, zy, kw["out_dtype"] = None, None, np.float32
+    if threads == "parallel":
+        monkeypatch.setattr(sp, "SERIAL_MACS", 0)
+        monkeypatch.setattr(sp, "BANK_PARALLEL_SLOTS", 0)
+    got = sp.qlinear_spmm(W, x, np.float32(0.05), zx, sy, zy, **kw)
+    want = ref.qlinear_matmul(
+        x[None, :], np.float32(0.05), zx, np.ascontiguousarray(W.to_dense().T),
+        W.scale, W.zero_point, sy, zy, **kw,
+    )[0]  # fmt: skip
+    assert got.shape == (M,)
+    np.testing.assert_array_equal(got, want)
+
+
 def test_qlinear_spmm_cached_parameters():
     """The validated per-tensor parameters are cached on w per call key: calls
     that change one parameter at a time on the same w each match the oracle,
