@@ -53,9 +53,10 @@ FORMAT_VERSION = 1
 # launch costs a few microseconds, more than a small product)
 SERIAL_MACS = 1 << 18
 # the one-column int8 kernel runs on the calling thread below this many slots:
-# a parallel call costs ~6.6 us more than its kernel halves save at 8052 slots
-# (1024 x 1024 at 70 %, 2 threads: serial 15.2 us, parallel 17.8-19.5 us)
-BANK_PARALLEL_SLOTS = 16384
+# a parallel call cost 4-7 us more than its kernel halves saved (2 threads,
+# 70 %: 1024 x 1024, 8052 slots, serial 15.2 us, parallel 17.8-19.5; 768 x
+# 3072, 18204 slots, serial 27.9, parallel 31.4-32.7)
+BANK_PARALLEL_SLOTS = 65536
 CHUNKS_PER_THREAD = 8
 # qlinear_spmm (int8 1x4): per-thread packed copies of X up to this many bytes
 # in all (every thread packs all of X; past this one shared copy is packed)
