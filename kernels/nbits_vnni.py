@@ -46,6 +46,17 @@ def _ptr(builder, base, off, ty):
     return p
 
 
+def _table64(builder, table):
+    """The 16-byte table at address table, repeated 4 times (<64 x i8>): a
+    vpshufb table per 128-bit lane, and for vpermb the 16 entries whatever
+    the index's bits 4 and 5 hold."""
+    t16 = builder.load(
+        _ptr(builder, table, ir.Constant(_i64, 0), ir.VectorType(_i8, 16)), align=1
+    )
+    rep = ir.Constant(ir.VectorType(_i32, 64), [i % 16 for i in range(64)])
+    return builder.shuffle_vector(t16, t16, rep)
+
+
 def make_tile(MR, bits, lut):
     """Intrinsic: an MR x G tile (G = 16 * 8 / bits columns) over all blocks.
 
@@ -71,14 +82,7 @@ def make_tile(MR, bits, lut):
         m32 = int.from_bytes(bytes([(1 << bits) - 1] * 4), "little")
         mask = ir.Constant(_v16, [m32] * 16)
         if lut:
-            t16 = builder.load(
-                _ptr(builder, table, c64(0), ir.VectorType(_i8, 16)), align=1
-            )
-            tab = builder.shuffle_vector(
-                t16,
-                t16,
-                ir.Constant(ir.VectorType(_i32, 64), [i % 16 for i in range(64)]),
-            )
+            tab = _table64(builder, table)
         fn = builder.function
         pre = builder.block
         zero_f = ir.Constant(_vf, None)
@@ -293,14 +297,7 @@ def make_gemv4(NG, NCH, QPB, kind):
         himask = ir.Constant(_v16, [0xF0F0F0F0] * 16)
         lomask = ir.Constant(_v16, [0x0F0F0F0F] * 16)
         if lut:
-            t16 = builder.load(
-                _ptr(builder, table, c64(0), ir.VectorType(_i8, 16)), align=1
-            )
-            tab = builder.shuffle_vector(
-                t16,
-                t16,
-                ir.Constant(ir.VectorType(_i32, 64), [i % 16 for i in range(64)]),
-            )
+            tab = _table64(builder, table)
             if kind == LUT_VPERMB and has_vbmi(context):
                 perm = _fn(
                     builder, "llvm.x86.avx512.permvar.qi.512", _b64, [_b64, _b64]
