@@ -637,9 +637,8 @@ def spmm_s8_vnni_serial(
 #
 # (a kernel that gathered 16 X words per vpdpbusd took ~40 cycles per 16
 # blocks in vpgatherdd: 1024 x 1024 at 70 %, 1 thread, 57 -> 18 us a call).
-# Slot counts are padded to a multiple of BANK_CHAINS, the independent
-# accumulators that hide vpdpbusd's latency. Layout built by
-# lowprec.sparse._gemv_banks.
+# BANK_CHAINS independent accumulators hide vpdpbusd's latency. Layout built
+# by lowprec.sparse._gemv_banks.
 BANK_WORDS = 32
 BANK_CHAINS = 4
 
@@ -670,21 +669,26 @@ def _bank_tile(typingctx, x, bv, bi, tb, nb, acc):
             x0 = builder.load(ptr(x, xo, _vi), align=4)
             x1 = builder.load(ptr(x, builder.add(xo, c64(64)), _vi), align=4)
 
-            def slots(s, accs):
-                new = []
-                for c in range(BANK_CHAINS):
-                    sc = builder.add(s, c64(c))
-                    iv = builder.zext(
-                        builder.load(ptr(bi, builder.mul(sc, c64(16)), vb), align=1),
-                        _vi,
-                    )
-                    xv = builder.call(perm, [x0, iv, x1])
-                    wv = builder.load(ptr(bv, builder.mul(sc, c64(64)), _vi), align=4)
-                    # operand 2 unsigned bytes (X'), operand 3 signed bytes (W)
-                    new.append(builder.call(dot, [accs[c], xv, wv]))
-                return new
+            def one(sc, acc):
+                iv = builder.zext(
+                    builder.load(ptr(bi, builder.mul(sc, c64(16)), vb), align=1), _vi
+                )
+                xv = builder.call(perm, [x0, iv, x1])
+                wv = builder.load(ptr(bv, builder.mul(sc, c64(64)), _vi), align=4)
+                # operand 2 unsigned bytes (X'), operand 3 signed bytes (W)
+                return builder.call(dot, [acc, xv, wv])
 
-            return _ir_loop(builder, s0, s1, accs, slots, step=BANK_CHAINS, name="slot")
+            def slots(s, accs):
+                return [one(builder.add(s, c64(c)), accs[c]) for c in range(len(accs))]
+
+            # whole sets of BANK_CHAINS slots, then the last 0-3 on chain 0
+            # (slot counts padded to the chains multiplied the layout by up
+            # to 4 at high sparsity, where most counts are 1)
+            n = builder.sub(s1, s0)
+            s4 = builder.add(s0, builder.and_(n, c64(-BANK_CHAINS)))
+            accs = _ir_loop(builder, s0, s4, accs, slots, step=BANK_CHAINS, name="slot")
+            head = _ir_loop(builder, s4, s1, accs[:1], slots, name="slot1")
+            return head + accs[1:]
 
         zero = ir.Constant(_vi, None)
         accs = _ir_loop(builder, c64(0), nb, [zero] * BANK_CHAINS, bank, name="bank")
@@ -740,7 +744,7 @@ def spmm_s8_banks(x, flip, bv, bi, tb, chunks, zx, rs, bias, mult, zy, qlo, qhi,
 @njit(**JIT)
 def spmm_s8_banks_serial(x, flip, bv, bi, tb, chunks, zx, rs, bias, mult, zy, qlo,
                          qhi, mode, out):  # fmt: skip
-    # as spmm_s8_banks on the calling thread
+    # as spmm_s8_banks on the calling thread (chunks unused: one signature)
     xp = np.empty((BANK_WORDS * (tb.shape[1] - 1), 1, 4), np.uint8)
     pack_x_u8(x, flip, xp)
     _s8_bank_rows(0, tb.shape[0], xp, bv, bi, tb, zx, rs, bias, mult, zy, qlo, qhi,

@@ -884,7 +884,7 @@ def _gemv_banks(w):
     if got is not None:
         return got
     M, K = w.shape
-    BW, CH = _ks.BANK_WORDS, _ks.BANK_CHAINS
+    BW = _ks.BANK_WORDS
     K4 = -(-K // 4)
     nb = -(-K4 // BW)
     nt = -(-M // 16)
@@ -899,7 +899,7 @@ def _gemv_banks(w):
     rank = np.arange(group.size) - (np.cumsum(per) - per)[group]
     tiled = np.zeros((nt * 16, nb), np.int64)
     tiled[:M] = per.reshape(M, nb)
-    slots = -(-tiled.reshape(nt, 16, nb).max(axis=1) // CH) * CH  # (nt, nb)
+    slots = tiled.reshape(nt, 16, nb).max(axis=1)  # (nt, nb): the fullest row
     first = np.zeros(nt * nb + 1, np.int64)
     np.cumsum(slots.reshape(-1), out=first[1:])
     tb = first[np.arange(nt)[:, None] * nb + np.arange(nb + 1)[None, :]]
@@ -949,9 +949,17 @@ def _s8_key(x, x_scale, x_zero_point, y_scale, y_zero_point, activation, out_dty
         kz = None
     else:
         return None
-    if not (activation is None or isinstance(activation, str | tuple)):
+    act = activation
+    if isinstance(activation, tuple):
+        # by value and sign: (-0.0, 6.0) == (0.0, 6.0), but the float output
+        # clamps negative values to its bound, -0.0 or 0.0
+        try:
+            act = tuple((float(b), math.copysign(1.0, float(b))) for b in activation)
+        except (TypeError, ValueError):
+            return None
+    elif not (activation is None or isinstance(activation, str)):
         return None
-    key = (x.dtype.char, kx, zx, ky, kz, activation, out_dtype)
+    key = (x.dtype.char, kx, zx, ky, kz, act, out_dtype)
     try:
         hash(key)
     except TypeError:  # unhashable parts: the general path says what is wrong

@@ -380,6 +380,8 @@ def test_qlinear_spmm_cached_parameters():
         (x, f32(0.03), 120, f32(0.5), u8(3), relu),
         (x, f32(0.03), 120, None, None, real),
         (x, 0.03, 120, None, None, {**real, "activation": (-1.0, 1.0)}),
+        (x, 0.03, 120, None, None, {**real, "activation": (0.0, 1.0)}),
+        (x, 0.03, 120, None, None, {**real, "activation": (-0.0, 1.0)}),
         (xs.astype(np.int8), f32(0.03), np.int8(-8), f32(0.5), u8(3), {}),
         (x, f32(0.02), u8(128), f32(0.5), u8(128), {}),
     ]  # fmt: skip
@@ -394,6 +396,7 @@ def test_qlinear_spmm_cached_parameters():
             ).T  # fmt: skip
             assert got.dtype == want.dtype
             np.testing.assert_array_equal(got, want)
+            np.testing.assert_array_equal(np.signbit(got), np.signbit(want))  # -0.0
     with pytest.raises(ValueError, match="x_scale"):
         sp.qlinear_spmm(W, x, np.float32(-1.0), np.uint8(128), np.float32(0.5),
                         np.uint8(128))  # fmt: skip
