@@ -55,7 +55,10 @@ SERIAL_MACS = 1 << 18
 # the one-column int8 kernel runs on the calling thread below this many slots:
 # a parallel call cost 4-7 us more than its kernel halves saved (2 threads,
 # 70 %: 1024 x 1024, 8052 slots, serial 15.2 us, parallel 17.8-19.5; 768 x
-# 3072, 18204 slots, serial 27.9, parallel 31.4-32.7)
+# 3072, 18204 slots, serial 27.9, parallel 31.4-32.7). Timed alone, the kernel
+# halves better (16305 slots: 20.0 us serial, 14.7 on 2 threads), but in the
+# benchmark, after the dense baseline's calls, a threshold of 12288 slots made
+# 768 x 3072 at 70 % 0.94x -> 0.78x dense
 BANK_PARALLEL_SLOTS = 65536
 CHUNKS_PER_THREAD = 8
 # qlinear_spmm (int8 1x4): per-thread packed copies of X up to this many bytes
