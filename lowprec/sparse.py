@@ -781,7 +781,9 @@ def qlinear_spmm(
     key = _s8_key(
         x, x_scale, x_zero_point, y_scale, y_zero_point, activation, out_dtype
     )
-    calls = w._cache.setdefault("s8_calls", {})
+    calls = w._cache.get("s8_calls")
+    if calls is None:
+        calls = w._cache["s8_calls"] = {}
     got = calls.get(key) if key is not None else None
     if got is None:
         got = _s8_params(w, x, x_scale, x_zero_point, y_scale, y_zero_point,

@@ -259,6 +259,17 @@ def test_qlinear_spmm_vnni_tiles(isa, threads, monkeypatch):
             np.testing.assert_array_equal(got, ref)
 
 
+def _int8_bsr1x4(rng, blocks, K):
+    """int8 BSR 1x4 weights (M, K) with the 1x4 blocks where blocks (M,
+    ceil(K/4)) holds, random normal values."""
+    M = blocks.shape[0]
+    mask = np.repeat(blocks, 4, axis=1)[:, :K]
+    return sp.from_dense(
+        rng.standard_normal((M, K)).astype(np.float32), mask, format="bsr1x4",
+        dtype=np.int8,
+    )  # fmt: skip
+
+
 @given(
     st.integers(1, 12),
     st.integers(1, 200),
@@ -277,12 +288,7 @@ def test_qlinear_spmm_bsr1x4_matches_oracle(
     plain int64 oracle of eqs. 8-12 on the densified weights, any shape."""
     use_isa(isa)
     rng = np.random.default_rng(seed)
-    blocks = rng.random((M, -(-K // 4))) < density
-    mask = np.repeat(blocks, 4, axis=1)[:, :K]
-    W = sp.from_dense(
-        rng.standard_normal((M, K)).astype(np.float32), mask, format="bsr1x4",
-        dtype=np.int8,
-    )  # fmt: skip
+    W = _int8_bsr1x4(rng, rng.random((M, -(-K // 4))) < density, K)
     info = np.iinfo(x_dtype)
     x = rng.integers(info.min, info.max + 1, (K, N)).astype(x_dtype)
     zx = x_dtype(rng.integers(info.min, info.max + 1))
@@ -331,11 +337,7 @@ def test_qlinear_spmm_one_column_banks(
     rng = np.random.default_rng([M, K, round(density * 100)])
     blocks = rng.random((M, -(-K // 4))) < density
     blocks[M // 2] = True  # one full row next to sparse ones: padded slots
-    mask = np.repeat(blocks, 4, axis=1)[:, :K]
-    W = sp.from_dense(
-        rng.standard_normal((M, K)).astype(np.float32), mask, format="bsr1x4",
-        dtype=np.int8,
-    )  # fmt: skip
+    W = _int8_bsr1x4(rng, blocks, K)
     info = np.iinfo(x_dtype)
     x = rng.integers(info.min, info.max + 1, K).astype(x_dtype)
     zx = x_dtype(3)
@@ -361,11 +363,7 @@ def test_qlinear_spmm_cached_parameters():
     and a bad value after cached good calls still raises."""
     rng = np.random.default_rng(11)
     M, K = 40, 64
-    mask = np.repeat(rng.random((M, K // 4)) < 0.4, 4, axis=1)
-    W = sp.from_dense(
-        rng.standard_normal((M, K)).astype(np.float32), mask, format="bsr1x4",
-        dtype=np.int8,
-    )  # fmt: skip
+    W = _int8_bsr1x4(rng, rng.random((M, K // 4)) < 0.4, K)
     x = rng.integers(0, 256, (K, 1)).astype(np.uint8)
     xs = x.astype(np.int16) - 128
     f32, u8, relu = np.float32, np.uint8, {"activation": "relu"}
