@@ -235,11 +235,12 @@ def _vnni_job(t, mt, tj, nblk, pb, direct, xp, bp, geo, sa, st, epi, narrow, out
 
 
 @njit(**PJIT)
-def conv_vnni(xp, bp, geo, pb, tj, direct, sa, st, epi, out):
+def conv_vnni(xp, bp, geo, pb, tj, direct, sa, st, epi, pmax, out):
     # xp (N,Hp,Wp,C) uint8, bp (G,NP,K4,NR,4) int8 (pack_b per group, K order
     # (i,j,c)), sa (threads,MR_MAX,ka) uint8 gather scratch (ka >= max(K, 4)),
     # st (threads,MR_MAX) int64 row starts, epi = the GEMM epilogue tuple with
-    # rs (G,1|rows) int64, out (rows, M); tj pixel tiles per job. direct: 0
+    # rs (G,1|rows) int64, pmax a bound on |P| (narrow_epilogue), out (rows,
+    # M); tj pixel tiles per job. direct: 0
     # gather each tile's im2col rows; 1 the input pixels are the rows (1x1,
     # stride 1); 2 read the rows in place as kernel-row runs (one group,
     # dw == 1, kw*C a multiple of 4)
@@ -249,11 +250,13 @@ def conv_vnni(xp, bp, geo, pb, tj, direct, sa, st, epi, out):
     nblk = (bp.shape[1] + pb - 1) // pb
     nrun = (mt + tj - 1) // tj
     # rs holds row sums for every group or for none (eq. 8), so group 0's
-    # epilogue decides the narrow case for all
+    # epilogue decides the narrow case for all; pmax bounds |P| (the packed
+    # weights' 255 * max sum |w'|)
     narrow = narrow_epilogue(
         (epi[0], epi[1][0], epi[2], epi[3], epi[4], epi[5], epi[6], epi[7], epi[8],
          epi[9], epi[10]),
         kh * kw * Cg,
+        pmax,
     )  # fmt: skip
     for t in prange(nrun * nblk * G):
         _vnni_job(t, mt, tj, nblk, pb, direct, xp, bp, geo, sa, st, epi, narrow, out)

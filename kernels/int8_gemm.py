@@ -46,16 +46,20 @@ def row_sums_u8(a, row_sum):
 
 
 @njit(**PJIT)
-def prepare_b(b, flip, out, col_sum):
-    # b (K,N) uint8|int8 (any strides) -> out (K,N) int8 = b', col_sum (N,) int64
+def prepare_b(b, flip, out, col_sum, col_abs):
+    # b (K,N) uint8|int8 (any strides) -> out (K,N) int8 = b', col_sum (N,) and
+    # col_abs (N,) int64: sum_k b'[k, n] and sum_k |b'[k, n]|
     K, N = b.shape
     for n in prange(N):
         s = 0
+        t = 0
         for k in range(K):
             v = np.int8(np.uint8(b[k, n]) ^ flip)
             out[k, n] = v
             s += np.int64(v)
+            t += abs(np.int64(v))
         col_sum[n] = s
+        col_abs[n] = t
 
 
 @njit(**PJIT)

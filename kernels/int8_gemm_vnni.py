@@ -330,20 +330,24 @@ def _clamp(builder, x, lo, hi):
     return builder.select(builder.fcmp_ordered(">", x, hi), hi, x)
 
 
-def _by_general(builder, general, emit, narrow=False):
+def _by_general(builder, general, emit, narrow=False, single=False):
     """emit(0) when general == 0, emit(1) when 1 and, with ``narrow``,
-    emit(2) when 2, each on its own branch. Each branch runs the whole
-    epilogue one accumulator vector at a time: a phi that merged the corrected
+    emit(2) when 2 (and, with ``single``, emit(3) when 3), each on its own
+    branch. Each branch runs the whole epilogue one accumulator vector at a
+    time: a phi that merged the corrected
     accumulators (24 of them, 48 zmm once widened to int64 lanes) kept them
     all live and spilled them to the stack (measured: the u8 / float epilogue
     cost 20-24 % of a K = 288 GEMM)."""
     fn = builder.function
     join = fn.append_basic_block("epi.join")
-    cases = (0, 1, 2) if narrow else (0, 1)
+    cases = ((0, 1, 2, 3) if single else (0, 1, 2)) if narrow else (0, 1)
     blocks = [fn.append_basic_block(f"epi.{c}") for c in cases]
     sw = builder.switch(general, blocks[0])
     for c, blk in zip(cases[1:], blocks[1:], strict=True):
         sw.add_case(ir.Constant(_i64, c), blk)
+    if narrow and not single:
+        # case 3 where the output type has none (int32, float32): case 2
+        sw.add_case(ir.Constant(_i64, 3), blocks[2])
     for c, blk in zip(cases, blocks, strict=True):
         builder.position_at_end(blk)
         emit(c)
@@ -355,7 +359,7 @@ def _epilogue_lane(kind, case):
     """The lanes eq. 8 runs in, per epilogue case (make_fused_kernel): wrapping
     int32 for int32 output and for case 2, int64 with the zero-point row terms
     (case 1), else float64."""
-    if kind == types.int32 or case == 2:
+    if kind == types.int32 or case >= 2:
         return _v16
     return ir.VectorType(_i64 if case == 1 else _f64, 16)
 
@@ -419,6 +423,78 @@ def _store_tile(builder, kind, acc_of, masks, MR, NV_, c, ldc, mult_of, zy, qlo,
                 _vec_store(builder, q, at, masks[v])
 
 
+# 1.5 * 2**23: a float32 in [2**23, 2**24) has ulp 1, so adding it rounds to an
+# integer (ties to even, the constant being even) and leaves that integer in
+# the low mantissa bits
+_ROUND32 = 12582912.0
+
+
+def _store_tile_f32(builder, acc_of, mult_of, masks, MR, NV_, c, ldc, zy, qlo, qhi):
+    """Eq. 11 in float32 lanes: the tiles' case 3, where the caller found
+    |acc| < 2**24 for the whole call (narrow_epilogue). acc_of(r, v): acc as
+    int32 lanes; mult_of(r, v): <16 x float> multipliers (float32 values).
+
+    Exact, not approximate: acc is then a float32, and fl32(acc * M + (z_y +
+    1.5 * 2**23)), one FMA, is 1.5 * 2**23 + rint(s) for s = acc * M + z_y
+    while |s| < 2**22 (ulp 1 there, ties to even). The reference's
+    fl64(fl64(acc * M) + z_y) is s itself wherever the clamp does not decide
+    alone (|s| < 256: acc * M has at most 48 significant bits, none below
+    2**-45 when |M| >= 2**-22; narrow_epilogue checks M and z_y), and rounding
+    is monotone, so saturated lanes agree too. The clamp runs on the biased
+    floats (bounds 1.5 * 2**23 + q_lo/q_hi, exact), and each output byte is
+    the low byte of its float's bit pattern (0x4B400000 + q), a row's 64 bytes
+    gathered into one store: ~7 instructions a vector instead of case 2's 14
+    (float64 lanes are 8 wide).
+    """
+    vf32 = ir.VectorType(_f32, 16)
+    bias_c = ir.Constant(_f64, _ROUND32)
+    zc = splat(builder, builder.fptrunc(builder.fadd(zy, bias_c), _f32), vf32)
+    lo = splat(builder, builder.fptrunc(builder.fadd(qlo, bias_c), _f32), vf32)
+    hi = splat(builder, builder.fptrunc(builder.fadd(qhi, bias_c), _f32), vf32)
+    fma = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(vf32, [vf32] * 3), "llvm.fma.v16f32"
+    )
+    mask = _concat(builder, masks)
+    low_bytes = ir.Constant(
+        ir.VectorType(_i32, 32),
+        [4 * j for j in range(16)] + [64 + 4 * j for j in range(16)],
+    )
+    for r in range(MR):
+        row = builder.add(c, builder.mul(ldc, ir.Constant(_i64, r)))
+        parts = []
+        for v in range(NV_):
+            y = builder.call(
+                fma, [builder.sitofp(acc_of(r, v), vf32), mult_of(r, v), zc]
+            )
+            bits = builder.bitcast(_clamp(builder, y, lo, hi), _v16)
+            parts.append(builder.bitcast(bits, ir.VectorType(_i8, 64)))
+        pairs = [
+            builder.shuffle_vector(parts[i], parts[i + 1], low_bytes)
+            for i in range(0, NV_, 2)
+        ]
+        q = _concat(builder, pairs)
+        fnty = ir.FunctionType(
+            ir.VoidType(), [q.type, q.type.as_pointer(), _i32, mask.type]
+        )
+        fn = cgutils.get_or_insert_function(
+            builder.module, fnty, f"llvm.masked.store.v{q.type.count}i8.p0"
+        )
+        ptr = builder.inttoptr(row, q.type.as_pointer())
+        builder.call(fn, [q, ptr, ir.Constant(_i32, 1), mask])
+
+
+def _concat(builder, vecs):
+    """The vectors (of one type, a power-of-two count) end to end."""
+    while len(vecs) > 1:
+        n = vecs[0].type.count
+        idx = ir.Constant(ir.VectorType(_i32, 2 * n), list(range(2 * n)))
+        vecs = [
+            builder.shuffle_vector(vecs[i], vecs[i + 1], idx)
+            for i in range(0, len(vecs), 2)
+        ]
+    return vecs[0]
+
+
 def make_fused_kernel(MR, NV_, seg=False):
     """Build an intrinsic: one MR x (16*NV_) tile over the whole K, then the
     epilogue (eqs. 8-13, kernels/requant.py) on the accumulators in registers
@@ -474,6 +550,7 @@ def make_fused_kernel(MR, NV_, seg=False):
         # 64 +18-20 % before this layout, 49000 x 288 x 64 +10 % after it and
         # +7 % with case 2; float output at 16 x 384 x 1536 +21 % -> +9 %.
         vf64 = ir.VectorType(_f64, 16)
+        vf32 = ir.VectorType(_f32, 16)
 
         def col32(addr, v):
             return builder.trunc(col(addr, v, _i64, 8), _v16)
@@ -488,6 +565,18 @@ def make_fused_kernel(MR, NV_, seg=False):
             return col(mrow, v, _f64, 8)
 
         def emit(case):
+            if case == 3:
+                # float32 lanes (narrow_epilogue: u8/i8 output, |acc| < 2**24,
+                # |M| >= 2**-22, integer z_y; one row of multipliers):
+                # acc = P + bias in int32 lanes as in case 2
+                bv = [builder.trunc(col(bias, v, _i64, 8), _v16) for v in range(NV_)]
+                # one row of multipliers, each a float32 value (exact)
+                ms = [builder.fptrunc(mult_of(0, v), vf32) for v in range(NV_)]
+                _store_tile_f32(builder,
+                                lambda r, v: builder.add(fin[r * NV_ + v], bv[v]),
+                                lambda r, v: ms[v], masks, MR, NV_, c, ldc, zy, qlo,
+                                qhi)  # fmt: skip
+                return
             # per column vector: bias (and colsum, ZB); per row: ZA, rowsum.
             # Each product fits int32 (|ZA*colsum|, |ZB*rowsum| <= 255*255*K):
             # 32-bit multiplies, widened before the subtraction (vpmullq is
@@ -525,7 +614,8 @@ def make_fused_kernel(MR, NV_, seg=False):
                         zy, qlo, qhi, lambda v: col(fbias, v, _f32, 4),
                         fma=case == 2)  # fmt: skip
 
-        _by_general(builder, general, emit, narrow=True)
+        _by_general(builder, general, emit, narrow=True,
+                    single=kind in (types.uint8, types.int8))  # fmt: skip
         return context.get_dummy_value()
 
     @intrinsic
@@ -569,7 +659,9 @@ def make_channel_kernel(MR, NV_):
       c, ldc    : address of out[m0, n0], ldc bytes per row; nvalid columns
       rbias, zw : addresses of int64 rbias[m0], ZW[m0] (8 bytes per row)
       cs        : address of the panel's int32 column sums
-      general   : 0 -> skip the ZW * colsum term; 2 -> int32 lanes (narrow)
+      general   : 0 -> skip the ZW * colsum term; 2 -> int32 lanes (narrow);
+                  3 -> int32 lanes and float32 requantization (|acc| < 2**24,
+                  _store_tile_f32)
       mult      : address of float64 mult[m0] (8 bytes per row)
     The products fit int32 (|ZW| <= 255, |colsum| <= 128 K); the sum runs as
     in make_fused_kernel (float64 P + rbias without the ZW term, int64 lanes
@@ -622,11 +714,26 @@ def make_channel_kernel(MR, NV_):
                     x = builder.sub(x, t if lane == _v16 else builder.sext(t, lane))
                 return x
 
+            if case == 3:
+                # float32 lanes: the caller found |acc| < 2**24 and the
+                # multipliers, z_y and bounds as narrow_epilogue's case 3
+                ms = {}
+
+                def mult32(r, v):
+                    if r not in ms:
+                        m = builder.fptrunc(row(mult, r, _f64), _f32)  # exact
+                        ms[r] = splat(builder, m, ir.VectorType(_f32, 16))
+                    return ms[r]
+
+                _store_tile_f32(builder, acc_of, mult32, masks, MR, NV_, c, ldc,
+                                zy, qlo, qhi)  # fmt: skip
+                return
             _store_tile(builder, kind, acc_of, masks, MR, NV_, c, ldc,
                         lambda r, v: splat(builder, row(mult, r, _f64), vf64), zy,
                         qlo, qhi, lambda v: fb0, fma=case == 2)  # fmt: skip
 
-        _by_general(builder, general, emit, narrow=True)
+        _by_general(builder, general, emit, narrow=True,
+                    single=kind in (types.uint8, types.int8))  # fmt: skip
         return context.get_dummy_value()
 
     @intrinsic
@@ -647,21 +754,42 @@ def make_channel_kernel(MR, NV_):
 
 
 @njit(inline="always")
-def narrow_epilogue(epi, K):
-    # Whether every tile of this call may take the fused tile's case 2: no ZA /
-    # ZB row terms (eq. 8) and |P + bias| < 2**29 (|P| <= 255 * 128 * K), so
-    # acc is exact in int32 lanes and acc * mult (mult a float32 value, eq.
-    # 10) exact in float64: rint(acc * mult + zy) is then one FMA with the
-    # same rounding as the product and sum of eq. 11. One pass over the bias
-    # per call. Measured, u8 output over int32 output (1 thread): K = 18
-    # (98000 x 18 x 64) +55 % -> +28 %, K = 288 (49000 x 288 x 64) +10 % -> +7 %.
+def narrow_epilogue(epi, K, pmax):
+    # The fused tile's epilogue case for this call (make_fused_kernel), from
+    # a bound on |P|: 255 * 128 * K, or pmax (>= 0: the caller's bound, 255 *
+    # max_n sum_k |b'[k, n]|, from the packed weights) where smaller.
+    #   0/1: float64 or int64 lanes (the tile picks 1 with row terms);
+    #   2: no ZA / ZB row terms (eq. 8) and |P + bias| < 2**29, so acc is
+    #      exact in int32 lanes and acc * mult (mult a float32 value, eq. 10)
+    #      exact in float64: rint(acc * mult + zy) is then one FMA with the
+    #      same rounding as the product and sum of eq. 11;
+    #   3: integer output with |P + bias| < 2**24, every |mult| in [2**-22,
+    #      2**64], z_y and the bounds integers far inside float32's exact
+    #      range: float32 lanes (_store_tile_f32).
+    # One pass over the bias (and the multipliers) per call. Measured, u8
+    # output over int32 output (1 thread): K = 18 (98000 x 18 x 64) +55 % ->
+    # +28 % (case 2), K = 288 (49000 x 288 x 64) +10 % -> +7 % (case 2);
+    # 3136 x 576 x 64 +12 % (case 2) -> +8 % (case 3), 128 x 768 x 3072 +7 %
+    # -> +4.5 %.
     za, rs, cs, zb, bias, mult, zy, qlo, qhi, mode, fbias = epi
     if za.shape[0] > 1 or rs.shape[0] > 1 or za[0] != 0 or rs[0] != 0:
-        return False
+        return 0
     m = np.int64(0)
     for n in range(bias.shape[0]):
         m = max(m, abs(bias[n]))
-    return K * 32640 + m < 2**29
+    bound = np.int64(K) * 32640
+    if pmax >= 0:
+        bound = min(bound, np.int64(pmax))
+    if bound + m >= 2**29:
+        return 0
+    if mode != 1 or bound + m >= 2**24 or zy != np.rint(zy) or abs(zy) > 2**20:
+        return 2
+    if abs(qlo) > 2**20 or abs(qhi) > 2**20 or mult.shape[0] > 1:
+        return 2  # (per-row multipliers: the tile takes one row of them)
+    for j in range(mult.shape[1]):
+        if not 2.0**-22 <= abs(mult[0, j]) <= 2.0**64:
+            return 2
+    return 3
 
 
 # One module-level intrinsic per row count (module globals, so numba's cache
@@ -844,7 +972,7 @@ def _fused_args(a, lda, b, k4, kr, m0, n0, nvalid, epi, narrow, a_arr, out):
     if za_step or rs_step or za[0] != 0 or rs[0] != 0:
         general = 1
     else:
-        general = 2 if narrow else 0
+        general = narrow
     args = (
         a,
         lda,
@@ -964,26 +1092,26 @@ def _block_job(t, nblk, a, bp, epi, narrow, out):
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def gemm_fused(a, bp, epi, out, threads):
+def gemm_fused(a, bp, epi, out, threads, pmax):
     # a (M,K>=4) uint8 a' or int8 a (flipped in the tile), bp (NP,K4,NR,4) int8,
     # out (M,N) int32|uint8|int8|float32 with unit column stride; threads = the
     # caller's numba.get_num_threads() (reading it in here would keep numba
-    # from caching the function)
+    # from caching the function); pmax: a bound on |P| or -1 (narrow_epilogue)
     mt = (a.shape[0] + MR_MAX - 1) // MR_MAX
     nt = (out.shape[1] + NR - 1) // NR
     nblk = _row_blocks(mt, threads)
-    narrow = narrow_epilogue(epi, a.shape[1])
+    narrow = narrow_epilogue(epi, a.shape[1], pmax)
     for t in prange(nblk * nt):
         _block_job(t, nblk, a, bp, epi, narrow, out)
 
 
 @njit(nogil=True, cache=True)
-def gemm_fused_serial(a, bp, epi, out):
+def gemm_fused_serial(a, bp, epi, out, pmax):
     # as gemm_fused on the calling thread: tiny problems skip the ~4 us pool launch
     mt = (a.shape[0] + MR_MAX - 1) // MR_MAX
     nt = (out.shape[1] + NR - 1) // NR
     nblk = _row_blocks(mt, 1)
-    narrow = narrow_epilogue(epi, a.shape[1])
+    narrow = narrow_epilogue(epi, a.shape[1], pmax)
     for t in range(nblk * nt):
         _block_job(t, nblk, a, bp, epi, narrow, out)
 

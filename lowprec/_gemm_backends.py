@@ -7,8 +7,9 @@ Each backend provides
                         (None: the backend needs no scratch)
     pack(b_s8)          its weight layout of b' (K, N) int8
     gemm(a, packed, p)  raw P = a' @ b' into int32 p            (eq. 6)
-    fused(a, packed, scratch, epi, out, serial)
-                        eq. 6 and the epilogue (eqs. 8-13) in one pass per tile
+    fused(a, packed, scratch, epi, out, serial, pmax)
+                        eq. 6 and the epilogue (eqs. 8-13) in one pass per tile;
+                        pmax: a bound on |P| from the weights, or -1
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class PortableGemm:
         _portable.gemm_u8s8(a_u8, packed, out, config.TILE_M, config.TILE_N)
 
     @staticmethod
-    def fused(a_u8, packed, scratch, epi, out, serial=False):
+    def fused(a_u8, packed, scratch, epi, out, serial=False, pmax=-1):
         fn = _portable.gemm_fused_serial if serial else _portable.gemm_fused
         fn(a_u8, packed, scratch[:1] if serial else scratch, epi, out)
 
@@ -75,17 +76,17 @@ class Avx512VnniGemm:
         k.gemm(a_u8, packed, out)
 
     @staticmethod
-    def fused(a_u8, packed, scratch, epi, out, serial=False):
+    def fused(a_u8, packed, scratch, epi, out, serial=False, pmax=-1):
         k = _vnni()
         if out.shape[1] > 1 and out.strides[1] != out.itemsize:
             # the tile stores vectors: columns must be contiguous
             tmp = np.empty(out.shape, out.dtype)
-            Avx512VnniGemm.fused(a_u8, packed, scratch, epi, tmp, serial)
+            Avx512VnniGemm.fused(a_u8, packed, scratch, epi, tmp, serial, pmax)
             out[...] = tmp
         elif serial:
-            k.gemm_fused_serial(a_u8, packed, epi, out)
+            k.gemm_fused_serial(a_u8, packed, epi, out, pmax)
         else:
-            k.gemm_fused(a_u8, packed, epi, out, _dispatch.num_threads())
+            k.gemm_fused(a_u8, packed, epi, out, _dispatch.num_threads(), pmax)
 
 
 @functools.cache
@@ -116,7 +117,7 @@ class _YmmGemm:
         return _ymm().pack_b(b_s8, cls.tile[1])
 
     @classmethod
-    def fused(cls, a_u8, packed, scratch, epi, out, serial=False):
+    def fused(cls, a_u8, packed, scratch, epi, out, serial=False, pmax=-1):
         k = _ymm()
         fn = k.gemm_fused_serial if serial else k.gemm_fused
         fn(cls.path, a_u8, packed, scratch[:1] if serial else scratch, epi, out)

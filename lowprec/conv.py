@@ -90,6 +90,7 @@ class PackedConvWeights:
         "scale",
         "_wk",
         "_col_sum",
+        "_p_max",
         "_zb_eff",
         "_layouts",
         "_plans",
@@ -107,6 +108,9 @@ class PackedConvWeights:
         # wk[g, (i*kw + j)*Cg + c, m] = w'[g*Mg + m, c, i, j]
         wk = np.ascontiguousarray(w_s8.transpose(0, 3, 4, 2, 1).reshape(G, K, Mg))
         col_sum = wk.astype(np.int64).sum(axis=1).reshape(M)
+        # |P| <= 255 * max_m sum_k |w'| (x' <= 255): the VNNI tile's float32
+        # epilogue needs |P + bias| < 2**24 (narrow_epilogue)
+        p_max = 255 * int(np.abs(wk.astype(np.int64)).sum(axis=1).max(initial=0))
         zb = np.zeros(1, w.dtype) if zero_point is None else zero_point
         zb_eff = np.empty(M, np.int64)
         zb_eff[:] = zb.reshape(-1).astype(np.int64) - _b_offset(w.dtype)
@@ -118,6 +122,7 @@ class PackedConvWeights:
             "scale": scale,
             "_wk": wk,
             "_col_sum": col_sum,
+            "_p_max": p_max,
             "_zb_eff": zb_eff,
             "_layouts": {},
             "_plans": {},
@@ -596,7 +601,7 @@ def _plan(
         )
     ):
         nchw4 = _nchw4_plan(
-            x, packed, zb_eff, za_eff, bias, mult, zy, qlo, qhi, geo,
+            x, packed, zb_eff, za_eff, bias, mult, zy, qlo, qhi, mode, geo,
             (pt, pl, pbot, pr),
         )  # fmt: skip
 
@@ -689,7 +694,7 @@ def _plan(
             st = np.empty((threads, _kc.MR_MAX), np.int64)
             _dispatch.call_on_threads(
                 par(), _kc.conv_vnni, _ro(xp), bp, geo, pbk, tj, direct, sa, st,
-                fused, out,
+                fused, packed._p_max, out,
             )  # fmt: skip
             return output(out)
 
@@ -741,7 +746,7 @@ def _nchw4_fits(packed, G, Mg, P, direct=False):
     return math.prod(packed.shape[2:]) * 4 * -(-Cg // 4) <= _NCHW4_K_MAX
 
 
-def _nchw4_plan(x, packed, zb_eff, za_eff, bias, mult, zy, qlo, qhi, geo, pads):
+def _nchw4_plan(x, packed, zb_eff, za_eff, bias, mult, zy, qlo, qhi, mode, geo, pads):
     """NCHW convolution with output channels as the GEMM's rows (kernels/
     int8_conv.py, conv_nchw4): no layout change of the input beyond the
     4-channel interleave, output written in place as NCHW. Returns
@@ -768,8 +773,22 @@ def _nchw4_plan(x, packed, zb_eff, za_eff, bias, mult, zy, qlo, qhi, geo, pads):
     # case 2 of the tile's epilogue: every term of eq. 8 in int32 lanes and
     # rint(acc * mult + zy) one FMA, exact when |acc| < 2**29 (|P|, |ZW *
     # colsum| <= 255 * 128 * K each; mult a float32 value, eq. 10)
-    if 2 * 255 * 128 * 4 * K4 + int(np.abs(rbias).max(initial=0)) < 2**29:
+    rmax = int(np.abs(rbias).max(initial=0))
+    if 2 * 255 * 128 * 4 * K4 + rmax < 2**29:
         general = 2
+        # case 3, float32 lanes (kernels/int8_gemm_vnni.py, _store_tile_f32):
+        # requantized output with |acc| < 2**24, where acc = sum_k (a - ZW) *
+        # b + rbias and |b| <= 128 (padding included), and the multipliers,
+        # z_y and bounds of narrow_epilogue's case 3
+        span = np.abs(a.astype(np.int64) - zw[:, None]).sum(axis=1).max(initial=0)
+        if (
+            mode == _MODE_QUANT
+            and 128 * int(span) + rmax < 2**24
+            and zy == np.rint(zy)
+            and max(abs(zy), abs(qlo), abs(qhi)) <= 2**20
+            and np.all((np.abs(mult) >= 2.0**-22) & (np.abs(mult) <= 2.0**64))
+        ):
+            general = 3
     rbias = _ro(rbias)
     zw = _ro(zw)
     m = _ro(np.ascontiguousarray(np.broadcast_to(mult[0], (M,))))

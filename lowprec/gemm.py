@@ -72,6 +72,7 @@ class PackedWeights:
         "scale",
         "_b_s8",
         "_col_sum",
+        "_p_max",
         "_zb_eff",
         "_need_rows",
         "_zeros_n",
@@ -85,7 +86,9 @@ class PackedWeights:
         K, N = b.shape
         b_s8 = np.empty((K, N), np.int8)
         col_sum = np.empty(N, np.int64)
-        _kg.prepare_b(b, np.uint8(0x80 if b.dtype == np.uint8 else 0), b_s8, col_sum)
+        col_abs = np.empty(N, np.int64)
+        flip = np.uint8(0x80 if b.dtype == np.uint8 else 0)
+        _kg.prepare_b(b, flip, b_s8, col_sum, col_abs)
         zb = np.zeros(1, b.dtype) if zero_point is None else zero_point
         fields = {
             "shape": (K, N),
@@ -94,6 +97,9 @@ class PackedWeights:
             "scale": scale,
             "_b_s8": b_s8,
             "_col_sum": col_sum,
+            # |P| <= 255 * max_n sum_k |b'[k, n]| (a' <= 255): the VNNI tile's
+            # float32 epilogue needs |P + bias| < 2**24 (narrow_epilogue)
+            "_p_max": 255 * int(col_abs.max(initial=0)),
             "_zb_eff": _zb_eff(zb, b.dtype, N),
             "_need_rows": None,
             "_zeros_n": np.zeros(N, np.int64),
@@ -254,6 +260,7 @@ def _gemm_2d(a, packed, zb, za_eff, bias, mult, zy, qlo, qhi, mode, out, fbias=N
         ),
         out,
         serial=M * N * K < SERIAL_MACS or _dispatch.num_threads() == 1,
+        pmax=packed._p_max,
     )
 
 
@@ -286,7 +293,7 @@ def _fused_cached(a, packed, za_eff, key, epi_of, out) -> bool:
     layout, epi = hit
     N = out.shape[1]
     serial = M * N * K < SERIAL_MACS or _dispatch.num_threads() == 1
-    backend.fused(_ro(a), layout, None, epi, out, serial=serial)
+    backend.fused(_ro(a), layout, None, epi, out, serial=serial, pmax=packed._p_max)
     return True
 
 

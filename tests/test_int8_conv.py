@@ -723,6 +723,52 @@ def test_qlinear_conv_bias_beyond_the_narrow_epilogue(isa, big):
     assert want.min() < 128 < want.max()
 
 
+@pytest.mark.parametrize("y_dt", [np.uint8, np.int8])
+def test_qlinear_conv_float32_epilogue(isa, y_dt):
+    # The VNNI tiles requantize in float32 lanes where |acc| < 2**24 and
+    # |M| >= 2**-22 (kernels/int8_gemm_vnni.py, _store_tile_f32): exact ties
+    # (M = 1/2, 1/4 on small integers), saturation (large M), and M = 2**-22
+    # against 2**-23, on the NHWC tile, the channels-as-rows tile (1x1 direct,
+    # the dense-K stem, channel blocks) and the portable path
+    rng = np.random.default_rng(12)
+    zy = y_dt(np.iinfo(y_dt).min + 103)
+    shapes = [
+        (8, 70, 3, 1, 1, 7, 1),  # 3x3, a tail panel
+        (16, 13, 1, 1, 0, 6, 1),  # 1x1 direct
+        (3, 20, 7, 2, 3, 15, 1),  # stem (dense K)
+        (40, 24, 3, 1, 1, 5, 4),  # grouped
+    ]
+    for C, M, k, s, pad, H, G in shapes:
+        kw = {"group": G, "strides": (s, s), "pads": (pad,) * 4}
+        small = (
+            rng.integers(0, 4, (2, C, H, H), dtype=np.uint8),
+            rng.integers(-3, 4, (M, C // G, k, k), dtype=np.int8),
+        )
+        big = (
+            rng.integers(0, 256, (1, C, H, H), dtype=np.uint8),
+            rng.integers(-128, 128, (M, C // G, k, k), dtype=np.int8),
+        )
+        halves = rng.choice([1.0, 0.5], M)  # per-channel multipliers
+        for (x, w), sx, sw, sy in [
+            (small, 1.0, 0.5 * halves, 1.0),
+            (small, 1.0, 0.25 * halves, 1.0),
+            (big, 4.0, 250.0 * halves, 1.0),
+            (big, 2.0**-11, 2.0**-11, 1.0),
+            (big, 2.0**-11, 2.0**-11, 2.0),
+        ]:
+            sx, sy = np.float32(sx), np.float32(sy)
+            sw = np.broadcast_to(np.float32(sw), M).copy()
+            bias = rng.integers(-40, 40, M).astype(np.int32)
+            acc = conv_ref(x, w, 1, 0, **kw)
+            for act in (None, (-2.0, 3.0)):
+                want = requant_ref(acc, sx, sw, sy, zy, bias=bias, activation=act)
+                got = lowprec.conv.qlinear_conv(
+                    x, sx, np.uint8(1), w, sw, np.int8(0), sy, zy, bias,
+                    activation=act, **kw,
+                )  # fmt: skip
+                np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize(
     ("C", "k", "strides", "dilations", "pads"),
     [

@@ -134,7 +134,9 @@ def test_qlinear_matmul_matches_oracle(
         zb = np.full(N, zb, b.dtype)
     # a y_scale near the typical accumulator magnitude keeps outputs unsaturated
     typical = float(np.sqrt(a.shape[1])) * 64 * float(np.max(sa)) * float(np.max(sb))
-    sy = np.asarray(typical / 64 * rng.uniform(0.5, 2), s_dt)
+    # (no smaller than float16's least normal: a y_scale that rounds to 0 is
+    # rejected, as it should be)
+    sy = np.asarray(max(typical / 64 * rng.uniform(0.5, 2), 2.0**-14), s_dt)
     y_dt = np.int8 if out is None and rng.random() < 0.5 else np.uint8
     zy = y_dt(rng.integers(np.iinfo(y_dt).min, np.iinfo(y_dt).max, endpoint=True))
     bias = (
@@ -179,6 +181,69 @@ def test_qlinear_matmul_bias_beyond_the_narrow_epilogue(isa, out, big):
     if out == np.uint8:
         assert len(np.unique(got)) > 10
         assert got.min() < 128 < got.max()
+
+
+def _epilogue_level(b, bias, sa, sb, sy, zy, mode=1):
+    # the VNNI tile's epilogue case for a per-tensor call without row terms
+    # (kernels/int8_gemm_vnni.py::narrow_epilogue), from the packed weights
+    from lowprec.kernels import int8_gemm_vnni as kv
+
+    packed = lowprec.pack_weights(b)
+    N = b.shape[1]
+    mult = np.full((1, N), np.float32(np.float32(sa * sb) / sy), np.float64)
+    z1 = np.zeros(1, np.int64)
+    epi = (z1, z1, packed._col_sum, np.zeros(N, np.int64), bias.astype(np.int64),
+           mult, float(zy), 0.0, 255.0, mode, np.zeros(N, np.float32))  # fmt: skip
+    return kv.narrow_epilogue(epi, b.shape[0], packed._p_max)
+
+
+@pytest.mark.parametrize("y_dt", [np.uint8, np.int8])
+def test_qlinear_matmul_float32_epilogue(isa, y_dt):
+    # The VNNI tile requantizes in float32 lanes (case 3 of narrow_epilogue)
+    # when |acc| < 2**24 and |M| >= 2**-22, one FMA with the rounding constant
+    # 1.5 * 2**23: exact ties (M = 1/2, 1/4, 3/8 with small integers), the M
+    # and |acc| boundaries on both sides, saturation both ways, M and N tails.
+    rng = np.random.default_rng(11)
+    lo_zy = np.iinfo(y_dt).min
+    cases = []
+    # ties: acc * M + zy lands on k + 1/2 for a quarter to a half of the outputs
+    for sb in (0.5, 0.25, 0.375):
+        a = rng.integers(0, 4, (13, 20), dtype=np.uint8)
+        b = rng.integers(-3, 4, (20, 70), dtype=np.int8)
+        bias = rng.integers(-40, 40, 70)
+        cases.append((a, b, bias, 1.0, sb, 1.0, 3, 3))
+    # large M: every output saturates at one end or the other (or is z_y)
+    a = rng.integers(0, 256, (7, 36), dtype=np.uint8)
+    b = rng.integers(-128, 128, (36, 64), dtype=np.int8)
+    cases.append((a, b, rng.integers(-99, 99, 64), 4.0, 250.0, 1.0, 3, 3))
+    # M = 2**-22 exactly (case 3) and 2**-23 (case 2), with |acc| near 2**23
+    a = np.full((6, 1024), 255, np.uint8)
+    a[1::2, ::3] = 0
+    b = rng.choice(np.array([-32, 32], np.int8), (1024, 64))
+    for sy, level in ((1.0, 3), (2.0, 2)):
+        cases.append((a, b, np.zeros(64, np.int64), 2.0**-11, 2.0**-11, sy, 0, level))
+    # the |acc| bound: 255 * sum|b| = 255 * 65536 plus the bias, below and
+    # above 2**24 (= 255 * 65536 + 65,296)
+    b = rng.choice(np.array([-64, 64], np.int8), (1024, 64))
+    for bmax, level in ((65_000, 3), (70_000, 2)):
+        bias = rng.integers(-bmax, bmax, 64)
+        bias[0] = bmax
+        cases.append((a, b, bias, 2.0**-10, 2.0**-10, 1.0, 0, level))
+    for a, b, bias, sa, sb, sy, zy_off, level in cases:
+        zy = y_dt(lo_zy + 100 + zy_off)
+        sa, sb, sy = np.float32(sa), np.float32(sb), np.float32(sy)
+        if isa == "avx512_vnni":
+            assert _epilogue_level(b, bias, sa, sb, sy, zy) == level
+        for act in (None, (-2.0, 3.0)):
+            args = (a, sa, np.uint8(0), b, sb, np.int8(0), sy, zy)
+            kw = dict(bias=bias.astype(np.int32), activation=act)
+            got = lowprec.qlinear_matmul(*args, **kw)
+            want = ref.qlinear_matmul(*args, **kw)
+            np.testing.assert_array_equal(got, want)
+    # the ties are there: outputs odd and even from exact halves
+    a, b, bias = cases[0][:3]
+    acc = a.astype(np.int64) @ b + bias
+    assert np.count_nonzero(acc % 2) > acc.size // 4
 
 
 @pytest.mark.parametrize("a_dt", INT8)
