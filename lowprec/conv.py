@@ -887,8 +887,9 @@ def _dense_plan(geo, pads, K4, npan, fill, flip):
 def _pad_nhwc(x4, layout, flip, fill, pt, pb, pl, pr):
     """x' (eq. 5) as (N, Hp, Wp, C) uint8 with a border of ``fill`` (= ZA).
 
-    NCHW input: kernels/layout.py's blocked byte transpose (0.22 ms for
-    256x56x56 on one core, numpy's strided copy 0.35 ms, a numba loop 1.6 ms).
+    NCHW input: kernels/layout.py's blocked byte transposes (to_padded_nhwc
+    with >= 64 channels: 256x56x56 49 us on one core; numpy's strided copy
+    0.35 ms, a numba loop 1.6 ms).
     """
     src = x4.view(np.uint8)
     if layout == "NCHW":
@@ -902,7 +903,10 @@ def _pad_nhwc(x4, layout, flip, fill, pt, pb, pl, pr):
         xp[:, pt : pt + H, :pl] = fill
         xp[:, pt : pt + H, pl + W :] = fill
     inner = xp[:, pt : pt + H, pl : pl + W]
-    if layout == "NCHW":
+    if layout == "NCHW" and C >= 64 and H * W >= 16:
+        src = _ro(np.ascontiguousarray(src)).reshape(N, C, H * W)
+        _kl.to_padded_nhwc(src, xp, W, pt, pl, flip)
+    elif layout == "NCHW":
         _kl.transpose(_ro(np.ascontiguousarray(src)), inner, flip)
     elif flip:
         np.bitwise_xor(src, flip, out=inner)

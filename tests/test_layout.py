@@ -38,6 +38,32 @@ def test_transpose_into_strided_destination():
     assert (big[:, :, 42:] == 7).all()
 
 
+# 64-channel blocks (the last overlapping: 70, 130), 16-pixel blocks across
+# image rows (14 x 14, 3 x 7, 1 x 16) and the last one overlapping, batches,
+# pixel runs past one task (_TASK_PIXELS = 256: 19 x 19)
+@pytest.mark.parametrize(
+    ("N", "C", "H", "W", "pads"),
+    [(1, 64, 14, 14, (1, 1, 1, 1)), (2, 70, 3, 7, (0, 2, 1, 0)),
+     (1, 130, 1, 16, (0, 0, 0, 0)), (2, 64, 19, 19, (2, 1, 0, 3)),
+     (1, 256, 5, 17, (1, 1, 1, 1))],
+)  # fmt: skip
+@pytest.mark.parametrize("flip", [0, 0x80])
+def test_to_padded_nhwc_matches_numpy(N, C, H, W, pads, flip):
+    pt, pb, pl, pr = pads
+    rng = np.random.default_rng(C * H + W)
+    x = rng.integers(0, 256, (N, C, H, W), dtype=np.uint8)
+    before = x.copy()
+    dst = np.full((N, H + pt + pb, W + pl + pr, C), 7, np.uint8)
+    layout.to_padded_nhwc(x.reshape(N, C, H * W), dst, W, pt, pl, np.uint8(flip))
+    want = np.pad(
+        x.transpose(0, 2, 3, 1) ^ np.uint8(flip),
+        ((0, 0), (pt, pb), (pl, pr), (0, 0)),
+        constant_values=7,
+    )
+    np.testing.assert_array_equal(dst, want)
+    np.testing.assert_array_equal(x, before)
+
+
 def test_maxpool2x2_nhwc():
     rng = np.random.default_rng(4)
     y = rng.standard_normal((2, 7, 9, 5)).astype(np.float32)
