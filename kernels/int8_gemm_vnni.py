@@ -468,11 +468,15 @@ def _store_tile_f32(builder, acc_of, mult_of, masks, MR, NV_, c, ldc, zy, qlo, q
             )
             bits = builder.bitcast(_clamp(builder, y, lo, hi), _v16)
             parts.append(builder.bitcast(bits, ir.VectorType(_i8, 64)))
-        pairs = [
-            builder.shuffle_vector(parts[i], parts[i + 1], low_bytes)
-            for i in range(0, NV_, 2)
-        ]
-        q = _concat(builder, pairs)
+        if NV_ == 1:  # one vector: its 16 low bytes
+            idx = ir.Constant(ir.VectorType(_i32, 16), [4 * j for j in range(16)])
+            q = builder.shuffle_vector(parts[0], parts[0], idx)
+        else:
+            pairs = [
+                builder.shuffle_vector(parts[i], parts[i + 1], low_bytes)
+                for i in range(0, NV_, 2)
+            ]
+            q = _concat(builder, pairs)
         fnty = ir.FunctionType(
             ir.VoidType(), [q.type, q.type.as_pointer(), _i32, mask.type]
         )

@@ -729,7 +729,8 @@ def test_qlinear_conv_float32_epilogue(isa, y_dt):
     # |M| >= 2**-22 (kernels/int8_gemm_vnni.py, _store_tile_f32): exact ties
     # (M = 1/2, 1/4 on small integers), saturation (large M), and M = 2**-22
     # against 2**-23, on the NHWC tile, the channels-as-rows tile (1x1 direct,
-    # the dense-K stem, channel blocks) and the portable path
+    # the dense-K stem, channel blocks), the 3x3 depthwise rows and the
+    # portable path
     rng = np.random.default_rng(12)
     zy = y_dt(np.iinfo(y_dt).min + 103)
     shapes = [
@@ -737,6 +738,8 @@ def test_qlinear_conv_float32_epilogue(isa, y_dt):
         (16, 13, 1, 1, 0, 6, 1),  # 1x1 direct
         (3, 20, 7, 2, 3, 15, 1),  # stem (dense K)
         (40, 24, 3, 1, 1, 5, 4),  # grouped
+        (24, 24, 3, 1, 1, 19, 24),  # depthwise (NCHW planes, vpdpbusd rows)
+        (24, 24, 3, 2, 1, 19, 24),  # depthwise, stride 2
     ]
     for C, M, k, s, pad, H, G in shapes:
         kw = {"group": G, "strides": (s, s), "pads": (pad,) * 4}
