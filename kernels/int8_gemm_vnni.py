@@ -487,6 +487,27 @@ def _store_tile_f32(builder, acc_of, mult_of, masks, MR, NV_, c, ldc, zy, qlo, q
         builder.call(fn, [q, ptr, ir.Constant(_i32, 1), mask])
 
 
+def _store_tile_f32_real(builder, acc_of, mult_of, fbias_of, masks, MR, NV_, c, ldc,
+                         qlo, qhi):  # fmt: skip
+    """Eq. 13 (float32 output) in float32 lanes: the fused tile's case 3 for
+    real output, where |acc| < 2**24 (narrow_epilogue). acc is then a float32
+    and acc * M (M a float32 value) has at most 48 significant bits, so
+    fl32(acc * M), one vmulps, is the reference's fl32(fl64(acc) * M); + fbias
+    and the clamp run in float32 as in _store_tile. mult_of(r, v) and
+    fbias_of(v): <16 x float>."""
+    vf32 = ir.VectorType(_f32, 16)
+    lo = splat(builder, builder.fptrunc(qlo, _f32), vf32)
+    hi = splat(builder, builder.fptrunc(qhi, _f32), vf32)
+    for v in range(NV_):
+        fb = fbias_of(v)
+        for r in range(MR):
+            row = builder.add(c, builder.mul(ldc, ir.Constant(_i64, r)))
+            at = builder.add(row, ir.Constant(_i64, 64 * v))
+            y = builder.fmul(builder.sitofp(acc_of(r, v), vf32), mult_of(r, v))
+            y = _clamp(builder, builder.fadd(y, fb), lo, hi)
+            _vec_store(builder, y, at, masks[v])
+
+
 def _concat(builder, vecs):
     """The vectors (of one type, a power-of-two count) end to end."""
     while len(vecs) > 1:
@@ -570,16 +591,20 @@ def make_fused_kernel(MR, NV_, seg=False):
 
         def emit(case):
             if case == 3:
-                # float32 lanes (narrow_epilogue: u8/i8 output, |acc| < 2**24,
-                # |M| >= 2**-22, integer z_y; one row of multipliers):
+                # float32 lanes (narrow_epilogue: |acc| < 2**24, one row of
+                # multipliers; u8/i8 output: |M| >= 2**-22, integer z_y):
                 # acc = P + bias in int32 lanes as in case 2
                 bv = [builder.trunc(col(bias, v, _i64, 8), _v16) for v in range(NV_)]
                 # one row of multipliers, each a float32 value (exact)
                 ms = [builder.fptrunc(mult_of(0, v), vf32) for v in range(NV_)]
-                _store_tile_f32(builder,
-                                lambda r, v: builder.add(fin[r * NV_ + v], bv[v]),
-                                lambda r, v: ms[v], masks, MR, NV_, c, ldc, zy, qlo,
-                                qhi)  # fmt: skip
+                acc32 = lambda r, v: builder.add(fin[r * NV_ + v], bv[v])  # noqa: E731
+                if kind == types.float32:
+                    _store_tile_f32_real(builder, acc32, lambda r, v: ms[v],
+                                         lambda v: col(fbias, v, _f32, 4), masks,
+                                         MR, NV_, c, ldc, qlo, qhi)  # fmt: skip
+                    return
+                _store_tile_f32(builder, acc32, lambda r, v: ms[v], masks, MR, NV_,
+                                c, ldc, zy, qlo, qhi)  # fmt: skip
                 return
             # per column vector: bias (and colsum, ZB); per row: ZA, rowsum.
             # Each product fits int32 (|ZA*colsum|, |ZB*rowsum| <= 255*255*K):
@@ -619,7 +644,7 @@ def make_fused_kernel(MR, NV_, seg=False):
                         fma=case == 2)  # fmt: skip
 
         _by_general(builder, general, emit, narrow=True,
-                    single=kind in (types.uint8, types.int8))  # fmt: skip
+                    single=kind != types.int32)  # fmt: skip
         return context.get_dummy_value()
 
     @intrinsic
@@ -767,9 +792,10 @@ def narrow_epilogue(epi, K, pmax):
     #      exact in int32 lanes and acc * mult (mult a float32 value, eq. 10)
     #      exact in float64: rint(acc * mult + zy) is then one FMA with the
     #      same rounding as the product and sum of eq. 11;
-    #   3: integer output with |P + bias| < 2**24, every |mult| in [2**-22,
-    #      2**64], z_y and the bounds integers far inside float32's exact
-    #      range: float32 lanes (_store_tile_f32).
+    #   3: |P + bias| < 2**24 and one row of multipliers: float32 lanes; for
+    #      integer output (_store_tile_f32) every |mult| in [2**-22, 2**64],
+    #      z_y and the bounds integers far inside float32's exact range; for
+    #      float32 output (_store_tile_f32_real) nothing more.
     # One pass over the bias (and the multipliers) per call. Measured, u8
     # output over int32 output (1 thread): K = 18 (98000 x 18 x 64) +55 % ->
     # +28 % (case 2), K = 288 (49000 x 288 x 64) +10 % -> +7 % (case 2);
@@ -786,6 +812,8 @@ def narrow_epilogue(epi, K, pmax):
         bound = min(bound, np.int64(pmax))
     if bound + m >= 2**29:
         return 0
+    if mode == 2 and bound + m < 2**24 and mult.shape[0] == 1:
+        return 3
     if mode != 1 or bound + m >= 2**24 or zy != np.rint(zy) or abs(zy) > 2**20:
         return 2
     if abs(qlo) > 2**20 or abs(qhi) > 2**20 or mult.shape[0] > 1:

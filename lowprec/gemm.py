@@ -1045,7 +1045,10 @@ def _dynamic_per_tensor(a2, packed, sb, fbias):
     )  # fmt: skip
     out = np.empty((M, N), np.float32)
     serial = M * N * K < SERIAL_MACS or _dispatch.num_threads() == 1
-    backend.fused(_ro(qa), packed._layout(backend), None, epi, out, serial=serial)
+    backend.fused(
+        _ro(qa), packed._layout(backend), None, epi, out, serial=serial,
+        pmax=packed._p_max,
+    )  # fmt: skip
     return out
 
 

@@ -246,6 +246,44 @@ def test_qlinear_matmul_float32_epilogue(isa, y_dt):
     assert np.count_nonzero(acc % 2) > acc.size // 4
 
 
+def test_real_output_float32_epilogue(isa):
+    # float32 output takes float32 lanes too where |acc| < 2**24 (narrow_epilogue
+    # case 3: fl32(acc * M) is one vmulps, exact as the reference's rounding of
+    # the float64 product), for qlinear_matmul's real output and for
+    # dynamic_quantize_matmul; multipliers whose products are subnormal or
+    # overflow to inf, activation clamps, the bound on both sides
+    rng = np.random.default_rng(13)
+    a = rng.integers(0, 256, (13, 40), dtype=np.uint8)
+    b = rng.integers(-128, 128, (40, 70), dtype=np.int8)
+    bias = rng.integers(-1000, 1000, 70)
+    big_b = rng.choice(np.array([-64, 64], np.int8), (1024, 64))
+    big_a = np.full((6, 1024), 255, np.uint8)
+    cases = [(a, b, bias, 3), (big_a, big_b, np.full(64, 70_000), 2)]
+    b0 = b
+    for a, b, bias, level in cases:
+        for sa, sb in ((0.02, 0.01), (1e-20, 1e-20), (1e19, 1e19), (0.5, 0.25)):
+            sa, sb = np.float32(sa), np.float32(sb)
+            if isa == "avx512_vnni":
+                lv = _epilogue_level(b, bias, sa, sb, np.float32(1), 0, mode=2)
+                assert lv == level
+            for act in (None, "relu", (-1.5, 2.0)):
+                args = (a, sa, np.uint8(3), b, sb, np.int8(0), None, None)
+                kw = dict(bias=bias.astype(np.int32), activation=act,
+                          out_dtype=np.float32)  # fmt: skip
+                with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+                    got = lowprec.qlinear_matmul(*args, **kw)
+                    want = ref.qlinear_matmul(*args, **kw)
+                np.testing.assert_array_equal(got, want)
+    # dynamic quantization: activations of a few magnitudes, per-column scales
+    x = rng.standard_normal((9, 40)).astype(np.float32)
+    sb = (10.0 ** rng.uniform(-3, 0, 70)).astype(np.float32)
+    fb = rng.standard_normal(70).astype(np.float32)
+    for scale in (1.0, 1e-3, 1e3):
+        got = lowprec.dynamic_quantize_matmul(x * np.float32(scale), b0, sb, bias=fb)
+        want = ref.dynamic_quantize_matmul(x * np.float32(scale), b0, sb, bias=fb)
+        np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("a_dt", INT8)
 @pytest.mark.parametrize("b_dt", INT8)
 def test_numpy_broadcasting(isa, a_dt, b_dt):
