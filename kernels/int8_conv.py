@@ -1147,7 +1147,7 @@ def _make_dw3(stride):
     v64 = ir.VectorType(ir.IntType(8), 64)
     v16 = ir.VectorType(ir.IntType(32), 16)
     vf64 = ir.VectorType(ir.DoubleType(), 16)
-    fzero = ir.Constant(ir.VectorType(ir.FloatType(), 16), [0.0] * 16)
+    fzero = ir.Constant(ir.VectorType(ir.FloatType(), 16), [-0.0] * 16)
     # byte 4l + t of the permuted row: tap t of output l (t = 3: the zero)
     idx = [stride * (b // 4) + b % 4 if b % 4 < 3 else 64 for b in range(64)]
 

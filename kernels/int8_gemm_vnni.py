@@ -711,9 +711,10 @@ def make_channel_kernel(MR, NV_):
             at = builder.add(addr, ir.Constant(_i64, 8 * r))
             return builder.load(builder.inttoptr(at, elt.as_pointer()))
 
-        # conv has no float bias (its bias is the integer one in rbias); + 0.0f
-        # keeps mode 2 the same float operations as the fused tile's
-        fb0 = ir.Constant(ir.VectorType(_f32, 16), [0.0] * 16)
+        # conv has no float bias (its bias is the integer one in rbias); + -0.0f
+        # keeps mode 2 the same float operations as the fused tile's (-0.0:
+        # x + -0.0 is x for every x, a -0.0 product included)
+        fb0 = ir.Constant(ir.VectorType(_f32, 16), [-0.0] * 16)
 
         def emit(case):
             # lanes as in make_fused_kernel: wrapping int32 for int32 output,

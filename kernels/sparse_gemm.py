@@ -329,7 +329,7 @@ def make_s8_kernel(ikind, NV_):
         vf64 = ir.VectorType(_f64, 16)
         cv = _splat(builder, builder.sitofp(c, _f64), vf64)
         multv = _splat(builder, mult, vf64)
-        fb0 = ir.Constant(_vf, [0.0] * 16)  # no float bias: + 0.0f as conv's
+        fb0 = ir.Constant(_vf, [-0.0] * 16)  # no float bias: + -0.0f as conv's
 
         def acc_of(r, v):
             return builder.fadd(builder.sitofp(fin[v], vf64), cv)

@@ -686,7 +686,7 @@ def _plan(
         # unless the weights have zero points
         zero1 = _ro(np.zeros(1, np.int64))
         folded = _ro(bias - za_eff * cs)
-        fzeros = _ro(np.zeros(M, np.float32))
+        fzeros = _ro(np.full(M, -0.0, np.float32))  # no float bias: x + -0.0 = x
 
         def run_vnni(x):
             xp = padded(x)

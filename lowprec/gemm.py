@@ -103,7 +103,9 @@ class PackedWeights:
             "_zb_eff": _zb_eff(zb, b.dtype, N),
             "_need_rows": None,
             "_zeros_n": np.zeros(N, np.int64),
-            "_fzeros_n": np.zeros(N, np.float32),
+            # "no float bias" is -0.0: x + -0.0 is x for every x, -0.0 included
+            # (+0.0 turned a -0.0 product, M = 0 after underflow, into +0.0)
+            "_fzeros_n": np.full(N, -0.0, np.float32),
             "_layouts": {},
             "_mults": {},
             "_folded": {},

@@ -284,6 +284,35 @@ def test_real_output_float32_epilogue(isa):
         np.testing.assert_array_equal(got, want)
 
 
+def test_real_output_keeps_the_sign_of_zero(isa):
+    # M = fl32(s_a * s_b) underflows to 0: acc * 0 is -0.0 for negative acc,
+    # and the "no float bias" every kernel adds must keep it (x + -0.0 = x;
+    # + 0.0 turned it into +0.0): matmul and convolution, every path
+    rng = np.random.default_rng(14)
+    s = np.float32(1e-30)
+    a = _rand(rng, (7, 30), np.uint8)
+    b = _rand(rng, (30, 70), np.int8)
+    args = (a, s, np.uint8(128), b, s, np.int8(0), None, None)
+    got = lowprec.qlinear_matmul(*args, out_dtype=np.float32)
+    want = ref.qlinear_matmul(*args, out_dtype=np.float32)
+    assert (want == 0).all()
+    assert 0 < np.signbit(want).sum() < want.size
+    np.testing.assert_array_equal(np.signbit(got), np.signbit(want))
+    x = rng.integers(0, 256, (1, 64, 6, 6), dtype=np.uint8)
+    w = rng.integers(-128, 128, (70, 64, 3, 3), dtype=np.int8)
+    sw = np.full(70, s, np.float32)
+    acc = lowprec.conv_integer(x, w, np.uint8(128), pads=[1, 1, 1, 1])
+    for layout in ("NCHW", "NHWC"):
+        xin = x if layout == "NCHW" else x.transpose(0, 2, 3, 1).copy()
+        y = lowprec.qlinear_conv(xin, s, np.uint8(128), w, sw, np.int8(0), None, None,
+                                 pads=[1, 1, 1, 1], layout=layout,
+                                 out_dtype=np.float32)  # fmt: skip
+        y = y if layout == "NCHW" else y.transpose(0, 3, 1, 2)
+        assert (y == 0).all()
+        assert 0 < np.signbit(y).sum() < y.size
+        np.testing.assert_array_equal(np.signbit(y), acc < 0)
+
+
 @pytest.mark.parametrize("a_dt", INT8)
 @pytest.mark.parametrize("b_dt", INT8)
 def test_numpy_broadcasting(isa, a_dt, b_dt):
