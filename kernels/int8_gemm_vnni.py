@@ -813,16 +813,29 @@ def narrow_epilogue(epi, K, pmax):
         bound = min(bound, np.int64(pmax))
     if bound + m >= 2**29:
         return 0
-    if mode == 2 and bound + m < 2**24 and mult.shape[0] == 1:
+    if mode == 2:
+        return 3 if bound + m < 2**24 and mult.shape[0] == 1 else 2
+    if mode == 1 and float32_requant_ok(bound + m, mult, zy, qlo, qhi):
         return 3
-    if mode != 1 or bound + m >= 2**24 or zy != np.rint(zy) or abs(zy) > 2**20:
-        return 2
-    if abs(qlo) > 2**20 or abs(qhi) > 2**20 or mult.shape[0] > 1:
-        return 2  # (per-row multipliers: the tile takes one row of them)
+    return 2
+
+
+@njit(cache=True, nogil=True, inline="always")
+def float32_requant_ok(acc_max, mult, zy, qlo, qhi):
+    # Whether integer output may take the float32 lanes (_store_tile_f32;
+    # exact, docs/quantization.md after eq. 13): |acc| <= acc_max < 2**24, one
+    # row of multipliers (the tile takes one row; mult (1, n) float64), each
+    # |M| in [2**-22, 2**64], z_y and the bounds integers of at most 2**20.
+    # narrow_epilogue's case 3, and the convolution's other VNNI kernels
+    # (lowprec/conv.py: channels as rows, 3x3 depthwise) with their own bounds.
+    if acc_max >= 2**24 or mult.shape[0] != 1 or zy != np.rint(zy):
+        return False
+    if max(abs(zy), abs(qlo), abs(qhi)) > 2**20:
+        return False
     for j in range(mult.shape[1]):
         if not 2.0**-22 <= abs(mult[0, j]) <= 2.0**64:
-            return 2
-    return 3
+            return False
+    return True
 
 
 # One module-level intrinsic per row count (module globals, so numba's cache

@@ -84,6 +84,18 @@ def scale_param(value, name: str) -> np.ndarray:
     return arr.copy()
 
 
+def output_scale(y_scale) -> np.ndarray:
+    """y_scale of a requantized (integer) output: required, one value."""
+    if y_scale is None:
+        msg = "y_scale is required unless out_dtype=np.float32"
+        raise ValueError(msg)
+    sy = scale_param(y_scale, "y_scale")
+    if sy.size != 1:
+        msg = f"y_scale must be a scalar (per-tensor output), got shape {sy.shape}"
+        raise ValueError(msg)
+    return sy
+
+
 def zero_point_param(value, name: str, dtype) -> np.ndarray:
     """A zero point of integer ``dtype``: a same-typed array or a Python int."""
     dtype = np.dtype(dtype)

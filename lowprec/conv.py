@@ -731,17 +731,11 @@ _NCHW4_K_MAX = (2**31 - 1) // (255 * 128)
 
 
 def _f32_epilogue_ok(acc_max, mult, zy, qlo, qhi):
-    """Whether requantized output may take the VNNI kernels' float32 lanes
-    (kernels/int8_gemm_vnni.py, _store_tile_f32; exact): |acc| <= acc_max <
-    2**24, every |mult| in [2**-22, 2**64], z_y and the bounds integers of at
-    most 2**20 (as narrow_epilogue's case 3)."""
-    m = np.abs(mult)
-    return (
-        acc_max < 2**24
-        and zy == np.rint(zy)
-        and max(abs(zy), abs(qlo), abs(qhi)) <= 2**20
-        and bool(np.all((m >= 2.0**-22) & (m <= 2.0**64)))
-    )
+    """Whether requantized output may take the VNNI kernels' float32 lanes:
+    int8_gemm_vnni.float32_requant_ok, the one definition of the condition."""
+    from .kernels import int8_gemm_vnni as kv
+
+    return bool(kv.float32_requant_ok(acc_max, _ro(mult), zy, qlo, qhi))
 
 
 def _nchw4_fits(packed, G, Mg, P, direct=False):
@@ -1176,13 +1170,7 @@ def qlinear_conv(
             np.float32, layout, attrs,
         )  # fmt: skip
         return _remember(w, key, plan)(x)
-    if y_scale is None:
-        msg = "y_scale is required unless out_dtype=np.float32"
-        raise ValueError(msg)
-    sy = v.scale_param(y_scale, "y_scale")
-    if sy.size != 1:
-        msg = f"y_scale must be a scalar (per-tensor output), got shape {sy.shape}"
-        raise ValueError(msg)
+    sy = v.output_scale(y_scale)
     zyp = _y_zero_point(y_zero_point, odt)
     odt = zyp.dtype
     zy = float(zyp.reshape(-1)[0])

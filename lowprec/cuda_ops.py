@@ -263,17 +263,7 @@ def qlinear_matmul_cuda(
         mult = _g._multiplier(sa_rows, sb, None, N)
         zy, qlo, qhi, mode = 0.0, lo, hi, _g._MODE_FLOAT
     else:
-        sy = (
-            v.scale_param(_cuda.to_host(y_scale), "y_scale")
-            if y_scale is not None
-            else None
-        )
-        if sy is None:
-            msg = "y_scale is required unless out_dtype=np.float32"
-            raise ValueError(msg)
-        if sy.size != 1:
-            msg = f"y_scale must be a scalar (per-tensor output), got shape {sy.shape}"
-            raise ValueError(msg)
+        sy = v.output_scale(_cuda.to_host(y_scale))
         zyp = _g._y_zero_point(_cuda.to_host(y_zero_point), odt)
         odt = zyp.dtype
         zy = float(zyp.reshape(-1)[0])
@@ -590,13 +580,7 @@ def qlinear_conv_cuda(
             attrs,
             like=x_in,
         )
-    if y_scale is None:
-        msg = "y_scale is required unless out_dtype=np.float32"
-        raise ValueError(msg)
-    sy = v.scale_param(h(y_scale), "y_scale")
-    if sy.size != 1:
-        msg = f"y_scale must be a scalar (per-tensor output), got shape {sy.shape}"
-        raise ValueError(msg)
+    sy = v.output_scale(h(y_scale))
     zyp = _g._y_zero_point(h(y_zero_point), odt)
     odt = zyp.dtype
     zy = float(zyp.reshape(-1)[0])
@@ -918,13 +902,7 @@ def qlinear_spmm_cuda(
         qlo, qhi = v.activation_bounds(activation)
         mode, odt_final = 2, np.dtype(np.float32)
     else:
-        if y_scale is None:
-            msg = "y_scale is required unless out_dtype=np.float32"
-            raise ValueError(msg)
-        sy = v.scale_param(h(y_scale), "y_scale")
-        if sy.size != 1:
-            msg = f"y_scale must be a scalar (per-tensor output), got shape {sy.shape}"
-            raise ValueError(msg)
+        sy = v.output_scale(h(y_scale))
         zyp = _g._y_zero_point(h(y_zero_point), odt)
         odt_final = zyp.dtype
         zy = float(zyp.reshape(-1)[0])

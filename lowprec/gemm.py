@@ -898,13 +898,7 @@ def qlinear_matmul(
             a, b, za, zb, bias_arr, mult_fn, 0.0, lo, hi, _MODE_FLOAT, np.float32
         )
 
-    sy = v.scale_param(y_scale, "y_scale") if y_scale is not None else None
-    if sy is None:
-        msg = "y_scale is required unless out_dtype=np.float32"
-        raise ValueError(msg)
-    if sy.size != 1:
-        msg = f"y_scale must be a scalar (per-tensor output), got shape {sy.shape}"
-        raise ValueError(msg)
+    sy = v.output_scale(y_scale)
     zyp = _y_zero_point(y_zero_point, odt)
     odt = zyp.dtype
     zy = float(zyp.reshape(-1)[0])

@@ -995,13 +995,7 @@ def _s8_params(w, x, x_scale, x_zero_point, y_scale, y_zero_point, activation,
         qlo, qhi = v.activation_bounds(activation)
         mode, odt_final = 2, np.dtype(np.float32)
     else:
-        if y_scale is None:
-            msg = "y_scale is required unless out_dtype=np.float32"
-            raise ValueError(msg)
-        sy = v.scale_param(y_scale, "y_scale")
-        if sy.size != 1:
-            msg = f"y_scale must be a scalar (per-tensor output), got shape {sy.shape}"
-            raise ValueError(msg)
+        sy = v.output_scale(y_scale)
         zyp = _g._y_zero_point(y_zero_point, odt)
         odt_final = zyp.dtype
         zy = float(zyp.reshape(-1)[0])
