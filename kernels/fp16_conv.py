@@ -24,8 +24,11 @@ Paths (lowprec/conv_half.py picks one):
            r*sw + .], row stride sw*4 bytes, k stride Hp*Wp*4 bytes; no
            im2col. Jobs are segments of up to TS tiles of one output row;
            bias/clamp on the registers, the segment goes to NCHW through a
-           per-thread buffer (_seg_job). 1x1 / stride 1 / no padding (flat):
-           tiles over the image's pixels, converted from float16 per segment.
+           per-thread buffer and 16x16 transposes (_seg_job). With finite
+           weights tiles skip the taps that read padding alone, and a row's
+           border columns run as tiles down the column (_band_job).
+           1x1 / stride 1 / no padding (flat): tiles over the image's
+           pixels, converted from float16 per segment.
   rows     the transposed tile (make_rows_kernel: 6 output channels x 64
            positions, weights broadcast, input loaded 16 positions a vector)
            over the taps and channels, on the image split into its sh*sw
@@ -74,19 +77,25 @@ from .ir_util import loop as _ir_loop
 TM = 8  # portable: output pixels per tile
 
 
-def _tap_sums(builder, ntaps, ks, offs, MR, tap_rows, name, KS=0):
+def _tap_sums(builder, ntaps, ks, offs, MR, tap_rows, name, KS=0, pair=False):
     """The MR x 64 float32 sums over ntaps taps x ks channels (c fastest), in
     registers: for tap t, tap_rows(t, off_t) -> (a_rows, a_step, b_of) with
-    off_t = offs[t] (int64 at address offs), A broadcast from a_rows[r] +
-    k*a_step and B (64 float32) at b_of(k). KS > 0: the channel loop unrolled
-    for ks == KS. Zero taps or channels: zeros."""
+    off_t = offs[t] (int64 at address offs; pair: tap_rows(t, offs[2t],
+    offs[2t + 1])), A broadcast from a_rows[r] + k*a_step and B (64 float32)
+    at b_of(k). KS > 0: the channel loop unrolled for ks == KS. Zero taps or
+    channels: zeros."""
     zero = ir.Constant(_i64, 0)
 
     def tap(t, ophis):
-        op = builder.inttoptr(
-            builder.add(offs, builder.mul(t, ir.Constant(_i64, 8))), _i64.as_pointer()
-        )
-        a_rows, a_step, b_of = tap_rows(t, builder.load(op, align=8))
+        step = 16 if pair else 8
+        at = builder.add(offs, builder.mul(t, ir.Constant(_i64, step)))
+        offs_t = [builder.load(builder.inttoptr(at, _i64.as_pointer()), align=8)]
+        if pair:
+            bt = builder.add(at, ir.Constant(_i64, 8))
+            offs_t.append(
+                builder.load(builder.inttoptr(bt, _i64.as_pointer()), align=8)
+            )
+        a_rows, a_step, b_of = tap_rows(t, *offs_t)
 
         def kstep(k, phis):
             return fma_step(builder, phis, a_rows, builder.mul(k, a_step), b_of(k))
@@ -113,8 +122,11 @@ def make_taps_kernel(MR):
     """MR x 64 float32 tile over all kernel taps, accumulators in registers.
 
     _taps(a, lda, astep, b, ks, c, ldc, offs, ntaps)    all int64
-      a      address of A at tap 0: A[r, k] = a + offs[t] + r*lda + k*astep
-      offs   address of ntaps int64 byte offsets of the taps, sum order
+      a      address of A at tap 0: A[r, k] = a + offs[2t] + r*lda + k*astep
+      offs   address of ntaps int64 pairs, sum order: tap t's A byte offset
+             and the byte offset of its ks rows of B from b (only the taps a
+             tile needs: those reading padding alone for all its pixels can
+             be left out, see _tile_taps)
       b      packed weights, rows of 64 float32, K order (tap, k): row t*ks + k
       ks     channels per tap (Cg); c, ldc as make_tile_kernel's (the tile is
              stored once, at the end, from 0: no per-tap reload of c)
@@ -142,12 +154,11 @@ def make_taps_kernel(MR):
                 p = builder.gep(c_row, [ir.Constant(_i64, 64 * v)])
                 c_ptrs.append(builder.bitcast(p, _vf.as_pointer()))
 
-        def tap_rows(t, off):
-            # tap t: A at a + off (rows lda apart), its B panel of ks rows
+        def tap_rows(t, off, boff):
+            # tap t: A at a + off (rows lda apart), its B panel of ks rows at
+            # b + boff
             a_t = builder.add(a, off)
-            b_t = builder.add(
-                b, builder.mul(builder.mul(t, ks), ir.Constant(_i64, 4 * NR))
-            )
+            b_t = builder.add(b, boff)
             a_rows = [
                 builder.inttoptr(
                     builder.add(a_t, builder.mul(lda, ir.Constant(_i64, r))), i8p
@@ -162,7 +173,7 @@ def make_taps_kernel(MR):
                 lambda k: builder.gep(b_base, [builder.mul(k, step_b)]),
             )
 
-        fin = _tap_sums(builder, ntaps, ks, offs, MR, tap_rows, "taps")
+        fin = _tap_sums(builder, ntaps, ks, offs, MR, tap_rows, "taps", pair=True)
         tostore = fn.append_basic_block("taps.tile")
         direct = fn.append_basic_block("taps.direct")
         done = fn.append_basic_block("taps.done")
@@ -253,31 +264,43 @@ def _taps_tile(mr, a, lda, astep, b, ks, c, ldc, offs, ntaps, o, ostr, bias, hb,
 # input: float16 bits -> zero-padded float32 NCHW (taps kernel)
 
 
+@njit(inline="always")
+def _zeros(flat, i0, n):
+    for u in range(i0, i0 + n):
+        flat[u] = 0.0
+
+
 @njit(**PJIT)
 def pad_nchw(x, xp, pt, pl):
     # x (N, C, H, W) uint16 float16 bits, C-contiguous; xp (N, C, Hp, Wp)
-    # float32 <- x at [pt:pt+H, pl:pl+W], zeros around; vcvtph2ps 16 at a time
+    # float32 <- x at [pt:pt+H, pl:pl+W], zeros around; vcvtph2ps 16 at a
+    # time, the row's tail masked. Flat indices, no per-row array views: the
+    # views' reference counting and scalar tails took 66-79 us for 64x56x56
+    # and 256x14x14 (3 % of those layers' time, 1 thread); now ~5-10 us
     N, C, H, W = x.shape
     Hp, Wp = xp.shape[2], xp.shape[3]
+    pr = Wp - W - pl
+    pb = Hp - H - pt
     W16 = W - W % 16
+    flat = xp.reshape(-1)
+    xs = x.ctypes.data
+    xd = xp.ctypes.data
     for t in prange(N * C):
-        n = t // C
-        c = t - n * C
-        src = x[n, c]
-        dst = xp[n, c]
-        for h in range(Hp):
-            if h < pt or h >= pt + H:
-                dst[h, :] = 0.0
-                continue
-            row = dst[h]
-            row[:pl] = 0.0
-            row[pl + W :] = 0.0
-            s0 = src.ctypes.data + (h - pt) * W * 2
-            d0 = dst.ctypes.data + (h * Wp + pl) * 4
+        d = t * Hp * Wp
+        s0 = xs + 2 * t * H * W
+        if H == 0:
+            _zeros(flat, d, Hp * Wp)
+            continue
+        _zeros(flat, d, pt * Wp + pl)  # top rows, then row 0's left pad
+        for h in range(H):
+            r = d + (pt + h) * Wp + pl
+            src = s0 + 2 * h * W
             for w in range(0, W16, 16):
-                _cvt16(s0 + 2 * w, d0 + 4 * w)
-            for w in range(W16, W):
-                row[pl + w] = _f16_bits_to_f32(src[h - pt, w])
+                _cvt16(src + 2 * w, xd + 4 * (r + w))
+            if W16 < W:
+                _cvt16n(src + 2 * W16, xd + 4 * (r + W16), W - W16)
+            # this row's right pad and the next one's left pad (or the bottom)
+            _zeros(flat, r + W, pr + (pl if h < H - 1 else pb * Wp))
 
 
 # ---------------------------------------------------------------------------
@@ -319,71 +342,161 @@ def _epilogue(tile, mr, nc, p0, m0, HW, bias, has_bias, lo, hi, mode, out32, out
 # SIMD: segments of pixel tiles (taps kernel)
 
 
+def _transpose16(builder, rows):
+    """16 vectors of 16 float32 -> their transpose (rows[r][c] -> out[c][r]):
+    four butterfly stages, stage k swapping bit k of the row and the column
+    index (two-source shuffles: vunpck*/vshuf*/vperm2 on AVX-512)."""
+    rows = list(rows)
+    for k in range(4):
+        b = 1 << k
+        lo_mask = [c if not c & b else 16 + (c ^ b) for c in range(16)]
+        hi_mask = [(c | b) if not c & b else 16 + c for c in range(16)]
+        nxt = list(rows)
+        for r in range(16):
+            if r & b:
+                continue
+            x, y = rows[r], rows[r | b]
+            nxt[r] = builder.shuffle_vector(
+                x, y, ir.Constant(ir.VectorType(_i32, 16), lo_mask)
+            )
+            nxt[r | b] = builder.shuffle_vector(
+                x, y, ir.Constant(ir.VectorType(_i32, 16), hi_mask)
+            )
+        rows = nxt
+    return rows
+
+
 @intrinsic
-def _col16(typingctx, src, n, dst):
-    """dst[l] = src[l*NR] (float32) for l < n <= 16: a channel of NR-wide pixel
-    rows to a contiguous run (one masked vgatherdps, one masked store)."""
+def _tr16(typingctx, src, n, nch, dst, ldd):
+    """dst[c*ldd + l] = src[l*NR + c] (float32; ldd in floats) for l < n <= 16
+    pixels and c < nch <= 16 channels: 16 pixel rows of the segment buffer to
+    16 channel runs of NCHW, one 16x16 transpose in registers (64 shuffles)
+    and a masked store per channel. Replaced one vgatherdps per channel and
+    16 pixels (gathers of 16 cache lines each)."""
 
     def codegen(context, builder, sig, args):
-        src, n, dst = args
+        src, n, nch, dst, ldd = args
         m16 = ir.VectorType(_i1, 16)
         lane = ir.Constant(_vi, list(range(16)))
         mask = builder.icmp_signed(
             "<", lane, _splat(builder, builder.trunc(n, _i32), _vi)
         )
-        vi64 = ir.VectorType(_i64, 16)
-        offs = ir.Constant(vi64, [4 * NR * k for k in range(16)])
-        vp = ir.VectorType(_f32.as_pointer(), 16)
-        ptrs = builder.inttoptr(builder.add(_splat(builder, src, vi64), offs), vp)
-        gty = ir.FunctionType(_vf, [vp, _i32, m16, _vf])
-        ga = cgutils.get_or_insert_function(
-            builder.module, gty, "llvm.masked.gather.v16f32.v16p0"
-        )
-        y = builder.call(ga, [ptrs, ir.Constant(_i32, 4), mask, ir.Constant(_vf, None)])
-        sty = ir.FunctionType(ir.VoidType(), [_vf, _vf.as_pointer(), _i32, m16])
+        vp = _vf.as_pointer()
+        rows = [
+            builder.load(
+                builder.inttoptr(builder.add(src, ir.Constant(_i64, 4 * NR * r)), vp),
+                align=4,
+            )
+            for r in range(16)
+        ]
+        cols = _transpose16(builder, rows)
+        sty = ir.FunctionType(ir.VoidType(), [_vf, vp, _i32, m16])
         st = cgutils.get_or_insert_function(
             builder.module, sty, "llvm.masked.store.v16f32.p0"
         )
-        builder.call(
-            st, [y, builder.inttoptr(dst, _vf.as_pointer()), ir.Constant(_i32, 4), mask]
-        )
+        ld4 = builder.mul(ldd, ir.Constant(_i64, 4))
+        fn = builder.function
+        for c in range(16):
+            # channels past nch (the panel's last, M/group not a multiple of
+            # 64) are not stored
+            go = fn.append_basic_block(f"tr16.c{c}")
+            done = fn.append_basic_block(f"tr16.d{c}")
+            builder.cbranch(
+                builder.icmp_signed(">", nch, ir.Constant(_i64, c)), go, done
+            )
+            builder.position_at_end(go)
+            p = builder.add(dst, builder.mul(ld4, ir.Constant(_i64, c)))
+            builder.call(
+                st, [cols[c], builder.inttoptr(p, vp), ir.Constant(_i32, 4), mask]
+            )
+            builder.branch(done)
+            builder.position_at_end(done)
         return context.get_dummy_value()
 
-    return types.void(types.int64, types.int64, types.int64), codegen
+    i = types.int64
+    return types.void(i, i, i, i, i), codegen
 
 
 TS = 16  # tiles per segment (a job): <= 96 output pixels of one row
 
 
+@njit(inline="always")
+def _hits(p0, n, step, lo, size):
+    # does any of p0 + k*step (0 <= k < n) fall in [lo, lo + size)?
+    p1 = p0 + (n - 1) * step
+    if p1 < lo or p0 >= lo + size:
+        return False
+    if p0 >= lo:
+        return True
+    return p0 + ((lo - p0 + step - 1) // step) * step < lo + size
+
+
+@njit(inline="always")
+def _tile_taps(offs, tt, h0, hn, w0, wn, geo, pt, pl, H, W):
+    # the taps of a tile (output rows h0.. (hn of them) x columns w0.. (wn))
+    # that read the image for at least one of its pixels, as offs's (A, B)
+    # offset pairs, into tt, in sum order; returns their count. The others
+    # read padding alone: +-0 products, which leave every float32 sum
+    # unchanged when the weights are finite (the caller's condition: the sum
+    # starts at +0 and so never is -0), so the tile need not run them
+    kh, kw, sh, sw, dh, dw = geo[6], geo[7], geo[8], geo[9], geo[10], geo[11]
+    nt = 0
+    for i in range(kh):
+        if not _hits(h0 * sh + i * dh, hn, sh, pt, H):
+            continue
+        for j in range(kw):
+            if not _hits(w0 * sw + j * dw, wn, sw, pl, W):
+                continue
+            t = i * kw + j
+            tt[2 * nt] = offs[2 * t]
+            tt[2 * nt + 1] = offs[2 * t + 1]
+            nt += 1
+    return nt
+
+
+@njit(inline="always")
+def _band_chunks(Ho):
+    return (Ho + TS * MR_MAX - 1) // (TS * MR_MAX)
+
+
 @njit(nogil=True, cache=True)
 def _seg_job(
-    t, ns, nsr, nblk, pb, flat, fuse, x16, xp, xb, bp, geo, offs, rb, sp, bias,
-    has_bias, lo, hi, mode, out32, out16,
+    t, ns, nsr, nblk, pb, flat, fuse, skip, x16, xp, xb, bp, geo, offs, tts, rb, sp,
+    bias, has_bias, lo, hi, mode, out32, out16,
 ):  # fmt: skip
-    # job t = (group, panel block, segment), segment fastest. A segment is up
-    # to TS pixel tiles of one output row (of one image when flat). float32
-    # output: each tile's kernel applies bias and clamp in registers and
-    # stores its pixels x 64 channels as rows of the per-thread buffer rb
-    # (TS*6, 64); the segment then goes to NCHW as one contiguous run per
-    # channel (16 pixels a vgatherdps from rb). The scalar per-tile epilogue
-    # took 1.2 ms of the stem's 3.6 (1 thread); scattering each tile into
-    # NCHW with vscatterdps was no faster; through rb: stem7x7s2 54 -> 70,
-    # 1x1c256_56 49 -> 62, 3x3c64_56 78 -> 90 GFLOP/s (1 thread, A/B in one
-    # process, loaded machine). float16 output: the tile goes through the
-    # scratch tile and _epilogue.
+    # job t = (group, panel block, segment), segment fastest (ns jobs per
+    # panel block, row segments first). A segment is up to TS pixel tiles of
+    # one output row (of one image when flat). float32 output: each tile's
+    # kernel applies bias and clamp in registers and stores its pixels x 64
+    # channels as rows of the per-thread buffer rb (TS*6, 64); the segment
+    # then goes to NCHW as one contiguous run per channel (_tr16: 16x16
+    # transposes in registers; one vgatherdps per channel and 16 pixels took
+    # 92-105 us for 3136 x 64 outputs, the transposes 20). float16 output:
+    # the tile goes through the scratch tile and _epilogue.
+    # skip = (pt, pl, H, W, eL, eR): with pt >= 0 tiles leave out the taps
+    # that read padding alone (_tile_taps), and the first eL and last eR
+    # columns of each row, whose pixels miss kernel columns, are left to
+    # _band_job; pt < 0: every tap everywhere
     N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M = geo
+    pt, pl, H, W, eL, eR = skip
+    nseg = (N if flat else N * Ho) * nsr
     sg = t % ns
     rest = t // ns
     blk = rest % nblk
     g = rest // nblk
+    if sg >= nseg:
+        _band_job(sg - nseg, blk, pb, g, skip, xp, bp, geo, offs, tts, sp, bias,
+                  has_bias, lo, hi, mode, out32, out16)  # fmt: skip
+        return
     tid = numba.get_thread_id()
     tile = sp[tid]
     ctile = tile.ctypes.data
     buf = rb[tid]
+    tt = tts[tid]
     hb = 1 if has_bias else 0
     npg = bp.shape[1]
     HW = Ho * Wo
-    L = HW if flat else Wo
+    L = HW if flat else Wo - eL - eR  # the row's pixels eL .. Wo - eR
     ntr = (L + MR_MAX - 1) // MR_MAX
     row = sg // nsr
     k0 = ((sg - row * nsr) * ntr) // nsr  # near-equal runs of <= TS tiles
@@ -393,8 +506,8 @@ def _seg_job(
     else:
         n = row // Ho
         oh = row - n * Ho
-    W0 = (k0 * L) // ntr
-    W1 = (k1 * L) // ntr
+    W0 = eL + (k0 * L) // ntr
+    W1 = eL + (k1 * L) // ntr
     qrow = oh * Wo  # flat pixel of the row's first output in the image
     if fuse:
         # 1x1, stride 1, no padding: the segment's pixels of the group's Cg
@@ -416,32 +529,34 @@ def _seg_job(
         arow = xbt.ctypes.data - 4 * W0
         lda = 4
         astep = 4 * pitch
-        ks = Cg
         ntap = 1
     else:
         # xp[n, g*Cg, oh*sh, 0] in place (NCHW), A strides in bytes
         arow = xp.ctypes.data + 4 * (((n * C + g * Cg) * Hp + oh * sh) * Wp)
         lda = 4 * sw
         astep = 4 * Hp * Wp
-        ks = Cg
         ntap = kh * kw
+    taps = offs.ctypes.data
     for jn in range(blk * pb, min(npg, blk * pb + pb)):
         b0 = bp.ctypes.data + g * bp.strides[0] + jn * bp.strides[1]
         m0 = g * Mg + jn * NR
         nc = min(NR, Mg - jn * NR)
         for kt in range(k0, k1):
-            w0 = (kt * L) // ntr
-            mr = (((kt + 1) * L) // ntr) - w0
+            w0 = eL + (kt * L) // ntr
+            mr = eL + ((kt + 1) * L) // ntr - w0
             a0 = arow + w0 * lda
+            if pt >= 0:
+                ntap = _tile_taps(offs, tt, oh, 1, w0, mr, geo, pt, pl, H, W)
+                taps = tt.ctypes.data
             if mode == 0:
                 _taps_tile(
-                    mr, a0, lda, astep, b0, ks, ctile, NR, offs.ctypes.data, ntap,
+                    mr, a0, lda, astep, b0, Cg, ctile, NR, taps, ntap,
                     buf.ctypes.data + 4 * NR * (w0 - W0), NR, bias.ctypes.data + 4 * m0,
                     hb, nc, lo, hi,
                 )  # fmt: skip
             else:
                 _taps_tile(
-                    mr, a0, lda, astep, b0, ks, ctile, NR, offs.ctypes.data, ntap,
+                    mr, a0, lda, astep, b0, Cg, ctile, NR, taps, ntap,
                     0, 0, 0, 0, nc, lo, hi,
                 )  # fmt: skip
                 _epilogue(
@@ -451,18 +566,71 @@ def _seg_job(
         if mode == 0:
             cnt = W1 - W0
             o0 = out32.ctypes.data + 4 * ((n * M + m0) * HW + qrow + W0)
-            for j in range(nc):
+            for j in range(0, nc, 16):
                 for u in range(0, cnt, 16):
-                    _col16(
+                    _tr16(
                         buf.ctypes.data + 4 * (u * NR + j), min(16, cnt - u),
-                        o0 + 4 * (j * HW + u),
+                        min(16, nc - j), o0 + 4 * (j * HW + u), HW,
                     )  # fmt: skip
+
+
+@njit(inline="always")
+def _band_job(sb, blk, pb, g, skip, xp, bp, geo, offs, tts, sp, bias, has_bias, lo,
+              hi, mode, out32, out16):  # fmt: skip
+    # band job sb = (image, border column, chunk of <= TS*6 rows): that
+    # column's pixels in tiles of up to 6 rows (A rows sh*Wp floats apart),
+    # each over the taps that read the image (3x3, pad 1: 6 of 9, corners
+    # 4), so the row segments' tiles never run a padding-only kernel column.
+    # A 1-pixel tile per row end was slower than the 9 taps in a full tile
+    # (256x14x14: 2305 against 2052 us, 1 thread: 4 FMAs a step stream the
+    # weights from L2 at 64 bytes a cycle). Few pixels: a scalar epilogue
+    N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M = geo
+    pt, pl, H, W, eL, eR = skip
+    nbc = _band_chunks(Ho)
+    chunk = sb % nbc
+    rest = sb // nbc
+    bcol = rest % (eL + eR)
+    n = rest // (eL + eR)
+    ow = bcol if bcol < eL else Wo - eR - eL + bcol
+    h0 = (chunk * Ho) // nbc
+    hn = ((chunk + 1) * Ho) // nbc - h0
+    ntl = (hn + MR_MAX - 1) // MR_MAX
+    tid = numba.get_thread_id()
+    tile = sp[tid]
+    tt = tts[tid]
+    npg = bp.shape[1]
+    lda = 4 * sh * Wp
+    for jn in range(blk * pb, min(npg, blk * pb + pb)):
+        b0 = bp.ctypes.data + g * bp.strides[0] + jn * bp.strides[1]
+        m0 = g * Mg + jn * NR
+        nc = min(NR, Mg - jn * NR)
+        for kt in range(ntl):
+            r0 = h0 + (kt * hn) // ntl
+            mr = h0 + ((kt + 1) * hn) // ntl - r0
+            a0 = xp.ctypes.data + 4 * (((n * C + g * Cg) * Hp + r0 * sh) * Wp + ow * sw)
+            ntap = _tile_taps(offs, tt, r0, mr, ow, 1, geo, pt, pl, H, W)
+            _taps_tile(
+                mr, a0, lda, 4 * Hp * Wp, b0, Cg, tile.ctypes.data, NR, tt.ctypes.data,
+                ntap, 0, 0, 0, 0, nc, lo, hi,
+            )  # fmt: skip
+            for r in range(mr):
+                q = (r0 + r) * Wo + ow
+                for j in range(nc):
+                    v = tile[r, j]
+                    if has_bias:
+                        v = np.float32(v + bias[m0 + j])
+                    v = lo if v < lo else v
+                    v = hi if v > hi else v
+                    if mode == 0:
+                        out32[n, m0 + j, q] = v
+                    else:
+                        out16[n, m0 + j, q] = f32_to_f16_bits(v)
 
 
 @njit(**PJIT)
 def conv_simd(
-    flat, fuse, nsr, pb, pt, pl, x16, xp, xb, bp, geo, rb, sp, bias, has_bias, lo,
-    hi, mode, out32, out16,
+    flat, fuse, nsr, pb, skip, pt, pl, x16, xp, xb, bp, geo, tts, rb, sp, bias,
+    has_bias, lo, hi, mode, out32, out16,
 ):  # fmt: skip
     # not fuse: xp is first filled from x16 here (pad_nchw; one call from
     # Python instead of two: ~3 us of a small layer's ~20)
@@ -471,22 +639,27 @@ def conv_simd(
     # xp: (N, C, Hp, Wp) float32; bp (G, NP, K, NR) float32 packed weights, K
     # order (i, j, c); rb (threads, TS*6, NR) float32 segment buffer; sp
     # (threads, 6, NR) float32 tile scratch; out (N, M, Ho*Wo) float32 (mode
-    # 0) / float16 bits (mode 1), the other a dummy
+    # 0) / float16 bits (mode 1), the other a dummy; skip: _seg_job's; tts
+    # (threads, >= 2*kh*kw) int64 per-tile tap tables
     N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M = geo
     if not fuse:
         pad_nchw(x16, xp, pt, pl)
-    # nsr segments of <= TS tiles per row (per image when flat)
-    nt = (N if flat else N * Ho) * nsr
+    # nsr segments of <= TS tiles per row (per image when flat), then the
+    # border columns' band jobs
+    ns = (N if flat else N * Ho) * nsr + N * (skip[4] + skip[5]) * _band_chunks(Ho)
     nblk = (bp.shape[1] + pb - 1) // pb
-    # the taps' byte offsets in the padded image, sum order (i, j)
-    offs = np.empty(kh * kw, np.int64)
+    # the taps' (A, B) byte offsets: A in the padded image, B from the
+    # panel's start; sum order (i, j)
+    offs = np.empty(2 * kh * kw, np.int64)
     for i in range(kh):
         for j in range(kw):
-            offs[i * kw + j] = 4 * (i * dh * Wp + j * dw)
-    for t in prange(nt * nblk * G):
+            t = i * kw + j
+            offs[2 * t] = 4 * (i * dh * Wp + j * dw)
+            offs[2 * t + 1] = 4 * NR * Cg * t
+    for t in prange(ns * nblk * G):
         _seg_job(
-            t, nt, nsr, nblk, pb, flat, fuse, x16, xp, xb, bp, geo, offs, rb, sp, bias,
-            has_bias, lo, hi, mode, out32, out16,
+            t, ns, nsr, nblk, pb, flat, fuse, skip, x16, xp, xb, bp, geo, offs, tts,
+            rb, sp, bias, has_bias, lo, hi, mode, out32, out16,
         )  # fmt: skip
 
 

@@ -89,7 +89,7 @@ class PackedConvWeightsFP16:
     (C, kH*kW) for depthwise.
     """
 
-    __slots__ = ("shape", "group", "_bits", "_layouts")
+    __slots__ = ("shape", "group", "_bits", "_layouts", "_finite")
 
     def __init__(self, w: np.ndarray, group: int):
         bits = np.array(w.view(np.uint16), order="C")  # an owned copy
@@ -99,6 +99,9 @@ class PackedConvWeightsFP16:
             ("group", group),
             ("_bits", bits),
             ("_layouts", {}),
+            # no inf/NaN weight: a tap reading only padding adds +-0 to every
+            # sum (never -0: the sum starts at +0), so tiles may skip it
+            ("_finite", bool(np.isfinite(w).all())),
         ):
             object.__setattr__(self, name, value)
 
@@ -217,6 +220,27 @@ def _conv_rows(kc, x_bits, packed, geo, pt, pl, epi):
     threads = numba.config.NUMBA_NUM_THREADS
     ps = np.empty((threads, 2 * kc.NV * -(-ntile // nq)), np.int64)
     kc.conv_rows(nq, nblk, Cg == 3, x_bits, pt, pl, xp, wr, geo, Wq, offs, ps, *epi)
+
+
+def _skip_plan(packed, MR, pt, pl, H, W, Hp, Wp, kw, sw, dw, Wo):
+    """The taps kernel's skip argument: (pt, pl, H, W, eL, eR) int64 where its
+    tiles leave out taps that read padding alone, else (-1, 0, 0, 0, 0, 0).
+
+    Only with finite weights (a padding product is then +-0, which leaves
+    the float32 sum unchanged: it never is -0, starting at +0) and padding.
+    eL / eR: the columns at a row's start / end whose pixels miss a kernel
+    column (at most MR each, else 0): the kernel runs them as tiles down
+    the column, leaving the row tiles between them all kernel columns.
+    """
+    if not packed._finite or (Hp, Wp) == (H, W):
+        return np.array([-1, 0, 0, 0, 0, 0], np.int64)
+    eL = min(-(-pl // sw), Wo)  # ow * sw < pl: column 0 reads padding
+    # ow * sw + (kw - 1) * dw >= pl + W: the last column reads padding
+    first = (pl + W - 1 - (kw - 1) * dw) // sw + 1
+    eR = min(max(Wo - max(first, 0), 0), Wo)
+    if eL > MR or eR > MR or Wo - eL - eR < 1:
+        eL = eR = 0
+    return np.array([pt, pl, H, W, eL, eR], np.int64)
 
 
 def _rows_split(units, ntile, MT):
@@ -434,20 +458,25 @@ def conv_fp16(
         # jobs: segments of TS tiles; rb: their channel-major buffer
         rb = _dispatch.scratch("conv_fp16.rb", (threads, kc.TS * kc.MR_MAX, kc.NR),
                                np.float32)  # fmt: skip
-        L = Ho * Wo if flat else Wo
-        ntr = -(-L // kc.MR_MAX)  # tiles per row
+        skip = _skip_plan(packed, kc.MR_MAX, pt, pl, H, W, Hp, Wp, kw, sw, dw, Wo)
+        eL, eR = int(skip[4]), int(skip[5])
+        # a row's tiles (near-equal, between its border columns) and the
+        # border columns' band jobs (fp16_conv._seg_job / _band_job)
+        L = Ho * Wo if flat else Wo - eL - eR
+        ntr = -(-L // kc.MR_MAX)
         nsr = -(-ntr // kc.TS)  # segments per row, <= TS tiles each
-        rows = N * (Ho * Wo // L)
+        rows = N * (Ho * Wo // (Ho * Wo if flat else Wo))
+        nbj = N * (eL + eR) * -(-Ho // (kc.TS * kc.MR_MAX))
         nthr = _dispatch.num_threads()
         pbk = bp.shape[1]
-        if rows * nsr * G < SPLIT_N_TILES * nthr:
+        if (rows * nsr + nbj) * G < SPLIT_N_TILES * nthr:
             pbk = 1
         # up to BALANCE_JOBS per thread, a multiple of the threads (prange
         # hands each thread an equal contiguous count: the 1x1 56x56 layer's
         # 33 segments ran 17 against 16 on 2 threads)
-        jobs = rows * G * -(-bp.shape[1] // pbk)
-        if jobs * nsr < BALANCE_JOBS * nthr:
-            while (jobs * nsr) % nthr and nsr < ntr:
+        units = G * -(-bp.shape[1] // pbk)
+        if (rows * nsr + nbj) * units < BALANCE_JOBS * nthr:
+            while ((rows * nsr + nbj) * units) % nthr and nsr < ntr:
                 nsr += 1
         sp = _dispatch.scratch("conv_fp16.sp", (threads, kc.MR_MAX, kc.NR), np.float32)
         if fuse:
@@ -455,8 +484,9 @@ def conv_fp16(
                                    np.float32)  # fmt: skip
         else:
             xb = _DUMMY_SA
-        args = (x_bits, xp, xb, bp, geo, rb, sp)
-        kc.conv_simd(flat, fuse, nsr, pbk, pt, pl, *args, *epi)
+        tts = _dispatch.scratch("conv_fp16.tts", (threads, 2 * kh * kw), np.int64)
+        args = (x_bits, xp, xb, bp, geo, tts, rb, sp)
+        kc.conv_simd(flat, fuse, nsr, pbk, skip, pt, pl, *args, *epi)
     else:
         K = kh * kw * Cg
         sa = np.empty((threads, kc.TM, K), np.float32)

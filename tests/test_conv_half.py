@@ -186,6 +186,14 @@ CASES = {
     "narrow_grid": ((2, 7, 6, 4), (13, 7, 3, 3), {"pads": (1, 1, 1, 1)}),
     "rows_groups": ((1, 24, 11, 20), (21, 8, 3, 3), {"group": 3,
                     "strides": (1, 2), "pads": (1, 1, 1, 1)}),
+    # taps kernel with finite weights: padding-only taps skipped, border
+    # columns as tiles down the column (2 on each side; one side only with
+    # stride 2; > 96 rows, 3 chunks per column; no room between them)
+    "bands_5x5": ((1, 16, 9, 11), (70, 16, 5, 5), {"pads": (2, 2, 2, 2)}),
+    "bands_asym_s2": ((1, 16, 12, 13), (9, 16, 3, 3), {"strides": (2, 2),
+                      "pads": (0, 2, 1, 0)}),
+    "bands_tall": ((1, 16, 200, 5), (4, 16, 3, 3), {"pads": (1, 1, 1, 1)}),
+    "bands_none": ((1, 16, 5, 1), (4, 16, 3, 3), {"pads": (1, 1, 1, 1)}),
 }  # fmt: skip
 
 
@@ -370,6 +378,23 @@ def test_float16_bias_accepted(half_isa):
     a = ch.conv_fp16(x, w, b16, **attrs)
     b = ch.conv_fp16(x, w, b16.astype(np.float32), **attrs)
     assert same_bits(a, b)
+
+
+def test_skip_plan():
+    # which taps the taps kernel may leave out: (pt, pl, H, W, eL, eR)
+    w = np.ones((8, 16, 3, 3), np.float16)
+    packed = ch.pack_conv_weights_fp16(w)
+    # 3x3 pad 1 on 7x9: one border column on each side
+    plan = ch._skip_plan(packed, 6, 1, 1, 7, 9, 9, 11, 3, 1, 1, 9)
+    assert plan.tolist() == [1, 1, 7, 9, 1, 1]
+    # stride 2, pads (0, 2, 1, 0) on 12x13: column 0 only
+    plan = ch._skip_plan(packed, 6, 0, 2, 12, 13, 13, 15, 3, 2, 1, 7)
+    assert plan.tolist()[4:] == [1, 0]
+    # no padding, or an inf weight (it must meet the padding's zeros): none
+    assert ch._skip_plan(packed, 6, 0, 0, 7, 9, 7, 9, 3, 1, 1, 7)[0] == -1
+    w[3, 2, 0, 0] = np.inf
+    inf_packed = ch.pack_conv_weights_fp16(w)
+    assert ch._skip_plan(inf_packed, 6, 1, 1, 7, 9, 9, 11, 3, 1, 1, 9)[0] == -1
 
 
 @pytest.mark.parametrize("name", ["dense3x3_taps", "stem", "depthwise_s1",
