@@ -1071,9 +1071,13 @@ def _cvt16n(typingctx, src, dst, n):
 
 
 def _make_dw_row(NVD, SW, ROW3=False):
-    """Intrinsic: one output row of a depthwise plane, NVD vectors per chunk.
+    """Intrinsic: output rows of a depthwise plane, NVD vectors per chunk.
 
-    _dw_row(src, offs, w, ntaps, n, dst, mode, hb, b, lo, hi)
+    _dw_row(src, offs, w, ntaps, n, dst, mode, hb, b, lo, hi, rows, sstep, dstep)
+      rows   output rows; row r reads from src + r*sstep and is stored at
+             dst + r*dstep (bytes). One call per plane: choosing the variant
+             per row (12 inlined kernels behind runtime branches) cost 15-30
+             us of 160 for 144 56x56 planes (1 thread)
       src    address of the padded float32 plane at row oh*sh, column 0
       offs   address of ntaps int64 byte offsets of the taps from src, in the
              sum order (i, j): 4*(i*dh*Wp + j*dw)
@@ -1105,10 +1109,11 @@ def _make_dw_row(NVD, SW, ROW3=False):
     even = ir.Constant(_vi, [2 * k for k in range(16)])
 
     def codegen(context, builder, sig, args):
-        src, offs, w, ntaps, n, dst, mode, hb, b, lo, hi = args
+        src0, offs, w, ntaps, n, dst0, mode, hb, b, lo, hi, rows, sstep, dstep = args
         fn = builder.function
         zero = ir.Constant(i64, 0)
         fma = _fma(builder)
+        src = dst = None
 
         def chunk(ow, _):
             # output columns ow .. ow + 16*NVD - 1 of the row (masked past n)
@@ -1218,15 +1223,23 @@ def _make_dw_row(NVD, SW, ROW3=False):
             builder.position_at_end(latch)
             return []
 
-        _ir_loop(builder, zero, n, [], chunk, step=16 * NVD, name="dw")
+        def row(r, _):
+            nonlocal src, dst
+            src = builder.add(src0, builder.mul(r, sstep))
+            dst = builder.add(dst0, builder.mul(r, dstep))
+            _ir_loop(builder, zero, n, [], chunk, step=16 * NVD, name="dw")
+            return []
+
+        _ir_loop(builder, zero, rows, [], row, name="dw.rows")
         return context.get_dummy_value()
 
     i = types.int64
     f = types.float32
 
     @intrinsic
-    def _dw_row(typingctx, src, offs, w, ntaps, n, dst, mode, hb, b, lo, hi):
-        return types.void(i, i, i, i, i, i, i, i, f, f, f), codegen
+    def _dw_row(typingctx, src, offs, w, ntaps, n, dst, mode, hb, b, lo, hi, rows,
+                sstep, dstep):  # fmt: skip
+        return types.void(i, i, i, i, i, i, i, i, f, f, f, i, i, i), codegen
 
     return _dw_row
 
@@ -1247,35 +1260,35 @@ DW_SLACK = 256  # float32 after a plane: loads of masked-off lanes stay inside
 
 
 @njit(inline="always")
-def _dw_row(sw, nv, src, offs, w, ntaps, n, dst, mode, hb, b, lo, hi):
+def _dw_row(sw, nv, src, offs, w, ntaps, n, dst, mode, hb, b, lo, hi, rows, ss, ds):
     # sw: 1, 2 (tap loop) or 3, 4 (the ROW3 kernel: 3 columns, stride 1, 2)
     if sw == 4:
         if nv == 1:
-            _dw4_1(src, offs, w, ntaps, n, dst, mode, hb, b, lo, hi)
+            _dw4_1(src, offs, w, ntaps, n, dst, mode, hb, b, lo, hi, rows, ss, ds)
         elif nv == 2:
-            _dw4_2(src, offs, w, ntaps, n, dst, mode, hb, b, lo, hi)
+            _dw4_2(src, offs, w, ntaps, n, dst, mode, hb, b, lo, hi, rows, ss, ds)
         else:
-            _dw4_4(src, offs, w, ntaps, n, dst, mode, hb, b, lo, hi)
+            _dw4_4(src, offs, w, ntaps, n, dst, mode, hb, b, lo, hi, rows, ss, ds)
     elif sw == 3:
         if nv == 1:
-            _dw3_1(src, offs, w, ntaps, n, dst, mode, hb, b, lo, hi)
+            _dw3_1(src, offs, w, ntaps, n, dst, mode, hb, b, lo, hi, rows, ss, ds)
         elif nv == 2:
-            _dw3_2(src, offs, w, ntaps, n, dst, mode, hb, b, lo, hi)
+            _dw3_2(src, offs, w, ntaps, n, dst, mode, hb, b, lo, hi, rows, ss, ds)
         else:
-            _dw3_4(src, offs, w, ntaps, n, dst, mode, hb, b, lo, hi)
+            _dw3_4(src, offs, w, ntaps, n, dst, mode, hb, b, lo, hi, rows, ss, ds)
     elif sw == 1:
         if nv == 1:
-            _dw1_1(src, offs, w, ntaps, n, dst, mode, hb, b, lo, hi)
+            _dw1_1(src, offs, w, ntaps, n, dst, mode, hb, b, lo, hi, rows, ss, ds)
         elif nv == 2:
-            _dw1_2(src, offs, w, ntaps, n, dst, mode, hb, b, lo, hi)
+            _dw1_2(src, offs, w, ntaps, n, dst, mode, hb, b, lo, hi, rows, ss, ds)
         else:
-            _dw1_4(src, offs, w, ntaps, n, dst, mode, hb, b, lo, hi)
+            _dw1_4(src, offs, w, ntaps, n, dst, mode, hb, b, lo, hi, rows, ss, ds)
     elif nv == 1:
-        _dw2_1(src, offs, w, ntaps, n, dst, mode, hb, b, lo, hi)
+        _dw2_1(src, offs, w, ntaps, n, dst, mode, hb, b, lo, hi, rows, ss, ds)
     elif nv == 2:
-        _dw2_2(src, offs, w, ntaps, n, dst, mode, hb, b, lo, hi)
+        _dw2_2(src, offs, w, ntaps, n, dst, mode, hb, b, lo, hi, rows, ss, ds)
     else:
-        _dw2_4(src, offs, w, ntaps, n, dst, mode, hb, b, lo, hi)
+        _dw2_4(src, offs, w, ntaps, n, dst, mode, hb, b, lo, hi, rows, ss, ds)
 
 
 # ---------------------------------------------------------------------------
@@ -1323,11 +1336,13 @@ def _dw_load_plane(x, n, c, pt, pl, pw, Hp, dst):
 
 
 @njit(nogil=True, cache=True)
-def _dw_plane(t, fused, x, xp, wd, offs, geo, pt, pl, sc, acc, bias, has_bias, lo,
+def _dw_planes(t0, t1, fused, x, xp, wd, offs, geo, pt, pl, sc, acc, bias, has_bias, lo,
               hi, mode, out32, out16):  # fmt: skip
-    # output plane (n, c). fused (F16C): the input plane is converted from
-    # float16 into the per-thread scratch sc here, no padded copy of the
-    # whole input; strides 1 and 2 then run the row microkernel (_dw_row),
+    # output planes t0 .. t1 - 1, (n, c) each (one call per thread: a call
+    # per plane cost ~24 us of ~190 for 144 56x56 planes). fused (F16C):
+    # the input plane is converted from float16 into the per-thread scratch
+    # sc here, no padded copy of the whole input; strides 1 and 2 then run
+    # the row microkernel (_dw_row),
     # other strides the loops below on sc. Not fused (portable): read from
     # xp (N, C, Hp, Wp) float32 with plain loops: 3x3 stride 1 as one flat
     # loop over u = oh*Wp + ow, 9 taps unrolled (LLVM's own vectorization
@@ -1335,109 +1350,111 @@ def _dw_plane(t, fused, x, xp, wd, offs, geo, pt, pl, sc, acc, bias, has_bias, l
     # otherwise one pass per tap over each output row. Sum order (i, j) on
     # every path.
     N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M = geo
-    n = t // C
-    c = t - n * C
-    if fused and sw <= 2:
-        # the row kernel: taps loop in registers, 16 pixels a vector. Pitch P:
-        # Wp rounded up to 16 floats (sc is 64-byte aligned), so that rows
-        # start aligned (the ROW3 kernel's aligned loads need it)
-        P = (Wp + 15) // 16 * 16
-        _dw_load_plane(x, n, c, pt, pl, P, Hp, sc)
-        nt = kh * kw
-        nv = 1 if Wo <= 16 else (2 if Wo <= 32 else 4)
-        hb = 1 if has_bias else 0
-        b = bias[c] if has_bias else np.float32(0.0)
-        osz = 4 if mode == 0 else 2
-        o0 = out32.ctypes.data if mode == 0 else out16.ctypes.data
-        o0 += osz * (n * C + c) * Ho * Wo
-        w0 = wd.ctypes.data + 4 * c * nt
-        kind, oa, ntap = sw, offs.ctypes.data, nt
-        if kw == 3 and dw == 1:  # ROW3 (kind 3, stride 2: 4): per kernel row
-            kind, oa, ntap = sw + 2, 4 * P * dh, kh
-        for oh in range(Ho):
+    for t in range(t0, t1):
+        n = t // C
+        c = t - n * C
+        if fused and sw <= 2:
+            # the row kernel: taps loop in registers, 16 pixels a vector.
+            # Pitch P: Wp rounded up to 16 floats (sc is 64-byte aligned), so
+            # that rows start aligned (the ROW3 kernel's aligned loads need it)
+            P = (Wp + 15) // 16 * 16
+            _dw_load_plane(x, n, c, pt, pl, P, Hp, sc)
+            nt = kh * kw
+            nv = 1 if Wo <= 16 else (2 if Wo <= 32 else 4)
+            hb = 1 if has_bias else 0
+            b = bias[c] if has_bias else np.float32(0.0)
+            osz = 4 if mode == 0 else 2
+            o0 = out32.ctypes.data if mode == 0 else out16.ctypes.data
+            o0 += osz * (n * C + c) * Ho * Wo
+            w0 = wd.ctypes.data + 4 * c * nt
+            kind, oa, ntap = sw, offs.ctypes.data, nt
+            if kw == 3 and dw == 1:  # ROW3 (kind 3, stride 2: 4): per kernel row
+                kind, oa, ntap = sw + 2, 4 * P * dh, kh
             _dw_row(
-                kind, nv, sc.ctypes.data + 4 * oh * sh * P, oa, w0, ntap, Wo,
-                o0 + osz * oh * Wo, mode, hb, b, lo, hi,
+                kind, nv, sc.ctypes.data, oa, w0, ntap, Wo, o0, mode, hb, b, lo, hi, Ho,
+                4 * sh * P, osz * Wo,
             )  # fmt: skip
-        return
-    if fused:
-        _dw_load_plane(x, n, c, pt, pl, Wp, Hp, sc)
-        src = sc
-    else:
-        src = xp[n, c].reshape(-1)
-    wc = wd[c]
-    b = bias[c] if has_bias else np.float32(0.0)
-    z = np.float32(0.0)
-    if kh == 3 and kw == 3 and dh == 1 and dw == 1 and sh == 1 and sw == 1:
-        w0, w1, w2, w3, w4, w5, w6, w7, w8 = (
-            wc[0], wc[1], wc[2], wc[3], wc[4], wc[5], wc[6], wc[7], wc[8],
-        )  # fmt: skip
-        P = Wp
-        # u + 2P + 2 < Hp*P for every u < U: the last row's 2 dropped columns
-        # are left out (no read past the plane)
-        U = np.uint64(Ho * P - 2)
-        x1 = src[P:]
-        x2 = src[2 * P :]
-        # unsigned indices: numba's negative-index wraparound otherwise stays
-        # in the loop and LLVM does not vectorize it (as kernels/int8_conv.py)
-        for u in range(U):
-            s = np.float32(z + np.float32(src[u] * w0))
-            s = np.float32(s + np.float32(src[u + 1] * w1))
-            s = np.float32(s + np.float32(src[u + 2] * w2))
-            s = np.float32(s + np.float32(x1[u] * w3))
-            s = np.float32(s + np.float32(x1[u + 1] * w4))
-            s = np.float32(s + np.float32(x1[u + 2] * w5))
-            s = np.float32(s + np.float32(x2[u] * w6))
-            s = np.float32(s + np.float32(x2[u + 1] * w7))
-            acc[u] = np.float32(s + np.float32(x2[u + 2] * w8))
-        for oh in range(Ho):
-            _dw_finish(
-                acc, oh * P, Wo, b, has_bias, lo, hi, mode, out32, out16, n, c,
-                oh * Wo,
+            continue
+        if fused:
+            _dw_load_plane(x, n, c, pt, pl, Wp, Hp, sc)
+            src = sc
+        else:
+            src = xp[n, c].reshape(-1)
+        wc = wd[c]
+        b = bias[c] if has_bias else np.float32(0.0)
+        z = np.float32(0.0)
+        if kh == 3 and kw == 3 and dh == 1 and dw == 1 and sh == 1 and sw == 1:
+            w0, w1, w2, w3, w4, w5, w6, w7, w8 = (
+                wc[0], wc[1], wc[2], wc[3], wc[4], wc[5], wc[6], wc[7], wc[8],
             )  # fmt: skip
-        return
-    if kh == 3 and kw == 3 and dh == 1 and dw == 1 and sw == 2:
-        w0, w1, w2, w3, w4, w5, w6, w7, w8 = (
-            wc[0], wc[1], wc[2], wc[3], wc[4], wc[5], wc[6], wc[7], wc[8],
-        )  # fmt: skip
+            P = Wp
+            # u + 2P + 2 < Hp*P for every u < U: the last row's 2 dropped columns
+            # are left out (no read past the plane)
+            U = np.uint64(Ho * P - 2)
+            x1 = src[P:]
+            x2 = src[2 * P :]
+            # unsigned indices: numba's negative-index wraparound otherwise stays
+            # in the loop and LLVM does not vectorize it (as kernels/int8_conv.py)
+            for u in range(U):
+                s = np.float32(z + np.float32(src[u] * w0))
+                s = np.float32(s + np.float32(src[u + 1] * w1))
+                s = np.float32(s + np.float32(src[u + 2] * w2))
+                s = np.float32(s + np.float32(x1[u] * w3))
+                s = np.float32(s + np.float32(x1[u + 1] * w4))
+                s = np.float32(s + np.float32(x1[u + 2] * w5))
+                s = np.float32(s + np.float32(x2[u] * w6))
+                s = np.float32(s + np.float32(x2[u + 1] * w7))
+                acc[u] = np.float32(s + np.float32(x2[u + 2] * w8))
+            for oh in range(Ho):
+                _dw_finish(
+                    acc, oh * P, Wo, b, has_bias, lo, hi, mode, out32, out16, n, c,
+                    oh * Wo,
+                )  # fmt: skip
+            continue
+        if kh == 3 and kw == 3 and dh == 1 and dw == 1 and sw == 2:
+            w0, w1, w2, w3, w4, w5, w6, w7, w8 = (
+                wc[0], wc[1], wc[2], wc[3], wc[4], wc[5], wc[6], wc[7], wc[8],
+            )  # fmt: skip
+            for oh in range(Ho):
+                x0 = src[oh * sh * Wp :]
+                x1 = x0[Wp:]
+                x2 = x0[2 * Wp :]
+                for ow in range(np.uint64(Wo)):
+                    s = np.float32(z + np.float32(x0[2 * ow] * w0))
+                    s = np.float32(s + np.float32(x0[2 * ow + 1] * w1))
+                    s = np.float32(s + np.float32(x0[2 * ow + 2] * w2))
+                    s = np.float32(s + np.float32(x1[2 * ow] * w3))
+                    s = np.float32(s + np.float32(x1[2 * ow + 1] * w4))
+                    s = np.float32(s + np.float32(x1[2 * ow + 2] * w5))
+                    s = np.float32(s + np.float32(x2[2 * ow] * w6))
+                    s = np.float32(s + np.float32(x2[2 * ow + 1] * w7))
+                    acc[ow] = np.float32(s + np.float32(x2[2 * ow + 2] * w8))
+                _dw_finish(
+                    acc, 0, Wo, b, has_bias, lo, hi, mode, out32, out16, n, c, oh * Wo
+                )
+            continue
         for oh in range(Ho):
-            x0 = src[oh * sh * Wp :]
-            x1 = x0[Wp:]
-            x2 = x0[2 * Wp :]
-            for ow in range(np.uint64(Wo)):
-                s = np.float32(z + np.float32(x0[2 * ow] * w0))
-                s = np.float32(s + np.float32(x0[2 * ow + 1] * w1))
-                s = np.float32(s + np.float32(x0[2 * ow + 2] * w2))
-                s = np.float32(s + np.float32(x1[2 * ow] * w3))
-                s = np.float32(s + np.float32(x1[2 * ow + 1] * w4))
-                s = np.float32(s + np.float32(x1[2 * ow + 2] * w5))
-                s = np.float32(s + np.float32(x2[2 * ow] * w6))
-                s = np.float32(s + np.float32(x2[2 * ow + 1] * w7))
-                acc[ow] = np.float32(s + np.float32(x2[2 * ow + 2] * w8))
+            for ow in range(Wo):
+                acc[ow] = z
+            for i in range(kh):
+                r0 = (oh * sh + i * dh) * Wp
+                for j in range(kw):
+                    wv = wc[i * kw + j]
+                    xr = src[r0 + j * dw :]
+                    if sw == 2:
+                        for ow in range(Wo):
+                            acc[ow] = np.float32(acc[ow] + np.float32(xr[2 * ow] * wv))
+                    else:
+                        for ow in range(Wo):
+                            acc[ow] = np.float32(acc[ow] + np.float32(xr[ow * sw] * wv))
             _dw_finish(
                 acc, 0, Wo, b, has_bias, lo, hi, mode, out32, out16, n, c, oh * Wo
             )
-        return
-    for oh in range(Ho):
-        for ow in range(Wo):
-            acc[ow] = z
-        for i in range(kh):
-            r0 = (oh * sh + i * dh) * Wp
-            for j in range(kw):
-                wv = wc[i * kw + j]
-                xr = src[r0 + j * dw :]
-                if sw == 2:
-                    for ow in range(Wo):
-                        acc[ow] = np.float32(acc[ow] + np.float32(xr[2 * ow] * wv))
-                else:
-                    for ow in range(Wo):
-                        acc[ow] = np.float32(acc[ow] + np.float32(xr[ow * sw] * wv))
-        _dw_finish(acc, 0, Wo, b, has_bias, lo, hi, mode, out32, out16, n, c, oh * Wo)
 
 
 @njit(**PJIT)
-def depthwise(threads, fused, x, xp, wd, geo, pt, pl, bias, has_bias, lo, hi, mode,
-              out32, out16):  # fmt: skip
+def depthwise(threads, nj, fused, x, xp, wd, geo, pt, pl, bias, has_bias, lo, hi,
+              mode, out32, out16):  # fmt: skip
     # x (N, C, H, W) float16 bits (fused) or xp (N, C, Hp, Wp) float32 padded;
     # wd (C, kh*kw) float32; out (N, C, Ho*Wo). One job per (image, channel)
     # plane. The scratch is made here (numpy calls in Python cost ~ 10 us a
@@ -1445,7 +1462,8 @@ def depthwise(threads, fused, x, xp, wd, geo, pt, pl, bias, has_bias, lo, hi, mo
     # zeroed padded plane sc (rows of P floats, P = Wp rounded up to 16 for
     # the row kernel, 64-byte aligned, DW_SLACK zeros after it) and a row
     # buffer acc; offs: the taps' byte offsets in sc, in the sum order (i, j).
-    # threads: numba.config.NUMBA_NUM_THREADS (get_thread_id's bound)
+    # threads: numba.config.NUMBA_NUM_THREADS (get_thread_id's bound); nj:
+    # the threads in use, one job (a run of planes) each
     N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M = geo
     P = (Wp + 15) // 16 * 16 if (fused and sw <= 2) else Wp
     size = (Hp * P + DW_SLACK + 15) // 16 * 16
@@ -1457,9 +1475,9 @@ def depthwise(threads, fused, x, xp, wd, geo, pt, pl, bias, has_bias, lo, hi, mo
     for i in range(kh):
         for j in range(kw):
             offs[i * kw + j] = 4 * (i * dh * P + j * dw)
-    for t in prange(N * C):
+    for job in prange(nj):
         tid = numba.get_thread_id()
-        _dw_plane(
-            t, fused, x, xp, wd, offs, geo, pt, pl, sc[tid], acc[tid], bias,
-            has_bias, lo, hi, mode, out32, out16,
+        _dw_planes(
+            (job * N * C) // nj, ((job + 1) * N * C) // nj, fused, x, xp, wd, offs,
+            geo, pt, pl, sc[tid], acc[tid], bias, has_bias, lo, hi, mode, out32, out16,
         )  # fmt: skip

@@ -438,8 +438,9 @@ def conv_fp16(
             xp = np.zeros((N, C, Hp, Wp), np.float32)
             xp[:, :, pt : pt + H, pl : pl + W] = x_bits.view(np.float16)
         kc.depthwise(
-            threads, fused, x_bits, xp, packed._layout("dw"), geo, pt, pl, *epi
-        )
+            threads, _dispatch.num_threads(), fused, x_bits, xp, packed._layout("dw"),
+            geo, pt, pl, *epi,
+        )  # fmt: skip
         return out.reshape(N, M, *out_sp)
     if simd and _use_rows(Cg, Mg, Ho, Wo, Wp, sw):
         _conv_rows(kc, x_bits, packed, geo, pt, pl, epi)
