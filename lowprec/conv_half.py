@@ -58,9 +58,12 @@ _DUMMY_SA = np.empty((1, 1, 1), np.float32)
 # channels per group below which the SIMD path always takes the rows kernel
 # (its channel loop per tap is short, but the taps kernel's is as short)
 ROWS_BELOW = 16
-# with fewer than this many pixel tiles per thread, jobs are also split over
-# 64-channel weight panels (threads over output channels), as lowprec/conv.py
-SPLIT_N_TILES = 8
+# with fewer than this many row segments (and border-column jobs) per
+# thread, jobs are also split over 64-channel weight panels (threads over
+# output channels), as lowprec/conv.py. 16: 256x14x14 3x3 on 2 threads ran
+# 16 unequal jobs (the first and last rows and the border columns run fewer
+# taps) at 228 GFLOP/s with 8, 64 jobs at 232 (15 alternating rounds)
+SPLIT_N_TILES = 16
 # below this many jobs per thread their count is rounded up to a multiple of
 # the thread count (one job more on one thread costs > 3 % here)
 BALANCE_JOBS = 32
@@ -450,7 +453,7 @@ def conv_fp16(
     if fuse:
         xp = _DUMMY_SA.reshape(1, 1, 1, 1)  # converted per segment (x_bits)
     elif simd:
-        xp = _dispatch.scratch("conv_fp16.xp", (N, C, Hp, Wp), np.float32)
+        xp = _dispatch.scratch("conv_fp16.xp", (1, C, Hp, Wp), np.float32)
     else:  # portable: numpy's conversion (no F16C instruction needed)
         xp = np.zeros((N, C, Hp, Wp), np.float32)
         xp[:, :, pt : pt + H, pl : pl + W] = x_bits.view(np.float16)
@@ -466,8 +469,9 @@ def conv_fp16(
         L = Ho * Wo if flat else Wo - eL - eR
         ntr = -(-L // kc.MR_MAX)
         nsr = -(-ntr // kc.TS)  # segments per row, <= TS tiles each
-        rows = N * (Ho * Wo // (Ho * Wo if flat else Wo))
-        nbj = N * (eL + eR) * -(-Ho // (kc.TS * kc.MR_MAX))
+        # per pass: every image when flat, else one image (fp16_conv.conv_simd)
+        rows = N if flat else Ho
+        nbj = (eL + eR) * -(-Ho // (kc.TS * kc.MR_MAX))
         nthr = _dispatch.num_threads()
         pbk = bp.shape[1]
         if (rows * nsr + nbj) * G < SPLIT_N_TILES * nthr:

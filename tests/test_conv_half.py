@@ -330,6 +330,7 @@ def test_rows_kernel_reads_stay_inside(monkeypatch, bias):
     "name",
     [
         "dense3x3_taps",
+        "padded_rows",  # 2 images: the taps path pads and runs one at a time
         "stem",
         "depthwise_s1",
         "1x1_flat_segments",
