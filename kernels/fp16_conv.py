@@ -1094,12 +1094,12 @@ def _make_dw_row(NVD, SW, ROW3=False):
              dst + r*dstep (bytes). One call per plane: choosing the variant
              per row (12 inlined kernels behind runtime branches) cost 15-30
              us of 160 for 144 56x56 planes (1 thread)
-      src    address of the padded float32 plane at row oh*sh, column 0
+      src    address of the padded float32 plane's row 0, column 0
       offs   address of ntaps int64 byte offsets of the taps from src, in the
              sum order (i, j): 4*(i*dh*Wp + j*dw)
       w      address of ntaps float32 weights, same order
       n      output pixels (Wo); chunks of 16*NVD, the last one masked
-      dst    address of the output row: float32 (mode 0) or float16 bits (1)
+      dst    address of the output plane: float32 (mode 0) or float16 bits (1)
       hb     1: add b; then clamp to [lo, hi] (NaN passes), as _dw_finish
 
     SW (1 or 2) is the column stride. Stride 2 loads 32 consecutive values and
@@ -1116,7 +1116,7 @@ def _make_dw_row(NVD, SW, ROW3=False):
     registers (phi nodes); every sum is fl32(acc + x*w) with an exact product,
     so the FMA gives the bits of the documented order. Loads past the row's
     end feed only masked-off lanes (the caller leaves slack after the plane).
-    ROW3 at stride 1 with row stride == kernel row pitch (sh == dh): output
+    ROW3 at column stride 1 with row stride == kernel row pitch (sh == dh): output
     rows in pairs over the kh + 1 input rows they span, each input row loaded
     and shifted once for both (chunk2; 144 planes of 56x56, 1 thread: 41 ->
     44-47 GFLOP/s, 2 threads 58-64 -> 70-71, alternating processes).
@@ -1137,14 +1137,7 @@ def _make_dw_row(NVD, SW, ROW3=False):
 
         def chunk(ow, _):
             # output columns ow .. ow + 16*NVD - 1 of the row (masked past n)
-            rem = builder.trunc(builder.sub(n, ow), _i32)
-            remv = _splat(builder, rem, _vi)
-            masks = [
-                builder.icmp_signed(
-                    "<", ir.Constant(_vi, [16 * v + k for k in range(16)]), remv
-                )
-                for v in range(NVD)
-            ]
+            masks = chunk_masks(ow)
             base = builder.add(src, builder.mul(ow, ir.Constant(i64, 4 * SW)))
 
             def tap(t, accs):
@@ -1309,13 +1302,13 @@ def _make_dw_row(NVD, SW, ROW3=False):
 
             def mid(t, phis):
                 terms, wa = row_terms(base, t, t)
-                _, wb = row_terms_w(t)
+                wb = row_terms_w(t)
                 return add_row(phis[:NVD], terms, wa) + add_row(phis[NVD:], terms, wb)
 
             phis = _ir_loop(builder, ir.Constant(i64, 1), ntaps, acc_a + z, mid,
                             name="dw.rows2")  # fmt: skip
-            terms, _ = row_terms(base, ntaps, zero)
-            _, wb = row_terms_w(ntaps)
+            terms, _ = row_terms(base, ntaps, zero)  # (its weights unused)
+            wb = row_terms_w(ntaps)
             acc_b = add_row(phis[NVD:], terms, wb)
             store(phis[:NVD], dst, ow, masks)
             store(acc_b, builder.add(dst, dstep), ow, masks)
@@ -1325,7 +1318,7 @@ def _make_dw_row(NVD, SW, ROW3=False):
             # kernel row t - 1's three weights (row B's at input row t)
             w3 = builder.add(w, builder.mul(builder.sub(t, ir.Constant(i64, 1)),
                                             ir.Constant(i64, 12)))  # fmt: skip
-            return None, [
+            return [
                 _splat(builder, builder.load(builder.inttoptr(
                     builder.add(w3, ir.Constant(i64, 4 * j)), fl.as_pointer()),
                     align=4), vf)

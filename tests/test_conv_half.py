@@ -167,6 +167,10 @@ CASES = {
                           "strides": (2, 2), "pads": (1, 1, 1, 1)}),
     "depthwise_rows_dilated": ((1, 2, 9, 20), (2, 1, 3, 3), {"group": 2,
                                "dilations": (2, 1), "pads": (1, 0, 2, 1)}),
+    # rows in pairs where the row stride equals the row dilation (2 and 2)
+    "depthwise_pairs_dilated": ((1, 3, 11, 19), (3, 1, 3, 3), {"group": 3,
+                                "strides": (2, 1), "dilations": (2, 1),
+                                "pads": (2, 1, 1, 1)}),
     "depthwise_s3": ((1, 2, 10, 11), (2, 1, 3, 3), {"group": 2,
                      "strides": (3, 3), "pads": (1, 1, 1, 1)}),
     # stride 2 on rows split into column phases: even left pad, a masked
