@@ -1142,20 +1142,10 @@ def _make_dw_row(NVD, SW, ROW3=False):
 
             def tap(t, accs):
                 if ROW3:
-                    p0 = builder.add(base, builder.mul(t, offs))
-                    w3 = builder.add(w, builder.mul(t, ir.Constant(i64, 12)))
-                    wvs = [
-                        _splat(builder, builder.load(builder.inttoptr(
-                            builder.add(w3, ir.Constant(i64, 4 * j)), fl.as_pointer()),
-                            align=4), vf)
-                        for j in range(3)
-                    ]  # fmt: skip
-                    xs = [
-                        builder.load(
-                            builder.inttoptr(builder.add(p0, ir.Constant(i64, 64 * v)),
-                                             vf.as_pointer()), align=64)
-                        for v in range(SW * NVD + 1)
-                    ]  # fmt: skip
+                    wvs = weights3(t)
+                    xs = row_loads(
+                        builder.add(base, builder.mul(t, offs)), SW * NVD + 1
+                    )
                     new = []
                     odd = ir.Constant(_vi, [2 * k + 1 for k in range(16)])
                     nxt = ir.Constant(_vi, [1 + k for k in range(16)])
@@ -1169,16 +1159,8 @@ def _make_dw_row(NVD, SW, ROW3=False):
                         for xv, wj in ((ev, wvs[0]), (od, wvs[1]), (s2, wvs[2])):
                             a = builder.call(fma, [xv, wj, a])
                         new.append(a)
-                    for v in range(NVD if SW == 1 else 0):
-                        a = accs[v]
-                        for j in range(3):
-                            if j == 0:
-                                xv = xs[v]
-                            else:
-                                idx = ir.Constant(_vi, [j + k for k in range(16)])
-                                xv = builder.shuffle_vector(xs[v], xs[v + 1], idx)
-                            a = builder.call(fma, [xv, wvs[j], a])
-                        new.append(a)
+                    if SW == 1:
+                        new = add_row(accs, shifts(xs), wvs)
                 else:
                     to = builder.add(offs, builder.mul(t, ir.Constant(i64, 8)))
                     off = builder.load(builder.inttoptr(to, i64.as_pointer()), align=8)
@@ -1250,35 +1232,42 @@ def _make_dw_row(NVD, SW, ROW3=False):
                 builder.branch(latch)
             builder.position_at_end(latch)
 
-        def row_terms(base, t, wrow):
-            # input row t (aligned, at base + t*offs) and its three column
-            # shifts per vector, with kernel row wrow's three weights:
-            # [(x_j, w_j) for j] per vector v (stride 1, ROW3)
-            p0 = builder.add(base, builder.mul(t, offs))
+        def weights3(wrow):
+            # kernel row wrow's three weights, each broadcast to a vector
             w3 = builder.add(w, builder.mul(wrow, ir.Constant(i64, 12)))
-            wvs = [
+            return [
                 _splat(builder, builder.load(builder.inttoptr(
                     builder.add(w3, ir.Constant(i64, 4 * j)), fl.as_pointer()),
                     align=4), vf)
                 for j in range(3)
             ]  # fmt: skip
-            xs = [
+
+        def row_loads(p0, count):
+            # count aligned vectors of an input row from p0
+            return [
                 builder.load(builder.inttoptr(builder.add(p0, ir.Constant(i64, 64 * v)),
                              vf.as_pointer()), align=64)
-                for v in range(NVD + 1)
+                for v in range(count)
             ]  # fmt: skip
+
+        def row_terms(base, t, wrow):
+            # input row t (aligned, at base + t*offs) and its three column
+            # shifts per vector, with kernel row wrow's three weights:
+            # [(x_j, w_j) for j] per vector v (stride 1, ROW3)
+            wvs = weights3(wrow)
+            xs = row_loads(builder.add(base, builder.mul(t, offs)), NVD + 1)
+            return shifts(xs), wvs
+
+        def shifts(xs):
+            # columns j = 0, 1, 2 of each vector v of a loaded row (valignd)
             out = []
             for v in range(NVD):
-                terms = []
-                for j in range(3):
-                    if j == 0:
-                        xv = xs[v]
-                    else:
-                        idx = ir.Constant(_vi, [j + k for k in range(16)])
-                        xv = builder.shuffle_vector(xs[v], xs[v + 1], idx)
-                    terms.append(xv)
+                terms = [xs[v]]
+                for j in (1, 2):
+                    idx = ir.Constant(_vi, [j + k for k in range(16)])
+                    terms.append(builder.shuffle_vector(xs[v], xs[v + 1], idx))
                 out.append(terms)
-            return out, wvs
+            return out
 
         def add_row(accs, terms, wvs):
             new = []
@@ -1316,28 +1305,20 @@ def _make_dw_row(NVD, SW, ROW3=False):
 
         def row_terms_w(t):
             # kernel row t - 1's three weights (row B's at input row t)
-            w3 = builder.add(w, builder.mul(builder.sub(t, ir.Constant(i64, 1)),
-                                            ir.Constant(i64, 12)))  # fmt: skip
-            return [
-                _splat(builder, builder.load(builder.inttoptr(
-                    builder.add(w3, ir.Constant(i64, 4 * j)), fl.as_pointer()),
-                    align=4), vf)
-                for j in range(3)
-            ]  # fmt: skip
+            return weights3(builder.sub(t, ir.Constant(i64, 1)))
 
-        def row(r, _):
-            nonlocal src, dst
-            src = builder.add(src0, builder.mul(r, sstep))
-            dst = builder.add(dst0, builder.mul(r, dstep))
-            _ir_loop(builder, zero, n, [], chunk, step=16 * NVD, name="dw")
-            return []
+        def rows_of(body, name):
+            # output row r (of a pair, with chunk2): its chunks along the row
+            def run(r, _):
+                nonlocal src, dst
+                src = builder.add(src0, builder.mul(r, sstep))
+                dst = builder.add(dst0, builder.mul(r, dstep))
+                _ir_loop(builder, zero, n, [], body, step=16 * NVD, name=name)
+                return []
 
-        def pair(r, _):
-            nonlocal src, dst
-            src = builder.add(src0, builder.mul(r, sstep))
-            dst = builder.add(dst0, builder.mul(r, dstep))
-            _ir_loop(builder, zero, n, [], chunk2, step=16 * NVD, name="dw2")
-            return []
+            return run
+
+        row, pair = rows_of(chunk, "dw"), rows_of(chunk2, "dw2")
 
         first = zero
         if ROW3 and SW == 1:
