@@ -41,12 +41,22 @@ channels.
 
 from __future__ import annotations
 
+import threading
+
 import numba
 import numpy as np
 
 from . import _dispatch, half
 from . import _validate as v
-from .conv import _attrs, _check_group, _geometry, check_w_shape
+from .conv import (
+    _PLANS_MAX,
+    _attrs,
+    _check_group,
+    _geometry,
+    _key,
+    _Uncacheable,
+    check_w_shape,
+)
 
 _F16 = np.dtype(np.float16)
 _F32 = np.dtype(np.float32)
@@ -67,6 +77,9 @@ SPLIT_N_TILES = 16
 # below this many jobs per thread their count is rounded up to a multiple of
 # the thread count (one job more on one thread costs > 3 % here)
 BALANCE_JOBS = 32
+# a prepared taps-kernel call keeps its scratch views (per thread) up to this
+# many bytes of input copies: small layers, where the lookups cost
+KEEP_SCRATCH_BYTES = 1 << 20
 
 
 _KC = []
@@ -92,7 +105,7 @@ class PackedConvWeightsFP16:
     (C, kH*kW) for depthwise.
     """
 
-    __slots__ = ("shape", "group", "_bits", "_layouts", "_finite")
+    __slots__ = ("shape", "group", "_bits", "_layouts", "_finite", "_plans")
 
     def __init__(self, w: np.ndarray, group: int):
         bits = np.array(w.view(np.uint16), order="C")  # an owned copy
@@ -103,6 +116,7 @@ class PackedConvWeightsFP16:
             ("_bits", bits),
             ("_layouts", {}),
             ("_finite", None),  # _all_finite's answer, once asked
+            ("_plans", {}),  # conv_fp16's prepared calls (_plan_key -> run)
         ):
             object.__setattr__(self, name, value)
 
@@ -363,6 +377,42 @@ def conv_fp16(
                 kernel_shape=kernel_shape, pads=pads, strides=strides,
                 activation=activation, out_dtype=out_dtype,
             )  # fmt: skip
+    key = _plan_key(
+        x, w, group, auto_pad, dilations, kernel_shape, pads, strides, activation,
+        out_dtype,
+    )  # fmt: skip
+    plan = w._plans.get(key) if key is not None else None
+    if plan is None:
+        plan = _plan(
+            x, w, group, auto_pad, dilations, kernel_shape, pads, strides,
+            activation, out_dtype,
+        )  # fmt: skip
+        if key is not None:
+            if len(w._plans) >= _PLANS_MAX:
+                w._plans.clear()
+            w._plans[key] = plan
+    return plan(x, bias)
+
+
+def _plan_key(x, w, *args):
+    """The plan-cache key of a CPU call with prepacked weights, or None."""
+    if not isinstance(w, PackedConvWeightsFP16) or type(x) is not np.ndarray:
+        return None
+    try:
+        args = tuple(_key(a) for a in args)
+    except _Uncacheable:
+        return None
+    return (x.shape, x.dtype.str, half._simd("f16"), _dispatch.num_threads(), *args)
+
+
+def _plan(
+    x, w, group, auto_pad, dilations, kernel_shape, pads, strides, activation,
+    out_dtype,
+):  # fmt: skip
+    """Validate everything but the bias for x's shape and dtype and prepare the
+    call; returns run(x, bias) for any x of that shape and dtype (conv_fp16
+    keeps it on prepacked weights: the preparation was ~2/3 of a small
+    layer's ~24 us call)."""
     v.check_array(
         x,
         "x",
@@ -409,7 +459,6 @@ def conv_fp16(
     out_sp, pb, pe, s, d = _geometry(
         x.shape[2:], k, a["auto_pad"], a["dilations"], a["pads"], a["strides"]
     )
-    bias_arr, has_bias = half._bias(bias, M)
     lo, hi = v.activation_bounds(activation)
     lo, hi = np.float32(lo), np.float32(hi)
 
@@ -424,91 +473,135 @@ def conv_fp16(
     pbot, pr = (0, pe[0]) if one_d else pe
     Hp, Wp = H + pt + pbot, W + pl + pr
     Mg = M // G
-    out = np.empty((N, M, Ho * Wo), odt)
-    if N == 0:
-        return out.reshape(N, M, *out_sp)
     mode = 0 if odt == _F32 else 1
-    out32 = out if mode == 0 else _DUMMY32
-    out16 = out.view(np.uint16) if mode else _DUMMY16
-    epi = (bias_arr, has_bias, lo, hi, mode, out32, out16)
     geo = np.array(
         [N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M], np.int64
     )
     kc = _kernels()
     simd = half._simd("f16")
     threads = numba.config.NUMBA_NUM_THREADS
-    x_bits = x.reshape(N, C, H, W).view(np.uint16)
-    if not (x_bits.flags.c_contiguous and x_bits.flags.writeable):
-        x_bits = np.array(x_bits, order="C")  # one compiled variant per kernel
-    depthwise = G == C and Mg == 1
-    if depthwise:
+
+    def start(x, bias):
+        # per call: the bias, the output, x's bits (C-contiguous)
+        bias_arr, has_bias = half._bias(bias, M)
+        out = np.empty((N, M, Ho * Wo), odt)
+        out32 = out if mode == 0 else _DUMMY32
+        out16 = out.view(np.uint16) if mode else _DUMMY16
+        epi = (bias_arr, has_bias, lo, hi, mode, out32, out16)
+        x_bits = x.reshape(N, C, H, W).view(np.uint16)
+        if not (x_bits.flags.c_contiguous and x_bits.flags.writeable):
+            x_bits = np.array(x_bits, order="C")  # one compiled variant per kernel
+        return out, epi, x_bits
+
+    def finish(out):
+        return out.reshape(N, M, *out_sp)
+
+    if N == 0:
+
+        def run_empty(x, bias):
+            half._bias(bias, M)
+            return finish(np.empty((N, M, Ho * Wo), odt))
+
+        return run_empty
+    if G == C and Mg == 1:  # depthwise
         fused = simd  # the kernel converts each plane itself (vcvtph2ps)
-        if fused:
-            xp = _DUMMY_SA.reshape(1, 1, 1, 1)
-        else:
-            xp = np.zeros((N, C, Hp, Wp), np.float32)
-            xp[:, :, pt : pt + H, pl : pl + W] = x_bits.view(np.float16)
-        kc.depthwise(
-            threads, _dispatch.num_threads(), fused, x_bits, xp, packed._layout("dw"),
-            geo, pt, pl, *epi,
-        )  # fmt: skip
-        return out.reshape(N, M, *out_sp)
+        wd = packed._layout("dw")
+        nj = _dispatch.num_threads()
+
+        def run_depthwise(x, bias):
+            out, epi, x_bits = start(x, bias)
+            if fused:
+                xp = _DUMMY_SA.reshape(1, 1, 1, 1)
+            else:
+                xp = np.zeros((N, C, Hp, Wp), np.float32)
+                xp[:, :, pt : pt + H, pl : pl + W] = x_bits.view(np.float16)
+            kc.depthwise(threads, nj, fused, x_bits, xp, wd, geo, pt, pl, *epi)
+            return finish(out)
+
+        return run_depthwise
     if simd and _use_rows(Cg, Mg, Ho, Wo, Wp, sw):
-        _conv_rows(kc, x_bits, packed, geo, pt, pl, epi)
-        return out.reshape(N, M, *out_sp)
+
+        def run_rows(x, bias):
+            out, epi, x_bits = start(x, bias)
+            _conv_rows(kc, x_bits, packed, geo, pt, pl, epi)
+            return finish(out)
+
+        return run_rows
     flat = (kh, kw, sh, sw) == (1, 1, 1, 1) and (Hp, Wp) == (H, W)
     fuse = simd and flat
-    if fuse:
-        xp = _DUMMY_SA.reshape(1, 1, 1, 1)  # converted per segment (x_bits)
-    elif simd:
-        xp = _dispatch.scratch("conv_fp16.xp", (1, C, Hp, Wp), np.float32)
-    else:  # portable: numpy's conversion (no F16C instruction needed)
-        xp = np.zeros((N, C, Hp, Wp), np.float32)
-        xp[:, :, pt : pt + H, pl : pl + W] = x_bits.view(np.float16)
-    if simd:
-        bp = packed._layout("simd")
-        # jobs: segments of TS tiles; rb: their channel-major buffer
-        rb = _dispatch.scratch("conv_fp16.rb", (threads, kc.TS * kc.MR_MAX, kc.NR),
-                               np.float32)  # fmt: skip
-        skip = _skip_plan(packed, kc.MR_MAX, pt, pl, H, W, Hp, Wp, kw, sw, dw, Wo)
-        eL, eR = int(skip[4]), int(skip[5])
-        # a row's tiles (near-equal, between its border columns) and the
-        # border columns' band jobs (fp16_conv._seg_job / _band_job)
-        L = Ho * Wo if flat else Wo - eL - eR
-        ntr = -(-L // kc.MR_MAX)
-        nsr = -(-ntr // kc.TS)  # segments per row, <= TS tiles each
-        # per pass: every image when flat, else one image (fp16_conv.conv_simd)
-        rows = N if flat else Ho
-        nbj = (eL + eR) * -(-Ho // (kc.TS * kc.MR_MAX))
-        nthr = _dispatch.num_threads()
-        pbk = bp.shape[1]
-        if (rows * nsr + nbj) * G < SPLIT_N_TILES * nthr:
-            pbk = 1
-        # up to BALANCE_JOBS per thread, a multiple of the threads (prange
-        # hands each thread an equal contiguous count: the 1x1 56x56 layer's
-        # 33 segments ran 17 against 16 on 2 threads)
-        units = G * -(-bp.shape[1] // pbk)
-        if (rows * nsr + nbj) * units < BALANCE_JOBS * nthr:
-            while ((rows * nsr + nbj) * units) % nthr and nsr < ntr:
-                nsr += 1
-        sp = _dispatch.scratch("conv_fp16.sp", (threads, kc.MR_MAX, kc.NR), np.float32)
-        if fuse:
-            xb = _dispatch.scratch("conv_fp16.xb", (threads, Cg, kc.TS * kc.MR_MAX),
-                                   np.float32)  # fmt: skip
-        else:
-            xb = _DUMMY_SA
-        # rows of whole cache lines: each thread rewrites its row per tile
-        tts = _dispatch.scratch(
-            "conv_fp16.tts", (threads, -(-2 * kh * kw // 8) * 8), np.int64
-        )
-        args = (x_bits, xp, xb, bp, geo, tts, rb, sp)
-        kc.conv_simd(flat, fuse, nsr, pbk, skip, pt, pl, *args, *epi)
-    else:
+    if not simd:  # portable: numpy's conversion (no F16C instruction needed)
+        wk = packed._layout("portable")
         K = kh * kw * Cg
-        sa = np.empty((threads, kc.TM, K), np.float32)
-        sp = np.empty((threads, kc.TM, Mg), np.float32)
-        kc.conv_portable(xp, packed._layout("portable"), geo, sa, sp, *epi)
-    return out.reshape(N, M, *out_sp)
+
+        def run_portable(x, bias):
+            out, epi, x_bits = start(x, bias)
+            xp = np.zeros((N, C, Hp, Wp), np.float32)
+            xp[:, :, pt : pt + H, pl : pl + W] = x_bits.view(np.float16)
+            sa = np.empty((threads, kc.TM, K), np.float32)
+            sp = np.empty((threads, kc.TM, Mg), np.float32)
+            kc.conv_portable(xp, wk, geo, sa, sp, *epi)
+            return finish(out)
+
+        return run_portable
+    bp = packed._layout("simd")
+    skip = _skip_plan(packed, kc.MR_MAX, pt, pl, H, W, Hp, Wp, kw, sw, dw, Wo)
+    eL, eR = int(skip[4]), int(skip[5])
+    # a row's tiles (near-equal, between its border columns) and the
+    # border columns' band jobs (fp16_conv._seg_job / _band_job)
+    L = Ho * Wo if flat else Wo - eL - eR
+    ntr = -(-L // kc.MR_MAX)
+    nsr = -(-ntr // kc.TS)  # segments per row, <= TS tiles each
+    # per pass: every image when flat, else one image (fp16_conv.conv_simd)
+    rows = N if flat else Ho
+    nbj = (eL + eR) * -(-Ho // (kc.TS * kc.MR_MAX))
+    nthr = _dispatch.num_threads()
+    pbk = bp.shape[1]
+    if (rows * nsr + nbj) * G < SPLIT_N_TILES * nthr:
+        pbk = 1
+    # up to BALANCE_JOBS per thread, a multiple of the threads (prange
+    # hands each thread an equal contiguous count: the 1x1 56x56 layer's
+    # 33 segments ran 17 against 16 on 2 threads)
+    units = G * -(-bp.shape[1] // pbk)
+    if (rows * nsr + nbj) * units < BALANCE_JOBS * nthr:
+        while ((rows * nsr + nbj) * units) % nthr and nsr < ntr:
+            nsr += 1
+    tw = -(-2 * kh * kw // 8) * 8  # tap-table rows of whole cache lines
+    mine = threading.local()
+
+    def buffers():
+        # this plan's scratch on the calling thread, looked up once per thread
+        # (four lookups a call were ~4 us of a small layer's ~20): views of
+        # _dispatch.scratch buffers, which stay this plan's memory if a later
+        # request of the same name grows them, and are only used sequentially
+        # on this thread otherwise
+        bufs = getattr(mine, "bufs", None)
+        if bufs is None:
+            if fuse:  # converted per segment (x_bits)
+                xp = _DUMMY_SA.reshape(1, 1, 1, 1)
+                xb = _dispatch.scratch("conv_fp16.xb",
+                                       (threads, Cg, kc.TS * kc.MR_MAX),
+                                       np.float32)  # fmt: skip
+            else:
+                xp = _dispatch.scratch("conv_fp16.xp", (1, C, Hp, Wp), np.float32)
+                xb = _DUMMY_SA
+            # rb: the segments' channel-major buffer; tts: per-tile tap tables
+            rb = _dispatch.scratch("conv_fp16.rb",
+                                   (threads, kc.TS * kc.MR_MAX, kc.NR),
+                                   np.float32)  # fmt: skip
+            sp = _dispatch.scratch("conv_fp16.sp", (threads, kc.MR_MAX, kc.NR),
+                                   np.float32)  # fmt: skip
+            tts = _dispatch.scratch("conv_fp16.tts", (threads, tw), np.int64)
+            bufs = (xp, xb, bp, geo, tts, rb, sp)
+            if sum(b.nbytes for b in (xp, xb)) <= KEEP_SCRATCH_BYTES:
+                mine.bufs = bufs  # large layers look theirs up every call
+        return bufs
+
+    def run_taps(x, bias):
+        out, epi, x_bits = start(x, bias)
+        kc.conv_simd(flat, fuse, nsr, pbk, skip, pt, pl, x_bits, *buffers(), *epi)
+        return finish(out)
+
+    return run_taps
 
 
 __all__ = ["PackedConvWeightsFP16", "conv_fp16", "pack_conv_weights_fp16"]

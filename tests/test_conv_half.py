@@ -7,6 +7,7 @@ columns) and then the channels c of the group, c fastest; each step
 float32). Vectorized over all outputs at once, one step per (i, j, c).
 """
 
+import numba
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -421,6 +422,50 @@ def test_nan_inf_propagate(half_isa, tile_kernel, name):
 
 # --------------------------------------------------------------------------- #
 # API: packing, views, inputs untouched
+
+
+@pytest.mark.parametrize("name", ["dense3x3_taps", "padded_rows", "depthwise_s1",
+                                  "1x1_flat"])  # fmt: skip
+def test_prepared_calls_follow_every_argument(half_isa, name):
+    # conv_fp16 keeps a prepared call per input shape and attributes on the
+    # packed weights: later calls with other bias values, a strided x, other
+    # activations, output types and thread counts still give the contract's
+    # bits, and bad arguments still raise
+    rng = np.random.default_rng(21)
+    xs, ws, attrs = CASES[name]
+    group = attrs.get("group", 1)
+    x, w = rand(rng, xs), rand(rng, ws)
+    packed = ch.pack_conv_weights_fp16(w, group=group)
+    acc = ref_conv(x, w, **attrs)
+    threads = numba.get_num_threads()
+    try:
+        for t in sorted({1, threads}):
+            numba.set_num_threads(t)
+            for _ in range(2):  # the second round runs the kept calls
+                b = rng.standard_normal(ws[0]).astype(np.float32)
+                want = (acc + b[None, :, None, None]).astype(np.float32)
+                assert same_bits(ch.conv_fp16(x, packed, b, **attrs), want)
+                assert same_bits(ch.conv_fp16(x, packed, **attrs), acc)
+                relu = ch.conv_fp16(x, packed, b, activation="relu", **attrs)
+                assert same_bits(relu, np.maximum(want, np.float32(0)))
+                y16 = ch.conv_fp16(x, packed, b, out_dtype=np.float16, **attrs)
+                assert same_bits(y16, want.astype(np.float16))
+                wide = np.zeros(xs[:3] + (2 * xs[3],), np.float16)
+                wide[..., ::2] = x
+                assert same_bits(ch.conv_fp16(wide[..., ::2], packed, **attrs), acc)
+    finally:
+        numba.set_num_threads(threads)
+    assert len(packed._plans) > 0
+    with pytest.raises(TypeError, match="x"):
+        ch.conv_fp16(x.astype(np.float32), packed, **attrs)
+    with pytest.raises(ValueError, match="bias"):
+        ch.conv_fp16(x, packed, np.zeros(3, np.float32), **attrs)
+    with pytest.raises(ValueError, match="packed with"):
+        ch.conv_fp16(x, packed, **dict(attrs, group=group + 1))
+    bad = dict(attrs, pads=(1.5, 1, 1, 1))
+    for _ in range(2):
+        with pytest.raises((TypeError, ValueError)):
+            ch.conv_fp16(x, packed, **bad)
 
 
 def test_packed_weights_same_result(half_isa):
