@@ -979,14 +979,20 @@ class _Uncacheable(Exception):
 
 def _key(value):
     """A hashable stand-in for one argument, equal exactly when the argument's
-    type and value are (arrays by dtype, shape and bytes)."""
+    type and value are (arrays by dtype, shape and bytes; floats with their
+    sign, as -0.0 == 0.0: a clamp at -0.0 keeps the sign of zero outputs)."""
     if value is None or type(value) is str:
         return value
     if isinstance(value, np.generic):
-        return (value.dtype.char, value.item())
+        item = value.item()
+        if type(item) is float:
+            return (value.dtype.char, item, math.copysign(1.0, item))
+        return (value.dtype.char, item)
     if isinstance(value, np.ndarray):
         return (value.dtype.str, value.shape, value.tobytes())
-    if type(value) in (int, float, bytes):
+    if type(value) is float:
+        return (float, value, math.copysign(1.0, value))
+    if type(value) in (int, bytes):
         return (type(value), value)
     if isinstance(value, list | tuple):
         return (tuple, *map(_key, value))

@@ -222,7 +222,7 @@ def _use_rows(Cg, Mg, Ho, Wo, Wp, sw) -> bool:
     return use_rows > 1.1 * use_taps
 
 
-def _conv_rows(kc, x_bits, packed, geo, pt, pl, epi):
+def _conv_rows(kc, x_bits, wr, geo, pt, pl, epi):
     N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M = geo.tolist()
     Hq, Wq = -(-Hp // sh), -(-Wp // sw)
     P = sh * sw * Hq * Wq
@@ -239,7 +239,6 @@ def _conv_rows(kc, x_bits, packed, geo, pt, pl, epi):
             r, c = i * dh, j * dw
             ph = (r % sh) * sw + c % sw
             offs[i * kw + j] = 4 * (ph * Hq * Wq + (r // sh) * Wq + c // sw)
-    wr = packed._layout("rows")
     ntile = -(-Ho * Wq // kc.NR)
     nq, nblk = _rows_split(N * G, ntile, wr.shape[1])
     threads = numba.config.NUMBA_NUM_THREADS
@@ -520,10 +519,11 @@ def _plan(
 
         return run_depthwise
     if simd and _use_rows(Cg, Mg, Ho, Wo, Wp, sw):
+        wr = packed._layout("rows")  # (not packed: kept on it, no cycle)
 
         def run_rows(x, bias):
             out, epi, x_bits = start(x, bias)
-            _conv_rows(kc, x_bits, packed, geo, pt, pl, epi)
+            _conv_rows(kc, x_bits, wr, geo, pt, pl, epi)
             return finish(out)
 
         return run_rows

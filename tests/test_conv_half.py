@@ -426,7 +426,7 @@ def test_nan_inf_propagate(half_isa, tile_kernel, name):
 
 @pytest.mark.parametrize("name", ["dense3x3_taps", "padded_rows", "depthwise_s1",
                                   "1x1_flat"])  # fmt: skip
-def test_prepared_calls_follow_every_argument(half_isa, name):
+def test_prepared_calls_follow_every_argument(half_isa, tile_kernel, name):
     # conv_fp16 keeps a prepared call per input shape and attributes on the
     # packed weights: later calls with other bias values, a strided x, other
     # activations, output types and thread counts still give the contract's
@@ -455,6 +455,12 @@ def test_prepared_calls_follow_every_argument(half_isa, name):
                 assert same_bits(ch.conv_fp16(wide[..., ::2], packed, **attrs), acc)
     finally:
         numba.set_num_threads(threads)
+    # a clamp at -0.0 or +0.0 gives zeros of that sign: keys tell them apart
+    for lo in (0.0, -0.0, 0.0):
+        got = ch.conv_fp16(x, packed, activation=(lo, np.inf), **attrs)
+        zero = got == 0
+        assert zero.any()
+        assert (np.signbit(got[zero]) == (lo == 0.0 and np.signbit(lo))).all()
     assert len(packed._plans) > 0
     with pytest.raises(TypeError, match="x"):
         ch.conv_fp16(x.astype(np.float32), packed, **attrs)
