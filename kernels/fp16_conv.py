@@ -276,7 +276,7 @@ def pad_nchw(x, xp, pt, pl):
     # float32 <- x at [pt:pt+H, pl:pl+W], zeros around; vcvtph2ps 16 at a
     # time, the row's tail masked. Flat indices, no per-row array views: the
     # views' reference counting and scalar tails took 66-79 us for 64x56x56
-    # and 256x14x14 (3 % of those layers' time, 1 thread); now ~5-10 us
+    # and 256x14x14 (3 % of those layers' time, 1 thread); now 19-38 us
     N, C, H, W = x.shape
     Hp, Wp = xp.shape[2], xp.shape[3]
     pr = Wp - W - pl
@@ -308,12 +308,9 @@ def pad_nchw(x, xp, pt, pl):
 
 
 @njit(inline="always")
-def _epilogue(tile, mr, nc, p0, m0, HW, bias, has_bias, lo, hi, mode, out32, out16):
-    # tile (>=mr, >=nc) float32 sums of pixels p0.. (flat over N*Ho*Wo) and
-    # channels m0..; out (N, M, Ho*Wo) float32 (mode 0) or float16 bits (1).
-    # y = clamp(fl32(acc + bias)) as kernels/fp16_gemm._epilogue; NaN passes.
-    # Plain 2-/3-index element access: a numba sub-array view per row costs
-    # atomic reference counting (measured 3x on the stem's epilogue).
+def _bias_clamp(tile, mr, nc, m0, bias, has_bias, lo, hi):
+    # tile[:mr, :nc] = clamp(fl32(acc + bias[m0 + j])) in place, as
+    # kernels/fp16_gemm._epilogue; NaN passes
     for r in range(mr):
         for j in range(nc):
             v = tile[r, j]
@@ -321,6 +318,15 @@ def _epilogue(tile, mr, nc, p0, m0, HW, bias, has_bias, lo, hi, mode, out32, out
                 v = np.float32(v + bias[m0 + j])
             v = lo if v < lo else v
             tile[r, j] = hi if v > hi else v
+
+
+@njit(inline="always")
+def _epilogue(tile, mr, nc, p0, m0, HW, bias, has_bias, lo, hi, mode, out32, out16):
+    # tile (>=mr, >=nc) float32 sums of pixels p0.. (flat over N*Ho*Wo) and
+    # channels m0..; out (N, M, Ho*Wo) float32 (mode 0) or float16 bits (1).
+    # Plain 2-/3-index element access: a numba sub-array view per row costs
+    # atomic reference counting (measured 3x on the stem's epilogue).
+    _bias_clamp(tile, mr, nc, m0, bias, has_bias, lo, hi)
     r0 = 0
     while r0 < mr:
         # the tile's pixels of one image: [r0, r1)
@@ -613,18 +619,14 @@ def _band_job(sb, blk, pb, g, skip, xp, bp, geo, offs, tts, sp, bias, has_bias, 
                 mr, a0, lda, 4 * Hp * Wp, b0, Cg, tile.ctypes.data, NR, tt.ctypes.data,
                 ntap, 0, 0, 0, 0, nc, lo, hi,
             )  # fmt: skip
+            _bias_clamp(tile, mr, nc, m0, bias, has_bias, lo, hi)
             for r in range(mr):
                 q = (r0 + r) * Wo + ow
                 for j in range(nc):
-                    v = tile[r, j]
-                    if has_bias:
-                        v = np.float32(v + bias[m0 + j])
-                    v = lo if v < lo else v
-                    v = hi if v > hi else v
                     if mode == 0:
-                        out32[n, m0 + j, q] = v
+                        out32[n, m0 + j, q] = tile[r, j]
                     else:
-                        out16[n, m0 + j, q] = f32_to_f16_bits(v)
+                        out16[n, m0 + j, q] = f32_to_f16_bits(tile[r, j])
 
 
 @njit(**PJIT)
@@ -1132,6 +1134,7 @@ def _make_dw_row(NVD, SW, ROW3=False):
         src0, offs, w, ntaps, n, dst0, mode, hb, b, lo, hi, rows, sstep, dstep = args
         fn = builder.function
         zero = ir.Constant(i64, 0)
+        one = ir.Constant(i64, 1)
         fma = _fma(builder)
         src = dst = None
 
@@ -1250,13 +1253,10 @@ def _make_dw_row(NVD, SW, ROW3=False):
                 for v in range(count)
             ]  # fmt: skip
 
-        def row_terms(base, t, wrow):
-            # input row t (aligned, at base + t*offs) and its three column
-            # shifts per vector, with kernel row wrow's three weights:
-            # [(x_j, w_j) for j] per vector v (stride 1, ROW3)
-            wvs = weights3(wrow)
-            xs = row_loads(builder.add(base, builder.mul(t, offs)), NVD + 1)
-            return shifts(xs), wvs
+        def row_shifts(base, t):
+            # input row t (aligned, at base + t*offs): its three column shifts
+            # per vector (stride 1, ROW3)
+            return shifts(row_loads(builder.add(base, builder.mul(t, offs)), NVD + 1))
 
         def shifts(xs):
             # columns j = 0, 1, 2 of each vector v of a loaded row (valignd)
@@ -1286,26 +1286,22 @@ def _make_dw_row(NVD, SW, ROW3=False):
             masks = chunk_masks(ow)
             base = builder.add(src, builder.mul(ow, ir.Constant(i64, 4)))
             z = [ir.Constant(vf, None)] * NVD
-            terms, wa = row_terms(base, zero, zero)
-            acc_a = add_row(z, terms, wa)
+            acc_a = add_row(z, row_shifts(base, zero), weights3(zero))
 
             def mid(t, phis):
-                terms, wa = row_terms(base, t, t)
-                wb = row_terms_w(t)
-                return add_row(phis[:NVD], terms, wa) + add_row(phis[NVD:], terms, wb)
+                terms = row_shifts(base, t)
+                wb = weights3(builder.sub(t, one))  # B's kernel row t - 1
+                return add_row(phis[:NVD], terms, weights3(t)) + add_row(
+                    phis[NVD:], terms, wb
+                )
 
-            phis = _ir_loop(builder, ir.Constant(i64, 1), ntaps, acc_a + z, mid,
+            phis = _ir_loop(builder, one, ntaps, acc_a + z, mid,
                             name="dw.rows2")  # fmt: skip
-            terms, _ = row_terms(base, ntaps, zero)  # (its weights unused)
-            wb = row_terms_w(ntaps)
-            acc_b = add_row(phis[NVD:], terms, wb)
+            wb = weights3(builder.sub(ntaps, one))
+            acc_b = add_row(phis[NVD:], row_shifts(base, ntaps), wb)
             store(phis[:NVD], dst, ow, masks)
             store(acc_b, builder.add(dst, dstep), ow, masks)
             return []
-
-        def row_terms_w(t):
-            # kernel row t - 1's three weights (row B's at input row t)
-            return weights3(builder.sub(t, ir.Constant(i64, 1)))
 
         def rows_of(body, name):
             # output row r (of a pair, with chunk2): its chunks along the row

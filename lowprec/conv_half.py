@@ -49,11 +49,11 @@ import numpy as np
 from . import _dispatch, half
 from . import _validate as v
 from .conv import (
-    _PLANS_MAX,
     _attrs,
     _check_group,
     _geometry,
     _key,
+    _remember,
     _Uncacheable,
     check_w_shape,
 )
@@ -382,14 +382,10 @@ def conv_fp16(
     )  # fmt: skip
     plan = w._plans.get(key) if key is not None else None
     if plan is None:
-        plan = _plan(
+        plan = _remember(w, key, _plan(
             x, w, group, auto_pad, dilations, kernel_shape, pads, strides,
             activation, out_dtype,
-        )  # fmt: skip
-        if key is not None:
-            if len(w._plans) >= _PLANS_MAX:
-                w._plans.clear()
-            w._plans[key] = plan
+        ))  # fmt: skip
     return plan(x, bias)
 
 
