@@ -129,7 +129,7 @@ def render_footnotes(res: dict) -> str:
             for (k, t), p in kinds.items()
         )
     else:
-        peak_def = "measured vpdpbusd throughput"
+        peak_def = res.get("peak_note", "measured vpdpbusd throughput").split(" (")[0]
     against = res["baselines"].get("ratio_against") or []
     cores = m.get("cpus_usable", m.get("cpu_count"))
     out = [

@@ -520,7 +520,7 @@ def _concat(builder, vecs):
     return vecs[0]
 
 
-def make_fused_kernel(MR, NV_, seg=False):
+def make_fused_kernel(MR, NV_, seg=False, k_loop=None):
     """Build an intrinsic: one MR x (16*NV_) tile over the whole K, then the
     epilogue (eqs. 8-13, kernels/requant.py) on the accumulators in registers
     and one masked store per vector: no int32 scratch round trip.
@@ -543,6 +543,10 @@ def make_fused_kernel(MR, NV_, seg=False):
     seg=True: a convolution's implicit GEMM read in place (_k_loop_seg): a is
     the address of the tile's MR int64 row start addresses, lda the bytes from
     one kernel-row run to the next, kr the 4-byte words per run.
+    k_loop: another K loop with _k_loop's arguments and result (MR * NV_
+    16-lane int32 sums), e.g. int8_gemm_ymm's exact AVX2 loop: the epilogue
+    uses generic LLVM intrinsics only, so on an AVX2 target its 16-lane vectors
+    become pairs of ymm operations.
     The caller guarantees K <= K_INT32_SAFE, so the raw int32 P is exact
     (docs/quantization.md, eq. 7); eq. 8 then runs exactly: P + bias in
     float64 lanes, or int64 lanes with the ZA / ZB terms (wrapping int32 for
@@ -555,7 +559,9 @@ def make_fused_kernel(MR, NV_, seg=False):
         mult, mult_step, zy, qlo, qhi, fbias = args[17:23]
         kind = sig.args[-1].dtype
         flip = sig.args[-2].dtype == types.int8
-        if seg:
+        if k_loop is not None:
+            fin = k_loop(builder, MR, NV_, a, lda, b, ldb, k4, kr, nvalid)
+        elif seg:
             fin = _k_loop_seg(builder, MR, NV_, a, lda, b, ldb, k4, kr, nvalid)
         else:
             fin = _k_loop(builder, MR, NV_, a, lda, b, ldb, k4, kr, nvalid, flip)
@@ -971,7 +977,8 @@ def run_fused_tile(mr, a, lda, b, k4, kr, m0, n0, nvalid, epi, narrow, a_arr, ou
     # one fused tile: rows m0..m0+mr of A (address a, row stride lda bytes;
     # a_arr's dtype says uint8 a' or int8 a), the packed panel at address b,
     # output columns n0..n0+nvalid (eqs. 6-13); narrow: narrow_epilogue(...)
-    args = _fused_args(a, lda, b, k4, kr, m0, n0, nvalid, epi, narrow, a_arr, out)
+    args = _fused_args(a, lda, b, NR * 4, k4, kr, m0, n0, nvalid, epi, narrow,
+                       a_arr, out)  # fmt: skip
     if mr == 6:
         _ftile6(*args)
     elif mr == 5:
@@ -992,8 +999,8 @@ def run_seg_tile(mr, starts, stride, b, k4, run4, m0, n0, nvalid, epi, narrow, a
     # run_fused_tile for a convolution's implicit GEMM read in place: the mr
     # rows start at the int64 addresses at `starts`, each K row being runs of
     # run4 4-byte words `stride` bytes apart (make_fused_kernel's seg)
-    args = _fused_args(starts, stride, b, k4, run4, m0, n0, nvalid, epi, narrow,
-                       a_arr, out)  # fmt: skip
+    args = _fused_args(starts, stride, b, NR * 4, k4, run4, m0, n0, nvalid, epi,
+                       narrow, a_arr, out)  # fmt: skip
     if mr == 6:
         _stile6(*args)
     elif mr == 5:
@@ -1009,7 +1016,7 @@ def run_seg_tile(mr, starts, stride, b, k4, run4, m0, n0, nvalid, epi, narrow, a
 
 
 @njit(inline="always")
-def _fused_args(a, lda, b, k4, kr, m0, n0, nvalid, epi, narrow, a_arr, out):
+def _fused_args(a, lda, b, ldb, k4, kr, m0, n0, nvalid, epi, narrow, a_arr, out):
     # the fused tile's arguments (make_fused_kernel) from the epilogue tuple
     za, rs, cs, zb, bias, mult, zy, qlo, qhi, mode, fbias = epi
     za_step = 8 if za.shape[0] > 1 else 0
@@ -1023,7 +1030,7 @@ def _fused_args(a, lda, b, k4, kr, m0, n0, nvalid, epi, narrow, a_arr, out):
         a,
         lda,
         b,
-        NR * 4,
+        ldb,
         k4,
         kr,
         out.ctypes.data + m0 * out.strides[0] + n0 * out.itemsize,
@@ -1183,58 +1190,108 @@ def gemm(a_u8, packed, out):
 
 _NACC = 12  # independent accumulators: >= latency x throughput of vpdpbusd
 
+# The inner instruction of each path, as the probe runs it: (name, lanes,
+# operations per instruction = lanes x multiply-adds x 2). avx2's exact
+# vpmaddwd (2 products a lane) is followed by a vpaddd into the accumulator.
+PEAK_INSTRUCTIONS = {
+    "avx512_vnni": ("vpdpbusd zmm", 16, 128),
+    "avx_vnni": ("vpdpbusd ymm", 8, 64),
+    "avx2": ("vpmaddwd+vpaddd ymm", 8, 32),
+}
 
-@intrinsic
-def _peak_loop(typingctx, iters, seed):
-    """iters x 12 register-only vpdpbusd zmm; returns a checksum (keeps it live)."""
-    sig = types.int32(types.int64, types.int64)
+
+def _make_peak_loop(isa):
+    """An intrinsic: iters x 12 register-only multiply-adds of ``isa``'s inner
+    instruction; returns a checksum (keeps them live). One per path, compiled
+    only when probed: an instruction the CPU lacks aborts LLVM at compile time."""
+    _, lanes, _ = PEAK_INSTRUCTIONS[isa]
+    vty = ir.VectorType(_i32, lanes)
+    wty = ir.VectorType(ir.IntType(16), 2 * lanes)
 
     def codegen(context, builder, sig, args):
         iters, seed = args
-        vpd = _vpdpbusd(builder)
         s32 = builder.trunc(seed, _i32)
-        a = splat(builder, s32, _v16)
-        b = splat(builder, builder.add(s32, ir.Constant(_i32, 0x01010101)), _v16)
-        init = [ir.Constant(_v16, [j] * 16) for j in range(_NACC)]
-        new = _ir_loop(
-            builder, ir.Constant(_i64, 0), iters, init,
-            lambda k, accs: [builder.call(vpd, [p, a, b]) for p in accs],
-            guard=False, name="pk",
-        )  # fmt: skip
+        a = splat(builder, s32, vty)
+        b = splat(builder, builder.add(s32, ir.Constant(_i32, 0x01010101)), vty)
+        if isa == "avx2":
+            pmadd = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(vty, [wty, wty]),
+                "llvm.x86.avx2.pmadd.wd",
+            )  # fmt: skip
+            bw = builder.bitcast(b, wty)
+
+            def step(k, accs):  # the accumulator feeds the product: not hoisted
+                return [
+                    builder.add(p, builder.call(pmadd, [builder.bitcast(p, wty), bw]))
+                    for p in accs
+                ]
+        else:
+            name = "llvm.x86.avx512.vpdpbusd." + ("512" if lanes == 16 else "256")
+            vpd = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(vty, [vty, vty, vty]), name
+            )
+
+            def step(k, accs):
+                return [builder.call(vpd, [p, a, b]) for p in accs]
+
+        init = [ir.Constant(vty, [j] * lanes) for j in range(_NACC)]
+        new = _ir_loop(builder, ir.Constant(_i64, 0), iters, init, step,
+                       guard=False, name="pk")  # fmt: skip
         s = new[0]
         for n in new[1:]:
             s = builder.xor(s, n)
         return builder.extract_element(s, ir.Constant(_i32, 0))
 
-    return sig, codegen
+    @intrinsic
+    def _loop(typingctx, iters, seed):
+        return types.int32(types.int64, types.int64), codegen
+
+    @njit(parallel=True)  # a closure per path: not cached (the bench's ~1 s)
+    def _peak(iters, nthreads):
+        out = np.zeros(nthreads, np.int32)
+        for t in prange(nthreads):
+            out[t] = _loop(iters, t + 3)
+        return out
+
+    return _peak
 
 
-@njit(parallel=True, cache=True)
-def _peak(iters, nthreads):
-    out = np.zeros(nthreads, np.int32)
-    for t in prange(nthreads):
-        out[t] = _peak_loop(iters, t + 3)
-    return out
+_PEAKS = {}
 
 
-def measure_peak(threads: int, iters: int = 2_000_000, repeat: int = 7) -> float:
-    """vpdpbusd zmm GOP/s of this machine on `threads` threads (best of `repeat`).
+def measure_peak(threads: int, iters: int = 2_000_000, repeat: int = 7, isa=None):
+    """GOP/s of the inner instruction of ``isa`` (default: the path in use; see
+    PEAK_INSTRUCTIONS) on `threads` threads, best of `repeat`. ValueError for
+    the portable path, which has no single instruction to measure.
 
     The best, not the median: the peak is a property of the hardware, and on a
     shared VM any slower sample measures the neighbours.
     """
     import time
 
+    from .. import _dispatch
+
+    isa = isa or _dispatch.get_isa()
+    if isa not in PEAK_INSTRUCTIONS:
+        msg = f"no peak probe for the {isa!r} path (plain numba loops)"
+        raise ValueError(msg)
+    if isa not in _dispatch.available_isas():
+        msg = f"this CPU cannot run the {isa!r} path"
+        raise ValueError(msg)
+    peak = _PEAKS.get(isa)
+    if peak is None:
+        peak = _PEAKS[isa] = _make_peak_loop(isa)
+    ops = PEAK_INSTRUCTIONS[isa][2]
     before = numba.get_num_threads()
     numba.set_num_threads(threads)
     try:
-        _peak(1000, threads)
+        peak(1000, threads)
         best = 0.0
         for _ in range(repeat):
             t0 = time.perf_counter()
-            _peak(iters, threads)
+            peak(iters, threads)
             dt = time.perf_counter() - t0
-            best = max(best, threads * iters * _NACC * 16 * 4 * 2 / dt / 1e9)
+            best = max(best, threads * iters * _NACC * ops / dt / 1e9)
         return best
     finally:
         numba.set_num_threads(before)

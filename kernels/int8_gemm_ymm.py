@@ -10,13 +10,17 @@ the 6x64 zmm kernel of ``int8_gemm_vnni`` (whose helpers this module reuses).
   avx_vnni  6 x 16 tile: 12 ymm accumulators, one ``vpdpbusd ymm`` per 8 columns
             x 4 k. LLVM emits the VEX (AVX-VNNI) encoding on CPUs that have it
             and the EVEX one on AVX-512 VNNI CPUs, which is how it is tested here.
-  avx2      4 x 8 tile, exact without VNNI: a' widened to 16 bits (zero
-            extension), b' sign-extended to 16 bits, ``vpmaddwd`` multiplies in
-            32 bits and adds pairs -- never the saturating ``vpmaddubsw`` that
-            needs 7-bit data (``reduce_range``). Two partial accumulators per 8
-            columns (k pairs 0-1 and 2-3) are added once, after the K loop.
+  avx2      6 x 16 tile, exact without VNNI: ``vpmaddwd`` on 16-bit data
+            multiplies in 32 bits and adds pairs, then ``vpaddd`` -- never the
+            saturating ``vpmaddubsw`` that needs 7-bit data (``reduce_range``).
+            b' is sign-extended to 16 bits once, at pack time
+            ([N/NR][K2][NR][2] int16, ``pack_b16``), a' zero-extended once per
+            call (``widen_a``: pairs of uint16, one ``vpbroadcastd`` per row and
+            k pair), so the K loop is loads, ``vpmaddwd`` and ``vpaddd`` only.
 
-B is packed panel-major [N/NR][K4][NR][4] int8 as in ``int8_gemm_vnni.pack_b``.
+B is packed panel-major [N/NR][K4][NR][4] int8 as in ``int8_gemm_vnni.pack_b``
+(avx_vnni); the avx2 layout has the same 64 bytes per k step and panel row, so
+one tile generator serves both (a k step is 4 int8 or 2 int16 values).
 """
 
 import numba
@@ -26,9 +30,18 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .int8_gemm_vnni import _b_offsets, _gep8, _load_i32
+from .int8_gemm_vnni import (
+    _b_offsets,
+    _fused_args,
+    _gep8,
+    _load_i32,
+    _row_blocks,
+    make_fused_kernel,
+    narrow_epilogue,
+)
 from .ir_util import if_then as _ir_if
 from .ir_util import loop as _ir_loop
+from .ir_util import target_has
 from .requant import epilogue_tile
 
 _i1 = ir.IntType(1)
@@ -54,68 +67,53 @@ def _splat8(builder, x32):
 
 
 class _VnniDot:
-    """acc += vpdpbusd(a4 splat, b) on 8 int32 lanes."""
+    """acc += vpdpbusd(a4 splat, b) on 8 int32 lanes.
+
+    Where LLVM's target has no 256-bit vpdpbusd (an AVX2-only CPU, which never
+    runs this path but compiles it: the drivers choose the tile at run time),
+    the same sum in generic IR: bytes widened to 32 bits, 4 products a lane."""
 
     parts = 1
 
-    def __init__(self, builder):
-        self.f = _fn(builder, "llvm.x86.avx512.vpdpbusd.256", _v8, [_v8, _v8, _v8])
+    def __init__(self, context, builder):
+        self.native = target_has(context, "avxvnni") or target_has(
+            context, "avx512vnni", "avx512vl"
+        )
+        if self.native:
+            self.f = _fn(builder, "llvm.x86.avx512.vpdpbusd.256", _v8, [_v8, _v8, _v8])
 
     def step(self, builder, accs, a32, bvec):
-        return [builder.call(self.f, [accs[0], _splat8(builder, a32), bvec])]
+        a = _splat8(builder, a32)
+        if self.native:
+            return [builder.call(self.f, [accs[0], a, bvec])]
+        v32b, v32 = ir.VectorType(_i8, 32), ir.VectorType(_i32, 32)
+        prod = builder.mul(
+            builder.zext(builder.bitcast(a, v32b), v32),
+            builder.sext(builder.bitcast(bvec, v32b), v32),
+        )
+        acc = accs[0]
+        for j in range(4):  # lane c += products 4c + j
+            pick = ir.Constant(_v8, [4 * c + j for c in range(8)])
+            acc = builder.add(acc, builder.shuffle_vector(prod, prod, pick))
+        return [acc]
 
     def finish(self, builder, accs):
         return accs[0]
 
 
-class _Avx2Dot:
-    """Exact u8 x s8 dot of 4 bytes on 8 columns with vpmaddwd (16-bit inputs,
-    32-bit products and pair sums): accs = [cols 0-3 partials, cols 4-7]."""
-
-    parts = 2
-
-    def __init__(self, builder):
-        self.f = _fn(builder, "llvm.x86.avx2.pmadd.wd", _v8, [_v16w, _v16w])
-
-    def step(self, builder, accs, a32, bvec):
-        a4 = builder.bitcast(a32, ir.VectorType(_i8, 4))
-        a4w = builder.zext(a4, ir.VectorType(_i16, 4))
-        a16 = builder.shuffle_vector(
-            a4w, ir.Constant(ir.VectorType(_i16, 4), None),
-            ir.Constant(ir.VectorType(_i32, 16), [0, 1, 2, 3] * 4),
-        )  # fmt: skip
-        b32 = builder.bitcast(bvec, ir.VectorType(_i8, 32))
-        out = []
-        for half in range(2):
-            idx = ir.Constant(
-                ir.VectorType(_i32, 16), list(range(16 * half, 16 * half + 16))
-            )
-            b16 = builder.shuffle_vector(b32, b32, idx)
-            bw = builder.sext(b16, _v16w)
-            out.append(builder.add(accs[half], builder.call(self.f, [a16, bw])))
-        return out
-
-    def finish(self, builder, accs):
-        # lanes (2c, 2c+1) hold the two partial sums of column c of each half
-        lo, hi = accs
-        even = ir.Constant(_v8, [0, 2, 4, 6, 8, 10, 12, 14])
-        odd = ir.Constant(_v8, [1, 3, 5, 7, 9, 11, 13, 15])
-        return builder.add(
-            builder.shuffle_vector(lo, hi, even), builder.shuffle_vector(lo, hi, odd)
-        )
-
-
 def make_tile_kernel(MR, NV, dot_cls):
     """An intrinsic computing one MR x (8*NV) int32 tile over the whole K.
 
-    _tile(a, lda, b, ldb, k4, kr, c, ldc, nvalid, accum), all int64, with the
-    meaning of ``int8_gemm_vnni.make_tile_kernel`` (8-lane vectors, 32 bytes of B
-    per vector).
+    _tile(a, lda, b, ldb, k4, kr, c, ldc, nvalid, accum, akstep), all int64,
+    with the meaning of ``int8_gemm_vnni.make_tile_kernel`` (8-lane vectors, 32
+    bytes of B per vector), and akstep the bytes between A's k steps: 4 for
+    rows of a' (avx_vnni), 4 x rows for the avx2 path's interleaved pairs
+    (``pack_a16``; lda = 4 there, and K is padded: kr = 0).
     """
 
     def codegen(context, builder, sig, args):
-        a, lda, b, ldb, k4, kr, c, ldc, nvalid, accum = args
-        dot = dot_cls(builder)
+        a, lda, b, ldb, k4, kr, c, ldc, nvalid, accum, akstep = args
+        dot = dot_cls(context, builder)
         P = dot.parts
         zero64 = ir.Constant(_i64, 0)
         a_base = builder.inttoptr(a, _i8.as_pointer())
@@ -148,7 +146,7 @@ def make_tile_kernel(MR, NV, dot_cls):
         zero_v = ir.Constant(_v8, None)
 
         def kstep(kphi, accs):
-            k_bytes = builder.shl(kphi, ir.Constant(_i64, 2))
+            k_bytes = builder.mul(kphi, akstep)
             bvecs = load_b(_gep8(builder, b_base, builder.mul(kphi, ldb)))
             a32s = [
                 _load_i32(builder, _gep8(builder, a_rows[r], k_bytes))
@@ -223,8 +221,8 @@ def make_tile_kernel(MR, NV, dot_cls):
         return context.get_dummy_value()
 
     @intrinsic
-    def _tile(typingctx, a, lda, b, ldb, k4, kr, c, ldc, nvalid, accum):
-        return types.void(*([types.int64] * 10)), codegen
+    def _tile(typingctx, a, lda, b, ldb, k4, kr, c, ldc, nvalid, accum, akstep):
+        return types.void(*([types.int64] * 11)), codegen
 
     return _tile
 
@@ -238,90 +236,220 @@ _vt4 = make_tile_kernel(4, 2, _VnniDot)
 _vt5 = make_tile_kernel(5, 2, _VnniDot)
 _vt6 = make_tile_kernel(6, 2, _VnniDot)
 
-# avx2: 4 x 8 (8 accumulators + 2 widened B + 1 A)
-AVX2_MR, AVX2_NR = 4, 8
-_at1 = make_tile_kernel(1, 1, _Avx2Dot)
-_at2 = make_tile_kernel(2, 1, _Avx2Dot)
-_at3 = make_tile_kernel(3, 1, _Avx2Dot)
-_at4 = make_tile_kernel(4, 1, _Avx2Dot)
-
 
 @njit(inline="always")
-def _run_tile(path, mr, a, lda, b, ldb, k4, kr, c, ldc, nvalid):
-    # path 0: avx_vnni tiles, 1: avx2 tiles (a compile-time constant per driver)
-    if path == 0:
-        if mr == 6:
-            _vt6(a, lda, b, ldb, k4, kr, c, ldc, nvalid, 0)
-        elif mr == 5:
-            _vt5(a, lda, b, ldb, k4, kr, c, ldc, nvalid, 0)
-        elif mr == 4:
-            _vt4(a, lda, b, ldb, k4, kr, c, ldc, nvalid, 0)
-        elif mr == 3:
-            _vt3(a, lda, b, ldb, k4, kr, c, ldc, nvalid, 0)
-        elif mr == 2:
-            _vt2(a, lda, b, ldb, k4, kr, c, ldc, nvalid, 0)
-        else:
-            _vt1(a, lda, b, ldb, k4, kr, c, ldc, nvalid, 0)
+def _run_tile(mr, a, lda, b, ldb, k4, kr, c, ldc, nvalid):
+    if mr == 6:
+        _vt6(a, lda, b, ldb, k4, kr, c, ldc, nvalid, 0, 4)
+    elif mr == 5:
+        _vt5(a, lda, b, ldb, k4, kr, c, ldc, nvalid, 0, 4)
+    elif mr == 4:
+        _vt4(a, lda, b, ldb, k4, kr, c, ldc, nvalid, 0, 4)
+    elif mr == 3:
+        _vt3(a, lda, b, ldb, k4, kr, c, ldc, nvalid, 0, 4)
+    elif mr == 2:
+        _vt2(a, lda, b, ldb, k4, kr, c, ldc, nvalid, 0, 4)
     else:
-        if mr == 4:
-            _at4(a, lda, b, ldb, k4, kr, c, ldc, nvalid, 0)
-        elif mr == 3:
-            _at3(a, lda, b, ldb, k4, kr, c, ldc, nvalid, 0)
-        elif mr == 2:
-            _at2(a, lda, b, ldb, k4, kr, c, ldc, nvalid, 0)
-        else:
-            _at1(a, lda, b, ldb, k4, kr, c, ldc, nvalid, 0)
+        _vt1(a, lda, b, ldb, k4, kr, c, ldc, nvalid, 0, 4)
 
 
 # Not inlined into the prange drivers on purpose: numba's parfor passes copy and
 # rewrite the whole loop body, and with the tile kernels and the epilogue inlined
 # there they took minutes per driver variant; as a call they take seconds.
+# A job is a block of row tiles against one N panel (int8_gemm_vnni's order and
+# block size): one call per tile cost ~half the time of a K = 256 tile (AVX2
+# Zen 3, 1 thread, 1024 x 256 x 256: 47 % of the vpmaddwd peak with a call per
+# tile).
 @njit(nogil=True, cache=True)
-def _tile_job(path, t, a, bp, scratch, epi, out):
-    # one MR x NR tile of `path` over the whole K, then the fused epilogue
+def _block_job(t, nblk, a, bp, scratch, epi, out):
+    # avx_vnni job t = (row block, N panel): each MR x NR tile over the whole
+    # K into the scratch tile, then the epilogue (kernels/requant.py)
     za, rs, cs, zb, bias, mult, zy, qlo, qhi, mode, fbias = epi
     M, K = a.shape
     N = out.shape[1]
     MR, NR = scratch.shape[1], scratch.shape[2]
     mt = (M + MR - 1) // MR
+    nt = (N + NR - 1) // NR
     k4 = K // 4
-    jn = t // mt
-    m0 = (t - jn * mt) * MR
+    blk = t // nt
+    jn = t - blk * nt
     n0 = jn * NR
-    mr = min(MR, M - m0)
     nvalid = min(NR, N - n0)
+    b = bp.ctypes.data + jn * bp.strides[0]
     # one scratch row: the serial drivers get a 1-row scratch and never ask for a
     # thread id (numba.get_thread_id outside a parallel region can crash a
     # process whose threading layer is not started yet)
     tile = scratch[numba.get_thread_id() if scratch.shape[0] > 1 else 0]
-    _run_tile(
-        path, mr, a.ctypes.data + m0 * a.strides[0], a.strides[0],
-        bp.ctypes.data + jn * bp.strides[0], NR * 4, k4, K - 4 * k4,
-        tile.ctypes.data, NR, nvalid,
-    )  # fmt: skip
-    epilogue_tile(
-        tile, mr, nvalid, m0, n0, za, rs, cs, zb, bias, mult, zy, qlo, qhi, mode,
-        out, fbias,
-    )  # fmt: skip
+    for im in range(blk * mt // nblk, (blk + 1) * mt // nblk):
+        m0 = im * MR
+        mr = min(MR, M - m0)
+        _run_tile(
+            mr, a.ctypes.data + m0 * a.strides[0], a.strides[0], b, NR * 4, k4,
+            K - 4 * k4, tile.ctypes.data, NR, nvalid,
+        )  # fmt: skip
+        epilogue_tile(
+            tile, mr, nvalid, m0, n0, za, rs, cs, zb, bias, mult, zy, qlo, qhi,
+            mode, out, fbias,
+        )  # fmt: skip
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def gemm_fused(path, a, bp, scratch, epi, out):
-    # a (M,K>=4) uint8, bp (NP,K4,NR,4) int8, scratch (threads,MR,NR) int32 with
-    # the path's tile, out (M,N): eq. 6 then eqs. 8-13 per tile, N-major order
+def gemm_fused(a, bp, scratch, epi, out, threads):
+    # a (M,K>=4) uint8, bp (NP,K4,NR,4) int8, scratch (threads,MR,NR) int32,
+    # out (M,N): eq. 6 then eqs. 8-13 per tile; threads = the caller's numba
+    # thread count
     mt = (a.shape[0] + scratch.shape[1] - 1) // scratch.shape[1]
     nt = (out.shape[1] + scratch.shape[2] - 1) // scratch.shape[2]
-    for t in prange(mt * nt):
-        _tile_job(path, t, a, bp, scratch, epi, out)
+    nblk = _row_blocks(mt, threads)
+    for t in prange(nblk * nt):
+        _block_job(t, nblk, a, bp, scratch, epi, out)
 
 
 @njit(nogil=True, cache=True)
-def gemm_fused_serial(path, a, bp, scratch, epi, out):
+def gemm_fused_serial(a, bp, scratch, epi, out):
     # as gemm_fused, on the calling thread (tiny problems)
     mt = (a.shape[0] + scratch.shape[1] - 1) // scratch.shape[1]
     nt = (out.shape[1] + scratch.shape[2] - 1) // scratch.shape[2]
-    for t in range(mt * nt):
-        _tile_job(path, t, a, bp, scratch, epi, out)
+    nblk = _row_blocks(mt, 1)
+    for t in range(nblk * nt):
+        _block_job(t, nblk, a, bp, scratch, epi, out)
+
+
+# ---------------------------------------------------------------------------
+# avx2: exact vpmaddwd tiles with the zmm path's fused epilogue
+#
+# 6 x 16 tiles: 12 ymm accumulators + 2 B + 1 A pair + 1 product of the 16
+# registers. B is widened to int16 at pack time (pack_b16), A once per call
+# (pack_a16, rows of a block interleaved), so a k step is 2 loads, 6
+# vpbroadcastd, 12 vpmaddwd and 12 vpaddd: the tile alone runs at the
+# vpmaddwd + vpaddd probe's rate (AVX2 Zen 3, 1 thread, K = 1024: 158 vs 154
+# GOP/s). The epilogue is int8_gemm_vnni's (make_fused_kernel), on 16-lane
+# vectors that LLVM splits into ymm pairs. Measured against the previous 4 x 8
+# tile (B and A widened inside the K loop, int32 scratch epilogue in numba), 1
+# thread, u8s8->i32: 1024^3 77 -> 132 GOP/s, 16 x 384 x 1536 62 -> 108 (vpmaddwd
+# + vpaddd probe 150-160 in the same runs).
+AVX2_MR, AVX2_NR = 6, 16
+
+
+def _k_loop_avx2(builder, MR, NV_, a, lda, b, ldb, k2, akstep, nvalid):
+    """make_fused_kernel's K loop for the avx2 layout: MR rows x 16 columns,
+    k2 steps of one 16-bit pair; a = the block's pack_a16 address, lda = 4
+    (bytes from one row's pair to the next), akstep = bytes per k step (the
+    `kr` slot: K is padded, there is no tail). Returns MR 16-lane sums."""
+    assert NV_ == 1
+    pmadd = _fn(builder, "llvm.x86.avx2.pmadd.wd", _v8, [_v16w, _v16w])
+    a_base = builder.inttoptr(a, _i8.as_pointer())
+    b_base = builder.inttoptr(b, _i8.as_pointer())
+    a_rows = [
+        _gep8(builder, a_base, builder.mul(lda, ir.Constant(_i64, r)))
+        for r in range(MR)
+    ]
+    b_offs = _b_offsets(builder, 2, nvalid, lanes=8)
+
+    def kstep(k, accs):
+        brow = _gep8(builder, b_base, builder.mul(k, ldb))
+        bv = [
+            builder.bitcast(
+                builder.load(
+                    builder.bitcast(_gep8(builder, brow, b_offs[v]), _v8.as_pointer()),
+                    align=1,
+                ),
+                _v16w,
+            )
+            for v in range(2)
+        ]
+        at = builder.mul(k, akstep)
+        new = []
+        for r in range(MR):
+            a32 = _load_i32(builder, _gep8(builder, a_rows[r], at))
+            pair = builder.bitcast(_splat8(builder, a32), _v16w)
+            for v in range(2):
+                prod = builder.call(pmadd, [pair, bv[v]])
+                new.append(builder.add(accs[2 * r + v], prod))
+        return new
+
+    zero = ir.Constant(_v8, None)
+    accs = _ir_loop(builder, ir.Constant(_i64, 0), k2, [zero] * (2 * MR), kstep,
+                    name="avx2")  # fmt: skip
+    join = ir.Constant(ir.VectorType(_i32, 16), list(range(16)))
+    return [
+        builder.shuffle_vector(accs[2 * r], accs[2 * r + 1], join) for r in range(MR)
+    ]
+
+
+_ft1 = make_fused_kernel(1, 1, k_loop=_k_loop_avx2)
+_ft2 = make_fused_kernel(2, 1, k_loop=_k_loop_avx2)
+_ft3 = make_fused_kernel(3, 1, k_loop=_k_loop_avx2)
+_ft4 = make_fused_kernel(4, 1, k_loop=_k_loop_avx2)
+_ft5 = make_fused_kernel(5, 1, k_loop=_k_loop_avx2)
+_ft6 = make_fused_kernel(6, 1, k_loop=_k_loop_avx2)
+
+
+@njit(inline="always")
+def run_avx2_tile(mr, a, akstep, b, k2, m0, n0, nvalid, epi, narrow, a_arr, out):
+    # one fused avx2 tile: rows m0..m0+mr from the pack_a16 block at address a
+    # (akstep bytes per k step), the pack_b16 panel at address b, output
+    # columns n0..n0+nvalid (eqs. 6-13); narrow: narrow_epilogue(...)
+    args = _fused_args(a, 4, b, AVX2_NR * 4, k2, akstep, m0, n0, nvalid, epi,
+                       narrow, a_arr, out)  # fmt: skip
+    if mr == 6:
+        _ft6(*args)
+    elif mr == 5:
+        _ft5(*args)
+    elif mr == 4:
+        _ft4(*args)
+    elif mr == 3:
+        _ft3(*args)
+    elif mr == 2:
+        _ft2(*args)
+    else:
+        _ft1(*args)
+
+
+@njit(nogil=True, cache=True)
+def _avx2_job(t, nblk, a, bp, epi, narrow, out):
+    # job t = (row block, N panel) as int8_gemm_vnni._block_job; a = pack_a16's
+    # blocks seen as (M padded, 4 * K2) bytes, so row m0's offset is its block's
+    M, N = out.shape
+    mt = (M + AVX2_MR - 1) // AVX2_MR
+    nt = (N + AVX2_NR - 1) // AVX2_NR
+    k2 = a.shape[1] // 4
+    akstep = 4 * min(AVX2_MR, M)
+    blk = t // nt
+    jn = t - blk * nt
+    n0 = jn * AVX2_NR
+    nvalid = min(AVX2_NR, N - n0)
+    b = bp.ctypes.data + jn * bp.strides[0]
+    for im in range(blk * mt // nblk, (blk + 1) * mt // nblk):
+        m0 = im * AVX2_MR
+        run_avx2_tile(
+            min(AVX2_MR, M - m0), a.ctypes.data + m0 * a.strides[0], akstep, b, k2,
+            m0, n0, nvalid, epi, narrow, a, out,
+        )  # fmt: skip
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def gemm_avx2(a, bp, epi, out, threads, pmax, K):
+    # a: pack_a16's bytes, bp (NP,K2,16,2) int16, out (M,N) int32|uint8|int8|
+    # float32 with unit column stride; K the real depth (the epilogue's bound);
+    # threads, pmax: as int8_gemm_vnni.gemm_fused
+    mt = (out.shape[0] + AVX2_MR - 1) // AVX2_MR
+    nt = (out.shape[1] + AVX2_NR - 1) // AVX2_NR
+    nblk = _row_blocks(mt, threads)
+    narrow = narrow_epilogue(epi, K, pmax)
+    for t in prange(nblk * nt):
+        _avx2_job(t, nblk, a, bp, epi, narrow, out)
+
+
+@njit(nogil=True, cache=True)
+def gemm_avx2_serial(a, bp, epi, out, pmax, K):
+    # as gemm_avx2 on the calling thread
+    mt = (out.shape[0] + AVX2_MR - 1) // AVX2_MR
+    nt = (out.shape[1] + AVX2_NR - 1) // AVX2_NR
+    nblk = _row_blocks(mt, 1)
+    narrow = narrow_epilogue(epi, K, pmax)
+    for t in range(nblk * nt):
+        _avx2_job(t, nblk, a, bp, epi, narrow, out)
 
 
 def pack_b(b, nr):
@@ -334,3 +462,42 @@ def pack_b(b, nr):
     packed = np.ascontiguousarray(padded.reshape(K4, 4, NP, nr).transpose(2, 0, 3, 1))
     packed.flags.writeable = False
     return packed
+
+
+def pack_b16(b, nr):
+    """b' (K, N) int8 -> the avx2 layout [NP][K2][nr][2] int16 (sign-extended
+    once here; zero rows pad K to even, zero columns N to a panel)."""
+    K, N = b.shape
+    K2 = (K + 1) // 2
+    NP = (N + nr - 1) // nr
+    padded = np.zeros((K2 * 2, NP * nr), dtype=np.int16)
+    padded[:K, :N] = b
+    packed = np.ascontiguousarray(padded.reshape(K2, 2, NP, nr).transpose(2, 0, 3, 1))
+    packed.flags.writeable = False
+    return packed
+
+
+@njit(nogil=True, cache=True)
+def pack_a16(a, out):
+    # a (M, K) uint8 a' -> out (M // R, ceil(K / 2), R) uint32 with R = min(6, M)
+    # rows a block (M padded to whole blocks): the pair (a'[m, 2j], a'[m, 2j + 1])
+    # zero-extended to 16 bits each, rows of a block side by side, so the avx2
+    # tile broadcasts row r's pair j from block + j * 4R + 4r (no per-row
+    # address arithmetic in the K loop: the tile alone, 1 thread, K = 1024,
+    # ~70 -> ~100 % of the vpmaddwd + vpaddd probe, five leaq a k step fewer);
+    # zeros past K and past M
+    M, K = a.shape
+    nblk, K2, R = out.shape
+    for blk in range(nblk):
+        for r in range(R):
+            m = blk * R + r
+            if m >= M:
+                for j in range(K2):
+                    out[blk, j, r] = 0
+                continue
+            for j in range(K // 2):
+                out[blk, j, r] = np.uint32(a[m, 2 * j]) | (
+                    np.uint32(a[m, 2 * j + 1]) << np.uint32(16)
+                )
+            if K % 2:
+                out[blk, K2 - 1, r] = np.uint32(a[m, K - 1])

@@ -26,6 +26,17 @@ def no_unroll(builder, br):
     br.set_metadata("llvm.loop", loop_id)
 
 
+def target_has(context, *features) -> bool:
+    """Whether LLVM compiles for a CPU with every one of these features (LLVM
+    names: "avx512vnni", "avxvnni"). An intrinsic whose instruction the target
+    lacks aborts the process in LLVM's instruction selection ("Cannot select"),
+    even in a branch that never runs on that CPU, so kernels that name such
+    intrinsics check here and emit exact generic IR instead (seen on an AVX2
+    Zen 3 host: every INT8 call aborted)."""
+    have = set(context.codegen()._tm_features.split(","))
+    return all(f"+{f}" in have for f in features)
+
+
 def splat(builder, x, vty):
     """Scalar x -> the vector type vty (any lane count) with x in every lane."""
     undef = ir.Constant(vty, ir.Undefined)

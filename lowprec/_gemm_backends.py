@@ -104,13 +104,14 @@ def _readonly(x):
     return view
 
 
-class _YmmGemm:
-    """Shared driver of the 256-bit paths (kernels/int8_gemm_ymm.py)."""
+class AvxVnniGemm:
+    """6x16 register tiles of vpdpbusd ymm (AVX-VNNI; EVEX form on AVX-512),
+    an int32 scratch tile per thread and the numba epilogue."""
 
-    name = ""
-    path = 0
+    name = "avx_vnni"
     k_min = 4  # K tails are read in place from the last 4 bytes of each row
     takes_int8 = False
+    tile = (6, 16)
 
     @classmethod
     def pack(cls, b_s8: np.ndarray) -> np.ndarray:
@@ -119,42 +120,78 @@ class _YmmGemm:
     @classmethod
     def fused(cls, a_u8, packed, scratch, epi, out, serial=False, pmax=-1):
         k = _ymm()
-        fn = k.gemm_fused_serial if serial else k.gemm_fused
-        fn(cls.path, a_u8, packed, scratch[:1] if serial else scratch, epi, out)
+        if serial:
+            k.gemm_fused_serial(a_u8, packed, scratch[:1], epi, out)
+        else:
+            threads = _dispatch.num_threads()
+            k.gemm_fused(a_u8, packed, scratch, epi, out, threads)
 
     @classmethod
     def gemm(cls, a_u8: np.ndarray, packed: np.ndarray, out: np.ndarray) -> None:
-        # the raw product is the fused epilogue with every correction zero
-        M, N = out.shape
-        if a_u8.shape[1] < cls.k_min:
-            padded = np.zeros((M, cls.k_min), np.uint8)
-            padded[:, : a_u8.shape[1]] = a_u8
-            a_u8 = padded
-        z1 = _readonly(np.zeros(1, np.int64))
-        zn = _readonly(np.zeros(N, np.int64))
-        cls.fused(
-            _readonly(np.ascontiguousarray(a_u8)), packed,
-            np.empty((numba.config.NUMBA_NUM_THREADS, *cls.tile), np.int32),
-            (z1, z1, zn, zn, zn, _readonly(np.ones((1, 1))), 0.0, 0.0, 0.0, 0,
-             _readonly(np.zeros(1, np.float32))),
-            out,
-        )  # fmt: skip
+        _raw_product(cls, a_u8, packed, out)
 
 
-class AvxVnniGemm(_YmmGemm):
-    """6x16 register tiles of vpdpbusd ymm (AVX-VNNI; EVEX form on AVX-512)."""
+def _raw_product(cls, a_u8, packed, out):
+    # the raw product P (the K-chunked path) is the fused epilogue with every
+    # correction zero and int32 output
+    M, N = out.shape
+    if a_u8.shape[1] < cls.k_min:
+        padded = np.zeros((M, cls.k_min), np.uint8)
+        padded[:, : a_u8.shape[1]] = a_u8
+        a_u8 = padded
+    z1 = _readonly(np.zeros(1, np.int64))
+    zn = _readonly(np.zeros(N, np.int64))
+    scratch = None
+    if cls.tile is not None:
+        scratch = np.empty((numba.config.NUMBA_NUM_THREADS, *cls.tile), np.int32)
+    cls.fused(
+        _readonly(np.ascontiguousarray(a_u8)), packed, scratch,
+        (z1, z1, zn, zn, zn, _readonly(np.ones((1, 1))), 0.0, 0.0, 0.0, 0,
+         _readonly(np.zeros(N, np.float32))),
+        out,
+    )  # fmt: skip
 
-    name = "avx_vnni"
-    path = 0
-    tile = (6, 16)
 
-
-class Avx2Gemm(_YmmGemm):
-    """4x8 register tiles of exact vpmaddwd (no VNNI, no 16-bit saturation)."""
+class Avx2Gemm:
+    """6x16 register tiles of exact vpmaddwd (no VNNI, no 16-bit saturation)
+    on int16 B widened at pack time and A widened per call, with the zmm path's
+    fused epilogue on the accumulators (kernels/int8_gemm_ymm.py)."""
 
     name = "avx2"
-    path = 1
-    tile = (4, 8)
+    k_min = 4
+    takes_int8 = False
+    tile = None  # the epilogue runs on the accumulators: no int32 scratch
+
+    @staticmethod
+    def pack(b_s8: np.ndarray) -> np.ndarray:
+        return _ymm().pack_b16(b_s8, _ymm().AVX2_NR)
+
+    @staticmethod
+    def fused(a_u8, packed, scratch, epi, out, serial=False, pmax=-1):
+        k = _ymm()
+        if out.shape[1] > 1 and out.strides[1] != out.itemsize:
+            # the tile stores vectors: columns must be contiguous
+            tmp = np.empty(out.shape, out.dtype)
+            Avx2Gemm.fused(a_u8, packed, scratch, epi, tmp, serial, pmax)
+            out[...] = tmp
+            return
+        # the tile reads a' as interleaved pairs of uint16 (int8_gemm_ymm.pack_a16):
+        # one pass per call, M x K against the tiles' M x N x K. The driver sees
+        # the blocks as (M padded, 4 x K/2) bytes: row m0's offset is its block's
+        M, K = a_u8.shape
+        R = min(k.AVX2_MR, M)
+        nblk, K2 = -(-M // R), (K + 1) // 2
+        a16 = _dispatch.scratch("avx2.a16", (nblk, K2, R), np.uint32)
+        k.pack_a16(a_u8, a16)
+        a_bytes = _readonly(a16.view(np.uint8).reshape(nblk * R, 4 * K2))
+        if serial:
+            k.gemm_avx2_serial(a_bytes, packed, epi, out, pmax, K)
+        else:
+            k.gemm_avx2(a_bytes, packed, epi, out, _dispatch.num_threads(), pmax, K)
+
+    @classmethod
+    def gemm(cls, a_u8: np.ndarray, packed: np.ndarray, out: np.ndarray) -> None:
+        _raw_product(cls, a_u8, packed, out)
 
 
 BACKENDS = {
