@@ -110,8 +110,14 @@ def fma_step(builder, accs, a_rows, a_off, b_row, kind="f32"):
     return new
 
 
-def make_tile_kernel(MR, kind):
+def make_tile_kernel(MR, kind, split=False):
     """One MR x NR float32 tile over a K range, as an intrinsic.
+
+    split=True (kind "f16", the avx2_f16c path): the tile runs as NV strips of
+    MR x 16 columns one after another, each over the whole K range: 2 ymm
+    accumulators a row (LLVM splits the 16-lane IR vectors), 15 of AVX2's 16
+    registers at MR = 6 where the 64-wide tile would need 48. Every output's
+    sum runs over k in the same order either way.
 
     _tile(a, lda, b, ks, c, ldc, accum)    all int64
       a     address of A[m0, k0]: float32 (f16, f32) or bfloat16 pairs (bf16),
@@ -172,6 +178,38 @@ def make_tile_kernel(MR, kind):
                     new.append(builder.call(dp, [phis[r * NV + v], av, bvecs[v]]))
             return new
 
+        if split:
+            # strips of SV 16-column vectors: enough independent FMA chains
+            # (>= 8 ymm) for 1 or 2 rows, at most 15 live registers for more
+            SV = {1: 4, 2: 2}.get(MR, 1)
+            for v0 in range(0, NV, SV):  # strip: columns 16 v0 .. 16 (v0 + SV)
+
+                def strip(kphi, phis, v0=v0):
+                    b_row = builder.gep(
+                        b_base, [builder.mul(kphi, ir.Constant(_i64, step_b))]
+                    )
+                    bvs = []
+                    for v in range(v0, v0 + SV):
+                        p = builder.gep(b_row, [ir.Constant(_i64, 32 * v)])
+                        h = builder.load(builder.bitcast(p, _vh.as_pointer()), align=2)
+                        bvs.append(builder.fpext(h, _vf))
+                    a_off = builder.mul(kphi, step_a)
+                    fma = _fma(builder)
+                    new = []
+                    for r in range(MR):
+                        q = builder.gep(a_rows[r], [a_off])
+                        q = builder.bitcast(q, _f32.as_pointer())
+                        av = _splat(builder, builder.load(q, align=4), _vf)
+                        for j, bv in enumerate(bvs):
+                            new.append(builder.call(fma, [av, bv, phis[r * SV + j]]))
+                    return new
+
+                mine = [init[r * NV + v] for r in range(MR) for v in range(v0, v0 + SV)]
+                fin = _ir_loop(builder, zero64, ks, mine, strip, name="half16")
+                for r in range(MR):
+                    for j in range(SV):
+                        builder.store(fin[r * SV + j], c_ptrs[r * NV + v0 + j], align=4)
+            return context.get_dummy_value()
         fin = _ir_loop(builder, zero64, ks, init, kstep, name="half")
         for p, ptr in zip(fin, c_ptrs, strict=True):
             builder.store(p, ptr, align=4)
@@ -193,6 +231,13 @@ _h3 = make_tile_kernel(3, "f16")
 _h4 = make_tile_kernel(4, "f16")
 _h5 = make_tile_kernel(5, "f16")
 _h6 = make_tile_kernel(6, "f16")
+# avx2_f16c: the same tiles as 16-column strips (make_tile_kernel's split)
+_y1 = make_tile_kernel(1, "f16", split=True)
+_y2 = make_tile_kernel(2, "f16", split=True)
+_y3 = make_tile_kernel(3, "f16", split=True)
+_y4 = make_tile_kernel(4, "f16", split=True)
+_y5 = make_tile_kernel(5, "f16", split=True)
+_y6 = make_tile_kernel(6, "f16", split=True)
 _b1 = make_tile_kernel(1, "bf16")
 _b2 = make_tile_kernel(2, "bf16")
 _b3 = make_tile_kernel(3, "bf16")
@@ -203,8 +248,10 @@ assert MR_MAX == 6
 
 
 @njit(inline="always")
-def _run_tile_h(mr, a, lda, b, ks, c, ldc, accum):
-    if mr == 6:
+def _run_tile_h(mr, a, lda, b, ks, c, ldc, accum, split):
+    if split:  # avx2_f16c
+        _run_tile_y(mr, a, lda, b, ks, c, ldc, accum)
+    elif mr == 6:
         _h6(a, lda, b, ks, c, ldc, accum)
     elif mr == 5:
         _h5(a, lda, b, ks, c, ldc, accum)
@@ -216,6 +263,22 @@ def _run_tile_h(mr, a, lda, b, ks, c, ldc, accum):
         _h2(a, lda, b, ks, c, ldc, accum)
     else:
         _h1(a, lda, b, ks, c, ldc, accum)
+
+
+@njit(inline="always")
+def _run_tile_y(mr, a, lda, b, ks, c, ldc, accum):
+    if mr == 6:
+        _y6(a, lda, b, ks, c, ldc, accum)
+    elif mr == 5:
+        _y5(a, lda, b, ks, c, ldc, accum)
+    elif mr == 4:
+        _y4(a, lda, b, ks, c, ldc, accum)
+    elif mr == 3:
+        _y3(a, lda, b, ks, c, ldc, accum)
+    elif mr == 2:
+        _y2(a, lda, b, ks, c, ldc, accum)
+    else:
+        _y1(a, lda, b, ks, c, ldc, accum)
 
 
 @njit(inline="always")
@@ -403,8 +466,9 @@ def _coords(t, mt, M, N, mr_max, nr):
 
 
 @njit(inline="always")
-def _job_h(t, mt, a, bp, tile, bias, has_bias, lo, hi, mode, out32, out16):
+def _job_h(t, mt, a, bp, tile, bias, has_bias, lo, hi, mode, out32, out16, split):
     # one MR_MAX x NR tile of the float16 path over all of K, then the epilogue
+    # (split: the avx2_f16c strips)
     N = out32.shape[1] if mode == 0 else out16.shape[1]
     m0, n0, mr, nc, jn = _coords(t, mt, a.shape[0], N, MR_MAX, NR)
     direct = mode == 0 and not has_bias and lo == -np.inf and hi == np.inf
@@ -414,9 +478,9 @@ def _job_h(t, mt, a, bp, tile, bias, has_bias, lo, hi, mode, out32, out16):
     if direct and nc == NR:
         # plain float32 output: the tile goes straight to out, no epilogue
         c0 = out32.ctypes.data + (m0 * out32.shape[1] + n0) * 4
-        _run_tile_h(mr, a0, lda, b0, bp.shape[1], c0, out32.shape[1], 0)
+        _run_tile_h(mr, a0, lda, b0, bp.shape[1], c0, out32.shape[1], 0, split)
         return
-    _run_tile_h(mr, a0, lda, b0, bp.shape[1], tile.ctypes.data, NR, 0)
+    _run_tile_h(mr, a0, lda, b0, bp.shape[1], tile.ctypes.data, NR, 0, split)
     _epilogue(tile, mr, nc, m0, n0, bias, has_bias, lo, hi, mode, out32, out16)
 
 
@@ -449,33 +513,27 @@ def _job_b(t, mt, a, bp, tile, bias, has_bias, lo, hi, mode, out32, out16):
 
 
 @njit(**PJIT)
-def gemm_f16(a, bp, scratch, bias, has_bias, lo, hi, mode, out32, out16):
+def gemm_f16(a, bp, scratch, bias, has_bias, lo, hi, mode, out32, out16, split):
+    # split: the avx2_f16c strips (make_tile_kernel), else the zmm tiles
     N = out32.shape[1] if mode == 0 else out16.shape[1]
     mt = (a.shape[0] + MR_MAX - 1) // MR_MAX
     for t in prange(mt * ((N + NR - 1) // NR)):
+        tile = scratch[numba.get_thread_id()]
         _job_h(
-            t,
-            mt,
-            a,
-            bp,
-            scratch[numba.get_thread_id()],
-            bias,
-            has_bias,
-            lo,
-            hi,
-            mode,
-            out32,
-            out16,
-        )
+            t, mt, a, bp, tile, bias, has_bias, lo, hi, mode, out32, out16, split
+        )  # fmt: skip
 
 
 @njit(**JIT)
-def gemm_f16_serial(a, bp, scratch, bias, has_bias, lo, hi, mode, out32, out16):
+def gemm_f16_serial(a, bp, scratch, bias, has_bias, lo, hi, mode, out32, out16, split):
     # on the calling thread: tiny problems skip the ~4 us pool launch
     N = out32.shape[1] if mode == 0 else out16.shape[1]
     mt = (a.shape[0] + MR_MAX - 1) // MR_MAX
     for t in range(mt * ((N + NR - 1) // NR)):
-        _job_h(t, mt, a, bp, scratch[0], bias, has_bias, lo, hi, mode, out32, out16)
+        _job_h(
+            t, mt, a, bp, scratch[0], bias, has_bias, lo, hi, mode, out32, out16,
+            split,
+        )  # fmt: skip
 
 
 @njit(**PJIT)
@@ -624,13 +682,19 @@ _NACC = 12  # independent accumulators: >= latency x throughput of both
 
 
 def _make_peak_loop(kind):
+    # kind: "f16" (vfmadd231ps zmm), "f16y" (ymm: the avx2_f16c path) or "bf16"
+    vf = ir.VectorType(_f32, 8) if kind == "f16y" else _vf
+
     def codegen(context, builder, sig, args):
         iters, seed = args
         x = builder.sitofp(seed, _f32)
-        if kind == "f16":
-            op = _fma(builder)
-            b = _splat(builder, x, _vf)
-            a = _splat(builder, builder.fadd(x, ir.Constant(_f32, 1.0)), _vf)
+        if kind in ("f16", "f16y"):
+            op = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(vf, [vf] * 3),
+                f"llvm.fma.v{vf.count}f32",
+            )  # fmt: skip
+            b = _splat(builder, x, vf)
+            a = _splat(builder, builder.fadd(x, ir.Constant(_f32, 1.0)), vf)
         else:
             op = _dpbf16(builder)
             bits = builder.bitcast(x, _i32)
@@ -638,11 +702,11 @@ def _make_peak_loop(kind):
             a = b
 
         def step(k, accs):
-            if kind == "f16":
+            if kind in ("f16", "f16y"):
                 return [builder.call(op, [a, b, p]) for p in accs]
             return [builder.call(op, [p, a, b]) for p in accs]
 
-        init = [ir.Constant(_vf, [float(j)] * 16) for j in range(_NACC)]
+        init = [ir.Constant(vf, [float(j)] * vf.count) for j in range(_NACC)]
         new = _ir_loop(builder, ir.Constant(_i64, 0), iters, init, step, guard=False,
                        name="pk")  # fmt: skip
         s = new[0]
@@ -658,6 +722,7 @@ def _make_peak_loop(kind):
 
 
 _peak_fma = _make_peak_loop("f16")
+_peak_fma_y = _make_peak_loop("f16y")
 _peak_dp = _make_peak_loop("bf16")
 
 
@@ -669,21 +734,33 @@ def _peak(iters, nthreads, bf):
     return out
 
 
-def measure_peak(threads: int, bf16: bool, iters: int = 2_000_000, repeat: int = 7):
-    """GFLOP/s of register-only ``vfmadd231ps zmm`` (32 flops each) or
-    ``vdpbf16ps zmm`` (64 flops) on ``threads`` threads, best of ``repeat``
-    (a peak is the hardware's: slower samples measure the neighbours)."""
+@njit(parallel=True, nogil=True)  # not cached: only the bench runs it
+def _peak_y(iters, nthreads, bf):
+    out = np.zeros(nthreads, np.float32)
+    for t in prange(nthreads):
+        out[t] = _peak_fma_y(iters, t + 3)
+    return out
+
+
+def measure_peak(
+    threads: int, bf16: bool, iters: int = 2_000_000, repeat: int = 7, ymm=False
+):
+    """GFLOP/s of register-only ``vfmadd231ps zmm`` (32 flops each; ymm=True:
+    ``vfmadd231ps ymm``, 16, for the avx2_f16c path) or ``vdpbf16ps zmm`` (64
+    flops) on ``threads`` threads, best of ``repeat`` (a peak is the
+    hardware's: slower samples measure the neighbours)."""
     import time
 
+    peak = _peak_y if ymm and not bf16 else _peak
     before = numba.get_num_threads()
     numba.set_num_threads(threads)
     try:
-        _peak(1000, threads, bf16)
+        peak(1000, threads, bf16)
         best = 0.0
-        flops = 64 if bf16 else 32
+        flops = 64 if bf16 else (16 if ymm else 32)
         for _ in range(repeat):
             t0 = time.perf_counter()
-            _peak(iters, threads, bf16)
+            peak(iters, threads, bf16)
             dt = time.perf_counter() - t0
             best = max(best, threads * iters * _NACC * flops / dt / 1e9)
         return best

@@ -380,26 +380,35 @@ def check(case, x, got, refs) -> dict:
 
 
 def peak_kind(case) -> str:
-    """ "vdpbf16ps" for the bfloat16 cases on the AVX512_BF16 path, else
-    "vfmadd231ps" (float16 paths; the portable bfloat16 path is FMA too)."""
+    """ "vdpbf16ps" for the bfloat16 cases on the AVX512_BF16 path, "vfmadd231ps
+    ymm" on the avx2_f16c path, else "vfmadd231ps" (zmm: float16 paths; the
+    portable bfloat16 path is FMA too)."""
     if case.bf16 and half.get_half_isa() == "avx512_bf16":
         return "vdpbf16ps"
+    if half.get_half_isa() == "avx2_f16c":
+        return "vfmadd231ps ymm"
     return "vfmadd231ps"
 
 
-def measured_peaks(threads, kinds=("vfmadd231ps", "vdpbf16ps")) -> dict:
+def measured_peaks(threads, kinds=("vfmadd231ps", "vdpbf16ps", "vfmadd231ps ymm")):
     """{(kind, threads): GFLOP/s} of register-only ``vfmadd231ps zmm`` / ``vdpbf16ps
-    zmm`` loops (kernels/fp16_gemm.measure_peak, best of 7); None where a probe
-    cannot run (no AVX-512 / AVX512_BF16)."""
+    zmm`` / ``vfmadd231ps ymm`` loops (kernels/fp16_gemm.measure_peak, best of
+    7); None where a probe cannot run (no AVX-512 / AVX512_BF16 / F16C+AVX2)."""
     from .kernels import fp16_gemm
 
     feats = half.available_half_isas()
-    can = {"vfmadd231ps": "avx512_f16c" in feats, "vdpbf16ps": "avx512_bf16" in feats}
+    can = {
+        "vfmadd231ps": "avx512_f16c" in feats,
+        "vdpbf16ps": "avx512_bf16" in feats,
+        "vfmadd231ps ymm": "avx2_f16c" in feats,
+    }
     out = {}
     for kind in kinds:
         for t in threads:
             out[(kind, t)] = (
-                fp16_gemm.measure_peak(t, kind == "vdpbf16ps") if can[kind] else None
+                fp16_gemm.measure_peak(t, kind == "vdpbf16ps", ymm=kind.endswith("ymm"))
+                if can[kind]
+                else None
             )
     return out
 

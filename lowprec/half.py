@@ -32,6 +32,9 @@ Paths (``available_half_isas``; ``set_half_isa`` or ``LOWPREC_HALF_ISA`` force o
     avx512_bf16  float16 on the F16C+FMA kernel, bfloat16 on vdpbf16ps
     avx512_f16c  float16 on 6x64 float32 register tiles of vcvtph2ps + vfmadd231ps
                  zmm, B packed panel-major in float16; bfloat16 portable
+    avx2_f16c    float16 GEMM on the same tiles run as 6x16 strips of ymm
+                 (AVX2 CPUs with F16C and FMA: Zen 1-3, Haswell and later);
+                 bfloat16 and the convolution portable
     portable     plain numba loops on float32 copies, every CPU
 """
 
@@ -52,6 +55,7 @@ SERIAL_MACS = 1 << 20
 HALF_ISA_REQUIREMENTS = {
     "avx512_bf16": ("avx512f", "avx512bw", "f16c", "fma", "avx512bf16"),
     "avx512_f16c": ("avx512f", "f16c", "fma"),
+    "avx2_f16c": ("avx2", "f16c", "fma"),
     "portable": (),
 }
 ENV_VAR = "LOWPREC_HALF_ISA"
@@ -133,8 +137,14 @@ def set_half_isa(name: str | None) -> str:
 
 
 def _simd(kind: str) -> bool:
+    """Whether `kind` runs on the AVX-512 kernels (GEMM and convolution)."""
     isa = get_half_isa()
     return isa == "avx512_bf16" or (isa == "avx512_f16c" and kind == "f16")
+
+
+def _split(kind: str) -> bool:
+    """Whether the float16 GEMM runs as the avx2_f16c strips."""
+    return kind == "f16" and get_half_isa() == "avx2_f16c"
 
 
 # --------------------------------------------------------------------------- #
@@ -309,7 +319,8 @@ def _gemm_2d(a_bits, packed: _Packed, kind, bias, has_bias, lo, hi, mode, out):
     if M == 0 or N == 0:
         return
     k = _kernels()
-    simd = _simd(kind)
+    split = _split(kind)
+    simd = _simd(kind) or split
     out32 = out if mode == 0 else _DUMMY32
     out16 = out.view(np.uint16) if mode != 0 else _DUMMY16
     serial = M * N * K < SERIAL_MACS or _dispatch.num_threads() == 1
@@ -327,7 +338,7 @@ def _gemm_2d(a_bits, packed: _Packed, kind, bias, has_bias, lo, hi, mode, out):
         a32 = np.empty((M, K), np.float32)
         (k.f16_to_f32_rows_serial if serial else k.f16_to_f32_rows)(a_bits, a32)
         fn = k.gemm_f16_serial if serial else k.gemm_f16
-        fn(a32, lay, scratch, *args)
+        fn(a32, lay, scratch, *args, split)
         return
     if K % 2:  # pairs of k: pad one zero column (b's pad row is zero too)
         padded = np.zeros((M, K + 1), np.uint16)
