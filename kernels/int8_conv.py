@@ -147,6 +147,15 @@ def _gather(xp, geo, m0, mr, g, dst):
                     _copy(dr + (i * kw + j) * Cg, src, Cg)
 
 
+@njit(nogil=True, cache=True, parallel=True)
+def gather_rows(xp, geo, m0, mr, dst):
+    # dst (>= mr, K) uint8 <- the im2col rows of output pixels m0..m0+mr-1 (one
+    # group), blocks of 64 rows across the threads (the avx2 path's A)
+    for b in prange((mr + 63) // 64):
+        r0 = b * 64
+        _gather(xp, geo, m0 + r0, min(64, mr - r0), 0, dst[r0:])
+
+
 @njit(inline="always")
 def _row_starts(xp, geo, m0, mr, starts):
     # starts[r] = address of output pixel m0+r's first tap in the padded NHWC

@@ -413,7 +413,7 @@ def _avx2_job(t, nblk, a, bp, epi, narrow, out):
     M, N = out.shape
     mt = (M + AVX2_MR - 1) // AVX2_MR
     nt = (N + AVX2_NR - 1) // AVX2_NR
-    k2 = a.shape[1] // 4
+    k2 = bp.shape[1]  # B's k pairs: A may carry more (zero) pairs, never fewer
     akstep = 4 * min(AVX2_MR, M)
     blk = t // nt
     jn = t - blk * nt

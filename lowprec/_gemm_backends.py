@@ -158,7 +158,7 @@ class Avx2Gemm:
     fused epilogue on the accumulators (kernels/int8_gemm_ymm.py)."""
 
     name = "avx2"
-    k_min = 4
+    k_min = 1  # pack_a16 pads K itself
     takes_int8 = False
     tile = None  # the epilogue runs on the accumulators: no int32 scratch
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from memguard import guarded
 
 from lowprec import conv_half as ch
 from lowprec import half
@@ -270,26 +271,6 @@ def test_kernel_routing(monkeypatch, xs, ws, attrs, rows):
     assert ran == ["conv_rows" if rows else "conv_simd"]
 
 
-def _guarded(count, dtype, keep):
-    """count dtype items ending right before a PROT_NONE page: a read past the
-    end faults (the test process dies) rather than reading unused bytes. The
-    mapping is appended to keep (alive for the caller's test)."""
-    import ctypes
-    import mmap
-
-    dt = np.dtype(dtype)
-    page = mmap.PAGESIZE
-    nbytes = count * dt.itemsize
-    size = -(-nbytes // page) * page
-    buf = mmap.mmap(-1, size + page, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-    base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    assert libc.mprotect(base + size, page, 0) == 0  # PROT_NONE
-    keep.append(buf)
-    return np.frombuffer(buf, dt, count=count, offset=size - nbytes)
-
-
 @pytest.mark.parametrize("bias", [False, True])
 def test_rows_kernel_reads_stay_inside(monkeypatch, bias):
     # the rows kernel's loads of dropped lanes: past the last phase plane into
@@ -303,11 +284,11 @@ def test_rows_kernel_reads_stay_inside(monkeypatch, bias):
 
     def scratch(name, shape, dtype):
         if name == "conv_fp16.phases":
-            return _guarded(shape, dtype, keep)
+            return guarded(shape, dtype, keep)
         return real(name, shape, dtype)
 
     monkeypatch.setattr(ch._dispatch, "scratch", scratch)
-    zero = _guarded(1, np.float32, keep)
+    zero = guarded(1, np.float32, keep)
     zero[0] = 0.0
     monkeypatch.setattr(half, "_ZERO_BIAS", zero)
     rng = np.random.default_rng(12)

@@ -548,6 +548,28 @@ def test_vnni_tile_stand_in_is_exact():
         assert (c[:, 13:] == 99).all()  # masked columns untouched
 
 
+@pytest.mark.parametrize("K", [1, 2, 3, 5])
+def test_avx2_reads_stay_inside_the_packed_weights(K):
+    """The avx2 tile's K loop runs over B's k pairs (A may carry padding): the
+    packed panel ends right before a page no access may touch."""
+    from memguard import guarded
+
+    from lowprec._gemm_backends import Avx2Gemm
+
+    if "avx2" not in lowprec.available_isas():
+        pytest.skip("this CPU cannot run the avx2 path")
+    rng = np.random.default_rng(K)
+    a = rng.integers(0, 256, (7, K), dtype=np.uint8)
+    b = rng.integers(-128, 128, (K, 20), dtype=np.int8)
+    packed, keep = Avx2Gemm.pack(b), []
+    fenced = guarded(packed.size, packed.dtype, keep).reshape(packed.shape)
+    fenced[...] = packed
+    for a_in in (a, np.pad(a, ((0, 0), (0, 4)))[:, :K]):  # also a padded copy
+        out = np.empty((7, 20), np.int32)
+        Avx2Gemm.gemm(a_in, fenced, out)
+        np.testing.assert_array_equal(out, a.astype(np.int64) @ b)
+
+
 def test_backend_tiles_match_kernels():
     from lowprec._gemm_backends import BACKENDS
 
