@@ -24,6 +24,7 @@ END = "<!-- bench-table:end -->"
 BASELINE_HEADERS = {
     "numpy_f32": "numpy f32 ¹",
     "ort_mmint": "ORT MatMulInteger",
+    "ort_mmint_exact": "ORT MatMulInteger exact",
     "ort_qlmm": "ORT QLinearMatMul",
     "torch_int_mm": "torch._int_mm",
     "torch_dyn": "torch dyn. Linear",
@@ -213,6 +214,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("json", help="results of `lowprec bench --json PATH`")
     p.add_argument("--write", metavar="README", help="rewrite the marked section")
+    p.add_argument(
+        "--section",
+        help="marker name to write (default: bench / the suite / demo), e.g. "
+        "int8_gemm_avx2 for <!-- int8_gemm_avx2-table:start -->",
+    )
     opts = p.parse_args(argv)
     with open(opts.json, encoding="utf-8") as f:
         res = json.load(f)
@@ -220,7 +226,7 @@ def main(argv=None) -> int:
     text = render_demo(res) if demo else render(res)
     if opts.write:
         suite = "demo" if demo else res.get("suite", "int8_gemm")
-        name = "bench" if suite == "int8_gemm" else suite
+        name = opts.section or ("bench" if suite == "int8_gemm" else suite)
         markers = (f"<!-- {name}-table:start -->", f"<!-- {name}-table:end -->")
         write_section(opts.write, text, *markers)
         print(f"updated {opts.write}")

@@ -735,7 +735,7 @@ def _peak(iters, nthreads, bf):
 
 
 @njit(parallel=True, nogil=True)  # not cached: only the bench runs it
-def _peak_y(iters, nthreads, bf):
+def _peak_y(iters, nthreads):
     out = np.zeros(nthreads, np.float32)
     for t in prange(nthreads):
         out[t] = _peak_fma_y(iters, t + 3)
@@ -751,16 +751,19 @@ def measure_peak(
     hardware's: slower samples measure the neighbours)."""
     import time
 
-    peak = _peak_y if ymm and not bf16 else _peak
+    if ymm and not bf16:
+        peak = _peak_y
+    else:
+        peak = lambda iters, threads: _peak(iters, threads, bf16)  # noqa: E731
     before = numba.get_num_threads()
     numba.set_num_threads(threads)
     try:
-        peak(1000, threads, bf16)
+        peak(1000, threads)
         best = 0.0
         flops = 64 if bf16 else (16 if ymm else 32)
         for _ in range(repeat):
             t0 = time.perf_counter()
-            peak(iters, threads, bf16)
+            peak(iters, threads)
             dt = time.perf_counter() - t0
             best = max(best, threads * iters * _NACC * flops / dt / 1e9)
         return best

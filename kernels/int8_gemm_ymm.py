@@ -15,12 +15,13 @@ the 6x64 zmm kernel of ``int8_gemm_vnni`` (whose helpers this module reuses).
             saturating ``vpmaddubsw`` that needs 7-bit data (``reduce_range``).
             b' is sign-extended to 16 bits once, at pack time
             ([N/NR][K2][NR][2] int16, ``pack_b16``), a' zero-extended once per
-            call (``widen_a``: pairs of uint16, one ``vpbroadcastd`` per row and
-            k pair), so the K loop is loads, ``vpmaddwd`` and ``vpaddd`` only.
+            call (``pack_a16``: pairs of uint16, one ``vpbroadcastd`` per row
+            and k pair), so the K loop is loads, ``vpmaddwd`` and ``vpaddd``
+            only; the epilogue is the zmm kernel's, in registers
+            (``make_fused_kernel`` with ``_k_loop_avx2``).
 
-B is packed panel-major [N/NR][K4][NR][4] int8 as in ``int8_gemm_vnni.pack_b``
-(avx_vnni); the avx2 layout has the same 64 bytes per k step and panel row, so
-one tile generator serves both (a k step is 4 int8 or 2 int16 values).
+avx_vnni packs B panel-major [N/NR][K4][NR][4] int8 as ``int8_gemm_vnni.pack_b``
+and runs its epilogue on an int32 scratch tile (kernels/requant.py).
 """
 
 import numba
@@ -73,8 +74,6 @@ class _VnniDot:
     runs this path but compiles it: the drivers choose the tile at run time),
     the same sum in generic IR: bytes widened to 32 bits, 4 products a lane."""
 
-    parts = 1
-
     def __init__(self, context, builder):
         self.native = target_has(context, "avxvnni") or target_has(
             context, "avx512vnni", "avx512vl"
@@ -82,39 +81,32 @@ class _VnniDot:
         if self.native:
             self.f = _fn(builder, "llvm.x86.avx512.vpdpbusd.256", _v8, [_v8, _v8, _v8])
 
-    def step(self, builder, accs, a32, bvec):
+    def step(self, builder, acc, a32, bvec):
         a = _splat8(builder, a32)
         if self.native:
-            return [builder.call(self.f, [accs[0], a, bvec])]
+            return builder.call(self.f, [acc, a, bvec])
         v32b, v32 = ir.VectorType(_i8, 32), ir.VectorType(_i32, 32)
         prod = builder.mul(
             builder.zext(builder.bitcast(a, v32b), v32),
             builder.sext(builder.bitcast(bvec, v32b), v32),
         )
-        acc = accs[0]
         for j in range(4):  # lane c += products 4c + j
             pick = ir.Constant(_v8, [4 * c + j for c in range(8)])
             acc = builder.add(acc, builder.shuffle_vector(prod, prod, pick))
-        return [acc]
-
-    def finish(self, builder, accs):
-        return accs[0]
+        return acc
 
 
 def make_tile_kernel(MR, NV, dot_cls):
     """An intrinsic computing one MR x (8*NV) int32 tile over the whole K.
 
-    _tile(a, lda, b, ldb, k4, kr, c, ldc, nvalid, accum, akstep), all int64,
-    with the meaning of ``int8_gemm_vnni.make_tile_kernel`` (8-lane vectors, 32
-    bytes of B per vector), and akstep the bytes between A's k steps: 4 for
-    rows of a' (avx_vnni), 4 x rows for the avx2 path's interleaved pairs
-    (``pack_a16``; lda = 4 there, and K is padded: kr = 0).
+    _tile(a, lda, b, ldb, k4, kr, c, ldc, nvalid, accum), all int64, with the
+    meaning of ``int8_gemm_vnni.make_tile_kernel`` (8-lane vectors, 32 bytes of
+    B per vector).
     """
 
     def codegen(context, builder, sig, args):
-        a, lda, b, ldb, k4, kr, c, ldc, nvalid, accum, akstep = args
+        a, lda, b, ldb, k4, kr, c, ldc, nvalid, accum = args
         dot = dot_cls(context, builder)
-        P = dot.parts
         zero64 = ir.Constant(_i64, 0)
         a_base = builder.inttoptr(a, _i8.as_pointer())
         b_base = builder.inttoptr(b, _i8.as_pointer())
@@ -139,14 +131,13 @@ def make_tile_kernel(MR, NV, dot_cls):
             new = []
             for r in range(MR):
                 for v in range(NV):
-                    i = (r * NV + v) * P
-                    new += dot.step(builder, accs[i : i + P], a32s[r], bvecs[v])
+                    new.append(dot.step(builder, accs[r * NV + v], a32s[r], bvecs[v]))
             return new
 
         zero_v = ir.Constant(_v8, None)
 
         def kstep(kphi, accs):
-            k_bytes = builder.mul(kphi, akstep)
+            k_bytes = builder.shl(kphi, ir.Constant(_i64, 2))
             bvecs = load_b(_gep8(builder, b_base, builder.mul(kphi, ldb)))
             a32s = [
                 _load_i32(builder, _gep8(builder, a_rows[r], k_bytes))
@@ -155,7 +146,7 @@ def make_tile_kernel(MR, NV, dot_cls):
             return step(accs, a32s, bvecs)
 
         # main K loop, accumulators as phi nodes (they stay in registers)
-        accs = _ir_loop(builder, zero64, k4, [zero_v] * (MR * NV * P), kstep,
+        accs = _ir_loop(builder, zero64, k4, [zero_v] * (MR * NV), kstep,
                      name="ymm")  # fmt: skip
 
         def tail(accs):
@@ -214,15 +205,14 @@ def make_tile_kernel(MR, NV, dot_cls):
                 cp = builder.bitcast(
                     builder.gep(c_row, [ir.Constant(_i64, 8 * v)]), _v8.as_pointer()
                 )
-                i = (r * NV + v) * P
-                val = dot.finish(builder, fin[i : i + P])
+                val = fin[r * NV + v]
                 old = builder.call(load, [cp, four, builder.and_(mask, acc_m), zero_v])
                 builder.call(save, [builder.add(val, old), cp, four, mask])
         return context.get_dummy_value()
 
     @intrinsic
-    def _tile(typingctx, a, lda, b, ldb, k4, kr, c, ldc, nvalid, accum, akstep):
-        return types.void(*([types.int64] * 11)), codegen
+    def _tile(typingctx, a, lda, b, ldb, k4, kr, c, ldc, nvalid, accum):
+        return types.void(*([types.int64] * 10)), codegen
 
     return _tile
 
@@ -240,17 +230,17 @@ _vt6 = make_tile_kernel(6, 2, _VnniDot)
 @njit(inline="always")
 def _run_tile(mr, a, lda, b, ldb, k4, kr, c, ldc, nvalid):
     if mr == 6:
-        _vt6(a, lda, b, ldb, k4, kr, c, ldc, nvalid, 0, 4)
+        _vt6(a, lda, b, ldb, k4, kr, c, ldc, nvalid, 0)
     elif mr == 5:
-        _vt5(a, lda, b, ldb, k4, kr, c, ldc, nvalid, 0, 4)
+        _vt5(a, lda, b, ldb, k4, kr, c, ldc, nvalid, 0)
     elif mr == 4:
-        _vt4(a, lda, b, ldb, k4, kr, c, ldc, nvalid, 0, 4)
+        _vt4(a, lda, b, ldb, k4, kr, c, ldc, nvalid, 0)
     elif mr == 3:
-        _vt3(a, lda, b, ldb, k4, kr, c, ldc, nvalid, 0, 4)
+        _vt3(a, lda, b, ldb, k4, kr, c, ldc, nvalid, 0)
     elif mr == 2:
-        _vt2(a, lda, b, ldb, k4, kr, c, ldc, nvalid, 0, 4)
+        _vt2(a, lda, b, ldb, k4, kr, c, ldc, nvalid, 0)
     else:
-        _vt1(a, lda, b, ldb, k4, kr, c, ldc, nvalid, 0, 4)
+        _vt1(a, lda, b, ldb, k4, kr, c, ldc, nvalid, 0)
 
 
 # Not inlined into the prange drivers on purpose: numba's parfor passes copy and

@@ -48,6 +48,18 @@ class PortableGemm:
         fn(a_u8, packed, scratch[:1] if serial else scratch, epi, out)
 
 
+def _via_contiguous(fused, a_u8, packed, scratch, epi, out, serial, pmax):
+    """The register-epilogue tiles store whole vectors: columns must be
+    contiguous. For an output whose columns are not, run `fused` into a
+    temporary and copy it over; returns whether it did."""
+    if out.shape[1] <= 1 or out.strides[1] == out.itemsize:
+        return False
+    tmp = np.empty(out.shape, out.dtype)
+    fused(a_u8, packed, scratch, epi, tmp, serial, pmax)
+    out[...] = tmp
+    return True
+
+
 @functools.cache
 def _vnni():
     # imported on first use: building the llvmlite intrinsics costs ~0.1 s
@@ -78,12 +90,10 @@ class Avx512VnniGemm:
     @staticmethod
     def fused(a_u8, packed, scratch, epi, out, serial=False, pmax=-1):
         k = _vnni()
-        if out.shape[1] > 1 and out.strides[1] != out.itemsize:
-            # the tile stores vectors: columns must be contiguous
-            tmp = np.empty(out.shape, out.dtype)
-            Avx512VnniGemm.fused(a_u8, packed, scratch, epi, tmp, serial, pmax)
-            out[...] = tmp
-        elif serial:
+        if _via_contiguous(Avx512VnniGemm.fused, a_u8, packed, scratch, epi, out,
+                           serial, pmax):  # fmt: skip
+            return
+        if serial:
             k.gemm_fused_serial(a_u8, packed, epi, out, pmax)
         else:
             k.gemm_fused(a_u8, packed, epi, out, _dispatch.num_threads(), pmax)
@@ -169,11 +179,8 @@ class Avx2Gemm:
     @staticmethod
     def fused(a_u8, packed, scratch, epi, out, serial=False, pmax=-1):
         k = _ymm()
-        if out.shape[1] > 1 and out.strides[1] != out.itemsize:
-            # the tile stores vectors: columns must be contiguous
-            tmp = np.empty(out.shape, out.dtype)
-            Avx2Gemm.fused(a_u8, packed, scratch, epi, tmp, serial, pmax)
-            out[...] = tmp
+        if _via_contiguous(Avx2Gemm.fused, a_u8, packed, scratch, epi, out, serial,
+                           pmax):  # fmt: skip
             return
         # the tile reads a' as interleaved pairs of uint16 (int8_gemm_ymm.pack_a16):
         # one pass per call, M x K against the tiles' M x N x K. The driver sees

@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime as _dt
+import functools
 import json
 import math
 import os
@@ -405,6 +406,15 @@ BASELINES: tuple[Baseline, ...] = (
         _I32,
         True,
         _build_ort_matmulinteger,
+    ),
+    Baseline(
+        "ort_mmint_exact",
+        "onnxruntime MatMulInteger with session.x64quantprecision=1: exact on "
+        "CPUs without VNNI, where its default sums pairs in saturating 16 bits",
+        ("onnxruntime", "onnx"),
+        _I32,
+        True,
+        functools.partial(_build_ort_matmulinteger, exact=True),
     ),
     Baseline(
         "ort_qlmm",

@@ -225,6 +225,7 @@ def test_bench_without_optional_libraries(tmp_path, monkeypatch):
     _check_results(res, ["17x40x24"], ["u8s8->i32", "u8s8->u8 qlinear"], [1])
     assert set(res["baselines"]["unavailable"]) == {
         "ort_mmint",
+        "ort_mmint_exact",
         "ort_qlmm",
         "ort_dynqmm",
         "torch_int_mm",

@@ -478,18 +478,9 @@ def _tile_asm(path):
         "avx_vnni": (y._vt6, 16, lambda b: y.pack_b(b, 16)),
     }[path]
 
-    if path == "avx_vnni":  # the ymm tiles take A's bytes per k step too
-
-        @njit
-        def one_tile(a, b, c):
-            tile(a.ctypes.data, 8, b.ctypes.data, nr * 4, 2, 0, c.ctypes.data, nr,
-                 nr, 0, 4)  # fmt: skip
-    else:
-
-        @njit
-        def one_tile(a, b, c):
-            tile(a.ctypes.data, 8, b.ctypes.data, nr * 4, 2, 0, c.ctypes.data, nr,
-                 nr, 0)  # fmt: skip
+    @njit
+    def one_tile(a, b, c):
+        tile(a.ctypes.data, 8, b.ctypes.data, nr * 4, 2, 0, c.ctypes.data, nr, nr, 0)
 
     a = np.ones((6, 8), np.uint8)
     c = np.zeros((6, nr), np.int32)
@@ -536,7 +527,7 @@ def test_vnni_tile_stand_in_is_exact():
     @njit
     def one_tile(a, b, k4, kr, c):
         tile(a.ctypes.data, a.strides[0], b.ctypes.data, 64, k4, kr,
-             c.ctypes.data, 16, 13, 0, 4)  # fmt: skip
+             c.ctypes.data, 16, 13, 0)  # fmt: skip
 
     rng = np.random.default_rng(7)
     for K in (4, 11, 64):
