@@ -541,14 +541,25 @@ def _run_nbits(pk: PackedNBits, a2: np.ndarray, level: int) -> np.ndarray:
             )  # fmt: skip
             _finite(ok)
             return y
+        if _ymm():
+            ok = _call(
+                macs, _ky().run_quantizing, _f32(a2), pk._wq, pk._sc, 1, pk._zp,
+                pk._zstride, pk.bits, pk.block_size, _NO_LUT, False, y,
+            )  # fmt: skip
+            _finite(ok)
+            return y
         qa, ascale, qasum = _quantized(a2, Kp, pk.block_size)
         _call(
-                macs, _kn.nbits_i8, qa, ascale, qasum, pk._wq, pk._sc, 1, pk._zp,
+            macs, _kn.nbits_i8, qa, ascale, qasum, pk._wq, pk._sc, 1, pk._zp,
             pk._zstride, pk.bits, pk.block_size, _LUT_DUMMY, False, y,
         )  # fmt: skip
     else:
         x = _padded(a2, Kp)
-        if _vnni() and M >= _kv().PANEL_MIN_ROWS:
+        # the float kernels of nbits_vnni are plain LLVM vectors (no VNNI):
+        # AVX2 CPUs run them as ymm pairs (1 x 4096 x 4096, 4 bits, Zen 3,
+        # 2 threads: 10 -> 30 GOP/s; 16 rows 12 -> 55)
+        simd = _vnni() or _ymm()
+        if simd and M >= _kv().PANEL_MIN_ROWS:
             panels = _dispatch.scratch(
                 "nbits.panel", (numba.config.NUMBA_NUM_THREADS, Kp * G), np.float32
             )
@@ -556,11 +567,11 @@ def _run_nbits(pk: PackedNBits, a2: np.ndarray, level: int) -> np.ndarray:
                 macs, _kv().run_f32_panel, x, pk._wq, pk._sc, pk._zp, pk._zstride,
                 pk.bits, pk.block_size, panels, y,
             )  # fmt: skip
-        elif _vnni():
+        elif simd:
             obuf = _dispatch.scratch("nbits.o", (M, ng, 4 * G), np.float32)
             _call(
                 macs, _kv().run_f32, x, pk._wq, pk._sc, pk._zp, pk._zstride, pk.bits,
-                pk.block_size, obuf, y,
+                pk.block_size, obuf, y, _vnni(),
             )  # fmt: skip
         else:
             arep = _dispatch.scratch("nbits.arep", (M, Kp // 4, 64), np.float32)
@@ -582,11 +593,23 @@ def _vnni() -> bool:
     return _dispatch.get_isa() == "avx512_vnni"
 
 
+def _ymm() -> bool:
+    """The AVX2 kernels (kernels/nbits_ymm.py) serve avx2 and avx_vnni."""
+    return _dispatch.get_isa() in ("avx_vnni", "avx2")
+
+
 @functools.cache
 def _kv():
     from .kernels import nbits_vnni
 
     return nbits_vnni
+
+
+@functools.cache
+def _ky():
+    from .kernels import nbits_ymm
+
+    return nbits_ymm
 
 
 def _f32(a2: np.ndarray) -> np.ndarray:
@@ -786,9 +809,14 @@ class PackedCodebook:
         self._qlut = np.ascontiguousarray(qlut.reshape(ng, G, C))
         self._sc = _per_group(cs[:, None], G)
         self._zp = np.full((ng, 1, G), 128, np.float32)
-        self._table = (q[0] + 128).astype(np.uint8) if self.shared else None
-        for arr in (self._wq, self._lut, self._qlut, self._sc, self._zp):
-            arr.flags.writeable = False
+        # a shared codebook's int8 table, 16 bytes (a vpshufb table) for any bits
+        self._table = None
+        if self.shared:
+            self._table = np.zeros(16, np.uint8)
+            self._table[:C] = q[0] + 128
+        for arr in (self._wq, self._lut, self._qlut, self._sc, self._zp, self._table):
+            if arr is not None:
+                arr.flags.writeable = False
         self.nbytes = self._wq.nbytes + (C * 4 if self.shared else N * C * 4)
         self._dev = None
 
@@ -842,6 +870,12 @@ def matmul_codebook(a, indices, codebook=None, *, K=None, N=None, bits=4, bias=N
             ok = _call(
                 macs, _kv().run_quantizing, _f32(a2), pk._wq, pk._sc, 0, pk._zp, 0,
                 pk.bits, CODEBOOK_ACT_BLOCK, pk._table, True, y, _kv().LUT_KIND,
+            )  # fmt: skip
+            _finite(ok)
+        elif _ymm() and pk.shared:
+            ok = _call(
+                macs, _ky().run_quantizing, _f32(a2), pk._wq, pk._sc, 0, pk._zp, 0,
+                pk.bits, CODEBOOK_ACT_BLOCK, pk._table, True, y,
             )  # fmt: skip
             _finite(ok)
         else:

@@ -11,8 +11,9 @@ import pytest
 import lowprec
 from lowprec import nbits as nb
 
-# every instruction-set path this machine runs, forced in turn
-ISAS = [i for i in ("avx512_vnni", "portable") if i in lowprec.available_isas()]
+# every instruction-set path this machine runs, forced in turn (avx2: the
+# vpmaddubsw kernels of kernels/nbits_ymm.py, which avx_vnni runs too)
+ISAS = [i for i in ("avx512_vnni", "avx2", "portable") if i in lowprec.available_isas()]
 
 
 @pytest.fixture(params=ISAS)
@@ -268,6 +269,28 @@ def test_nbits_int8_path_edge_blocks(isa, M):
         got = nb.matmul_nbits(a, pk, accuracy_level=4)
         ref = _int8_oracle(a, codes, scales, zps, K, bs)
         assert np.array_equal(got, ref)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bs", [16, 32, 128])
+def test_nbits_int8_path_largest_sums(isa, bits, bs):
+    # every code at its largest and every activation at +-127: the largest
+    # partial sums any kernel holds (the AVX2 kernel's int16 sums of up to 8
+    # quads of vpmaddubsw pairs, 8 * 2 * 15 * 127 = 30480 of 32767), in rows 0
+    # and 1 (one 2-row tile) and row 2 (a tile of 1), one and several chunks
+    K, N, M = 2 * bs, 48, 3
+    nblk = K // bs
+    packed = np.full((N, nblk, bs * bits // 8), 0xFF, np.uint8)
+    rng = np.random.default_rng([bits, bs])
+    scales = rng.uniform(0.5, 2.0, (N, nblk)).astype(np.float32)
+    a = np.ones((M, K), np.float32)
+    a[1] = -1.0
+    a[2, ::2] = -1.0
+    pk = nb.pack_nbits(packed, scales, None, K=K, N=N, bits=bits, block_size=bs)
+    got = nb.matmul_nbits(a, pk, accuracy_level=4)
+    codes = np.full((N, K), (1 << bits) - 1)
+    zps = np.full((N, nblk), 1 << (bits - 1))
+    assert np.array_equal(got, _int8_oracle(a, codes, scales, zps, K, bs))
 
 
 def _ort_nbits(a, packed, scales, zp, K, N, bits, bs, level):
