@@ -38,6 +38,7 @@ from numba.extending import intrinsic
 from .config import JIT, PJIT
 from .ir_util import loop as _ir_loop
 from .ir_util import splat as _splat
+from .ir_util import target_has
 
 # ---------------------------------------------------------------------------
 # tile shape (compile-time constants). 6 x 64: 24 zmm accumulators + 4 B + 1 A.
@@ -80,11 +81,32 @@ def _fma(builder):
     return cgutils.get_or_insert_function(builder.module, fnty, "llvm.fma.v16f32")
 
 
-def _dpbf16(builder):
-    fnty = ir.FunctionType(_vf, [_vf, _vbf, _vbf])
-    return cgutils.get_or_insert_function(
-        builder.module, fnty, "llvm.x86.avx512bf16.dpbf16ps.512"
-    )
+def _dpbf16(context, builder):
+    """dp(acc, a, b): vdpbf16ps zmm (acc + a_odd * b_odd + a_even * b_even per
+    float32 lane). Where LLVM's target lacks AVX512_BF16 (the driver that holds
+    this tile also holds the avx2_f16c strips, and is compiled on CPUs that run
+    only those), two FMAs on the pairs widened by shift and mask stand in:
+    LLVM aborts on an intrinsic its target cannot select, even in a branch
+    that never runs (ir_util.target_has); the stand-in gives the same bits
+    except for vdpbf16ps's flushing of subnormals."""
+    if target_has(context, "avx512bf16"):
+        fnty = ir.FunctionType(_vf, [_vf, _vbf, _vbf])
+        fn = cgutils.get_or_insert_function(
+            builder.module, fnty, "llvm.x86.avx512bf16.dpbf16ps.512"
+        )
+        return lambda acc, a, b: builder.call(fn, [acc, a, b])
+    fma = _fma(builder)
+    hi16 = ir.Constant(_vi, [-65536] * 16)
+    sh16 = ir.Constant(_vi, [16] * 16)
+
+    def dp(acc, a, b):
+        a, b = builder.bitcast(a, _vi), builder.bitcast(b, _vi)
+        for half in (lambda x: builder.and_(x, hi16), lambda x: builder.shl(x, sh16)):
+            af, bf = (builder.bitcast(half(x), _vf) for x in (a, b))
+            acc = builder.call(fma, [af, bf, acc])
+        return acc
+
+    return dp
 
 
 def fma_step(builder, accs, a_rows, a_off, b_row, kind="f32"):
@@ -113,11 +135,16 @@ def fma_step(builder, accs, a_rows, a_off, b_row, kind="f32"):
 def make_tile_kernel(MR, kind, split=False):
     """One MR x NR float32 tile over a K range, as an intrinsic.
 
-    split=True (kind "f16", the avx2_f16c path): the tile runs as NV strips of
-    MR x 16 columns one after another, each over the whole K range: 2 ymm
+    split=True (the avx2_f16c path): the tile runs as NV strips of MR x 16
+    columns one after another, each over the whole K range: 2 ymm
     accumulators a row (LLVM splits the 16-lane IR vectors), 15 of AVX2's 16
     registers at MR = 6 where the 64-wide tile would need 48. Every output's
-    sum runs over k in the same order either way.
+    sum runs over k in the same order either way. Kind "bf16" split: A is
+    float32 rows (not pairs), and each bfloat16 pair of B becomes two float32
+    vectors by a shift and a mask (b[2i] = x << 16, b[2i+1] = x & 0xFFFF0000);
+    two FMAs, the odd k first (vdpbf16ps's order, the portable kernel's): a
+    product of two bfloat16 values is exact in float32, so an FMA rounds as
+    the portable kernel's product-then-add.
 
     _tile(a, lda, b, ks, c, ldc, accum)    all int64
       a     address of A[m0, k0]: float32 (f16, f32) or bfloat16 pairs (bf16),
@@ -161,7 +188,7 @@ def make_tile_kernel(MR, kind, split=False):
             a_off = builder.mul(kphi, step_a)
             if kind in ("f16", "f32"):
                 return fma_step(builder, phis, a_rows, a_off, b_row, kind)
-            dp = _dpbf16(builder)
+            dp = _dpbf16(context, builder)
             new = []
             bvecs = []
             for v in range(NV):
@@ -175,26 +202,53 @@ def make_tile_kernel(MR, kind, split=False):
                     _splat(builder, builder.load(p, align=2), _vi), _vbf
                 )
                 for v in range(NV):
-                    new.append(builder.call(dp, [phis[r * NV + v], av, bvecs[v]]))
+                    new.append(dp(phis[r * NV + v], av, bvecs[v]))
             return new
 
         if split:
             # strips of SV 16-column vectors: enough independent FMA chains
             # (>= 8 ymm) for 1 or 2 rows, at most 15 live registers for more
             SV = {1: 4, 2: 2}.get(MR, 1)
+            hi16 = ir.Constant(_vi, [-65536] * 16)
+            sh16 = ir.Constant(_vi, [16] * 16)
+
+            def bf16_strip(kphi, phis, b_row, v0, fma):
+                # k pair kphi: B's 16 pairs a vector, A's two float32 per row
+                odd, even = [], []
+                for v in range(v0, v0 + SV):
+                    p = builder.gep(b_row, [ir.Constant(_i64, 64 * v)])
+                    x = builder.load(builder.bitcast(p, _vi.as_pointer()), align=4)
+                    odd.append(builder.bitcast(builder.and_(x, hi16), _vf))
+                    even.append(builder.bitcast(builder.shl(x, sh16), _vf))
+                a_off = builder.mul(kphi, ir.Constant(_i64, 8))
+                new = list(phis)
+                for r in range(MR):
+                    for half, bvs in ((4, odd), (0, even)):
+                        q = builder.gep(
+                            a_rows[r], [builder.add(a_off, ir.Constant(_i64, half))]
+                        )
+                        q = builder.bitcast(q, _f32.as_pointer())
+                        av = _splat(builder, builder.load(q, align=4), _vf)
+                        for j, bv in enumerate(bvs):
+                            i = r * SV + j
+                            new[i] = builder.call(fma, [av, bv, new[i]])
+                return new
+
             for v0 in range(0, NV, SV):  # strip: columns 16 v0 .. 16 (v0 + SV)
 
                 def strip(kphi, phis, v0=v0):
                     b_row = builder.gep(
                         b_base, [builder.mul(kphi, ir.Constant(_i64, step_b))]
                     )
+                    fma = _fma(builder)
+                    if kind == "bf16":
+                        return bf16_strip(kphi, phis, b_row, v0, fma)
                     bvs = []
                     for v in range(v0, v0 + SV):
                         p = builder.gep(b_row, [ir.Constant(_i64, 32 * v)])
                         h = builder.load(builder.bitcast(p, _vh.as_pointer()), align=2)
                         bvs.append(builder.fpext(h, _vf))
                     a_off = builder.mul(kphi, step_a)
-                    fma = _fma(builder)
                     new = []
                     for r in range(MR):
                         q = builder.gep(a_rows[r], [a_off])
@@ -238,6 +292,13 @@ _y3 = make_tile_kernel(3, "f16", split=True)
 _y4 = make_tile_kernel(4, "f16", split=True)
 _y5 = make_tile_kernel(5, "f16", split=True)
 _y6 = make_tile_kernel(6, "f16", split=True)
+# avx2_f16c, bfloat16: float32 A rows, B's pairs widened in registers
+_z1 = make_tile_kernel(1, "bf16", split=True)
+_z2 = make_tile_kernel(2, "bf16", split=True)
+_z3 = make_tile_kernel(3, "bf16", split=True)
+_z4 = make_tile_kernel(4, "bf16", split=True)
+_z5 = make_tile_kernel(5, "bf16", split=True)
+_z6 = make_tile_kernel(6, "bf16", split=True)
 _b1 = make_tile_kernel(1, "bf16")
 _b2 = make_tile_kernel(2, "bf16")
 _b3 = make_tile_kernel(3, "bf16")
@@ -282,8 +343,26 @@ def _run_tile_y(mr, a, lda, b, ks, c, ldc, accum):
 
 
 @njit(inline="always")
-def _run_tile_b(mr, a, lda, b, ks, c, ldc, accum):
+def _run_tile_z(mr, a, lda, b, ks, c, ldc, accum):
     if mr == 6:
+        _z6(a, lda, b, ks, c, ldc, accum)
+    elif mr == 5:
+        _z5(a, lda, b, ks, c, ldc, accum)
+    elif mr == 4:
+        _z4(a, lda, b, ks, c, ldc, accum)
+    elif mr == 3:
+        _z3(a, lda, b, ks, c, ldc, accum)
+    elif mr == 2:
+        _z2(a, lda, b, ks, c, ldc, accum)
+    else:
+        _z1(a, lda, b, ks, c, ldc, accum)
+
+
+@njit(inline="always")
+def _run_tile_b(mr, a, lda, b, ks, c, ldc, accum, split):
+    if split:  # avx2_f16c
+        _run_tile_z(mr, a, lda, b, ks, c, ldc, accum)
+    elif mr == 6:
         _b6(a, lda, b, ks, c, ldc, accum)
     elif mr == 5:
         _b5(a, lda, b, ks, c, ldc, accum)
@@ -485,8 +564,9 @@ def _job_h(t, mt, a, bp, tile, bias, has_bias, lo, hi, mode, out32, out16, split
 
 
 @njit(inline="always")
-def _job_b(t, mt, a, bp, tile, bias, has_bias, lo, hi, mode, out32, out16):
-    # as _job_h for the bfloat16 path (a holds pairs of k as uint32)
+def _job_b(t, mt, a, bp, tile, bias, has_bias, lo, hi, mode, out32, out16, split):
+    # as _job_h for the bfloat16 path (a holds pairs of k as uint32; split:
+    # the avx2_f16c strips, a float32 with an even number of columns)
     N = out32.shape[1] if mode == 0 else out16.shape[1]
     m0, n0, mr, nc, jn = _coords(t, mt, a.shape[0], N, MR_MAX, NR)
     direct = mode == 0 and not has_bias and lo == -np.inf and hi == np.inf
@@ -496,9 +576,9 @@ def _job_b(t, mt, a, bp, tile, bias, has_bias, lo, hi, mode, out32, out16):
     if direct and nc == NR:
         # plain float32 output: the tile goes straight to out, no epilogue
         c0 = out32.ctypes.data + (m0 * out32.shape[1] + n0) * 4
-        _run_tile_b(mr, a0, lda, b0, bp.shape[1], c0, out32.shape[1], 0)
+        _run_tile_b(mr, a0, lda, b0, bp.shape[1], c0, out32.shape[1], 0, split)
         return
-    _run_tile_b(mr, a0, lda, b0, bp.shape[1], tile.ctypes.data, NR, 0)
+    _run_tile_b(mr, a0, lda, b0, bp.shape[1], tile.ctypes.data, NR, 0, split)
     _epilogue(tile, mr, nc, m0, n0, bias, has_bias, lo, hi, mode, out32, out16)
 
 
@@ -537,32 +617,25 @@ def gemm_f16_serial(a, bp, scratch, bias, has_bias, lo, hi, mode, out32, out16, 
 
 
 @njit(**PJIT)
-def gemm_bf16(a, bp, scratch, bias, has_bias, lo, hi, mode, out32, out16):
+def gemm_bf16(a, bp, scratch, bias, has_bias, lo, hi, mode, out32, out16, split):
     N = out32.shape[1] if mode == 0 else out16.shape[1]
     mt = (a.shape[0] + MR_MAX - 1) // MR_MAX
     for t in prange(mt * ((N + NR - 1) // NR)):
+        tile = scratch[numba.get_thread_id()]
         _job_b(
-            t,
-            mt,
-            a,
-            bp,
-            scratch[numba.get_thread_id()],
-            bias,
-            has_bias,
-            lo,
-            hi,
-            mode,
-            out32,
-            out16,
-        )
+            t, mt, a, bp, tile, bias, has_bias, lo, hi, mode, out32, out16, split
+        )  # fmt: skip
 
 
 @njit(**JIT)
-def gemm_bf16_serial(a, bp, scratch, bias, has_bias, lo, hi, mode, out32, out16):
+def gemm_bf16_serial(a, bp, scratch, bias, has_bias, lo, hi, mode, out32, out16, split):
     N = out32.shape[1] if mode == 0 else out16.shape[1]
     mt = (a.shape[0] + MR_MAX - 1) // MR_MAX
     for t in range(mt * ((N + NR - 1) // NR)):
-        _job_b(t, mt, a, bp, scratch[0], bias, has_bias, lo, hi, mode, out32, out16)
+        _job_b(
+            t, mt, a, bp, scratch[0], bias, has_bias, lo, hi, mode, out32, out16,
+            split,
+        )  # fmt: skip
 
 
 def pack_b_f16(b16):
@@ -696,7 +769,7 @@ def _make_peak_loop(kind):
             b = _splat(builder, x, vf)
             a = _splat(builder, builder.fadd(x, ir.Constant(_f32, 1.0)), vf)
         else:
-            op = _dpbf16(builder)
+            op = _dpbf16(context, builder)
             bits = builder.bitcast(x, _i32)
             b = builder.bitcast(_splat(builder, bits, _vi), _vbf)
             a = b
@@ -704,7 +777,7 @@ def _make_peak_loop(kind):
         def step(k, accs):
             if kind in ("f16", "f16y"):
                 return [builder.call(op, [a, b, p]) for p in accs]
-            return [builder.call(op, [p, a, b]) for p in accs]
+            return [op(p, a, b) for p in accs]
 
         init = [ir.Constant(vf, [float(j)] * vf.count) for j in range(_NACC)]
         new = _ir_loop(builder, ir.Constant(_i64, 0), iters, init, step, guard=False,

@@ -32,9 +32,10 @@ Paths (``available_half_isas``; ``set_half_isa`` or ``LOWPREC_HALF_ISA`` force o
     avx512_bf16  float16 on the F16C+FMA kernel, bfloat16 on vdpbf16ps
     avx512_f16c  float16 on 6x64 float32 register tiles of vcvtph2ps + vfmadd231ps
                  zmm, B packed panel-major in float16; bfloat16 portable
-    avx2_f16c    float16 GEMM on the same tiles run as 6x16 strips of ymm
-                 (AVX2 CPUs with F16C and FMA: Zen 1-3, Haswell and later);
-                 bfloat16 and the convolution portable
+    avx2_f16c    float16 and bfloat16 GEMMs on the same tiles run as 6x16
+                 strips of ymm (AVX2 CPUs with F16C and FMA: Zen 1-3, Haswell
+                 and later; bfloat16 pairs widened by shift and mask); the
+                 convolution portable
     portable     plain numba loops on float32 copies, every CPU
 """
 
@@ -143,8 +144,8 @@ def _simd(kind: str) -> bool:
 
 
 def _split(kind: str) -> bool:
-    """Whether the float16 GEMM runs as the avx2_f16c strips."""
-    return kind == "f16" and get_half_isa() == "avx2_f16c"
+    """Whether the GEMM runs as the avx2_f16c strips (float16 and bfloat16)."""
+    return get_half_isa() == "avx2_f16c"
 
 
 # --------------------------------------------------------------------------- #
@@ -344,8 +345,10 @@ def _gemm_2d(a_bits, packed: _Packed, kind, bias, has_bias, lo, hi, mode, out):
         padded = np.zeros((M, K + 1), np.uint16)
         padded[:, :K] = a_bits
         a_bits = padded
+    # vdpbf16ps takes A's pairs as they are; the avx2 strips float32 rows
+    a = _to_f32(a_bits, kind) if split else a_bits.view(np.uint32)
     fn = k.gemm_bf16_serial if serial else k.gemm_bf16
-    fn(a_bits.view(np.uint32), lay, scratch, *args)
+    fn(a, lay, scratch, *args, split)
 
 
 # --------------------------------------------------------------------------- #

@@ -137,6 +137,31 @@ def test_bf16_pair_order(half_isa):
     assert half.matmul_bf16(conv(odd_first), conv(b))[0, 0] == 2.0**-30
 
 
+def test_bf16_tile_stand_in_is_exact(monkeypatch):
+    """The vdpbf16ps tile as compiled where LLVM's target lacks AVX512_BF16
+    (gemm_bf16 holds it next to the avx2_f16c strips, so AVX2 CPUs compile it
+    without running it; the intrinsic would abort LLVM there): two FMAs on the
+    widened pairs, the documented order's bits."""
+    from numba import njit
+
+    from lowprec.kernels import fp16_gemm as fg
+
+    monkeypatch.setattr(fg, "target_has", lambda context, *features: False)
+    tile = fg.make_tile_kernel(3, "bf16")
+
+    @njit
+    def one_tile(a, b, ks, c):
+        tile(a.ctypes.data, a.strides[0], b.ctypes.data, ks, c.ctypes.data,
+             c.shape[1], 0)  # fmt: skip
+
+    rng = np.random.default_rng(3)
+    for K in (2, 10, 64):  # even: the driver pads odd K with a zero pair
+        a, b = rand(rng, (3, K), "bf16"), rand(rng, (K, 50), "bf16")
+        c = np.zeros((3, fg.NR), np.float32)
+        one_tile(a.view(np.uint32), fg.pack_b_bf16(b)[0], K // 2, c)
+        assert same_bits(c[:, :50], ref_bf16(a, b))
+
+
 @pytest.mark.parametrize("K", [1, 7, 64, 333, 2048])
 @pytest.mark.parametrize("kind", ["fp16", "bf16"])
 def test_error_bound_vs_float64(half_isa, kind, K):
