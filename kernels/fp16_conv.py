@@ -72,6 +72,7 @@ from .fp16_gemm import (
     f32_to_f16_bits,
     fma_step,
 )
+from .ir_util import if_then as _ir_if
 from .ir_util import loop as _ir_loop
 
 TM = 8  # portable: output pixels per tile
@@ -1578,3 +1579,206 @@ def depthwise(threads, nj, fused, x, xp, wd, geo, pt, pl, bias, has_bias, lo, hi
             (job * N * C) // nj, ((job + 1) * N * C) // nj, fused, x, xp, wd, offs,
             geo, pt, pl, sc[tid], acc[tid], bias, has_bias, lo, hi, mode, out32, out16,
         )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------
+# avx2_f16c: the output as a GEMM of the weights (A: float32 rows of K in the
+# order (i, j, c), 6 channels a tile) by the taps of up to 64 output pixels of
+# one output row (B: K rows of float16), on fp16_gemm's 16-column ymm strips.
+# With a horizontal stride of 1 B's row k = (i, j, c) is a contiguous slice of
+# the zero-padded image: xq[n, g*Cg + c, oh*sh + i*dh, ow0 + j*dw : + 64], so
+# the strips read it in place through a table of the K row offsets (no
+# im2col). Other strides gather the taps into a panel first (_panel). Every
+# output's sum runs over k in the contract's order (an FMA of two float16
+# values equals fl32(acc + x*w): exact products): the portable loops' bits.
+
+AVX2_PIX = NR  # output pixels a job at most (the strips' 64 columns)
+# float16 elements the strips may read past the image: the last strip of a
+# row's segment reads up to 15 columns past its last valid one
+TAP_SLACK = 16
+
+
+def make_tap_strips(MR):
+    """_t(a, lda, x, tab, ks, c, ldc, ncols) int64s: c[r, 0:16*s] = sum over
+    k < ks of a[r, k] * float(x16[tab[k] + col]) for the s = ceil(ncols / 16)
+    strips of 16 columns that hold the ncols valid ones (the rest of c is not
+    written; columns past ncols in a strip read past the row: the caller's
+    buffer has the slack). a: float32 rows lda bytes apart; x: float16 base
+    address; tab: int64 element offsets; c: float32 rows of ldc elements."""
+    SV = {1: 4, 2: 2}.get(MR, 1)
+
+    def codegen(context, builder, sig, args):
+        a, lda, x, tab, ks, c, ldc, ncols = args
+        c64 = lambda v: ir.Constant(_i64, v)  # noqa: E731
+        i8p = ir.IntType(8).as_pointer()
+        fma = _fma(builder)
+        a_base = builder.inttoptr(a, i8p)
+        x_base = builder.inttoptr(x, i8p)
+        t_base = builder.inttoptr(tab, _i64.as_pointer())
+        c_base = builder.inttoptr(c, i8p)
+        a_rows = [builder.gep(a_base, [builder.mul(lda, c64(r))]) for r in range(MR)]
+        ldc4 = builder.mul(ldc, c64(4))
+        for v0 in range(0, NV, SV):
+
+            def strip(kphi, phis, v0=v0):
+                off = builder.load(builder.gep(t_base, [kphi]), align=8)
+                row = builder.gep(x_base, [builder.mul(off, c64(2))])
+                bvs = []
+                for v in range(v0, v0 + SV):
+                    p = builder.gep(row, [c64(32 * v)])
+                    h = builder.load(builder.bitcast(p, _vh.as_pointer()), align=2)
+                    bvs.append(builder.fpext(h, _vf))
+                new = []
+                for r in range(MR):
+                    q = builder.gep(a_rows[r], [builder.mul(kphi, c64(4))])
+                    q = builder.bitcast(q, _f32.as_pointer())
+                    av = _splat(builder, builder.load(q, align=4), _vf)
+                    for j, bv in enumerate(bvs):
+                        new.append(builder.call(fma, [av, bv, phis[r * SV + j]]))
+                return new
+
+            def run(vals, v0=v0):
+                zero = [ir.Constant(_vf, None)] * (MR * SV)
+                fin = _ir_loop(builder, c64(0), ks, zero, strip, name="tap")
+                for r in range(MR):
+                    crow = builder.gep(c_base, [builder.mul(ldc4, c64(r))])
+                    for j in range(SV):
+                        p = builder.gep(crow, [c64(64 * (v0 + j))])
+                        p = builder.bitcast(p, _vf.as_pointer())
+                        builder.store(fin[r * SV + j], p, align=4)
+                return vals
+
+            # strips that hold a valid column only
+            _ir_if(builder, builder.icmp_signed("<", c64(16 * v0), ncols), [], run)
+        return context.get_dummy_value()
+
+    @intrinsic
+    def _t(typingctx, a, lda, x, tab, ks, c, ldc, ncols):
+        return types.void(*([types.int64] * 8)), codegen
+
+    return _t
+
+
+_tap1, _tap2, _tap3, _tap4, _tap5, _tap6 = (make_tap_strips(m) for m in range(1, 7))
+assert MR_MAX == 6
+
+
+@njit(inline="always")
+def _tap_tile(mr, a, lda, x, tab, ks, c, ldc, ncols):
+    if mr == 6:
+        _tap6(a, lda, x, tab, ks, c, ldc, ncols)
+    elif mr == 5:
+        _tap5(a, lda, x, tab, ks, c, ldc, ncols)
+    elif mr == 4:
+        _tap4(a, lda, x, tab, ks, c, ldc, ncols)
+    elif mr == 3:
+        _tap3(a, lda, x, tab, ks, c, ldc, ncols)
+    elif mr == 2:
+        _tap2(a, lda, x, tab, ks, c, ldc, ncols)
+    else:
+        _tap1(a, lda, x, tab, ks, c, ldc, ncols)
+
+
+@njit(inline="always")
+def _panel(xq, n, g, p0, npix, geo, dst):
+    # dst (K, 64) uint16 <- dst[(i*kw + j)*Cg + c, jj] = xq[n, g*Cg + c,
+    # oh*sh + i*dh, ow*sw + j*dw] for output pixel p0 + jj = (oh, ow) of one
+    # output row (npix <= Wo - ow); zeros up to the last strip's end (the
+    # scratch is not initialized: no stray bit patterns in the strips)
+    N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M = geo
+    oh = p0 // Wo
+    ow = p0 - oh * Wo
+    xf = xq.reshape(-1)
+    df = dst.reshape(-1)
+    for i in range(kh):
+        for c in range(Cg):
+            s0 = (((n * C + g * Cg + c) * Hp + oh * sh + i * dh) * Wp) + ow * sw
+            for j in range(kw):
+                d0 = ((i * kw + j) * Cg + c) * AVX2_PIX
+                s = s0 + j * dw
+                for t in range(npix):
+                    df[d0 + t] = xf[s + t * sw]
+                for t in range(npix, (npix + 15) // 16 * 16):
+                    df[d0 + t] = 0  # the last strip's columns past npix
+
+
+@njit(**PJIT)
+def conv_avx2(xq, wa, geo, flat, tab, panels, tiles, bias, has_bias, lo, hi, mode,
+              out32, out16):  # fmt: skip
+    # xq (N, C, Hp, Wp) uint16 float16 bits, zero-padded, with TAP_SLACK
+    # elements after it (xq is a view of a longer buffer); wa
+    # (G, Mg, K) float32, K order (i, j, c); tab (K,) int64: B row k's offset
+    # in an image (stride 1, see above); panels (threads, K, 64) uint16 (the
+    # gathered taps, other strides) and tiles (threads, MR_MAX, 64) float32
+    # scratch; out (N, M, Ho*Wo). flat: a 1x1 unpadded stride-1 layer, whose
+    # output pixels are all one row. Jobs: (image, group, row, segment of <= 64
+    # pixels), the segment fastest.
+    N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M = geo
+    K = kh * kw * Cg
+    rows, width = (1, Ho * Wo) if flat else (Ho, Wo)
+    nseg = (width + AVX2_PIX - 1) // AVX2_PIX
+    lda = wa.strides[1]
+    for t in prange(N * G * rows * nseg):
+        seg = t % nseg
+        oh = (t // nseg) % rows
+        g = (t // (nseg * rows)) % G
+        n = t // (nseg * rows * G)
+        tid = numba.get_thread_id()
+        tile = tiles[tid]
+        w0 = seg * AVX2_PIX
+        npix = min(AVX2_PIX, width - w0)
+        p0 = oh * width + w0  # the first output pixel (oh * Wo + ow0)
+        if sw == 1:
+            # row k of B: image n, channel g*Cg + c, row oh*sh + i*dh, from
+            # column ow0 + j*dw (flat: element p0 of the plane)
+            x0 = xq.ctypes.data + 2 * ((n * C + g * Cg) * Hp * Wp)
+            x0 += 2 * (p0 if flat else oh * sh * Wp + w0)
+            tb = tab.ctypes.data
+        else:
+            panel = panels[tid]
+            _panel(xq, n, g, p0, npix, geo, panel)
+            x0 = panel.ctypes.data
+            tb = tab.ctypes.data + 8 * K  # tab[K + k] = 64 k: the panel's rows
+        for m0 in range(0, Mg, MR_MAX):
+            mr = min(MR_MAX, Mg - m0)
+            a0 = wa.ctypes.data + g * wa.strides[0] + m0 * lda
+            _tap_tile(mr, a0, lda, x0, tb, K, tile.ctypes.data, AVX2_PIX, npix)
+            _tap_epilogue(tile, mr, npix, n, g * Mg + m0, p0, bias, has_bias, lo,
+                          hi, mode, out32, out16)  # fmt: skip
+
+
+@njit(inline="always")
+def _tap_epilogue(tile, mr, npix, n, m0, p0, bias, has_bias, lo, hi, mode, out32,
+                  out16):  # fmt: skip
+    # fp16_gemm._epilogue's arithmetic, rows = output channels m0 .. m0+mr-1,
+    # one branch-free loop per case (vectorized by LLVM: the loop with the
+    # branches inside cost ~14 % of a 3x3 64-channel 56x56 layer)
+    for r in range(mr):
+        t = tile[r]
+        if has_bias:
+            b = bias[m0 + r]
+            for jj in range(npix):
+                t[jj] = np.float32(t[jj] + b)
+        for jj in range(npix):
+            v = t[jj]
+            v = lo if v < lo else v
+            t[jj] = hi if v > hi else v
+        if mode == 0:
+            o = out32[n, m0 + r]
+            for jj in range(npix):
+                o[p0 + jj] = t[jj]
+        else:
+            o16 = out16[n, m0 + r]
+            for jj in range(npix):
+                o16[p0 + jj] = f32_to_f16_bits(t[jj])
+
+
+def tap_table(geo):
+    """(2K,) int64: [B row k's element offset in an image's padded planes
+    (stride 1) for k = (i*kw + j)*Cg + c ..., then 64 k (a gathered panel's
+    rows)]."""
+    N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M = (int(v) for v in geo)
+    i, j, c = np.meshgrid(np.arange(kh), np.arange(kw), np.arange(Cg), indexing="ij")
+    offs = (c * Hp * Wp + i * dh * Wp + j * dw).reshape(-1)
+    K = offs.shape[0]
+    return np.concatenate([offs, AVX2_PIX * np.arange(K)]).astype(np.int64)

@@ -36,7 +36,11 @@ stride phases, stored NCHW in vectors) for fewer channels, such as the RGB
 stem, and where the taps kernel's 64-channel panels would run mostly empty;
 depthwise convolutions have a row microkernel vectorized over 16 pixels;
 threads split the work over output pixels and, when pixels are few, output
-channels.
+channels. On avx2_f16c (AVX2 CPUs) the weights are the A rows of
+fp16_gemm's 16-column ymm strips and each job's B is the taps of up to 64
+pixels of one output row, read in place from the padded float16 image through
+a table of row offsets (horizontal stride 1) or gathered into a panel
+(other strides); depthwise stays on the portable loops there.
 """
 
 from __future__ import annotations
@@ -178,6 +182,8 @@ class PackedConvWeightsFP16:
             lay = np.ascontiguousarray(
                 padded.reshape(G, K, MT, ws).transpose(0, 2, 1, 3)
             )
+        elif kind == "avx2":  # (G, Mg, K) float32: the strips' A rows
+            lay = np.ascontiguousarray(self._gemm_order().transpose(0, 2, 1))
         else:  # "simd": (G, NP, K, NR) float32, zero columns past M/group
             wk = self._gemm_order()
             G, K, Mg = wk.shape
@@ -397,7 +403,10 @@ def _plan_key(x, w, *args):
         args = tuple(_key(a) for a in args)
     except _Uncacheable:
         return None
-    return (x.shape, x.dtype.str, half._simd("f16"), _dispatch.num_threads(), *args)
+    # the path itself, not only whether it is SIMD: avx2_f16c and portable
+    # plans differ too (a forced path change kept the other path's plan)
+    isa = half.get_half_isa()
+    return (x.shape, x.dtype.str, isa, _dispatch.num_threads(), *args)
 
 
 def _plan(
@@ -523,6 +532,32 @@ def _plan(
             return finish(out)
 
         return run_rows
+    if half._split("f16"):  # avx2_f16c: the GEMM strips on the taps in place
+        wa = packed._layout("avx2")
+        K = kh * kw * Cg
+        flat = (kh, kw, sh, sw) == (1, 1, 1, 1) and (Hp, Wp) == (H, W)
+        tab = kc.tap_table(geo)
+        size = N * C * Hp * Wp
+
+        def run_avx2(x, bias):
+            out, epi, x_bits = start(x, bias)
+            # the strips' last columns read up to TAP_SLACK past the image
+            buf = _dispatch.scratch("conv_fp16.xq", (size + kc.TAP_SLACK,), np.uint16)
+            buf[size:] = 0
+            xq = buf[:size].reshape(N, C, Hp, Wp)
+            if (Hp, Wp) != (H, W):
+                xq[...] = 0
+            xq[:, :, pt : pt + H, pl : pl + W] = x_bits
+            panels = _dispatch.scratch(
+                "conv_fp16.panels", (threads, K, kc.AVX2_PIX), np.uint16
+            )
+            tiles = _dispatch.scratch(
+                "conv_fp16.tiles", (threads, kc.MR_MAX, kc.AVX2_PIX), np.float32
+            )
+            kc.conv_avx2(xq, wa, geo, flat, tab, panels, tiles, *epi)
+            return finish(out)
+
+        return run_avx2
     flat = (kh, kw, sh, sw) == (1, 1, 1, 1) and (Hp, Wp) == (H, W)
     fuse = simd and flat
     if not simd:  # portable: numpy's conversion (no F16C instruction needed)

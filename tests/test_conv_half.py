@@ -308,6 +308,34 @@ def test_rows_kernel_reads_stay_inside(monkeypatch, bias):
         assert same_bits(got, acc)
 
 
+def test_avx2_strips_read_inside_the_slack(monkeypatch):
+    # the avx2_f16c strips read each B row in place, 64 columns from a
+    # segment's start: past the last row they may only reach the image
+    # buffer's TAP_SLACK elements, which end at a page that faults
+    if "avx2_f16c" not in half.available_half_isas():
+        pytest.skip("this CPU cannot run the avx2_f16c path")
+    monkeypatch.setattr(half, "_selected", "avx2_f16c")
+    keep = []
+    real = ch._dispatch.scratch
+
+    def scratch(name, shape, dtype):
+        if name == "conv_fp16.xq":  # (size + TAP_SLACK,)
+            return guarded(shape[0], dtype, keep)
+        return real(name, shape, dtype)
+
+    monkeypatch.setattr(ch._dispatch, "scratch", scratch)
+    rng = np.random.default_rng(13)
+    for xs, ws, attrs in (
+        ((1, 3, 9, 9), (12, 3, 3, 3), {"pads": (1, 1, 1, 1)}),  # 9 of 16 columns
+        ((2, 4, 6, 70), (5, 4, 3, 3), {"dilations": (1, 2)}),  # 70 = 64 + 6
+        ((1, 8, 5, 5), (6, 8, 1, 1), {}),  # flat: all pixels one row
+        ((1, 2, 300), (4, 2, 5), {"pads": (2, 2)}),  # 1-D, 5 segments
+    ):
+        x, w = rand(rng, xs), rand(rng, ws)
+        ref = ref_conv(x, w, **attrs)
+        assert same_bits(ch.conv_fp16(x, w, **attrs), ref)
+
+
 # --------------------------------------------------------------------------- #
 # epilogue and output type
 
