@@ -8,9 +8,13 @@ that every path shares (lowprec/half.py documents it as the accuracy contract):
                             acc = fl32(acc + a[m,2j+1]*b[2j+1,n])
                             acc = fl32(acc + a[m,2j]*b[2j,n])
 
-Every product of two float16 (11-bit significands) or two bfloat16 (8-bit)
-values is exact in float32, so a fused multiply-add and a multiply followed by
-an add give the same bits: the order above is the whole story. The bfloat16
+Every product of two float16 values (11-bit significands, exponents far
+inside float32's range) is exact in float32, so a fused multiply-add and a
+multiply followed by an add give the same bits: the order above is the whole
+story. A product of two bfloat16 values (8-bit significands) is exact only
+inside float32's normal range (bfloat16 has float32's exponents: it can
+overflow or be subnormal), so the bfloat16 kernels round each product before
+the add. The bfloat16
 pair order (odd term first) is the one of AVX512_BF16 ``vdpbf16ps`` (Intel SDM)
 and was checked on this Zen 4 (tests/test_half.py::test_bf16_pair_order).
 
@@ -85,7 +89,8 @@ def _dpbf16(context, builder):
     """dp(acc, a, b): vdpbf16ps zmm (acc + a_odd * b_odd + a_even * b_even per
     float32 lane). Where LLVM's target lacks AVX512_BF16 (the driver that holds
     this tile also holds the avx2_f16c strips, and is compiled on CPUs that run
-    only those), two FMAs on the pairs widened by shift and mask stand in:
+    only those), a multiply and an add per half of the pairs widened by shift
+    and mask stand in:
     LLVM aborts on an intrinsic its target cannot select, even in a branch
     that never runs (ir_util.target_has); the stand-in gives the same bits
     except for vdpbf16ps's flushing of subnormals."""
@@ -95,7 +100,6 @@ def _dpbf16(context, builder):
             builder.module, fnty, "llvm.x86.avx512bf16.dpbf16ps.512"
         )
         return lambda acc, a, b: builder.call(fn, [acc, a, b])
-    fma = _fma(builder)
     hi16 = ir.Constant(_vi, [-65536] * 16)
     sh16 = ir.Constant(_vi, [16] * 16)
 
@@ -103,7 +107,7 @@ def _dpbf16(context, builder):
         a, b = builder.bitcast(a, _vi), builder.bitcast(b, _vi)
         for half in (lambda x: builder.and_(x, hi16), lambda x: builder.shl(x, sh16)):
             af, bf = (builder.bitcast(half(x), _vf) for x in (a, b))
-            acc = builder.call(fma, [af, bf, acc])
+            acc = builder.fadd(acc, builder.fmul(af, bf))
         return acc
 
     return dp
@@ -142,9 +146,12 @@ def make_tile_kernel(MR, kind, split=False):
     sum runs over k in the same order either way. Kind "bf16" split: A is
     float32 rows (not pairs), and each bfloat16 pair of B becomes two float32
     vectors by a shift and a mask (b[2i] = x << 16, b[2i+1] = x & 0xFFFF0000);
-    two FMAs, the odd k first (vdpbf16ps's order, the portable kernel's): a
-    product of two bfloat16 values is exact in float32, so an FMA rounds as
-    the portable kernel's product-then-add.
+    per pair, the odd k first (vdpbf16ps's order, the portable kernel's), a
+    multiply and an add, not an FMA: bfloat16 has float32's exponent range,
+    so a product can overflow or fall below the normal range, where the
+    portable kernel's rounded product and an FMA's exact one differ (float16
+    products never do: they stay inside float32's normal range). On Zen 3 the
+    multiplies and adds run on separate pipes, at the FMA's rate.
 
     _tile(a, lda, b, ks, c, ldc, accum)    all int64
       a     address of A[m0, k0]: float32 (f16, f32) or bfloat16 pairs (bf16),
@@ -212,7 +219,7 @@ def make_tile_kernel(MR, kind, split=False):
             hi16 = ir.Constant(_vi, [-65536] * 16)
             sh16 = ir.Constant(_vi, [16] * 16)
 
-            def bf16_strip(kphi, phis, b_row, v0, fma):
+            def bf16_strip(kphi, phis, b_row, v0):
                 # k pair kphi: B's 16 pairs a vector, A's two float32 per row
                 odd, even = [], []
                 for v in range(v0, v0 + SV):
@@ -231,7 +238,7 @@ def make_tile_kernel(MR, kind, split=False):
                         av = _splat(builder, builder.load(q, align=4), _vf)
                         for j, bv in enumerate(bvs):
                             i = r * SV + j
-                            new[i] = builder.call(fma, [av, bv, new[i]])
+                            new[i] = builder.fadd(new[i], builder.fmul(av, bv))
                 return new
 
             for v0 in range(0, NV, SV):  # strip: columns 16 v0 .. 16 (v0 + SV)
@@ -240,9 +247,9 @@ def make_tile_kernel(MR, kind, split=False):
                     b_row = builder.gep(
                         b_base, [builder.mul(kphi, ir.Constant(_i64, step_b))]
                     )
-                    fma = _fma(builder)
                     if kind == "bf16":
-                        return bf16_strip(kphi, phis, b_row, v0, fma)
+                        return bf16_strip(kphi, phis, b_row, v0)
+                    fma = _fma(builder)
                     bvs = []
                     for v in range(v0, v0 + SV):
                         p = builder.gep(b_row, [ir.Constant(_i64, 32 * v)])

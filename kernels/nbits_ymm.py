@@ -8,6 +8,7 @@ each). vpmaddubsw multiplies unsigned by signed bytes and adds pairs into int16
     codes, 2 / 4 bits   the code                    (row >> bits*p) & mask
     codes, 8 bits       its two nibbles             S = S_lo + 16 S_hi
     shared codebooks    the table byte's nibbles    vpshufb(lo / hi table, code)
+    (2 / 4 bits)
 
 A pair then sums to at most 2 * 15 * 127 = 3810 in magnitude, and int16 sums
 of 8 quads (30480) cannot saturate. Per chunk of 8 (or 4) quads
@@ -69,13 +70,6 @@ def parts(bits, lut):
     if bits == 8:
         return [(0, 0), (0, 4)]
     return [(p, 0) for p in range(P)]
-
-
-def tile_rows(bits, lut):
-    """Rows per tile: 2 halves x len(parts) int16 accumulators a row, at
-    most 8 of the 16 ymm registers for more than one row (the rest hold the
-    row, its operands and the broadcasts)."""
-    return max(1, 8 // (2 * len(parts(bits, lut))))
 
 
 def make_tile(MR, bits, lut, CH):
@@ -212,7 +206,7 @@ def make_tile(MR, bits, lut, CH):
     return _t
 
 
-# (bits, lut) -> tiles of 1 .. tile_rows rows, for chunks of 8 and of 4 quads
+# (bits, lut) -> tiles of 1 .. _rows rows, for chunks of 8 and of 4 quads
 _T4_8 = [make_tile(m, 4, False, 8) for m in (1, 2)]
 _T4_4 = [make_tile(m, 4, False, 4) for m in (1, 2)]
 _T8_8 = [make_tile(m, 8, False, 8) for m in (1, 2)]
@@ -249,7 +243,10 @@ def _tile(bits, lut, mr, ch8, *a):
 
 @njit(cache=True, nogil=True)
 def _rows(bits, lut):
-    # tile_rows, for numba
+    # rows per tile: 2 halves x len(parts) int16 accumulators a row, two rows
+    # where that is at most 8 of the 16 ymm registers (the rest hold the row,
+    # its operands and the broadcasts); the 2-bit codebooks' one row has 16
+    # (and spills some: a rare format, left so)
     return 2 if (not lut and bits in (4, 8)) else 1
 
 

@@ -21,7 +21,8 @@ MatMulNBits layout (com.microsoft contrib op), for weights W of shape (K, N):
   block dot products are exact integers, and blocks are combined in float32.
   The result equals a float32 evaluation of that formula bit for bit (tests);
   its error vs the float result is the activation quantization's, up to
-  0.5 * sa per element. This is the fast path: ``vpdpbusd`` on the codes.
+  0.5 * sa per element. This is the fast path: ``vpdpbusd`` on the codes
+  (AVX-512 VNNI), ``vpmaddubsw`` on their nibbles (AVX2).
 
 Codebooks (``kmeans_quantize``, ``log2_quantize``): each weight is an index
 into a small table of float32 values, per tensor or one table per output
@@ -29,8 +30,10 @@ column. ``matmul_codebook`` computes a @ table[indices]; with
 ``accuracy_level=4`` the table is also rounded to int8 (scale max|table| / 127)
 and looked up with ``vpshufb``.
 
-Kernels: ``kernels/nbits.py`` (portable numba) and ``kernels/nbits_vnni.py``
-(AVX-512 VNNI, chosen like the INT8 GEMM's path: ``lowprec.set_isa``).
+Kernels: ``kernels/nbits.py`` (portable numba), ``kernels/nbits_vnni.py``
+(AVX-512 VNNI; its float kernels also serve AVX2) and ``kernels/nbits_ymm.py``
+(the int8 path on AVX2 and AVX-VNNI CPUs), chosen like the INT8 GEMM's path
+(``lowprec.set_isa``).
 """
 
 from __future__ import annotations
@@ -809,10 +812,11 @@ class PackedCodebook:
         self._qlut = np.ascontiguousarray(qlut.reshape(ng, G, C))
         self._sc = _per_group(cs[:, None], G)
         self._zp = np.full((ng, 1, G), 128, np.float32)
-        # a shared codebook's int8 table, 16 bytes (a vpshufb table) for any bits
+        # a shared codebook's int8 table; at least 16 bytes (a vpshufb table,
+        # which the 2-bit codebooks' 4 entries are padded to)
         self._table = None
         if self.shared:
-            self._table = np.zeros(16, np.uint8)
+            self._table = np.zeros(max(C, 16), np.uint8)
             self._table[:C] = q[0] + 128
         for arr in (self._wq, self._lut, self._qlut, self._sc, self._zp, self._table):
             if arr is not None:
@@ -872,7 +876,8 @@ def matmul_codebook(a, indices, codebook=None, *, K=None, N=None, bits=4, bias=N
                 pk.bits, CODEBOOK_ACT_BLOCK, pk._table, True, y, _kv().LUT_KIND,
             )  # fmt: skip
             _finite(ok)
-        elif _ymm() and pk.shared:
+        elif (_ymm() or _vnni()) and pk.shared and pk.bits <= 4:
+            # (the VNNI hosts' 2-bit tables too: vpshufb is AVX2's)
             ok = _call(
                 macs, _ky().run_quantizing, _f32(a2), pk._wq, pk._sc, 0, pk._zp, 0,
                 pk.bits, CODEBOOK_ACT_BLOCK, pk._table, True, y,

@@ -489,8 +489,20 @@ def test_matmul_codebook(isa, per_row, bits, M, N, lookup, monkeypatch):
         monkeypatch.setattr(kv, "LUT_KIND", kind)
     elif lookup == "vpermb":
         pytest.skip("one lookup without AVX-512 VNNI")
+    _check_codebook(bits, per_row, M, N, 150)
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_matmul_codebook_8_bits(isa, per_row):
+    # 256-entry tables: no kernel's table lookup (the tables of the fast int8
+    # paths hold 16 entries), the general loops on every path
+    _check_codebook(8, per_row, 3, 20, 300)
+
+
+def _check_codebook(bits, per_row, M, N, K):
+    """matmul_codebook's float path within the summation bound of the float64
+    product, and its int8 path bit for bit with the int8 oracle."""
     rng = np.random.default_rng([bits, per_row, M])
-    K = 150
     w = rng.standard_normal((K, N)).astype(np.float32)
     idx, cb = nb.kmeans_quantize(w, bits=bits, per_row=per_row)
     wd = nb.dequantize_codebook(idx, cb, K=K, bits=bits).astype(np.float64)
