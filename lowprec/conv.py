@@ -572,12 +572,15 @@ def _plan(
         base = _ro((bias - za_eff * wd.astype(np.int64).sum(axis=0)).astype(np.int32))
         kernel, wk = _kc.depthwise_nchw, wd
         if (
-            isa == "avx512_vnni"
+            isa in ("avx512_vnni", "avx_vnni", "avx2")
             and (kh, kw, dw) == (3, 3, 1)
             and sw in (1, 2)
             and -128 <= wd.min() <= wd.max() <= 127
         ):
-            # the kernel rows' int8 weights packed (w0, w1, w2, 0) per int32
+            # the kernel rows' int8 weights packed (w0, w1, w2, 0) per int32;
+            # vpdpbusd on AVX-512 VNNI, vpmaddwd on AVX2 (_dw3_pmaddwd: 144 x
+            # 56^2, 1 thread, Zen 3: stride 1 19 -> 22 GOP/s, stride 2 6.7 ->
+            # 12, ORT QLinearConv 13 / 8)
             b8 = wd.astype(np.int64) & 0xFF
             wk = (b8[0::3] | b8[1::3] << 8 | b8[2::3] << 16).astype(np.int32)
             kernel = _kc.depthwise_nchw_vnni

@@ -349,6 +349,7 @@ def _to_layout(y, layout):
 
 
 _VNNI = "avx512_vnni" in lowprec.available_isas()
+_AVX2 = "avx2" in lowprec.available_isas()
 
 
 @pytest.fixture(
@@ -357,14 +358,16 @@ _VNNI = "avx512_vnni" in lowprec.available_isas()
             "avx512_vnni", marks=pytest.mark.skipif(not _VNNI, reason="no VNNI")
         ),
         pytest.param("nchw4", marks=pytest.mark.skipif(not _VNNI, reason="no VNNI")),
+        pytest.param("avx2", marks=pytest.mark.skipif(not _AVX2, reason="no AVX2")),
         "portable",
     ]
 )
 def isa(request, monkeypatch):
     """The convolution has two VNNI kernels for NCHW input (the NHWC pixel tile
-    and conv_nchw4, channels as rows) and a portable path (the 256-bit GEMM
-    paths would run the portable one again): force each in turn. "avx512_vnni"
-    never takes conv_nchw4, "nchw4" takes it wherever it applies."""
+    and conv_nchw4, channels as rows), the avx2 path's (im2col chunks through
+    the avx2 GEMM tiles; 3x3 depthwise on vpmaddwd) and a portable path: force
+    each in turn. "avx512_vnni" never takes conv_nchw4, "nchw4" takes it
+    wherever it applies."""
     before = lowprec.get_isa()
     lowprec.set_isa("avx512_vnni" if request.param == "nchw4" else request.param)
     on = request.param == "nchw4"
@@ -801,3 +804,41 @@ def test_nhwc_implicit_gemm_read_in_place(isa, C, k, strides, dilations, pads, x
     )  # fmt: skip
     np.testing.assert_array_equal(got.transpose(0, 3, 1, 2), want)
     assert len(np.unique(want)) > 10
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_depthwise_3x3_stand_in_is_exact(monkeypatch, stride):
+    """The 3x3 depthwise block kernel as compiled where LLVM's target lacks
+    AVX-512 VNNI (the avx2 path runs it: vpmaddwd on widened bytes): the
+    exact sums base + sum x' * w for 16 outputs and for a partial block, the
+    int32 output. Built with the stand-in forced, so AVX-512 hosts test it."""
+    if "avx2" not in lowprec.available_isas():
+        pytest.skip("this CPU cannot run the avx2 path")
+    from numba import njit
+
+    from lowprec.kernels import int8_conv as kc
+
+    monkeypatch.setattr(kc, "target_has", lambda context, *features: False)
+    dw3 = kc._make_dw3(stride)
+
+    @njit
+    def block(rows, wp, base, out, nvalid):
+        p = rows.ctypes.data
+        n = rows.shape[1]
+        dw3(p, p + n, p + 2 * n, wp[0], wp[1], wp[2], base, out.ctypes.data,
+            nvalid, 1.0, 0.0, 0.0, 0.0, 0, out)  # fmt: skip
+
+    rng = np.random.default_rng(stride)
+    for nvalid in (16, 11):
+        rows = rng.integers(0, 256, (3, 64), dtype=np.uint8)  # x' (64: the reads)
+        w = rng.integers(-128, 128, (3, 3)).astype(np.int64)
+        b8 = w & 0xFF
+        wp = (b8[:, 0] | b8[:, 1] << 8 | b8[:, 2] << 16).astype(np.int32)
+        out = np.full(16, -7, np.int32)
+        block(rows, wp, np.int32(-1234), out, nvalid)
+        taps = np.stack(
+            [rows[:, stride * np.arange(16) + t] for t in range(3)], axis=-1
+        )  # (3 rows, 16 outputs, 3 taps)
+        want = -1234 + np.einsum("rlt,rt->l", taps.astype(np.int64), w)
+        np.testing.assert_array_equal(out[:nvalid], want[:nvalid])
+        assert (out[nvalid:] == -7).all()  # masked lanes untouched
