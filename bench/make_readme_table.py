@@ -146,7 +146,7 @@ def render_footnotes(res: dict) -> str:
         f"({peak_txt or 'n/a'}).",
         f"- Hardware: {m.get('cpu_model')} (LLVM: {m.get('llvm_host_cpu')}; "
         f"{feats or 'no SIMD features reported'}), {cores} cores usable; "
-        f"lowprec path `{res['lowprec']['isa']}`.",
+        f"lowprec path `{_path(res)}`.",
         f"- Versions: lowprec {res['lowprec'].get('version')}, {vers}.",
         f"- numpy BLAS: {_blas_text(res.get('blas'))}.",
         f"- Command: `{(env_txt + ' ') if env_txt else ''}{res['command']}`, "
@@ -193,6 +193,15 @@ def render_demo(res: dict) -> str:
         f"{res.get('int8_conv_path')}.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _path(res: dict) -> str:
+    """The lowprec path the suite ran on: the half-precision one for the
+    half suite (recorded since the runs of 2026-12-07), else the INT8 one."""
+    low = res["lowprec"]
+    if res.get("suite") == "half_gemm" and low.get("half_isa"):
+        return low["half_isa"]
+    return low["isa"]
 
 
 def write_section(readme_path: str, text: str, start=START, end=END) -> None:

@@ -1593,9 +1593,11 @@ def depthwise(threads, nj, fused, x, xp, wd, geo, pt, pl, bias, has_bias, lo, hi
 # values equals fl32(acc + x*w): exact products): the portable loops' bits.
 
 AVX2_PIX = NR  # output pixels a job at most (the strips' 64 columns)
-# float16 elements the strips may read past the image: the last strip of a
-# row's segment reads up to 15 columns past its last valid one
-TAP_SLACK = 16
+# float16 elements the strips may read past the image: a segment's strips
+# run in groups (4 strips for 1-row tiles, 2 for 2 rows: make_tap_strips's
+# SV), so a 1-row tile reads 64 columns from the segment's start however few
+# are valid (16 elements were too few: a review found the read past them)
+TAP_SLACK = AVX2_PIX
 
 
 def make_tap_strips(MR):
@@ -1683,8 +1685,8 @@ def _tap_tile(mr, a, lda, x, tab, ks, c, ldc, ncols):
 def _panel(xq, n, g, p0, npix, geo, dst):
     # dst (K, 64) uint16 <- dst[(i*kw + j)*Cg + c, jj] = xq[n, g*Cg + c,
     # oh*sh + i*dh, ow*sw + j*dw] for output pixel p0 + jj = (oh, ow) of one
-    # output row (npix <= Wo - ow); zeros up to the last strip's end (the
-    # scratch is not initialized: no stray bit patterns in the strips)
+    # output row (npix <= Wo - ow); zeros after them (the scratch is not
+    # initialized: no stray bit patterns in the strips)
     N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M = geo
     oh = p0 // Wo
     ow = p0 - oh * Wo
@@ -1698,8 +1700,8 @@ def _panel(xq, n, g, p0, npix, geo, dst):
                 s = s0 + j * dw
                 for t in range(npix):
                     df[d0 + t] = xf[s + t * sw]
-                for t in range(npix, (npix + 15) // 16 * 16):
-                    df[d0 + t] = 0  # the last strip's columns past npix
+                for t in range(npix, AVX2_PIX):
+                    df[d0 + t] = 0  # the columns past npix the strips read
 
 
 @njit(**PJIT)

@@ -1384,6 +1384,7 @@ def run(opts: argparse.Namespace, argv: Sequence[str] | None = None) -> dict:
         "blas": blas_info(),
         "lowprec": {
             "isa": lowprec.get_isa(),
+            "half_isa": lowprec.half.get_half_isa(),
             "available_isas": list(lowprec.available_isas()),
             "version": lowprec.__version__,
         },

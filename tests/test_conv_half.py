@@ -309,7 +309,7 @@ def test_rows_kernel_reads_stay_inside(monkeypatch, bias):
 
 
 def test_avx2_strips_read_inside_the_slack(monkeypatch):
-    # the avx2_f16c strips read each B row in place, 64 columns from a
+    # the avx2_f16c strips read each B row in place, up to 64 columns from a
     # segment's start: past the last row they may only reach the image
     # buffer's TAP_SLACK elements, which end at a page that faults
     if "avx2_f16c" not in half.available_half_isas():
@@ -330,6 +330,11 @@ def test_avx2_strips_read_inside_the_slack(monkeypatch):
         ((2, 4, 6, 70), (5, 4, 3, 3), {"dilations": (1, 2)}),  # 70 = 64 + 6
         ((1, 8, 5, 5), (6, 8, 1, 1), {}),  # flat: all pixels one row
         ((1, 2, 300), (4, 2, 5), {"pads": (2, 2)}),  # 1-D, 5 segments
+        # a last tile of 1 or 2 channels: its strips run 4 or 2 at a time,
+        # 64 or 32 columns read from a segment of 9
+        ((1, 4, 9, 9), (1, 4, 3, 3), {"pads": (1, 1, 1, 1)}),
+        ((1, 4, 9, 9), (7, 4, 3, 3), {"pads": (1, 1, 1, 1)}),
+        ((1, 4, 9, 9), (8, 4, 3, 3), {"pads": (1, 1, 1, 1)}),
     ):
         x, w = rand(rng, xs), rand(rng, ws)
         ref = ref_conv(x, w, **attrs)
