@@ -40,7 +40,8 @@ channels. On avx2_f16c (AVX2 CPUs) the weights are the A rows of
 fp16_gemm's 16-column ymm strips and each job's B is the taps of up to 64
 pixels of one output row, read in place from the padded float16 image through
 a table of row offsets (horizontal stride 1) or gathered into a panel
-(other strides); depthwise stays on the portable loops there.
+(other strides); the depthwise row kernels run there as they are (plain
+LLVM vectors, split into ymm pairs).
 """
 
 from __future__ import annotations
@@ -508,7 +509,9 @@ def _plan(
 
         return run_empty
     if G == C and Mg == 1:  # depthwise
-        fused = simd  # the kernel converts each plane itself (vcvtph2ps)
+        # the kernel converts each plane itself (vcvtph2ps); its row kernels are
+        # plain LLVM vectors, so AVX2 CPUs run them too (as ymm pairs)
+        fused = simd or half._split("f16")
         wd = packed._layout("dw")
         nj = _dispatch.num_threads()
 

@@ -35,7 +35,8 @@ Paths (``available_half_isas``; ``set_half_isa`` or ``LOWPREC_HALF_ISA`` force o
     avx2_f16c    float16 and bfloat16 GEMMs on the same tiles run as 6x16
                  strips of ymm (AVX2 CPUs with F16C and FMA: Zen 1-3, Haswell
                  and later; bfloat16 pairs widened by shift and mask), and the
-                 float16 convolution on those strips (depthwise: portable)
+                 float16 convolution on those strips (depthwise: the AVX-512
+                 row kernels' plain-vector IR, as ymm pairs)
     portable     plain numba loops on float32 copies, every CPU
 """
 
