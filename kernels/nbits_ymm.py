@@ -28,12 +28,12 @@ is avx2 or avx_vnni (lowprec.nbits), never compiled for other CPUs.
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
-from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .config import JIT, PJIT
 from .ir_util import loop, splat
 from .nbits import quantize_rows_blockwise
+from .nbits_vnni import _fn, _ptr  # IR helpers only (no VNNI code compiles)
 
 _i8 = ir.IntType(8)
 _i16 = ir.IntType(16)
@@ -45,16 +45,6 @@ _w16 = ir.VectorType(_i16, 16)
 _b32 = ir.VectorType(_i8, 32)
 _b16 = ir.VectorType(_i8, 16)
 _vf8 = ir.VectorType(_f32, 8)
-
-
-def _fn(builder, name, ret, args):
-    return cgutils.get_or_insert_function(
-        builder.module, ir.FunctionType(ret, args), name
-    )
-
-
-def _ptr(builder, base, off, ty):
-    return builder.inttoptr(builder.add(base, off), ty.as_pointer())
 
 
 def _bytes(v):
