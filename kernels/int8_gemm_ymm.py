@@ -70,9 +70,13 @@ def _splat8(builder, x32):
 class _VnniDot:
     """acc += vpdpbusd(a4 splat, b) on 8 int32 lanes.
 
-    Where LLVM's target has no 256-bit vpdpbusd (an AVX2-only CPU, which never
-    runs this path but compiles it: the drivers choose the tile at run time),
-    the same sum in generic IR: bytes widened to 32 bits, 4 products a lane."""
+    Where LLVM's target has no 256-bit vpdpbusd, the same sum from AVX2
+    instructions: a's bytes split into nibbles (a = 16 hi + lo, each at most
+    15, so vpmaddubsw's int16 pair sums, at most 2 * 15 * 128, never
+    saturate), vpmaddwd with ones for the 4-product sums, then lo + 16 hi.
+    AVX2 CPUs run this form for GEMVs (lowprec._dispatch.gemm_backend: the
+    int8 weights are half the bytes of the avx2 tile's int16 ones); target
+    "generic" never takes it (avx2 is required by the dispatch)."""
 
     def __init__(self, context, builder):
         self.native = target_has(context, "avxvnni") or target_has(
@@ -85,15 +89,21 @@ class _VnniDot:
         a = _splat8(builder, a32)
         if self.native:
             return builder.call(self.f, [acc, a, bvec])
-        v32b, v32 = ir.VectorType(_i8, 32), ir.VectorType(_i32, 32)
-        prod = builder.mul(
-            builder.zext(builder.bitcast(a, v32b), v32),
-            builder.sext(builder.bitcast(bvec, v32b), v32),
+        v32b, w16 = ir.VectorType(_i8, 32), ir.VectorType(ir.IntType(16), 16)
+        maddubs = _fn(builder, "llvm.x86.avx2.pmadd.ub.sw", w16, [v32b, v32b])
+        maddwd = _fn(builder, "llvm.x86.avx2.pmadd.wd", _v8, [w16, w16])
+        nib = ir.Constant(_v8, [0x0F0F0F0F] * 8)
+        lo = builder.and_(a, nib)
+        hi = builder.and_(builder.lshr(a, ir.Constant(_v8, [4] * 8)), nib)
+        b = builder.bitcast(bvec, v32b)
+        ones = ir.Constant(w16, [1] * 16)
+        s = []
+        for x in (lo, hi):
+            pairs = builder.call(maddubs, [builder.bitcast(x, v32b), b])
+            s.append(builder.call(maddwd, [pairs, ones]))
+        return builder.add(
+            acc, builder.add(s[0], builder.shl(s[1], ir.Constant(_v8, [4] * 8)))
         )
-        for j in range(4):  # lane c += products 4c + j
-            pick = ir.Constant(_v8, [4 * c + j for c in range(8)])
-            acc = builder.add(acc, builder.shuffle_vector(prod, prod, pick))
-        return acc
 
 
 def make_tile_kernel(MR, NV, dot_cls):

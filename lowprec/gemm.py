@@ -229,7 +229,7 @@ def _gemm_2d(a, packed, zb, za_eff, bias, mult, zy, qlo, qhi, mode, out, fbias=N
         if fbias is not None:  # float bias, then the clamp, as the fused epilogue
             np.clip(out + fbias, np.float32(qlo), np.float32(qhi), out=out)
         return
-    backend = _dispatch.gemm_backend()
+    backend = _dispatch.gemm_backend(M, K * N)
     need_rows = packed._need_rows if zb is packed._zb_eff else bool(zb.any())
     a_u8, row_sum = _prepare_a(a, backend.k_min, need_rows, backend.takes_int8)
     if row_sum is not None:
@@ -273,8 +273,8 @@ def _fused_cached(a, packed, za_eff, key, epi_of, out) -> bool:
     tuple from the bias with ZA folded in. False: not that case (the caller
     takes _gemm_2d). Measured on a 1x64x16 call, 1 thread: qlinear_matmul
     18.6 -> 11.8 us with this cache."""
-    backend = _dispatch.gemm_backend()
     M, K = a.shape
+    backend = _dispatch.gemm_backend(M, K * packed.shape[1])
     if (
         packed._need_rows
         or backend.tile is not None
@@ -1010,9 +1010,9 @@ def _dynamic_per_tensor(a2, packed, sb, fbias):
     Python work of _gemm_2d cut down: quantization and the multiplier in one
     numba call (small a), the ZA fold cached on the pack, the epilogue tuple
     built here (1 x 384 x 16, 1 thread: 19 -> 8.6 us). None: not that case."""
-    backend = _dispatch.gemm_backend()
     M, K = a2.shape
     N = packed.shape[1]
+    backend = _dispatch.gemm_backend(M, K * N)
     if (
         backend.tile is not None
         or packed._need_rows

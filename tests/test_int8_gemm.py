@@ -689,3 +689,34 @@ def test_dynamic_quantize_matmul_rejects_non_finite():
         big[299, 129] = np.inf
         with pytest.raises(ValueError, match="finite"):
             lowprec.dynamic_quantize_matmul(big, np.ones((130, 3), np.int8), 0.1)
+
+
+@pytest.mark.parametrize("M", [1, 2])
+def test_avx2_gemv_on_the_nibble_tiles(monkeypatch, M):
+    """avx2 GEMVs of large weights run on the avx_vnni tiles' AVX2 form
+    (vpmaddubsw on the activations' nibbles, int8 weights): forced here for
+    small weights, against the int64 oracle, every output kind, packed and
+    not, N past whole tiles."""
+    if "avx2" not in lowprec.available_isas():
+        pytest.skip("this CPU cannot run the avx2 path")
+    from lowprec import _dispatch
+
+    monkeypatch.setattr(_dispatch, "AVX2_GEMV_WEIGHTS", 0)
+    before = lowprec.get_isa()
+    lowprec.set_isa("avx2")
+    try:
+        assert _dispatch.gemm_backend(M, 1).name == "avx_vnni"
+        rng = np.random.default_rng(M)
+        for K, N in ((3, 5), (70, 33), (259, 100)):
+            a = rng.integers(0, 256, (M, K), dtype=np.uint8)
+            b = rng.integers(-128, 128, (K, N), dtype=np.int8)
+            za, zb = np.uint8(7), np.int8(-3)
+            for w in (b, lowprec.pack_weights(b, zb)):
+                got = lowprec.matmul_integer(a, w, za, None if w is not b else zb)
+                np.testing.assert_array_equal(got, ref.int_matmul(a, b, za, zb))
+            sa, sb, sy = np.float32(0.02), np.float32(0.01), np.float32(0.3)
+            got = lowprec.qlinear_matmul(a, sa, za, b, sb, zb, sy, np.uint8(128))
+            want = ref.qlinear_matmul(a, sa, za, b, sb, zb, sy, np.uint8(128))
+            np.testing.assert_array_equal(got, want)
+    finally:
+        lowprec.set_isa(before)
