@@ -75,13 +75,15 @@ class _VnniDot:
     15, so vpmaddubsw's int16 pair sums, at most 2 * 15 * 128, never
     saturate), vpmaddwd with ones for the 4-product sums, then lo + 16 hi.
     AVX2 CPUs run this form for GEMVs (lowprec._dispatch.gemm_backend: the
-    int8 weights are half the bytes of the avx2 tile's int16 ones); target
-    "generic" never takes it (avx2 is required by the dispatch)."""
+    int8 weights are half the bytes of the avx2 tile's int16 ones). A target
+    without AVX2 (NUMBA_CPU_NAME=generic) gets plain IR: bytes widened to 32
+    bits, 4 products a lane."""
 
     def __init__(self, context, builder):
         self.native = target_has(context, "avxvnni") or target_has(
             context, "avx512vnni", "avx512vl"
         )
+        self.avx2 = target_has(context, "avx2")
         if self.native:
             self.f = _fn(builder, "llvm.x86.avx512.vpdpbusd.256", _v8, [_v8, _v8, _v8])
 
@@ -89,6 +91,16 @@ class _VnniDot:
         a = _splat8(builder, a32)
         if self.native:
             return builder.call(self.f, [acc, a, bvec])
+        if not self.avx2:
+            v32b, v32 = ir.VectorType(_i8, 32), ir.VectorType(_i32, 32)
+            prod = builder.mul(
+                builder.zext(builder.bitcast(a, v32b), v32),
+                builder.sext(builder.bitcast(bvec, v32b), v32),
+            )
+            for j in range(4):  # lane c += products 4c + j
+                pick = ir.Constant(_v8, [4 * c + j for c in range(8)])
+                acc = builder.add(acc, builder.shuffle_vector(prod, prod, pick))
+            return acc
         v32b, w16 = ir.VectorType(_i8, 32), ir.VectorType(ir.IntType(16), 16)
         maddubs = _fn(builder, "llvm.x86.avx2.pmadd.ub.sw", w16, [v32b, v32b])
         maddwd = _fn(builder, "llvm.x86.avx2.pmadd.wd", _v8, [w16, w16])

@@ -116,20 +116,21 @@ def gemm_backend(M: int | None = None, weights: int = 0):
     """The backend object of the path in use (cached: called on every GEMM);
     with M (the GEMM's rows) and weights (K * N), the one that runs it."""
     global _backend
-    if _backend is None:
+    backend = _backend  # (one read: set_isa on another thread resets it)
+    if backend is None:
         from ._gemm_backends import BACKENDS
 
-        _backend = BACKENDS[get_isa()]
+        backend = _backend = BACKENDS[get_isa()]
     if (
         M is not None
         and M <= AVX2_GEMV_ROWS
         and weights >= AVX2_GEMV_WEIGHTS
-        and _backend.name == "avx2"
+        and backend.name == "avx2"
     ):
         from ._gemm_backends import BACKENDS
 
         return BACKENDS["avx_vnni"]
-    return _backend
+    return backend
 
 
 _num_threads = None
