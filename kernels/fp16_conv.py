@@ -1601,11 +1601,12 @@ TAP_SLACK = AVX2_PIX
 
 
 def make_tap_strips(MR):
-    """_t(a, lda, x, tab, ks, c, ldc, ncols) int64s: c[r, 0:16*s] = sum over
-    k < ks of a[r, k] * float(x16[tab[k] + col]) for the s = ceil(ncols / 16)
-    strips of 16 columns that hold the ncols valid ones (the rest of c is not
-    written; columns past ncols in a strip read past the row: the caller's
-    buffer has the slack). a: float32 rows lda bytes apart; x: float16 base
+    """_t(a, lda, x, tab, ks, c, ldc, ncols) int64s: c[r, col] = sum over
+    k < ks of a[r, k] * float(x16[tab[k] + col]) for the columns of every
+    group of strips (SV strips of 16 columns, run together) that holds one of
+    the ncols valid columns; the other groups are skipped and their part of c
+    is not written. Columns past ncols read past the row, up to 64 from its
+    start (TAP_SLACK). a: float32 rows lda bytes apart; x: float16 base
     address; tab: int64 element offsets; c: float32 rows of ldc elements."""
     SV = {1: 4, 2: 2}.get(MR, 1)
 
