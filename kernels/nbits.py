@@ -170,6 +170,18 @@ def quantize_rows_blockwise(a, bs, qa, ascale, qasum):
 
 
 @njit(**JIT)
+def quantize_rows(a, Kp, bs):
+    # quantize_rows_blockwise into new arrays: (qa (M, Kp) int8, ascale,
+    # qasum (M, Kp // bs) f32, False where a holds NaN or +-inf)
+    M = a.shape[0]
+    qa = np.empty((M, Kp), np.int8)
+    ascale = np.empty((M, Kp // bs), np.float32)
+    qasum = np.empty((M, Kp // bs), np.float32)
+    ok = quantize_rows_blockwise(a, bs, qa, ascale, qasum)
+    return qa, ascale, qasum, ok
+
+
+@njit(**JIT)
 def repeat_quads(a, arep):
     # arep[m, q, i] = a[m, 4q + (i & 3)]: the activations in the lanes of a
     # quad row, so the float kernel's inner loop is contiguous (it did not

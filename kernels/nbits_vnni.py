@@ -24,7 +24,7 @@ from numba.extending import intrinsic
 
 from .config import JIT, PJIT
 from .ir_util import loop, no_unroll, splat
-from .nbits import quantize_rows_blockwise
+from .nbits import quantize_rows
 
 _i8 = ir.IntType(8)
 _i32 = ir.IntType(32)
@@ -535,13 +535,10 @@ def run_quantizing(a, wq, sc, sstride, zp, zstride, bits, bs, table, lut, out, l
     # a (M, K) float32: quantized per block here (kernels/nbits.py), then run():
     # one dispatch and no scratch per call (measured at 4096x4096, 1 row, 1
     # thread: 162 -> 146 us per call)
-    M, K = a.shape
-    Kp = wq.shape[1] * 4
-    qa = np.empty((M, Kp), np.int8)
-    ascale = np.empty((M, Kp // bs), np.float32)
-    qasum = np.empty((M, Kp // bs), np.float32)
-    if not quantize_rows_blockwise(a, bs, qa, ascale, qasum):
+    qa, ascale, qasum, ok = quantize_rows(a, wq.shape[1] * 4, bs)
+    if not ok:
         return False  # non-finite activations: the caller raises
+    M = qa.shape[0]
     kind = lutk if lut else CODES
     # the GEMV's zero point is an integer code (a float one takes the tile)
     z = zp[0, 0, 0]

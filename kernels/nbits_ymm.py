@@ -25,14 +25,13 @@ The intrinsics are AVX2's: this module is imported only where the ISA in use
 is avx2 or avx_vnni (lowprec.nbits), never compiled for other CPUs.
 """
 
-import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from .config import JIT, PJIT
 from .ir_util import loop, splat
-from .nbits import quantize_rows_blockwise
+from .nbits import quantize_rows
 from .nbits_vnni import _fn, _ptr  # IR helpers only (no VNNI code compiles)
 
 _i8 = ir.IntType(8)
@@ -197,17 +196,13 @@ def make_tile(MR, bits, lut, CH):
 
 
 # (bits, lut) -> tiles of 1 .. _rows rows, for chunks of 8 and of 4 quads
-_T4_8 = [make_tile(m, 4, False, 8) for m in (1, 2)]
-_T4_4 = [make_tile(m, 4, False, 4) for m in (1, 2)]
-_T8_8 = [make_tile(m, 8, False, 8) for m in (1, 2)]
-_T8_4 = [make_tile(m, 8, False, 4) for m in (1, 2)]
+_t4_8_1, _t4_8_2 = (make_tile(m, 4, False, 8) for m in (1, 2))
+_t4_4_1, _t4_4_2 = (make_tile(m, 4, False, 4) for m in (1, 2))
+_t8_8_1, _t8_8_2 = (make_tile(m, 8, False, 8) for m in (1, 2))
+_t8_4_1, _t8_4_2 = (make_tile(m, 8, False, 4) for m in (1, 2))
 _T2_8, _T2_4 = make_tile(1, 2, False, 8), make_tile(1, 2, False, 4)
 _L4_8, _L4_4 = make_tile(1, 4, True, 8), make_tile(1, 4, True, 4)
 _L2_8, _L2_4 = make_tile(1, 2, True, 8), make_tile(1, 2, True, 4)
-_t4_8_1, _t4_8_2 = _T4_8
-_t4_4_1, _t4_4_2 = _T4_4
-_t8_8_1, _t8_8_2 = _T8_8
-_t8_4_1, _t8_4_2 = _T8_4
 
 
 @njit(cache=True, nogil=True)
@@ -273,12 +268,8 @@ def run(qa, ascale, qasum, wq, sc, sstride, zp, zstride, bits, bs, table, lut, o
 def run_quantizing(a, wq, sc, sstride, zp, zstride, bits, bs, table, lut, out):
     # a (M, K) float32: quantized per block here (kernels/nbits.py), then run()
     # (one dispatch and no scratch per call, as nbits_vnni.run_quantizing)
-    M, K = a.shape
-    Kp = wq.shape[1] * 4
-    qa = np.empty((M, Kp), np.int8)
-    ascale = np.empty((M, Kp // bs), np.float32)
-    qasum = np.empty((M, Kp // bs), np.float32)
-    if not quantize_rows_blockwise(a, bs, qa, ascale, qasum):
+    qa, ascale, qasum, ok = quantize_rows(a, wq.shape[1] * 4, bs)
+    if not ok:
         return False  # non-finite activations: the caller raises
     run(qa, ascale, qasum, wq, sc, sstride, zp, zstride, bits, bs, table, lut, out)
     return True
