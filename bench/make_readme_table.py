@@ -30,6 +30,7 @@ BASELINE_HEADERS = {
     "torch_dyn": "torch dyn. Linear",
     "ort_dynqmm": "ORT DynamicQuantizeMatMul",
     "ort_qlconv": "ORT QLinearConv",
+    "ort_qlconv_exact": "ORT QLinearConv exact",
     "ort_convint": "ORT ConvInteger",
     "ort_conv_f32": "ORT Conv f32",
     "torch_onednn": "torch qconv onednn",

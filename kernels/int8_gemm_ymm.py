@@ -15,10 +15,12 @@ the 6x64 zmm kernel of ``int8_gemm_vnni`` (whose helpers this module reuses).
             saturating ``vpmaddubsw`` that needs 7-bit data (``reduce_range``).
             b' is sign-extended to 16 bits once, at pack time
             ([N/NR][K2][NR][2] int16, ``pack_b16``), a' zero-extended once per
-            call (``pack_a16``: pairs of uint16, one ``vpbroadcastd`` per row
-            and k pair), so the K loop is loads, ``vpmaddwd`` and ``vpaddd``
-            only; the epilogue is the zmm kernel's, in registers
-            (``make_fused_kernel`` with ``_k_loop_avx2``).
+            call (``pack_a16``: blocks of 6 rows, 16 k of each row a step, one
+            ``vpbroadcastd`` per row and k pair), so the K loop is loads,
+            ``vpmaddwd`` and ``vpaddd`` only; the epilogue is the zmm kernel's,
+            in registers (``make_fused_kernel`` with ``_k_loop_avx2``). The
+            INT8 convolution widens each tile's im2col rows into the same
+            layout (``widen_rows``, kernels/int8_conv.py ``conv_avx2``).
 
 avx_vnni packs B panel-major [N/NR][K4][NR][4] int8 as ``int8_gemm_vnni.pack_b``
 and runs its epilogue on an int32 scratch tile (kernels/requant.py).
@@ -341,25 +343,37 @@ def gemm_fused_serial(a, bp, scratch, epi, out):
 # thread, u8s8->i32: 1024^3 77 -> 132 GOP/s, 16 x 384 x 1536 62 -> 108 (vpmaddwd
 # + vpaddd probe 150-160 in the same runs).
 AVX2_MR, AVX2_NR = 6, 16
+# pairs of k per K-loop step (16 k: one 16-byte run of a row widened), and the
+# bytes of one row's pairs in a step of pack_a16's layout
+KB = 8
+ROW_BYTES = 4 * KB
+
+
+def _keep(builder, v):
+    """v through an empty inline asm: the sums stay one chain per accumulator.
+    Without it LLVM reassociated a step's 8 pair products into trees, kept all
+    16 B vectors live and spilled them (1 thread, 1024^3: 112 vs 124 GOP/s)."""
+    fty = ir.FunctionType(v.type, [v.type])
+    return builder.asm(fty, "", "=x,0", [v], False)
 
 
 def _k_loop_avx2(builder, MR, NV_, a, lda, b, ldb, k2, akstep, nvalid):
     """make_fused_kernel's K loop for the avx2 layout: MR rows x 16 columns,
-    k2 steps of one 16-bit pair; a = the block's pack_a16 address, lda = 4
-    (bytes from one row's pair to the next), akstep = bytes per k step (the
-    `kr` slot: K is padded, there is no tail). Returns MR 16-lane sums."""
+    k2 pairs of k: k2 // KB steps of KB pairs, then the last step's k2 % KB
+    pairs one at a time (a stem's K = 147 padded to whole steps cost 9 %);
+    a = the block's pack_a16 address, lda = ROW_BYTES (one row's pairs in a
+    step), akstep = bytes per step (the `kr` slot). Within a step row r's
+    pair s is at r * lda + 4 s: constant offsets from one pointer. Returns MR
+    16-lane sums."""
     assert NV_ == 1
     pmadd = _fn(builder, "llvm.x86.avx2.pmadd.wd", _v8, [_v16w, _v16w])
     a_base = builder.inttoptr(a, _i8.as_pointer())
     b_base = builder.inttoptr(b, _i8.as_pointer())
-    a_rows = [
-        _gep8(builder, a_base, builder.mul(lda, ir.Constant(_i64, r)))
-        for r in range(MR)
-    ]
     b_offs = _b_offsets(builder, 2, nvalid, lanes=8)
+    bstep = builder.mul(ldb, ir.Constant(_i64, KB))
 
-    def kstep(k, accs):
-        brow = _gep8(builder, b_base, builder.mul(k, ldb))
+    def pair(accs, arow, brow, s):
+        # accs += row r's pair s (a byte offset) times the B pair row at brow
         bv = [
             builder.bitcast(
                 builder.load(
@@ -370,19 +384,37 @@ def _k_loop_avx2(builder, MR, NV_, a, lda, b, ldb, k2, akstep, nvalid):
             )
             for v in range(2)
         ]
-        at = builder.mul(k, akstep)
         new = []
         for r in range(MR):
-            a32 = _load_i32(builder, _gep8(builder, a_rows[r], at))
-            pair = builder.bitcast(_splat8(builder, a32), _v16w)
+            at = builder.add(builder.mul(lda, ir.Constant(_i64, r)), s)
+            a32 = _load_i32(builder, _gep8(builder, arow, at))
+            pr = builder.bitcast(_splat8(builder, a32), _v16w)
             for v in range(2):
-                prod = builder.call(pmadd, [pair, bv[v]])
-                new.append(builder.add(accs[2 * r + v], prod))
+                prod = builder.call(pmadd, [pr, bv[v]])
+                new.append(_keep(builder, builder.add(accs[2 * r + v], prod)))
         return new
 
+    def kstep(k, accs):
+        brow = _gep8(builder, b_base, builder.mul(k, bstep))
+        arow = _gep8(builder, a_base, builder.mul(k, akstep))
+        for s in range(KB):
+            bs = _gep8(builder, brow, builder.mul(ldb, ir.Constant(_i64, s)))
+            accs = pair(accs, arow, bs, ir.Constant(_i64, 4 * s))
+        return accs
+
     zero = ir.Constant(_v8, None)
-    accs = _ir_loop(builder, ir.Constant(_i64, 0), k2, [zero] * (2 * MR), kstep,
+    k8 = builder.udiv(k2, ir.Constant(_i64, KB))
+    accs = _ir_loop(builder, ir.Constant(_i64, 0), k8, [zero] * (2 * MR), kstep,
                     name="avx2")  # fmt: skip
+    brow = _gep8(builder, b_base, builder.mul(k8, bstep))
+    arow = _gep8(builder, a_base, builder.mul(k8, akstep))
+
+    def tail(s, accs):
+        bs = _gep8(builder, brow, builder.mul(ldb, s))
+        return pair(accs, arow, bs, builder.mul(s, ir.Constant(_i64, 4)))
+
+    rem = builder.urem(k2, ir.Constant(_i64, KB))
+    accs = _ir_loop(builder, ir.Constant(_i64, 0), rem, accs, tail, name="avx2t")
     join = ir.Constant(ir.VectorType(_i32, 16), list(range(16)))
     return [
         builder.shuffle_vector(accs[2 * r], accs[2 * r + 1], join) for r in range(MR)
@@ -400,10 +432,11 @@ _ft6 = make_fused_kernel(6, 1, k_loop=_k_loop_avx2)
 @njit(inline="always")
 def run_avx2_tile(mr, a, akstep, b, k2, m0, n0, nvalid, epi, narrow, a_arr, out):
     # one fused avx2 tile: rows m0..m0+mr from the pack_a16 block at address a
-    # (akstep bytes per k step), the pack_b16 panel at address b, output
-    # columns n0..n0+nvalid (eqs. 6-13); narrow: narrow_epilogue(...)
-    args = _fused_args(a, 4, b, AVX2_NR * 4, k2, akstep, m0, n0, nvalid, epi,
-                       narrow, a_arr, out)  # fmt: skip
+    # (akstep bytes per step of KB pairs), the pack_b16 panel at address b, k2
+    # pairs of k, output columns n0..n0+nvalid (eqs. 6-13); narrow:
+    # narrow_epilogue(...)
+    args = _fused_args(a, ROW_BYTES, b, AVX2_NR * 4, k2, akstep, m0, n0, nvalid,
+                       epi, narrow, a_arr, out)  # fmt: skip
     if mr == 6:
         _ft6(*args)
     elif mr == 5:
@@ -419,14 +452,14 @@ def run_avx2_tile(mr, a, akstep, b, k2, m0, n0, nvalid, epi, narrow, a_arr, out)
 
 
 @njit(nogil=True, cache=True)
-def _avx2_job(t, nblk, a, bp, epi, narrow, out):
+def _avx2_job(t, nblk, a, bp, K, epi, narrow, out):
     # job t = (row block, N panel) as int8_gemm_vnni._block_job; a = pack_a16's
-    # blocks seen as (M padded, 4 * K2) bytes, so row m0's offset is its block's
+    # blocks seen as (M padded, bytes per row), so row m0's offset is its block's; K
     M, N = out.shape
     mt = (M + AVX2_MR - 1) // AVX2_MR
     nt = (N + AVX2_NR - 1) // AVX2_NR
-    k2 = bp.shape[1]  # B's k pairs: A may carry more (zero) pairs, never fewer
-    akstep = 4 * min(AVX2_MR, M)
+    k2 = (K + 1) // 2  # B and A carry zero pairs up to whole steps
+    akstep = ROW_BYTES * min(AVX2_MR, M)
     blk = t // nt
     jn = t - blk * nt
     n0 = jn * AVX2_NR
@@ -450,7 +483,7 @@ def gemm_avx2(a, bp, epi, out, threads, pmax, K):
     nblk = _row_blocks(mt, threads)
     narrow = narrow_epilogue(epi, K, pmax)
     for t in prange(nblk * nt):
-        _avx2_job(t, nblk, a, bp, epi, narrow, out)
+        _avx2_job(t, nblk, a, bp, K, epi, narrow, out)
 
 
 @njit(nogil=True, cache=True)
@@ -461,7 +494,7 @@ def gemm_avx2_serial(a, bp, epi, out, pmax, K):
     nblk = _row_blocks(mt, 1)
     narrow = narrow_epilogue(epi, K, pmax)
     for t in range(nblk * nt):
-        _avx2_job(t, nblk, a, bp, epi, narrow, out)
+        _avx2_job(t, nblk, a, bp, K, epi, narrow, out)
 
 
 def pack_b(b, nr):
@@ -478,9 +511,10 @@ def pack_b(b, nr):
 
 def pack_b16(b, nr):
     """b' (K, N) int8 -> the avx2 layout [NP][K2][nr][2] int16 (sign-extended
-    once here; zero rows pad K to even, zero columns N to a panel)."""
+    once here; zero rows pad K to whole steps of KB pairs, zero columns N to a
+    panel)."""
     K, N = b.shape
-    K2 = (K + 1) // 2
+    K2 = -(-K // (2 * KB)) * KB
     NP = (N + nr - 1) // nr
     padded = np.zeros((K2 * 2, NP * nr), dtype=np.int16)
     padded[:K, :N] = b
@@ -489,27 +523,67 @@ def pack_b16(b, nr):
     return packed
 
 
+def a16_shape(M, K):
+    """pack_a16's output shape for an (M, K) a': blocks of R = min(6, M) rows,
+    steps of 2 * KB k, R rows of KB zero-extended pairs a step."""
+    R = min(AVX2_MR, M)
+    return (-(-M // R), -(-K // (2 * KB)), R, 2 * KB)
+
+
+@intrinsic
+def _widen16(typingctx, dst, src):
+    # 16 bytes at address src zero-extended to 16 uint16 at address dst (one
+    # vpmovzxbw; numba's indexed byte loop did not vectorize: 0.26 ns a byte)
+    def codegen(context, builder, sig, args):
+        v16b = ir.VectorType(_i8, 16)
+        p = builder.inttoptr(args[1], v16b.as_pointer())
+        w = builder.zext(builder.load(p, align=1), _v16w)
+        builder.store(w, builder.inttoptr(args[0], _v16w.as_pointer()), align=1)
+        return context.get_dummy_value()
+
+    return types.none(types.intp, types.intp), codegen
+
+
+@njit(inline="always")
+def widen_rows(a, m0, R, blk, out):
+    # out[blk, q, r, i] = a[m0 + r, 16 q + i] as uint16 (pack_a16's layout),
+    # zeros past K and for r >= the rows of a; a's rows need unit stride
+    M, K = a.shape
+    Q = out.shape[1]
+    full = K // (2 * KB)
+    for r in range(R):
+        m = m0 + r
+        if m >= M:
+            for q in range(Q):
+                out[blk, q, r, :] = 0
+            continue
+        src = a.ctypes.data + m * a.strides[0]
+        for q in range(full):
+            _widen16(out[blk, q, r].ctypes.data, src + q * 2 * KB)
+        for q in range(full, Q):
+            for i in range(2 * KB):
+                k = q * 2 * KB + i
+                out[blk, q, r, i] = a[m, k] if k < K else 0
+
+
 @njit(nogil=True, cache=True)
 def pack_a16(a, out):
-    # a (M, K) uint8 a' -> out (M // R, ceil(K / 2), R) uint32 with R = min(6, M)
-    # rows a block (M padded to whole blocks): the pair (a'[m, 2j], a'[m, 2j + 1])
-    # zero-extended to 16 bits each, rows of a block side by side, so the avx2
-    # tile broadcasts row r's pair j from block + j * 4R + 4r (no per-row
-    # address arithmetic in the K loop: the tile alone, 1 thread, K = 1024,
-    # ~70 -> ~100 % of the vpmaddwd + vpaddd probe, five leaq a k step fewer);
-    # zeros past K and past M
-    M, K = a.shape
-    nblk, K2, R = out.shape
-    for blk in range(nblk):
-        for r in range(R):
-            m = blk * R + r
-            if m >= M:
-                for j in range(K2):
-                    out[blk, j, r] = 0
-                continue
-            for j in range(K // 2):
-                out[blk, j, r] = np.uint32(a[m, 2 * j]) | (
-                    np.uint32(a[m, 2 * j + 1]) << np.uint32(16)
-                )
-            if K % 2:
-                out[blk, K2 - 1, r] = np.uint32(a[m, K - 1])
+    # a (M, K) uint8 a' -> out a16_shape(M, K) uint16: row blocks of R rows, and
+    # in each step of 16 k the block's rows one after another, 16 zero-extended
+    # bytes (8 pairs) each, so the avx2 tile broadcasts row r's pair s of step
+    # q from block + q * 32R + 32r + 4s: constant offsets from one pointer in
+    # the K loop (per-row addresses: ~70 % of the vpmaddwd + vpaddd probe, 1
+    # thread, K = 1024; five leaq a k step), and a row's 16 bytes widen with
+    # one vpmovzxbw (pairs interleaved across rows took a scalar pass: 0.6 ms
+    # of a 3x3 64-channel 56^2 layer's 2.5 ms)
+    R = out.shape[2]
+    for blk in range(out.shape[0]):
+        widen_rows(a, blk * R, R, blk, out)
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def pack_a16_par(a, out):
+    # pack_a16, row blocks across the threads
+    R = out.shape[2]
+    for blk in prange(out.shape[0]):
+        widen_rows(a, blk * R, R, blk, out)

@@ -252,6 +252,13 @@ BASELINES: tuple[lb.Baseline, ...] = (
         lambda c, x: _ort_conv(c, x, "QLinearConv"),
     ),
     lb.Baseline(
+        "ort_qlconv_exact",
+        "onnxruntime QLinearConv with session.x64quantprecision=1: exact on CPUs "
+        "without VNNI, where its default sums pairs in saturating 16 bits",
+        ("onnxruntime", "onnx"), _ALL, True,
+        lambda c, x: _ort_conv(c, x, "QLinearConv", exact=True),
+    ),
+    lb.Baseline(
         "ort_convint",
         "onnxruntime ConvInteger u8s8->i32 (dynamic-quantization conv)",
         ("onnxruntime", "onnx"), _ALL, True,

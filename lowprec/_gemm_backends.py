@@ -182,15 +182,14 @@ class Avx2Gemm:
         if _via_contiguous(Avx2Gemm.fused, a_u8, packed, scratch, epi, out, serial,
                            pmax):  # fmt: skip
             return
-        # the tile reads a' as interleaved pairs of uint16 (int8_gemm_ymm.pack_a16):
+        # the tile reads a' widened to uint16 in row blocks (int8_gemm_ymm.pack_a16):
         # one pass per call, M x K against the tiles' M x N x K. The driver sees
-        # the blocks as (M padded, 4 x K/2) bytes: row m0's offset is its block's
+        # the blocks as (M padded, bytes per row) bytes: row m0's offset is its block's
         M, K = a_u8.shape
-        R = min(k.AVX2_MR, M)
-        nblk, K2 = -(-M // R), (K + 1) // 2
-        a16 = _dispatch.scratch("avx2.a16", (nblk, K2, R), np.uint32)
-        k.pack_a16(a_u8, a16)
-        a_bytes = _readonly(a16.view(np.uint8).reshape(nblk * R, 4 * K2))
+        shape = k.a16_shape(M, K)
+        a16 = _dispatch.scratch("avx2.a16", shape, np.uint16)
+        (k.pack_a16 if serial else k.pack_a16_par)(a_u8, a16)
+        a_bytes = _readonly(a16.view(np.uint8).reshape(shape[0] * shape[2], -1))
         if serial:
             k.gemm_avx2_serial(a_bytes, packed, epi, out, pmax, K)
         else:

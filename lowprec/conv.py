@@ -47,6 +47,7 @@ from .gemm import (
     _y_zero_point,
 )
 from .kernels import int8_conv as _kc
+from .kernels import int8_gemm_ymm as _ky
 from .kernels import layout as _kl
 
 _MODE_INT32, _MODE_QUANT, _MODE_FLOAT = 0, 1, 2
@@ -178,12 +179,14 @@ class PackedConvWeights:
         return bp
 
     def _avx2(self) -> np.ndarray:
-        """Group 0's w' as the avx2 GEMM layout (kernels/int8_gemm_ymm.pack_b16)."""
+        """(G, NP, K2, 16, 2) int16: kernels/int8_gemm_ymm.pack_b16 per group."""
         bp = self._layouts.get("avx2")
         if bp is None:
             from .kernels import int8_gemm_ymm as ky
 
-            bp = self._layouts["avx2"] = ky.pack_b16(self._wk[0], ky.AVX2_NR)
+            bp = np.stack([ky.pack_b16(wg, ky.AVX2_NR) for wg in self._wk])
+            bp.flags.writeable = False
+            self._layouts["avx2"] = bp
         return bp
 
     def _nchw4(self, dense=False):
@@ -720,31 +723,42 @@ def _plan(
 
         return run_vnni
 
-    if isa == "avx2" and G == 1:
-        # AVX2 without VNNI: the output pixels' rows gathered (im2col) a chunk
-        # at a time into a reused buffer, then the avx2 GEMM tiles with their
-        # fused epilogue (3x3 32->32 at 28^2, 1 thread, AVX2 Zen 3: the
-        # portable loops ran at 11.8 GOP/s)
-        backend = _dispatch.gemm_backend()
-        chunk = max(6, min(rows, AVX2_CHUNK_BYTES // max(K, 1)) // 6 * 6)
+    if isa == "avx2":
+        # AVX2 without VNNI: conv_vnni's jobs on the exact vpmaddwd tiles, each
+        # job's rows gathered and widened in per-thread scratch (kernels/
+        # int8_conv.conv_avx2). Against the whole-image gather, serial
+        # pack_a16 and GEMM it replaced, Zen 3, GOP/s, 1 / 2 threads: 3x3
+        # 64->64 at 56^2 101 -> 118 / 129 -> 224, 1x1 256->64 89 -> 105 / 108
+        # -> 164, 3x3 256->256 at 14^2 100 -> 130 / 188 -> 219, stem 77 -> 91
+        # / 102 -> 173, the 56^2 3x3 at batch 8 94 -> 117 / 125 -> 236
+        bp = packed._avx2()
+        direct = int(kh == kw == 1 and sh == sw == 1 and G == 1 and Hp == H and Wp == W)
+        ka = -(-max(K, 1) // 64) * 64
+        mt = -(-rows // _ky.AVX2_MR)
+        panels = bp.shape[1]
         zero1 = _ro(np.zeros(1, np.int64))
         folded = _ro(bias - za_eff * cs)
         fzeros = _ro(np.full(M, -0.0, np.float32))  # no float bias: x + -0.0 = x
 
         def run_avx2(x):
             xp = padded(x)
-            rs = row_sums(xp)[0]
+            fused = (zero1, _ro(row_sums(xp)), cs, _ro(zb_eff), folded, mult, zy,
+                     qlo, qhi, mode, fzeros)  # fmt: skip
+            nth = _dispatch.num_threads()
+            pbk = panels if mt * G >= SPLIT_N_TILES * nth else 1
+            jobs = mt * G * -(-panels // pbk)
+            tj = max(1, min(8, jobs // (16 * nth)))
             out = rows_out()
-            lay = packed._avx2()
-            a = _dispatch.scratch("conv.avx2", (chunk, max(K, 1)), np.uint8)
-            for m0 in range(0, rows, chunk):
-                mr = min(chunk, rows - m0)
-                _dispatch.call_on_threads(par(), _kc.gather_rows, xp, geo, m0, mr, a)
-                rsc = rs if rs.shape[0] == 1 else rs[m0 : m0 + mr]
-                epi = (zero1, _ro(rsc), cs, _ro(zb_eff), folded, mult, zy, qlo,
-                       qhi, mode, fzeros)  # fmt: skip
-                backend.fused(_ro(a[:mr]), lay, None, epi, out[m0 : m0 + mr],
-                              serial=par() == 1, pmax=packed._p_max)  # fmt: skip
+            sa = _dispatch.scratch("conv.avx2.sa", (threads, _ky.AVX2_MR, ka), np.uint8)
+            s16 = _dispatch.scratch(
+                "conv.avx2.s16",
+                (threads, *_ky.a16_shape(_ky.AVX2_MR * tj, K)),
+                np.uint16,
+            )
+            _dispatch.call_on_threads(
+                par(), _kc.conv_avx2, _ro(xp), bp, geo, pbk, tj, direct, sa, s16,
+                fused, packed._p_max, out,
+            )  # fmt: skip
             return output(out)
 
         return run_avx2
@@ -762,9 +776,6 @@ def _plan(
 
     return run_portable
 
-
-# the avx2 path's im2col chunk: rows of K bytes up to this many bytes (L2-sized)
-AVX2_CHUNK_BYTES = 256 << 10
 
 # conv_nchw4's x4 argument where it packs from x itself (one compiled variant)
 _NO_X4 = np.zeros(16, np.uint32)

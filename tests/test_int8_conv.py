@@ -364,8 +364,9 @@ _AVX2 = "avx2" in lowprec.available_isas()
 )
 def isa(request, monkeypatch):
     """The convolution has two VNNI kernels for NCHW input (the NHWC pixel tile
-    and conv_nchw4, channels as rows), the avx2 path's (im2col chunks through
-    the avx2 GEMM tiles; 3x3 depthwise on vpmaddwd) and a portable path: force
+    and conv_nchw4, channels as rows), the avx2 path's (each tile's im2col rows
+    widened for the vpmaddwd tiles, any group count; 3x3 depthwise on
+    vpmaddwd) and a portable path: force
     each in turn. "avx512_vnni" never takes conv_nchw4, "nchw4" takes it
     wherever it applies."""
     before = lowprec.get_isa()
@@ -425,9 +426,11 @@ def test_conv_matches_oracle(isa, prob, layout, packed, data):
 
 def test_larger_shapes_every_tile_path(isa, monkeypatch):
     """Sizes where VNNI tiles are full and partial, > 64 channels, panels split."""
-    calls = []
+    calls, avx2 = [], []
     real = lc._nchw4_plan
     monkeypatch.setattr(lc, "_nchw4_plan", lambda *a: calls.append(1) or real(*a))
+    kernel = lc._kc.conv_avx2
+    monkeypatch.setattr(lc._kc, "conv_avx2", lambda *a: avx2.append(1) or kernel(*a))
     rng = np.random.default_rng(1)
     for C, M, k, s, pads, H, G in [
         (64, 70, 3, 1, 1, 9, 1),  # 2 panels, tail panel
@@ -445,8 +448,10 @@ def test_larger_shapes_every_tile_path(isa, monkeypatch):
         wz = rng.integers(-3, 3, M).astype(np.int8)
         got = lowprec.conv.conv_integer(x, w, np.uint8(7), wz, **kw)
         np.testing.assert_array_equal(got, conv_ref(x, w, 7, wz, **kw))
-    # the forced kernel really ran (4 non-depthwise shapes, 2 calls each)
+    # the forced kernel really ran (4 non-depthwise shapes, 2 calls each; the
+    # avx2 tiles take the grouped one too)
     assert len(calls) == (8 if isa == "nchw4" else 0)
+    assert len(avx2) == (8 if isa == "avx2" else 0)
 
 
 @pytest.mark.parametrize("x_dt", [np.uint8, np.int8])

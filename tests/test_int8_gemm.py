@@ -458,20 +458,20 @@ def _tile_asm(path):
     from lowprec.kernels import int8_gemm_vnni as z
     from lowprec.kernels import int8_gemm_ymm as y
 
-    if path == "avx2":  # the fused tile: K = 8 as 4 steps of widened pairs
+    if path == "avx2":  # the fused tile: K = 16 as one step of 8 widened pairs
         z1, zn = np.zeros(1, np.int64), np.zeros(16, np.int64)
         epi = (z1, z1, zn, zn, zn, np.ones((1, 1)), 0.0, 0.0, 0.0, 0,
                np.zeros(16, np.float32))  # fmt: skip
 
         @njit
         def one_fused(a, b, c):
-            y.run_avx2_tile(6, a.ctypes.data, 24, b.ctypes.data, 4, 0, 0, 16, epi,
-                            0, a, c)  # fmt: skip
+            y.run_avx2_tile(6, a.ctypes.data, 6 * y.ROW_BYTES, b.ctypes.data, 8, 0,
+                            0, 16, epi, 0, a, c)  # fmt: skip
 
-        a16 = np.zeros((1, 4, 6), np.uint32)
-        y.pack_a16(np.ones((6, 8), np.uint8), a16)
+        a16 = np.zeros(y.a16_shape(6, 16), np.uint16)
+        y.pack_a16(np.ones((6, 16), np.uint8), a16)
         c = np.zeros((6, 16), np.int32)
-        one_fused(a16.view(np.uint8), y.pack_b16(np.full((8, 16), -1, np.int8), 16), c)
+        one_fused(a16.view(np.uint8), y.pack_b16(np.full((16, 16), -1, np.int8), 16), c)
         return c, one_fused.inspect_asm(one_fused.signatures[0])
     tile, nr, pack = {
         "avx512_vnni": (z._tile6, 64, z.pack_b),
@@ -504,7 +504,8 @@ def test_tile_kernels_compile_to_the_instruction(path, must, never):
     if path not in lowprec.available_isas():
         pytest.skip(f"this CPU cannot run the {path} path (llvmlite's features)")
     c, asm = _tile_asm(path)
-    np.testing.assert_array_equal(c, np.full((6, c.shape[1]), -8))
+    k = 16 if path == "avx2" else 8  # all-ones a' times all -1 b'
+    np.testing.assert_array_equal(c, np.full((6, c.shape[1]), -k))
     assert re.search(must, asm), f"{path}: no {must} in the tile's assembly"
     assert never not in asm  # the saturating 16-bit path is never used
 
