@@ -74,6 +74,7 @@ from .fp16_gemm import (
 )
 from .ir_util import if_then as _ir_if
 from .ir_util import loop as _ir_loop
+from .layout import copy_bytes
 
 TM = 8  # portable: output pixels per tile
 
@@ -1583,21 +1584,33 @@ def depthwise(threads, nj, fused, x, xp, wd, geo, pt, pl, bias, has_bias, lo, hi
 
 # ---------------------------------------------------------------------------
 # avx2_f16c: the output as a GEMM of the weights (A: float32 rows of K in the
-# order (i, j, c), 6 channels a tile) by the taps of up to 64 output pixels of
-# one output row (B: K rows of float16), on fp16_gemm's 16-column ymm strips.
-# With a horizontal stride of 1 B's row k = (i, j, c) is a contiguous slice of
-# the zero-padded image: xq[n, g*Cg + c, oh*sh + i*dh, ow0 + j*dw : + 64], so
-# the strips read it in place through a table of the K row offsets (no
-# im2col). Other strides gather the taps into a panel first (_panel). Every
-# output's sum runs over k in the contract's order (an FMA of two float16
-# values equals fl32(acc + x*w): exact products): the portable loops' bits.
+# order (i, j, c), 6 channels a tile) by the taps of 64 output positions (B: K
+# rows of float16), on fp16_gemm's 16-column ymm strips. The float16 image is
+# split into its sh*sw stride phases (pad_phases16, the rows path's layout
+# without the conversion), so output positions run over a grid of Ho rows of
+# Wq = ceil(Wp/sw) columns and B's row k = (i, j, c) for 64 consecutive grid
+# positions is one contiguous slice of a phase plane, read in place through a
+# table of the K row offsets (tap_table): no im2col, any stride. The grid's
+# columns past Wo are computed and dropped by the epilogue. Every output's sum
+# runs over k in the contract's order (an FMA of two float16 values equals
+# fl32(acc + x*w): exact products): the portable loops' bits.
 
-AVX2_PIX = NR  # output pixels a job at most (the strips' 64 columns)
-# float16 elements the strips may read past the image: a segment's strips
-# run in groups (4 strips for 1-row tiles, 2 for 2 rows: make_tap_strips's
-# SV), so a 1-row tile reads 64 columns from the segment's start however few
-# are valid (16 elements were too few: a review found the read past them)
-TAP_SLACK = AVX2_PIX
+AVX2_PIX = NR  # grid positions a job (the strips' 64 columns)
+# weights (bytes of float32 A) above which a job takes a block of AVX2_MB
+# channels instead of all of a group's: the block's rows then stay in L2
+# across the grid segments (3x3 256->256 at 14^2 streamed 2.4 MB of weights
+# per 14-pixel row before the grid)
+AVX2_W_BYTES = 256 << 10
+AVX2_MB = 4 * MR_MAX
+
+
+def tap_slack(geo):
+    """float16 elements the strips may read past the phase planes: a segment's
+    strips run in groups (4 strips for 1-row tiles, 2 for 2 rows:
+    make_tap_strips's SV), so they read 64 grid columns from the segment's
+    start, and the last row's taps reach (kw-1)*dw // sw columns further."""
+    kw, sw, dw = int(geo[7]), int(geo[9]), int(geo[11])
+    return AVX2_PIX + (kw - 1) * dw // sw
 
 
 def make_tap_strips(MR):
@@ -1606,7 +1619,7 @@ def make_tap_strips(MR):
     group of strips (SV strips of 16 columns, run together) that holds one of
     the ncols valid columns; the other groups are skipped and their part of c
     is not written. Columns past ncols read past the row, up to 64 from its
-    start (TAP_SLACK). a: float32 rows lda bytes apart; x: float16 base
+    start (tap_slack). a: float32 rows lda bytes apart; x: float16 base
     address; tab: int64 element offsets; c: float32 rows of ldc elements."""
     SV = {1: 4, 2: 2}.get(MR, 1)
 
@@ -1682,80 +1695,77 @@ def _tap_tile(mr, a, lda, x, tab, ks, c, ldc, ncols):
         _tap1(a, lda, x, tab, ks, c, ldc, ncols)
 
 
-@njit(inline="always")
-def _panel(xq, n, g, p0, npix, geo, dst):
-    # dst (K, 64) uint16 <- dst[(i*kw + j)*Cg + c, jj] = xq[n, g*Cg + c,
-    # oh*sh + i*dh, ow*sw + j*dw] for output pixel p0 + jj = (oh, ow) of one
-    # output row (npix <= Wo - ow); zeros after them (the scratch is not
-    # initialized: no stray bit patterns in the strips)
-    N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M = geo
-    oh = p0 // Wo
-    ow = p0 - oh * Wo
-    xf = xq.reshape(-1)
-    df = dst.reshape(-1)
-    for i in range(kh):
-        for c in range(Cg):
-            s0 = (((n * C + g * Cg + c) * Hp + oh * sh + i * dh) * Wp) + ow * sw
-            for j in range(kw):
-                d0 = ((i * kw + j) * Cg + c) * AVX2_PIX
-                s = s0 + j * dw
-                for t in range(npix):
-                    df[d0 + t] = xf[s + t * sw]
-                for t in range(npix, AVX2_PIX):
-                    df[d0 + t] = 0  # the columns past npix the strips read
+@njit(**PJIT)
+def pad_phases16(x, xq, pt, pl, sh, sw, Hq, Wq):
+    # x (N, C, H, W) uint16 -> xq (N*C, sh*sw*Hq*Wq) uint16: pad_phases's
+    # layout (phase (a, b) holds padded rows a, a+sh, ... and columns b, b+sw,
+    # ...) of the float16 bits, zeros around
+    N, C, H, W = x.shape
+    P = Hq * Wq
+    whole = sh * Hq == H and sw * Wq == W  # no padding: every element written
+    for t in prange(N * C):
+        n = t // C
+        c = t - n * C
+        src = x[n, c]
+        dst = xq[t]
+        if not whole:
+            dst[:] = 0
+        for h in range(H):
+            hp = h + pt
+            rb = (hp % sh) * sw * P + (hp // sh) * Wq
+            srow = src[h]
+            if sw == 1 and W >= 4:  # inline moves (an indexed loop: 1 ns a value)
+                copy_bytes(dst.ctypes.data + 2 * (rb + pl), srow.ctypes.data, 2 * W)
+                continue
+            for b in range(sw):
+                w0 = (b - pl) % sw  # the first column of phase b
+                d = rb + b * P + (w0 + pl) // sw
+                for u in range((W - w0 + sw - 1) // sw):
+                    dst[d + u] = srow[w0 + u * sw]
 
 
 @njit(**PJIT)
-def conv_avx2(xq, wa, geo, flat, tab, panels, tiles, bias, has_bias, lo, hi, mode,
-              out32, out16):  # fmt: skip
-    # xq (N, C, Hp, Wp) uint16 float16 bits, zero-padded, with TAP_SLACK
-    # elements after it (xq is a view of a longer buffer); wa
-    # (G, Mg, K) float32, K order (i, j, c); tab (K,) int64: B row k's offset
-    # in an image (stride 1, see above); panels (threads, K, 64) uint16 (the
-    # gathered taps, other strides) and tiles (threads, MR_MAX, 64) float32
-    # scratch; out (N, M, Ho*Wo). flat: a 1x1 unpadded stride-1 layer, whose
-    # output pixels are all one row. Jobs: (image, group, row, segment of <= 64
-    # pixels), the segment fastest.
+def conv_avx2(xq, wa, geo, Wq, tab, mb, tiles, bias, has_bias, lo, hi, mode, out32,
+              out16):  # fmt: skip
+    # xq (N*C, S*Hq*Wq) uint16 float16 bits (pad_phases16), a view of a buffer
+    # with tap_slack elements after it; wa (G, Mg, K) float32, K order (i, j,
+    # c); tab (K,) int64: B row k's element offset from a channel group's
+    # first plane; mb channels a job (a multiple of MR_MAX, or Mg); tiles
+    # (threads, MR_MAX, 64) float32 scratch; out (N, M, Ho*Wo). Jobs: (image,
+    # group, channel block, segment of 64 grid positions), the segment fastest.
     N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M = geo
     K = kh * kw * Cg
-    rows, width = (1, Ho * Wo) if flat else (Ho, Wo)
-    nseg = (width + AVX2_PIX - 1) // AVX2_PIX
+    npos = Ho * Wq
+    nseg = (npos + AVX2_PIX - 1) // AVX2_PIX
+    nmb = (Mg + mb - 1) // mb
     lda = wa.strides[1]
-    for t in prange(N * G * rows * nseg):
+    for t in prange(N * G * nmb * nseg):
         seg = t % nseg
-        oh = (t // nseg) % rows
-        g = (t // (nseg * rows)) % G
-        n = t // (nseg * rows * G)
-        tid = numba.get_thread_id()
-        tile = tiles[tid]
-        w0 = seg * AVX2_PIX
-        npix = min(AVX2_PIX, width - w0)
-        p0 = oh * width + w0  # the first output pixel (oh * Wo + ow0)
-        if sw == 1:
-            # row k of B: image n, channel g*Cg + c, row oh*sh + i*dh, from
-            # column ow0 + j*dw (flat: element p0 of the plane)
-            x0 = xq.ctypes.data + 2 * ((n * C + g * Cg) * Hp * Wp)
-            x0 += 2 * (p0 if flat else oh * sh * Wp + w0)
-            tb = tab.ctypes.data
-        else:
-            panel = panels[tid]
-            _panel(xq, n, g, p0, npix, geo, panel)
-            x0 = panel.ctypes.data
-            tb = tab.ctypes.data + 8 * K  # tab[K + k] = 64 k: the panel's rows
-        for m0 in range(0, Mg, MR_MAX):
+        rest = t // nseg
+        blk = rest % nmb
+        g = (rest // nmb) % G
+        n = rest // (nmb * G)
+        tile = tiles[numba.get_thread_id()]
+        q0 = seg * AVX2_PIX
+        npix = min(AVX2_PIX, npos - q0)
+        x0 = xq.ctypes.data + 2 * ((n * C + g * Cg) * xq.shape[1] + q0)
+        for m0 in range(blk * mb, min(Mg, blk * mb + mb), MR_MAX):
             mr = min(MR_MAX, Mg - m0)
             a0 = wa.ctypes.data + g * wa.strides[0] + m0 * lda
-            _tap_tile(mr, a0, lda, x0, tb, K, tile.ctypes.data, AVX2_PIX, npix)
-            _tap_epilogue(tile, mr, npix, n, g * Mg + m0, p0, bias, has_bias, lo,
-                          hi, mode, out32, out16)  # fmt: skip
+            _tap_tile(mr, a0, lda, x0, tab.ctypes.data, K, tile.ctypes.data,
+                      AVX2_PIX, npix)  # fmt: skip
+            _tap_epilogue(tile, mr, npix, n, g * Mg + m0, q0, Wq, Wo, bias,
+                          has_bias, lo, hi, mode, out32, out16)  # fmt: skip
 
 
 @njit(inline="always")
-def _tap_epilogue(tile, mr, npix, n, m0, p0, bias, has_bias, lo, hi, mode, out32,
-                  out16):  # fmt: skip
-    # fp16_gemm._epilogue's arithmetic, rows = output channels m0 .. m0+mr-1,
-    # one branch-free loop per case (vectorized by LLVM: the loop with the
-    # branches inside cost ~14 % of a 3x3 64-channel 56x56 layer)
+def _tap_epilogue(tile, mr, npix, n, m0, q0, Wq, Wo, bias, has_bias, lo, hi, mode,
+                  out32, out16):  # fmt: skip
+    # fp16_gemm._epilogue's arithmetic on the tile's columns = grid positions
+    # q0 .. q0+npix-1, rows = output channels m0 .. m0+mr-1, written to the
+    # output pixels they are (columns past Wo dropped), a grid row's run at a
+    # time; each case one branch-free loop (vectorized by LLVM: the loop with
+    # the branches inside cost ~14 % of a 3x3 64-channel 56x56 layer)
     for r in range(mr):
         t = tile[r]
         if has_bias:
@@ -1766,22 +1776,36 @@ def _tap_epilogue(tile, mr, npix, n, m0, p0, bias, has_bias, lo, hi, mode, out32
             v = t[jj]
             v = lo if v < lo else v
             t[jj] = hi if v > hi else v
-        if mode == 0:
-            o = out32[n, m0 + r]
-            for jj in range(npix):
-                o[p0 + jj] = t[jj]
-        else:
-            o16 = out16[n, m0 + r]
-            for jj in range(npix):
-                o16[p0 + jj] = f32_to_f16_bits(t[jj])
+    q = q0
+    while q < q0 + npix:
+        oh = q // Wq
+        ow = q - oh * Wq
+        if ow >= Wo:
+            q += Wq - ow
+            continue
+        run = min(Wo - ow, q0 + npix - q)
+        c0 = q - q0
+        p = oh * Wo + ow
+        for r in range(mr):
+            t = tile[r]
+            if mode == 0:
+                o = out32[n, m0 + r]
+                for jj in range(run):
+                    o[p + jj] = t[c0 + jj]
+            else:
+                o16 = out16[n, m0 + r]
+                for jj in range(run):
+                    o16[p + jj] = f32_to_f16_bits(t[c0 + jj])
+        q += run
 
 
-def tap_table(geo):
-    """(2K,) int64: [B row k's element offset in an image's padded planes
-    (stride 1) for k = (i*kw + j)*Cg + c ..., then 64 k (a gathered panel's
-    rows)]."""
+def tap_table(geo, Hq, Wq):
+    """(K,) int64: B row k = (i*kw + j)*Cg + c's element offset from a channel
+    group's first phase plane (pad_phases16's layout): channel c, phase
+    (i*dh % sh, j*dw % sw), row i*dh // sh, column j*dw // sw."""
     N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M = (int(v) for v in geo)
     i, j, c = np.meshgrid(np.arange(kh), np.arange(kw), np.arange(Cg), indexing="ij")
-    offs = (c * Hp * Wp + i * dh * Wp + j * dw).reshape(-1)
-    K = offs.shape[0]
-    return np.concatenate([offs, AVX2_PIX * np.arange(K)]).astype(np.int64)
+    P = Hq * Wq
+    phase = (i * dh % sh) * sw + j * dw % sw
+    offs = c * (sh * sw * P) + phase * P + (i * dh // sh) * Wq + j * dw // sw
+    return offs.reshape(-1).astype(np.int64)

@@ -124,8 +124,9 @@ def _next_pixel(n, oh, ow, Ho, Wo):
 @njit(inline="always")
 def _gather(xp, geo, m0, mr, g, dst):
     # dst (>=mr, >=K) uint8 <- im2col rows of output pixels m0..m0+mr-1, group g,
-    # K order (i, j, c). The bytes past K are left alone: the caller zeroes the
-    # buffer once (they meet zero weights); zeroing them per row here, and two
+    # K order (i, j, c). The bytes past K are left alone: the VNNI caller zeroes
+    # the buffer once (they meet zero weights; conv_avx2's tiles never read
+    # them, or meet zero weight rows); zeroing them per row here, and two
     # divisions per row, cost 14 % of the 3x3 32->64 layer (1.64 -> 1.41 ms,
     # 62 x 14 x 14, 1 thread). With one group and no horizontal dilation a
     # kernel row's kw taps are one run of kw*C input bytes: one copy per kernel
@@ -326,11 +327,10 @@ def _avx2_job(t, mt, tj, nblk, pb, direct, xp, bp, geo, sa, s16, epi, narrow, ou
 @njit(**PJIT)
 def conv_avx2(xp, bp, geo, pb, tj, direct, sa, s16, epi, pmax, out):
     # xp (N,Hp,Wp,C) uint8, bp (G,NP,K2,16,2) int16 (pack_b16 per group, K order
-    # (i,j,c)), sa (threads,6,ka) uint8 gather scratch (ka >= K), s16 (threads,
-    # >=tj,Q,6,16) uint16 tiles (a16_shape(6 tj, K); ka >= 16 Q); epi, pmax,
-    # out, tj as
-    # conv_vnni; direct: 1 the input pixels are the rows (1x1, stride 1, one
-    # group, no padding), 0 gather
+    # (i,j,c)), sa (threads,6,ka) uint8 gather scratch (ka >= 16 Q), s16
+    # (threads, >=tj,Q,6,16) uint16 tiles (a16_shape(6 tj, K)); epi, pmax, out,
+    # tj as conv_vnni; direct: 1 the (padded) input pixels are the rows (1x1,
+    # stride 1, one group), 0 gather
     N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M = geo
     rows = N * Ho * Wo
     mt = (rows + YMR - 1) // YMR

@@ -334,8 +334,9 @@ def gemm_fused_serial(a, bp, scratch, epi, out):
 #
 # 6 x 16 tiles: 12 ymm accumulators + 2 B + 1 A pair + 1 product of the 16
 # registers. B is widened to int16 at pack time (pack_b16), A once per call
-# (pack_a16, rows of a block interleaved), so a k step is 2 loads, 6
-# vpbroadcastd, 12 vpmaddwd and 12 vpaddd: the tile alone runs at the
+# (pack_a16: a block's rows one after another in each 16-k step), so a pair of
+# k is 2 loads, 6 vpbroadcastd, 12 vpmaddwd and 12 vpaddd: the tile alone runs
+# at the
 # vpmaddwd + vpaddd probe's rate (AVX2 Zen 3, 1 thread, K = 1024: 158 vs 154
 # GOP/s). The epilogue is int8_gemm_vnni's (make_fused_kernel), on 16-lane
 # vectors that LLVM splits into ymm pairs. Measured against the previous 4 x 8
@@ -454,7 +455,8 @@ def run_avx2_tile(mr, a, akstep, b, k2, m0, n0, nvalid, epi, narrow, a_arr, out)
 @njit(nogil=True, cache=True)
 def _avx2_job(t, nblk, a, bp, K, epi, narrow, out):
     # job t = (row block, N panel) as int8_gemm_vnni._block_job; a = pack_a16's
-    # blocks seen as (M padded, bytes per row), so row m0's offset is its block's; K
+    # blocks seen as (M padded, 32 Q) bytes: only offsets at block starts mean
+    # anything (row m0's is its block's); K the real depth
     M, N = out.shape
     mt = (M + AVX2_MR - 1) // AVX2_MR
     nt = (N + AVX2_NR - 1) // AVX2_NR

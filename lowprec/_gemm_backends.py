@@ -184,7 +184,8 @@ class Avx2Gemm:
             return
         # the tile reads a' widened to uint16 in row blocks (int8_gemm_ymm.pack_a16):
         # one pass per call, M x K against the tiles' M x N x K. The driver sees
-        # the blocks as (M padded, bytes per row) bytes: row m0's offset is its block's
+        # the blocks as (M padded, 32 Q) bytes, where only offsets at block
+        # starts mean anything: row m0's is its block's
         M, K = a_u8.shape
         shape = k.a16_shape(M, K)
         a16 = _dispatch.scratch("avx2.a16", shape, np.uint16)

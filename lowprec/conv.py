@@ -732,7 +732,8 @@ def _plan(
         # -> 164, 3x3 256->256 at 14^2 100 -> 130 / 188 -> 219, stem 77 -> 91
         # / 102 -> 173, the 56^2 3x3 at batch 8 94 -> 117 / 125 -> 236
         bp = packed._avx2()
-        direct = int(kh == kw == 1 and sh == sw == 1 and G == 1 and Hp == H and Wp == W)
+        # 1x1 stride 1: the padded input's pixels are the output rows
+        direct = int(kh == kw == 1 and sh == sw == 1 and G == 1)
         ka = -(-max(K, 1) // 64) * 64
         mt = -(-rows // _ky.AVX2_MR)
         panels = bp.shape[1]
@@ -747,7 +748,8 @@ def _plan(
             nth = _dispatch.num_threads()
             pbk = panels if mt * G >= SPLIT_N_TILES * nth else 1
             jobs = mt * G * -(-panels // pbk)
-            tj = max(1, min(8, jobs // (16 * nth)))
+            # pixel tiles per job as run_vnni's, their widened rows <= 256 KB
+            tj = max(1, min(8, jobs // (16 * nth), (256 << 10) // (192 * -(-K // 16))))
             out = rows_out()
             sa = _dispatch.scratch("conv.avx2.sa", (threads, _ky.AVX2_MR, ka), np.uint8)
             s16 = _dispatch.scratch(

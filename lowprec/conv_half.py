@@ -37,11 +37,11 @@ stem, and where the taps kernel's 64-channel panels would run mostly empty;
 depthwise convolutions have a row microkernel vectorized over 16 pixels;
 threads split the work over output pixels and, when pixels are few, output
 channels. On avx2_f16c (AVX2 CPUs) the weights are the A rows of
-fp16_gemm's 16-column ymm strips and each job's B is the taps of up to 64
-pixels of one output row, read in place from the padded float16 image through
-a table of row offsets (horizontal stride 1) or gathered into a panel
-(other strides); the depthwise row kernels run there as they are (plain
-LLVM vectors, split into ymm pairs).
+fp16_gemm's 16-column ymm strips and each job's B is the taps of 64
+positions of the output grid, read in place from the float16 image split into
+its stride phases through a table of row offsets (any stride, as the rows
+kernel); the depthwise row kernels run there as they are (plain LLVM vectors,
+split into ymm pairs).
 """
 
 from __future__ import annotations
@@ -538,26 +538,26 @@ def _plan(
     if half._split("f16"):  # avx2_f16c: the GEMM strips on the taps in place
         wa = packed._layout("avx2")
         K = kh * kw * Cg
-        flat = (kh, kw, sh, sw) == (1, 1, 1, 1) and (Hp, Wp) == (H, W)
-        tab = kc.tap_table(geo)
-        size = N * C * Hp * Wp
+        # the image's stride phases, a grid of Ho rows of Wq positions
+        # (kernels/fp16_conv.py, avx2_f16c)
+        Hq, Wq = -(-Hp // sh), -(-Wp // sw)
+        plane = sh * sw * Hq * Wq
+        size = N * C * plane
+        tab = kc.tap_table(geo, Hq, Wq)
+        slack = kc.tap_slack(geo)
+        mb = Mg if Mg * K * 4 <= kc.AVX2_W_BYTES else kc.AVX2_MB
 
         def run_avx2(x, bias):
             out, epi, x_bits = start(x, bias)
-            # the strips' last columns read up to TAP_SLACK past the image
-            buf = _dispatch.scratch("conv_fp16.xq", (size + kc.TAP_SLACK,), np.uint16)
+            # the strips' last columns read up to `slack` past the planes
+            buf = _dispatch.scratch("conv_fp16.xq", (size + slack,), np.uint16)
             buf[size:] = 0
-            xq = buf[:size].reshape(N, C, Hp, Wp)
-            if (Hp, Wp) != (H, W):
-                xq[...] = 0
-            xq[:, :, pt : pt + H, pl : pl + W] = x_bits
-            panels = _dispatch.scratch(
-                "conv_fp16.panels", (threads, K, kc.AVX2_PIX), np.uint16
-            )
+            xq = buf[:size].reshape(N * C, plane)
+            kc.pad_phases16(x_bits, xq, pt, pl, sh, sw, Hq, Wq)
             tiles = _dispatch.scratch(
                 "conv_fp16.tiles", (threads, kc.MR_MAX, kc.AVX2_PIX), np.float32
             )
-            kc.conv_avx2(xq, wa, geo, flat, tab, panels, tiles, *epi)
+            kc.conv_avx2(xq, wa, geo, Wq, tab, mb, tiles, *epi)
             return finish(out)
 
         return run_avx2

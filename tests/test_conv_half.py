@@ -310,8 +310,8 @@ def test_rows_kernel_reads_stay_inside(monkeypatch, bias):
 
 def test_avx2_strips_read_inside_the_slack(monkeypatch):
     # the avx2_f16c strips read each B row in place, up to 64 columns from a
-    # segment's start: past the last row they may only reach the image
-    # buffer's TAP_SLACK elements, which end at a page that faults
+    # segment's start: past the last plane they may only reach the image
+    # buffer's tap_slack elements, which end at a page that faults
     if "avx2_f16c" not in half.available_half_isas():
         pytest.skip("this CPU cannot run the avx2_f16c path")
     monkeypatch.setattr(half, "_selected", "avx2_f16c")
@@ -319,7 +319,7 @@ def test_avx2_strips_read_inside_the_slack(monkeypatch):
     real = ch._dispatch.scratch
 
     def scratch(name, shape, dtype):
-        if name == "conv_fp16.xq":  # (size + TAP_SLACK,)
+        if name == "conv_fp16.xq":  # (size + tap_slack,)
             return guarded(shape[0], dtype, keep)
         return real(name, shape, dtype)
 
@@ -335,6 +335,11 @@ def test_avx2_strips_read_inside_the_slack(monkeypatch):
         ((1, 4, 9, 9), (1, 4, 3, 3), {"pads": (1, 1, 1, 1)}),
         ((1, 4, 9, 9), (7, 4, 3, 3), {"pads": (1, 1, 1, 1)}),
         ((1, 4, 9, 9), (8, 4, 3, 3), {"pads": (1, 1, 1, 1)}),
+        # strided: the taps read in place from the stride phases, the last
+        # row's reaching (kw-1)*dw // sw columns past the grid
+        ((1, 3, 15, 15), (8, 3, 7, 7), {"strides": (2, 2), "pads": (3, 3, 3, 3)}),
+        ((1, 2, 11, 13), (3, 2, 3, 3), {"strides": (2, 3), "dilations": (2, 2)}),
+        ((1, 2, 40), (3, 2, 4), {"strides": (3,), "pads": (1, 2)}),
     ):
         x, w = rand(rng, xs), rand(rng, ws)
         ref = ref_conv(x, w, **attrs)
