@@ -350,31 +350,22 @@ KB = 8
 ROW_BYTES = 4 * KB
 
 
-def _keep(builder, v):
-    """v through an empty inline asm: the sums stay one chain per accumulator.
-    Without it LLVM reassociated a step's 8 pair products into trees, kept all
-    16 B vectors live and spilled them (1 thread, 1024^3: 112 vs 124 GOP/s)."""
-    fty = ir.FunctionType(v.type, [v.type])
-    return builder.asm(fty, "", "=x,0", [v], False)
-
-
 def _k_loop_avx2(builder, MR, NV_, a, lda, b, ldb, k2, akstep, nvalid):
     """make_fused_kernel's K loop for the avx2 layout: MR rows x 16 columns,
-    k2 pairs of k: k2 // KB steps of KB pairs, then the last step's k2 % KB
-    pairs one at a time (a stem's K = 147 padded to whole steps cost 9 %);
-    a = the block's pack_a16 address, lda = ROW_BYTES (one row's pairs in a
-    step), akstep = bytes per step (the `kr` slot). Within a step row r's
-    pair s is at r * lda + 4 s: constant offsets from one pointer. Returns MR
+    k2 pairs of k, one a step; a = the block's pack_a16 address, lda =
+    ROW_BYTES (one row's pairs in a 16-k step), akstep = bytes per 16-k step
+    (the `kr` slot). Pair k of row r is at (k // KB) * akstep + r * lda +
+    4 (k % KB): one address a pair, constant offsets for the rows. Returns MR
     16-lane sums."""
     assert NV_ == 1
     pmadd = _fn(builder, "llvm.x86.avx2.pmadd.wd", _v8, [_v16w, _v16w])
     a_base = builder.inttoptr(a, _i8.as_pointer())
     b_base = builder.inttoptr(b, _i8.as_pointer())
     b_offs = _b_offsets(builder, 2, nvalid, lanes=8)
-    bstep = builder.mul(ldb, ir.Constant(_i64, KB))
+    c64 = lambda v: ir.Constant(_i64, v)  # noqa: E731
 
-    def pair(accs, arow, brow, s):
-        # accs += row r's pair s (a byte offset) times the B pair row at brow
+    def kstep(k, accs):
+        brow = _gep8(builder, b_base, builder.mul(k, ldb))
         bv = [
             builder.bitcast(
                 builder.load(
@@ -385,37 +376,22 @@ def _k_loop_avx2(builder, MR, NV_, a, lda, b, ldb, k2, akstep, nvalid):
             )
             for v in range(2)
         ]
+        at = builder.add(
+            builder.mul(builder.udiv(k, c64(KB)), akstep),
+            builder.mul(builder.urem(k, c64(KB)), c64(4)),
+        )
+        arow = _gep8(builder, a_base, at)
         new = []
         for r in range(MR):
-            at = builder.add(builder.mul(lda, ir.Constant(_i64, r)), s)
-            a32 = _load_i32(builder, _gep8(builder, arow, at))
+            a32 = _load_i32(builder, _gep8(builder, arow, builder.mul(lda, c64(r))))
             pr = builder.bitcast(_splat8(builder, a32), _v16w)
             for v in range(2):
                 prod = builder.call(pmadd, [pr, bv[v]])
-                new.append(_keep(builder, builder.add(accs[2 * r + v], prod)))
+                new.append(builder.add(accs[2 * r + v], prod))
         return new
 
-    def kstep(k, accs):
-        brow = _gep8(builder, b_base, builder.mul(k, bstep))
-        arow = _gep8(builder, a_base, builder.mul(k, akstep))
-        for s in range(KB):
-            bs = _gep8(builder, brow, builder.mul(ldb, ir.Constant(_i64, s)))
-            accs = pair(accs, arow, bs, ir.Constant(_i64, 4 * s))
-        return accs
-
     zero = ir.Constant(_v8, None)
-    k8 = builder.udiv(k2, ir.Constant(_i64, KB))
-    accs = _ir_loop(builder, ir.Constant(_i64, 0), k8, [zero] * (2 * MR), kstep,
-                    name="avx2")  # fmt: skip
-    brow = _gep8(builder, b_base, builder.mul(k8, bstep))
-    arow = _gep8(builder, a_base, builder.mul(k8, akstep))
-
-    def tail(s, accs):
-        bs = _gep8(builder, brow, builder.mul(ldb, s))
-        return pair(accs, arow, bs, builder.mul(s, ir.Constant(_i64, 4)))
-
-    rem = builder.urem(k2, ir.Constant(_i64, KB))
-    accs = _ir_loop(builder, ir.Constant(_i64, 0), rem, accs, tail, name="avx2t")
+    accs = _ir_loop(builder, c64(0), k2, [zero] * (2 * MR), kstep, name="avx2")
     join = ir.Constant(ir.VectorType(_i32, 16), list(range(16)))
     return [
         builder.shuffle_vector(accs[2 * r], accs[2 * r + 1], join) for r in range(MR)
