@@ -436,7 +436,7 @@ def _avx2_job(t, nblk, a, bp, K, epi, narrow, out):
     M, N = out.shape
     mt = (M + AVX2_MR - 1) // AVX2_MR
     nt = (N + AVX2_NR - 1) // AVX2_NR
-    k2 = (K + 1) // 2  # B and A carry zero pairs up to whole steps
+    k2 = (K + 1) // 2  # the pairs of B; A carries zero ones up to whole 16-k steps
     akstep = ROW_BYTES * min(AVX2_MR, M)
     blk = t // nt
     jn = t - blk * nt
@@ -489,10 +489,9 @@ def pack_b(b, nr):
 
 def pack_b16(b, nr):
     """b' (K, N) int8 -> the avx2 layout [NP][K2][nr][2] int16 (sign-extended
-    once here; zero rows pad K to whole steps of KB pairs, zero columns N to a
-    panel)."""
+    once here; a zero row pads K to even, zero columns N to a panel)."""
     K, N = b.shape
-    K2 = -(-K // (2 * KB)) * KB
+    K2 = (K + 1) // 2
     NP = (N + nr - 1) // nr
     padded = np.zeros((K2 * 2, NP * nr), dtype=np.int16)
     padded[:K, :N] = b
