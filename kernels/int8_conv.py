@@ -170,6 +170,28 @@ def _row_starts(xp, geo, m0, mr, starts):
 
 # called, not inlined, from the prange driver: numba's parfor passes rewrite the
 # whole loop body and took minutes with the tiles and epilogue inlined (gemm too)
+@njit(inline="always")
+def _job_index(t, mt, tj, nblk):
+    # conv_vnni / conv_avx2 job t -> (run of tj pixel tiles, panel block,
+    # group), the run fastest
+    nrun = (mt + tj - 1) // tj
+    rest = t // nrun
+    return t % nrun, rest % nblk, rest // nblk
+
+
+@njit(inline="always")
+def _group_narrow(epi, K, pmax):
+    # the fused tiles' epilogue case (narrow_epilogue): rs holds row sums for
+    # every group or for none (eq. 8), so group 0's epilogue decides for all;
+    # pmax bounds |P| (the packed weights' 255 * max sum |w'|)
+    return narrow_epilogue(
+        (epi[0], epi[1][0], epi[2], epi[3], epi[4], epi[5], epi[6], epi[7], epi[8],
+         epi[9], epi[10]),
+        K,
+        pmax,
+    )  # fmt: skip
+
+
 @njit(nogil=True, cache=True)
 def _vnni_job(t, mt, tj, nblk, pb, direct, xp, bp, geo, sa, st, epi, narrow, out):
     # job t = (group, panel block, run of tj pixel tiles), the run fastest: a
@@ -180,11 +202,7 @@ def _vnni_job(t, mt, tj, nblk, pb, direct, xp, bp, geo, sa, st, epi, narrow, out
     za, rs, cs, zb, bias, mult, zy, qlo, qhi, mode, fbias = epi
     rows = N * Ho * Wo
     ka = sa.shape[2]
-    nrun = (mt + tj - 1) // tj
-    run = t % nrun
-    rest = t // nrun
-    blk = rest % nblk
-    g = rest // nblk
+    run, blk, g = _job_index(t, mt, tj, nblk)
     tid = numba.get_thread_id()
     buf = sa[tid]
     starts = st[tid]
@@ -253,15 +271,7 @@ def conv_vnni(xp, bp, geo, pb, tj, direct, sa, st, epi, pmax, out):
     mt = (rows + MR_MAX - 1) // MR_MAX
     nblk = (bp.shape[1] + pb - 1) // pb
     nrun = (mt + tj - 1) // tj
-    # rs holds row sums for every group or for none (eq. 8), so group 0's
-    # epilogue decides the narrow case for all; pmax bounds |P| (the packed
-    # weights' 255 * max sum |w'|)
-    narrow = narrow_epilogue(
-        (epi[0], epi[1][0], epi[2], epi[3], epi[4], epi[5], epi[6], epi[7], epi[8],
-         epi[9], epi[10]),
-        kh * kw * Cg,
-        pmax,
-    )  # fmt: skip
+    narrow = _group_narrow(epi, kh * kw * Cg, pmax)
     for t in prange(nrun * nblk * G):
         _vnni_job(t, mt, tj, nblk, pb, direct, xp, bp, geo, sa, st, epi, narrow, out)
 
@@ -284,11 +294,7 @@ def _avx2_job(t, mt, tj, nblk, pb, direct, xp, bp, geo, sa, s16, epi, narrow, ou
     rows = N * Ho * Wo
     K = kh * kw * Cg
     k2 = (K + 1) // 2
-    nrun = (mt + tj - 1) // tj
-    run = t % nrun
-    rest = t // nrun
-    blk = rest % nblk
-    g = rest // nblk
+    run, blk, g = _job_index(t, mt, tj, nblk)
     tid = numba.get_thread_id()
     buf = sa[tid]
     a16 = s16[tid]
@@ -336,12 +342,7 @@ def conv_avx2(xp, bp, geo, pb, tj, direct, sa, s16, epi, pmax, out):
     mt = (rows + YMR - 1) // YMR
     nblk = (bp.shape[1] + pb - 1) // pb
     nrun = (mt + tj - 1) // tj
-    narrow = narrow_epilogue(
-        (epi[0], epi[1][0], epi[2], epi[3], epi[4], epi[5], epi[6], epi[7], epi[8],
-         epi[9], epi[10]),
-        kh * kw * Cg,
-        pmax,
-    )  # fmt: skip
+    narrow = _group_narrow(epi, kh * kw * Cg, pmax)
     for t in prange(nrun * nblk * G):
         _avx2_job(t, mt, tj, nblk, pb, direct, xp, bp, geo, sa, s16, epi, narrow, out)
 
