@@ -546,6 +546,13 @@ def _plan(
         tab = kc.tap_table(geo, Hq, Wq)
         slack = kc.tap_slack(geo)
         mb = Mg if Mg * K * 4 <= kc.AVX2_W_BYTES else kc.AVX2_MB
+        # few grid segments (small images, one image): channel blocks too, for
+        # two jobs a thread (3x3 64->64 at 7x7 was one job on two threads)
+        base = N * G * -(-(Ho * Wq) // kc.AVX2_PIX)  # jobs without blocks
+        want = 2 * _dispatch.num_threads()
+        if base * -(-Mg // mb) < want:
+            per = -(-Mg // -(-want // base))  # channels a block
+            mb = min(mb, max(kc.MR_MAX, -(-per // kc.MR_MAX) * kc.MR_MAX))
 
         def run_avx2(x, bias):
             out, epi, x_bits = start(x, bias)

@@ -326,12 +326,12 @@ def test_avx2_strips_read_inside_the_slack(monkeypatch):
     monkeypatch.setattr(ch._dispatch, "scratch", scratch)
     rng = np.random.default_rng(13)
     for xs, ws, attrs in (
-        ((1, 3, 9, 9), (12, 3, 3, 3), {"pads": (1, 1, 1, 1)}),  # 9 of 16 columns
-        ((2, 4, 6, 70), (5, 4, 3, 3), {"dilations": (1, 2)}),  # 70 = 64 + 6
-        ((1, 8, 5, 5), (6, 8, 1, 1), {}),  # flat: all pixels one row
+        ((1, 3, 9, 9), (12, 3, 3, 3), {"pads": (1, 1, 1, 1)}),  # 99 grid positions
+        ((2, 4, 6, 70), (5, 4, 3, 3), {"dilations": (1, 2)}),  # 4 rows of 70
+        ((1, 8, 5, 5), (6, 8, 1, 1), {}),  # 1x1: the grid is the image
         ((1, 2, 300), (4, 2, 5), {"pads": (2, 2)}),  # 1-D, 5 segments
         # a last tile of 1 or 2 channels: its strips run 4 or 2 at a time,
-        # 64 or 32 columns read from a segment of 9
+        # 64 or 32 columns read from a last segment of 35
         ((1, 4, 9, 9), (1, 4, 3, 3), {"pads": (1, 1, 1, 1)}),
         ((1, 4, 9, 9), (7, 4, 3, 3), {"pads": (1, 1, 1, 1)}),
         ((1, 4, 9, 9), (8, 4, 3, 3), {"pads": (1, 1, 1, 1)}),
@@ -340,10 +340,42 @@ def test_avx2_strips_read_inside_the_slack(monkeypatch):
         ((1, 3, 15, 15), (8, 3, 7, 7), {"strides": (2, 2), "pads": (3, 3, 3, 3)}),
         ((1, 2, 11, 13), (3, 2, 3, 3), {"strides": (2, 3), "dilations": (2, 2)}),
         ((1, 2, 40), (3, 2, 4), {"strides": (3,), "pads": (1, 2)}),
+        # one element of slack to spare: it faults without the (kw-1)*dw // sw
+        # term (a review's case)
+        (
+            (1, 2, 3, 35),
+            (1, 2, 1, 5),
+            {"strides": (1, 3), "dilations": (1, 2), "pads": (1, 1, 1, 1)},
+        ),  # fmt: skip
     ):
         x, w = rand(rng, xs), rand(rng, ws)
         ref = ref_conv(x, w, **attrs)
         assert same_bits(ch.conv_fp16(x, w, **attrs), ref)
+
+
+def test_avx2_channel_blocks(monkeypatch):
+    # the avx2_f16c jobs split a group's channels into blocks of 24 (weights
+    # past AVX2_W_BYTES) or of fewer than 2 jobs a thread's worth of grid
+    # segments; forced here on every layer: the bits stay the portable ones
+    if "avx2_f16c" not in half.available_half_isas():
+        pytest.skip("this CPU cannot run the avx2_f16c path")
+    monkeypatch.setattr(half, "_selected", "avx2_f16c")
+    monkeypatch.setattr(ch._kernels(), "AVX2_W_BYTES", 0)
+    rng = np.random.default_rng(17)
+    for xs, ws, attrs in (
+        ((1, 6, 12, 12), (50, 6, 3, 3), {"pads": (1, 1, 1, 1)}),  # 24+24+2
+        ((2, 8, 7, 9), (62, 4, 3, 3), {"group": 2, "strides": (2, 1)}),
+        ((1, 4, 20, 20), (7, 4, 1, 1), {}),  # one block of 7
+        ((1, 64, 7, 7), (64, 64, 3, 3), {"pads": (1, 1, 1, 1)}),  # 1 segment
+    ):
+        x, w = rand(rng, xs), rand(rng, ws)
+        b = rng.standard_normal(ws[0]).astype(np.float32)
+        for out_dtype in (np.float32, np.float16):
+            got = ch.conv_fp16(x, w, b, activation="relu", out_dtype=out_dtype,
+                               **attrs)  # fmt: skip
+            acc = ref_conv(x, w, **attrs)
+            acc = np.maximum((acc + b[None, :, None, None]).astype(np.float32), 0)
+            assert same_bits(got, acc.astype(out_dtype))
 
 
 # --------------------------------------------------------------------------- #
