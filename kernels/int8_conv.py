@@ -168,8 +168,6 @@ def _row_starts(xp, geo, m0, mr, starts):
 # AVX-512 VNNI: implicit GEMM on the 6 x 64 tile of kernels/int8_gemm_vnni.py
 
 
-# called, not inlined, from the prange driver: numba's parfor passes rewrite the
-# whole loop body and took minutes with the tiles and epilogue inlined (gemm too)
 @njit(inline="always")
 def _job_index(t, mt, tj, nblk):
     # conv_vnni / conv_avx2 job t -> (run of tj pixel tiles, panel block,
@@ -192,6 +190,8 @@ def _group_narrow(epi, K, pmax):
     )  # fmt: skip
 
 
+# called, not inlined, from the prange driver: numba's parfor passes rewrite the
+# whole loop body and took minutes with the tiles and epilogue inlined (gemm too)
 @njit(nogil=True, cache=True)
 def _vnni_job(t, mt, tj, nblk, pb, direct, xp, bp, geo, sa, st, epi, narrow, out):
     # job t = (group, panel block, run of tj pixel tiles), the run fastest: a
