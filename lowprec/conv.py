@@ -182,9 +182,7 @@ class PackedConvWeights:
         """(G, NP, K2, 16, 2) int16: kernels/int8_gemm_ymm.pack_b16 per group."""
         bp = self._layouts.get("avx2")
         if bp is None:
-            from .kernels import int8_gemm_ymm as ky
-
-            bp = np.stack([ky.pack_b16(wg, ky.AVX2_NR) for wg in self._wk])
+            bp = np.stack([_ky.pack_b16(wg, _ky.AVX2_NR) for wg in self._wk])
             bp.flags.writeable = False
             self._layouts["avx2"] = bp
         return bp
