@@ -336,16 +336,15 @@ def gemm_fused_serial(a, bp, scratch, epi, out):
 # registers. B is widened to int16 at pack time (pack_b16), A once per call
 # (pack_a16: a block's rows one after another in each 16-k step), so a pair of
 # k is 2 loads, 6 vpbroadcastd, 12 vpmaddwd and 12 vpaddd: the tile alone runs
-# at the
-# vpmaddwd + vpaddd probe's rate (AVX2 Zen 3, 1 thread, K = 1024: 158 vs 154
+# at the vpmaddwd + vpaddd probe's rate (AVX2 Zen 3, 1 thread, K = 1024: 158 vs 154
 # GOP/s). The epilogue is int8_gemm_vnni's (make_fused_kernel), on 16-lane
 # vectors that LLVM splits into ymm pairs. Measured against the previous 4 x 8
 # tile (B and A widened inside the K loop, int32 scratch epilogue in numba), 1
 # thread, u8s8->i32: 1024^3 77 -> 132 GOP/s, 16 x 384 x 1536 62 -> 108 (vpmaddwd
 # + vpaddd probe 150-160 in the same runs).
 AVX2_MR, AVX2_NR = 6, 16
-# pairs of k per K-loop step (16 k: one 16-byte run of a row widened), and the
-# bytes of one row's pairs in a step of pack_a16's layout
+# pairs of k per step of pack_a16's layout (16 k: one 16-byte run of a row
+# widened), and the bytes of one row's pairs in a step
 KB = 8
 ROW_BYTES = 4 * KB
 
