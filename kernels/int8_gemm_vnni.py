@@ -235,17 +235,14 @@ def _k_loop_seg(builder, MR, NV_, a, seg_stride, b, ldb, k4, run4, nvalid):
     return _ir_loop(builder, zero64, nseg, init, run, name="seg")[2:]
 
 
-def _col_masks(builder, NV_, nvalid):
-    """<16 x i1> per vector v: column 16*v + lane < nvalid."""
-    v64 = ir.VectorType(_i64, 16)
-    lanes = ir.Constant(v64, list(range(16)))
-    nv_splat = builder.insert_element(
-        ir.Constant(v64, ir.Undefined), nvalid, ir.Constant(_i32, 0)
-    )
-    nv_splat = builder.shuffle_vector(nv_splat, nv_splat, ir.Constant(_v16, None))
+def _col_masks(builder, NV_, nvalid, width=16):
+    """<width x i1> per vector v: column width*v + lane < nvalid."""
+    v64 = ir.VectorType(_i64, width)
+    lanes = ir.Constant(v64, list(range(width)))
+    nv_splat = splat(builder, nvalid, v64)
     return [
         builder.icmp_signed(
-            "<", builder.add(lanes, ir.Constant(v64, [16 * v] * 16)), nv_splat
+            "<", builder.add(lanes, ir.Constant(v64, [width * v] * width)), nv_splat
         )
         for v in range(NV_)
     ]

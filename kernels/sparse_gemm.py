@@ -17,7 +17,11 @@ block each value is broadcast once and each of the C rows of X is loaded once
 per 16 columns; the tile's accumulators stay in registers (phi nodes of one
 llvmlite loop inside a numba @intrinsic, the approach of int8_gemm_vnni.py).
 Columns past N are masked on loads and stores. Threads take contiguous block
-rows balanced by nonzero count (the caller's ``chunks``).
+rows balanced by nonzero count (the caller's ``chunks``). On AVX2 (no AVX-512)
+the same loop runs on ymm vectors of 8 columns, tiles of 8 / 4 / 2 / 1 vectors
+(BSR 4x1: 2 / 1) chosen per tile, X read in whole vectors from a copy padded
+to a multiple of 8 columns (no masks inside the loop), the same sums in the
+same order as the zmm tiles.
 
 Kernel (int8, 1x4 blocks): X packed as [ceil(K/4)][Np][4] uint8 (x' = x + 128
 for int8 X; Np = N rounded up to 16; 64-byte aligned), each 4-byte block of W
@@ -39,6 +43,7 @@ from numba.extending import intrinsic
 
 from .config import JIT, PJIT
 from .int8_gemm_vnni import _b_offsets, _col_masks, _store_tile, _vec_store
+from .ir_util import by_case as _ir_case
 from .ir_util import if_then as _ir_if
 from .ir_util import loop as _ir_loop
 from .ir_util import splat as _splat
@@ -56,10 +61,8 @@ _i64 = ir.IntType(64)
 _f32 = ir.FloatType()
 _f16 = ir.HalfType()
 _f64 = ir.DoubleType()
-_vh16 = ir.VectorType(_f16, 16)
 _vf = ir.VectorType(_f32, 16)
 _vi = ir.VectorType(_i32, 16)
-_m16 = ir.VectorType(_i1, 16)
 
 # value kinds
 F32, F16, S8 = 0, 1, 2
@@ -73,10 +76,11 @@ def _fn(builder, name, ret, args):
     )
 
 
-def _block_loop(builder, R, C, vkind, ikind, NV_, args, load_x, sets=1, init=None):
-    """The block loop of one tile: R * NV_ accumulator vectors (phis of one
-    llvmlite loop), returned as their values after the loop (zero when the
-    block row is empty). args = (x, ldx, idx, val, p0, p1) as in
+def _block_loop(builder, R, C, vkind, ikind, NV_, args, load_x, sets=1, init=None,
+                width=16):  # fmt: skip
+    """The block loop of one tile: R * NV_ accumulator vectors of `width`
+    lanes (phis of one llvmlite loop), returned as their values after the loop
+    (zero when the block row is empty). args = (x, ldx, idx, val, p0, p1) as in
     make_block_kernel; load_x(row_i8ptr, v) loads vector v of an X row;
     init: the first set's starting values (default zero).
 
@@ -87,7 +91,8 @@ def _block_loop(builder, R, C, vkind, ikind, NV_, args, load_x, sets=1, init=Non
     with X in L1 (Zen 4); two sets double the independent chains."""
     x, ldx, idx, val, p0, p1 = args
     is_int = vkind == S8
-    vty = _vi if is_int else _vf
+    vf = ir.VectorType(_f32, width)
+    vty = _vi if is_int else vf
     vsize = {F32: 4, F16: 2, S8: 1}[vkind]
     isize = {U16: 2, I32: 4, NM: 1}[ikind]
     vals_per_block = 2 if ikind == NM else R * C
@@ -99,7 +104,7 @@ def _block_loop(builder, R, C, vkind, ikind, NV_, args, load_x, sets=1, init=Non
     if is_int:
         dot = _fn(builder, "llvm.x86.avx512.vpdpbusd.512", _vi, [_vi, _vi, _vi])
     else:
-        dot = _fn(builder, "llvm.fma.v16f32", _vf, [_vf, _vf, _vf])
+        dot = _fn(builder, f"llvm.fma.v{width}f32", vf, [vf, vf, vf])
     zero_v = ir.Constant(vty, None)
     one = ir.Constant(_i64, 1)
 
@@ -146,11 +151,11 @@ def _block_loop(builder, R, C, vkind, ikind, NV_, args, load_x, sets=1, init=Non
             pf = _fn(
                 builder, "llvm.prefetch.p0", ir.VoidType(), [i8p, _i32, _i32, _i32]
             )
-            for v in range(NV_):
+            for line in range(max(1, NV_ * width * 4 // 64)):
                 builder.call(
                     pf,
                     [
-                        builder.gep(xa, [ir.Constant(_i64, 64 * v)]),
+                        builder.gep(xa, [ir.Constant(_i64, 64 * line)]),
                         ir.Constant(_i32, 0),
                         ir.Constant(_i32, 3),
                         ir.Constant(_i32, 1),
@@ -174,13 +179,14 @@ def _block_loop(builder, R, C, vkind, ikind, NV_, args, load_x, sets=1, init=Non
                 wp = builder.gep(vbase, [off])
                 if vkind == F32:
                     w = builder.load(builder.bitcast(wp, _f32.as_pointer()), align=1)
-                    ws = _splat(builder, w, _vf)
+                    ws = _splat(builder, w, vf)
                 else:
                     # splat the half, then one vcvtph2ps of the vector: a
                     # scalar fpext was a vpinsrw into an accumulator's register
                     # (a false dependency on the previous block's FMA)
                     h = builder.load(builder.bitcast(wp, _f16.as_pointer()), align=1)
-                    ws = builder.fpext(_splat(builder, h, _vh16), _vf)
+                    hv = _splat(builder, h, ir.VectorType(_f16, width))
+                    ws = builder.fpext(hv, vf)
                 for v in range(NV_):
                     new[r * NV_ + v] = builder.call(
                         dot, [ws, xv[c][v], new[r * NV_ + v]]
@@ -211,11 +217,13 @@ def _block_loop(builder, R, C, vkind, ikind, NV_, args, load_x, sets=1, init=Non
     return [builder.add(f, g) for f, g in zip(first, fin[n_acc:], strict=True)]
 
 
-def make_block_kernel(R, C, vkind, ikind, NV_=NV):
-    """An intrinsic computing one R x 16*NV_ output tile of one block row
+def make_block_kernel(R, C, vkind, ikind, NV_=NV, width=16):
+    """An intrinsic computing one R x width*NV_ output tile of one block row
     (float values; int8 values: make_s8_kernel).
 
     _tile(x, ldx, idx, val, p0, p1, out, ldo, rvalid, nvalid, resume)  int64
+    (width 8: _tile(..., resume, nv), NV_ the tuple of vector counts nv may
+    take, one loop each behind a switch)
       x      address of X[0, n0] (float32, row stride ldx bytes)
       idx    address of the block index array (uint16 / int32), or for 2:4 of
              the position bytes (one per group)
@@ -224,27 +232,38 @@ def make_block_kernel(R, C, vkind, ikind, NV_=NV):
              chunk of it when the caller splits K
       out    address of out[m0, n0] (float32), row stride ldo bytes
       rvalid rows of the tile inside M (1..R); nvalid columns inside N
-             (1..16*NV_)
+             (1..width*NV_)
       resume 1: start from the sums already in out (the previous K chunk's),
              else from zero. float32 partial sums are stored and reloaded
              exactly, so the chunked sum is the unchunked one bit for bit.
-    """
 
-    def codegen(context, builder, sig, args):
-        x, ldx, idx, val, p0, p1, out, ldo, rvalid, nvalid, resume = args
-        masks = _col_masks(builder, NV_, nvalid)
+    width 16 (zmm): X loads masked to nvalid (an AVX-512 mask register each).
+    width 8 (ymm, AVX2): X loads unmasked, whole vectors: the caller pads X
+    to a multiple of 8 columns and picks NV_ so the tile ends inside it. A
+    <8 x i1> mask per vector in the loop was rebuilt from packed bits and
+    spilled every block (vpackssdw / vpslld / stack reloads around each
+    vmaskmovps, measured no faster than the portable loop)."""
+    vf = ir.VectorType(_f32, width)
+    vm = ir.VectorType(_i1, width)
+    row_bytes = 4 * width
+
+    def emit(builder, args, NV_):
+        x, ldx, idx, val, p0, p1, out, ldo, rvalid, nvalid, resume = args[:11]
+        masks = _col_masks(builder, NV_, nvalid, width)
         mload = _fn(
             builder,
-            "llvm.masked.load.v16f32.p0",
-            _vf,
-            [_vf.as_pointer(), _i32, _m16, _vf],
+            f"llvm.masked.load.v{width}f32.p0",
+            vf,
+            [vf.as_pointer(), _i32, vm, vf],
         )
-        zero_v = ir.Constant(_vf, None)
+        zero_v = ir.Constant(vf, None)
 
         def load_x(xr, v):
             ptr = builder.bitcast(
-                builder.gep(xr, [ir.Constant(_i64, 64 * v)]), _vf.as_pointer()
+                builder.gep(xr, [ir.Constant(_i64, row_bytes * v)]), vf.as_pointer()
             )
+            if width == 8:
+                return builder.load(ptr, align=4)
             return builder.call(mload, [ptr, ir.Constant(_i32, 4), masks[v], zero_v])
 
         # the out tile's addresses and masks (rows past rvalid, columns past
@@ -253,18 +272,18 @@ def make_block_kernel(R, C, vkind, ikind, NV_=NV):
         slots = []
         for r in range(R):
             inside = builder.icmp_signed("<", ir.Constant(_i64, r), rvalid)
-            rmask = _splat(builder, inside, _m16)
+            rmask = _splat(builder, inside, vm)
             orow = builder.gep(o8, [builder.mul(ldo, ir.Constant(_i64, r))])
             for v in range(NV_):
-                at = builder.gep(orow, [ir.Constant(_i64, 64 * v)])
+                at = builder.gep(orow, [ir.Constant(_i64, row_bytes * v)])
                 slots.append((at, builder.and_(masks[v], rmask)))
         on = _splat(builder, builder.icmp_signed("!=", resume, ir.Constant(_i64, 0)),
-                    _m16)  # fmt: skip
+                    vm)  # fmt: skip
         init = [
             builder.call(
                 mload,
                 [
-                    builder.bitcast(at, _vf.as_pointer()),
+                    builder.bitcast(at, vf.as_pointer()),
                     ir.Constant(_i32, 4),
                     builder.and_(m, on),
                     zero_v,
@@ -282,16 +301,34 @@ def make_block_kernel(R, C, vkind, ikind, NV_=NV):
             (x, ldx, idx, val, p0, p1),
             load_x,
             init=init,
+            width=width,
         )
         for f, (at, m) in zip(fin, slots, strict=True):
             _vec_store(builder, f, builder.ptrtoint(at, _i64), m)
+
+    def codegen(context, builder, sig, args):
+        if width == 16:
+            emit(builder, args, NV_)
+        else:
+            _ir_case(builder, args[11], NV_, lambda nv: emit(builder, args, nv),
+                     name="nv")  # fmt: skip
         return context.get_dummy_value()
 
-    @intrinsic
-    def _tile(typingctx, x, ldx, idx, val, p0, p1, out, ldo, rvalid, nvalid, resume):
-        return types.void(*([types.int64] * 11)), codegen
+    if width == 16:
 
-    return _tile
+        @intrinsic
+        def _tile(typingctx, x, ldx, idx, val, p0, p1, out, ldo, rvalid, nvalid,
+                  resume):  # fmt: skip
+            return types.void(*([types.int64] * 11)), codegen
+
+        return _tile
+
+    @intrinsic
+    def _tile_nv(typingctx, x, ldx, idx, val, p0, p1, out, ldo, rvalid, nvalid,
+                 resume, nv):  # fmt: skip
+        return types.void(*([types.int64] * 12)), codegen
+
+    return _tile_nv
 
 
 def make_s8_kernel(ikind, NV_):
@@ -385,6 +422,25 @@ _c4_s8_u16_4 = make_s8_kernel(U16, 4)
 _c4_s8_i32_1 = make_s8_kernel(I32, 1)
 _c4_s8_i32_2 = make_s8_kernel(I32, 2)
 _c4_s8_i32_4 = make_s8_kernel(I32, 4)
+# AVX2 (ymm, 8 columns a vector): tiles of 8 / 4 / 2 / 1 vectors in one
+# intrinsic each (4 x 2 for BSR 4x1), the widest that fits the columns left:
+# R * NV <= 8 accumulators leave room for the broadcasts and the X vectors
+# among AVX2's 16 registers
+_YW = (8, 4, 2, 1)
+_y_csr_f32_u16 = make_block_kernel(1, 1, F32, U16, _YW, 8)
+_y_csr_f32_i32 = make_block_kernel(1, 1, F32, I32, _YW, 8)
+_y_csr_f16_u16 = make_block_kernel(1, 1, F16, U16, _YW, 8)
+_y_csr_f16_i32 = make_block_kernel(1, 1, F16, I32, _YW, 8)
+_y_r4_f32_u16 = make_block_kernel(4, 1, F32, U16, (2, 1), 8)
+_y_r4_f32_i32 = make_block_kernel(4, 1, F32, I32, (2, 1), 8)
+_y_r4_f16_u16 = make_block_kernel(4, 1, F16, U16, (2, 1), 8)
+_y_r4_f16_i32 = make_block_kernel(4, 1, F16, I32, (2, 1), 8)
+_y_c4_f32_u16 = make_block_kernel(1, 4, F32, U16, _YW, 8)
+_y_c4_f32_i32 = make_block_kernel(1, 4, F32, I32, _YW, 8)
+_y_c4_f16_u16 = make_block_kernel(1, 4, F16, U16, _YW, 8)
+_y_c4_f16_i32 = make_block_kernel(1, 4, F16, I32, _YW, 8)
+_y_nm_f32 = make_block_kernel(1, 4, F32, NM, _YW, 8)
+_y_nm_f16 = make_block_kernel(1, 4, F16, NM, _YW, 8)
 
 # kernel ids handed to the drivers: 4 * shape + 2 * (value is f16) + (index i32)
 CSR, R4, C4, NM24 = 0, 1, 2, 3
@@ -432,28 +488,84 @@ def _float_tile(kid, x, ldx, idx, val, p0, p1, out, ldo, rvalid, nvalid, rs):
 
 
 @njit(inline="always")
-def _float_rows(kid, R, c0, c1, xa, ldx, idx, val, kptr, out, oa, bias, lo, hi, epi):
+def _float_tile_ymm(kid, x, ldx, idx, val, p0, p1, out, ldo, rvalid, nvalid, rs, nv):
+    if kid == 0:
+        _y_csr_f32_u16(x, ldx, idx, val, p0, p1, out, ldo, rvalid, nvalid, rs, nv)
+    elif kid == 1:
+        _y_csr_f32_i32(x, ldx, idx, val, p0, p1, out, ldo, rvalid, nvalid, rs, nv)
+    elif kid == 2:
+        _y_csr_f16_u16(x, ldx, idx, val, p0, p1, out, ldo, rvalid, nvalid, rs, nv)
+    elif kid == 3:
+        _y_csr_f16_i32(x, ldx, idx, val, p0, p1, out, ldo, rvalid, nvalid, rs, nv)
+    elif kid == 4:
+        _y_r4_f32_u16(x, ldx, idx, val, p0, p1, out, ldo, rvalid, nvalid, rs, nv)
+    elif kid == 5:
+        _y_r4_f32_i32(x, ldx, idx, val, p0, p1, out, ldo, rvalid, nvalid, rs, nv)
+    elif kid == 6:
+        _y_r4_f16_u16(x, ldx, idx, val, p0, p1, out, ldo, rvalid, nvalid, rs, nv)
+    elif kid == 7:
+        _y_r4_f16_i32(x, ldx, idx, val, p0, p1, out, ldo, rvalid, nvalid, rs, nv)
+    elif kid == 8:
+        _y_c4_f32_u16(x, ldx, idx, val, p0, p1, out, ldo, rvalid, nvalid, rs, nv)
+    elif kid == 9:
+        _y_c4_f32_i32(x, ldx, idx, val, p0, p1, out, ldo, rvalid, nvalid, rs, nv)
+    elif kid == 10:
+        _y_c4_f16_u16(x, ldx, idx, val, p0, p1, out, ldo, rvalid, nvalid, rs, nv)
+    elif kid == 11:
+        _y_c4_f16_i32(x, ldx, idx, val, p0, p1, out, ldo, rvalid, nvalid, rs, nv)
+    elif kid == 12 or kid == 13:
+        _y_nm_f32(x, ldx, idx, val, p0, p1, out, ldo, rvalid, nvalid, rs, nv)
+    else:
+        _y_nm_f16(x, ldx, idx, val, p0, p1, out, ldo, rvalid, nvalid, rs, nv)
+
+
+@njit(inline="always")
+def _ymm_vectors(R, left):
+    # vectors of the next ymm tile: the widest of 8 / 4 / 2 / 1 (BSR 4x1: 2 /
+    # 1) within the `left` vectors of columns still to do
+    if R == 4:
+        return 2 if left >= 2 else 1
+    if left >= 8:
+        return 8
+    if left >= 4:
+        return 4
+    return 2 if left >= 2 else 1
+
+
+@njit(inline="always")
+def _float_rows(kid, R, c0, c1, xa, ldx, idx, val, kptr, out, oa, bias, lo, hi, epi,
+                ymm):  # fmt: skip
     # block rows c0..c1-1 of one thread: per N tile and K chunk kc (block row
     # b's blocks kptr[b, kc] .. kptr[b, kc+1]-1), every block row's tile, the
     # partial sums kept in out between chunks; then bias / clamp. Why chunks
     # (only for long K, see lowprec.sparse.SPMM_K_CHUNK): a tile's X slab is
     # K x NR x 4 bytes, 1 MB at K = 4096, which with the values streaming
-    # past does not stay in L2; a chunk's slab does.
+    # past does not stay in L2; a chunk's slab does. ymm: AVX2 tiles of
+    # 8-column vectors that read whole vectors of X (the caller pads X's
+    # rows to a multiple of 8 columns).
     M, N = out.shape
     ldo = np.int64(out.strides[0])
     nkc = kptr.shape[1] - 1
-    for t in range((N + NR - 1) // NR):
-        n0 = t * NR
-        nvalid = min(NR, N - n0)
+    n0 = 0
+    while n0 < N:
+        nv = _ymm_vectors(R, (N - n0 + 7) // 8) if ymm else NV
+        nr = 8 * nv if ymm else NR
+        nvalid = min(nr, N - n0)
+        xt = xa + 4 * n0
         for kc in range(nkc):
+            rs = 1 if kc > 0 else 0
             for b in range(c0, c1):
                 p0, p1 = kptr[b, kc], kptr[b, kc + 1]
                 if kc > 0 and p0 == p1:
                     continue  # nothing to add to this tile's sums
                 m0 = b * R
-                _float_tile(kid, xa + 4 * n0, ldx, idx, val, p0, p1,
-                            oa + m0 * ldo + 4 * n0, ldo, min(R, M - m0), nvalid,
-                            1 if kc > 0 else 0)  # fmt: skip
+                ot, rv = oa + m0 * ldo + 4 * n0, min(R, M - m0)
+                if ymm:
+                    _float_tile_ymm(kid, xt, ldx, idx, val, p0, p1, ot, ldo, rv,
+                                    nvalid, rs, nv)  # fmt: skip
+                else:
+                    _float_tile(kid, xt, ldx, idx, val, p0, p1, ot, ldo, rv,
+                                nvalid, rs)  # fmt: skip
         if epi:
             for b in range(c0, c1):
                 m0 = b * R
@@ -464,27 +576,30 @@ def _float_rows(kid, R, c0, c1, xa, ldx, idx, val, kptr, out, oa, bias, lo, hi, 
                     for jj in range(nvalid):
                         j = np.uint64(n0 + jj)
                         orow[j] = min(max(orow[j] + bm, lo), hi)
+        n0 += nr
 
 
 @njit(**PJIT)
-def spmm_float(kid, R, xa, ldx, idx, val, kptr, chunks, out, oa, bias, lo, hi, epi):
+def spmm_float(kid, R, xa, ldx, idx, val, kptr, chunks, out, oa, bias, lo, hi, epi,
+               ymm):  # fmt: skip
     # out (M,N) float32 = W @ X (+bias, clamp to [lo, hi] when epi);
     # xa, idx, val, oa: addresses of X (float32, row stride ldx bytes), the block
     # indices, the values and out; kptr (Mb, nkc+1) int64 block pointers of
     # each block row's K chunks (column ranges in order);
-    # chunks (T+1,) int64 block-row bounds of the T threads (balanced by nnz)
+    # chunks (T+1,) int64 block-row bounds of the T threads (balanced by nnz);
+    # ymm: the AVX2 tiles (X rows padded to a multiple of 8 columns)
     for c in prange(chunks.shape[0] - 1):
         _float_rows(kid, R, chunks[c], chunks[c + 1], xa, ldx, idx, val, kptr, out,
-                    oa, bias, lo, hi, epi)  # fmt: skip
+                    oa, bias, lo, hi, epi, ymm)  # fmt: skip
 
 
 @njit(**JIT)
 def spmm_float_serial(
-    kid, R, xa, ldx, idx, val, kptr, chunks, out, oa, bias, lo, hi, epi
+    kid, R, xa, ldx, idx, val, kptr, chunks, out, oa, bias, lo, hi, epi, ymm
 ):
     # as spmm_float on the calling thread (small problems: no pool launch)
     _float_rows(kid, R, 0, kptr.shape[0], xa, ldx, idx, val, kptr, out, oa, bias,
-                lo, hi, epi)  # fmt: skip
+                lo, hi, epi, ymm)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- #

@@ -508,7 +508,18 @@ def _check_out(out, shape, dtype, x):
 
 
 def _fast_path() -> bool:
+    """The zmm kernels (float and int8): AVX-512 VNNI hosts."""
     return _dispatch.get_isa() == "avx512_vnni"
+
+
+def _ymm_float_path() -> bool:
+    """The float kernels' AVX2 tiles: isa avx2 or avx_vnni, on a CPU with FMA
+    and F16C (float16 values widened by vcvtph2ps). Every AVX2 x86 CPU has
+    both; the check keeps the LLVM IR off a target that would lower them to
+    library calls."""
+    return _dispatch.get_isa() in ("avx2", "avx_vnni") and {"fma", "f16c"} <= (
+        _dispatch.host_features()
+    )
 
 
 def _parts(threads: int) -> int:
@@ -604,7 +615,8 @@ def spmm(w, x, *, bias=None, activation=None, out=None, device=None):
             y2.reshape(M),
         )
         return y
-    if not _fast_path():
+    ymm = _ymm_float_path()
+    if not (ymm or _fast_path()):
         indptr, cols, vals = w._expanded()
         vals = _f32_values(w, vals)
         rows = _row_chunks(indptr, threads)
@@ -623,9 +635,13 @@ def spmm(w, x, *, bias=None, activation=None, out=None, device=None):
         )
         return y
     R, C = w.block
-    if w.format == "bsr1x4" and K % 4:
-        xp = np.zeros((K + 4 - K % 4, N), np.float32)
-        xp[:K] = xf
+    # X rows past K for the last 1x4 block; for the ymm tiles, which read
+    # whole 8-column vectors, columns up to a multiple of 8 (zeros)
+    Kp = -(-K // 4) * 4 if w.format == "bsr1x4" else K
+    Np = -(-N // 8) * 8 if ymm else N
+    if (Kp, Np) != (K, N):
+        xp = np.zeros((Kp, Np), np.float32)
+        xp[:K, :N] = xf
         xf = xp
     kid = (
         4 * _SHAPE_ID[w.format]
@@ -648,6 +664,7 @@ def spmm(w, x, *, bias=None, activation=None, out=None, device=None):
         np.float32(lo),
         np.float32(hi),
         epi,
+        ymm,
     )
     _run(threads, _ks.spmm_float_serial, _ks.spmm_float, args)
     return y
