@@ -47,6 +47,7 @@ from .ir_util import by_case as _ir_case
 from .ir_util import if_then as _ir_if
 from .ir_util import loop as _ir_loop
 from .ir_util import splat as _splat
+from .ir_util import target_has
 
 NV = 4  # zmm vectors per output row of a register tile
 NR = 16 * NV  # output columns per register tile
@@ -88,12 +89,18 @@ def _block_loop(builder, R, C, vkind, ikind, NV_, args, load_x, sets=1, init=Non
     ... go to one set of accumulators and p0+1, p0+3, ... to a second, added at
     the end. Why: with one set each accumulator takes one vpdpbusd per block,
     a dependency chain that held the 1 x 64 tile to 4 vpdpbusd per 7.6 cycles
-    with X in L1 (Zen 4); two sets double the independent chains."""
+    with X in L1 (Zen 4); two sets double the independent chains.
+
+    int8 with width 8 (AVX2, exact vpmaddwd): X' packed in k pairs (two
+    uint16 per 4-byte column word, pack_x_u16), the values as int16 (8 bytes
+    a block); a block adds two vpmaddwd per vector, one per k pair."""
     x, ldx, idx, val, p0, p1 = args
     is_int = vkind == S8
     vf = ir.VectorType(_f32, width)
-    vty = _vi if is_int else vf
-    vsize = {F32: 4, F16: 2, S8: 1}[vkind]
+    vi = ir.VectorType(_i32, width)
+    vw = ir.VectorType(_i16, 2 * width)
+    vty = vi if is_int else vf
+    vsize = {F32: 4, F16: 2, S8: 1 if width == 16 else 2}[vkind]
     isize = {U16: 2, I32: 4, NM: 1}[ikind]
     vals_per_block = 2 if ikind == NM else R * C
     cols = 2 if ikind == NM else C  # X rows touched per block
@@ -101,7 +108,9 @@ def _block_loop(builder, R, C, vkind, ikind, NV_, args, load_x, sets=1, init=Non
     x8 = builder.inttoptr(x, i8p)
     idx8 = builder.inttoptr(idx, i8p)
     val8 = builder.inttoptr(val, i8p)
-    if is_int:
+    if is_int and width == 8:
+        pmadd = _fn(builder, "llvm.x86.avx2.pmadd.wd", vi, [vw, vw])
+    elif is_int:
         dot = _fn(builder, "llvm.x86.avx512.vpdpbusd.512", _vi, [_vi, _vi, _vi])
     else:
         dot = _fn(builder, f"llvm.fma.v{width}f32", vf, [vf, vf, vf])
@@ -131,7 +140,10 @@ def _block_loop(builder, R, C, vkind, ikind, NV_, args, load_x, sets=1, init=Non
                 k = builder.add(g4, pos)
                 xrows.append(builder.gep(x8, [builder.mul(k, ldx)]))
         elif is_int:
-            xrows.append(builder.gep(x8, [builder.mul(b_idx, ldx)]))
+            k = b_idx if width == 16 else builder.shl(b_idx, one)  # k4 / k pair
+            xrows.append(builder.gep(x8, [builder.mul(k, ldx)]))
+            if width == 8:
+                xrows.append(builder.gep(xrows[0], [ldx]))
         else:
             k0 = builder.mul(b_idx, ir.Constant(_i64, C))
             for c in range(C):
@@ -166,6 +178,15 @@ def _block_loop(builder, R, C, vkind, ikind, NV_, args, load_x, sets=1, init=Non
             val8, [builder.mul(p, ir.Constant(_i64, vals_per_block * vsize))]
         )
         new = list(accs)
+        if is_int and width == 8:
+            for j in range(2):  # k pairs (w0, w1) and (w2, w3)
+                wp = builder.gep(vbase, [ir.Constant(_i64, 4 * j)])
+                w = builder.load(builder.bitcast(wp, _i32.as_pointer()), align=1)
+                ws = builder.bitcast(_splat(builder, w, vi), vw)
+                for v in range(NV_):
+                    xw = builder.bitcast(xv[j][v], vw)
+                    new[v] = builder.add(new[v], builder.call(pmadd, [xw, ws]))
+            return new
         if is_int:
             w = builder.load(builder.bitcast(vbase, _i32.as_pointer()), align=1)
             ws = _splat(builder, w, _vi)
@@ -331,16 +352,18 @@ def make_block_kernel(R, C, vkind, ikind, NV_=NV, width=16):
     return _tile_nv
 
 
-def make_s8_kernel(ikind, NV_):
+def make_s8_kernel(ikind, NV_, width=16):
     """An intrinsic computing one 1 x 16*NV_ output tile of one row of int8 1x4
     blocks with the requantization epilogue fused (docs/quantization.md eqs.
     8-13, the dense tile's _store_tile): the products never leave registers.
 
     _s8tile(x, ldx, idx, val, p0, p1, out, nvalid, c, mult, zy, qlo, qhi, y)
       x      address of Xp[0, n0, 0] (uint8 [K4][Np][4], Np a multiple of 16
-             so whole vectors load; k4-row stride ldx bytes)
+             so whole vectors load; k4-row stride ldx bytes); width 8 (AVX2):
+             [2 K4][Np] words of two uint16, one k pair each (pack_x_u16),
+             k-pair-row stride ldx
       idx    address of the block index array (uint16 / int32)
-      val    address of the int8 values (4 per block)
+      val    address of the int8 values (4 per block); width 8: int16 values
       p0, p1 block range of this row
       out    address of y[m, n0]; nvalid columns inside N (1..16*NV_)
       c      int64 row term -ZX' * rowsum(W) + bias[m] (eq. 8; exact in float64,
@@ -353,15 +376,34 @@ def make_s8_kernel(ikind, NV_):
     def codegen(context, builder, sig, args):
         x, ldx, idx, val, p0, p1, out, nvalid, c, mult, zy, qlo, qhi = args[:13]
         kind = sig.args[-1].dtype
-        offs = _b_offsets(builder, NV_, nvalid)
+        if width == 16 and not target_has(context, "avx512vnni"):
+            # the zmm tile on a CPU without AVX-512 VNNI: vpdpbusd.512 would
+            # abort LLVM's instruction selection. The driver holding both
+            # tiles is compiled there, but lowprec.sparse only takes the zmm
+            # tiles on the avx512_vnni path, which set_isa refuses on such a
+            # CPU: a trap, not a plain-IR stand-in (whose 64-lane products took
+            # 110 s to compile into the parallel driver on an AVX2 host)
+            trap = _fn(builder, "llvm.trap", ir.VoidType(), [])
+            builder.call(trap, [])
+            return context.get_dummy_value()
+        ny = NV_ * 16 // width  # vectors of `width` lanes
+        vi = ir.VectorType(_i32, width)
+        offs = _b_offsets(builder, ny, nvalid, lanes=width)
 
         def load_x(xr, v):
-            ptr = builder.bitcast(builder.gep(xr, [offs[v]]), _vi.as_pointer())
+            ptr = builder.bitcast(builder.gep(xr, [offs[v]]), vi.as_pointer())
             return builder.load(ptr, align=4)
 
-        fin = _block_loop(
-            builder, 1, 4, S8, ikind, NV_, (x, ldx, idx, val, p0, p1), load_x, 2
-        )
+        # zmm: two accumulator sets (see _block_loop); ymm: one, its 2 x NV_
+        # vectors already independent chains, and 16 registers
+        fin = _block_loop(builder, 1, 4, S8, ikind, ny, (x, ldx, idx, val, p0, p1),
+                          load_x, 2 if width == 16 else 1, width=width)  # fmt: skip
+        if width == 8:  # ymm pairs -> the 16-lane epilogue (legalized on AVX2)
+            join = ir.Constant(ir.VectorType(_i32, 16), list(range(16)))
+            fin = [
+                builder.shuffle_vector(fin[2 * v], fin[2 * v + 1], join)
+                for v in range(NV_)
+            ]
         masks = _col_masks(builder, NV_, nvalid)
         vf64 = ir.VectorType(_f64, 16)
         cv = _splat(builder, builder.sitofp(c, _f64), vf64)
@@ -441,6 +483,13 @@ _y_c4_f16_u16 = make_block_kernel(1, 4, F16, U16, _YW, 8)
 _y_c4_f16_i32 = make_block_kernel(1, 4, F16, I32, _YW, 8)
 _y_nm_f32 = make_block_kernel(1, 4, F32, NM, _YW, 8)
 _y_nm_f16 = make_block_kernel(1, 4, F16, NM, _YW, 8)
+# int8 on AVX2: 16 / 32 / 64-column tiles of exact vpmaddwd (X' in k pairs)
+_y_s8_u16_1 = make_s8_kernel(U16, 1, 8)
+_y_s8_u16_2 = make_s8_kernel(U16, 2, 8)
+_y_s8_u16_4 = make_s8_kernel(U16, 4, 8)
+_y_s8_i32_1 = make_s8_kernel(I32, 1, 8)
+_y_s8_i32_2 = make_s8_kernel(I32, 2, 8)
+_y_s8_i32_4 = make_s8_kernel(I32, 4, 8)
 
 # kernel ids handed to the drivers: 4 * shape + 2 * (value is f16) + (index i32)
 CSR, R4, C4, NM24 = 0, 1, 2, 3
@@ -637,6 +686,39 @@ def pack_x_u8(x, flip, out):
             o32[g, n, 0] = 0
 
 
+@njit(**JIT)
+def pack_x_u16(x, flip, out):
+    # x (K,N) int8|uint8 -> out (K2,Np,4) uint8 read as words of two uint16:
+    # word (j, n) = x'[2j, n] | x'[2j+1, n] << 16, x' = x ^ flip (x + 128 for
+    # int8 x), rows past K and columns past N zero: the k pairs that AVX2's
+    # vpmaddwd multiplies with a block's int16 weight pairs
+    K, N = x.shape
+    K2, Np = out.shape[0], out.shape[1]
+    o32 = out.view(np.uint32)  # (K2, Np, 1)
+    f = np.uint32(flip) * np.uint32(0x00010001)
+    for j in range(K // 2):
+        x0, x1 = x[2 * j], x[2 * j + 1]
+        o = o32[j]
+        for n in range(N):
+            lo, hi = np.uint32(np.uint8(x0[n])), np.uint32(np.uint8(x1[n]))
+            o[n, 0] = (lo | (hi << 16)) ^ f
+    for j in range(K // 2, K2):
+        for n in range(N):
+            lo = np.uint32(np.uint8(x[2 * j, n]) ^ flip) if 2 * j < K else np.uint32(0)
+            o32[j, n, 0] = lo
+    for j in range(K2):
+        for n in range(N, Np):
+            o32[j, n, 0] = 0
+
+
+@njit(inline="always")
+def _pack_x(x, flip, out, ymm):
+    if ymm:
+        pack_x_u16(x, flip, out)
+    else:
+        pack_x_u8(x, flip, out)
+
+
 @njit(inline="always")
 def _requant_row(p, m, n0, nc, zx, rs, bias, mult, zy, qlo, qhi, mode, out):
     # eqs. 8-13 for out[m, n0:n0+nc]: acc = P - ZX*rowsum(W') + bias[m]
@@ -657,9 +739,25 @@ def _requant_row(p, m, n0, nc, zx, rs, bias, mult, zy, qlo, qhi, mode, out):
 
 
 @njit(inline="always")
-def _s8_tile(i32, x, ldx, idx, val, p0, p1, o, nvalid, c, mult, zy, qlo, qhi, out):
-    # the narrowest kernel that covers nvalid columns
-    if i32:
+def _s8_tile(ymm, i32, x, ldx, idx, val, p0, p1, o, nvalid, c, mult, zy, qlo, qhi,
+             out):  # fmt: skip
+    # the narrowest kernel that covers nvalid columns; ymm: the AVX2 tiles
+    a = (x, ldx, idx, val, p0, p1, o, nvalid, c, mult, zy, qlo, qhi, out)
+    if ymm:
+        if i32:
+            if nvalid > 32:
+                _y_s8_i32_4(*a)
+            elif nvalid > 16:
+                _y_s8_i32_2(*a)
+            else:
+                _y_s8_i32_1(*a)
+        elif nvalid > 32:
+            _y_s8_u16_4(*a)
+        elif nvalid > 16:
+            _y_s8_u16_2(*a)
+        else:
+            _y_s8_u16_1(*a)
+    elif i32:
         if nvalid > 32:
             _c4_s8_i32_4(x, ldx, idx, val, p0, p1, o, nvalid, c, mult, zy, qlo,
                          qhi, out)  # fmt: skip
@@ -681,34 +779,39 @@ def _s8_tile(i32, x, ldx, idx, val, p0, p1, o, nvalid, c, mult, zy, qlo, qhi, ou
 
 
 @njit(inline="always")
-def _s8_rows(c0, c1, xp, idx, val, ptr, zx, rs, bias, mult, zy, qlo, qhi, out):
+def _s8_rows(c0, c1, xp, ia, i32, va, ptr, zx, rs, bias, mult, zy, qlo, qhi, out,
+             ymm):  # fmt: skip
     # rows c0..c1-1 of out, one 1 x NR8 tile at a time, N tiles outer (the
-    # tile's X slab, K4 x NR8 x 4 bytes, stays in L2 across the rows)
+    # tile's X slab, K4 x NR8 x 4 bytes, twice that for ymm, stays in L2
+    # across the rows)
     M, N = out.shape
     ldo = np.int64(out.strides[0])
     esize = out.itemsize
     oa = out.ctypes.data
     xa, ldx = xp.ctypes.data, np.int64(xp.strides[0])
-    ia, va = idx.ctypes.data, val.ctypes.data
     for t in range((N + NR8 - 1) // NR8):
         n0 = t * NR8
         nvalid = min(NR8, N - n0)
         for m in range(c0, c1):
             c = -zx * rs[m] + bias[m]
             o = oa + m * ldo + esize * n0
-            _s8_tile(idx.itemsize == 4, xa + 4 * n0, ldx, ia, va, ptr[m],
+            _s8_tile(ymm, i32, xa + 4 * n0, ldx, ia, va, ptr[m],
                      ptr[m + 1], o, nvalid, c, mult[m], zy, qlo, qhi, out)  # fmt: skip
 
 
 @njit(**PJIT)
 def spmm_s8_vnni(
-    x, flip, xps, packed, idx, val, ptr, chunks, zx, rs, bias, mult, zy, qlo, qhi,
-    out
+    x, flip, xps, packed, ia, i32, va, ptr, chunks, zx, rs, bias, mult, zy, qlo,
+    qhi, out, ymm
 ):  # fmt: skip
-    # out (M,N) = requant(W @ X): W 1x4 blocks of int8 (zero point 0; idx
-    # uint16 / int32 block columns, val 4 bytes per block, ptr (M+1,) block
-    # pointers); out's dtype (uint8 / int8 / float32) selects the epilogue.
-    # x (K,N) int8|uint8 packed as xp (K4,Np,4) = x ^ flip (pack_x_u8). With
+    # out (M,N) = requant(W @ X): W 1x4 blocks of int8 (zero point 0; ia the
+    # address of the block columns, int32 if i32 else uint16, va of the values,
+    # 4 per block, ptr (M+1,) block pointers); out's dtype (uint8 / int8 /
+    # float32) selects the epilogue. x (K,N) the activations' bytes (uint8
+    # view) packed as xp (K4,Np,4) = x ^ flip (pack_x_u8); ymm (AVX2 tiles):
+    # values int16, xp (2 K4,Np,4) in k pairs (pack_x_u16). Addresses and a
+    # uint8 view, not typed arrays: each array type was one more compiled
+    # specialization (12 of ~5 s each on an AVX2 host). With
     # xps (threads, ...) each thread packs its own copy before its first part
     # (packed (threads,) zeros on entry); with xps (1, ...) the caller packed
     # the one copy (packed all ones). Why private copies: a copy packed on the
@@ -722,22 +825,22 @@ def spmm_s8_vnni(
         tid = numba.get_thread_id()
         slot = tid if xps.shape[0] > 1 else 0
         if packed[tid] == 0:
-            pack_x_u8(x, flip, xps[slot])
+            _pack_x(x, flip, xps[slot], ymm)
             packed[tid] = 1
-        _s8_rows(chunks[c], chunks[c + 1], xps[slot], idx, val, ptr, zx, rs, bias,
-                 mult, zy, qlo, qhi, out)  # fmt: skip
+        _s8_rows(chunks[c], chunks[c + 1], xps[slot], ia, i32, va, ptr, zx, rs,
+                 bias, mult, zy, qlo, qhi, out, ymm)  # fmt: skip
 
 
 @njit(**JIT)
 def spmm_s8_vnni_serial(
-    x, flip, xps, packed, idx, val, ptr, chunks, zx, rs, bias, mult, zy, qlo, qhi,
-    out
+    x, flip, xps, packed, ia, i32, va, ptr, chunks, zx, rs, bias, mult, zy, qlo,
+    qhi, out, ymm
 ):  # fmt: skip
     # as spmm_s8_vnni on the calling thread (no parallel region): packs into
     # xps[0] itself; packed and chunks (the parallel call's) are not used
-    pack_x_u8(x, flip, xps[0])
-    _s8_rows(0, ptr.shape[0] - 1, xps[0], idx, val, ptr, zx, rs, bias, mult, zy,
-             qlo, qhi, out)  # fmt: skip
+    _pack_x(x, flip, xps[0], ymm)
+    _s8_rows(0, ptr.shape[0] - 1, xps[0], ia, i32, va, ptr, zx, rs, bias, mult,
+             zy, qlo, qhi, out, ymm)  # fmt: skip
 
 
 # One column, banked (N = 1): the 16 rows of a tile are the 16 lanes, and the

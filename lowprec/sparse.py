@@ -853,25 +853,31 @@ def qlinear_spmm(
                 zy, qlo, qhi, mode, y2.reshape(M))  # fmt: skip
         _run(threads, _ks.spmm_s8_banks_serial, _ks.spmm_s8_banks, args)
         return y
-    if _fast_path() and w.format == "bsr1x4" and symmetric and K > 0:
+    ymm = _dispatch.get_isa() in ("avx2", "avx_vnni")
+    if (_fast_path() or ymm) and w.format == "bsr1x4" and symmetric and K > 0:
+        # ymm: the AVX2 tiles (exact vpmaddwd): X' in k pairs of uint16, twice
+        # the rows of the zmm layout, and the values as int16
         K4, Np = -(-K // 4), -(-N // 16) * 16
-        x2 = np.ascontiguousarray(x2)
+        Kx = 2 * K4 if ymm else K4
+        x2 = np.ascontiguousarray(x2).view(np.uint8)  # flip carries the sign
         # X packed 64-byte aligned (a zmm load across two cache lines costs
         # two: the tile loop ran 8 cycles per block instead of 5.7 with X in
         # L1), one copy per thread packed inside the parallel region
         # (kernels/sparse_gemm.spmm_s8_vnni) unless the copies would pass
         # _S8_PRIVATE_X_BYTES: then one copy, packed here
         T = 1 if threads == 1 else numba.config.NUMBA_NUM_THREADS
-        if T * K4 * Np * 4 > _S8_PRIVATE_X_BYTES:
+        if T * Kx * Np * 4 > _S8_PRIVATE_X_BYTES:
             T = 1
-        xps = _dispatch.scratch("spmm_s8_x", (T, K4, Np, 4), np.uint8)
+        xps = _dispatch.scratch("spmm_s8_x", (T, Kx, Np, 4), np.uint8)
         packed = np.zeros(numba.config.NUMBA_NUM_THREADS, np.int64)
         if T == 1 and threads != 1:
-            _ks.pack_x_u8(x2, np.uint8(flip), xps[0])
+            (_ks.pack_x_u16 if ymm else _ks.pack_x_u8)(x2, np.uint8(flip), xps[0])
             packed[:] = 1
-        args = (x2, np.uint8(flip), xps, packed, w.idx, w.val, w.ptr,
+        val = _val16(w) if ymm else w.val  # held here while the kernel reads it
+        args = (x2, np.uint8(flip), xps, packed, w.idx.ctypes.data,
+                w.idx.dtype == np.int32, val.ctypes.data, w.ptr,
                 w._chunks(_parts(threads)), zx + flip, rs, bias64, mult, zy, qlo,
-                qhi, y2)  # fmt: skip
+                qhi, y2, ymm)  # fmt: skip
         _run(threads, _ks.spmm_s8_vnni_serial, _ks.spmm_s8_vnni, args)
         return y
     indptr, cols, vals = w._expanded()
@@ -895,6 +901,15 @@ def qlinear_spmm(
         y2,
     )
     return y
+
+
+def _val16(w):
+    """w's int8 values as int16 (the AVX2 tiles' vpmaddwd operands), cached."""
+    got = w._cache.get("val16")
+    if got is None:
+        got = w._cache["val16"] = w.val.astype(np.int16)
+        got.flags.writeable = False
+    return got
 
 
 def _gemv_banks(w):
