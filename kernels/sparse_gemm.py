@@ -42,7 +42,13 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .config import JIT, PJIT
-from .int8_gemm_vnni import _b_offsets, _col_masks, _store_tile, _vec_store
+from .int8_gemm_vnni import (
+    _b_offsets,
+    _col_masks,
+    _store_tile,
+    _store_tile_f32,
+    _vec_store,
+)
 from .ir_util import by_case as _ir_case
 from .ir_util import if_then as _ir_if
 from .ir_util import loop as _ir_loop
@@ -369,12 +375,14 @@ def make_s8_kernel(ikind, NV_, width=16):
       c      int64 row term -ZX' * rowsum(W) + bias[m] (eq. 8; exact in float64,
              as is P + c: |P + c| < 2**53)
       mult   float64 multiplier of row m; zy, qlo, qhi as in requant.py
+      f32    1: uint8 / int8 output requantized in float32 lanes (the caller
+             checked them exact, see codegen)
       y      the output array (its dtype selects the epilogue: uint8 / int8 /
              float32)
     """
 
     def codegen(context, builder, sig, args):
-        x, ldx, idx, val, p0, p1, out, nvalid, c, mult, zy, qlo, qhi = args[:13]
+        x, ldx, idx, val, p0, p1, out, nvalid, c, mult, zy, qlo, qhi, f32 = args[:14]
         kind = sig.args[-1].dtype
         if width == 16 and not target_has(context, "avx512vnni"):
             # the zmm tile on a CPU without AVX-512 VNNI: vpdpbusd.512 would
@@ -414,21 +422,41 @@ def make_s8_kernel(ikind, NV_, width=16):
             return builder.fadd(builder.sitofp(fin[v], vf64), cv)
 
         zero = ir.Constant(_i64, 0)
-        _store_tile(builder, kind, acc_of, masks, 1, NV_, out, zero,
-                    lambda r, v: multv, zy, qlo, qhi, lambda v: fb0)  # fmt: skip
+
+        def general():
+            _store_tile(builder, kind, acc_of, masks, 1, NV_, out, zero,
+                        lambda r, v: multv, zy, qlo, qhi, lambda v: fb0)  # fmt: skip
+
+        if kind not in (types.uint8, types.int8):
+            general()
+            return context.get_dummy_value()
+        # f32: the caller found the float32 lanes exact for this call (|acc| <
+        # 2**24 and int8_gemm_vnni.float32_requant_ok): acc = P + c in int32,
+        # ~7 instead of ~14 instructions a vector (float64 lanes are half as
+        # wide, a quarter on AVX2). 1024 x 1024, one block a row, N = 1, 1
+        # thread on Zen 3: 70 us a call with the float64 epilogue.
+        with builder.if_else(builder.icmp_signed("!=", f32, zero)) as (fast, slow):
+            with fast:
+                c32 = _splat(builder, builder.trunc(c, _i32), _vi)
+                m32 = _splat(builder, builder.fptrunc(mult, _f32), _vf)
+                _store_tile_f32(builder, lambda r, v: builder.add(fin[v], c32),
+                                lambda r, v: m32, masks, 1, NV_, out, zero, zy, qlo,
+                                qhi)  # fmt: skip
+            with slow:
+                general()
         return context.get_dummy_value()
 
     @intrinsic
     def _s8tile(typingctx, x, ldx, idx, val, p0, p1, out, nvalid, c, mult, zy,
-                qlo, qhi, y):  # fmt: skip
+                qlo, qhi, f32, y):  # fmt: skip
         if not isinstance(y, types.Array) or y.dtype not in (
             types.uint8,
             types.int8,
             types.float32,
         ):
             return None
-        f8 = types.float64
-        return types.void(*([types.int64] * 9), f8, f8, f8, f8, y), codegen
+        f8, i8 = types.float64, types.int64
+        return types.void(*([i8] * 9), f8, f8, f8, f8, i8, y), codegen
 
     return _s8tile
 
@@ -740,9 +768,9 @@ def _requant_row(p, m, n0, nc, zx, rs, bias, mult, zy, qlo, qhi, mode, out):
 
 @njit(inline="always")
 def _s8_tile(ymm, i32, x, ldx, idx, val, p0, p1, o, nvalid, c, mult, zy, qlo, qhi,
-             out):  # fmt: skip
+             f32, out):  # fmt: skip
     # the narrowest kernel that covers nvalid columns; ymm: the AVX2 tiles
-    a = (x, ldx, idx, val, p0, p1, o, nvalid, c, mult, zy, qlo, qhi, out)
+    a = (x, ldx, idx, val, p0, p1, o, nvalid, c, mult, zy, qlo, qhi, f32, out)
     if ymm:
         if i32:
             if nvalid > 32:
@@ -759,28 +787,22 @@ def _s8_tile(ymm, i32, x, ldx, idx, val, p0, p1, o, nvalid, c, mult, zy, qlo, qh
             _y_s8_u16_1(*a)
     elif i32:
         if nvalid > 32:
-            _c4_s8_i32_4(x, ldx, idx, val, p0, p1, o, nvalid, c, mult, zy, qlo,
-                         qhi, out)  # fmt: skip
+            _c4_s8_i32_4(*a)
         elif nvalid > 16:
-            _c4_s8_i32_2(x, ldx, idx, val, p0, p1, o, nvalid, c, mult, zy, qlo,
-                         qhi, out)  # fmt: skip
+            _c4_s8_i32_2(*a)
         else:
-            _c4_s8_i32_1(x, ldx, idx, val, p0, p1, o, nvalid, c, mult, zy, qlo,
-                         qhi, out)  # fmt: skip
+            _c4_s8_i32_1(*a)
     elif nvalid > 32:
-        _c4_s8_u16_4(x, ldx, idx, val, p0, p1, o, nvalid, c, mult, zy, qlo, qhi,
-                     out)  # fmt: skip
+        _c4_s8_u16_4(*a)
     elif nvalid > 16:
-        _c4_s8_u16_2(x, ldx, idx, val, p0, p1, o, nvalid, c, mult, zy, qlo, qhi,
-                     out)  # fmt: skip
+        _c4_s8_u16_2(*a)
     else:
-        _c4_s8_u16_1(x, ldx, idx, val, p0, p1, o, nvalid, c, mult, zy, qlo, qhi,
-                     out)  # fmt: skip
+        _c4_s8_u16_1(*a)
 
 
 @njit(inline="always")
-def _s8_rows(c0, c1, xp, ia, i32, va, ptr, zx, rs, bias, mult, zy, qlo, qhi, out,
-             ymm):  # fmt: skip
+def _s8_rows(c0, c1, xp, ia, i32, va, ptr, zx, rs, bias, mult, zy, qlo, qhi, f32,
+             out, ymm):  # fmt: skip
     # rows c0..c1-1 of out, one 1 x NR8 tile at a time, N tiles outer (the
     # tile's X slab, K4 x NR8 x 4 bytes, twice that for ymm, stays in L2
     # across the rows)
@@ -796,13 +818,14 @@ def _s8_rows(c0, c1, xp, ia, i32, va, ptr, zx, rs, bias, mult, zy, qlo, qhi, out
             c = -zx * rs[m] + bias[m]
             o = oa + m * ldo + esize * n0
             _s8_tile(ymm, i32, xa + 4 * n0, ldx, ia, va, ptr[m],
-                     ptr[m + 1], o, nvalid, c, mult[m], zy, qlo, qhi, out)  # fmt: skip
+                     ptr[m + 1], o, nvalid, c, mult[m], zy, qlo, qhi, f32,
+                     out)  # fmt: skip
 
 
 @njit(**PJIT)
 def spmm_s8_vnni(
     x, flip, xps, packed, ia, i32, va, ptr, chunks, zx, rs, bias, mult, zy, qlo,
-    qhi, out, ymm
+    qhi, f32, out, ymm
 ):  # fmt: skip
     # out (M,N) = requant(W @ X): W 1x4 blocks of int8 (zero point 0; ia the
     # address of the block columns, int32 if i32 else uint16, va of the values,
@@ -819,8 +842,9 @@ def spmm_s8_vnni(
     # cache, and writing it again on the next call waits for the
     # invalidations (measured, 1024x32: 16.5 us to pack after a parallel call,
     # 8 us after a serial one). zx = x zero point (+ 128 for int8 x); rs (M,)
-    # int64 = rowsum(W); bias (M,) int64; mult (M,) float64; chunks (parts+1,)
-    # row bounds balanced by nnz
+    # int64 = rowsum(W); bias (M,) int64; mult (M,) float64; f32: uint8 / int8
+    # output requantized in float32 lanes (checked exact by the caller);
+    # chunks (parts+1,) row bounds balanced by nnz
     for c in prange(chunks.shape[0] - 1):
         tid = numba.get_thread_id()
         slot = tid if xps.shape[0] > 1 else 0
@@ -828,19 +852,19 @@ def spmm_s8_vnni(
             _pack_x(x, flip, xps[slot], ymm)
             packed[tid] = 1
         _s8_rows(chunks[c], chunks[c + 1], xps[slot], ia, i32, va, ptr, zx, rs,
-                 bias, mult, zy, qlo, qhi, out, ymm)  # fmt: skip
+                 bias, mult, zy, qlo, qhi, f32, out, ymm)  # fmt: skip
 
 
 @njit(**JIT)
 def spmm_s8_vnni_serial(
     x, flip, xps, packed, ia, i32, va, ptr, chunks, zx, rs, bias, mult, zy, qlo,
-    qhi, out, ymm
+    qhi, f32, out, ymm
 ):  # fmt: skip
     # as spmm_s8_vnni on the calling thread (no parallel region): packs into
     # xps[0] itself; packed and chunks (the parallel call's) are not used
     _pack_x(x, flip, xps[0], ymm)
     _s8_rows(0, ptr.shape[0] - 1, xps[0], ia, i32, va, ptr, zx, rs, bias, mult,
-             zy, qlo, qhi, out, ymm)  # fmt: skip
+             zy, qlo, qhi, f32, out, ymm)  # fmt: skip
 
 
 # One column, banked (N = 1): the 16 rows of a tile are the 16 lanes, and the

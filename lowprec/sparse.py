@@ -41,6 +41,7 @@ from . import _dispatch
 from . import _validate as v
 from . import gemm as _g  # the multiplier and clamp of qlinear_matmul
 from . import kernels as _ks_pkg
+from .kernels import int8_gemm_vnni as _kv  # float32_requant_ok
 from .kernels import sparse_gemm as _ks
 
 FORMATS = ("csr", "bsr4x1", "bsr1x4", "nm24")
@@ -809,7 +810,7 @@ def qlinear_spmm(
             if len(calls) >= 8:  # engines use a few; a changing x_scale, many
                 calls.clear()
             calls[key] = got
-    zx, mult, zy, qlo, qhi, mode, odt_final = got
+    zx, mult, zy, qlo, qhi, mode, odt_final, f32_ok = got
     if bias is None:
         bias64 = w._cache.get("s8_no_bias")
         if bias64 is None:  # the kernels only read it
@@ -874,10 +875,15 @@ def qlinear_spmm(
             (_ks.pack_x_u16 if ymm else _ks.pack_x_u8)(x2, np.uint8(flip), xps[0])
             packed[:] = 1
         val = _val16(w) if ymm else w.val  # held here while the kernel reads it
+        f32 = 0
+        if f32_ok:  # |acc| <= |P| + |c|: |x'| <= 255, |w| <= 128
+            b_max = int(np.abs(bias64).max()) if bias is not None else 0
+            acc_max = maxrow * 255 * 128 + abs(zx + flip) * _rs_absmax(w) + b_max
+            f32 = int(acc_max < 2**24)
         args = (x2, np.uint8(flip), xps, packed, w.idx.ctypes.data,
                 w.idx.dtype == np.int32, val.ctypes.data, w.ptr,
                 w._chunks(_parts(threads)), zx + flip, rs, bias64, mult, zy, qlo,
-                qhi, y2, ymm)  # fmt: skip
+                qhi, f32, y2, ymm)  # fmt: skip
         _run(threads, _ks.spmm_s8_vnni_serial, _ks.spmm_s8_vnni, args)
         return y
     indptr, cols, vals = w._expanded()
@@ -901,6 +907,19 @@ def qlinear_spmm(
         y2,
     )
     return y
+
+
+def _f32_lanes_ok(mult, zy, qlo, qhi) -> bool:
+    """float32_requant_ok's conditions other than the accumulator bound."""
+    return bool(_kv.float32_requant_ok(0, mult.reshape(1, -1), zy, qlo, qhi))
+
+
+def _rs_absmax(w) -> int:
+    """max |rowsum(W)| (the row terms' bound), cached."""
+    got = w._cache.get("rs_absmax")
+    if got is None:
+        got = w._cache["rs_absmax"] = int(np.abs(_row_stats(w)[2]).max(initial=0))
+    return got
 
 
 def _val16(w):
@@ -1036,7 +1055,11 @@ def _s8_params(w, x, x_scale, x_zero_point, y_scale, y_zero_point, activation,
         )
         mult = _row_multiplier(w, sx, sy)
         mode = 1
-    return zx, mult, zy, qlo, qhi, mode, odt_final
+    # uint8 / int8 output may take the tiles' float32 lanes when, besides
+    # |acc| < 2**24 (checked per call: bias changes), the multipliers, z_y and
+    # bounds pass int8_gemm_vnni.float32_requant_ok
+    f32_ok = mode == 1 and _f32_lanes_ok(mult, zy, qlo, qhi)
+    return zx, mult, zy, qlo, qhi, mode, odt_final, f32_ok
 
 
 # --------------------------------------------------------------------------- #

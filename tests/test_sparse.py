@@ -281,6 +281,12 @@ def test_qlinear_spmm_vnni_tiles(isa, threads, monkeypatch):
             ref = _qref(W, x, sx, zx, sy, y_zp, **kw)
             assert got.dtype == ref.dtype
             np.testing.assert_array_equal(got, ref)
+            if y_zp is not None:  # the float64 epilogue where float32 lanes fit
+                W._cache.pop("s8_calls", None)
+                with monkeypatch.context() as mp:
+                    mp.setattr(sp, "_f32_lanes_ok", lambda *a: False)
+                    got = sp.qlinear_spmm(W, x, sx, zx, sy, y_zp, **kw)
+                np.testing.assert_array_equal(got, ref)
 
 
 def _int8_bsr1x4(rng, blocks, K):
