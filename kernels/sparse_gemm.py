@@ -1052,20 +1052,25 @@ def spmv_float(indptr, cols, vals, x, chunks, bias, lo, hi, out):
     # rounding, n - 1 additions: the documented bound holds). The (K, 1) tile
     # kernel would use 1 of 16 lanes; vgatherdps (fastmath) measured 2.5x
     # slower than this on Zen 4 (1024x1024 at 50%: 880 vs 353 us, 1 thread).
+    # Unsigned indices: with int64 ones every access carried numba's
+    # negative-index fix-up (sar / and / cmov, 45 instructions per 4 values,
+    # 3.5 cycles a value on Zen 3: 1024 x 1024, 1 thread, 50 % 438 -> 264 us,
+    # 90 % 121 -> 86 us; now 3 loads a value, the bound).
     nb = bias.shape[0]
+    u1, u2, u3, u4 = np.uint64(1), np.uint64(2), np.uint64(3), np.uint64(4)
     for c in prange(chunks.shape[0] - 1):
         for m in range(chunks[c], chunks[c + 1]):
             s0 = s1 = s2 = s3 = np.float32(0)
-            p = indptr[m]
-            p1 = indptr[m + 1]
-            while p + 4 <= p1:
+            p = np.uint64(indptr[m])
+            p1 = np.uint64(indptr[m + 1])
+            while p + u4 <= p1:
                 s0 += vals[p] * x[np.uint64(cols[p])]
-                s1 += vals[p + 1] * x[np.uint64(cols[p + 1])]
-                s2 += vals[p + 2] * x[np.uint64(cols[p + 2])]
-                s3 += vals[p + 3] * x[np.uint64(cols[p + 3])]
-                p += 4
+                s1 += vals[p + u1] * x[np.uint64(cols[p + u1])]
+                s2 += vals[p + u2] * x[np.uint64(cols[p + u2])]
+                s3 += vals[p + u3] * x[np.uint64(cols[p + u3])]
+                p += u4
             while p < p1:
                 s0 += vals[p] * x[np.uint64(cols[p])]
-                p += 1
+                p += u1
             s = (s0 + s1) + (s2 + s3) + bias[m if nb > 1 else 0]
             out[m] = min(max(s, lo), hi)
