@@ -993,6 +993,106 @@ def spmm_s8_banks_serial(x, flip, bv, bi, tb, chunks, zx, rs, bias, mult, zy, ql
                   mode, out)  # fmt: skip
 
 
+# One column on AVX2 (no vpermi2d): 8 rows a tile are the 8 lanes, and the X
+# words come from one vpgatherdd per slot. Slot s of a tile holds, per lane,
+# one block's 4 weight bytes (bv, 0 pads shorter rows) and its word index
+# (bi, int32); the dot4 of 8 gathered words with 8 weight words is exact
+# without vpdpbusd by splitting X' into nibbles (each at most 15, so
+# vpmaddubsw's pair sums never saturate), vpmaddwd with ones, lo + 16 hi:
+#
+#     acc[lane] += dot4(bv[s, lane], X'[bi[s, lane]])
+#
+# Layout built by lowprec.sparse._gemv_gather8. The 16-column tile this
+# replaces used 1 of 16 lanes (1024 x 1024, N = 1, 1 thread: MEASURED).
+
+
+@intrinsic
+def _gather_tile(typingctx, xp, bv, bi, s0, s1, acc):
+    # acc (8 int32 at address acc) = the slots s0..s1-1 of one 8-row tile; xp
+    # the address of X' words, bv / bi the addresses of the (slots, 8) arrays
+    def codegen(context, builder, sig, args):
+        xp, bv, bi, s0, s1, acc = args
+        v8, v32b = ir.VectorType(_i32, 8), ir.VectorType(_i8, 32)
+        w16 = ir.VectorType(_i16, 16)
+        gather = _fn(builder, "llvm.x86.avx2.gather.d.d.256", v8,
+                     [v8, _i8.as_pointer(), v8, v8, _i8])  # fmt: skip
+        maddubs = _fn(builder, "llvm.x86.avx2.pmadd.ub.sw", w16, [v32b, v32b])
+        maddwd = _fn(builder, "llvm.x86.avx2.pmadd.wd", v8, [w16, w16])
+        x8 = builder.inttoptr(xp, _i8.as_pointer())
+        ones = ir.Constant(w16, [1] * 16)
+        nib = ir.Constant(v8, [0x0F0F0F0F] * 8)
+        every = ir.Constant(v8, [-1] * 8)
+
+        def vec(base, s):
+            at = builder.add(base, builder.mul(s, ir.Constant(_i64, 32)))
+            return builder.load(builder.inttoptr(at, v8.as_pointer()), align=4)
+
+        def slot(s, accs):
+            xw = builder.call(gather, [ir.Constant(v8, None), x8, vec(bi, s), every,
+                                       ir.Constant(_i8, 4)])  # fmt: skip
+            w = builder.bitcast(vec(bv, s), v32b)
+            lo = builder.and_(xw, nib)
+            hi = builder.and_(builder.lshr(xw, ir.Constant(v8, [4] * 8)), nib)
+            part = []
+            for h in (lo, hi):
+                pairs = builder.call(maddubs, [builder.bitcast(h, v32b), w])
+                part.append(builder.call(maddwd, [pairs, ones]))
+            hi16 = builder.shl(part[1], ir.Constant(v8, [4] * 8))
+            return [builder.add(accs[0], builder.add(part[0], hi16))]
+
+        (fin,) = _ir_loop(builder, s0, s1, [ir.Constant(v8, None)], slot, name="g8")
+        builder.store(fin, builder.inttoptr(acc, v8.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return types.void(*([types.int64] * 6)), codegen
+
+
+@njit(inline="always")
+def _s8_gather_rows(t0, t1, xp, bv, bi, slot_ptr, zx, rs, bias, mult, zy, qlo,
+                    qhi, mode, out):  # fmt: skip
+    # out[m] (1-D) for the rows of 8-row tiles t0..t1-1: the tiles' sums, then
+    # eqs. 8-13 as _s8_bank_rows
+    M = out.shape[0]
+    acc = np.empty(8 * (t1 - t0), np.int32)
+    for t in range(t0, t1):
+        _gather_tile(xp.ctypes.data, bv.ctypes.data, bi.ctypes.data, slot_ptr[t],
+                     slot_ptr[t + 1], acc.ctypes.data + 32 * (t - t0))  # fmt: skip
+    m0 = 8 * t0
+    if mode == 1:
+        for m in range(m0, min(8 * t1, M)):
+            v = np.rint(np.float64(np.int64(acc[m - m0]) - zx * rs[m] + bias[m])
+                        * mult[m] + zy)  # fmt: skip
+            out[m] = min(max(v, qlo), qhi)
+    else:
+        for m in range(m0, min(8 * t1, M)):
+            v = np.float64(np.int64(acc[m - m0]) - zx * rs[m] + bias[m]) * mult[m]
+            out[m] = min(max(np.float32(v), qlo), qhi)
+
+
+@njit(**PJIT)
+def spmm_s8_gather(x, flip, bv, bi, slot_ptr, chunks, zx, rs, bias, mult, zy, qlo,
+                   qhi, mode, out):  # fmt: skip
+    # out (M,) = requant(W @ x) for W's gather slots (see _gather_tile) and x
+    # (K, 1) uint8 bytes (flip: 0x80 for int8), packed here as K4 words
+    K4 = (x.shape[0] + 3) // 4
+    xp = np.empty((K4, 1, 4), np.uint8)
+    pack_x_u8(x, flip, xp)
+    for c in prange(chunks.shape[0] - 1):
+        _s8_gather_rows(chunks[c], chunks[c + 1], xp, bv, bi, slot_ptr, zx, rs,
+                        bias, mult, zy, qlo, qhi, mode, out)  # fmt: skip
+
+
+@njit(**JIT)
+def spmm_s8_gather_serial(x, flip, bv, bi, slot_ptr, chunks, zx, rs, bias, mult, zy,
+                          qlo, qhi, mode, out):  # fmt: skip
+    # as spmm_s8_gather on the calling thread (chunks unused: one signature)
+    K4 = (x.shape[0] + 3) // 4
+    xp = np.empty((K4, 1, 4), np.uint8)
+    pack_x_u8(x, flip, xp)
+    _s8_gather_rows(0, slot_ptr.shape[0] - 1, xp, bv, bi, slot_ptr, zx, rs, bias,
+                    mult, zy, qlo, qhi, mode, out)  # fmt: skip
+
+
 @njit(**PJIT)
 def spmm_s8_portable(
     indptr, cols, vals, zw, x, chunks, zx, rs, bias, mult, zy, qlo, qhi, mode, out

@@ -61,6 +61,10 @@ SERIAL_MACS = 1 << 18
 # benchmark, after the dense baseline's calls, a threshold of 12288 slots made
 # 768 x 3072 at 70 % 0.94x -> 0.78x dense
 BANK_PARALLEL_SLOTS = 65536
+# the same for the AVX2 one-column kernel (8-row tiles, a vpgatherdd per
+# slot, ~11 cycles a slot on Zen 3): 1024 x 1024 through qlinear_spmm, serial
+# / 2 threads, 50 % (17834 slots) 93 / 84 us, 70 % (11136) 61 / 61 us
+GATHER_PARALLEL_SLOTS = 16384
 CHUNKS_PER_THREAD = 8
 # qlinear_spmm (int8 1x4): per-thread packed copies of X up to this many bytes
 # in all (every thread packs all of X; past this one shared copy is packed)
@@ -848,13 +852,24 @@ def qlinear_spmm(
         bv, bi, tb, slot_ptr = _gemv_banks(w)
         if slot_ptr[-1] < BANK_PARALLEL_SLOTS:
             threads = 1
-        chunks = _bank_chunks(w, slot_ptr, _parts(threads))
+        chunks = _bank_chunks(w, slot_ptr, _parts(threads), "banks")
         xc = np.ascontiguousarray(x2)
         args = (xc, np.uint8(flip), bv, bi, tb, chunks, zx + flip, rs, bias64, mult,
                 zy, qlo, qhi, mode, y2.reshape(M))  # fmt: skip
         _run(threads, _ks.spmm_s8_banks_serial, _ks.spmm_s8_banks, args)
         return y
     ymm = _dispatch.get_isa() in ("avx2", "avx_vnni")
+    if ymm and w.format == "bsr1x4" and symmetric and K > 0 and N == 1:
+        # one column on AVX2: 8 rows a tile, X words gathered
+        bv, bi, slot_ptr = _gemv_gather8(w)
+        if slot_ptr[-1] < GATHER_PARALLEL_SLOTS:
+            threads = 1
+        chunks = _bank_chunks(w, slot_ptr, _parts(threads), "gather8")
+        args = (np.ascontiguousarray(x2).view(np.uint8), np.uint8(flip), bv, bi,
+                slot_ptr, chunks, zx + flip, rs, bias64, mult, zy, qlo, qhi, mode,
+                y2.reshape(M))  # fmt: skip
+        _run(threads, _ks.spmm_s8_gather_serial, _ks.spmm_s8_gather, args)
+        return y
     if (_fast_path() or ymm) and w.format == "bsr1x4" and symmetric and K > 0:
         # ymm: the AVX2 tiles (exact vpmaddwd): X' in k pairs of uint16, twice
         # the rows of the zmm layout, and the values as int16
@@ -972,9 +987,39 @@ def _gemv_banks(w):
     return got
 
 
-def _bank_chunks(w, slot_ptr, parts: int) -> np.ndarray:
-    """Tile bounds of ``parts`` contiguous parts of ~equal slots (cached)."""
-    key = ("bank_chunks", parts)
+def _gemv_gather8(w):
+    """The AVX2 one-column kernel's slots (kernels/sparse_gemm._gather_tile),
+    built once per w: bv (slots, 8) int32 block words, bi (slots, 8) int32
+    word indices (block columns), slot_ptr (tiles + 1,) each 8-row tile's
+    first slot and the slot count; lane l of tile t is row 8t + l, a tile
+    has as many slots as its longest row has blocks (0 pads the others)."""
+    got = w._cache.get("gemv_gather8")
+    if got is not None:
+        return got
+    M = w.shape[0]
+    nt = -(-M // 8)
+    counts = np.zeros(nt * 8, np.int64)
+    counts[:M] = np.diff(w.ptr.astype(np.int64))
+    slots = counts.reshape(nt, 8).max(axis=1)
+    slot_ptr = np.zeros(nt + 1, np.int64)
+    np.cumsum(slots, out=slot_ptr[1:])
+    rows = np.repeat(np.arange(M, dtype=np.int64), counts[:M])
+    rank = np.arange(rows.size) - w.ptr.astype(np.int64)[rows]
+    at = slot_ptr[rows // 8] + rank
+    bv = np.zeros((slot_ptr[-1], 8), np.int32)
+    bi = np.zeros((slot_ptr[-1], 8), np.int32)
+    bv[at, rows % 8] = np.ascontiguousarray(w.val).view(np.int32)
+    bi[at, rows % 8] = w.idx
+    for arr in (bv, bi, slot_ptr):
+        arr.flags.writeable = False
+    got = w._cache["gemv_gather8"] = (bv, bi, slot_ptr)
+    return got
+
+
+def _bank_chunks(w, slot_ptr, parts: int, layout: str) -> np.ndarray:
+    """Tile bounds of ``parts`` contiguous parts of ~equal slots (cached per
+    layout: "banks" or "gather8")."""
+    key = ("bank_chunks", layout, parts)
     got = w._cache.get(key)
     if got is None:
         nt = slot_ptr.size - 1

@@ -358,12 +358,13 @@ def test_qlinear_spmm_bsr1x4_matches_oracle(
 )
 @pytest.mark.parametrize(("x_dtype", "out"), [(np.uint8, "u8"), (np.int8, "f32")])
 def test_qlinear_spmm_one_column_banks(
-    M, K, density, threads, x_dtype, out, monkeypatch
+    isa, M, K, density, threads, x_dtype, out, monkeypatch
 ):
     """N = 1: the banked one-column kernel (kernels/sparse_gemm.py BANK_WORDS,
-    lowprec.sparse._gemv_banks) against the int64 oracle, serial and split
-    into parts; rows are chosen so that some have many blocks in one bank
-    (many slots) and others none."""
+    lowprec.sparse._gemv_banks; AVX-512) and the gathered one (_gather_tile,
+    _gemv_gather8; AVX2) against the int64 oracle, serial and split into
+    parts; rows are chosen so that some have many blocks in one bank (many
+    slots) and others none, and tiles of 16 / 8 rows end inside M."""
     rng = np.random.default_rng([M, K, round(density * 100)])
     blocks = rng.random((M, -(-K // 4))) < density
     blocks[M // 2] = True  # one full row next to sparse ones: padded slots
@@ -378,6 +379,7 @@ def test_qlinear_spmm_one_column_banks(
     if threads == "parallel":
         monkeypatch.setattr(sp, "SERIAL_MACS", 0)
         monkeypatch.setattr(sp, "BANK_PARALLEL_SLOTS", 0)
+        monkeypatch.setattr(sp, "GATHER_PARALLEL_SLOTS", 0)
     got = sp.qlinear_spmm(W, x, np.float32(0.05), zx, sy, zy, **kw)
     want = ref.qlinear_matmul(
         x[None, :], np.float32(0.05), zx, np.ascontiguousarray(W.to_dense().T),
