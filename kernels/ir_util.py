@@ -111,12 +111,13 @@ def _merge(builder, a, a_block, b, b_block):
 def by_case(builder, sel, cases, emit, *, name="case"):
     """emit(c) on its own branch for each constant c in cases, taken where the
     run-time value sel (an integer of sel's type) equals c; values outside
-    cases take the first case's branch. Nothing is returned: each branch ends
-    with its own stores."""
+    cases take the last case's branch (callers list tile widths widest first:
+    the narrowest reads least). Nothing is returned: each branch ends with
+    its own stores."""
     fn = builder.function
     join = fn.append_basic_block(f"{name}.join")
     blocks = [fn.append_basic_block(f"{name}.{c}") for c in cases]
-    sw = builder.switch(sel, blocks[0])
+    sw = builder.switch(sel, blocks[-1])
     for c, blk in zip(cases, blocks, strict=True):
         sw.add_case(ir.Constant(sel.type, c), blk)
         builder.position_at_end(blk)

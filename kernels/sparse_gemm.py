@@ -29,6 +29,9 @@ broadcast and multiplied with vpdpbusd into int32 accumulators of a 1 x 16/32/64
 tile (the narrowest that covers the tile's columns), two accumulator sets
 taking alternate blocks, and the requantization epilogue (docs/quantization.md
 eqs. 8-13, the dense tile's _store_tile) run on the accumulators in registers.
+On AVX2: X' in k pairs of uint16 and int16 values, two vpmaddwd per block and
+8 columns (exact), the same epilogue on ymm pairs; one column (N = 1) on
+8-row tiles with the X words gathered (_gather_tile).
 
 Portable fallbacks (any CPU, any format through its expanded CSR view): plain
 numba loops, float32 accumulation in column-index order, exact int32 for int8.
@@ -363,7 +366,7 @@ def make_s8_kernel(ikind, NV_, width=16):
     blocks with the requantization epilogue fused (docs/quantization.md eqs.
     8-13, the dense tile's _store_tile): the products never leave registers.
 
-    _s8tile(x, ldx, idx, val, p0, p1, out, nvalid, c, mult, zy, qlo, qhi, y)
+    _s8tile(x, ldx, idx, val, p0, p1, out, nvalid, c, mult, zy, qlo, qhi, f32, y)
       x      address of Xp[0, n0, 0] (uint8 [K4][Np][4], Np a multiple of 16
              so whole vectors load; k4-row stride ldx bytes); width 8 (AVX2):
              [2 K4][Np] words of two uint16, one k pair each (pack_x_u16),

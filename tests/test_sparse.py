@@ -103,11 +103,12 @@ def test_spmm_k_chunks_same_bits(isa, fmt, dtype, monkeypatch):
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_spmm_column_tiles_same_bits(isa, fmt, dtype, monkeypatch):
     """Each output's sum is the same sequence of operations whatever tile its
-    column falls in: N = 109 runs tiles of 64 + 32 + 8 + 5 columns on the AVX2
-    tiles (8 / 4 / 1 / 1 vectors; BSR 4x1: 16-column tiles), a 64-column tile
-    and a masked 45-column one on zmm. Column slices (other tile widths, X
-    padded to other widths) give the same bits, as does the parallel
-    driver (rows split over threads)."""
+    column falls in: N = 109 runs tiles of 64 + 32 + 13 columns on the AVX2
+    tiles (8 / 4 / 2 vectors; BSR 4x1: 16-column tiles), a 64-column tile and
+    a masked 45-column one on zmm; the slices (3, 27) and (8, 45) end in
+    1-vector tiles. Column slices (other tile widths, X padded to other
+    widths) give the same bits, as does the parallel driver (rows split over
+    threads)."""
     rng = np.random.default_rng([41, FORMATS.index(fmt)])
     M, K, N = 10, 45, 109
     w = rng.standard_normal((M, K)).astype(np.float32)
@@ -387,6 +388,38 @@ def test_qlinear_spmm_one_column_banks(
     )[0]  # fmt: skip
     assert got.shape == (M,)
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("over", [False, True])
+def test_qlinear_spmm_float32_lanes_bound(isa, over, monkeypatch):
+    """uint8 output with |acc| up to 2**24: the int8 tiles take their float32
+    lanes only while lowprec.sparse's per-call bound (|P| <= stored * 255 *
+    128, plus |zx| * max |rowsum| and max |bias|) stays below 2**24 (over:
+    one more in the bias, the float64 epilogue), and both give the oracle's
+    bytes."""
+    rng = np.random.default_rng(5)
+    M, K, N = 5, 16, 20
+    W = _int8_bsr1x4(rng, rng.random((M, 4)) < 0.7, K)
+    x = rng.integers(0, 256, (K, N), dtype=np.uint8)
+    sx, zx, zy = np.float32(0.02), np.uint8(7), np.uint8(128)
+    maxrow, _, rs = sp._row_stats(W)
+    room = 2**24 - 1 - maxrow * 255 * 128 - 7 * int(np.abs(rs).max())
+    bias = np.full(M, room + int(over), np.int32)
+    bias[::2] *= -1
+    # y = acc * M + zy stays inside uint8 for |acc| ~ 1.7e7
+    sy = np.float32(float(sx) * float(W.scale.max()) * 1.7e7 / 120)
+    seen = []
+    real = sp._ks.spmm_s8_vnni_serial
+    monkeypatch.setattr(sp._ks, "spmm_s8_vnni_serial",
+                        lambda *a: seen.append(a[-3]) or real(*a))  # fmt: skip
+    got = sp.qlinear_spmm(W, x, sx, zx, sy, zy, bias=bias)
+    want = ref.qlinear_matmul(
+        np.ascontiguousarray(x.T), sx, zx, np.ascontiguousarray(W.to_dense().T),
+        W.scale, W.zero_point, sy, zy, bias=bias,
+    ).T  # fmt: skip
+    np.testing.assert_array_equal(got, want)
+    assert np.all((got > 0) & (got < 255))  # none saturated: the lanes decide
+    assert seen == ([] if isa == "portable" else [0 if over else 1])
 
 
 def test_qlinear_spmm_cached_parameters():
