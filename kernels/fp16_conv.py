@@ -1361,12 +1361,14 @@ DW_SLACK = 256  # float32 after a plane: loads of masked-off lanes stay inside
 
 @intrinsic
 def _dw_nv_max(typingctx):
-    """The widest row chunk (16-float vectors) for the compile target: 4 with
-    AVX-512's 32 registers, 1 on AVX2. On AVX2 each vector is two ymm, and
-    the ROW3 kernel's row pairs (chunk2) held 16 ymm sums at 4 vectors: 82
-    stack moves per 48 FMAs in its loop (2 vectors: 18; 1 vector: none).
-    144 x 56^2 stride 1, 1 thread, Zen 3, processes alternating: 534-553 us
-    at 1 vector, 701-831 us at 4."""
+    """The ROW3 kernels' widest row chunk (16-float vectors) for the compile
+    target: 4 with AVX-512's 32 registers, 1 on AVX2. On AVX2 each vector is
+    two ymm, and the stride-1 row pairs (chunk2) held 16 ymm sums at 4
+    vectors: 82 stack moves per 48 FMAs in its loop (2 vectors: 18; 1
+    vector: none). 144 x 56^2, 1 thread, Zen 3, best of 21 in alternating
+    processes: stride 1 533-553 us at 1 vector, 701-831 at 4; stride 2
+    285-314 vs 318-569. The tap-loop kernels (other kernel widths) keep 4:
+    not measured here."""
 
     def codegen(context, builder, sig, args):
         return ir.Constant(ir.IntType(64), 4 if target_has(context, "avx512f") else 1)
@@ -1475,7 +1477,7 @@ def _dw_planes(t0, t1, fused, x, xp, wd, offs, geo, pt, pl, sc, acc, bias, has_b
             P = (Wp + 15) // 16 * 16
             _dw_load_plane(x, n, c, pt, pl, P, Hp, sc)
             nt = kh * kw
-            nv = min(1 if Wo <= 16 else (2 if Wo <= 32 else 4), _dw_nv_max())
+            nv = 1 if Wo <= 16 else (2 if Wo <= 32 else 4)
             hb = 1 if has_bias else 0
             b = bias[c] if has_bias else np.float32(0.0)
             osz = 4 if mode == 0 else 2
@@ -1484,6 +1486,7 @@ def _dw_planes(t0, t1, fused, x, xp, wd, offs, geo, pt, pl, sc, acc, bias, has_b
             w0 = wd.ctypes.data + 4 * c * nt
             kind, oa, ntap = sw, offs.ctypes.data, nt
             if kw == 3 and dw == 1:  # ROW3 (kind 3, stride 2: 4): per kernel row
+                nv = min(nv, _dw_nv_max())
                 kind, oa, ntap = sw + 2, 4 * P * dh, kh
             _dw_row(
                 kind, nv, sc.ctypes.data, oa, w0, ntap, Wo, o0, mode, hb, b, lo, hi, Ho,

@@ -436,8 +436,9 @@ def make_s8_kernel(ikind, NV_, width=16):
         # f32: the caller found the float32 lanes exact for this call (|acc| <
         # 2**24 and int8_gemm_vnni.float32_requant_ok): acc = P + c in int32,
         # ~7 instead of ~14 instructions a vector (float64 lanes are half as
-        # wide, a quarter on AVX2). 1024 x 1024, 2 threads, Zen 3, N = 128:
-        # 90 % 266 -> 247 us, 95 % 170 -> 152 us (N = 16: no change); the
+        # wide, a quarter on AVX2). 1024 x 1024, 2 threads, Zen 3, N = 128,
+        # best of 15 alternating in one process: 90 % 266 -> 247 us, 95 %
+        # 170 -> 152 us (N = 16: no change); the
         # 16-column tile on one column (before _gather_tile) 70 -> 37 us.
         with builder.if_else(builder.icmp_signed("!=", f32, zero)) as (fast, slow):
             with fast:

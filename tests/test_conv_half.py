@@ -153,7 +153,8 @@ CASES = {
                                                   "strides": (2, 1)}),
     "same_lower": ((1, 3, 7, 8), (4, 3, 4, 3), {"auto_pad": "SAME_LOWER"}),
     "valid": ((1, 16, 6, 6), (4, 16, 3, 3), {"auto_pad": "VALID"}),
-    # rows longer than one 96-pixel segment / 64-pixel depthwise chunk, masked
+    # rows longer than one 96-pixel segment / 64-pixel depthwise chunk (16 for
+    # the 3-column kernels on AVX2), masked
     # tails, a second 64-channel panel
     "1x1_flat_segments": ((1, 16, 10, 23), (70, 16, 1, 1), {}),
     "dense_wide_row": ((1, 16, 3, 120), (8, 16, 3, 3), {"pads": (1, 1, 1, 1)}),
