@@ -103,21 +103,30 @@ class _VnniDot:
                 pick = ir.Constant(_v8, [4 * c + j for c in range(8)])
                 acc = builder.add(acc, builder.shuffle_vector(prod, prod, pick))
             return acc
-        v32b, w16 = ir.VectorType(_i8, 32), ir.VectorType(ir.IntType(16), 16)
-        maddubs = _fn(builder, "llvm.x86.avx2.pmadd.ub.sw", w16, [v32b, v32b])
-        maddwd = _fn(builder, "llvm.x86.avx2.pmadd.wd", _v8, [w16, w16])
-        nib = ir.Constant(_v8, [0x0F0F0F0F] * 8)
-        lo = builder.and_(a, nib)
-        hi = builder.and_(builder.lshr(a, ir.Constant(_v8, [4] * 8)), nib)
-        b = builder.bitcast(bvec, v32b)
-        ones = ir.Constant(w16, [1] * 16)
-        s = []
-        for x in (lo, hi):
-            pairs = builder.call(maddubs, [builder.bitcast(x, v32b), b])
-            s.append(builder.call(maddwd, [pairs, ones]))
-        return builder.add(
-            acc, builder.add(s[0], builder.shl(s[1], ir.Constant(_v8, [4] * 8)))
-        )
+        return nibble_dot4(builder, acc, a, bvec)
+
+
+def nibble_dot4(builder, acc, a, b):
+    """acc + per int32 lane the 4 products of a's unsigned and b's signed
+    bytes (vpdpbusd's result) from AVX2 instructions, exact: a's bytes split
+    into nibbles (each at most 15, so vpmaddubsw's int16 pair sums, at most
+    2 * 15 * 128, never saturate), vpmaddwd with ones for the 4-product sums,
+    then lo + 16 hi. acc, a, b: <8 x i32>."""
+    v32b, w16 = ir.VectorType(_i8, 32), ir.VectorType(ir.IntType(16), 16)
+    maddubs = _fn(builder, "llvm.x86.avx2.pmadd.ub.sw", w16, [v32b, v32b])
+    maddwd = _fn(builder, "llvm.x86.avx2.pmadd.wd", _v8, [w16, w16])
+    nib = ir.Constant(_v8, [0x0F0F0F0F] * 8)
+    lo = builder.and_(a, nib)
+    hi = builder.and_(builder.lshr(a, ir.Constant(_v8, [4] * 8)), nib)
+    b = builder.bitcast(b, v32b)
+    ones = ir.Constant(w16, [1] * 16)
+    s = []
+    for x in (lo, hi):
+        pairs = builder.call(maddubs, [builder.bitcast(x, v32b), b])
+        s.append(builder.call(maddwd, [pairs, ones]))
+    return builder.add(
+        acc, builder.add(s[0], builder.shl(s[1], ir.Constant(_v8, [4] * 8)))
+    )
 
 
 def make_tile_kernel(MR, NV, dot_cls):

@@ -52,6 +52,7 @@ from .int8_gemm_vnni import (
     _store_tile_f32,
     _vec_store,
 )
+from .int8_gemm_ymm import nibble_dot4
 from .ir_util import by_case as _ir_case
 from .ir_util import if_then as _ir_if
 from .ir_util import loop as _ir_loop
@@ -949,29 +950,35 @@ def _bank_tile(typingctx, x, bv, bi, tb, nb, acc):
 
 
 @njit(inline="always")
+def _requant_column(acc, m0, m1, zx, rs, bias, mult, zy, qlo, qhi, mode, out):
+    # out[m] (1-D) for rows m0..m1-1 from their sums acc[m - m0]: eqs. 8-13 in
+    # _requant_row's arithmetic, one loop over the rows (it vectorizes: per
+    # row through _requant_row it took as long as the bank tiles, 7 us for
+    # 1024 rows)
+    if mode == 1:
+        for m in range(m0, m1):
+            v = np.rint(np.float64(np.int64(acc[m - m0]) - zx * rs[m] + bias[m])
+                        * mult[m] + zy)  # fmt: skip
+            out[m] = min(max(v, qlo), qhi)
+    else:
+        for m in range(m0, m1):
+            v = np.float64(np.int64(acc[m - m0]) - zx * rs[m] + bias[m]) * mult[m]
+            out[m] = min(max(np.float32(v), qlo), qhi)
+
+
+@njit(inline="always")
 def _s8_bank_rows(t0, t1, xp, bv, bi, tb, zx, rs, bias, mult, zy, qlo, qhi, mode,
                   out):  # fmt: skip
-    # out[m] (1-D) for the rows of tiles t0..t1-1: the tiles' sums, then eqs.
-    # 8-13 in _requant_row's arithmetic, one loop over the rows (it vectorizes:
-    # per row through _requant_row it took as long as the tiles, 7 us for
-    # 1024 rows)
-    M = out.shape[0]
+    # out[m] (1-D) for the rows of tiles t0..t1-1: the tiles' sums, then
+    # _requant_column
     nb = tb.shape[1] - 1
     acc = np.empty(16 * (t1 - t0), np.int32)
     for t in range(t0, t1):
         _bank_tile(xp.ctypes.data, bv.ctypes.data, bi.ctypes.data,
                    tb.ctypes.data + t * tb.strides[0], nb,
                    acc.ctypes.data + 64 * (t - t0))  # fmt: skip
-    m0 = 16 * t0
-    if mode == 1:
-        for m in range(m0, min(16 * t1, M)):
-            v = np.rint(np.float64(np.int64(acc[m - m0]) - zx * rs[m] + bias[m])
-                        * mult[m] + zy)  # fmt: skip
-            out[m] = min(max(v, qlo), qhi)
-    else:
-        for m in range(m0, min(16 * t1, M)):
-            v = np.float64(np.int64(acc[m - m0]) - zx * rs[m] + bias[m]) * mult[m]
-            out[m] = min(max(np.float32(v), qlo), qhi)
+    _requant_column(acc, 16 * t0, min(16 * t1, out.shape[0]), zx, rs, bias, mult,
+                    zy, qlo, qhi, mode, out)  # fmt: skip
 
 
 @njit(**PJIT)
@@ -1002,8 +1009,7 @@ def spmm_s8_banks_serial(x, flip, bv, bi, tb, chunks, zx, rs, bias, mult, zy, ql
 # words come from one vpgatherdd per slot. Slot s of a tile holds, per lane,
 # one block's 4 weight bytes (bv, 0 pads shorter rows) and its word index
 # (bi, int32); the dot4 of 8 gathered words with 8 weight words is exact
-# without vpdpbusd by splitting X' into nibbles (each at most 15, so
-# vpmaddubsw's pair sums never saturate), vpmaddwd with ones, lo + 16 hi:
+# without vpdpbusd (int8_gemm_ymm.nibble_dot4: X' split into nibbles):
 #
 #     acc[lane] += dot4(bv[s, lane], X'[bi[s, lane]])
 #
@@ -1019,15 +1025,10 @@ def _gather_tile(typingctx, xp, bv, bi, s0, s1, acc):
     # the address of X' words, bv / bi the addresses of the (slots, 8) arrays
     def codegen(context, builder, sig, args):
         xp, bv, bi, s0, s1, acc = args
-        v8, v32b = ir.VectorType(_i32, 8), ir.VectorType(_i8, 32)
-        w16 = ir.VectorType(_i16, 16)
+        v8 = ir.VectorType(_i32, 8)
         gather = _fn(builder, "llvm.x86.avx2.gather.d.d.256", v8,
                      [v8, _i8.as_pointer(), v8, v8, _i8])  # fmt: skip
-        maddubs = _fn(builder, "llvm.x86.avx2.pmadd.ub.sw", w16, [v32b, v32b])
-        maddwd = _fn(builder, "llvm.x86.avx2.pmadd.wd", v8, [w16, w16])
         x8 = builder.inttoptr(xp, _i8.as_pointer())
-        ones = ir.Constant(w16, [1] * 16)
-        nib = ir.Constant(v8, [0x0F0F0F0F] * 8)
         every = ir.Constant(v8, [-1] * 8)
 
         def vec(base, s):
@@ -1037,15 +1038,7 @@ def _gather_tile(typingctx, xp, bv, bi, s0, s1, acc):
         def slot(s, accs):
             xw = builder.call(gather, [ir.Constant(v8, None), x8, vec(bi, s), every,
                                        ir.Constant(_i8, 4)])  # fmt: skip
-            w = builder.bitcast(vec(bv, s), v32b)
-            lo = builder.and_(xw, nib)
-            hi = builder.and_(builder.lshr(xw, ir.Constant(v8, [4] * 8)), nib)
-            part = []
-            for h in (lo, hi):
-                pairs = builder.call(maddubs, [builder.bitcast(h, v32b), w])
-                part.append(builder.call(maddwd, [pairs, ones]))
-            hi16 = builder.shl(part[1], ir.Constant(v8, [4] * 8))
-            return [builder.add(accs[0], builder.add(part[0], hi16))]
+            return [nibble_dot4(builder, accs[0], xw, vec(bv, s))]
 
         (fin,) = _ir_loop(builder, s0, s1, [ir.Constant(v8, None)], slot, name="g8")
         builder.store(fin, builder.inttoptr(acc, v8.as_pointer()), align=4)
@@ -1058,22 +1051,13 @@ def _gather_tile(typingctx, xp, bv, bi, s0, s1, acc):
 def _s8_gather_rows(t0, t1, xp, bv, bi, slot_ptr, zx, rs, bias, mult, zy, qlo,
                     qhi, mode, out):  # fmt: skip
     # out[m] (1-D) for the rows of 8-row tiles t0..t1-1: the tiles' sums, then
-    # eqs. 8-13 as _s8_bank_rows
-    M = out.shape[0]
+    # _requant_column
     acc = np.empty(8 * (t1 - t0), np.int32)
     for t in range(t0, t1):
         _gather_tile(xp.ctypes.data, bv.ctypes.data, bi.ctypes.data, slot_ptr[t],
                      slot_ptr[t + 1], acc.ctypes.data + 32 * (t - t0))  # fmt: skip
-    m0 = 8 * t0
-    if mode == 1:
-        for m in range(m0, min(8 * t1, M)):
-            v = np.rint(np.float64(np.int64(acc[m - m0]) - zx * rs[m] + bias[m])
-                        * mult[m] + zy)  # fmt: skip
-            out[m] = min(max(v, qlo), qhi)
-    else:
-        for m in range(m0, min(8 * t1, M)):
-            v = np.float64(np.int64(acc[m - m0]) - zx * rs[m] + bias[m]) * mult[m]
-            out[m] = min(max(np.float32(v), qlo), qhi)
+    _requant_column(acc, 8 * t0, min(8 * t1, out.shape[0]), zx, rs, bias, mult, zy,
+                    qlo, qhi, mode, out)  # fmt: skip
 
 
 @njit(**PJIT)

@@ -517,14 +517,17 @@ def _fast_path() -> bool:
     return _dispatch.get_isa() == "avx512_vnni"
 
 
+def _ymm_path() -> bool:
+    """The AVX2 (ymm) kernels: isa avx2 or avx_vnni."""
+    return _dispatch.get_isa() in ("avx2", "avx_vnni")
+
+
 def _ymm_float_path() -> bool:
-    """The float kernels' AVX2 tiles: isa avx2 or avx_vnni, on a CPU with FMA
-    and F16C (float16 values widened by vcvtph2ps). Every AVX2 x86 CPU has
-    both; the check keeps the LLVM IR off a target that would lower them to
-    library calls."""
-    return _dispatch.get_isa() in ("avx2", "avx_vnni") and {"fma", "f16c"} <= (
-        _dispatch.host_features()
-    )
+    """The float kernels' AVX2 tiles: the ymm path on a CPU with FMA and F16C
+    (float16 values widened by vcvtph2ps). Every AVX2 x86 CPU has both; the
+    check keeps the LLVM IR off a target that would lower them to library
+    calls."""
+    return _ymm_path() and {"fma", "f16c"} <= _dispatch.host_features()
 
 
 def _parts(threads: int) -> int:
@@ -858,7 +861,7 @@ def qlinear_spmm(
                 zy, qlo, qhi, mode, y2.reshape(M))  # fmt: skip
         _run(threads, _ks.spmm_s8_banks_serial, _ks.spmm_s8_banks, args)
         return y
-    ymm = _dispatch.get_isa() in ("avx2", "avx_vnni")
+    ymm = _ymm_path()
     if ymm and w.format == "bsr1x4" and symmetric and K > 0 and N == 1:
         # one column on AVX2: 8 rows a tile, X words gathered
         bv, bi, slot_ptr = _gemv_gather8(w)
