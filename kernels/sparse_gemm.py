@@ -1014,7 +1014,8 @@ def spmm_s8_banks_serial(x, flip, bv, bi, tb, chunks, zx, rs, bias, mult, zy, ql
 #     acc[lane] += dot4(bv[s, lane], X'[bi[s, lane]])
 #
 # Layout built by lowprec.sparse._gemv_gather8. ~11 cycles a slot on Zen 3
-# (the gather). The 16-column tile it replaces used 1 of 16 lanes: 1024 x
+# (estimated: a 90 % call's 31 us less ~15 us of Python, over 4166 slots;
+# the gather dominates). The 16-column tile it replaces used 1 of 16 lanes: 1024 x
 # 1024, N = 1, a qlinear_spmm call on 1 thread, 70 % 141 -> 61 us, 90 % 77 ->
 # 31 us (float32-lane epilogue in both).
 

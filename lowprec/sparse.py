@@ -62,8 +62,9 @@ SERIAL_MACS = 1 << 18
 # 768 x 3072 at 70 % 0.94x -> 0.78x dense
 BANK_PARALLEL_SLOTS = 65536
 # the same for the AVX2 one-column kernel (8-row tiles, a vpgatherdd per
-# slot, ~11 cycles a slot on Zen 3): 1024 x 1024 through qlinear_spmm, serial
-# / 2 threads, 50 % (17834 slots) 93 / 84 us, 70 % (11136) 61 / 61 us
+# slot, ~11 cycles a slot on Zen 3, estimated): 1024 x 1024 through
+# qlinear_spmm, serial / 2 threads, 50 % (17834 slots) 93 / 84 us, 70 %
+# (11136) 61 / 61 us
 GATHER_PARALLEL_SLOTS = 16384
 CHUNKS_PER_THREAD = 8
 # qlinear_spmm (int8 1x4): per-thread packed copies of X up to this many bytes
