@@ -21,10 +21,15 @@ the 6x64 zmm kernel of ``int8_gemm_vnni`` (whose helpers this module reuses).
             in registers (``make_fused_kernel`` with ``_k_loop_avx2``). The
             INT8 convolution widens each tile's im2col rows into the same
             layout (``widen_rows``, kernels/int8_conv.py ``conv_avx2``).
+  avx2 GEMV  at most 2 rows (``gemv_nibble``): int8 weights in avx_vnni's
+            layout, ``vpmaddubsw`` on a's nibbles (never saturating) summed
+            in int16 lanes for 8 k4 steps, then widened with ``vpmaddwd``.
 
 avx_vnni packs B panel-major [N/NR][K4][NR][4] int8 as ``int8_gemm_vnni.pack_b``
 and runs its epilogue on an int32 scratch tile (kernels/requant.py).
 """
+
+import functools
 
 import numba
 import numpy as np
@@ -72,20 +77,15 @@ def _splat8(builder, x32):
 class _VnniDot:
     """acc += vpdpbusd(a4 splat, b) on 8 int32 lanes.
 
-    Where LLVM's target has no 256-bit vpdpbusd, the same sum from AVX2
-    instructions: a's bytes split into nibbles (a = 16 hi + lo, each at most
-    15, so vpmaddubsw's int16 pair sums, at most 2 * 15 * 128, never
-    saturate), vpmaddwd with ones for the 4-product sums, then lo + 16 hi.
-    AVX2 CPUs run this form for GEMVs (lowprec._dispatch.gemm_backend: the
-    int8 weights are half the bytes of the avx2 tile's int16 ones). A target
-    without AVX2 (NUMBA_CPU_NAME=generic) gets plain IR: bytes widened to 32
-    bits, 4 products a lane."""
+    The avx_vnni path runs only where LLVM's target has a 256-bit vpdpbusd
+    (AVX-VNNI, or AVX-512 VNNI with VL); a target without it
+    (NUMBA_CPU_NAME=generic) gets plain IR: bytes widened to 32 bits, 4
+    products a lane."""
 
     def __init__(self, context, builder):
         self.native = target_has(context, "avxvnni") or target_has(
             context, "avx512vnni", "avx512vl"
         )
-        self.avx2 = target_has(context, "avx2")
         if self.native:
             self.f = _fn(builder, "llvm.x86.avx512.vpdpbusd.256", _v8, [_v8, _v8, _v8])
 
@@ -93,22 +93,21 @@ class _VnniDot:
         a = _splat8(builder, a32)
         if self.native:
             return builder.call(self.f, [acc, a, bvec])
-        if not self.avx2:
-            v32b, v32 = ir.VectorType(_i8, 32), ir.VectorType(_i32, 32)
-            prod = builder.mul(
-                builder.zext(builder.bitcast(a, v32b), v32),
-                builder.sext(builder.bitcast(bvec, v32b), v32),
-            )
-            for j in range(4):  # lane c += products 4c + j
-                pick = ir.Constant(_v8, [4 * c + j for c in range(8)])
-                acc = builder.add(acc, builder.shuffle_vector(prod, prod, pick))
-            return acc
-        return nibble_dot4(builder, acc, a, bvec)
+        v32b, v32 = ir.VectorType(_i8, 32), ir.VectorType(_i32, 32)
+        prod = builder.mul(
+            builder.zext(builder.bitcast(a, v32b), v32),
+            builder.sext(builder.bitcast(bvec, v32b), v32),
+        )
+        for j in range(4):  # lane c += products 4c + j
+            pick = ir.Constant(_v8, [4 * c + j for c in range(8)])
+            acc = builder.add(acc, builder.shuffle_vector(prod, prod, pick))
+        return acc
 
 
 def nibble_dot4(builder, acc, a, b):
     """acc + per int32 lane the 4 products of a's unsigned and b's signed
-    bytes (vpdpbusd's result) from AVX2 instructions, exact: a's bytes split
+    bytes (vpdpbusd's result) from AVX2 instructions (the sparse one-column
+    tile, kernels/sparse_gemm.py), exact: a's bytes split
     into nibbles (each at most 15, so vpmaddubsw's int16 pair sums, at most
     2 * 15 * 128, never saturate), vpmaddwd with ones for the 4-product sums,
     then lo + 16 hi. acc, a, b: <8 x i32>."""
@@ -437,15 +436,15 @@ def run_avx2_tile(mr, a, akstep, b, k2, m0, n0, nvalid, epi, narrow, a_arr, out)
 
 
 @njit(nogil=True, cache=True)
-def _avx2_job(t, nblk, a, bp, K, epi, narrow, out):
-    # job t = (row block, N panel) as int8_gemm_vnni._block_job; a = pack_a16's
-    # blocks seen as (M padded, 32 Q) bytes: only offsets at block starts mean
-    # anything (row m0's is its block's); K the real depth
+def _avx2_job(t, nblk, a16, bp, K, epi, narrow, a, out):
+    # job t = (row block, N panel) as int8_gemm_vnni._block_job; a16: pack_a16's
+    # blocks of a (passed for its dtype only); K the real depth
     M, N = out.shape
     mt = (M + AVX2_MR - 1) // AVX2_MR
     nt = (N + AVX2_NR - 1) // AVX2_NR
     k2 = (K + 1) // 2  # the pairs of B; A carries zero ones up to whole 16-k steps
-    akstep = ROW_BYTES * min(AVX2_MR, M)
+    R = a16.shape[2]  # rows a block: 6, or M when M < 6 (a single block)
+    akstep = ROW_BYTES * R
     blk = t // nt
     jn = t - blk * nt
     n0 = jn * AVX2_NR
@@ -454,33 +453,41 @@ def _avx2_job(t, nblk, a, bp, K, epi, narrow, out):
     for im in range(blk * mt // nblk, (blk + 1) * mt // nblk):
         m0 = im * AVX2_MR
         run_avx2_tile(
-            min(AVX2_MR, M - m0), a.ctypes.data + m0 * a.strides[0], akstep, b, k2,
-            m0, n0, nvalid, epi, narrow, a, out,
+            min(AVX2_MR, M - m0), a16.ctypes.data + (m0 // R) * a16.strides[0],
+            akstep, b, k2, m0, n0, nvalid, epi, narrow, a, out,
         )  # fmt: skip
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def gemm_avx2(a, bp, epi, out, threads, pmax, K):
-    # a: pack_a16's bytes, bp (NP,K2,16,2) int16, out (M,N) int32|uint8|int8|
-    # float32 with unit column stride; K the real depth (the epilogue's bound);
-    # threads, pmax: as int8_gemm_vnni.gemm_fused
+def gemm_avx2(a, a16, bp, epi, out, threads, pmax):
+    # a (M, K) uint8 a' with unit column stride, a16 a16_shape(M, K) uint16
+    # scratch (a widened here: pack_a16, row blocks across the threads), bp
+    # (NP,K2,16,2) int16, out (M,N) int32|uint8|int8|float32 with unit column
+    # stride; threads, pmax: as int8_gemm_vnni.gemm_fused. One call from
+    # Python for the widening and the GEMM: ~1.5 us less a call than two.
+    K = a.shape[1]
+    R = a16.shape[2]
+    for blk in prange(a16.shape[0]):
+        widen_rows(a, blk * R, R, blk, a16)
     mt = (out.shape[0] + AVX2_MR - 1) // AVX2_MR
     nt = (out.shape[1] + AVX2_NR - 1) // AVX2_NR
     nblk = _row_blocks(mt, threads)
     narrow = narrow_epilogue(epi, K, pmax)
     for t in prange(nblk * nt):
-        _avx2_job(t, nblk, a, bp, K, epi, narrow, out)
+        _avx2_job(t, nblk, a16, bp, K, epi, narrow, a, out)
 
 
 @njit(nogil=True, cache=True)
-def gemm_avx2_serial(a, bp, epi, out, pmax, K):
+def gemm_avx2_serial(a, a16, bp, epi, out, pmax):
     # as gemm_avx2 on the calling thread
+    K = a.shape[1]
+    pack_a16(a, a16)
     mt = (out.shape[0] + AVX2_MR - 1) // AVX2_MR
     nt = (out.shape[1] + AVX2_NR - 1) // AVX2_NR
     nblk = _row_blocks(mt, 1)
     narrow = narrow_epilogue(epi, K, pmax)
     for t in range(nblk * nt):
-        _avx2_job(t, nblk, a, bp, K, epi, narrow, out)
+        _avx2_job(t, nblk, a16, bp, K, epi, narrow, a, out)
 
 
 def pack_b(b, nr):
@@ -508,6 +515,7 @@ def pack_b16(b, nr):
     return packed
 
 
+@functools.cache
 def a16_shape(M, K):
     """pack_a16's output shape for an (M, K) a': blocks of R = min(6, M) rows,
     steps of 2 * KB k, R rows of KB zero-extended pairs a step."""
@@ -566,9 +574,147 @@ def pack_a16(a, out):
         widen_rows(a, blk * R, R, blk, out)
 
 
+# ---------------------------------------------------------------------------
+# avx2 GEMV: int8 weights, vpmaddubsw on the activations' nibbles, int16 sums
+#
+# A GEMV (a few rows) streams every weight once, so its speed is the weights'
+# bytes: the int16 tile above reads twice those of int8. Here B stays int8 in
+# avx_vnni's layout ([N/16][K4][16][4], pack_b) and a' is split once per call
+# into nibbles (split_nibbles: a' = 16 hi + lo, each in [0, 15]), so vpmaddubsw
+# never saturates: a pair sum is at most 2 * 15 * 128 = 3840 in magnitude, and
+# NIB_STEPS = 8 k4 steps of them add up to at most 30720 < 2**15 in int16
+# lanes. Every 8 steps the int16 sums widen with vpmaddwd against 1 (lo) and
+# 16 (hi) into the int32 accumulators. Per 32 weight bytes: 2 vpmaddubsw + 2
+# vpaddw, against 2 vpmaddubsw + 2 vpmaddwd + a shift + 2 vpaddd for the same
+# nibble sum widened every step (int8_gemm_ymm.nibble_dot4).
+NIB_STEPS = 8
+GEMV_NR = 16
+
+
+def _k_loop_nibble(builder, MR, NV_, a, lda, b, ldb, k4, kr, nvalid):
+    """make_fused_kernel's K loop for the GEMV: MR rows x 16 columns. a: the
+    split_nibbles bytes of row m0 (lda bytes a row: the lo nibbles of k at 4k4
+    + j, the hi ones kr bytes further), b: the 16-column panel (ldb = 64 bytes
+    a k4 step), k4 steps (zero padded on both sides past K). Returns MR 16-lane
+    sums."""
+    assert NV_ == 1
+    v32b = ir.VectorType(_i8, 32)
+    maddubs = _fn(builder, "llvm.x86.avx2.pmadd.ub.sw", _v16w, [v32b, v32b])
+    maddwd = _fn(builder, "llvm.x86.avx2.pmadd.wd", _v8, [_v16w, _v16w])
+    a_base = builder.inttoptr(a, _i8.as_pointer())
+    b_base = builder.inttoptr(b, _i8.as_pointer())
+    b_offs = _b_offsets(builder, 2, nvalid, lanes=8)
+    c64 = lambda v: ir.Constant(_i64, v)  # noqa: E731
+    weight = (ir.Constant(_v16w, [1] * 16), ir.Constant(_v16w, [16] * 16))
+    a_rows = [_gep8(builder, a_base, builder.mul(lda, c64(r))) for r in range(MR)]
+
+    def step(k, sums):
+        # sums[(r * 2 + v) * 2 + h]: row r, column vector v, nibble h (lo, hi)
+        brow = _gep8(builder, b_base, builder.mul(k, ldb))
+        bv = [
+            builder.load(
+                builder.bitcast(_gep8(builder, brow, o), v32b.as_pointer()), align=1
+            )
+            for o in b_offs
+        ]
+        k_bytes = builder.mul(k, c64(4))
+        new = []
+        for r in range(MR):
+            lo_at = _gep8(builder, a_rows[r], k_bytes)
+            nibs = [
+                builder.bitcast(_splat8(builder, _load_i32(builder, at)), v32b)
+                for at in (lo_at, _gep8(builder, lo_at, kr))
+            ]
+            for v in range(2):
+                for h in range(2):
+                    i = (r * 2 + v) * 2 + h
+                    pairs = builder.call(maddubs, [nibs[h], bv[v]])
+                    new.append(builder.add(sums[i], pairs))
+        return new
+
+    zero16 = [ir.Constant(_v16w, None)] * (4 * MR)
+
+    def widen(accs, sums):
+        return [
+            builder.add(
+                accs[i],
+                builder.add(
+                    builder.call(maddwd, [sums[2 * i], weight[0]]),
+                    builder.call(maddwd, [sums[2 * i + 1], weight[1]]),
+                ),
+            )
+            for i in range(2 * MR)
+        ]
+
+    def block(kb, accs):
+        # NIB_STEPS steps emitted in line: the int16 sums never leave registers
+        sums = zero16
+        k0 = builder.mul(kb, c64(NIB_STEPS))
+        for j in range(NIB_STEPS):
+            sums = step(builder.add(k0, c64(j)), sums)
+        return widen(accs, sums)
+
+    nblk = builder.udiv(k4, c64(NIB_STEPS))
+    accs = _ir_loop(builder, c64(0), nblk, [ir.Constant(_v8, None)] * (2 * MR),
+                    block, name="nib")  # fmt: skip
+    rest = _ir_loop(builder, builder.mul(nblk, c64(NIB_STEPS)), k4, zero16, step,
+                    name="nib.rest")  # fmt: skip
+    accs = widen(accs, rest)
+    join = ir.Constant(ir.VectorType(_i32, 16), list(range(16)))
+    return [
+        builder.shuffle_vector(accs[2 * r], accs[2 * r + 1], join) for r in range(MR)
+    ]
+
+
+GEMV_MR = 2
+_nt1 = make_fused_kernel(1, 1, k_loop=_k_loop_nibble)
+_nt2 = make_fused_kernel(2, 1, k_loop=_k_loop_nibble)
+
+
+@njit(nogil=True, cache=True)
+def split_nibbles(a, flip, out):
+    # a (M, K) uint8 (int8 bytes with flip = 0x80: a' = a + 128) -> out (M, 2,
+    # K4p) uint8: the lo and hi nibbles of a', zeros past K (the GEMV's A)
+    M, K = a.shape
+    for m in range(M):
+        for k in range(K):
+            x = a[m, k] ^ flip
+            out[m, 0, k] = x & 15
+            out[m, 1, k] = x >> 4
+        out[m, :, K:] = 0
+
+
+@njit(nogil=True)
+def _gemv_job(jn, nib, bp, K, epi, narrow, a_arr, out):
+    # the GEMV's 16-column panel jn: every row of out (at most GEMV_MR)
+    M, N = out.shape
+    n0 = jn * GEMV_NR
+    args = _fused_args(
+        nib.ctypes.data, nib.strides[0], bp.ctypes.data + jn * bp.strides[0],
+        GEMV_NR * 4, bp.shape[1], nib.strides[1], 0, n0, min(GEMV_NR, N - n0),
+        epi, narrow, a_arr, out,
+    )  # fmt: skip
+    if M == 2:
+        _nt2(*args)
+    else:
+        _nt1(*args)
+
+
 @njit(parallel=True, nogil=True, cache=True)
-def pack_a16_par(a, out):
-    # pack_a16, row blocks across the threads
-    R = out.shape[2]
-    for blk in prange(out.shape[0]):
-        widen_rows(a, blk * R, R, blk, out)
+def gemv_nibble(a, flip, nib, bp, epi, out, pmax, K):
+    # a (M <= GEMV_MR, K) uint8 bytes (flip: see split_nibbles), nib (M, 2,
+    # K4p) scratch, bp (NP, K4, 16, 4) int8, out (M, N) int32|uint8|int8|
+    # float32 with unit column stride: eq. 6 then eqs. 8-13 per panel
+    split_nibbles(a, flip, nib)
+    narrow = narrow_epilogue(epi, K, pmax)
+    for jn in prange(bp.shape[0]):
+        _gemv_job(jn, nib, bp, K, epi, narrow, a, out)
+
+
+@njit(nogil=True, cache=True)
+def gemv_nibble_serial(a, flip, nib, bp, epi, out, pmax, K):
+    # as gemv_nibble on the calling thread
+    split_nibbles(a, flip, nib)
+    narrow = narrow_epilogue(epi, K, pmax)
+    for jn in range(bp.shape[0]):
+        _gemv_job(jn, nib, bp, K, epi, narrow, a, out)

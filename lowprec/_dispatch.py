@@ -100,36 +100,29 @@ def set_isa(name: str | None) -> str:
     return get_isa()
 
 
-# avx2: GEMMs of at most AVX2_GEMV_ROWS rows by at least AVX2_GEMV_WEIGHTS
-# weights run on the avx_vnni tiles in their AVX2 form (int8_gemm_ymm._VnniDot:
-# vpmaddubsw on nibbles), whose int8 weights are half the bytes of the avx2
-# tiles' int16 ones: a GEMV streaming them from memory runs twice as fast.
-# Measured on an AVX2 Zen 3, int16 / nibble GOP/s, 1 thread: 1 x 4096 x 4096
-# 19 / 39, 2 rows 29 / 51, 4 rows 50 / 56, 6 rows 69 / 53; 768 x 3072 (in
-# cache either way) 29 / 27 at 1 row, 49 / 38 at 2. The pack then holds both
-# layouts if other calls have more rows.
+# avx2: GEMMs of at most AVX2_GEMV_ROWS rows run on int8_gemm_ymm.gemv_nibble:
+# int8 weights (half the bytes of the avx2 tiles' int16 ones), vpmaddubsw on
+# the activations' nibbles summed in int16 lanes. Measured on an AVX2 Zen 3, 1
+# thread, best of 5 alternating, us a call (int16 tiles / the avx_vnni tiles'
+# nibble form, which ran these before / gemv_nibble; ORT MatMulInteger exact):
+# 1 x 768 x 3072 120 / 122 / 71 (68), 1 x 1024 x 1024 63 / 59 / 35 (51),
+# 2 x 768 x 3072 142 / 180 / 103 (91), 1 x 64 x 64 8 / 10 / 8 (9); at 4 rows the
+# tile spills and the int16 tiles win (196 / 210 us at 4 x 768 x 3072).
 AVX2_GEMV_ROWS = 2
-AVX2_GEMV_WEIGHTS = 1 << 23
 
 
-def gemm_backend(M: int | None = None, weights: int = 0):
+def gemm_backend(M: int | None = None):
     """The backend object of the path in use (cached: called on every GEMM);
-    with M (the GEMM's rows) and weights (K * N), the one that runs it."""
+    with M (the GEMM's rows), the one that runs it."""
     global _backend
     backend = _backend  # (one read: set_isa on another thread resets it)
     if backend is None:
         from ._gemm_backends import BACKENDS
 
         backend = _backend = BACKENDS[get_isa()]
-    if (
-        M is not None
-        and M <= AVX2_GEMV_ROWS
-        and weights >= AVX2_GEMV_WEIGHTS
-        and backend.name == "avx2"
-    ):
-        from ._gemm_backends import BACKENDS
-
-        return BACKENDS["avx_vnni"]
+    if M is not None and M <= AVX2_GEMV_ROWS and backend.name == "avx2":
+        # a module attribute, not an import here: 1.6 -> 0.2 us a call
+        return backend.gemv_backend()
     return backend
 
 
@@ -188,19 +181,26 @@ SCRATCH_MAX_BYTES = 64 << 20  # larger requests are not kept
 def scratch(name: str, shape, dtype):
     """An uninitialised C-contiguous array of ``shape``/``dtype`` on 64-byte
     alignment, backed by this thread's buffer ``name`` (grown as needed). Valid
-    until the next request of the same name on the same thread."""
-    import numpy as np
-
-    dtype = np.dtype(dtype)
-    count = shape if isinstance(shape, int) else math.prod(shape)
-    nbytes = count * dtype.itemsize
+    until the next request of the same name on the same thread. A request
+    like the last one of its name gets the same array back (0.1 us, against
+    1.8 for a new view: engines call one layer shape after another)."""
     bufs = getattr(_scratch, "bufs", None)
     if bufs is None:
         bufs = _scratch.bufs = {}
-    raw, off = bufs.get(name, (None, 0))
+    key = (shape, dtype)
+    hit = bufs.get(name)
+    if hit is not None and hit[2] == key:
+        return hit[3]
+    import numpy as np
+
+    dt = np.dtype(dtype)
+    count = shape if isinstance(shape, int) else math.prod(shape)
+    nbytes = count * dt.itemsize
+    raw, off = (None, 0) if hit is None else hit[:2]
     if raw is None or raw.size < nbytes + 64:
         raw = np.empty(nbytes + 64, np.uint8)
         off = (-raw.ctypes.data) % 64
-        if nbytes <= SCRATCH_MAX_BYTES:
-            bufs[name] = (raw, off)
-    return raw[off : off + nbytes].view(dtype).reshape(shape)
+    view = raw[off : off + nbytes].view(dt).reshape(shape)
+    if nbytes <= SCRATCH_MAX_BYTES:
+        bufs[name] = (raw, off, key, view)
+    return view

@@ -182,19 +182,53 @@ class Avx2Gemm:
         if _via_contiguous(Avx2Gemm.fused, a_u8, packed, scratch, epi, out, serial,
                            pmax):  # fmt: skip
             return
-        # the tile reads a' widened to uint16 in row blocks (int8_gemm_ymm.pack_a16):
-        # one pass per call, M x K against the tiles' M x N x K. The driver sees
-        # the blocks as (M padded, 32 Q) bytes, where only offsets at block
-        # starts mean anything: row m0's is its block's
-        M, K = a_u8.shape
-        shape = k.a16_shape(M, K)
-        a16 = _dispatch.scratch("avx2.a16", shape, np.uint16)
-        (k.pack_a16 if serial else k.pack_a16_par)(a_u8, a16)
-        a_bytes = _readonly(a16.view(np.uint8).reshape(shape[0] * shape[2], -1))
+        # the tile reads a' widened to uint16 in row blocks (int8_gemm_ymm.pack_a16,
+        # inside the driver): one pass per call, M x K against the tiles' M x N x K
+        a16 = _dispatch.scratch("avx2.a16", k.a16_shape(*a_u8.shape), np.uint16)
         if serial:
-            k.gemm_avx2_serial(a_bytes, packed, epi, out, pmax, K)
+            k.gemm_avx2_serial(a_u8, a16, packed, epi, out, pmax)
         else:
-            k.gemm_avx2(a_bytes, packed, epi, out, _dispatch.num_threads(), pmax, K)
+            k.gemm_avx2(a_u8, a16, packed, epi, out, _dispatch.num_threads(), pmax)
+
+    @classmethod
+    def gemm(cls, a_u8: np.ndarray, packed: np.ndarray, out: np.ndarray) -> None:
+        _raw_product(cls, a_u8, packed, out)
+
+    @staticmethod
+    def gemv_backend():
+        """What _dispatch.gemm_backend runs few-row GEMMs on."""
+        return Avx2GemvGemm
+
+
+class Avx2GemvGemm:
+    """GEMVs on AVX2 (at most int8_gemm_ymm.GEMV_MR rows): int8 weights in
+    avx_vnni's layout, vpmaddubsw on a's nibbles summed in int16, the zmm
+    path's fused epilogue (kernels/int8_gemm_ymm.py, gemv_nibble).
+    _dispatch.gemm_backend picks it for few rows on the avx2 path."""
+
+    name = "avx2_gemv"
+    k_min = 1  # split_nibbles pads K itself
+    takes_int8 = True  # split_nibbles flips int8 bytes itself
+    tile = None
+
+    @staticmethod
+    def pack(b_s8: np.ndarray) -> np.ndarray:
+        k = _ymm()
+        return k.pack_b(b_s8, k.GEMV_NR)
+
+    @staticmethod
+    def fused(a_u8, packed, scratch, epi, out, serial=False, pmax=-1):
+        k = _ymm()
+        if _via_contiguous(Avx2GemvGemm.fused, a_u8, packed, scratch, epi, out,
+                           serial, pmax):  # fmt: skip
+            return
+        M, K = a_u8.shape
+        flip = 0x80 if a_u8.dtype == np.int8 else 0
+        nib = _dispatch.scratch("avx2.nib", (M, 2, 4 * packed.shape[1]), np.uint8)
+        if a_u8.dtype != np.uint8 or a_u8.flags.writeable:
+            a_u8 = _readonly(a_u8.view(np.uint8))
+        fn = k.gemv_nibble_serial if serial else k.gemv_nibble
+        fn(a_u8, flip, nib, packed, epi, out, pmax, K)
 
     @classmethod
     def gemm(cls, a_u8: np.ndarray, packed: np.ndarray, out: np.ndarray) -> None:
@@ -206,4 +240,6 @@ BACKENDS = {
     "avx_vnni": AvxVnniGemm,
     "avx2": Avx2Gemm,
     "portable": PortableGemm,
+    # not an instruction-set path: what avx2 runs few-row GEMMs on
+    "avx2_gemv": Avx2GemvGemm,
 }

@@ -80,6 +80,8 @@ class PackedWeights:
         "_layouts",
         "_mults",
         "_folded",
+        "_zp_key",
+        "_scale_key",
     )
 
     def __init__(self, b, zero_point=None, scale=None):
@@ -109,6 +111,14 @@ class PackedWeights:
             "_layouts": {},
             "_mults": {},
             "_folded": {},
+            # the per-tensor zero point / scale as _packed_match compares them
+            # (None: per column or absent), computed once, not on every call
+            "_zp_key": None
+            if zero_point is None or zero_point.size != 1
+            else _scalar_zero_point(zero_point, b.dtype),
+            "_scale_key": None
+            if scale is None or scale.size != 1
+            else _scale_key(scale),
         }
         fields["_need_rows"] = bool(fields["_zb_eff"].any())
         for name, value in fields.items():
@@ -229,7 +239,7 @@ def _gemm_2d(a, packed, zb, za_eff, bias, mult, zy, qlo, qhi, mode, out, fbias=N
         if fbias is not None:  # float bias, then the clamp, as the fused epilogue
             np.clip(out + fbias, np.float32(qlo), np.float32(qhi), out=out)
         return
-    backend = _dispatch.gemm_backend(M, K * N)
+    backend = _dispatch.gemm_backend(M)
     need_rows = packed._need_rows if zb is packed._zb_eff else bool(zb.any())
     a_u8, row_sum = _prepare_a(a, backend.k_min, need_rows, backend.takes_int8)
     if row_sum is not None:
@@ -274,7 +284,7 @@ def _fused_cached(a, packed, za_eff, key, epi_of, out) -> bool:
     takes _gemm_2d). Measured on a 1x64x16 call, 1 thread: qlinear_matmul
     18.6 -> 11.8 us with this cache."""
     M, K = a.shape
-    backend = _dispatch.gemm_backend(M, K * packed.shape[1])
+    backend = _dispatch.gemm_backend(M)
     if (
         packed._need_rows
         or backend.tile is not None
@@ -618,17 +628,18 @@ def _const_za(value: int) -> np.ndarray:
     return arr
 
 
-def _packed_match(value, packed_value, dtype, key) -> bool:
+def _packed_match(value, packed_value, packed_key, key) -> bool:
     """Whether a b-side argument of a call with PackedWeights adds nothing to
     the pack: None, the packed array itself, or a scalar equal to the packed
-    per-tensor one (what an engine passing every ONNX input sends). key(x,
-    dtype) -> a hashable scalar value or None."""
+    per-tensor one (what an engine passing every ONNX input sends).
+    packed_key: the pack's key of packed_value (PackedWeights._zp_key /
+    _scale_key); key(x) -> a hashable scalar value or None."""
     if value is None or value is packed_value:
         return True
-    if packed_value is None or packed_value.size != 1:
+    if packed_key is None:
         return False
-    got = key(value, dtype)
-    return got is not None and got == key(packed_value, dtype)
+    got = key(value)
+    return got is not None and got == packed_key
 
 
 def _call_multiplier(packed, sa, sy):
@@ -820,8 +831,13 @@ def qlinear_matmul(
         and y_scale is not None
         and type(b) is PackedWeights
         and b.scale is not None
-        and _packed_match(b_zero_point, b.zero_point, b.dtype, _scalar_zero_point)
-        and _packed_match(b_scale, b.scale, None, lambda s, _: _scale_key(s))
+        and _packed_match(
+            b_zero_point,
+            b.zero_point,
+            b._zp_key,
+            lambda z: _scalar_zero_point(z, b.dtype),
+        )
+        and _packed_match(b_scale, b.scale, b._scale_key, _scale_key)
     ):
         fast = _fast_2d(a, b, a_zero_point)
     if fast is not None:
@@ -1012,7 +1028,7 @@ def _dynamic_per_tensor(a2, packed, sb, fbias):
     built here (1 x 384 x 16, 1 thread: 19 -> 8.6 us). None: not that case."""
     M, K = a2.shape
     N = packed.shape[1]
-    backend = _dispatch.gemm_backend(M, K * N)
+    backend = _dispatch.gemm_backend(M)
     if (
         backend.tile is not None
         or packed._need_rows

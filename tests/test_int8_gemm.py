@@ -704,31 +704,52 @@ def test_dynamic_quantize_matmul_rejects_non_finite():
 
 
 @pytest.mark.parametrize("M", [1, 2])
-def test_avx2_gemv_on_the_nibble_tiles(monkeypatch, M):
-    """avx2 GEMVs of large weights run on the avx_vnni tiles' AVX2 form
-    (vpmaddubsw on the activations' nibbles, int8 weights): forced here for
-    small weights, against the int64 oracle, every output kind, packed and
-    not, N past whole tiles."""
+def test_avx2_gemv_nibble_kernel(M):
+    """avx2 GEMMs of at most 2 rows run gemv_nibble (int8 weights, vpmaddubsw
+    on a's nibbles summed in int16 for 8 k4 steps): against the int64 oracle
+    for uint8 and int8 a, K with and without whole 8-step blocks and a rest,
+    N past whole 16-column panels, every output kind, packed and not; and at
+    the int16 sums' bound (a' = 255, b' = -128 or 127 everywhere)."""
     if "avx2" not in lowprec.available_isas():
         pytest.skip("this CPU cannot run the avx2 path")
     from lowprec import _dispatch
 
-    monkeypatch.setattr(_dispatch, "AVX2_GEMV_WEIGHTS", 0)
     before = lowprec.get_isa()
     lowprec.set_isa("avx2")
     try:
-        assert _dispatch.gemm_backend(M, 1).name == "avx_vnni"
+        assert _dispatch.gemm_backend(M).name == "avx2_gemv"
+        assert _dispatch.gemm_backend(_dispatch.AVX2_GEMV_ROWS + 1).name == "avx2"
         rng = np.random.default_rng(M)
-        for K, N in ((3, 5), (70, 33), (259, 100)):
-            a = rng.integers(0, 256, (M, K), dtype=np.uint8)
-            b = rng.integers(-128, 128, (K, N), dtype=np.int8)
-            za, zb = np.uint8(7), np.int8(-3)
-            for w in (b, lowprec.pack_weights(b, zb)):
-                got = lowprec.matmul_integer(a, w, za, None if w is not b else zb)
-                np.testing.assert_array_equal(got, ref.int_matmul(a, b, za, zb))
-            sa, sb, sy = np.float32(0.02), np.float32(0.01), np.float32(0.3)
-            got = lowprec.qlinear_matmul(a, sa, za, b, sb, zb, sy, np.uint8(128))
-            want = ref.qlinear_matmul(a, sa, za, b, sb, zb, sy, np.uint8(128))
-            np.testing.assert_array_equal(got, want)
+        for K, N in ((3, 5), (64, 16), (70, 33), (259, 100)):
+            for dt in (np.uint8, np.int8):
+                info = np.iinfo(dt)
+                a = rng.integers(info.min, info.max + 1, (M, K), dtype=dt)
+                b = rng.integers(-128, 128, (K, N), dtype=np.int8)
+                za, zb = dt(7), np.int8(-3)
+                for w in (b, lowprec.pack_weights(b, zb)):
+                    got = lowprec.matmul_integer(a, w, za, None if w is not b else zb)
+                    np.testing.assert_array_equal(got, ref.int_matmul(a, b, za, zb))
+                sa, sb, sy = np.float32(0.02), np.float32(0.01), np.float32(0.3)
+                for zy in (np.uint8(128), np.int8(-5)):
+                    got = lowprec.qlinear_matmul(a, sa, za, b, sb, zb, sy, zy)
+                    want = ref.qlinear_matmul(a, sa, za, b, sb, zb, sy, zy)
+                    np.testing.assert_array_equal(got, want)
+                sbn = rng.uniform(0.001, 0.02, N).astype(np.float32)
+                bias = rng.integers(-5000, 5000, N, dtype=np.int32)
+                got = lowprec.qlinear_matmul(
+                    a, sa, za, lowprec.pack_weights(b, zb, sbn), None, None, None,
+                    None, bias=bias, out_dtype=np.float32,
+                )  # fmt: skip
+                want = ref.qlinear_matmul(
+                    a, sa, za, b, sbn, zb, None, None, bias=bias, out_dtype=np.float32
+                )
+                np.testing.assert_array_equal(got, want)
+        # every int16 lane at its largest |sum|: 8 steps of 2 * 15 * 128
+        K = 8 * 4 * 3 + 4
+        a = np.full((M, K), 255, np.uint8)
+        for fill in (-128, 127):
+            b = np.full((K, 40), fill, np.int8)
+            got = lowprec.matmul_integer(a, lowprec.pack_weights(b))
+            np.testing.assert_array_equal(got, ref.int_matmul(a, b))
     finally:
         lowprec.set_isa(before)
