@@ -467,8 +467,13 @@ def gemm_avx2(a, a16, bp, epi, out, threads, pmax):
     # Python for the widening and the GEMM: ~1.5 us less a call than two.
     K = a.shape[1]
     R = a16.shape[2]
-    for blk in prange(a16.shape[0]):
-        widen_rows(a, blk * R, R, blk, a16)
+    if a16.shape[0] < 2 * threads:
+        # a few row blocks: a parallel region of its own costs more (~3 us on
+        # 2 threads, Zen 3) than widening them here
+        pack_a16(a, a16)
+    else:
+        for blk in prange(a16.shape[0]):
+            widen_rows(a, blk * R, R, blk, a16)
     mt = (out.shape[0] + AVX2_MR - 1) // AVX2_MR
     nt = (out.shape[1] + AVX2_NR - 1) // AVX2_NR
     nblk = _row_blocks(mt, threads)
