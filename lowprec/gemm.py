@@ -935,14 +935,14 @@ def _hashable(activation):
 def _quant_bounds(activation, zy, sy, dtype):
     """eq. 12: the real clamp [lo, hi] as quantized bounds within the type."""
     lo, hi = v.activation_bounds(activation)
-    info = np.iinfo(dtype)
+    tmin, tmax = _int_range(dtype)  # (np.iinfo: ~0.7 us on every call)
     # round() is half-to-even like rint; the quotients are bounded first so that
     # a huge clamp over a tiny scale cannot overflow
-    qlo = info.min if lo == -np.inf else zy + round(min(max(lo / sy, -1e15), 1e15))
-    qhi = info.max if hi == np.inf else zy + round(min(max(hi / sy, -1e15), 1e15))
+    qlo = tmin if lo == -np.inf else zy + round(min(max(lo / sy, -1e15), 1e15))
+    qhi = tmax if hi == np.inf else zy + round(min(max(hi / sy, -1e15), 1e15))
     return (
-        float(min(max(qlo, info.min), info.max)),
-        float(min(max(qhi, info.min), info.max)),
+        float(min(max(qlo, tmin), tmax)),
+        float(min(max(qhi, tmin), tmax)),
     )
 
 
