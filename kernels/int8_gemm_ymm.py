@@ -438,7 +438,7 @@ def run_avx2_tile(mr, a, akstep, b, k2, m0, n0, nvalid, epi, narrow, a_arr, out)
 @njit(nogil=True, cache=True)
 def _avx2_job(t, nblk, a16, bp, K, epi, narrow, a, out):
     # job t = (row block, N panel) as int8_gemm_vnni._block_job; a16: pack_a16's
-    # blocks of a (passed for its dtype only); K the real depth
+    # blocks of a; a passed for its dtype only; K the real depth
     M, N = out.shape
     mt = (M + AVX2_MR - 1) // AVX2_MR
     nt = (N + AVX2_NR - 1) // AVX2_NR
@@ -520,7 +520,7 @@ def pack_b16(b, nr):
     return packed
 
 
-@functools.cache
+@functools.lru_cache(maxsize=64)
 def a16_shape(M, K):
     """pack_a16's output shape for an (M, K) a': blocks of R = min(6, M) rows,
     steps of 2 * KB k, R rows of KB zero-extended pairs a step."""
@@ -683,7 +683,7 @@ def split_nibbles(a, flip, out):
     M, K = a.shape
     for m in range(M):
         for k in range(K):
-            x = a[m, k] ^ flip
+            x = np.uint8(a[m, k]) ^ np.uint8(flip)
             out[m, 0, k] = x & 15
             out[m, 1, k] = x >> 4
         out[m, :, K:] = 0
@@ -691,18 +691,20 @@ def split_nibbles(a, flip, out):
 
 @njit(nogil=True)
 def _gemv_job(jn, nib, bp, K, epi, narrow, a_arr, out):
-    # the GEMV's 16-column panel jn: every row of out (at most GEMV_MR)
+    # the GEMV's 16-column panel jn, for every row of out in tiles of
+    # GEMV_MR rows
     M, N = out.shape
     n0 = jn * GEMV_NR
-    args = _fused_args(
-        nib.ctypes.data, nib.strides[0], bp.ctypes.data + jn * bp.strides[0],
-        GEMV_NR * 4, bp.shape[1], nib.strides[1], 0, n0, min(GEMV_NR, N - n0),
-        epi, narrow, a_arr, out,
-    )  # fmt: skip
-    if M == 2:
-        _nt2(*args)
-    else:
-        _nt1(*args)
+    for m0 in range(0, M, GEMV_MR):
+        args = _fused_args(
+            nib.ctypes.data + m0 * nib.strides[0], nib.strides[0],
+            bp.ctypes.data + jn * bp.strides[0], GEMV_NR * 4, bp.shape[1],
+            nib.strides[1], m0, n0, min(GEMV_NR, N - n0), epi, narrow, a_arr, out,
+        )  # fmt: skip
+        if M - m0 >= 2:
+            _nt2(*args)
+        else:
+            _nt1(*args)
 
 
 @njit(parallel=True, nogil=True, cache=True)

@@ -5,7 +5,7 @@ at first use; ``LOWPREC_ISA=<name>`` in the environment or :func:`set_isa`
 override it, so tests can force every path the machine supports in turn.
 A path is a backend object with a small interface (see ``_gemm_backends``):
 
-    k_align              A's K is zero-padded to a multiple of this
+    k_min                A's K is zero-padded to at least this
     pack(b_s8) -> obj    the backend's weight layout, built once per weight
     gemm(a_u8, obj, out) P = a' @ b' (docs/quantization.md, eq. 6) into int32 out
 """
@@ -107,7 +107,9 @@ def set_isa(name: str | None) -> str:
 # nibble form, which ran these before / gemv_nibble; ORT MatMulInteger exact):
 # 1 x 768 x 3072 120 / 122 / 71 (68), 1 x 1024 x 1024 63 / 59 / 35 (51),
 # 2 x 768 x 3072 142 / 180 / 103 (91), 1 x 64 x 64 8 / 10 / 8 (9); at 4 rows the
-# tile spills and the int16 tiles win (196 / 210 us at 4 x 768 x 3072).
+# tile spills and the int16 tiles win (196 / 210 us at 4 x 768 x 3072). Weights
+# called with both few and many rows keep both layouts in their pack (int8 and
+# int16: 3 bytes a weight, besides b' itself).
 AVX2_GEMV_ROWS = 2
 
 

@@ -51,7 +51,10 @@ class PortableGemm:
 def _via_contiguous(fused, a_u8, packed, scratch, epi, out, serial, pmax):
     """The register-epilogue tiles store whole vectors: columns must be
     contiguous. For an output whose columns are not, run `fused` into a
-    temporary and copy it over; returns whether it did."""
+    temporary and copy it over; returns whether it did (or whether there is
+    nothing to compute)."""
+    if out.size == 0:
+        return True  # nothing to compute (numpy gives empty arrays 0 strides)
     if out.shape[1] <= 1 or out.strides[1] == out.itemsize:
         return False
     tmp = np.empty(out.shape, out.dtype)

@@ -287,6 +287,8 @@ def _fused_cached(a, packed, za_eff, key, epi_of, out) -> bool:
     backend = _dispatch.gemm_backend(M)
     if (
         packed._need_rows
+        or M == 0
+        or out.shape[1] == 0
         or backend.tile is not None
         or not 0 < K <= K_INT32_SAFE
         or K < backend.k_min
@@ -935,7 +937,7 @@ def _hashable(activation):
 def _quant_bounds(activation, zy, sy, dtype):
     """eq. 12: the real clamp [lo, hi] as quantized bounds within the type."""
     lo, hi = v.activation_bounds(activation)
-    tmin, tmax = _int_range(dtype)  # (np.iinfo: ~0.7 us on every call)
+    tmin, tmax = _int_range(dtype)  # (np.iinfo: ~0.7 us a cache miss)
     # round() is half-to-even like rint; the quotients are bounded first so that
     # a huge clamp over a tiny scale cannot overflow
     qlo = tmin if lo == -np.inf else zy + round(min(max(lo / sy, -1e15), 1e15))

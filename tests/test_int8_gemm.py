@@ -513,22 +513,15 @@ def test_tile_kernels_compile_to_the_instruction(path, must, never):
 def test_vnni_tile_stand_in_is_exact():
     """The avx_vnni tile as compiled where LLVM's target has no 256-bit
     vpdpbusd (an intrinsic the target lacks aborts the process in LLVM):
-    vpmaddubsw on the activations' nibbles on AVX2 (which runs it for GEMVs),
-    plain IR on other targets; the same sums."""
+    plain IR, the same sums."""
     from lowprec.kernels import int8_gemm_ymm as y
 
-    class StandIn(y._VnniDot):  # AVX2: vpmaddubsw on the nibbles
+    class StandIn(y._VnniDot):
         def __init__(self, context, builder):
             super().__init__(context, builder)
             self.native = False
 
-    class Plain(StandIn):  # no AVX2 (a generic target): plain IR
-        def __init__(self, context, builder):
-            super().__init__(context, builder)
-            self.avx2 = False
-
-    for cls in (StandIn, Plain):
-        _check_stand_in(y, cls)
+    _check_stand_in(y, StandIn)
 
 
 def _check_stand_in(y, cls):
@@ -744,12 +737,64 @@ def test_avx2_gemv_nibble_kernel(M):
                     a, sa, za, b, sbn, zb, None, None, bias=bias, out_dtype=np.float32
                 )
                 np.testing.assert_array_equal(got, want)
+                # symmetric weights: int8 a flipped inside the kernel
+                p = lowprec.pack_weights(b)
+                got = lowprec.matmul_integer(a, p, za)
+                np.testing.assert_array_equal(got, ref.int_matmul(a, b, za))
         # every int16 lane at its largest |sum|: 8 steps of 2 * 15 * 128
         K = 8 * 4 * 3 + 4
-        a = np.full((M, K), 255, np.uint8)
-        for fill in (-128, 127):
-            b = np.full((K, 40), fill, np.int8)
-            got = lowprec.matmul_integer(a, lowprec.pack_weights(b))
-            np.testing.assert_array_equal(got, ref.int_matmul(a, b))
+        for a in (np.full((M, K), 255, np.uint8), np.full((M, K), 127, np.int8)):
+            for fill in (-128, 127):
+                b = np.full((K, 40), fill, np.int8)
+                got = lowprec.matmul_integer(a, lowprec.pack_weights(b))
+                np.testing.assert_array_equal(got, ref.int_matmul(a, b))
+    finally:
+        lowprec.set_isa(before)
+
+
+@pytest.mark.parametrize("M", [1, 2, 3, 5])
+def test_avx2_gemv_drivers(M):
+    """gemv_nibble's serial and parallel drivers called directly (the public
+    calls of a GEMV stay serial below gemm.SERIAL_MACS), int8 bytes flipped
+    inside, and rows past the 2-row tile: every row computed."""
+    if "avx2" not in lowprec.available_isas():
+        pytest.skip("this CPU cannot run the avx2 path")
+    from lowprec.kernels import int8_gemm_ymm as y
+
+    rng = np.random.default_rng(M)
+    K, N = 75, 37
+    a = rng.integers(-128, 128, (M, K), dtype=np.int8)
+    b = rng.integers(-128, 128, (K, N), dtype=np.int8)
+    bp = y.pack_b(b, y.GEMV_NR)
+    want = (a.astype(np.int64) + 128) @ b
+    z1, zn = np.zeros(1, np.int64), np.zeros(N, np.int64)
+    epi = (z1, z1, zn, zn, zn, np.ones((1, 1)), 0.0, 0.0, 0.0, 0,
+           np.zeros(N, np.float32))  # fmt: skip
+    for driver in (y.gemv_nibble_serial, y.gemv_nibble):
+        out = np.full((M, N), 7, np.int32)
+        nib = np.full((M, 2, 4 * bp.shape[1]), 9, np.uint8)
+        driver(a.view(np.uint8), 0x80, nib, bp, epi, out, -1, K)
+        np.testing.assert_array_equal(out, want)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "portable"])
+def test_packed_weights_with_zero_rows(isa):
+    """M = 0 with packed weights returns an empty result on every route (it
+    ran the GEMV kernel on the empty output, or recursed on its 0 strides)."""
+    if isa not in lowprec.available_isas():
+        pytest.skip(f"this CPU cannot run the {isa} path")
+    before = lowprec.get_isa()
+    lowprec.set_isa(isa)
+    try:
+        for N in (1, 3):
+            p = lowprec.pack_weights(np.ones((5, N), np.int8), None, np.float32(0.1))
+            a = np.zeros((0, 5), np.uint8)
+            assert lowprec.matmul_integer(a, p).shape == (0, N)
+            got = lowprec.qlinear_matmul(
+                a, np.float32(0.1), np.uint8(0), p, None, None, np.float32(0.2),
+                np.uint8(3),
+            )  # fmt: skip
+            assert got.shape == (0, N)
+            assert got.dtype == np.uint8
     finally:
         lowprec.set_isa(before)
