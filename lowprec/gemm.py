@@ -82,6 +82,7 @@ class PackedWeights:
         "_folded",
         "_zp_key",
         "_scale_key",
+        "_last_call",
     )
 
     def __init__(self, b, zero_point=None, scale=None):
@@ -119,6 +120,9 @@ class PackedWeights:
             "_scale_key": None
             if scale is None or scale.size != 1
             else _scale_key(scale),
+            # qlinear_matmul's last fast call: its argument objects and what
+            # its checks derived from them (_qlinear_memo)
+            "_last_call": None,
         }
         fields["_need_rows"] = bool(fields["_zb_eff"].any())
         for name, value in fields.items():
@@ -683,6 +687,51 @@ def _scale_key(value):
     return key if 0.0 < key[1] < math.inf else None
 
 
+# Argument types whose objects cannot change: a call passing the very objects
+# of the pack's last fast call (PackedWeights._last_call) skips their checks.
+# Arrays (0-d ones included) are mutable and never remembered.
+_IMMUTABLE = frozenset(
+    {type(None), int, float, str, np.float16, np.float32, np.float64, np.uint8,
+     np.int8, type}
+)  # fmt: skip
+
+
+def _immutable(args) -> bool:
+    return all(
+        type(x) in _IMMUTABLE
+        or (type(x) is tuple and all(type(y) in _IMMUTABLE for y in x))
+        or isinstance(x, np.dtype)
+        for x in args
+    )
+
+
+def _qlinear_fast(a, b, za_eff, sa, sy, zyf, act, odt):
+    """qlinear_matmul's engine call once its per-tensor arguments are checked:
+    2-D a (its K checked), packed b with its own b scale / zero point, scale
+    keys sa, sy (_scale_key), the output zero point zyf, the activation act
+    and the output dtype odt. Measured, 1 x 64 x 64 on the avx2 path, 1
+    thread: 12.3 -> 8.5 us a call when the arguments repeat (_last_call)."""
+    M, N = a.shape[0], b.shape[1]
+    out = np.empty((M, N), odt)
+
+    def epi_of(bias):
+        qlo, qhi = _quant_bounds(act, zyf, sy[1], odt)
+        mult = _ro(_call_multiplier(b, sa, sy))
+        return (
+            _ro(_ZERO1), _ro(_ZERO1), b._col_sum, _ro(b._zb_eff), bias,
+            mult, zyf, qlo, qhi, _MODE_QUANT, _ro(b._fzeros_n),
+        )  # fmt: skip
+
+    if not _fused_cached(a, b, za_eff, (sa, sy, odt.char, zyf, act), epi_of, out):
+        qlo, qhi = _quant_bounds(act, zyf, sy[1], odt)
+        mult = _call_multiplier(b, sa, sy)
+        _gemm_2d(
+            a, b, b._zb_eff, za_eff, b._zeros_n, mult, zyf, qlo, qhi, _MODE_QUANT,
+            out,
+        )  # fmt: skip
+    return out
+
+
 def _zero_point(value, name, dtype):
     if value is None:
         return np.zeros(1, dtype)
@@ -827,6 +876,26 @@ def qlinear_matmul(
             a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale,
             y_zero_point, bias=bias, activation=activation, out_dtype=out_dtype,
         )  # fmt: skip
+    if bias is None and type(b) is PackedWeights:
+        last = b._last_call
+        # the same objects (identity: equal values of other types can differ
+        # in meaning, np.float16 against np.float32 scales)
+        if (
+            last is not None
+            and a_scale is last[0]
+            and a_zero_point is last[1]
+            and b_scale is last[2]
+            and b_zero_point is last[3]
+            and y_scale is last[4]
+            and y_zero_point is last[5]
+            and activation is last[6]
+            and out_dtype is last[7]
+            and type(a) is np.ndarray
+            and a.ndim == 2
+            and a.shape[1] == b.shape[0]
+            and a.dtype == last[8]
+        ):
+            return _qlinear_fast(a, b, *last[9:])
     fast = None
     if (
         bias is None
@@ -852,28 +921,15 @@ def qlinear_matmul(
             ):
                 zy = y_zero_point
         if sa is not None and sy is not None and zy is not None:
-            M, _, N, za_eff = fast
-            odt = zy.dtype
+            za_eff = fast[3]
             zyf = float(zy.item())
             act = _hashable(activation)
-            qlo, qhi = _quant_bounds(act, zyf, sy[1], odt)
-            out = np.empty((M, N), odt)
-
-            def epi_of(bias):
-                mult = _ro(_call_multiplier(b, sa, sy))
-                return (
-                    _ro(_ZERO1), _ro(_ZERO1), b._col_sum, _ro(b._zb_eff), bias,
-                    mult, zyf, qlo, qhi, _MODE_QUANT, _ro(b._fzeros_n),
-                )  # fmt: skip
-
-            key = (sa, sy, odt.char, zyf, act)
-            if not _fused_cached(a, b, za_eff, key, epi_of, out):
-                mult = _call_multiplier(b, sa, sy)
-                _gemm_2d(
-                    a, b, b._zb_eff, za_eff, b._zeros_n, mult, zyf, qlo, qhi,
-                    _MODE_QUANT, out,
-                )  # fmt: skip
-            return out
+            derived = (za_eff, sa, sy, zyf, act, zy.dtype)
+            args = (a_scale, a_zero_point, b_scale, b_zero_point, y_scale,
+                    y_zero_point, activation, out_dtype)  # fmt: skip
+            if _immutable(args):
+                object.__setattr__(b, "_last_call", (*args, a.dtype, *derived))
+            return _qlinear_fast(a, b, *derived)
 
     a_shape, b_shape, batch = _check_ab(a, b)
     N = b_shape[-1]

@@ -798,3 +798,43 @@ def test_packed_weights_with_zero_rows(isa):
             assert got.dtype == np.uint8
     finally:
         lowprec.set_isa(before)
+
+
+def test_qlinear_matmul_repeated_arguments():
+    """A call passing the very argument objects of the pack's last fast call
+    reuses its checks (PackedWeights._last_call): results stay the oracle's
+    when the objects repeat, when equal values come as other types (float16
+    against float32 scales), when a remembered-looking array argument is
+    mutated in place (arrays are never remembered), and when a's dtype
+    changes under the same zero point (still rejected)."""
+    rng = np.random.default_rng(11)
+    a = rng.integers(0, 256, (3, 40), dtype=np.uint8)
+    b = rng.integers(-128, 128, (40, 20), dtype=np.int8)
+    p = lowprec.pack_weights(b, np.int8(0), np.float32(0.01))
+    sa, za, sy, zy = np.float32(0.02), np.uint8(7), np.float32(0.3), np.uint8(128)
+
+    def check(a, sa, za, sy, zy, **kw):
+        got = lowprec.qlinear_matmul(a, sa, za, p, None, None, sy, zy, **kw)
+        want = ref.qlinear_matmul(
+            a, sa, za, b, np.float32(0.01), np.int8(0), sy, zy, **kw
+        )
+        np.testing.assert_array_equal(got, want)
+
+    for _ in range(2):
+        check(a, sa, za, sy, zy)
+    assert p._last_call is not None
+    check(a[:1], sa, za, sy, zy)  # other rows, same objects
+    # an equal value of another type: float16 rounds the multiplier differently
+    sa16 = np.float16(0.0213)
+    check(a, np.float32(sa16), za, sy, zy)
+    check(a, sa16, za, sy, zy)
+    check(a, sa16, za, sy, zy, activation="relu")
+    # arrays may change between calls: never remembered
+    sy_arr = np.array(0.3, np.float32)
+    check(a, sa, za, sy_arr, zy)
+    sy_arr[...] = 0.05
+    check(a, sa, za, sy_arr, zy)
+    # a's dtype changed under the remembered uint8 zero point: rejected as before
+    check(a, sa, za, sy, zy)
+    with pytest.raises((TypeError, ValueError), match="a_zero_point"):
+        lowprec.qlinear_matmul(a.view(np.int8), sa, za, p, None, None, sy, zy)
