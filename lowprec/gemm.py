@@ -121,7 +121,7 @@ class PackedWeights:
             if scale is None or scale.size != 1
             else _scale_key(scale),
             # qlinear_matmul's last fast call: its argument objects and what
-            # its checks derived from them (_qlinear_memo)
+            # its checks derived from them (qlinear_matmul, _qlinear_fast)
             "_last_call": None,
         }
         fields["_need_rows"] = bool(fields["_zb_eff"].any())
@@ -691,9 +691,11 @@ def _scale_key(value):
 # of the pack's last fast call (PackedWeights._last_call) skips their checks.
 # Arrays (0-d ones included) are mutable and never remembered.
 _IMMUTABLE = frozenset(
-    {type(None), int, float, str, np.float16, np.float32, np.float64, np.uint8,
-     np.int8, type}
-)  # fmt: skip
+    {type(None), int, float, str, np.float16, np.float32, np.uint8, np.int8}
+)
+# out_dtype given as a class: only these (np.dtype reads any other class's
+# `dtype` attribute, which can change)
+_OUT_CLASSES = (np.uint8, np.int8, np.float32)
 
 
 def _immutable(args) -> bool:
@@ -701,6 +703,7 @@ def _immutable(args) -> bool:
         type(x) in _IMMUTABLE
         or (type(x) is tuple and all(type(y) in _IMMUTABLE for y in x))
         or isinstance(x, np.dtype)
+        or any(x is c for c in _OUT_CLASSES)
         for x in args
     )
 

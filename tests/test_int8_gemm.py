@@ -800,41 +800,69 @@ def test_packed_weights_with_zero_rows(isa):
         lowprec.set_isa(before)
 
 
-def test_qlinear_matmul_repeated_arguments():
+def test_qlinear_matmul_repeated_arguments(monkeypatch):
     """A call passing the very argument objects of the pack's last fast call
-    reuses its checks (PackedWeights._last_call): results stay the oracle's
-    when the objects repeat, when equal values come as other types (float16
-    against float32 scales), when a remembered-looking array argument is
-    mutated in place (arrays are never remembered), and when a's dtype
-    changes under the same zero point (still rejected)."""
+    skips their checks (PackedWeights._last_call). Checked: a repeat really
+    skips them; every argument changed alone (the memo primed before each
+    call), equal values of other types included (a float32 a_scale equal to
+    the float16 one gives another multiplier against float16 b / y scales);
+    array arguments changed in place (never remembered); bias, activation,
+    out_dtype, batched a; and arguments the checks reject still raise."""
     rng = np.random.default_rng(11)
     a = rng.integers(0, 256, (3, 40), dtype=np.uint8)
     b = rng.integers(-128, 128, (40, 20), dtype=np.int8)
-    p = lowprec.pack_weights(b, np.int8(0), np.float32(0.01))
-    sa, za, sy, zy = np.float32(0.02), np.uint8(7), np.float32(0.3), np.uint8(128)
+    sb, zb = np.float16(0.01), np.int8(0)
+    p = lowprec.pack_weights(b, zb, sb)
+    sa, za, sy, zy = np.float16(0.01), np.uint8(7), np.float16(0.3), np.uint8(128)
+    base = (sa, za, p, None, None, sy, zy)
+    prime = [base]
 
-    def check(a, sa, za, sy, zy, **kw):
+    def check(a, sa=sa, za=za, sy=sy, zy=zy, **kw):
+        lowprec.qlinear_matmul(a0, *prime[0])  # the memo holds these objects
         got = lowprec.qlinear_matmul(a, sa, za, p, None, None, sy, zy, **kw)
-        want = ref.qlinear_matmul(
-            a, sa, za, b, np.float32(0.01), np.int8(0), sy, zy, **kw
-        )
+        want = ref.qlinear_matmul(a, sa, za, b, sb, zb, sy, zy, **kw)
+        assert got.dtype == want.dtype
+        assert got.shape == want.shape
         np.testing.assert_array_equal(got, want)
 
-    for _ in range(2):
-        check(a, sa, za, sy, zy)
-    assert p._last_call is not None
-    check(a[:1], sa, za, sy, zy)  # other rows, same objects
-    # an equal value of another type: float16 rounds the multiplier differently
-    sa16 = np.float16(0.0213)
-    check(a, np.float32(sa16), za, sy, zy)
-    check(a, sa16, za, sy, zy)
-    check(a, sa16, za, sy, zy, activation="relu")
-    # arrays may change between calls: never remembered
-    sy_arr = np.array(0.3, np.float32)
-    check(a, sa, za, sy_arr, zy)
+    a0 = a
+    lowprec.qlinear_matmul(a, *base)
+    calls = []
+    fast_2d = gemm._fast_2d
+    monkeypatch.setattr(gemm, "_fast_2d", lambda *x: calls.append(1) or fast_2d(*x))
+    check(a)
+    check(a[:1])
+    check(np.asfortranarray(a))
+    assert calls == [], "repeated arguments went through the checks"
+    monkeypatch.undo()
+    check(a, sa=np.float32(sa))  # equal value, float32 multiplier (differs)
+    check(a, za=np.uint8(9))
+    check(a, zy=np.uint8(100))
+    prime[0] = (sa, za, p, None, None, sy, np.uint8(100))
+    check(a, zy=np.int8(100))  # equal value, int8 output
+    sy_arr = np.array(0.3, np.float16)
+    prime[0] = (sa, za, p, None, None, sy_arr, zy)
+    check(a, sy=sy_arr)
     sy_arr[...] = 0.05
-    check(a, sa, za, sy_arr, zy)
-    # a's dtype changed under the remembered uint8 zero point: rejected as before
-    check(a, sa, za, sy, zy)
-    with pytest.raises((TypeError, ValueError), match="a_zero_point"):
-        lowprec.qlinear_matmul(a.view(np.int8), sa, za, p, None, None, sy, zy)
+    check(a, sy=sy_arr)
+    prime[0] = base
+    check(a, bias=np.arange(20, dtype=np.int32) * 40)
+    check(a, activation="relu")
+    check(a, out_dtype=np.float32)
+    check(rng.integers(0, 256, (2, 40, 40), dtype=np.uint8))  # K in shape[1]
+    prime[0] = (sa, None, p, None, None, sy, zy)
+    check(a.view(np.int8), za=None)  # the same None, int8 a: another offset
+    prime[0] = base
+    names = ("a", "a_scale", "a_zero_point", "b", "b_scale", "b_zero_point",
+             "y_scale", "y_zero_point")  # fmt: skip
+    for bad in (
+        {"a_scale": np.float64(sa)},
+        {"a_zero_point": np.int8(7)},
+        {"b_scale": np.float16(0.02)},
+        {"b_zero_point": np.int8(1)},
+        {"a": a[:, :39]},
+    ):
+        kw = dict(zip(names, (a, *base), strict=True)) | bad
+        lowprec.qlinear_matmul(a, *base)
+        with pytest.raises((TypeError, ValueError)):
+            lowprec.qlinear_matmul(*(kw[k] for k in names))
