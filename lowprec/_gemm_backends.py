@@ -204,10 +204,11 @@ class Avx2Gemm:
 
 
 class Avx2GemvGemm:
-    """GEMVs on AVX2 (at most int8_gemm_ymm.GEMV_MR rows): int8 weights in
-    avx_vnni's layout, vpmaddubsw on a's nibbles summed in int16, the zmm
-    path's fused epilogue (kernels/int8_gemm_ymm.py, gemv_nibble).
-    _dispatch.gemm_backend picks it for few rows on the avx2 path."""
+    """GEMVs on AVX2: int8 weights in avx_vnni's layout, vpmaddubsw on a's
+    nibbles summed in int16, the zmm path's fused epilogue, rows in tiles of
+    int8_gemm_ymm.GEMV_MR (kernels/int8_gemm_ymm.py, gemv_nibble).
+    _dispatch.gemm_backend picks it for at most AVX2_GEMV_ROWS rows on the
+    avx2 path."""
 
     name = "avx2_gemv"
     k_min = 1  # split_nibbles pads K itself
