@@ -1216,25 +1216,38 @@ def _make_dw_row(NVD, SW, ROW3=False):
                 y = builder.select(use_b, builder.fadd(accs[v], bv), accs[v])
                 y = builder.select(builder.fcmp_ordered("<", y, lov), lov, y)
                 ys.append(builder.select(builder.fcmp_ordered(">", y, hiv), hiv, y))
+            # whole chunks: plain stores (AVX2's masked stores, vmaskmovps and
+            # the scalarized 16-bit ones, were ~40 % of a 56x56 plane's time)
+            whole = builder.icmp_signed(
+                ">=", builder.sub(n, ow), ir.Constant(i64, 16 * NVD)
+            )
             builder.cbranch(builder.icmp_signed("==", mode, zero), st32, st16)
 
             for blk, size, conv in ((st32, 4, False), (st16, 2, True)):
                 builder.position_at_end(blk)
                 d0 = builder.add(drow, builder.mul(ow, ir.Constant(i64, size)))
+                outs = []
                 for v in range(NVD):
                     a = builder.add(d0, ir.Constant(i64, 16 * size * v))
                     y = ys[v]
                     if conv:  # vcvtps2ph, round to nearest even (MXCSR default)
                         y = builder.bitcast(builder.fptrunc(y, _vh), vi16)
-                    name = "v16i16" if conv else "v16f32"
-                    fnty = ir.FunctionType(
-                        ir.VoidType(), [y.type, y.type.as_pointer(), _i32, m16]
-                    )
-                    st = cgutils.get_or_insert_function(
-                        builder.module, fnty, f"llvm.masked.store.{name}.p0"
-                    )
-                    ptr = builder.inttoptr(a, y.type.as_pointer())
-                    builder.call(st, [y, ptr, ir.Constant(_i32, size), masks[v]])
+                    outs.append((y, builder.inttoptr(a, y.type.as_pointer())))
+                name = "v16i16" if conv else "v16f32"
+
+                with builder.if_else(whole) as (then, otherwise):
+                    with then:
+                        for y, ptr in outs:
+                            builder.store(y, ptr, align=size)
+                    with otherwise:
+                        for (y, ptr), mask in zip(outs, masks, strict=True):
+                            fnty = ir.FunctionType(
+                                ir.VoidType(), [y.type, y.type.as_pointer(), _i32, m16]
+                            )
+                            st = cgutils.get_or_insert_function(
+                                builder.module, fnty, f"llvm.masked.store.{name}.p0"
+                            )
+                            builder.call(st, [y, ptr, ir.Constant(_i32, size), mask])
                 builder.branch(latch)
             builder.position_at_end(latch)
 
@@ -1448,7 +1461,11 @@ def _dw_load_plane(x, n, c, pt, pl, pw, Hp, dst):
         dr = d0 + (r + pl) * 4
         for w in range(0, W16, 16):
             _cvt16(sr + 2 * w, dr + 4 * w)
-        if W16 < W:
+        if W16 < W and W >= 16:
+            # the row's last 16 again, overlapping: AVX2 has no 16-bit masked
+            # load (LLVM scalarizes _cvt16n's: ~1/3 of a 56x56 plane's load)
+            _cvt16(sr + 2 * (W - 16), dr + 4 * (W - 16))
+        elif W16 < W:
             _cvt16n(sr + 2 * W16, dr + 4 * W16, W - W16)
 
 
@@ -1603,61 +1620,59 @@ def depthwise(threads, nj, fused, x, xp, wd, geo, pt, pl, bias, has_bias, lo, hi
 
 # ---------------------------------------------------------------------------
 # avx2_f16c: the output as a GEMM of the weights (A: float32 rows of K in the
-# order (i, j, c), 6 channels a tile) by the taps of 64 output positions (B: K
-# rows of float16), on fp16_gemm's 16-column ymm strips. The float16 image is
-# split into its sh*sw stride phases (pad_phases16, the rows path's layout
-# without the conversion), so output positions run over a grid of Ho rows of
-# Wq = ceil(Wp/sw) columns and B's row k = (i, j, c) for 64 consecutive grid
-# positions is one contiguous slice of a phase plane, read in place through a
-# table of the K row offsets (tap_table): no im2col, any stride. The grid's
-# columns past Wo are computed and dropped by the epilogue. Every output's sum
-# runs over k in the contract's order (an FMA of two float16 values equals
-# fl32(acc + x*w): exact products): the portable loops' bits.
+# order (i, j, c), 6 channels a tile) by the taps of 64 consecutive output
+# pixels (B: K rows of 64 float16), on fp16_gemm's 16-column ymm strips. The
+# float16 image is split into its sh*sw stride phases (pad_phases16, the rows
+# path's layout without the conversion; a 1x1 stride-1 unpadded image is its
+# own phase and is read in place), so a tap's run of one output row is one
+# contiguous slice of a phase plane: B's row k = (i, j, c) for the job's 64
+# pixels is copied from those runs (_pack_taps, a table of the K row offsets:
+# tap_table) into a contiguous per-job panel that every 6-channel tile of the
+# job then streams. Against reading the rows in place (the strips loading
+# each row from the image through the table: 3x3 64->64 at 56^2, 1 thread,
+# 71 -> 90 GFLOP/s with the epilogue's moves below; ORT's float Conv 93) and
+# over the phase grid (Wq > Wo columns computed and dropped: 12.5 % of the
+# 14^2 layer's work). Every output's sum runs over k in the contract's order
+# (an FMA of two float16 values equals fl32(acc + x*w): exact products): the
+# portable loops' bits.
 
-AVX2_PIX = NR  # grid positions a job (the strips' 64 columns)
+AVX2_PIX = NR  # output pixels a job (the strips' 64 columns)
 # weights (bytes of float32 A) above which a job takes a block of AVX2_MB
 # channels instead of all of a group's: the block's rows then stay in L2
-# across the grid segments (3x3 256->256 at 14^2 streamed 2.4 MB of weights
-# per 14-pixel row before the grid)
+# across the segments (3x3 256->256 at 14^2 streamed 2.4 MB of weights per
+# 14-pixel row before the grid)
 AVX2_W_BYTES = 256 << 10
 AVX2_MB = 4 * MR_MAX
-
-
-def tap_slack(geo):
-    """float16 elements the strips may read past the phase planes: a segment's
-    strips run in groups (4 strips for 1-row tiles, 2 for 2 rows:
-    make_tap_strips's SV), so they read 64 grid columns from the segment's
-    start, and the last row's taps reach (kw-1)*dw // sw columns further."""
-    kw, sw, dw = int(geo[7]), int(geo[9]), int(geo[11])
-    return AVX2_PIX + (kw - 1) * dw // sw
+# channel blocks share their segment's panel: every panel packed once, before
+# the tiles, while they all fit in this many bytes (14^2, 256 channels: 1.2
+# MB); past it each job packs its own
+AVX2_PRE_BYTES = 4 << 20
 
 
 def make_tap_strips(MR):
-    """_t(a, lda, x, tab, ks, c, ldc, ncols) int64s: c[r, col] = sum over
-    k < ks of a[r, k] * float(x16[tab[k] + col]) for the columns of every
-    group of strips (SV strips of 16 columns, run together) that holds one of
-    the ncols valid columns; the other groups are skipped and their part of c
-    is not written. Columns past ncols read past the row, up to 64 from its
-    start (tap_slack). a: float32 rows lda bytes apart; x: float16 base
-    address; tab: int64 element offsets; c: float32 rows of ldc elements."""
+    """_t(a, lda, b, ks, c, ldc, ncols) int64s: c[r, col] = sum over k < ks
+    of a[r, k] * float(b16[k, col]) for the columns of every group of strips
+    (SV strips of 16 columns, run together) that holds one of the ncols
+    valid columns; the other groups are skipped and their part of c is not
+    written. a: float32 rows lda bytes apart; b: a panel of rows of AVX2_PIX
+    float16 (_pack_taps); c: float32 rows of ldc elements. As fp16_gemm's
+    split tile, plus the skipped groups (a layer's last segment)."""
     SV = {1: 4, 2: 2}.get(MR, 1)
 
     def codegen(context, builder, sig, args):
-        a, lda, x, tab, ks, c, ldc, ncols = args
+        a, lda, b, ks, c, ldc, ncols = args
         c64 = lambda v: ir.Constant(_i64, v)  # noqa: E731
         i8p = ir.IntType(8).as_pointer()
         fma = _fma(builder)
         a_base = builder.inttoptr(a, i8p)
-        x_base = builder.inttoptr(x, i8p)
-        t_base = builder.inttoptr(tab, _i64.as_pointer())
+        b_base = builder.inttoptr(b, i8p)
         c_base = builder.inttoptr(c, i8p)
         a_rows = [builder.gep(a_base, [builder.mul(lda, c64(r))]) for r in range(MR)]
         ldc4 = builder.mul(ldc, c64(4))
         for v0 in range(0, NV, SV):
 
             def strip(kphi, phis, v0=v0):
-                off = builder.load(builder.gep(t_base, [kphi]), align=8)
-                row = builder.gep(x_base, [builder.mul(off, c64(2))])
+                row = builder.gep(b_base, [builder.mul(kphi, c64(2 * AVX2_PIX))])
                 bvs = []
                 for v in range(v0, v0 + SV):
                     p = builder.gep(row, [c64(32 * v)])
@@ -1688,8 +1703,8 @@ def make_tap_strips(MR):
         return context.get_dummy_value()
 
     @intrinsic
-    def _t(typingctx, a, lda, x, tab, ks, c, ldc, ncols):
-        return types.void(*([types.int64] * 8)), codegen
+    def _t(typingctx, a, lda, b, ks, c, ldc, ncols):
+        return types.void(*([types.int64] * 7)), codegen
 
     return _t
 
@@ -1699,19 +1714,19 @@ assert MR_MAX == 6
 
 
 @njit(inline="always")
-def _tap_tile(mr, a, lda, x, tab, ks, c, ldc, ncols):
+def _tap_tile(mr, a, lda, b, ks, c, ldc, ncols):
     if mr == 6:
-        _tap6(a, lda, x, tab, ks, c, ldc, ncols)
+        _tap6(a, lda, b, ks, c, ldc, ncols)
     elif mr == 5:
-        _tap5(a, lda, x, tab, ks, c, ldc, ncols)
+        _tap5(a, lda, b, ks, c, ldc, ncols)
     elif mr == 4:
-        _tap4(a, lda, x, tab, ks, c, ldc, ncols)
+        _tap4(a, lda, b, ks, c, ldc, ncols)
     elif mr == 3:
-        _tap3(a, lda, x, tab, ks, c, ldc, ncols)
+        _tap3(a, lda, b, ks, c, ldc, ncols)
     elif mr == 2:
-        _tap2(a, lda, x, tab, ks, c, ldc, ncols)
+        _tap2(a, lda, b, ks, c, ldc, ncols)
     else:
-        _tap1(a, lda, x, tab, ks, c, ldc, ncols)
+        _tap1(a, lda, b, ks, c, ldc, ncols)
 
 
 @njit(**PJIT)
@@ -1739,83 +1754,117 @@ def pad_phases16(x, xq, pt, pl, sh, sw, Hq, Wq):
             for b in range(sw):
                 w0 = (b - pl) % sw  # the first column of phase b
                 d = rb + b * P + (w0 + pl) // sw
+                if sw == 2:  # a constant stride: LLVM's interleaved loads
+                    for u in range((W - w0 + 1) // 2):
+                        dst[d + u] = srow[w0 + 2 * u]
+                    continue
                 for u in range((W - w0 + sw - 1) // sw):
                     dst[d + u] = srow[w0 + u * sw]
 
 
+@njit(inline="always")
+def _pack_taps(xf, e0, tab, K, Wq, Wo, p0, npix, dst):
+    # dst[k * 64 + col] = the float16 tap k of output pixel p0 + col (col <
+    # npix): xf is the phase planes flat, e0 the channel group's first plane,
+    # tab[k] the tap's offset there; each output row's run is one slice, K
+    # copies. Columns past npix keep stale values (their outputs are dropped)
+    x0 = xf.ctypes.data
+    d0 = dst.ctypes.data
+    p = p0
+    while p < p0 + npix:
+        oh = p // Wo
+        ow = p - oh * Wo
+        run = min(Wo - ow, p0 + npix - p)
+        e = e0 + oh * Wq + ow
+        c0 = p - p0
+        if run >= 4:  # inline moves, >= 8 bytes
+            for k in range(K):
+                copy_bytes(d0 + 2 * (AVX2_PIX * k + c0), x0 + 2 * (e + tab[k]), 2 * run)
+        else:
+            for k in range(K):
+                for u in range(run):
+                    dst[AVX2_PIX * k + c0 + u] = xf[e + tab[k] + u]
+        p += run
+
+
 @njit(**PJIT)
-def conv_avx2(xq, wa, geo, Wq, tab, mb, tiles, bias, has_bias, lo, hi, mode, out32,
-              out16):  # fmt: skip
-    # xq (N*C, S*Hq*Wq) uint16 float16 bits (pad_phases16), a view of a buffer
-    # with tap_slack elements after it; wa (G, Mg, K) float32, K order (i, j,
-    # c); tab (K,) int64: B row k's element offset from a channel group's
-    # first plane; mb channels a job (a multiple of MR_MAX, or Mg); tiles
-    # (threads, MR_MAX, 64) float32 scratch; out (N, M, Ho*Wo). Jobs: (image,
-    # group, channel block, segment of 64 grid positions), the segment fastest.
+def conv_avx2(xq, wa, geo, Wq, tab, mb, pre, pk, tiles, bias, has_bias, lo, hi,
+              mode, out32, out16):  # fmt: skip
+    # xq (N*C, S*Hq*Wq) uint16 float16 bits (pad_phases16, or the image
+    # itself); wa (G, Mg, K) float32, K order (i, j, c); tab (K,) int64: B row
+    # k's element offset from a channel group's first plane; mb channels a job
+    # (a multiple of MR_MAX, or Mg); pk: the panels, (N*G*nseg, K*64) uint16
+    # when pre (packed first, shared by the channel blocks), else (threads,
+    # K*64) (each job packs its own); tiles (threads, MR_MAX, 64) float32
+    # scratch; out (N, M, Ho*Wo). Jobs: (image, group, channel block, segment
+    # of 64 output pixels), the segment fastest.
     N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M = geo
     K = kh * kw * Cg
-    npos = Ho * Wq
-    nseg = (npos + AVX2_PIX - 1) // AVX2_PIX
+    HW = Ho * Wo
+    nseg = (HW + AVX2_PIX - 1) // AVX2_PIX
     nmb = (Mg + mb - 1) // mb
     lda = wa.strides[1]
+    plane = xq.shape[1]
+    xf = xq.reshape(-1)
+    if pre:
+        for u in prange(N * G * nseg):
+            seg = u % nseg
+            p0 = seg * AVX2_PIX
+            npix = min(AVX2_PIX, HW - p0)
+            _pack_taps(xf, (u // nseg) * Cg * plane, tab, K, Wq, Wo, p0, npix, pk[u])
     for t in prange(N * G * nmb * nseg):
         seg = t % nseg
         rest = t // nseg
         blk = rest % nmb
-        g = (rest // nmb) % G
-        n = rest // (nmb * G)
+        ng = rest // nmb  # n * G + g
+        g = ng % G
+        n = ng // G
         tile = tiles[numba.get_thread_id()]
-        q0 = seg * AVX2_PIX
-        npix = min(AVX2_PIX, npos - q0)
-        x0 = xq.ctypes.data + 2 * ((n * C + g * Cg) * xq.shape[1] + q0)
+        p0 = seg * AVX2_PIX
+        npix = min(AVX2_PIX, HW - p0)
+        if pre:
+            b0 = pk[ng * nseg + seg].ctypes.data
+        else:
+            panel = pk[numba.get_thread_id()]
+            _pack_taps(xf, ng * Cg * plane, tab, K, Wq, Wo, p0, npix, panel)
+            b0 = panel.ctypes.data
         for m0 in range(blk * mb, min(Mg, blk * mb + mb), MR_MAX):
             mr = min(MR_MAX, Mg - m0)
             a0 = wa.ctypes.data + g * wa.strides[0] + m0 * lda
-            _tap_tile(mr, a0, lda, x0, tab.ctypes.data, K, tile.ctypes.data,
-                      AVX2_PIX, npix)  # fmt: skip
-            _tap_epilogue(tile, mr, npix, n, g * Mg + m0, q0, Wq, Wo, bias,
-                          has_bias, lo, hi, mode, out32, out16)  # fmt: skip
+            _tap_tile(mr, a0, lda, b0, K, tile.ctypes.data, AVX2_PIX, npix)
+            _tap_epilogue(tile, mr, npix, n, g * Mg + m0, p0, bias, has_bias, lo,
+                          hi, mode, out32, out16)  # fmt: skip
 
 
 @njit(inline="always")
-def _tap_epilogue(tile, mr, npix, n, m0, q0, Wq, Wo, bias, has_bias, lo, hi, mode,
-                  out32, out16):  # fmt: skip
-    # fp16_gemm._epilogue's arithmetic on the tile's columns = grid positions
-    # q0 .. q0+npix-1, rows = output channels m0 .. m0+mr-1, written to the
-    # output pixels they are (columns past Wo dropped), a grid row's run at a
-    # time; each case one branch-free loop (vectorized by LLVM: the loop with
-    # the branches inside cost ~14 % of a 3x3 64-channel 56x56 layer)
+def _tap_epilogue(tile, mr, npix, n, m0, p0, bias, has_bias, lo, hi, mode, out32,
+                  out16):  # fmt: skip
+    # fp16_gemm._epilogue's arithmetic on the tile's columns = output pixels
+    # p0 .. p0+npix-1 of channels m0 .. m0+mr-1; each case one branch-free
+    # loop (vectorized by LLVM), the float32 rows stored by 32-byte moves
+    # (an indexed loop's scalar tail: ~3.5 cycles a value, 750 of the RGB
+    # stem's 3600 us on 1 thread)
+    clamp = lo > -np.inf or hi < np.inf
     for r in range(mr):
         t = tile[r]
         if has_bias:
             b = bias[m0 + r]
             for jj in range(npix):
                 t[jj] = np.float32(t[jj] + b)
-        for jj in range(npix):
-            v = t[jj]
-            v = lo if v < lo else v
-            t[jj] = hi if v > hi else v
-    q = q0
-    while q < q0 + npix:
-        oh = q // Wq
-        ow = q - oh * Wq
-        if ow >= Wo:
-            q += Wq - ow
-            continue
-        run = min(Wo - ow, q0 + npix - q)
-        c0 = q - q0
-        p = oh * Wo + ow
-        for r in range(mr):
-            t = tile[r]
-            if mode == 0:
-                o = out32[n, m0 + r]
-                for jj in range(run):
-                    o[p + jj] = t[c0 + jj]
-            else:
-                o16 = out16[n, m0 + r]
-                for jj in range(run):
-                    o16[p + jj] = f32_to_f16_bits(t[c0 + jj])
-        q += run
+        if clamp:
+            for jj in range(npix):
+                v = t[jj]
+                v = lo if v < lo else v
+                t[jj] = hi if v > hi else v
+        if mode == 0 and npix >= 2:
+            o = out32[n, m0 + r]
+            copy_bytes(o.ctypes.data + 4 * p0, t.ctypes.data, 4 * npix)
+        elif mode == 0:
+            out32[n, m0 + r, p0] = t[0]
+        else:
+            o16 = out16[n, m0 + r]
+            for jj in range(npix):
+                o16[p0 + jj] = f32_to_f16_bits(t[jj])
 
 
 def tap_table(geo, Hq, Wq):

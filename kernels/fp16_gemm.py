@@ -220,17 +220,35 @@ def make_tile_kernel(MR, kind, split=False):
             sh16 = ir.Constant(_vi, [16] * 16)
 
             def bf16_strip(kphi, phis, b_row, v0):
-                # k pair kphi: B's 16 pairs a vector, A's two float32 per row
-                odd, even = [], []
-                for v in range(v0, v0 + SV):
-                    p = builder.gep(b_row, [ir.Constant(_i64, 64 * v)])
-                    x = builder.load(builder.bitcast(p, _vi.as_pointer()), align=4)
-                    odd.append(builder.bitcast(builder.and_(x, hi16), _vf))
-                    even.append(builder.bitcast(builder.shl(x, sh16), _vf))
+                # k pair kphi: B's 16 pairs a vector, A's two float32 per row.
+                # The odd halves for every row, then the even halves from a
+                # second load of the same pairs (an opaque address, so LLVM
+                # does not keep the first): 12 sums + 4 widened vectors + a
+                # broadcast + a product did not fit AVX2's 16 ymm and spilled
+                # (1 thread, Zen 3: 128x768x3072 49 -> 71 GFLOP/s, 16x384x1536
+                # 51 -> 70, 1024^3 68 -> 70; peak 103)
                 a_off = builder.mul(kphi, ir.Constant(_i64, 8))
                 new = list(phis)
-                for r in range(MR):
-                    for half, bvs in ((4, odd), (0, even)):
+
+                def widen(op, row):
+                    out = []
+                    for v in range(v0, v0 + SV):
+                        p = builder.gep(row, [ir.Constant(_i64, 64 * v)])
+                        x = builder.load(builder.bitcast(p, _vi.as_pointer()), align=4)
+                        out.append(builder.bitcast(op(x), _vf))
+                    return out
+
+                for half, op in (
+                    (4, lambda x: builder.and_(x, hi16)),
+                    (0, lambda x: builder.shl(x, sh16)),
+                ):
+                    if half == 0:  # reload: an opaque copy of the address
+                        fnty = ir.FunctionType(b_row.type, [b_row.type])
+                        row = builder.asm(fnty, "", "=r,0", [b_row], False)
+                    else:
+                        row = b_row
+                    bvs = widen(op, row)
+                    for r in range(MR):
                         q = builder.gep(
                             a_rows[r], [builder.add(a_off, ir.Constant(_i64, half))]
                         )

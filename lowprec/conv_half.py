@@ -535,36 +535,40 @@ def _plan(
             return finish(out)
 
         return run_rows
-    if half._split("f16"):  # avx2_f16c: the GEMM strips on the taps in place
+    if half._split("f16"):  # avx2_f16c: the GEMM strips on packed taps
         wa = packed._layout("avx2")
         K = kh * kw * Cg
-        # the image's stride phases, a grid of Ho rows of Wq positions
-        # (kernels/fp16_conv.py, avx2_f16c)
+        # the image's stride phases (kernels/fp16_conv.py, avx2_f16c); a 1x1
+        # stride-1 unpadded image is its own only phase, read in place
         Hq, Wq = -(-Hp // sh), -(-Wp // sw)
         plane = sh * sw * Hq * Wq
-        size = N * C * plane
+        in_place = (sh, sw, Hp, Wp) == (1, 1, H, W) and (kh, kw) == (1, 1)
         tab = kc.tap_table(geo, Hq, Wq)
-        slack = kc.tap_slack(geo)
         mb = Mg if Mg * K * 4 <= kc.AVX2_W_BYTES else kc.AVX2_MB
-        # few grid segments (small images, one image): channel blocks too, for
-        # two jobs a thread (3x3 64->64 at 7x7 was one job on two threads)
-        base = N * G * -(-(Ho * Wq) // kc.AVX2_PIX)  # jobs without blocks
+        # few segments (small images, one image): channel blocks too, for two
+        # jobs a thread (3x3 64->64 at 7x7 was one job on two threads)
+        nseg = -(-(Ho * Wo) // kc.AVX2_PIX)
+        base = N * G * nseg  # jobs without blocks
         want = 2 * _dispatch.num_threads()
         if base * -(-Mg // mb) < want:
             per = -(-Mg // -(-want // base))  # channels a block
             mb = min(mb, max(kc.MR_MAX, -(-per // kc.MR_MAX) * kc.MR_MAX))
+        # channel blocks share the segments' panels when they all fit
+        pre = mb < Mg and base * K * kc.AVX2_PIX * 2 <= kc.AVX2_PRE_BYTES
+        panels = (base if pre else threads, K * kc.AVX2_PIX)
 
         def run_avx2(x, bias):
             out, epi, x_bits = start(x, bias)
-            # the strips' last columns read up to `slack` past the planes
-            buf = _dispatch.scratch("conv_fp16.xq", (size + slack,), np.uint16)
-            buf[size:] = 0
-            xq = buf[:size].reshape(N * C, plane)
-            kc.pad_phases16(x_bits, xq, pt, pl, sh, sw, Hq, Wq)
+            if in_place:
+                xq = x_bits.reshape(N * C, plane)
+            else:
+                xq = _dispatch.scratch("conv_fp16.xq", (N * C, plane), np.uint16)
+                kc.pad_phases16(x_bits, xq, pt, pl, sh, sw, Hq, Wq)
+            pk = _dispatch.scratch("conv_fp16.panels", panels, np.uint16)
             tiles = _dispatch.scratch(
                 "conv_fp16.tiles", (threads, kc.MR_MAX, kc.AVX2_PIX), np.float32
             )
-            kc.conv_avx2(xq, wa, geo, Wq, tab, mb, tiles, *epi)
+            kc.conv_avx2(xq, wa, geo, Wq, tab, mb, pre, pk, tiles, *epi)
             return finish(out)
 
         return run_avx2

@@ -166,6 +166,9 @@ CASES = {
                             "dilations": (2, 2), "pads": (2, 2, 2, 2)}),
     "depthwise_wide_rows": ((1, 3, 4, 75), (3, 1, 3, 3), {"group": 3,
                             "pads": (1, 1, 1, 1)}),
+    # rows of whole 16-pixel chunks only (no masked tail) from rows of 32
+    "depthwise_whole_chunks": ((1, 2, 5, 32), (2, 1, 3, 3), {"group": 2,
+                               "pads": (1, 1, 1, 1)}),
     "depthwise_wide_s2": ((1, 2, 5, 150), (2, 1, 3, 3), {"group": 2,
                           "strides": (2, 2), "pads": (1, 1, 1, 1)}),
     "depthwise_rows_dilated": ((1, 2, 9, 20), (2, 1, 3, 3), {"group": 2,
@@ -309,10 +312,11 @@ def test_rows_kernel_reads_stay_inside(monkeypatch, bias):
         assert same_bits(got, acc)
 
 
-def test_avx2_strips_read_inside_the_slack(monkeypatch):
-    # the avx2_f16c strips read each B row in place, up to 64 columns from a
-    # segment's start: past the last plane they may only reach the image
-    # buffer's tap_slack elements, which end at a page that faults
+def test_avx2_taps_read_inside_the_planes(monkeypatch):
+    # the avx2_f16c jobs copy each output row's run of a tap from the phase
+    # planes (or, 1x1 stride 1 unpadded, from x itself) into their panels:
+    # no read past the last plane or past x, which here end at a page that
+    # faults; and the strips read no panel row past the job's 64 columns
     if "avx2_f16c" not in half.available_half_isas():
         pytest.skip("this CPU cannot run the avx2_f16c path")
     monkeypatch.setattr(half, "_selected", "avx2_f16c")
@@ -320,48 +324,59 @@ def test_avx2_strips_read_inside_the_slack(monkeypatch):
     real = ch._dispatch.scratch
 
     def scratch(name, shape, dtype):
-        if name == "conv_fp16.xq":  # (size + tap_slack,)
-            return guarded(shape[0], dtype, keep)
+        if name in ("conv_fp16.xq", "conv_fp16.panels"):
+            return guarded(int(np.prod(shape)), dtype, keep).reshape(shape)
         return real(name, shape, dtype)
 
     monkeypatch.setattr(ch._dispatch, "scratch", scratch)
     rng = np.random.default_rng(13)
     for xs, ws, attrs in (
-        ((1, 3, 9, 9), (12, 3, 3, 3), {"pads": (1, 1, 1, 1)}),  # 99 grid positions
-        ((2, 4, 6, 70), (5, 4, 3, 3), {"dilations": (1, 2)}),  # 4 rows of 70
-        ((1, 8, 5, 5), (6, 8, 1, 1), {}),  # 1x1: the grid is the image
+        ((1, 3, 9, 9), (12, 3, 3, 3), {"pads": (1, 1, 1, 1)}),  # 81 pixels
+        ((2, 4, 6, 70), (5, 4, 3, 3), {"dilations": (1, 2)}),  # 4 rows of 66
+        ((1, 8, 5, 5), (6, 8, 1, 1), {}),  # 1x1: x read in place
+        ((1, 8, 13, 11), (6, 8, 1, 1), {}),  # 1x1: a last segment of 15
         ((1, 2, 300), (4, 2, 5), {"pads": (2, 2)}),  # 1-D, 5 segments
-        # a last tile of 1 or 2 channels: its strips run 4 or 2 at a time,
-        # 64 or 32 columns read from a last segment of 35
+        # a last tile of 1 or 2 channels: its strips run 4 or 2 at a time
         ((1, 4, 9, 9), (1, 4, 3, 3), {"pads": (1, 1, 1, 1)}),
         ((1, 4, 9, 9), (7, 4, 3, 3), {"pads": (1, 1, 1, 1)}),
         ((1, 4, 9, 9), (8, 4, 3, 3), {"pads": (1, 1, 1, 1)}),
-        # strided: the taps read in place from the stride phases, the last
-        # row's reaching (kw-1)*dw // sw columns past the grid
+        # strided: the taps' runs from the stride phases
         ((1, 3, 15, 15), (8, 3, 7, 7), {"strides": (2, 2), "pads": (3, 3, 3, 3)}),
         ((1, 2, 11, 13), (3, 2, 3, 3), {"strides": (2, 3), "dilations": (2, 2)}),
         ((1, 2, 40), (3, 2, 4), {"strides": (3,), "pads": (1, 2)}),
-        # one element of slack to spare: it faults without the (kw-1)*dw // sw
-        # term (a review's case)
-        (
-            (1, 2, 3, 35),
-            (1, 2, 1, 5),
-            {"strides": (1, 3), "dilations": (1, 2), "pads": (1, 1, 1, 1)},
-        ),  # fmt: skip
-    ):
+        # runs of 1-3 pixels (element copies) next to longer ones
+        ((1, 2, 3, 35), (1, 2, 1, 5),
+         {"strides": (1, 3), "dilations": (1, 2), "pads": (1, 1, 1, 1)}),
+        ((1, 3, 8, 3), (4, 3, 2, 2), {}),  # rows of 2 output pixels
+    ):  # fmt: skip
         x, w = rand(rng, xs), rand(rng, ws)
         ref = ref_conv(x, w, **attrs)
         assert same_bits(ch.conv_fp16(x, w, **attrs), ref)
+        xg = guarded(x.size, np.float16, keep).reshape(x.shape)
+        xg[...] = x
+        assert same_bits(ch.conv_fp16(xg, w, **attrs), ref)
 
 
-def test_avx2_channel_blocks(monkeypatch):
+@pytest.mark.parametrize("shared", [True, False])
+def test_avx2_channel_blocks(monkeypatch, shared):
     # the avx2_f16c jobs split a group's channels into blocks of 24 (weights
-    # past AVX2_W_BYTES) or of fewer than 2 jobs a thread's worth of grid
-    # segments; forced here on every layer: the bits stay the portable ones
+    # past AVX2_W_BYTES) or of fewer than 2 jobs a thread's worth of
+    # segments; forced here on every layer: the bits stay the portable ones.
+    # shared: the blocks read panels packed once, before them; else (panels
+    # past AVX2_PRE_BYTES) each job packs its own
     if "avx2_f16c" not in half.available_half_isas():
         pytest.skip("this CPU cannot run the avx2_f16c path")
     monkeypatch.setattr(half, "_selected", "avx2_f16c")
     monkeypatch.setattr(ch._kernels(), "AVX2_W_BYTES", 0)
+    if not shared:
+        monkeypatch.setattr(ch._kernels(), "AVX2_PRE_BYTES", 0)
+    packs = []
+    kernel = ch._kernels().conv_avx2
+    monkeypatch.setattr(
+        ch._kernels(),
+        "conv_avx2",
+        lambda *a: packs.append((a[6], a[5] < a[2][14])) or kernel(*a),
+    )
     rng = np.random.default_rng(17)
     for xs, ws, attrs in (
         ((1, 6, 12, 12), (50, 6, 3, 3), {"pads": (1, 1, 1, 1)}),  # 24+24+2
@@ -377,6 +392,9 @@ def test_avx2_channel_blocks(monkeypatch):
             acc = ref_conv(x, w, **attrs)
             acc = np.maximum((acc + b[None, :, None, None]).astype(np.float32), 0)
             assert same_bits(got, acc.astype(out_dtype))
+    # (shared panels, channel blocks) per call: one block of 7 has no blocks
+    assert any(blocks for _, blocks in packs)
+    assert all(pre == (shared and blocks) for pre, blocks in packs)
 
 
 # --------------------------------------------------------------------------- #
