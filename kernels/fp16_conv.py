@@ -1139,7 +1139,7 @@ def _make_dw_row(NVD, SW, ROW3=False):
         zero = ir.Constant(i64, 0)
         one = ir.Constant(i64, 1)
         fma = _fma(builder)
-        src = dst = None
+        src = dst = spill_a = spill_b = None
 
         def chunk(ow, _):
             # output columns ow .. ow + 16*NVD - 1 of the row (masked past n)
@@ -1191,7 +1191,7 @@ def _make_dw_row(NVD, SW, ROW3=False):
 
             new = _ir_loop(builder, zero, ntaps, [ir.Constant(vf, None)] * NVD, tap,
                            guard=False, name="dw.taps")  # fmt: skip
-            store(new, dst, ow, masks)
+            store(new, dst, ow, masks, spill_a)
             return []
 
         def chunk_masks(ow):
@@ -1204,7 +1204,7 @@ def _make_dw_row(NVD, SW, ROW3=False):
                 for v in range(NVD)
             ]
 
-        def store(accs, drow, ow, masks):
+        def store(accs, drow, ow, masks, spill):
             # bias, clamp (NaN passes), then float32 or float16 stores
             st32 = fn.append_basic_block("dw.st32")
             st16 = fn.append_basic_block("dw.st16")
@@ -1216,10 +1216,19 @@ def _make_dw_row(NVD, SW, ROW3=False):
                 y = builder.select(use_b, builder.fadd(accs[v], bv), accs[v])
                 y = builder.select(builder.fcmp_ordered("<", y, lov), lov, y)
                 ys.append(builder.select(builder.fcmp_ordered(">", y, hiv), hiv, y))
-            # whole chunks: plain stores (AVX2's masked stores, vmaskmovps and
-            # the scalarized 16-bit ones, were ~40 % of a 56x56 plane's time)
-            whole = builder.icmp_signed(
-                ">=", builder.sub(n, ow), ir.Constant(i64, 16 * NVD)
+            # plain stores for whole chunks, and for a row's last chunk when
+            # the lanes past the row stay inside the plane (spill): they land
+            # on the following rows, all stored later in this call (a row's
+            # last chunk runs first: rows_of). AVX2's masked stores
+            # (vmaskmovps; 16-bit ones scalarized) were ~40 % of a 56x56
+            # plane's time, then 1/3 of the rest (144 x 56^2, 1 thread:
+            # 512 -> 394 -> 288 us with the overlapping loads of
+            # _dw_load_plane; stride 2: 260 -> 163)
+            whole = builder.or_(
+                builder.icmp_signed(
+                    ">=", builder.sub(n, ow), ir.Constant(i64, 16 * NVD)
+                ),
+                spill,
             )
             builder.cbranch(builder.icmp_signed("==", mode, zero), st32, st16)
 
@@ -1315,17 +1324,35 @@ def _make_dw_row(NVD, SW, ROW3=False):
                             name="dw.rows2")  # fmt: skip
             wb = weights3(builder.sub(ntaps, one))
             acc_b = add_row(phis[NVD:], row_shifts(base, ntaps), wb)
-            store(phis[:NVD], dst, ow, masks)
-            store(acc_b, builder.add(dst, dstep), ow, masks)
+            store(phis[:NVD], dst, ow, masks, spill_a)
+            store(acc_b, builder.add(dst, dstep), ow, masks, spill_b)
             return []
 
         def rows_of(body, name):
-            # output row r (of a pair, with chunk2): its chunks along the row
+            # output row r (of a pair, with chunk2): its chunks along the row,
+            # the last (partial) one first, so that its stores past the row
+            # are overwritten by the next row's (store)
+            width = ir.Constant(i64, 16 * NVD)
+            nch = builder.sdiv(builder.add(n, builder.sub(width, one)), width)
+            tail = builder.mul(builder.sub(nch, one), width)
+            room = builder.sub(builder.mul(rows, n), width)
+
             def run(r, _):
-                nonlocal src, dst
+                nonlocal src, dst, spill_a, spill_b
                 src = builder.add(src0, builder.mul(r, sstep))
                 dst = builder.add(dst0, builder.mul(r, dstep))
-                _ir_loop(builder, zero, n, [], body, step=16 * NVD, name=name)
+                # a whole chunk's store from the tail stays inside the plane
+                # (pixels r*n + tail .. + width - 1 < rows*n); B: row r + 1
+                end = builder.add(builder.mul(r, n), tail)
+                spill_a = builder.icmp_signed("<=", end, room)
+                spill_b = builder.icmp_signed("<=", builder.add(end, n), room)
+
+                def step(i, vals):
+                    first = builder.icmp_signed("==", i, zero)
+                    ow = builder.mul(builder.sub(i, one), width)
+                    return body(builder.select(first, tail, ow), vals)
+
+                _ir_loop(builder, zero, nch, [], step, name=name)
                 return []
 
             return run
