@@ -75,6 +75,7 @@ from .fp16_gemm import (
 from .ir_util import if_then as _ir_if
 from .ir_util import loop as _ir_loop
 from .ir_util import target_has
+from .jobs import fetch_add
 from .layout import copy_bytes
 
 TM = 8  # portable: output pixels per tile
@@ -1815,15 +1816,16 @@ def _pack_taps(xf, e0, tab, K, Wq, Wo, p0, npix, dst):
 
 
 @njit(**PJIT)
-def conv_avx2(xq, wa, geo, Wq, tab, mb, pre, pk, tiles, bias, has_bias, lo, hi,
-              mode, out32, out16):  # fmt: skip
+def conv_avx2(xq, wa, geo, Wq, tab, mb, pre, pk, tiles, nxt, nt, bias, has_bias, lo,
+              hi, mode, out32, out16):  # fmt: skip
     # xq (N*C, S*Hq*Wq) uint16 float16 bits (pad_phases16, or the image
     # itself); wa (G, Mg, K) float32, K order (i, j, c); tab (K,) int64: B row
     # k's element offset from a channel group's first plane; mb channels a job
     # (a multiple of MR_MAX, or Mg); pk: the panels, (N*G*nseg, K*64) uint16
     # when pre (packed first, shared by the channel blocks), else (threads,
     # K*64) (each job packs its own); tiles (threads, MR_MAX, 64) float32
-    # scratch; out (N, M, Ho*Wo). Jobs: (image, group, channel block, segment
+    # scratch; nxt (2,) int64: the job counters (kernels/jobs.py), nt the
+    # threads; out (N, M, Ho*Wo). Jobs: (image, group, channel block, segment
     # of 64 output pixels), the segment fastest.
     N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M = geo
     K = kh * kw * Cg
@@ -1833,34 +1835,51 @@ def conv_avx2(xq, wa, geo, Wq, tab, mb, pre, pk, tiles, bias, has_bias, lo, hi,
     lda = wa.strides[1]
     plane = xq.shape[1]
     xf = xq.reshape(-1)
+    nxt[0] = 0
+    nxt[1] = 0
     if pre:
-        for u in prange(N * G * nseg):
-            seg = u % nseg
+        for _ in prange(nt):
+            u = fetch_add(nxt.ctypes.data, 1)
+            while u < N * G * nseg:
+                p0 = (u % nseg) * AVX2_PIX
+                npix = min(AVX2_PIX, HW - p0)
+                e0 = (u // nseg) * Cg * plane
+                _pack_taps(xf, e0, tab, K, Wq, Wo, p0, npix, pk[u])
+                u = fetch_add(nxt.ctypes.data, 1)
+    for _ in prange(nt):
+        tile = tiles[numba.get_thread_id()]
+        t = fetch_add(nxt.ctypes.data + 8, 1)
+        while t < N * G * nmb * nseg:
+            seg = t % nseg
+            rest = t // nseg
+            blk = rest % nmb
+            ng = rest // nmb  # n * G + g
             p0 = seg * AVX2_PIX
             npix = min(AVX2_PIX, HW - p0)
-            _pack_taps(xf, (u // nseg) * Cg * plane, tab, K, Wq, Wo, p0, npix, pk[u])
-    for t in prange(N * G * nmb * nseg):
-        seg = t % nseg
-        rest = t // nseg
-        blk = rest % nmb
-        ng = rest // nmb  # n * G + g
-        g = ng % G
-        n = ng // G
-        tile = tiles[numba.get_thread_id()]
-        p0 = seg * AVX2_PIX
-        npix = min(AVX2_PIX, HW - p0)
-        if pre:
-            b0 = pk[ng * nseg + seg].ctypes.data
-        else:
-            panel = pk[numba.get_thread_id()]
-            _pack_taps(xf, ng * Cg * plane, tab, K, Wq, Wo, p0, npix, panel)
-            b0 = panel.ctypes.data
-        for m0 in range(blk * mb, min(Mg, blk * mb + mb), MR_MAX):
-            mr = min(MR_MAX, Mg - m0)
-            a0 = wa.ctypes.data + g * wa.strides[0] + m0 * lda
-            _tap_tile(mr, a0, lda, b0, K, tile.ctypes.data, AVX2_PIX, npix)
-            _tap_epilogue(tile, mr, npix, n, g * Mg + m0, p0, bias, has_bias, lo,
-                          hi, mode, out32, out16)  # fmt: skip
+            if pre:
+                b0 = pk[ng * nseg + seg].ctypes.data
+            else:
+                panel = pk[numba.get_thread_id()]
+                _pack_taps(xf, ng * Cg * plane, tab, K, Wq, Wo, p0, npix, panel)
+                b0 = panel.ctypes.data
+            _tap_job(wa, ng % G, blk * mb, min(Mg, blk * mb + mb), lda, b0, K, tile,
+                     npix, ng // G, p0, Mg, bias, has_bias, lo, hi, mode, out32,
+                     out16)  # fmt: skip
+            t = fetch_add(nxt.ctypes.data + 8, 1)
+
+
+@njit(inline="always")
+def _tap_job(wa, g, m0, m1, lda, b0, K, tile, npix, n, p0, Mg, bias, has_bias, lo,
+             hi, mode, out32, out16):  # fmt: skip
+    # channels m0 .. m1-1 of group g on the panel at b0, 6 at a time. (Blocks
+    # of 128 K rows through all the tiles in turn, the panel's block kept in
+    # L1, measured level: 3x3 256->256 14^2, 1 thread, 2792-2829 vs 2789-2881 us)
+    for m in range(m0, m1, MR_MAX):
+        mr = min(MR_MAX, m1 - m)
+        a0 = wa.ctypes.data + g * wa.strides[0] + m * lda
+        _tap_tile(mr, a0, lda, b0, K, tile.ctypes.data, AVX2_PIX, npix)
+        _tap_epilogue(tile, mr, npix, n, g * Mg + m, p0, bias, has_bias, lo, hi, mode,
+                      out32, out16)  # fmt: skip
 
 
 @njit(inline="always")

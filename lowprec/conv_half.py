@@ -568,7 +568,11 @@ def _plan(
             tiles = _dispatch.scratch(
                 "conv_fp16.tiles", (threads, kc.MR_MAX, kc.AVX2_PIX), np.float32
             )
-            kc.conv_avx2(xq, wa, geo, Wq, tab, mb, pre, pk, tiles, *epi)
+            nxt = _dispatch.scratch("conv_fp16.jobs", (2,), np.int64)
+            kc.conv_avx2(
+                xq, wa, geo, Wq, tab, mb, pre, pk, tiles, nxt, _dispatch.num_threads(),
+                *epi,
+            )  # fmt: skip
             return finish(out)
 
         return run_avx2
