@@ -2,11 +2,12 @@
 number from a shared counter (an atomic add) instead of prange's fixed halves.
 
 numba's prange gives each thread an equal contiguous share of the iterations
-(with every threading layer here; set_parallel_chunksize only cuts the shares
-into chunks, still assigned up front), so a call lasts as long as its slowest
-thread. On a shared 2-vCPU VM one vCPU is often slowed by its neighbours: the
-float16 3x3 64->64 56^2 convolution on 2 threads then read 2.0-2.7 ms instead
-of 1.4 (ORT, which shares its work out at run time, stayed at 1.3-1.5).
+(the omp layer here, also with set_parallel_chunksize: a test loop whose first
+iteration ran 30x longer still split 20/20), so a call lasts as long as its
+slowest thread. On the shared 2-vCPU VM one vCPU often runs slower than the
+other: with the counter, the fastest 2-thread calls of the float16 3x3 64->64
+56^2 convolution (2.14-2.18 ms) split its 49 jobs 34 / 15, where fixed halves
+would have waited for the slow thread's 24 (~3.4 ms).
 
     for _ in prange(numba.get_num_threads()):      # one pass per thread
         t = fetch_add(counter_address, 1)
