@@ -574,6 +574,12 @@ def test_views_and_inputs_untouched(half_isa):
     check_contract(np.ascontiguousarray(x), w, got, pads=(1, 1, 1, 1))
     assert np.array_equal(x, xc)
     assert np.array_equal(w, wc)
+    # 1x1, stride 1, no padding: avx2_f16c reads a contiguous x in place
+    x1 = rand(rng, (2, 10, 7, 9))
+    w1 = rand(rng, (12, 10, 1, 1))
+    x1c = x1.copy()
+    check_contract(x1c, w1, ch.conv_fp16(x1, w1))
+    assert same_bits(x1, x1c)
 
 
 def test_empty_batch():
