@@ -69,6 +69,7 @@ from .fp16_gemm import (
     _vf,
     _vh,
     _vi,
+    f16_row_store,
     f32_to_f16_bits,
     fma_step,
 )
@@ -1908,9 +1909,7 @@ def _tap_epilogue(tile, mr, npix, n, m0, p0, bias, has_bias, lo, hi, mode, out32
         elif mode == 0:
             out32[n, m0 + r, p0] = t[0]
         else:
-            o16 = out16[n, m0 + r]
-            for jj in range(npix):
-                o16[p0 + jj] = f32_to_f16_bits(t[jj])
+            f16_row_store(t.ctypes.data, out16[n, m0 + r, p0:].ctypes.data, npix)
 
 
 def tap_table(geo, Hq, Wq):

@@ -539,6 +539,8 @@ def _epilogue(tile, mr, nc, m0, n0, bias, has_bias, lo, hi, mode, out32, out16):
                 v = np.float32(v + bias[n0 + j])
             v = lo if v < lo else v
             t[j] = hi if v > hi else v
+    if mode == 3:  # bias and clamp only (_epilogue_simd stores)
+        return
     if mode == 0:
         for r in range(mr):
             o = out32[m0 + r]
@@ -554,6 +556,69 @@ def _epilogue(tile, mr, nc, m0, n0, bias, has_bias, lo, hi, mode, out32, out16):
             o = out16[m0 + r]
             for j in range(nc):
                 o[n0 + j] = f32_to_bf16_bits(tile[r, j])
+
+
+@intrinsic
+def _f16_from_f32_16(typingctx, src, dst):
+    """16 float32 at address src -> 16 float16 at address dst (vcvtps2ph,
+    round to nearest even: MXCSR's default; NaN quieted with its payload's top
+    bits, as f32_to_f16_bits). F16C paths only: without F16C LLVM would call a
+    conversion routine."""
+
+    def codegen(context, builder, sig, args):
+        src, dst = args
+        x = builder.load(builder.inttoptr(src, _vf.as_pointer()), align=4)
+        builder.store(
+            builder.fptrunc(x, _vh), builder.inttoptr(dst, _vh.as_pointer()), align=2
+        )
+        return context.get_dummy_value()
+
+    return types.void(types.int64, types.int64), codegen
+
+
+@njit(inline="always")
+def f16_row_store(src, dst, n):
+    # n float32 at address src -> float16 bits at address dst: 16 at a time
+    # (vcvtps2ph), the rest one by one (f32_to_f16_bits); F16C paths only.
+    # The scalar conversion cost ~2.6 ns a value: 128x768x3072 with float16
+    # output took 7.8 ms against 6.7 for float32, on 1 thread (Zen 3)
+    j = 0
+    while j + 16 <= n:
+        _f16_from_f32_16(src + 4 * j, dst + 2 * j)
+        j += 16
+    while j < n:
+        _store_u16(dst + 2 * j, f32_to_f16_bits(_load_f32(src + 4 * j)))
+        j += 1
+
+
+@intrinsic
+def _load_f32(typingctx, addr):
+    def codegen(context, builder, sig, args):
+        return builder.load(builder.inttoptr(args[0], _f32.as_pointer()), align=4)
+
+    return types.float32(types.int64), codegen
+
+
+@intrinsic
+def _store_u16(typingctx, addr, val):
+    def codegen(context, builder, sig, args):
+        ptr = builder.inttoptr(args[0], ir.IntType(16).as_pointer())
+        builder.store(args[1], ptr, align=2)
+        return context.get_dummy_value()
+
+    return types.void(types.int64, types.uint16), codegen
+
+
+@njit(inline="always")
+def _epilogue_simd(tile, mr, nc, m0, n0, bias, has_bias, lo, hi, mode, out32, out16):
+    # _epilogue with float16 output converted 16 values at a time
+    if mode != 1:
+        _epilogue(tile, mr, nc, m0, n0, bias, has_bias, lo, hi, mode, out32, out16)
+        return
+    _epilogue(tile, mr, nc, m0, n0, bias, has_bias, lo, hi, 3, out32, out16)
+    for r in range(mr):
+        dst = out16.ctypes.data + (m0 + r) * out16.strides[0] + 2 * n0  # unit columns
+        f16_row_store(tile[r].ctypes.data, dst, nc)
 
 
 # ---------------------------------------------------------------------------
@@ -585,7 +650,7 @@ def _job_h(t, mt, a, bp, tile, bias, has_bias, lo, hi, mode, out32, out16, split
         _run_tile_h(mr, a0, lda, b0, bp.shape[1], c0, out32.shape[1], 0, split)
         return
     _run_tile_h(mr, a0, lda, b0, bp.shape[1], tile.ctypes.data, NR, 0, split)
-    _epilogue(tile, mr, nc, m0, n0, bias, has_bias, lo, hi, mode, out32, out16)
+    _epilogue_simd(tile, mr, nc, m0, n0, bias, has_bias, lo, hi, mode, out32, out16)
 
 
 @njit(inline="always")
@@ -604,7 +669,7 @@ def _job_b(t, mt, a, bp, tile, bias, has_bias, lo, hi, mode, out32, out16, split
         _run_tile_b(mr, a0, lda, b0, bp.shape[1], c0, out32.shape[1], 0, split)
         return
     _run_tile_b(mr, a0, lda, b0, bp.shape[1], tile.ctypes.data, NR, 0, split)
-    _epilogue(tile, mr, nc, m0, n0, bias, has_bias, lo, hi, mode, out32, out16)
+    _epilogue_simd(tile, mr, nc, m0, n0, bias, has_bias, lo, hi, mode, out32, out16)
 
 
 # Drivers (the serial ones use scratch[0]: numba.get_thread_id() in a cached

@@ -197,12 +197,15 @@ def test_error_bound_vs_float64(half_isa, kind, K):
     assert (np.abs(got - exact) <= bound).all()
 
 
-@pytest.mark.parametrize("scale", [1.0, 150.0])
+@pytest.mark.parametrize("scale", [1.0, 150.0, 3e-3])
 def test_fp16_output_is_float32_rounded_once(half_isa, scale):
-    # scale 150: many sums exceed 65504 and must become +-inf
+    # scale 150: many sums exceed 65504 and must become +-inf; 3e-3: many
+    # fall below float16's normal range (6.1e-5) and round to subnormals.
+    # 77 columns: the SIMD paths convert 16 at a time, then a tail of 13
     rng = np.random.default_rng(3)
     a, b = rand(rng, (9, 50), np.float16, scale), rand(rng, (50, 77), np.float16, scale)
-    bias = rand(rng, (77,), np.float32)
+    a[4, 7] = np.nan  # a row of NaN through the conversion
+    bias = rand(rng, (77,), np.float32) * np.float32(min(scale, 1.0))
     for act in (None, "relu", (-3.0, 1e6)):
         y32 = half.matmul_fp16(a, b, bias=bias, activation=act)
         y16 = half.matmul_fp16(a, b, bias=bias, activation=act, out_dtype=np.float16)
@@ -210,6 +213,10 @@ def test_fp16_output_is_float32_rounded_once(half_isa, scale):
         with np.errstate(over="ignore"):
             assert same_bits(y16, y32.astype(np.float16))
         assert np.isinf(y16).any() == (scale > 1)
+        assert np.isnan(y16[4]).all()
+        if scale < 1:  # float16 subnormals among the outputs
+            mag = np.abs(y16[np.isfinite(y16)])
+            assert ((mag > 0) & (mag < np.float16(6.1e-5))).any()
 
 
 def test_bf16_output_is_float32_rounded_once(half_isa):
