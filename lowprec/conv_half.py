@@ -37,11 +37,11 @@ stem, and where the taps kernel's 64-channel panels would run mostly empty;
 depthwise convolutions have a row microkernel vectorized over 16 pixels;
 threads split the work over output pixels and, when pixels are few, output
 channels. On avx2_f16c (AVX2 CPUs) the weights are the A rows of
-fp16_gemm's 16-column ymm strips and each job's B is the taps of 64
-positions of the output grid, read in place from the float16 image split into
-its stride phases through a table of row offsets (any stride, as the rows
-kernel); the depthwise row kernels run there as they are (plain LLVM vectors,
-split into ymm pairs).
+fp16_gemm's 16-column ymm strips and each job's B is the taps of 64 output
+pixels, packed into a float16 panel from the image split into its stride
+phases (output rows' runs, through a table of tap offsets: any stride, as
+the rows kernel); the depthwise row kernels run there as they are (plain LLVM
+vectors, split into ymm pairs).
 """
 
 from __future__ import annotations

@@ -14,9 +14,11 @@ Accuracy contract (tests/test_half.py checks each line on every path):
                     acc = fl32(acc + a[m,2j]   * b[2j,n])
 
   (the bfloat16 pair order is the one of AVX512_BF16 ``vdpbf16ps``). A product
-  of two float16 or two bfloat16 values is exact in float32, so a fused
-  multiply-add and a multiply then add give the same bits: the float32 result
-  equals a float32 reference summing in this order exactly, on every path.
+  of two float16 values is exact in float32, so a fused multiply-add and a
+  multiply then add give the same bits; a product of two bfloat16 values is
+  exact unless it overflows or needs bits below 2**-149 (paths fuse only when
+  every product of the call is exact). The float32 result equals a float32
+  reference summing in this order exactly, on every path.
 * Error bound. Hence |result - exact| <= gamma_K * sum_k |a[m,k]| |b[k,n]|,
   gamma_K = K u / (1 - K u), u = 2**-24 (the recursive summation bound).
 * Epilogue: y = clamp(fl32(acc + bias[n]), lo, hi) in float32 (bounds rounded to
@@ -34,7 +36,8 @@ Paths (``available_half_isas``; ``set_half_isa`` or ``LOWPREC_HALF_ISA`` force o
                  zmm, B packed panel-major in float16; bfloat16 portable
     avx2_f16c    float16 and bfloat16 GEMMs on the same tiles run as 6x16
                  strips of ymm (AVX2 CPUs with F16C and FMA: Zen 1-3, Haswell
-                 and later; bfloat16 pairs widened by shift and mask), and the
+                 and later; bfloat16 pairs widened by shift and mask, FMAs
+                 where every product of the call is exact), and the
                  float16 convolution on those strips (depthwise: the AVX-512
                  row kernels' plain-vector IR, as ymm pairs)
     portable     plain numba loops on float32 copies, every CPU
@@ -232,10 +235,19 @@ class _Packed:
         K, N = self.shape
         return f"{self._name}(K={K}, N={N})"
 
+    def _exponents(self):
+        """kernels/fp16_gemm.bf16_exponents of the weights, kept."""
+        got = self._layouts.get("exponents")
+        if got is None:
+            got = self._layouts["exponents"] = _kernels().bf16_exponents(self._bits)
+        return got
+
     @property
     def nbytes(self) -> int:
         """Bytes held: the weights and every layout built so far."""
-        return self._bits.nbytes + sum(x.nbytes for x in self._layouts.values())
+        return self._bits.nbytes + sum(
+            x.nbytes for x in self._layouts.values() if isinstance(x, np.ndarray)
+        )
 
     def _layout(self, simd: bool) -> np.ndarray:
         key = "simd" if simd else "portable"
@@ -346,10 +358,15 @@ def _gemm_2d(a_bits, packed: _Packed, kind, bias, has_bias, lo, hi, mode, out):
         padded = np.zeros((M, K + 1), np.uint16)
         padded[:, :K] = a_bits
         a_bits = padded
-    # vdpbf16ps takes A's pairs as they are; the avx2 strips float32 rows
+    # vdpbf16ps takes A's pairs as they are; the avx2 strips float32 rows,
+    # with FMAs where every product is exact (kernels/fp16_gemm.py)
     a = _to_f32(a_bits, kind) if split else a_bits.view(np.uint32)
+    how = 0
+    if split:
+        exact = k.bf16_products_exact(k.bf16_exponents(a_bits), packed._exponents())
+        how = 2 if exact else 1
     fn = k.gemm_bf16_serial if serial else k.gemm_bf16
-    fn(a, lay, scratch, *args, split)
+    fn(a, lay, scratch, *args, how)
 
 
 # --------------------------------------------------------------------------- #

@@ -157,6 +157,75 @@ def test_bf16_products_outside_the_normal_range(half_isa):
         assert same_bits(half.matmul_bf16(a16, b16), ref_bf16(a16, b16))
 
 
+def _products_exact(a16, b16):
+    """Every a*b exact in float32, by float64 arithmetic (exact for two
+    bfloat16 values): the float32 rounding of the product changes nothing."""
+    a = half.bfloat16_to_float32(a16).astype(np.float64).reshape(-1, 1)
+    b = half.bfloat16_to_float32(b16).astype(np.float64).reshape(1, -1)
+    with np.errstate(over="ignore", invalid="ignore"):
+        p = a * b
+        return bool(np.all(p.astype(np.float32).astype(np.float64) == p))
+
+
+T = 1 + 2.0**-7  # a bfloat16 with its last significand bit set
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "expect", "exact"),
+    [
+        ([1.5, -3.0, 0.0], [2.0**-20, 1e4, 0.0], True, True),  # ordinary values
+        ([0.0, 0.0], [2.0**100, 0.0], True, True),  # zeros only in a
+        ([2.0**63], [2.0**63], True, True),  # 2**126: at the bound
+        ([2.0**64], [2.0**64], False, False),  # 2**128 overflows
+        ([1.0], [2.0**127], False, True),  # exact, past the bound: refused
+        ([1.5 * 2.0**-100], [2.0**-35], True, True),  # 1.5 * 2**-135, subnormal
+        ([1.5 * 2.0**-100], [2.0**-40], False, True),  # exact, refused
+        ([T * 2.0**-126], [T * 2.0**-16], False, False),  # needs 2**-156
+        ([np.inf], [1.0], False, True),  # refused: not finite
+        ([np.nan], [1.0], False, False),
+    ],
+)
+def test_bf16_exact_products_check(a, b, expect, exact):
+    # the check that lets the avx2_f16c bfloat16 strips use FMAs: true only
+    # where every product is exact (there an FMA's bits equal a rounded
+    # product's); conservative near the range's ends
+    from lowprec.kernels import fp16_gemm as fg
+
+    a16 = half.float32_to_bfloat16(np.array([a], np.float32))
+    b16 = half.float32_to_bfloat16(np.array([b], np.float32))
+    ok = fg.bf16_products_exact(fg.bf16_exponents(a16), fg.bf16_exponents(b16))
+    assert ok == expect
+    assert _products_exact(a16, b16) == exact
+
+
+def test_bf16_fma_strips_match_multiply_add(monkeypatch):
+    # avx2_f16c, bfloat16: calls whose products are all exact run the FMA
+    # strips; the same inputs through the multiply-add strips give the same
+    # bits, and a subnormal in a sends the call to the multiply-add strips
+    if "avx2_f16c" not in half.available_half_isas():
+        pytest.skip("this CPU cannot run the avx2_f16c path")
+    from lowprec.kernels import fp16_gemm as fg
+
+    monkeypatch.setattr(half, "_selected", "avx2_f16c")
+    seen = []
+    for name in ("gemm_bf16", "gemm_bf16_serial"):
+        real = getattr(fg, name)
+        monkeypatch.setattr(
+            fg, name, lambda *a, real=real: seen.append(a[-1]) or real(*a)
+        )
+    rng = np.random.default_rng(8)
+    for M, K, N in ((5, 9, 70), (40, 300, 130)):
+        a, b = rand(rng, (M, K), "bf16"), rand(rng, (K, N), "bf16")
+        got = half.matmul_bf16(a, b)
+        assert seen[-1] == 2
+        assert same_bits(got, ref_bf16(a, b))
+        a[1, 2] = 1  # the smallest subnormal, 2**-133, times
+        b[2, 5] = 0x0080  # the smallest normal, 2**-126: 0 after rounding
+        got = half.matmul_bf16(a, b)
+        assert seen[-1] == 1
+        assert same_bits(got, ref_bf16(a, b))
+
+
 def test_bf16_tile_stand_in_is_exact(monkeypatch):
     """The vdpbf16ps tile as compiled where LLVM's target lacks AVX512_BF16
     (gemm_bf16 holds it next to the avx2_f16c strips, so AVX2 CPUs compile it
