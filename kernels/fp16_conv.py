@@ -40,8 +40,9 @@ Paths (lowprec/conv_half.py picks one):
            stem: 3 channels, its loop unrolled) and narrow layers.
   depthwise (C == group, one output channel each): per plane, the float16
            plane converted into a padded scratch, then a row microkernel
-           (_make_dw_row: 16 pixels a vector, taps loop in registers, masked
-           tails); plain loops for strides > 2 and for the portable path.
+           (_make_dw_row: 16 pixels a vector, taps loop in registers, a row's
+           last chunk stored whole where its extra lanes stay in the plane);
+           plain loops for strides > 2 and for the portable path.
   portable gathered tiles of TM pixels x Mg channels, plain loops.
 Weights: taps [G][Mg/64][K][64], rows [G][Mg/6][K][6] float32, K order (i, j, c).
 """
@@ -1105,7 +1106,9 @@ def _make_dw_row(NVD, SW, ROW3=False):
       offs   address of ntaps int64 byte offsets of the taps from src, in the
              sum order (i, j): 4*(i*dh*Wp + j*dw)
       w      address of ntaps float32 weights, same order
-      n      output pixels (Wo); chunks of 16*NVD, the last one masked
+      n      output pixels (Wo); chunks of 16*NVD, the last one first,
+             stored whole while its lanes past the row stay in the plane
+             (rows - 1 rows follow), else masked
       dst    address of the output plane: float32 (mode 0) or float16 bits (1)
       hb     1: add b; then clamp to [lo, hi] (NaN passes), as _dw_finish
 
@@ -1122,7 +1125,8 @@ def _make_dw_row(NVD, SW, ROW3=False):
     total 0.135 vs 0.15-0.19 ms). The taps loop keeps the NVD sums in
     registers (phi nodes); every sum is fl32(acc + x*w) with an exact product,
     so the FMA gives the bits of the documented order. Loads past the row's
-    end feed only masked-off lanes (the caller leaves slack after the plane).
+    end feed only lanes that are masked off or stored on later rows and
+    overwritten there (the caller leaves slack after the plane).
     ROW3 at column stride 1 with row stride == kernel row pitch (sh == dh): output
     rows in pairs over the kh + 1 input rows they span, each input row loaded
     and shifted once for both (chunk2; 144 planes of 56x56, 1 thread: 41 ->

@@ -14,7 +14,8 @@ multiply followed by an add give the same bits: the order above is the whole
 story. A product of two bfloat16 values (8-bit significands) is exact only
 inside float32's normal range (bfloat16 has float32's exponents: it can
 overflow or be subnormal), so the bfloat16 kernels round each product before
-the add. The bfloat16
+the add, or fuse only where every product of the call is exact (the avx2
+strips' FMA form, bf16_products_exact). The bfloat16
 pair order (odd term first) is the one of AVX512_BF16 ``vdpbf16ps`` (Intel SDM)
 and was checked on this Zen 4 (tests/test_half.py::test_bf16_pair_order).
 
@@ -26,6 +27,9 @@ Paths:
   avx512_bf16   MR x 64 float32 tiles of ``vdpbf16ps zmm``; per pair of k: 4
                 loads of 32 bfloat16 of B, MR broadcasts of an A pair (i32).
                 B packed [NP][ceil(K/2)][64][2] bfloat16.
+  avx2_f16c     the same tiles as 16-column ymm strips (make_tile_kernel's
+                split); bfloat16 pairs widened by shift and mask, a multiply
+                and an add per product, or FMAs where all are exact.
   portable      plain numba loops over float32 copies of the inputs, same order.
 
 Each tile goes to a per-thread float32 scratch tile, then the shared epilogue

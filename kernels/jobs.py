@@ -5,9 +5,10 @@ numba's prange gives each thread an equal contiguous share of the iterations
 (the omp layer here, also with set_parallel_chunksize: a test loop whose first
 iteration ran 30x longer still split 20/20), so a call lasts as long as its
 slowest thread. On the shared 2-vCPU VM one vCPU often runs slower than the
-other: with the counter, the fastest 2-thread calls of the float16 3x3 64->64
-56^2 convolution (2.14-2.18 ms) split its 49 jobs 34 / 15, where fixed halves
-would have waited for the slow thread's 24 (~3.4 ms).
+other: in one process whose 2-thread calls of the float16 3x3 64->64 56^2
+convolution took 2.1-3.5 ms, the fastest (2.14-2.18 ms) had split its 49 jobs
+34 / 15 through the counter, where fixed halves would have waited for the
+slow thread's 24 (~3.4 ms).
 
     for _ in prange(numba.get_num_threads()):      # one pass per thread
         t = fetch_add(counter_address, 1)
