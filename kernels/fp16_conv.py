@@ -1148,7 +1148,8 @@ def _make_dw_row(NVD, SW, ROW3=False):
         src = dst = spill_a = spill_b = None
 
         def chunk(ow, _):
-            # output columns ow .. ow + 16*NVD - 1 of the row (masked past n)
+            # output columns ow .. ow + 16*NVD - 1 of the row (past n: masked,
+            # or stored on the rows after it: store)
             masks = chunk_masks(ow)
             base = builder.add(src, builder.mul(ow, ir.Constant(i64, 4 * SW)))
 
@@ -1402,7 +1403,7 @@ _dw3_4 = _make_dw_row(4, 1, True)
 _dw4_1 = _make_dw_row(1, 2, True)
 _dw4_2 = _make_dw_row(2, 2, True)
 _dw4_4 = _make_dw_row(4, 2, True)
-DW_SLACK = 256  # float32 after a plane: loads of masked-off lanes stay inside
+DW_SLACK = 256  # float32 after a plane: loads for lanes past a row stay inside
 
 
 @intrinsic
@@ -1673,7 +1674,7 @@ AVX2_PIX = NR  # output pixels a job (the strips' 64 columns)
 # weights (bytes of float32 A) above which a job takes a block of AVX2_MB
 # channels instead of all of a group's: the block's rows then stay in L2
 # across the segments (3x3 256->256 at 14^2 streamed 2.4 MB of weights per
-# 14-pixel row before the grid)
+# 14-pixel row when jobs were output rows)
 AVX2_W_BYTES = 256 << 10
 AVX2_MB = 4 * MR_MAX
 # channel blocks share their segment's panel: every panel packed once, before
@@ -1843,6 +1844,9 @@ def conv_avx2(xq, wa, geo, Wq, tab, mb, pre, pk, tiles, nxt, nt, bias, has_bias,
     nxt[0] = 0
     nxt[1] = 0
     if pre:
+        # (two loops: every panel is packed before any tile reads one. Kept
+        # apart by this branch: numba may fuse adjacent pranges, and it
+        # cannot see the dependence, which goes through addresses)
         for _ in prange(nt):
             u = fetch_add(nxt.ctypes.data, 1)
             while u < N * G * nseg:

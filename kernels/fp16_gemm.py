@@ -151,7 +151,8 @@ def make_tile_kernel(MR, kind, split=False, fma=False):
     float32 rows (not pairs), and each bfloat16 pair of B becomes two float32
     vectors by a shift and a mask (b[2i] = x << 16, b[2i+1] = x & 0xFFFF0000);
     per pair, the odd k first (vdpbf16ps's order, the portable kernel's), a
-    multiply and an add, not an FMA: bfloat16 has float32's exponent range,
+    multiply and an add (FMAs only with fma=True, below): bfloat16 has
+    float32's exponent range,
     so a product can overflow or fall below the normal range, where the
     portable kernel's rounded product and an FMA's exact one differ (float16
     products never do: they stay inside float32's normal range). On Zen 3 the
@@ -445,24 +446,30 @@ def _run_tile_b(mr, a, lda, b, ks, c, ldc, accum, split):
 
 
 @njit(**JIT)
+def _exponent_span(flat):
+    # (lowest, highest) biased exponent over the nonzero values of flat
+    # (subnormals count as 1; 0xFF: inf or NaN); (256, 0) if all are zero.
+    # ~0.3 ns a value on Zen 3 (a branch a value: 0.6)
+    lo, hi = np.int32(256), np.int32(0)
+    one, big, zero = np.int32(1), np.int32(256), np.int32(0)
+    for i in range(np.uint64(flat.shape[0])):  # unsigned: no wraparound test
+        x = np.int32(flat[i])
+        e = (x >> np.int32(7)) & np.int32(0xFF)
+        nz = (x & np.int32(0x7FFF)) != zero
+        lo = min(lo, max(e, one) if nz else big)
+        hi = max(hi, e if nz else zero)
+    return lo, hi
+
+
 def bf16_exponents(bits):
-    """(lowest exponent of a last significand bit, highest exponent, all
-    finite) over the nonzero bfloat16 values of bits (uint16, 2-D): value =
-    integer * 2**lsb with |value| < 2**(top + 1). (0, -200, True) when every
+    """(lsb, top, finite) over the nonzero bfloat16 values of bits (uint16):
+    each such value = integer * 2**e with e >= lsb (lsb is at most 0), and
+    |value| < 2**(top + 1); finite: no inf or NaN. (0, -127, True) when every
     value is zero."""
-    lsb, top, finite = 0, -200, True
-    for i in range(bits.shape[0]):
-        for j in range(bits.shape[1]):
-            x = np.int64(bits[i, j])
-            if x & 0x7FFF == 0:
-                continue
-            e = (x >> 7) & 0xFF
-            if e == 0xFF:
-                finite = False
-            e = max(e, 1) - 127
-            lsb = min(lsb, e - 7)
-            top = max(top, e)
-    return lsb, top, finite
+    lo, hi = _exponent_span(np.ascontiguousarray(bits).reshape(-1))
+    if lo == 256:  # every value zero
+        return 0, -127, True
+    return min(0, int(lo) - 134), int(hi) - 127, hi != 0xFF
 
 
 def bf16_products_exact(ea, eb) -> bool:

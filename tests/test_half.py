@@ -200,8 +200,9 @@ def test_bf16_exact_products_check(a, b, expect, exact):
 
 def test_bf16_fma_strips_match_multiply_add(monkeypatch):
     # avx2_f16c, bfloat16: calls whose products are all exact run the FMA
-    # strips; the same inputs through the multiply-add strips give the same
-    # bits, and a subnormal in a sends the call to the multiply-add strips
+    # strips (prepacked weights, >= 128 columns: the check's cost policy);
+    # the multiply-add strips give the same bits; a subnormal in a, or raw
+    # weights with few rows, run the multiply-add strips
     if "avx2_f16c" not in half.available_half_isas():
         pytest.skip("this CPU cannot run the avx2_f16c path")
     from lowprec.kernels import fp16_gemm as fg
@@ -214,16 +215,22 @@ def test_bf16_fma_strips_match_multiply_add(monkeypatch):
             fg, name, lambda *a, real=real: seen.append(a[-1]) or real(*a)
         )
     rng = np.random.default_rng(8)
-    for M, K, N in ((5, 9, 70), (40, 300, 130)):
+    # M: tiles of 1, 2, 3, 5 and 6 rows (each strip width of both forms)
+    for M, K, N in ((1, 9, 130), (2, 4, 128), (3, 8, 150), (5, 9, 140), (40, 300, 130)):
         a, b = rand(rng, (M, K), "bf16"), rand(rng, (K, N), "bf16")
-        got = half.matmul_bf16(a, b)
+        ref = ref_bf16(a, b)
+        assert same_bits(half.matmul_bf16(a, half.pack_weights_bf16(b)), ref)
         assert seen[-1] == 2
-        assert same_bits(got, ref_bf16(a, b))
-        a[1, 2] = 1  # the smallest subnormal, 2**-133, times
+        assert same_bits(half.matmul_bf16(a, b), ref)
+        assert seen[-1] == 1  # raw weights, M < 128: not worth the scan
+        a[M - 1, 2] = 1  # the smallest subnormal, 2**-133, times
         b[2, 5] = 0x0080  # the smallest normal, 2**-126: 0 after rounding
-        got = half.matmul_bf16(a, b)
+        got = half.matmul_bf16(a, half.pack_weights_bf16(b))
         assert seen[-1] == 1
         assert same_bits(got, ref_bf16(a, b))
+    a, b = rand(rng, (130, 6), "bf16"), rand(rng, (6, 128), "bf16")
+    assert same_bits(half.matmul_bf16(a, b), ref_bf16(a, b))
+    assert seen[-1] == 2  # raw weights, 130 rows: checked
 
 
 def test_bf16_tile_stand_in_is_exact(monkeypatch):
