@@ -10,13 +10,15 @@ convolution took 2.1-3.5 ms, the fastest (2.14-2.18 ms) had split its 49 jobs
 34 / 15 through the counter, where fixed halves would have waited for the
 slow thread's 24 (~3.4 ms).
 
-    for _ in prange(numba.get_num_threads()):      # one pass per thread
+    for _ in prange(nt):                   # one pass per thread
         t = fetch_add(counter_address, 1)
         while t < njobs:
             ...job t...
             t = fetch_add(counter_address, 1)
 
-The counter (int64) is set to 0 before the prange, on the calling thread.
+The counter (int64) is set to 0 before the prange, on the calling thread. nt
+is the thread count, passed in: numba.get_num_threads() inside a cached
+function made numba refuse to cache it ("dynamic globals").
 """
 
 from llvmlite import ir
