@@ -1227,10 +1227,11 @@ def _make_dw_row(NVD, SW, ROW3=False):
             # the lanes past the row stay inside the plane (spill): they land
             # on the following rows, all stored later in this call (a row's
             # last chunk runs first: rows_of). AVX2's masked stores
-            # (vmaskmovps; 16-bit ones scalarized) were ~40 % of a 56x56
-            # plane's time, then 1/3 of the rest (144 x 56^2, 1 thread:
-            # 512 -> 394 -> 288 us with the overlapping loads of
-            # _dw_load_plane; stride 2: 260 -> 163)
+            # (vmaskmovps; 16-bit ones scalarized) and loads were ~45 % of the
+            # layer's time (144 x 56^2, 1 thread: 510-523 -> 392-396 us with
+            # whole chunks stored plainly, -> 322-347 with _dw_load_plane's
+            # whole-vector loads, -> 281-288 with last chunks stored whole;
+            # stride 2: 253-269 -> 162-163)
             whole = builder.or_(
                 builder.icmp_signed(
                     ">=", builder.sub(n, ow), ir.Constant(i64, 16 * NVD)
@@ -1917,7 +1918,7 @@ def _tap_epilogue(tile, mr, npix, n, m0, p0, bias, has_bias, lo, hi, mode, out32
         elif mode == 0:
             out32[n, m0 + r, p0] = t[0]
         else:
-            f16_row_store(t.ctypes.data, out16[n, m0 + r, p0:].ctypes.data, npix)
+            f16_row_store(t, out16[n, m0 + r, p0:], npix)
 
 
 def tap_table(geo, Hq, Wq):
