@@ -607,22 +607,15 @@ def spmm(w, x, *, bias=None, activation=None, out=None, device=None):
         return y
     threads = _threads(w.nnz * N)
     xf = np.ascontiguousarray(x2, dtype=np.float32)
-    if N == 1:  # one column: the row-dot kernel, not a 1-of-16-lanes tile
-        indptr, cols, vals = w._expanded()
-        vals = _f32_values(w, vals)
-        _dispatch.call_on_threads(
-            threads,
-            _ks.spmv_float,
-            indptr,
-            cols,
-            vals,
-            xf.reshape(K),
-            _row_chunks(indptr, _parts(threads)),
-            b,
-            np.float32(lo),
-            np.float32(hi),
-            y2.reshape(M),
-        )
+    if N == 1:  # one column: a row-dot kernel, not a 1-of-16-lanes tile
+        indptr, cols, vals = _spmv_arrays(w)
+        chunks = _cached_row_chunks(w, indptr, _parts(threads))
+        args = (indptr, cols, vals, xf.reshape(K), chunks, b, np.float32(lo),
+                np.float32(hi), y2.reshape(M))  # fmt: skip
+        if _row_dot8_path():
+            _run(threads, _ks.spmv_float8_serial, _ks.spmv_float8, args)
+        else:
+            _dispatch.call_on_threads(threads, _ks.spmv_float, *args)
         return y
     ymm = _ymm_float_path()
     if not (ymm or _fast_path()):
@@ -747,6 +740,47 @@ def _k_chunks(w, k_chunk):
         got = np.ascontiguousarray(got, dtype=np.int64)
         got.flags.writeable = False
         w._cache[key] = got
+    return got
+
+
+def _row_dot8_path() -> bool:
+    """The one-column float kernel of 8-entry groups (kernels/sparse_gemm.py
+    _row_dot8): any x86 path with FMA and F16C (every AVX2 CPU has both);
+    the portable path keeps the scalar row-dot."""
+    return _dispatch.get_isa() != "portable" and {"fma", "f16c"} <= (
+        _dispatch.host_features()
+    )
+
+
+def _spmv_arrays(w):
+    """(indptr, cols, vals) for the one-column float kernels, cached: CSR's own
+    arrays (uint16 indices where K allows) for the row-dot of 8, the expanded
+    view otherwise; float16 values as their uint16 bits for it (widened in the
+    kernel: half the bytes), as float32 for the scalar kernel."""
+    key = ("spmv", _row_dot8_path())
+    got = w._cache.get(key)
+    if got is None:
+        if not key[1]:
+            indptr, cols, vals = w._expanded()
+            got = (indptr, cols, _f32_values(w, vals))
+        else:
+            indptr, cols, vals = (
+                (w.ptr, w.idx, w.val) if w.format == "csr" else w._expanded()
+            )
+            vals = vals.view(np.uint16) if vals.dtype == np.float16 else vals
+            got = (indptr, cols, vals)
+        w._cache[key] = got
+    return got
+
+
+def _cached_row_chunks(w, indptr, parts):
+    """_row_chunks cached on the weights per part count (np.linspace and
+    searchsorted cost 15-30 us of a ~40 us one-column call)."""
+    key = ("row_chunks", parts)
+    got = w._cache.get(key)
+    if got is None:
+        got = w._cache[key] = _row_chunks(indptr, parts)
+        got.flags.writeable = False
     return got
 
 

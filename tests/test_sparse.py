@@ -158,6 +158,62 @@ def test_wide_k_uses_int32_indices(isa):
     )
 
 
+@pytest.mark.parametrize("threads", ["serial", "parallel"])
+@pytest.mark.parametrize("fmt", ["csr", "bsr4x1"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_spmm_one_column_rows(isa, threads, fmt, dtype, monkeypatch):
+    """N = 1 (the row-dot of 8-entry groups on x86, the scalar one on the
+    portable path): rows of 0..41 stored entries (whole groups, every tail
+    length, the alternating sums), both index widths, float16 values widened
+    in the kernel, on the calling thread and split into parts; an inf in a
+    column no row stores stays out of every row (only stored entries are
+    read), and a NaN reaches exactly the rows that store its column."""
+    if threads == "parallel":
+        monkeypatch.setattr(sp, "SERIAL_MACS", 0)
+    rng = np.random.default_rng([len(threads), len(fmt), np.dtype(dtype).itemsize])
+    for M, K in [(44, 300), (9, 65_600)]:
+        w = np.zeros((M, K), dtype)
+        for m in range(M):
+            n = min(m if m < 42 else int(rng.integers(0, 60)), K)
+            cols = rng.choice(K - 2, n, replace=False)  # never the last two
+            w[m, cols] = rng.standard_normal(n).astype(dtype)
+        if fmt == "bsr4x1":
+            w[:, -2:] = 0  # blocks span 4 rows: keep the two columns unstored
+        W = sp.from_dense(w, format=fmt)
+        assert W.idx.dtype == (np.uint16 if K <= 65535 else np.int32)
+        x = rng.standard_normal(K).astype(np.float32)
+        bias = rng.standard_normal(M).astype(np.float32)
+        want = W.to_dense().astype(np.float64) @ x + bias
+        got = sp.spmm(W, x, bias=bias)
+        assert np.all(np.abs(got - want) <= _float_bound(W, x, bias))
+        x[-1] = np.inf  # unstored in every row
+        assert np.array_equal(sp.spmm(W, x, bias=bias), got)
+        indptr, cols, _ = W._expanded()
+        k = int(cols[indptr[min(30, M - 1)]])  # a column that row stores
+        x[k] = np.nan
+        # stored entries (BSR blocks store zeros too: 0 * nan is nan)
+        stores = np.array([k in cols[indptr[r] : indptr[r + 1]] for r in range(M)])
+        got = sp.spmm(W, x, bias=bias)
+        assert np.isnan(got[stores]).all()
+        assert not np.isnan(got[~stores]).any()
+        # an inf weight or x value at a row's last entry (the one a partial
+        # group's spare lanes reread): +-inf, not the nan of 0 * inf
+        vals = W._expanded()[2]
+        r = next(
+            r
+            for r in range(M)
+            if (indptr[r + 1] - indptr[r]) % 8 and vals[indptr[r + 1] - 1] != 0
+        )  # a partial group, a last entry that is no stored zero of a block
+        x = rng.standard_normal(K).astype(np.float32)
+        x[cols[indptr[r + 1] - 1]] = np.inf
+        assert np.isinf(sp.spmm(W, x)[r])
+        w2 = W.to_dense()
+        w2[r, cols[indptr[r + 1] - 1]] = np.inf
+        W2 = sp.from_dense(w2, w2 != 0, format=fmt)
+        x = rng.standard_normal(K).astype(np.float32)
+        assert np.isinf(sp.spmm(W2, x)[r])
+
+
 def _qref(W, x, sx, zx, sy, zy, **kw):
     """qlinear_matmul on the densified weights, transposed (weights as b)."""
     return lowprec.qlinear_matmul(
