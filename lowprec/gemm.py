@@ -541,7 +541,7 @@ def _run(a, b, za, zb, bias, mult_fn, zy, qlo, qhi, mode, out_dtype):
             packed = PackedWeights(b.reshape(b_shape), zb)
             zb_eff = packed._zb_eff
         rows = math.prod(batch) * M
-        a2 = a.reshape(rows, K) if not batch else a.reshape(-1, K)
+        a2 = a.reshape(rows if not batch else math.prod(a.shape[:-1]), K)
         _gemm_2d(
             a2,
             packed,
@@ -989,7 +989,12 @@ def qlinear_matmul(
 
 
 def _hashable(activation):
-    return tuple(activation) if isinstance(activation, list) else activation
+    """activation as a cache key: None and names as they are, a clamp as its
+    (lo, hi) floats (a list, or numpy scalars / 0-d arrays as an ONNX Clip's
+    bounds come, would not hash)."""
+    if activation is None or isinstance(activation, str):
+        return activation
+    return v.activation_bounds(activation)
 
 
 @functools.lru_cache(maxsize=256)
@@ -1012,6 +1017,15 @@ def _multiplier(sa, sb, sy, N):
     m = sa.reshape(-1, 1) * sb.reshape(1, -1)
     if sy is not None:
         m = m / sy
+    if not np.isfinite(m).all():
+        # (0 * inf = NaN would then be cast to an integer)
+        what = "input scale * weight scale" + (" / y_scale" if sy is not None else "")
+        msg = (
+            f"the requantization multiplier ({what}) overflows {m.dtype} (got "
+            f"{m.reshape(-1)[~np.isfinite(m.reshape(-1))][0]}); pass the scales as "
+            f"float32, or scales whose product fits"
+        )
+        raise ValueError(msg)
     out = np.empty((m.shape[0], N), np.float64)
     out[:] = m
     return out
@@ -1207,8 +1221,10 @@ def dynamic_quantize_matmul(
             raise ValueError(msg)
         fbias = np.ascontiguousarray(bias)
 
-    a2 = np.ascontiguousarray(a.reshape(-1, K))
-    if not per_row:
+    a2 = np.ascontiguousarray(a.reshape(math.prod(a.shape[:-1]), K))
+    if not per_row and zb_eff is packed._zb_eff:
+        # (the fast path's epilogue uses the pack's zero points: a b_zero_point
+        # passed here instead takes the general path below)
         out = _dynamic_per_tensor(a2, packed, sb, fbias)
         if out is not None:
             return out.reshape(*a.shape[:-1], N)

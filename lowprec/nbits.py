@@ -95,9 +95,19 @@ def _weights_2d(w, axis) -> np.ndarray:
         )
         raise ValueError(msg)
     axis = v.check_axis(axis, 2)
-    wt = (w.T if axis == 0 else w).astype(np.float32)
-    if not np.isfinite(wt).all():
+    if w.size == 0:
+        msg = f"w has no elements (shape {w.shape}); quantize non-empty weights"
+        raise ValueError(msg)
+    if not np.isfinite(w).all():
         msg = "w contains NaN or infinity; quantized weights must be finite"
+        raise ValueError(msg)
+    with np.errstate(over="ignore"):
+        wt = (w.T if axis == 0 else w).astype(np.float32)
+    if not np.isfinite(wt).all():
+        msg = (
+            f"w has values beyond float32's range (max |w| = {np.abs(w).max():g}); "
+            f"the weights are quantized in float32: rescale them"
+        )
         raise ValueError(msg)
     return wt
 
@@ -240,6 +250,12 @@ def quantize_blockwise(w, *, bits=4, block_size=32, symmetric=True, axis=0,
         codes = _block_codes(x, scale, zp, bits).astype(np.uint8).reshape(N, -1)
     else:
         msg = f"method must be 'rtn' or 'gptq', got {method!r}"
+        raise ValueError(msg)
+    if not np.isfinite(scale).all():
+        msg = (
+            "a block's scale overflows float32 (its range max - min exceeds "
+            "float32's); rescale w or use symmetric=True"
+        )
         raise ValueError(msg)
     packed = pack_codes(codes.reshape(N, nblk, bs), bits)
     if symmetric:

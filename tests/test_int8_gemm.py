@@ -434,6 +434,18 @@ def test_empty_dimensions():
     a = np.zeros((2, 0), np.uint8)
     b = np.zeros((0, 3), np.int8)
     np.testing.assert_array_equal(lowprec.matmul_integer(a, b), np.zeros((2, 3)))
+    # K = 0 under batch dimensions (numpy cannot infer -1 rows of 0 values)
+    a = np.zeros((2, 3, 0), np.uint8)
+    for w in (b, lowprec.pack_weights(b, b_scale=np.float32(0.5))):
+        np.testing.assert_array_equal(lowprec.matmul_integer(a, w), np.zeros((2, 3, 3)))
+        y = lowprec.qlinear_matmul(
+            a, np.float32(1), np.uint8(0), w, np.float32(0.5), np.int8(0),
+            np.float32(1), np.uint8(7),
+        )  # fmt: skip
+        np.testing.assert_array_equal(y, np.full((2, 3, 3), 7, np.uint8))
+        f = np.zeros((2, 3, 0), np.float32)
+        y = lowprec.dynamic_quantize_matmul(f, w, np.float32(0.5))
+        np.testing.assert_array_equal(y, np.zeros((2, 3, 3), np.float32))
 
 
 def test_packed_weights_are_immutable():
@@ -681,6 +693,34 @@ def test_dynamic_quantize_matmul_per_tensor_variants(isa, shape, sb_kind, with_b
             a, w, None if w is not b else sb, bias=bias
         )
         assert got.shape == shape[:-1] + (N,)
+        np.testing.assert_array_equal(got, want)
+
+
+def test_activation_clamp_as_numpy_values(isa):
+    # an ONNX Clip's bounds arrive as 0-d arrays / numpy scalars: the same
+    # result as plain floats (a tuple of arrays did not hash in the cache)
+    rng = np.random.default_rng(13)
+    a = _rand(rng, (4, 30), np.uint8)
+    b = _rand(rng, (30, 8), np.int8)
+    args = (a, np.float32(0.05), np.uint8(128), b, np.float32(0.02), np.int8(0),
+            np.float32(0.01), np.uint8(10))  # fmt: skip
+    want = lowprec.qlinear_matmul(*args, activation=(0.0, 1.5))
+    for act in ((np.array(0.0), np.array(1.5)), [np.float32(0), np.float64(1.5)]):
+        got = lowprec.qlinear_matmul(*args, activation=act)
+        np.testing.assert_array_equal(got, want)
+
+
+def test_dynamic_quantize_matmul_zero_point_passed_at_call(isa):
+    # weights packed without a zero point, one passed with the call (scalar or
+    # per column): the per-tensor fast path uses the pack's zero points, so
+    # the call takes the general path (it returned the zero-point-free result)
+    rng = np.random.default_rng(12)
+    a = rng.normal(0, 2, (3, 40)).astype(np.float32)
+    b = _rand(rng, (40, 9), np.int8)
+    packed = lowprec.pack_weights(b)
+    for zb in (np.int8(5), rng.integers(-9, 9, 9).astype(np.int8)):
+        got = lowprec.dynamic_quantize_matmul(a, packed, np.float32(0.02), zb)
+        want = ref.dynamic_quantize_matmul(a, b, np.float32(0.02), zb, None)
         np.testing.assert_array_equal(got, want)
 
 
