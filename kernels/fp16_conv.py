@@ -1090,11 +1090,30 @@ def _cvt16n(typingctx, src, dst, n):
     return types.void(types.int64, types.int64, types.int64), codegen
 
 
+@intrinsic
+def _cvt16_split(typingctx, src, da, db):
+    """16 float16 at address src -> float32: the 8 at even positions to
+    address da, the 8 at odd positions to db (vcvtph2ps, then shuffles)."""
+
+    def codegen(context, builder, sig, args):
+        src, da, db = args
+        h = builder.load(builder.inttoptr(src, _vh.as_pointer()), align=2)
+        y = builder.fpext(h, _vf)
+        v8 = ir.VectorType(_f32, 8)
+        for first, dst in ((0, da), (1, db)):
+            idx = ir.Constant(ir.VectorType(_i32, 8), list(range(first, 16, 2)))
+            half = builder.shuffle_vector(y, y, idx)
+            builder.store(half, builder.inttoptr(dst, v8.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return types.void(types.int64, types.int64, types.int64), codegen
+
+
 # ---------------------------------------------------------------------------
 # depthwise row microkernel: one output row of one channel, 16 pixels a vector
 
 
-def _make_dw_row(NVD, SW, ROW3=False):
+def _make_dw_row(NVD, SW, ROW3=False, PHASED=False):
     """Intrinsic: output rows of a depthwise plane, NVD vectors per chunk.
 
     _dw_row(src, offs, w, ntaps, n, dst, mode, hb, b, lo, hi, rows, sstep, dstep)
@@ -1127,6 +1146,12 @@ def _make_dw_row(NVD, SW, ROW3=False):
     so the FMA gives the bits of the documented order. Loads past the row's
     end feed only lanes that are masked off or stored on later rows and
     overwritten there (the caller leaves slack after the plane).
+    PHASED (ROW3, stride 2, row dilation 1; AVX2): the plane comes split into
+    its even and odd columns (_dw_load_phases: row r's evens at src + r*offs,
+    its odds offs/2 bytes after them), so that kernel columns 0, 1, 2 are the
+    evens at ow, the odds at ow and the evens at ow + 1: three loads, no
+    shuffles (AVX2 has no vpermt2ps: the even/odd/shift shuffles of 32
+    values took ~15 ymm shuffles per 16 outputs and kernel row).
     ROW3 at column stride 1 with row stride == kernel row pitch (sh == dh): output
     rows in pairs over the kh + 1 input rows they span, each input row loaded
     and shifted once for both (chunk2; 144 planes of 56x56, 1 thread: 41 ->
@@ -1151,10 +1176,27 @@ def _make_dw_row(NVD, SW, ROW3=False):
             # output columns ow .. ow + 16*NVD - 1 of the row (past n: masked,
             # or stored on the rows after it: store)
             masks = chunk_masks(ow)
-            base = builder.add(src, builder.mul(ow, ir.Constant(i64, 4 * SW)))
+            step = 4 if PHASED else 4 * SW
+            base = builder.add(src, builder.mul(ow, ir.Constant(i64, step)))
 
             def tap(t, accs):
-                if ROW3:
+                if PHASED:
+                    wvs = weights3(t)
+                    p = builder.add(base, builder.mul(t, offs))
+                    odd_at = builder.add(p, builder.lshr(offs, one))
+                    new = []
+                    for v in range(NVD):
+                        xs = [
+                            builder.load(builder.inttoptr(
+                                builder.add(a, ir.Constant(i64, 64 * v + d)),
+                                vf.as_pointer()), align=4)
+                            for a, d in ((p, 0), (odd_at, 0), (p, 4))
+                        ]  # fmt: skip
+                        a = accs[v]
+                        for xv, wj in zip(xs, wvs, strict=True):
+                            a = builder.call(fma, [xv, wj, a])
+                        new.append(a)
+                elif ROW3:
                     wvs = weights3(t)
                     xs = row_loads(
                         builder.add(base, builder.mul(t, offs)), SW * NVD + 1
@@ -1404,6 +1446,8 @@ _dw3_4 = _make_dw_row(4, 1, True)
 _dw4_1 = _make_dw_row(1, 2, True)
 _dw4_2 = _make_dw_row(2, 2, True)
 _dw4_4 = _make_dw_row(4, 2, True)
+_dw5_1 = _make_dw_row(1, 2, True, True)
+_dw5_2 = _make_dw_row(2, 2, True, True)
 DW_SLACK = 256  # float32 after a plane: loads for lanes past a row stay inside
 
 
@@ -1424,10 +1468,28 @@ def _dw_nv_max(typingctx):
     return types.int64(), codegen
 
 
+@intrinsic
+def _dw_phased(typingctx):
+    """Whether stride-2 ROW3 planes run on column phases (kind 5): on AVX2
+    targets (no vpermt2ps); AVX-512 keeps kind 4 (measured there, one
+    vpermt2ps per 16 values)."""
+
+    def codegen(context, builder, sig, args):
+        return ir.Constant(ir.IntType(64), 0 if target_has(context, "avx512f") else 1)
+
+    return types.int64(), codegen
+
+
 @njit(inline="always")
 def _dw_row(sw, nv, src, offs, w, ntaps, n, dst, mode, hb, b, lo, hi, rows, ss, ds):
-    # sw: 1, 2 (tap loop) or 3, 4 (the ROW3 kernel: 3 columns, stride 1, 2)
-    if sw == 4:
+    # sw: 1, 2 (tap loop) or 3, 4 (the ROW3 kernel: 3 columns, stride 1, 2),
+    # 5 (ROW3 stride 2 on column phases: at most 2 vectors)
+    if sw == 5:
+        if nv == 1:
+            _dw5_1(src, offs, w, ntaps, n, dst, mode, hb, b, lo, hi, rows, ss, ds)
+        else:
+            _dw5_2(src, offs, w, ntaps, n, dst, mode, hb, b, lo, hi, rows, ss, ds)
+    elif sw == 4:
         if nv == 1:
             _dw4_1(src, offs, w, ntaps, n, dst, mode, hb, b, lo, hi, rows, ss, ds)
         elif nv == 2:
@@ -1504,6 +1566,51 @@ def _dw_load_plane(x, n, c, pt, pl, pw, Hp, dst):
             _cvt16n(sr + 2 * W16, dr + 4 * W16, W - W16)
 
 
+@njit(inline="always")
+def _dw_uses_phases(kw, sw, dh, dw):
+    # stride-2 3-column planes on AVX2 run on column phases (kind 5)
+    return sw == 2 and kw == 3 and dw == 1 and dh == 1 and _dw_phased() == 1
+
+
+@njit(inline="always")
+def _dw_pitch(Wp, phased):
+    # floats per padded row of a row kernel's plane (rows start 64-byte
+    # aligned): Wp rounded up to 16, or each column phase rounded up to 16
+    if phased:
+        return 2 * (((Wp + 1) // 2 + 15) // 16 * 16)
+    return (Wp + 15) // 16 * 16
+
+
+@njit(inline="always")
+def _dw_load_phases(x, n, c, pt, pl, pe, dst):
+    # the zero-padded float32 plane (n, c) of x (float16 bits) split into its
+    # column phases: padded row r's even columns at dst[r*2*pe :], its odd
+    # ones pe floats later (pe >= ceil(Wp / 2)); 16 values a conversion, as
+    # _dw_load_plane (the row's last 16 again, overlapping; rows of fewer
+    # than 16 one value at a time). Padding stays zero as there.
+    H, W = x.shape[2], x.shape[3]
+    W16 = W - W % 16
+    s0 = x.ctypes.data + 2 * (n * x.shape[1] + c) * H * W
+    d0 = dst.ctypes.data
+    xb = x[n, c]
+    nblk = W16 // 16 + (1 if W16 < W and W >= 16 else 0)
+    for h in range(H):
+        e = d0 + 4 * (h + pt) * 2 * pe  # the row's evens; odds at e + 4*pe
+        sr = s0 + h * W * 2
+        for k in range(nblk):
+            w = min(16 * k, W - 16)
+            q = pl + w  # padded column of x[.., w]
+            if q % 2 == 0:
+                _cvt16_split(sr + 2 * w, e + 2 * q, e + 4 * pe + 2 * q)
+            else:
+                _cvt16_split(sr + 2 * w, e + 4 * pe + 2 * (q - 1), e + 2 * (q + 1))
+        if W < 16:
+            for w in range(W):
+                q = pl + w
+                at = (h + pt) * 2 * pe + (q % 2) * pe + q // 2
+                dst[at] = _f16_bits_to_f32(xb[h, w])
+
+
 @njit(nogil=True, cache=True)
 def _dw_planes(t0, t1, fused, x, xp, wd, offs, geo, pt, pl, sc, acc, bias, has_bias, lo,
               hi, mode, out32, out16):  # fmt: skip
@@ -1526,8 +1633,12 @@ def _dw_planes(t0, t1, fused, x, xp, wd, offs, geo, pt, pl, sc, acc, bias, has_b
             # the row kernel: taps loop in registers, 16 pixels a vector.
             # Pitch P: Wp rounded up to 16 floats (sc is 64-byte aligned), so
             # that rows start aligned (the ROW3 kernel's aligned loads need it)
-            P = (Wp + 15) // 16 * 16
-            _dw_load_plane(x, n, c, pt, pl, P, Hp, sc)
+            phased = _dw_uses_phases(kw, sw, dh, dw)
+            P = _dw_pitch(Wp, phased)
+            if phased:
+                _dw_load_phases(x, n, c, pt, pl, P // 2, sc)
+            else:
+                _dw_load_plane(x, n, c, pt, pl, P, Hp, sc)
             nt = kh * kw
             nv = 1 if Wo <= 16 else (2 if Wo <= 32 else 4)
             hb = 1 if has_bias else 0
@@ -1537,7 +1648,10 @@ def _dw_planes(t0, t1, fused, x, xp, wd, offs, geo, pt, pl, sc, acc, bias, has_b
             o0 += osz * (n * C + c) * Ho * Wo
             w0 = wd.ctypes.data + 4 * c * nt
             kind, oa, ntap = sw, offs.ctypes.data, nt
-            if kw == 3 and dw == 1:  # ROW3 (kind 3, stride 2: 4): per kernel row
+            if phased:  # kind 5: up to 2 vectors (no shuffles: 12 ymm live)
+                nv = min(nv, 2)
+                kind, oa, ntap = 5, 4 * P, kh
+            elif kw == 3 and dw == 1:  # ROW3 (kind 3, stride 2: 4): per kernel row
                 nv = min(nv, _dw_nv_max())
                 kind, oa, ntap = sw + 2, 4 * P * dh, kh
             _dw_row(
@@ -1635,8 +1749,11 @@ def depthwise(threads, nj, fused, x, xp, wd, geo, pt, pl, bias, has_bias, lo, hi
     # threads: numba.config.NUMBA_NUM_THREADS (get_thread_id's bound); nj:
     # the threads in use, one job (a run of planes) each
     N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M = geo
-    P = (Wp + 15) // 16 * 16 if (fused and sw <= 2) else Wp
-    size = (Hp * P + DW_SLACK + 15) // 16 * 16
+    P = _dw_pitch(Wp, False) if (fused and sw <= 2) else Wp
+    room = P  # the plane's pitch in sc (_dw_planes), offs's is P
+    if fused and _dw_uses_phases(kw, sw, dh, dw):
+        room = _dw_pitch(Wp, True)
+    size = (Hp * room + DW_SLACK + 15) // 16 * 16
     raw = np.zeros(threads * size + 16, np.float32)
     off = ((-raw.ctypes.data) % 64) // 4
     sc = raw[off : off + threads * size].reshape(threads, size)

@@ -186,6 +186,15 @@ CASES = {
     "depthwise_s2_dilated": ((1, 2, 9, 40), (2, 1, 5, 5), {"group": 2,
                              "strides": (2, 2), "dilations": (1, 2),
                              "pads": (2, 3, 2, 3)}),
+    # AVX2: stride-2 3-column planes split into column phases at load time
+    # (rows of < 16 values one at a time; a last overlapping 16; odd and even
+    # left pads; a row stride of 1)
+    "depthwise_s2_phases_narrow": ((1, 3, 9, 11), (3, 1, 3, 3), {"group": 3,
+                                   "strides": (2, 2), "pads": (1, 1, 1, 1)}),
+    "depthwise_s2_phases_tail": ((1, 2, 8, 37), (2, 1, 3, 3), {"group": 2,
+                                 "strides": (2, 2), "pads": (0, 0, 1, 1)}),
+    "depthwise_s2_phases_rows": ((1, 2, 6, 70), (2, 1, 3, 3), {"group": 2,
+                                 "strides": (1, 2), "pads": (1, 2, 0, 1)}),
     # rows kernel: stride-2 columns split 32 at a time (odd and even left
     # pads), a grid narrower than a vector (one vector spans 3+ rows), strides
     # and dilations across phases, 6-channel tiles past M/group
@@ -273,6 +282,35 @@ def test_kernel_routing(monkeypatch, xs, ws, attrs, rows):
     x, w = rand(rng, xs), rand(rng, ws)
     check_contract(x, w, ch.conv_fp16(x, w, **attrs), **attrs)
     assert ran == ["conv_rows" if rows else "conv_simd"]
+
+
+def test_depthwise_column_phases_layout():
+    # _dw_load_phases (stride-2 depthwise planes on AVX2): padded row r's even
+    # columns at [r, :], its odd ones at [r, P/2:], zeros elsewhere, in a
+    # buffer of exactly Hp rows of _dw_pitch floats that ends at a page no
+    # access may touch (a pitch miscomputed as 2 * (Wp/2 + 15) // 16 * 16
+    # overran the scratch: heap corruption on 2 threads); rows of < 16, of
+    # whole 16s and with a last overlapping 16, odd and even left pads
+    from lowprec.kernels import fp16_conv as kc
+
+    rng = np.random.default_rng(31)
+    keep = []
+    for H, W, pt, pl, pr in [(3, 11, 1, 1, 1), (4, 37, 0, 0, 1), (2, 70, 1, 2, 0),
+                             (5, 16, 1, 1, 1), (3, 33, 2, 3, 2)]:  # fmt: skip
+        Hp, Wp = H + pt + 1, W + pl + pr
+        P = kc._dw_pitch(Wp, True)
+        assert P % 32 == 0
+        assert P // 2 >= (Wp + 1) // 2
+        x = rng.standard_normal((1, 2, H, W)).astype(np.float16)
+        buf = guarded(Hp * P, np.float32, keep)
+        buf[:] = 0
+        kc._dw_load_phases(x.view(np.uint16), 0, 1, pt, pl, P // 2, buf)
+        xp = np.zeros((Hp, Wp), np.float32)
+        xp[pt : pt + H, pl : pl + W] = x[0, 1]
+        want = np.zeros((Hp, P), np.float32)
+        want[:, : (Wp + 1) // 2] = xp[:, 0::2]
+        want[:, P // 2 : P // 2 + Wp // 2] = xp[:, 1::2]
+        np.testing.assert_array_equal(buf.reshape(Hp, P), want)
 
 
 @pytest.mark.parametrize("bias", [False, True])
