@@ -83,6 +83,9 @@ _vi = ir.VectorType(_i32, 16)
 F32, F16, S8 = 0, 1, 2
 # index kinds (the 2:4 format has none: its positions sit in one byte per group)
 U16, I32, NM = 0, 1, 2
+# nm24 position byte: p0 | p1 << 2, and flags for a slot that holds no weight
+# (lowprec.sparse._nm_flags); the float kernel zeroes such a slot's X
+NM_FREE0, NM_FREE1 = 16, 32
 
 
 def _fn(builder, name, ret, args):
@@ -188,6 +191,13 @@ def _block_loop(builder, R, C, vkind, ikind, NV_, args, load_x, sets=1, init=Non
                     ],
                 )
         xv = [[load_x(xr, v) for v in range(NV_)] for xr in xrows]
+        if ikind == NM and not is_int:
+            # a free slot's product is skipped (X taken as 0): its weight
+            # was pruned, and 0 * inf would be NaN
+            for j, flag in enumerate((NM_FREE0, NM_FREE1)):
+                bit = builder.and_(meta, ir.Constant(_i64, flag))
+                free = builder.icmp_unsigned("!=", bit, ir.Constant(_i64, 0))
+                xv[j] = [builder.select(free, zero_v, x_) for x_ in xv[j]]
         vbase = builder.gep(
             val8, [builder.mul(p, ir.Constant(_i64, vals_per_block * vsize))]
         )

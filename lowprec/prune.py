@@ -233,13 +233,17 @@ def global_magnitude(
             else:
                 a = mid + 1
         k_by = counts(cand[a])
-        # ties at the threshold can overshoot: take the excess back from the
-        # layers with room, largest first
+        # ties can overshoot: every entry equal to the largest pruned value
+        # (cand[a - 1]) went at once. Take the excess back from those tied
+        # entries only (a layer without them keeps its smaller ones pruned),
+        # layers with the most pruned first, never below min_per_layer
         excess = sum(k_by.values()) - target
+        tie = cand[a - 1] if a > 0 else None
         for n in sorted(names, key=lambda n: -k_by[n]):
-            if excess <= 0:
+            if excess <= 0 or tie is None:
                 break
-            room = k_by[n] - math.ceil(lo * sizes[n] - 1e-9)
+            tied = k_by[n] - int(np.searchsorted(sorted_abs[n], tie, side="left"))
+            room = min(k_by[n] - math.ceil(lo * sizes[n] - 1e-9), max(tied, 0))
             d = min(room, excess)
             k_by[n] -= d
             excess -= d

@@ -45,6 +45,7 @@ from .kernels import int8_gemm_vnni as _kv  # float32_requant_ok
 from .kernels import sparse_gemm as _ks
 
 FORMATS = ("csr", "bsr4x1", "bsr1x4", "nm24")
+NM_FREE0, NM_FREE1 = _ks.NM_FREE0, _ks.NM_FREE1  # nm24: slot holds no weight
 VALUE_TYPES = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.int8))
 _BLOCK = {"csr": (1, 1), "bsr4x1": (4, 1), "bsr1x4": (1, 4), "nm24": (1, 4)}
 _SHAPE_ID = {"csr": _ks.CSR, "bsr4x1": _ks.R4, "bsr1x4": _ks.C4, "nm24": _ks.NM24}
@@ -199,7 +200,8 @@ class SparseMatrix:
             g = np.arange(brow.size, dtype=np.int64) - G * brow
             p0 = idx & 3
             p1 = (idx >> 2) & 3
-            keep = np.stack([np.ones_like(p0, bool), p1 != p0], 1).reshape(-1)
+            keep = np.stack([(idx & NM_FREE0) == 0, (idx & NM_FREE1) == 0], 1)
+            keep = keep.reshape(-1)
             rows = np.repeat(brow, 2)[keep]
             cols = (4 * g[:, None] + np.stack([p0, p1], 1)).reshape(-1)[keep]
             vals = self.val[keep]
@@ -246,18 +248,25 @@ class SparseMatrix:
     def save(self, path) -> None:
         """Write an .npz (no pickle); read back with :func:`load`."""
         arrays = {k: getattr(self, k) for k in _ARRAYS if getattr(self, k) is not None}
-        np.savez(
-            path,
-            lowprec_sparse=np.array(FORMAT_VERSION),
-            format=np.array(self.format),
-            shape=np.array(self.shape, np.int64),
-            **arrays,
-        )
+        # through a file object: np.savez would append ".npz" to a name without
+        # it, and load(path) would then not find the file
+        with open(path, "wb") as f:
+            np.savez(
+                f,
+                lowprec_sparse=np.array(FORMAT_VERSION),
+                format=np.array(self.format),
+                shape=np.array(self.shape, np.int64),
+                **arrays,
+            )
 
 
 def load(path) -> SparseMatrix:
     """Read a :meth:`SparseMatrix.save` file (allow_pickle=False)."""
-    with np.load(path, allow_pickle=False) as f:
+    f = np.load(path, allow_pickle=False)
+    if not isinstance(f, np.lib.npyio.NpzFile):
+        msg = f"{path} is not a lowprec sparse file (a single .npy array, not an .npz)"
+        raise ValueError(msg)
+    with f:
         if "lowprec_sparse" not in f.files:
             msg = f"{path} is not a lowprec sparse file (no 'lowprec_sparse' entry)"
             raise ValueError(msg)
@@ -272,6 +281,10 @@ def load(path) -> SparseMatrix:
         shape = tuple(int(s) for s in f["shape"])
         arr = {k: (f[k] if k in f.files else None) for k in _ARRAYS}
     _check_structure(fmt, shape, arr)
+    if fmt == "nm24":
+        zp = arr["zero_point"]
+        fill = zp if zp is not None else np.zeros(shape[0], arr["val"].dtype)
+        arr["idx"] = _nm_flags(arr["idx"], arr["val"], fill, -(-shape[1] // 4))
     return SparseMatrix(
         fmt, shape, arr["ptr"], arr["idx"], arr["val"], arr["scale"], arr["zero_point"]
     )
@@ -294,7 +307,7 @@ def _check_structure(fmt, shape, arr):
         and bool(np.all(np.diff(ptr) >= 0))
         and idx.shape == (ptr[-1],)
         and val.dtype in VALUE_TYPES
-        and val.size == per * ptr[-1]
+        and val.shape == (per * ptr[-1],)
     )
     if ok and fmt != "nm24" and idx.size:
         ok = idx.dtype in (np.uint16, np.int32) and int(idx.min()) >= 0
@@ -308,6 +321,7 @@ def _check_structure(fmt, shape, arr):
         sc, zp = arr["scale"], arr["zero_point"]
         ok = sc is not None and zp is not None and sc.shape == (M,) and zp.shape == (M,)
         ok = ok and sc.dtype == np.float32 and zp.dtype == np.int8
+        ok = ok and bool(np.all(np.isfinite(sc) & (sc > 0)))
     if not ok:
         msg = f"corrupt or unsupported sparse file: structure of a {fmt} {shape} matrix"
         raise ValueError(msg)
@@ -459,7 +473,22 @@ def _pack_nm(wm, mask, fill):
     idx = (p0 | (p1 << 2)).astype(np.uint8).reshape(-1)
     val = np.stack([v0, v1], -1).reshape(-1)
     ptr = np.arange(M + 1, dtype=np.int64) * G
-    return ptr, idx, val
+    return ptr, _nm_flags(idx, val, fill.reshape(-1), G), val
+
+
+def _nm_flags(idx, val, fill, G):
+    """nm24 position bytes (p0 | p1 << 2) with the free-slot flags set: slot 1
+    is free where it repeats slot 0's position, slot 0 too where both slots
+    hold the row's fill value (an empty group). The kernels skip free slots'
+    products (0 * inf would be NaN where the weight was pruned). Derived from
+    the arrays alone, so files written before the flags existed read the same.
+    """
+    pos = idx & 15
+    free1 = (pos & 3) == (pos >> 2)
+    f = np.repeat(fill, G)
+    v = val.reshape(-1, 2)
+    free0 = free1 & (v[:, 0] == f) & (v[:, 1] == f)
+    return (pos | (free0 * NM_FREE0) | (free1 * NM_FREE1)).astype(np.uint8)
 
 
 def _row_vec(arr, name, M):
@@ -494,7 +523,7 @@ def _check_x(x, K, dtypes, fix):
             f"x.shape[0] must equal w.shape[1]={K} (W (M, K) @ X (K, N)), got {x.shape}"
         )
         raise ValueError(msg)
-    return x.reshape(K, -1) if x.ndim == 1 else x
+    return x.reshape(K, 1) if x.ndim == 1 else x
 
 
 def _check_out(out, shape, dtype, x):
@@ -1340,6 +1369,16 @@ def auto_pack(
     if not isinstance(n_hint, numbers.Integral) or n_hint < 1:
         msg = f"n_hint must be an int >= 1 (columns of X per call), got {n_hint!r}"
         raise ValueError(msg)
+    if dtype is not None and np.dtype(dtype) not in (
+        np.dtype(np.float32),
+        np.dtype(np.float16),
+    ):
+        msg = (
+            f"dtype must be None, np.float32 or np.float16 (auto_pack compares float "
+            f"kernels), got {dtype!r}; for int8 weights call from_dense(w, "
+            f"dtype=np.int8) and qlinear_spmm"
+        )
+        raise TypeError(msg)
     M, K = w.shape
     if mask is None:
         mask = w != 0
@@ -1351,15 +1390,15 @@ def auto_pack(
         elif f == "bsr4x1":
             pm = np.zeros((-(-M // 4) * 4, K), bool)
             pm[:M] = mask
-            stored = 4 * int(pm.reshape(-1, 4, K).any(1).sum())
+            stored = 4 * int(pm.reshape(-(-M // 4), 4, K).any(1).sum())
         elif f == "bsr1x4":
             pm = np.zeros((M, -(-K // 4) * 4), bool)
             pm[:, :K] = mask
-            stored = 4 * int(pm.reshape(M, -1, 4).any(2).sum())
+            stored = 4 * int(pm.reshape(M, -(-K // 4), 4).any(2).sum())
         else:
             pm = np.zeros((M, -(-K // 4) * 4), bool)
             pm[:, :K] = mask
-            if pm.reshape(M, -1, 4).sum(2).max(initial=0) > 2:
+            if pm.reshape(M, -(-K // 4), 4).sum(2).max(initial=0) > 2:
                 continue
             stored = M * (-(-K // 4)) * 2
         est[f] = _estimate(model[f], n_hint, stored * n_hint)

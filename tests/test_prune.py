@@ -120,6 +120,22 @@ def test_global_magnitude():
         prune.global_magnitude(ws, 0.5, min_per_layer=0.8, max_per_layer=0.5)
 
 
+def test_global_magnitude_ties_take_back_only_tied():
+    # the threshold's ties overshoot the target (two .5s for one place): the
+    # excess comes back from the tied entries, not from a layer without ties
+    # (which un-pruned its .4 and kept it over a pruned .5)
+    ws = {
+        "a": np.array([0.1, 0.2, 0.3, 0.4] + [0.9] * 6),
+        "b": np.array([0.5, 0.5]),
+    }
+    masks = prune.global_magnitude(ws, 5 / 12)
+    kept = np.concatenate([np.abs(ws[n])[masks[n]] for n in ws])
+    gone = np.concatenate([np.abs(ws[n])[~masks[n]] for n in ws])
+    assert gone.size == 5
+    assert kept.min() >= gone.max()
+    np.testing.assert_array_equal(np.sort(gone), [0.1, 0.2, 0.3, 0.4, 0.5])
+
+
 def test_schedules():
     c = prune.constant(0.5, begin=10)
     assert c(0) == 0

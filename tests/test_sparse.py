@@ -565,6 +565,48 @@ def test_load_rejects_bad_files(tmp_path):
     )
     with pytest.raises(ValueError, match="corrupt"):
         sp.load(tmp_path / "bad.npz")
+    # int8 scales that from_dense would refuse (negated or NaN results), a
+    # 2-D val, a plain .npy
+    Q = sp.from_dense(np.eye(4, dtype=np.float32), dtype=np.int8)
+    good = {"lowprec_sparse": np.array(sp.FORMAT_VERSION), "format": np.array("csr"),
+            "shape": np.array([4, 4]), "ptr": Q.ptr, "idx": Q.idx, "val": Q.val,
+            "scale": Q.scale, "zero_point": Q.zero_point}  # fmt: skip
+    for key, bad in [
+        ("scale", -Q.scale),
+        ("scale", np.full(4, np.nan, np.float32)),
+        ("val", Q.val.reshape(2, 2)),
+    ]:
+        np.savez(tmp_path / "q.npz", **{**good, key: bad})
+        with pytest.raises(ValueError, match="corrupt"):
+            sp.load(tmp_path / "q.npz")
+    np.save(tmp_path / "plain.npy", np.zeros(3))
+    with pytest.raises(ValueError, match="not an .npz"):
+        sp.load(tmp_path / "plain.npy")
+
+
+def test_save_without_suffix(tmp_path):
+    # np.savez alone appends ".npz" to such a name: load(path) found nothing
+    W = sp.from_dense(np.eye(3, dtype=np.float32))
+    W.save(tmp_path / "weights")
+    np.testing.assert_array_equal(sp.load(tmp_path / "weights").to_dense(), np.eye(3))
+
+
+@pytest.mark.parametrize("N", [1, 2, 17])
+def test_nm24_free_slots_skip_inf(isa, N):
+    # a 2:4 group keeping one weight or none stores free slots (fill value,
+    # a repeated position): their products are skipped, so an inf in a pruned
+    # column stays out of the row, as for CSR, for every N and path
+    w = np.array([[0, 2, 0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 1, 0, 0, 0]], np.float32)
+    for dt in (np.float32, np.float16):
+        W = sp.from_dense(w.astype(dt), format="nm24")
+        C = sp.from_dense(w.astype(dt), format="csr")
+        for col in (0, 1):  # pruned in both rows / kept in row 0
+            x = np.ones((8, N), np.float32)
+            x[col] = np.inf
+            want = sp.spmm(C, x)
+            np.testing.assert_array_equal(sp.spmm(W, x), want)
+            np.testing.assert_array_equal(sp.spmm(W, x[:, 0]), want[:, 0])
+        assert W._expanded()[1].tolist() == [1, 4]  # the stored entries only
 
 
 def test_immutable():
@@ -627,6 +669,18 @@ def test_bad_inputs():
             np.uint8(0),
             bias=np.ones(3, np.int32),
         )
+
+
+def test_auto_pack_rejects_int8_and_takes_empty(monkeypatch):
+    # int8 values would be truncated floats (dense) or fail in the timing
+    # call (sparse); M = 0 failed to reshape its 4x1 block count
+    w = np.ones((8, 8), np.float32)
+    with pytest.raises(TypeError, match="dtype must be None, np.float32 or np.float16"):
+        sp.auto_pack(w, n_hint=4, dtype=np.int8)
+    model = {f: {str(n): [1e-6, 1e-9] for n in sp._CAL_N} for f in ("dense", *FORMATS)}
+    monkeypatch.setitem(sp._cost_memory, sp._machine_key(), model)
+    got = sp.auto_pack(np.zeros((0, 8), np.float32), n_hint=4, verify=False)
+    assert got.weights.shape == (0, 8)
 
 
 def test_auto_pack_choice_and_reason(monkeypatch):
