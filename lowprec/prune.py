@@ -153,7 +153,10 @@ def _block_mask(wf, s, r, c, norm):
     if wf.ndim != 2:
         msg = f"a ('block', r, c) pattern needs a 2-D weight, got shape {wf.shape}"
         raise ValueError(msg)
-    if not all(isinstance(t, numbers.Integral) and t > 0 for t in (r, c)):
+    if not all(
+        isinstance(t, numbers.Integral) and not isinstance(t, bool) and t > 0
+        for t in (r, c)
+    ):
         msg = f"block sides must be positive ints, got ('block', {r!r}, {c!r})"
         raise ValueError(msg)
     M, K = wf.shape
@@ -285,8 +288,8 @@ def polynomial(final, *, initial=0.0, begin=0, end, frequency=1, power=3):
     if not end > begin:
         msg = f"end must be > begin, got begin={begin!r}, end={end!r}"
         raise ValueError(msg)
-    if power <= 0:
-        msg = f"power must be > 0, got {power!r}"
+    if not (isinstance(power, numbers.Real) and math.isfinite(power) and power > 0):
+        msg = f"power must be a finite number > 0, got {power!r}"
         raise ValueError(msg)
 
     def schedule(step):

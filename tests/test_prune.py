@@ -157,6 +157,10 @@ def test_schedules():
         prune.polynomial(0.5, begin=5, end=5)
     with pytest.raises(ValueError, match=r"in \[0, 1\)"):
         prune.polynomial(1.0, end=5)
+    with pytest.raises(ValueError, match="power must be a finite number > 0"):
+        prune.polynomial(0.5, end=5, power=float("nan"))
+    with pytest.raises(ValueError, match="block sides must be positive ints"):
+        prune.magnitude(np.ones((4, 4)), 0.5, pattern=("block", True, 1))
 
 
 def test_report():
