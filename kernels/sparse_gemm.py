@@ -1162,8 +1162,9 @@ def spmm_float_portable(indptr, cols, vals, x, chunks, bias, lo, hi, out):
 # group whose lanes past the row read the row's last entry and are zeroed
 # before the FMA. Only stored entries are read (an inf in an unstored column of
 # x stays out of the row, as in spmv_float). 1024 x 1024, 1 thread, the
-# kernel alone, us (scalar spmv_float): 70 % 136 -> ~100, 90 % 54 -> ~37,
-# 95 % 50 -> ~20; ~1 cycle a value, 17 loads per 8 values. Each lane sums its
+# harness's spmm call (the scalar spmv_float, forced by the portable path ->
+# this), ms: 90 % 0.105 -> 0.056, 50 % 0.395 -> 0.224; ~1 cycle a stored value
+# in scratch timings, 17 loads per 8 values. Each lane sums its
 # entries in order, the lanes and the two sums are added in a tree at the end:
 # at most n - 1 additions on any path (the bound of spmv_float).
 
@@ -1176,6 +1177,8 @@ def _row_dot8(typingctx, x, cols, vals, p0, p1):
         return None
     if vals.dtype not in (types.float32, types.uint16):
         return None
+    if any(a.ndim != 1 or a.layout != "C" for a in (x, cols, vals)):
+        return None  # read with unit stride from .data
     half = vals.dtype == types.uint16
 
     def codegen(context, builder, sig, args):

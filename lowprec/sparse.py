@@ -248,16 +248,18 @@ class SparseMatrix:
     def save(self, path) -> None:
         """Write an .npz (no pickle); read back with :func:`load`."""
         arrays = {k: getattr(self, k) for k in _ARRAYS if getattr(self, k) is not None}
-        # through a file object: np.savez would append ".npz" to a name without
-        # it, and load(path) would then not find the file
+        meta = {
+            "lowprec_sparse": np.array(FORMAT_VERSION),
+            "format": np.array(self.format),
+            "shape": np.array(self.shape, np.int64),
+        }
+        if hasattr(path, "write"):  # an open file object
+            np.savez(path, **meta, **arrays)
+            return
+        # a name through a file object: np.savez would append ".npz" to a name
+        # without it, and load(path) would then not find the file
         with open(path, "wb") as f:
-            np.savez(
-                f,
-                lowprec_sparse=np.array(FORMAT_VERSION),
-                format=np.array(self.format),
-                shape=np.array(self.shape, np.int64),
-                **arrays,
-            )
+            np.savez(f, **meta, **arrays)
 
 
 def load(path) -> SparseMatrix:
@@ -470,19 +472,24 @@ def _pack_nm(wm, mask, fill):
     v1 = np.where(counts == 2, v1, f)
     p0 = np.where(counts >= 1, p0, 0)
     p1 = np.where(counts >= 1, p1, 0)
-    idx = (p0 | (p1 << 2)).astype(np.uint8).reshape(-1)
+    # free-slot flags: the kernels skip a free slot's product (0 * inf would
+    # be NaN where the weight was pruned)
+    flags = (counts == 0) * NM_FREE0 | (counts < 2) * NM_FREE1
+    idx = (p0 | (p1 << 2) | flags).astype(np.uint8).reshape(-1)
     val = np.stack([v0, v1], -1).reshape(-1)
     ptr = np.arange(M + 1, dtype=np.int64) * G
-    return ptr, _nm_flags(idx, val, fill.reshape(-1), G), val
+    return ptr, idx, val
 
 
 def _nm_flags(idx, val, fill, G):
-    """nm24 position bytes (p0 | p1 << 2) with the free-slot flags set: slot 1
+    """nm24 position bytes (p0 | p1 << 2) of a file written before the
+    free-slot flags existed, with the flags derived from the arrays: slot 1
     is free where it repeats slot 0's position, slot 0 too where both slots
-    hold the row's fill value (an empty group). The kernels skip free slots'
-    products (0 * inf would be NaN where the weight was pruned). Derived from
-    the arrays alone, so files written before the flags existed read the same.
-    """
+    hold the row's fill value (an empty group, or one kept weight equal to
+    the fill value, whose product is then skipped: 0 either way for finite
+    x). A file with any flag set keeps its own."""
+    if np.any(idx & (NM_FREE0 | NM_FREE1)):
+        return idx
     pos = idx & 15
     free1 = (pos & 3) == (pos >> 2)
     f = np.repeat(fill, G)
@@ -637,11 +644,12 @@ def spmm(w, x, *, bias=None, activation=None, out=None, device=None):
     threads = _threads(w.nnz * N)
     xf = np.ascontiguousarray(x2, dtype=np.float32)
     if N == 1:  # one column: a row-dot kernel, not a 1-of-16-lanes tile
-        indptr, cols, vals = _spmv_arrays(w)
+        fast = _row_dot8_path()  # once: the arrays' form follows it
+        indptr, cols, vals = _spmv_arrays(w, fast)
         chunks = _cached_row_chunks(w, indptr, _parts(threads))
         args = (indptr, cols, vals, xf.reshape(K), chunks, b, np.float32(lo),
                 np.float32(hi), y2.reshape(M))  # fmt: skip
-        if _row_dot8_path():
+        if fast:
             _run(threads, _ks.spmv_float8_serial, _ks.spmv_float8, args)
         else:
             _dispatch.call_on_threads(threads, _ks.spmv_float, *args)
@@ -781,15 +789,15 @@ def _row_dot8_path() -> bool:
     )
 
 
-def _spmv_arrays(w):
+def _spmv_arrays(w, fast):
     """(indptr, cols, vals) for the one-column float kernels, cached: CSR's own
     arrays (uint16 indices where K allows) for the row-dot of 8, the expanded
     view otherwise; float16 values as their uint16 bits for it (widened in the
     kernel: half the bytes), as float32 for the scalar kernel."""
-    key = ("spmv", _row_dot8_path())
+    key = ("spmv", fast)
     got = w._cache.get(key)
     if got is None:
-        if not key[1]:
+        if not fast:
             indptr, cols, vals = w._expanded()
             got = (indptr, cols, _f32_values(w, vals))
         else:

@@ -398,6 +398,19 @@ def test_nbits_bad_inputs():
         nb.quantize_blockwise(
             w, method="gptq", calibration=np.ones((4, 32), np.float32)
         )
+    # empty weights, float64 beyond float32's range, a block whose range
+    # overflows float32 (asymmetric scale = (max - min) / 15)
+    for empty in (np.ones((0, 5), np.float32), np.ones((5, 0), np.float32)):
+        with pytest.raises(ValueError, match="w has no elements"):
+            nb.quantize_blockwise(empty)
+        with pytest.raises(ValueError, match="w has no elements"):
+            nb.kmeans_quantize(empty)
+    with pytest.raises(ValueError, match="beyond float32's range"):
+        nb.quantize_blockwise(np.full((64, 32), 1e300))
+    big = np.ones((64, 32), np.float32)
+    big[0, 0], big[1, 0] = 3e38, -3e38
+    with pytest.raises(ValueError, match="scale overflows float32"):
+        nb.quantize_blockwise(big, symmetric=False)
     with pytest.raises(ValueError, match="method must be"):
         nb.quantize_blockwise(w, method="awq")
     p, s, _ = nb.quantize_blockwise(w)

@@ -7,6 +7,9 @@ int8: bit-exact against lowprec.qlinear_matmul on the densified weights (the
 transposed product), itself tested against the int64 oracle.
 """
 
+import io
+
+import numba
 import numpy as np
 import pytest
 from hypothesis import given
@@ -169,7 +172,21 @@ def test_spmm_one_column_rows(isa, threads, fmt, dtype, monkeypatch):
     column no row stores stays out of every row (only stored entries are
     read), and a NaN reaches exactly the rows that store its column."""
     if threads == "parallel":
+        if numba.get_num_threads() < 2:
+            pytest.skip("one numba thread: the parallel driver would run serially")
         monkeypatch.setattr(sp, "SERIAL_MACS", 0)
+    ran = []
+    names = ("spmv_float8_serial", "spmv_float8", "spmv_float")
+    for name in names:
+        real = getattr(sp._ks, name)
+        monkeypatch.setattr(
+            sp._ks, name, lambda *a, _r=real, _n=name: (ran.append(_n), _r(*a))[1]
+        )
+    fast = isa != "portable"
+    want_kernel = (
+        "spmv_float" if not fast
+        else "spmv_float8" if threads == "parallel" else "spmv_float8_serial"
+    )  # fmt: skip
     rng = np.random.default_rng([len(threads), len(fmt), np.dtype(dtype).itemsize])
     for M, K in [(44, 300), (9, 65_600)]:
         w = np.zeros((M, K), dtype)
@@ -212,6 +229,7 @@ def test_spmm_one_column_rows(isa, threads, fmt, dtype, monkeypatch):
         W2 = sp.from_dense(w2, w2 != 0, format=fmt)
         x = rng.standard_normal(K).astype(np.float32)
         assert np.isinf(sp.spmm(W2, x)[r])
+    assert set(ran) == {want_kernel}
 
 
 def _qref(W, x, sx, zx, sy, zy, **kw):
@@ -589,24 +607,34 @@ def test_save_without_suffix(tmp_path):
     W = sp.from_dense(np.eye(3, dtype=np.float32))
     W.save(tmp_path / "weights")
     np.testing.assert_array_equal(sp.load(tmp_path / "weights").to_dense(), np.eye(3))
+    buf = io.BytesIO()  # and an open file object, as np.savez takes
+    W.save(buf)
+    buf.seek(0)
+    np.testing.assert_array_equal(sp.load(buf).to_dense(), np.eye(3))
 
 
 @pytest.mark.parametrize("N", [1, 2, 17])
-def test_nm24_free_slots_skip_inf(isa, N):
+def test_nm24_free_slots_skip_inf(isa, N, tmp_path):
     # a 2:4 group keeping one weight or none stores free slots (fill value,
     # a repeated position): their products are skipped, so an inf in a pruned
-    # column stays out of the row, as for CSR, for every N and path
+    # column stays out of the row, as for CSR, for every N and path, also
+    # after a save / load; a kept 0 (mask True) is a stored entry, as in CSR
     w = np.array([[0, 2, 0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 1, 0, 0, 0]], np.float32)
+    mask = w != 0
+    mask[1, 1] = True  # a kept zero, alone in its group
     for dt in (np.float32, np.float16):
-        W = sp.from_dense(w.astype(dt), format="nm24")
-        C = sp.from_dense(w.astype(dt), format="csr")
-        for col in (0, 1):  # pruned in both rows / kept in row 0
+        W = sp.from_dense(w.astype(dt), mask, format="nm24")
+        W.save(tmp_path / "w.npz")
+        V = sp.load(tmp_path / "w.npz")
+        C = sp.from_dense(w.astype(dt), mask, format="csr")
+        for col in (0, 1, 5):  # pruned / kept in row 0, kept 0 in row 1 / pruned
             x = np.ones((8, N), np.float32)
             x[col] = np.inf
             want = sp.spmm(C, x)
-            np.testing.assert_array_equal(sp.spmm(W, x), want)
-            np.testing.assert_array_equal(sp.spmm(W, x[:, 0]), want[:, 0])
-        assert W._expanded()[1].tolist() == [1, 4]  # the stored entries only
+            for M_ in (W, V):
+                np.testing.assert_array_equal(sp.spmm(M_, x), want)
+                np.testing.assert_array_equal(sp.spmm(M_, x[:, 0]), want[:, 0])
+        assert W._expanded()[1].tolist() == [1, 1, 4]  # the stored entries only
 
 
 def test_immutable():
