@@ -631,6 +631,142 @@ def test_checkpoint_reads_tensors(tmp_path):
     assert list(got["b"]) == [1, -2]
 
 
+def test_checkpoint_refuses_negative_strides(tmp_path):
+    # {"w": _rebuild_tensor_v2(storage of 4 floats, 0, (100,), (-1,), False,
+    # OrderedDict())} as torch's protocol-2 opcodes: a negative stride put the
+    # view's elements before the storage (as_strided read outside the buffer)
+    pkl = (
+        b"\x80\x02}X\x01\x00\x00\x00wctorch._utils\n_rebuild_tensor_v2\n(("
+        b"X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000"
+        b"X\x03\x00\x00\x00cpuK\x04tQK\x00Kd\x85J\xff\xff\xff\xff\x85\x89"
+        b"ccollections\nOrderedDict\n)RtRs."
+    )
+    data = [("0", b"\x00\x00\x80\x3f" * 4)]
+    with pytest.raises(pickle.UnpicklingError, match="does not fit its storage"):
+        load_state_dict(_zip(tmp_path, pkl, data))
+    ok = pkl.replace(b"Kd\x85J\xff\xff\xff\xff\x85", b"K\x04\x85K\x01\x85")
+    np.testing.assert_array_equal(load_state_dict(_zip(tmp_path, ok, data))["w"], 1.0)
+
+
+def test_external_data_only_from_a_path(tmp_path):
+    # from bytes, a tensor's external file was resolved against the current
+    # directory (any file there was read as weights)
+    w = numpy_helper.from_array(np.ones((2, 2), np.float32), "w")
+    w.data_location = TensorProto.EXTERNAL
+    w.ClearField("raw_data")
+    w.external_data.add(key="location", value="secret.bin")
+    n = helper.make_node("MatMul", ["x", "w"], ["y"])
+    io_ = [helper.make_tensor_value_info(k, F, [1, 2]) for k in "xy"]
+    g = helper.make_graph([n], "t", io_[:1], io_[1:], [w])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    for src in (m, m.SerializeToString()):
+        with pytest.raises(ValueError, match="external file"):
+            load_onnx(src, check=False)
+
+
+def test_repeated_node_names_keep_channels_last_right():
+    # an unnamed Conv (named Conv_0 by the loader) feeding a Conv named Conv_0:
+    # the channels-last hand-off flags were keyed by name (both convs got both)
+    w1, w2 = rnd(4, 3, 3, 3), rnd(4, 4, 3, 3)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["h"], pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["h", "w2"], ["y"], name="Conv_0", pads=[1, 1, 1, 1]),
+    ]
+    m = model(nodes, [("x", F, [1, 3, 8, 8])], [("y", F)], [("w1", w1), ("w2", w2)])
+    x = rnd(1, 3, 8, 8)
+    ref = ReferenceEvaluator(m).run(None, {"x": x})[0]
+    g = load_onnx(m)
+    assert len({n.name for n in g.nodes}) == len(g.nodes)
+    np.testing.assert_allclose(T.fuse_activations(g).run({"x": x})["y"], ref,
+                               rtol=1e-4, atol=1e-4)  # fmt: skip
+
+
+def test_integer_div_truncates():
+    m, feeds = _single("Div", [(3,), (3,)])
+    a, b = np.array([7, -7, 9], np.int64), np.array([2, 2, -4], np.int64)
+    got = G.Div("d", ["a", "b"], ["y"]).run(a, b)
+    assert got.dtype == np.int64
+    assert got.tolist() == [3, -3, -2]
+
+
+def test_quantize_constant_input_and_bias_beyond_int32():
+    # a non-zero constant tensor (np.histogram's bins at 0.7), and a Gemm
+    # column of tiny weights beside a large bias: the weight scale is raised
+    # so that the bias fits int32 (it was clipped: 0.058 for 5.0)
+    w = np.array([[1.0, 1e-7], [0.5, -1e-7]], np.float32)
+    b = np.array([0.0, 5.0], np.float32)
+    n = helper.make_node("Gemm", ["x", "w", "b"], ["y"])
+    m = model([n], [("x", F, [3, 2])], [("y", F)], [("w", w), ("b", b)])
+    g = load_onnx(m)
+    calib = np.full((3, 2), 0.7, np.float32)
+    q = T.quantize(g, calib)
+    np.testing.assert_allclose(q.run({"x": calib})["y"][:, 1], 5.0, rtol=1e-3)
+
+
+def test_fp16_keeps_out_of_range_layers_float32():
+    w = np.array([[1.0, 70000.0]], np.float32)
+    m = model([helper.make_node("MatMul", ["x", "w"], ["y"])], [("x", F, [1, 1])],
+              [("y", F)], [("w", w)])  # fmt: skip
+    with pytest.warns(RuntimeWarning, match="beyond float16's range"):
+        h = T.to_fp16(load_onnx(m))
+    np.testing.assert_array_equal(h.run({"x": np.full((1, 1), 0.5, np.float32)})["y"],
+                                  [[0.5, 35000.0]])  # fmt: skip
+
+
+def test_export_legacy_clip_softmax_and_batched_matmul():
+    ort = pytest.importorskip("onnxruntime")
+    cases = [
+        (model([helper.make_node("Clip", ["x"], ["y"], min=0.0, max=6.0)],
+               [("x", F, [2, 4])], [("y", F)], opset=10), rnd(2, 4) * 10),
+        (model([helper.make_node("Softmax", ["x"], ["y"], axis=1)],
+               [("x", F, [2, 3, 4])], [("y", F)], opset=11), rnd(2, 3, 4)),
+        (model([helper.make_node("MatMul", ["x", "w"], ["y"])], [("x", F, [2, 3, 5])],
+               [("y", F)], [("w", rnd(5, 4))]), rnd(2, 3, 5)),
+    ]  # fmt: skip
+    for m, x in cases:
+        g = load_onnx(m)
+        want = g.run({"x": x})["y"]
+        # (ONNX Runtime: the reference evaluator's opset-11 Softmax takes the
+        # opset-13 meaning)
+        ref = ort.InferenceSession(m.SerializeToString()).run(None, {"x": x})[0]
+        np.testing.assert_allclose(want, ref, rtol=1e-5, atol=1e-6)
+        e = S.export_onnx(g)
+        got = ort.InferenceSession(e.SerializeToString()).run(None, {"x": x})[0]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_batchnorm_training_mode_refused():
+    ins = ["x", "s", "b", "m", "v"]
+    n = helper.make_node("BatchNormalization", ins, ["y"], training_mode=1)
+    c = [(k, np.ones(3, np.float32)) for k in ins[1:]]
+    m = model([n], [("x", F, [2, 3, 4, 4])], [("y", F)], c)
+    with pytest.raises(G.RuntimeGraphError, match="training mode"):
+        load_onnx(m, check=False)
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["demo", "--threads", "1,x"], "--threads must be comma-separated ints"),
+        (["demo", "--batch", "0"], "--batch must be >= 1"),
+        (["demo", "--limit", "0"], "--limit must be >= 1"),
+        (["run", "m.onnx", "--batch", "0"], "--batch must be >= 1"),
+        (["run", "nothere.onnx"], "no such model file"),
+    ],
+)
+def test_cli_errors_are_one_line(argv, match, capsys):
+    from lowprec import cli
+
+    try:
+        rc = cli.main(argv)
+    except SystemExit as e:  # argparse's p.error
+        rc = e.code
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert match in err
+    assert "Traceback" not in err
+
+
 # --------------------------------------------------------------------------- #
 # the demo pipeline on a small subset (needs the two data-only packages)
 

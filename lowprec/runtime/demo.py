@@ -324,10 +324,11 @@ def run_demo(limit=None, batch=250, threads=(1, 2), *, ort=True, repeat=3, log=p
     conv_path = pick_conv_backend(fp32, calib, x[:batch], threads[0])
     variants = build_variants(fp32, calib, log=log)
     ort_models, reason = (None, "ORT rows skipped (--no-ort)")
-    tmp = tempfile.mkdtemp(prefix="lowprec-demo-")
     if ort:
         int8 = next(m for label, m, _ in variants if label == "int8 per-channel")
-        ort_models, reason = _ort_models(fp32, int8, calib, tmp)
+        # the exported / quantized files are read back as bytes: removed here
+        with tempfile.TemporaryDirectory(prefix="lowprec-demo-") as tmp:
+            ort_models, reason = _ort_models(fp32, int8, calib, tmp)
     rows = []
     ref = None
     for n_threads in threads:
@@ -425,7 +426,20 @@ def main(argv=None) -> int:
         "--repeat", type=int, default=3, help="timing passes over the data (median)"
     )
     opts = p.parse_args(argv)
-    threads = tuple(int(t) for t in str(opts.threads).split(","))
+    try:
+        threads = tuple(int(t) for t in str(opts.threads).split(","))
+    except ValueError:
+        p.error(
+            f"--threads must be comma-separated ints, e.g. 1,2; got {opts.threads!r}"
+        )
+    if not threads or min(threads) < 1:
+        p.error(f"--threads must be >= 1, got {opts.threads!r}")
+    if opts.limit is not None and opts.limit < 1:
+        p.error(f"--limit must be >= 1 (images), got {opts.limit}")
+    if opts.batch < 1:
+        p.error(f"--batch must be >= 1, got {opts.batch}")
+    if opts.repeat < 1:
+        p.error(f"--repeat must be >= 1, got {opts.repeat}")
     try:
         res = run_demo(
             opts.limit, opts.batch, threads, ort=not opts.no_ort, repeat=opts.repeat
@@ -443,8 +457,6 @@ def main(argv=None) -> int:
 def cli_run(argv=None) -> int:
     """``lowprec run MODEL.onnx [--quantize int8 --calib DATA.npy] [--fp16]
     [--prune 0.5] [--input DATA.npy] [--save OUT.lpz] [--export OUT.onnx]``."""
-    from .onnx_loader import load_onnx
-
     p = argparse.ArgumentParser(prog="lowprec run")
     p.add_argument("model")
     p.add_argument("--quantize", choices=["int8"], default=None)
@@ -459,6 +471,20 @@ def cli_run(argv=None) -> int:
     p.add_argument("--save", default=None)
     p.add_argument("--export", default=None)
     o = p.parse_args(argv)
+    if o.batch < 1:
+        p.error(f"--batch must be >= 1, got {o.batch}")
+    if o.threads is not None and o.threads < 1:
+        p.error(f"--threads must be >= 1, got {o.threads}")
+    try:
+        return _cli_run(o, p)
+    except (OSError, ValueError, G.RuntimeGraphError) as e:
+        print(f"lowprec run: {e}", file=sys.stderr)
+        return 2
+
+
+def _cli_run(o, p) -> int:
+    from .onnx_loader import load_onnx
+
     if o.threads:
         _set_threads(o.threads)
     model = T.fuse_activations(load_onnx(o.model))

@@ -503,9 +503,19 @@ class Mul(_Binary):
     fn = np.multiply
 
 
+def _onnx_divide(a, b):
+    # ONNX Div: integer tensors divide to the integer type, truncating toward
+    # zero (C's division; numpy's // floors); floats as numpy
+    a, b = np.asarray(a), np.asarray(b)
+    if a.dtype.kind in "iu" and b.dtype.kind in "iu":
+        q = np.abs(a) // np.abs(b)
+        return np.where((a < 0) != (b < 0), -q, q).astype(np.result_type(a, b))
+    return np.divide(a, b)
+
+
 class Div(_Binary):
     op_type = "Div"
-    fn = np.divide
+    fn = staticmethod(_onnx_divide)
 
 
 class Relu(Node):

@@ -68,6 +68,7 @@ def _read(source):
     from google.protobuf.message import DecodeError
 
     if isinstance(source, onnx.ModelProto):
+        _refuse_external_data(source, "the ModelProto")
         return source
     where = "model bytes"
     try:
@@ -83,13 +84,40 @@ def _read(source):
         raise ValueError(msg) from None
     except FileNotFoundError:
         raise
-    except (OSError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError, onnx.checker.ValidationError) as e:
+        # (ValidationError: external data outside the model's folder, a link)
         msg = f"{where}: cannot read the ONNX model ({e})"
         raise ValueError(msg) from None
+    if where == "model bytes":
+        _refuse_external_data(m, where)
     if not m.graph.node and not m.graph.output:
         msg = f"{where}: empty or malformed ONNX model (no nodes, no outputs)"
         raise ValueError(msg)
     return m
+
+
+def _refuse_external_data(m, where):
+    """Tensors stored in external files are only read when the model is
+    loaded from its path (onnx.load resolves them inside the model's folder):
+    from bytes or a ModelProto, numpy_helper would resolve them against the
+    current directory and read whatever file is there."""
+    import onnx
+
+    ext = onnx.TensorProto.EXTERNAL
+    names = [t.name for t in m.graph.initializer if t.data_location == ext]
+    names += [
+        a.t.name or node.name
+        for node in m.graph.node
+        for a in node.attribute
+        if a.type == onnx.AttributeProto.TENSOR and a.t.data_location == ext
+    ]
+    if names:
+        msg = (
+            f"{where}: tensor {names[0]!r} keeps its data in an external file, "
+            f"which is only read when the model is loaded from its path; pass the "
+            f".onnx file's path"
+        )
+        raise ValueError(msg)
 
 
 def _attrs(node):
@@ -167,6 +195,9 @@ class _Builder:
         self.outputs = {o.name for o in g.output}
         self.done = set()  # ids of onnx nodes folded into another
         self.nodes = []
+        self._names = (
+            set()
+        )  # node names are unique in the Graph (transforms key on them)
 
     # ------------------------------------------------------------------ #
     def const(self, node, i, what=None, required=True):
@@ -223,14 +254,14 @@ class _Builder:
             nodes = keep
 
     def emit(self, cls, node, inputs, outputs=None, **params):
-        self.nodes.append(
-            cls(
-                node.name or f"{node.op_type}_{len(self.nodes)}",
-                inputs,
-                list(outputs or node.output),
-                **params,
-            )
-        )
+        # ONNX does not require unique node names (nor any): a repeated or
+        # generated one that is taken gets a suffix
+        base = node.name or f"{node.op_type}_{len(self.nodes)}"
+        name, k = base, 1
+        while name in self._names:
+            name, k = f"{base}_{k}", k + 1
+        self._names.add(name)
+        self.nodes.append(cls(name, inputs, list(outputs or node.output), **params))
 
     def simple(self, cls, node, **params):
         self.emit(cls, node, list(node.input), **params)
@@ -269,8 +300,10 @@ class _Builder:
         )
 
     def op_BatchNormalization(self, node, a):
-        if len(node.output) > 1 and any(node.output[1:]):
-            raise _err(node, "training mode (extra outputs) is not supported")
+        if len(node.output) > 1 and any(node.output[1:]) or a.get("training_mode"):
+            # (training_mode=1 normalizes with the batch's statistics, not the
+            # stored running ones)
+            raise _err(node, "training mode is not supported (inference only)")
         gamma, beta, mean, var = (
             self.const(node, i, nm)
             for i, nm in ((1, "scale"), (2, "B"), (3, "mean"), (4, "var"))
@@ -339,7 +372,9 @@ class _Builder:
             return
         if node.input[1] in self.consts and self.consts[node.input[1]].ndim == 2:
             w = self.consts[node.input[1]].astype(np.float32)
-            self.emit(G.Gemm, node, [node.input[0]], w=w, b=None)
+            # matmul: A may have batch dimensions (ONNX Gemm takes 2-D A only:
+            # exported as MatMul, serialize.export_onnx)
+            self.emit(G.Gemm, node, [node.input[0]], w=w, b=None, matmul=True)
         else:
             self.simple(G.MatMul, node)
 

@@ -344,6 +344,17 @@ def export_onnx(model, path=None, *, opset=17):
             used.add(name)
         return name
 
+    def gemm_node(name, ins, dst, p):
+        # Gemm, or MatMul (+ Add of the bias) for a node loaded from MatMul:
+        # its A may have batch dimensions, which ONNX Gemm rejects
+        if not p.get("matmul"):
+            nodes.append(helper.make_node("Gemm", ins, [dst], name=name))
+            return
+        mm = dst if len(ins) == 2 else name + "_mm"
+        nodes.append(helper.make_node("MatMul", ins[:2], [mm], name=name))
+        if len(ins) > 2:
+            nodes.append(helper.make_node("Add", [mm, ins[2]], [dst], name=name + "_b"))
+
     def act_nodes(name, src, dst, activation):
         if activation is None:
             return src
@@ -401,7 +412,7 @@ def export_onnx(model, path=None, *, opset=17):
                     helper.make_node("Conv", ins, [core], name=nm, **conv_attrs(p))
                 )
             else:
-                nodes.append(helper.make_node("Gemm", ins, [core], name=nm))
+                gemm_node(nm, ins, core, p)
             t = act_nodes(nm, core, nm + "_act" if pool else y, p.get("activation"))
             if pool:
                 pool_node(nm, t, y, pool)
@@ -479,7 +490,7 @@ def export_onnx(model, path=None, *, opset=17):
                     helper.make_node("Conv", ins, [core], name=nm, **conv_attrs(p))
                 )
             else:
-                nodes.append(helper.make_node("Gemm", ins, [core], name=nm))
+                gemm_node(nm, ins, core, p)
             y = n.outputs[0]
             pool = p.get("pool")
             float_out = p.get("y_scale") is None
@@ -541,7 +552,37 @@ def export_onnx(model, path=None, *, opset=17):
             for t in n.inputs:
                 if t in model.constants:
                     init(t, model.constants[t])
-            nodes.append(helper.make_node(op, n.inputs, n.outputs, name=nm, **attrs))
+            ins = list(n.inputs)
+            if (
+                op == "Clip"
+                and len(ins) == 1
+                and (p.get("min") is not None or p.get("max") is not None)
+            ):
+                # opset < 11 bounds (attributes): inputs from opset 11 on
+                ins += [
+                    init(f"{nm}_{k}", np.float32(p[k])) if p.get(k) is not None else ""
+                    for k in ("min", "max")
+                ]
+            if op == "Softmax" and attrs.pop("legacy", False):
+                # opset < 13: softmax over all axes from `axis` on, as one
+                # flattened axis, then the input's shape again
+                shp, flat, sm = nm + "_shape", nm + "_flat", nm + "_sm"
+                nodes.append(helper.make_node("Shape", ins[:1], [shp], name=shp))
+                nodes.append(
+                    helper.make_node(
+                        "Flatten",
+                        ins[:1],
+                        [flat],
+                        name=flat,
+                        axis=int(attrs.get("axis", 1)),
+                    )  # fmt: skip
+                )
+                nodes.append(helper.make_node("Softmax", [flat], [sm], name=nm, axis=1))
+                nodes.append(
+                    helper.make_node("Reshape", [sm, shp], n.outputs, name=nm + "_r")
+                )
+                continue
+            nodes.append(helper.make_node(op, ins, n.outputs, name=nm, **attrs))
         else:
             msg = f"node {nm!r} (op {op}) has no ONNX export"
             raise NotImplementedError(msg)

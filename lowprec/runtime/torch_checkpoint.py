@@ -30,12 +30,19 @@ _STORAGE_DTYPES = {
 
 def _rebuild_tensor_v2(storage, offset, size, stride, requires_grad=None, *args):
     size, stride = tuple(size), tuple(stride)
+    ints = all(
+        isinstance(v, int) and not isinstance(v, bool) for v in (offset, *size, *stride)
+    )
+    # negative sizes or strides would put the view's elements before offset
+    # (as_strided reads outside the buffer): refused, as torch.save never
+    # writes them
+    ok = ints and len(size) == len(stride) and min((*size, *stride), default=0) >= 0
     n = (
         1 + sum((s - 1) * st for s, st in zip(size, stride, strict=True))
-        if all(size)
+        if ok and all(size)
         else 0
     )
-    if offset < 0 or offset + n > storage.size:
+    if not ok or offset < 0 or offset + n > storage.size:
         msg = (
             f"tensor of size {size} stride {stride} at offset {offset} does not fit "
             f"its storage of {storage.size} elements (corrupt checkpoint)"

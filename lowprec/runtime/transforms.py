@@ -8,6 +8,7 @@ model given is never modified.
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 
@@ -102,7 +103,7 @@ def _nhwc_handoff(model):
     """Between two 2-D convolutions (the first feeding only the second), keep
     the tensor channels-last: the first skips its NHWC -> NCHW transpose and
     the second its NCHW -> NHWC one. Such tensors are NHWC inside the graph."""
-    flags = {}
+    flags = {}  # by node identity: names may repeat in a hand-built Graph
     for node in model.nodes:
         if type(node) not in _CONVS or node.params["w"].ndim != 4:
             continue
@@ -115,12 +116,12 @@ def _nhwc_handoff(model):
             and cons[0].params["w"].ndim == 4
             and cons[0].inputs[0] == t
         ):
-            flags.setdefault(node.name, {})["nhwc_out"] = True
-            flags.setdefault(cons[0].name, {})["nhwc_in"] = True
+            flags.setdefault(id(node), {})["nhwc_out"] = True
+            flags.setdefault(id(cons[0]), {})["nhwc_in"] = True
     if not flags:
         return model
     nodes = [
-        _copy(n, params=flags[n.name]) if n.name in flags else n for n in model.nodes
+        _copy(n, params=flags[id(n)]) if id(n) in flags else n for n in model.nodes
     ]
     return _graph_like(model, nodes)
 
@@ -168,7 +169,11 @@ class HistogramObserver:
             return
         lo, hi = float(x.min()), float(x.max())
         if self.lo is None:
-            self.lo, self.hi = lo, hi if hi > lo else lo + 1e-8
+            # a constant tensor: a range wide enough for np.histogram's
+            # float32 bins at that magnitude (2048 bins need > 2048 float32
+            # steps: |lo| * 2**-12; lo + 1e-8 == lo in float32 at 0.7)
+            pad = max(1e-8, abs(lo) * 2.0**-10)
+            self.lo, self.hi = lo, hi if hi > lo else lo + pad
         elif lo < self.lo or hi > self.hi:
             nlo, nhi = min(lo, self.lo), max(hi, self.hi)
             # grow a little more than needed so a slowly widening range
@@ -329,6 +334,23 @@ def _weight_params(w2, axis_n, per_channel, dtype):
     return scale, zp.astype(dtype)
 
 
+def _fit_bias(ws, b, xs):
+    """Weight scales raised where the bias would not fit int32 in the
+    accumulator's scale xs * ws (|b| / (xs * ws) > 2**31 - 1: tiny weights
+    beside a large bias), as ONNX Runtime's quantizer does; the bias is then
+    exact to rounding instead of clipped (a Gemm column with weights ~1e-7 and
+    bias 5 gave 0.058 for 5.0)."""
+    if b is None:
+        return ws
+    lim = 2**31 - 1
+    xs1 = float(np.asarray(xs, np.float64).reshape(-1)[0])  # per tensor
+    need = np.abs(np.asarray(b, np.float64)) / (xs1 * lim)
+    if ws.ndim == 0 or ws.size == 1:
+        need = need.max(initial=0.0)
+    need = np.nextafter(need.astype(np.float32), np.float32(np.inf))
+    return np.maximum(ws, need).astype(np.float32).reshape(ws.shape)
+
+
 def _quantize_w(w2, scale, zp, axis_n):
     sc = scale if scale.ndim == 0 else np.expand_dims(scale, 1 - axis_n)
     z = zp if zp.ndim == 0 else np.expand_dims(zp, 1 - axis_n)
@@ -448,6 +470,7 @@ def quantize(
                 w = p["w"]
                 w2 = w.reshape(w.shape[0], -1)  # (M, K): channels on axis 0
                 ws, wz = _weight_params(w2, 0, per_channel, wdt)
+                ws = _fit_bias(ws, p.get("b"), xs)
                 wq = _quantize_w(w2, ws, wz, 0).reshape(w.shape)
                 geo = {
                     k: p[k]
@@ -467,8 +490,9 @@ def quantize(
             else:
                 w = p["w"]  # (K, N): channels on axis 1
                 ws, wz = _weight_params(w, 1, per_channel, wdt)
+                ws = _fit_bias(ws, p.get("b"), xs)
                 wq = _quantize_w(w, ws, wz, 1)
-                geo, cls = {}, G.QGemm
+                geo, cls = {"matmul": True} if p.get("matmul") else {}, G.QGemm
             bias = None
             if p.get("b") is not None:
                 acc_scale = xs.astype(np.float64) * ws.astype(np.float64)
@@ -533,18 +557,28 @@ def to_fp16(model, *, exclude=()):
     exclude = set(exclude)
     model = fuse_activations(model)
     nodes = []
+    half = {G.Conv: G.HalfConv, G.Gemm: G.HalfGemm}
     for n in model.nodes:
-        if type(n) is G.Conv and not _matches(n, exclude):
-            nodes.append(
-                _copy(n, cls=G.HalfConv, params={"w": n.params["w"].astype(np.float16)})
-            )
-        elif type(n) is G.Gemm and not _matches(n, exclude):
-            nodes.append(
-                _copy(n, cls=G.HalfGemm, params={"w": n.params["w"].astype(np.float16)})
-            )
-        else:
+        cls = half.get(type(n))
+        if cls is None or _matches(n, exclude):
             nodes.append(n)
+            continue
+        w = n.params["w"]
+        big = float(np.abs(w).max(initial=0.0))
+        if not big <= _F16_MAX:  # inf in float16 (or NaN weights): keep float32
+            warnings.warn(
+                f"to_fp16: node {n.name!r} ({n.op_type}) has weights beyond "
+                f"float16's range (max |w| = {big:g} > {_F16_MAX}); it stays float32",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            nodes.append(n)
+            continue
+        nodes.append(_copy(n, cls=cls, params={"w": w.astype(np.float16)}))
     return _graph_like(model, nodes, meta={"fp16": True})
+
+
+_F16_MAX = float(np.finfo(np.float16).max)  # 65504
 
 
 # --------------------------------------------------------------------------- #
