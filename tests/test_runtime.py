@@ -646,6 +646,13 @@ def test_checkpoint_refuses_negative_strides(tmp_path):
         load_state_dict(_zip(tmp_path, pkl, data))
     ok = pkl.replace(b"Kd\x85J\xff\xff\xff\xff\x85", b"K\x04\x85K\x01\x85")
     np.testing.assert_array_equal(load_state_dict(_zip(tmp_path, ok, data))["w"], 1.0)
+    # a stride-0 view of 2**34 elements over one float (64 GiB copied)
+    huge = pkl.replace(
+        b"Kd\x85J\xff\xff\xff\xff\x85",
+        b"J\x00\x00\x02\x00J\x00\x00\x02\x00\x86K\x00K\x00\x86",
+    )
+    with pytest.raises(pickle.UnpicklingError, match="does not fit its storage"):
+        load_state_dict(_zip(tmp_path, huge, data))
 
 
 def test_external_data_only_from_a_path(tmp_path):
@@ -677,16 +684,19 @@ def test_repeated_node_names_keep_channels_last_right():
     ref = ReferenceEvaluator(m).run(None, {"x": x})[0]
     g = load_onnx(m)
     assert len({n.name for n in g.nodes}) == len(g.nodes)
+    assert g.nodes[1].name == "Conv_0"  # an explicit name is kept; others move
     np.testing.assert_allclose(T.fuse_activations(g).run({"x": x})["y"], ref,
                                rtol=1e-4, atol=1e-4)  # fmt: skip
 
 
 def test_integer_div_truncates():
-    m, feeds = _single("Div", [(3,), (3,)])
     a, b = np.array([7, -7, 9], np.int64), np.array([2, 2, -4], np.int64)
     got = G.Div("d", ["a", "b"], ["y"]).run(a, b)
     assert got.dtype == np.int64
     assert got.tolist() == [3, -3, -2]
+    # the type's minimum (|-128| does not fit int8)
+    got = G.Div("d", ["a", "b"], ["y"]).run(np.array([-128], np.int8), np.int8(3))
+    assert got.tolist() == [-42]
 
 
 def test_quantize_constant_input_and_bias_beyond_int32():
@@ -701,6 +711,25 @@ def test_quantize_constant_input_and_bias_beyond_int32():
     calib = np.full((3, 2), 0.7, np.float32)
     q = T.quantize(g, calib)
     np.testing.assert_allclose(q.run({"x": calib})["y"][:, 1], 5.0, rtol=1e-3)
+    calib[0, 0] = 0.7001  # a range of fewer float32 steps than bins
+    T.quantize(g, calib)
+    q = T.quantize(g, calib, per_channel=False)  # the tensor's scale raised
+    np.testing.assert_allclose(q.run({"x": calib})["y"][:, 1], 5.0, rtol=1e-3)
+
+
+def test_quantized_batched_matmul_exports():
+    ort = pytest.importorskip("onnxruntime")
+    m = model([helper.make_node("MatMul", ["x", "w"], ["y"])], [("x", F, [2, 3, 5])],
+              [("y", F)], [("w", rnd(5, 4))])  # fmt: skip
+    x = rnd(2, 3, 5)
+    q = T.quantize(load_onnx(m), x)
+    want = q.run({"x": x})["y"]
+    e = S.export_onnx(q)
+    so = ort.SessionOptions()  # exact u8s8 sums (AVX2 CPUs saturate otherwise)
+    so.add_session_config_entry("session.x64quantprecision", "1")
+    got = ort.InferenceSession(e.SerializeToString(), so).run(None, {"x": x})[0]
+    assert got.shape == want.shape == (2, 3, 4)
+    np.testing.assert_allclose(got, want, atol=0.05 * np.abs(want).max())
 
 
 def test_fp16_keeps_out_of_range_layers_float32():

@@ -475,9 +475,13 @@ def cli_run(argv=None) -> int:
         p.error(f"--batch must be >= 1, got {o.batch}")
     if o.threads is not None and o.threads < 1:
         p.error(f"--threads must be >= 1, got {o.threads}")
+    if o.prune is not None and not 0 <= o.prune < 1:
+        p.error(f"--prune must be a sparsity in [0, 1), got {o.prune}")
     try:
         return _cli_run(o, p)
-    except (OSError, ValueError, G.RuntimeGraphError) as e:
+    except (
+        OSError, ValueError, TypeError, NotImplementedError, G.RuntimeGraphError
+    ) as e:  # fmt: skip
         print(f"lowprec run: {e}", file=sys.stderr)
         return 2
 

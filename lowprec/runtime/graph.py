@@ -508,8 +508,11 @@ def _onnx_divide(a, b):
     # zero (C's division; numpy's // floors); floats as numpy
     a, b = np.asarray(a), np.asarray(b)
     if a.dtype.kind in "iu" and b.dtype.kind in "iu":
-        q = np.abs(a) // np.abs(b)
-        return np.where((a < 0) != (b < 0), -q, q).astype(np.result_type(a, b))
+        with np.errstate(divide="ignore"):  # x / 0: undefined in ONNX, 0 here
+            q = a // b
+            # floor -> toward zero where the exact quotient is negative
+            q = q + ((a % b != 0) & ((a < 0) != (b < 0)))
+        return q.astype(np.result_type(a, b), copy=False)
     return np.divide(a, b)
 
 

@@ -195,9 +195,10 @@ class _Builder:
         self.outputs = {o.name for o in g.output}
         self.done = set()  # ids of onnx nodes folded into another
         self.nodes = []
-        self._names = (
-            set()
-        )  # node names are unique in the Graph (transforms key on them)
+        # unique node names (transforms key on them): every explicit name is
+        # reserved first, so that a generated or repeated one never takes it
+        self._names = {n.name for n in g.node if n.name}
+        self._taken = set()
 
     # ------------------------------------------------------------------ #
     def const(self, node, i, what=None, required=True):
@@ -258,9 +259,9 @@ class _Builder:
         # generated one that is taken gets a suffix
         base = node.name or f"{node.op_type}_{len(self.nodes)}"
         name, k = base, 1
-        while name in self._names:
+        while name in self._taken or (name != node.name and name in self._names):
             name, k = f"{base}_{k}", k + 1
-        self._names.add(name)
+        self._taken.add(name)
         self.nodes.append(cls(name, inputs, list(outputs or node.output), **params))
 
     def simple(self, cls, node, **params):
@@ -611,6 +612,7 @@ class _Builder:
                 w_zero_point=c[5],
                 y_scale=c[6],
                 y_zero_point=c[7],
+                matmul=True,  # A may have batch dimensions (exported as MatMul)
             )
         else:
             self.simple(G.QLinearMatMul, node)
@@ -673,7 +675,9 @@ class _Builder:
             ):
                 return False
             wq = np.ascontiguousarray(wq.T) if trans else wq
-            geo, N = {}, wq.shape[1]
+            # MatMul: A may have batch dimensions (exported as MatMul)
+            geo = {"matmul": True} if node.op_type == "MatMul" else {}
+            N = wq.shape[1]
         if xz is None:  # x's type is unknown at load: leave it unfused
             return False
         wz = np.zeros(ws.shape, wq.dtype) if wz is None else wz

@@ -396,8 +396,15 @@ def export_onnx(model, path=None, *, opset=17):
             helper.make_node("MaxPool", [src], [dst], name=name + "_pool", **a)
         )
 
+    prefixes = set()
     for n in model.nodes:
-        p, nm = n.params, n.name
+        # node names prefix their initializers: a repeated name (a hand-built
+        # Graph) would hand one node's weights to the other through init()
+        nm, k = n.name, 1
+        while nm in prefixes:
+            nm, k = f"{n.name}_{k}", k + 1
+        prefixes.add(nm)
+        p = n.params
         op = n.op_type
         if op in ("Conv", "HalfConv", "Gemm", "HalfGemm"):
             w = np.asarray(p["w"], np.float32)

@@ -42,6 +42,11 @@ def _rebuild_tensor_v2(storage, offset, size, stride, requires_grad=None, *args)
         if ok and all(size)
         else 0
     )
+    ok = ok and isinstance(storage, np.ndarray) and storage.ndim == 1
+    # stride-0 (expanded) views may hold more elements than their storage, but
+    # not without bound: a (2**17, 2**17) view of one float would copy 64 GiB
+    count = int(np.prod(size, dtype=np.float64)) if ok else 0
+    ok = ok and count <= 1024 * max(storage.size, 1)
     if not ok or offset < 0 or offset + n > storage.size:
         msg = (
             f"tensor of size {size} stride {stride} at offset {offset} does not fit "

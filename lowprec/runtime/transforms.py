@@ -172,8 +172,8 @@ class HistogramObserver:
             # a constant tensor: a range wide enough for np.histogram's
             # float32 bins at that magnitude (2048 bins need > 2048 float32
             # steps: |lo| * 2**-12; lo + 1e-8 == lo in float32 at 0.7)
-            pad = max(1e-8, abs(lo) * 2.0**-10)
-            self.lo, self.hi = lo, hi if hi > lo else lo + pad
+            pad = max(1e-8, max(abs(lo), abs(hi)) * 2.0**-10)
+            self.lo, self.hi = lo, max(hi, lo + pad)
         elif lo < self.lo or hi > self.hi:
             nlo, nhi = min(lo, self.lo), max(hi, self.hi)
             # grow a little more than needed so a slowly widening range
