@@ -229,19 +229,17 @@ class SparseMatrix:
         out[rows, cols] = vals
         return out
 
-    def _chunks(self, threads: int) -> np.ndarray:
-        """Block-row bounds of ``threads`` contiguous parts of ~equal work."""
-        key = ("chunks", threads)
+    def _chunks(self, threads: int, rows: bool = False) -> np.ndarray:
+        """Block-row bounds of ``threads`` contiguous parts of ~equal work;
+        with ``rows``, row bounds over the expanded CSR view (the same thing
+        for CSR). Cached: np.linspace and searchsorted were 15-30 us of a ~40
+        us one-column call."""
+        rows = rows and self.format != "csr"
+        key = ("chunks", threads, rows)
         got = self._cache.get(key)
         if got is None:
-            nb = self.ptr.size - 1
-            # work of a block row: its blocks plus a fixed cost per row
-            work = self.ptr + np.arange(nb + 1)
-            targets = np.linspace(0, work[-1], threads + 1)
-            got = np.searchsorted(work, targets).astype(np.int64)
-            got[0], got[-1] = 0, nb
-            got = np.maximum.accumulate(got)
-            self._cache[key] = got
+            ptr = self._expanded()[0] if rows else self.ptr
+            got = self._cache[key] = _row_chunks(ptr, threads)
         return got
 
     # -------------------------------------------------------------- files
@@ -646,7 +644,7 @@ def spmm(w, x, *, bias=None, activation=None, out=None, device=None):
     if N == 1:  # one column: a row-dot kernel, not a 1-of-16-lanes tile
         fast = _row_dot8_path()  # once: the arrays' form follows it
         indptr, cols, vals = _spmv_arrays(w, fast)
-        chunks = _cached_row_chunks(w, indptr, _parts(threads))
+        chunks = w._chunks(_parts(threads), rows=True)
         args = (indptr, cols, vals, xf.reshape(K), chunks, b, np.float32(lo),
                 np.float32(hi), y2.reshape(M))  # fmt: skip
         if fast:
@@ -810,18 +808,9 @@ def _spmv_arrays(w, fast):
     return got
 
 
-def _cached_row_chunks(w, indptr, parts):
-    """_row_chunks cached on the weights per part count (np.linspace and
-    searchsorted cost 15-30 us of a ~40 us one-column call)."""
-    key = ("row_chunks", parts)
-    got = w._cache.get(key)
-    if got is None:
-        got = w._cache[key] = _row_chunks(indptr, parts)
-        got.flags.writeable = False
-    return got
-
-
 def _row_chunks(indptr, threads):
+    # bounds of `threads` parts of ~equal work: a row's (block row's) stored
+    # entries (blocks) plus a fixed cost per row
     work = indptr + np.arange(indptr.size)
     got = np.searchsorted(work, np.linspace(0, work[-1], threads + 1)).astype(np.int64)
     got[0], got[-1] = 0, indptr.size - 1
