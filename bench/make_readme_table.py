@@ -142,7 +142,13 @@ def render_footnotes(res: dict) -> str:
         + "); **loses** where lowprec is slower.",
         "",
         f"- GOP/s = 2·M·N·K / median time ({res['settings']['repeat']} samples, "
-        f"each ≥ {res['settings']['min_time_s']} s of calls after a warm-up call); "
+        f"each ≥ {res['settings']['min_time_s']} s of calls after a warm-up call"
+        + (
+            f", in {rounds} rounds taking turns with the baselines"
+            if (rounds := res["settings"].get("rounds", 1)) > 1
+            else ""
+        )
+        + "); "
         f"% of peak = lowprec GOP/s / {peak_def} "
         f"({peak_txt or 'n/a'}).",
         f"- Hardware: {m.get('cpu_model')} (LLVM: {m.get('llvm_host_cpu')}; "

@@ -89,6 +89,8 @@ def merge(runs: list[dict]) -> dict:
     out["settings"] = {
         **runs[0]["settings"],
         "repeat": sum(r["settings"]["repeat"] for r in runs),
+        # rounds in all (runs before --rounds: one each)
+        "rounds": sum(r["settings"].get("rounds", 1) for r in runs),
     }
     out["date"] = " / ".join(r["date"] for r in runs)
     out["command"] = f"{runs[0]['command']} (run {len(runs)}x, samples pooled)"

@@ -580,29 +580,45 @@ def measure(
     repeat: int,
     min_time: float,
     settle: float = SETTLE_S,
+    rounds: int = 1,
 ) -> dict[str, Timing]:
     """Median-of-``repeat`` timing of several implementations of one case.
 
-    Each implementation is timed in one contiguous block, after a pause of
-    ``settle`` seconds and a fresh warm-up call. Not interleaved: every library
-    here keeps its worker threads busy-waiting for a while after a call
-    (onnxruntime's spinning pool, OpenBLAS's yield loop, the OpenMP runtimes of
-    numba and torch). On a 2-core machine those spinning threads take the second
-    core from whichever library runs next, which measured as 2-50x slowdowns of
-    the 2-thread cases when samples were interleaved. The pause lets them park.
+    Each implementation is timed in contiguous blocks, each after a pause of
+    ``settle`` seconds and a fresh warm-up call. Not interleaved call by call:
+    every library here keeps its worker threads busy-waiting for a while after
+    a call (onnxruntime's spinning pool, OpenBLAS's yield loop, the OpenMP
+    runtimes of numba and torch). On a 2-core machine those spinning threads
+    take the second core from whichever library runs next, which measured as
+    2-50x slowdowns of the 2-thread cases when samples were interleaved. The
+    pause lets them park.
+
+    ``rounds`` > 1 spreads the ``repeat`` samples over that many rounds, each
+    timing every implementation once in an order rotated by one a round, so a
+    slow spell of a shared machine (seconds long on the development VM, where
+    one block of our calls ran at 1.6x the time of the next) falls on all of
+    them rather than on whichever block it met.
     """
-    out: dict[str, Timing] = {}
-    for name, fn in impls.items():
-        if settle > 0:
-            time.sleep(settle)
-        fn()  # re-warm after the pause: caches, parked threads waking up
-        n, one = calibrate(fn, min_time)
-        # the calibration call already is a valid one-call sample
-        samples = [one] if n == 1 else []
-        while len(samples) < repeat:
-            samples.append(sample(fn, n))
-        out[name] = Timing(samples, n)
-    return out
+    names = list(impls)
+    rounds = max(1, min(rounds, repeat))
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    calls: dict[str, int] = {}
+    for r in range(rounds):
+        want = repeat * (r + 1) // rounds  # samples each after this round
+        shift = r % len(names) if names else 0
+        for name in names[shift:] + names[:shift]:
+            fn = impls[name]
+            if settle > 0:
+                time.sleep(settle)
+            fn()  # re-warm after the pause: caches, parked threads waking up
+            if name not in calls:
+                calls[name], one = calibrate(fn, min_time)
+                if calls[name] == 1:
+                    # the calibration call already is a valid one-call sample
+                    samples[name].append(one)
+            while len(samples[name]) < want:
+                samples[name].append(sample(fn, calls[name]))
+    return {name: Timing(samples[name], calls[name]) for name in names}
 
 
 # --------------------------------------------------------------------------- #
@@ -966,6 +982,7 @@ def run_case(
     min_time: float,
     check: Callable | None = None,
     settle: float = SETTLE_S,
+    rounds: int = 1,
 ) -> dict:
     """Time lowprec and every applicable baseline on one case -> JSON row."""
     x = case.make_inputs()
@@ -1010,7 +1027,7 @@ def run_case(
                 warm["lowprec"],
                 {k: v for k, v in warm.items() if k != "lowprec"},
             )
-        timings = measure(impls, repeat, min_time, settle)
+        timings = measure(impls, repeat, min_time, settle, rounds)
     row["lowprec"] = timings["lowprec"].as_dict(case.ops)
     row["baselines"] = {}
     for b in baselines:
@@ -1052,6 +1069,7 @@ def run_suite(
     progress: bool = True,
     settle: float = SETTLE_S,
     retries: int = 0,
+    rounds: int = 1,
 ) -> list[dict]:
     """All cases -> rows. A case during which other processes used the CPU
     (>= OTHER_LOAD_WARN cores) is run again, up to ``retries`` more times after
@@ -1068,7 +1086,9 @@ def run_suite(
                     prog.note(f"{label}: machine busy, retry {attempt - 1}/{retries}")
                     time.sleep(RETRY_PAUSE_S)
                 load = OtherLoad()
-                row = run_case(case, baselines, repeat, min_time, suite.check, settle)
+                row = run_case(
+                    case, baselines, repeat, min_time, suite.check, settle, rounds
+                )
                 row["other_load_cores"] = load.cores()
                 if best is None or _busy(row) < _busy(best):
                     best = row
@@ -1272,6 +1292,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(default: %(default)s)",
     )
     p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        metavar="R",
+        help="spread each implementation's samples over R rounds that take "
+        "turns with the other implementations (order rotated a round), so a "
+        "slow spell of a shared machine falls on all of them (default: "
+        "%(default)s: one block each)",
+    )
+    p.add_argument(
         "--min-time",
         type=float,
         default=0.1,
@@ -1319,8 +1349,9 @@ def run(opts: argparse.Namespace, argv: Sequence[str] | None = None) -> dict:
 
     ``argv``: the command line after ``lowprec`` (recorded in the JSON).
     """
-    if opts.repeat < 1 or min(opts.min_time, opts.settle, opts.retries) < 0:
-        msg = "--repeat must be >= 1; --min-time, --settle, --retries >= 0"
+    if min(opts.repeat, opts.rounds) < 1 or min(opts.min_time, opts.settle,
+                                                 opts.retries) < 0:
+        msg = "--repeat, --rounds must be >= 1; --min-time, --settle, --retries >= 0"
         raise SystemExit(msg)
     import numba
 
@@ -1360,6 +1391,7 @@ def run(opts: argparse.Namespace, argv: Sequence[str] | None = None) -> dict:
         progress=not opts.no_progress,
         settle=opts.settle,
         retries=opts.retries,
+        rounds=opts.rounds,
     )
     peak_label = f"{peak_instruction()} peak GOP/s"
     if suite.set_peaks is not None:
@@ -1412,6 +1444,7 @@ def run(opts: argparse.Namespace, argv: Sequence[str] | None = None) -> dict:
             "min_time_s": opts.min_time,
             "settle_s": opts.settle,
             "retries": opts.retries,
+            "rounds": min(opts.rounds, opts.repeat),
             "timing": "median over repeat samples; each sample times a batch of "
             "calls lasting >= min_time after one warm-up call; GOP/s = 2*M*N*K/t",
         },

@@ -255,6 +255,8 @@ def test_cli_help_and_bad_arguments(capsys):
         cli.main(["bench", "--variants", "f16", "--threads", "1"])
     with pytest.raises(SystemExit, match=r"not baselines of suite int8_gemm"):
         cli.main(["bench", "--baselines", "mkl", "--threads", "1"])
+    with pytest.raises(SystemExit, match=r"--rounds must be >= 1"):
+        cli.main(["bench", "--rounds", "0", "--threads", "1"])
 
 
 def test_plot(tmp_path):
@@ -324,3 +326,24 @@ def test_sparse_sweep_plot(tmp_path):
     png = tmp_path / "sparse.png"
     _bench_sparse.plot(rows, str(png))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_measure_rounds_take_turns(monkeypatch):
+    # rounds: each implementation's samples are spread over the rounds, the
+    # order rotated a round, every block after its own warm-up call
+    monkeypatch.setattr(lb, "sample", lambda fn, n: (fn(), 1.0)[1])
+    calls = []
+    impls = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    t = lb.measure(impls, repeat=5, min_time=1e9, settle=0, rounds=3)
+    assert [len(t[n].samples_s) for n in "abc"] == [5, 5, 5]
+    # calls: per block a warm-up (+ the calibration call in round 0) + samples
+    blocks = [k for i, k in enumerate(calls) if i == 0 or calls[i - 1] != k]
+    assert blocks == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    # one block each without rounds; rounds past repeat are capped
+    calls.clear()
+    lb.measure(impls, repeat=2, min_time=1e9, settle=0, rounds=9)
+    blocks = [k for i, k in enumerate(calls) if i == 0 or calls[i - 1] != k]
+    assert blocks == ["a", "b", "c", "b", "c", "a"]
+    calls.clear()
+    lb.measure(impls, repeat=2, min_time=1e9, settle=0)
+    assert calls == ["a"] * 4 + ["b"] * 4 + ["c"] * 4
