@@ -1349,8 +1349,10 @@ def run(opts: argparse.Namespace, argv: Sequence[str] | None = None) -> dict:
 
     ``argv``: the command line after ``lowprec`` (recorded in the JSON).
     """
-    if min(opts.repeat, opts.rounds) < 1 or min(opts.min_time, opts.settle,
-                                                 opts.retries) < 0:
+    if (
+        min(opts.repeat, opts.rounds) < 1
+        or min(opts.min_time, opts.settle, opts.retries) < 0
+    ):
         msg = "--repeat, --rounds must be >= 1; --min-time, --settle, --retries >= 0"
         raise SystemExit(msg)
     import numba
