@@ -78,7 +78,7 @@ from .ir_util import if_then as _ir_if
 from .ir_util import loop as _ir_loop
 from .ir_util import target_has
 from .jobs import fetch_add
-from .layout import copy_bytes
+from .layout import copy_bytes, pool_row2x2
 
 TM = 8  # portable: output pixels per tile
 
@@ -1793,7 +1793,7 @@ AVX2_PIX = NR  # output pixels a job (the strips' 64 columns)
 # channels instead of all of a group's: the block's rows then stay in L2
 # across the segments (3x3 256->256 at 14^2 streamed 2.4 MB of weights per
 # 14-pixel row when jobs were output rows)
-AVX2_W_BYTES = 256 << 10
+AVX2_W_BYTES = 512 << 10
 AVX2_MB = 4 * MR_MAX
 # channel blocks share their segment's panel: every panel packed once, before
 # the tiles, while they all fit in this many bytes (14^2, 256 channels: 1.2
@@ -1915,20 +1915,25 @@ def pad_phases16(x, xq, pt, pl, sh, sw, Hq, Wq):
 
 
 @njit(inline="always")
-def _pack_taps(xf, e0, tab, K, Wq, Wo, p0, npix, dst):
-    # dst[k * 64 + col] = the float16 tap k of output pixel p0 + col (col <
-    # npix): xf is the phase planes flat, e0 the channel group's first plane,
-    # tab[k] the tap's offset there; each output row's run is one slice, K
-    # copies. Columns past npix keep stale values (their outputs are dropped)
+def _pack_taps(xf, e0, cstride, tab, K, Wq, HW, Wo, q0, npix, dst):
+    # dst[k * 64 + col] = the float16 tap k of output pixel q0 + col (col <
+    # npix) of the flat (image, pixel) index q = n * HW + oh * Wo + ow: xf is
+    # the phase planes flat, e0 the channel group's first plane in image 0,
+    # cstride the elements from one image to the next, tab[k] the tap's offset
+    # from a group's first plane; each output row's run is one slice (a run
+    # ends at its row, so never crosses images), K copies. Columns past npix
+    # keep stale values (their outputs are dropped)
     x0 = xf.ctypes.data
     d0 = dst.ctypes.data
-    p = p0
-    while p < p0 + npix:
+    q = q0
+    while q < q0 + npix:
+        n = q // HW
+        p = q - n * HW
         oh = p // Wo
         ow = p - oh * Wo
-        run = min(Wo - ow, p0 + npix - p)
-        e = e0 + oh * Wq + ow
-        c0 = p - p0
+        run = min(Wo - ow, q0 + npix - q)
+        e = e0 + n * cstride + oh * Wq + ow
+        c0 = q - q0
         if run >= 4:  # inline moves, >= 8 bytes
             for k in range(K):
                 copy_bytes(d0 + 2 * (AVX2_PIX * k + c0), x0 + 2 * (e + tab[k]), 2 * run)
@@ -1936,7 +1941,7 @@ def _pack_taps(xf, e0, tab, K, Wq, Wo, p0, npix, dst):
             for k in range(K):
                 for u in range(run):
                     dst[AVX2_PIX * k + c0 + u] = xf[e + tab[k] + u]
-        p += run
+        q += run
 
 
 @njit(**PJIT)
@@ -1945,19 +1950,23 @@ def conv_avx2(xq, wa, geo, Wq, tab, mb, pre, pk, tiles, nxt, nt, bias, has_bias,
     # xq (N*C, S*Hq*Wq) uint16 float16 bits (pad_phases16, or the image
     # itself); wa (G, Mg, K) float32, K order (i, j, c); tab (K,) int64: B row
     # k's element offset from a channel group's first plane; mb channels a job
-    # (a multiple of MR_MAX, or Mg); pk: the panels, (N*G*nseg, K*64) uint16
+    # (a multiple of MR_MAX, or Mg); pk: the panels, (G*nseg, K*64) uint16
     # when pre (packed first, shared by the channel blocks), else (threads,
     # K*64) (each job packs its own); tiles (threads, MR_MAX, 64) float32
     # scratch; nxt (2,) int64: the job counters (kernels/jobs.py), nt the
-    # threads; out (N, M, Ho*Wo). Jobs: (image, group, channel block, segment
-    # of 64 output pixels), the segment fastest.
+    # threads; out (N, M, Ho*Wo). Jobs: (group, channel block, segment of 64
+    # output pixels), the segment fastest. Segments run over the images'
+    # pixels one after another (a segment may end in one image and go on in
+    # the next): per image, a 7x7 image's 49 pixels filled 49 of the 64
+    # columns computed, a 14x14 one's last segment 4 of 16
     N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M = geo
     K = kh * kw * Cg
     HW = Ho * Wo
-    nseg = (HW + AVX2_PIX - 1) // AVX2_PIX
+    nseg = (N * HW + AVX2_PIX - 1) // AVX2_PIX
     nmb = (Mg + mb - 1) // mb
     lda = wa.strides[1]
     plane = xq.shape[1]
+    cstride = C * plane
     xf = xq.reshape(-1)
     nxt[0] = 0
     nxt[1] = 0
@@ -1967,36 +1976,37 @@ def conv_avx2(xq, wa, geo, Wq, tab, mb, pre, pk, tiles, nxt, nt, bias, has_bias,
         # cannot see the dependence, which goes through addresses)
         for _ in prange(nt):
             u = fetch_add(nxt.ctypes.data, 1)
-            while u < N * G * nseg:
-                p0 = (u % nseg) * AVX2_PIX
-                npix = min(AVX2_PIX, HW - p0)
+            while u < G * nseg:
+                q0 = (u % nseg) * AVX2_PIX
+                npix = min(AVX2_PIX, N * HW - q0)
                 e0 = (u // nseg) * Cg * plane
-                _pack_taps(xf, e0, tab, K, Wq, Wo, p0, npix, pk[u])
+                _pack_taps(xf, e0, cstride, tab, K, Wq, HW, Wo, q0, npix, pk[u])
                 u = fetch_add(nxt.ctypes.data, 1)
     for _ in prange(nt):
         tile = tiles[numba.get_thread_id()]
         t = fetch_add(nxt.ctypes.data + 8, 1)
-        while t < N * G * nmb * nseg:
+        while t < G * nmb * nseg:
             seg = t % nseg
             rest = t // nseg
             blk = rest % nmb
-            ng = rest // nmb  # n * G + g
-            p0 = seg * AVX2_PIX
-            npix = min(AVX2_PIX, HW - p0)
+            g = rest // nmb
+            q0 = seg * AVX2_PIX
+            npix = min(AVX2_PIX, N * HW - q0)
             if pre:
-                b0 = pk[ng * nseg + seg].ctypes.data
+                b0 = pk[g * nseg + seg].ctypes.data
             else:
                 panel = pk[numba.get_thread_id()]
-                _pack_taps(xf, ng * Cg * plane, tab, K, Wq, Wo, p0, npix, panel)
+                _pack_taps(xf, g * Cg * plane, cstride, tab, K, Wq, HW, Wo, q0, npix,
+                           panel)  # fmt: skip
                 b0 = panel.ctypes.data
-            _tap_job(wa, ng % G, blk * mb, min(Mg, blk * mb + mb), lda, b0, K, tile,
-                     npix, ng // G, p0, Mg, bias, has_bias, lo, hi, mode, out32,
-                     out16)  # fmt: skip
+            m0 = blk * mb
+            _tap_job(wa, g, m0, min(Mg, m0 + mb), lda, b0, K, tile, npix, q0, HW, Mg,
+                     bias, has_bias, lo, hi, mode, out32, out16)  # fmt: skip
             t = fetch_add(nxt.ctypes.data + 8, 1)
 
 
 @njit(inline="always")
-def _tap_job(wa, g, m0, m1, lda, b0, K, tile, npix, n, p0, Mg, bias, has_bias, lo,
+def _tap_job(wa, g, m0, m1, lda, b0, K, tile, npix, q0, HW, Mg, bias, has_bias, lo,
              hi, mode, out32, out16):  # fmt: skip
     # channels m0 .. m1-1 of group g on the panel at b0, 6 at a time. (Blocks
     # of 128 K rows through all the tiles in turn, the panel's block kept in
@@ -2005,18 +2015,19 @@ def _tap_job(wa, g, m0, m1, lda, b0, K, tile, npix, n, p0, Mg, bias, has_bias, l
         mr = min(MR_MAX, m1 - m)
         a0 = wa.ctypes.data + g * wa.strides[0] + m * lda
         _tap_tile(mr, a0, lda, b0, K, tile.ctypes.data, AVX2_PIX, npix)
-        _tap_epilogue(tile, mr, npix, n, g * Mg + m, p0, bias, has_bias, lo, hi, mode,
-                      out32, out16)  # fmt: skip
+        _tap_epilogue(tile, mr, npix, q0, HW, g * Mg + m, bias, has_bias, lo, hi,
+                      mode, out32, out16)  # fmt: skip
 
 
 @njit(inline="always")
-def _tap_epilogue(tile, mr, npix, n, m0, p0, bias, has_bias, lo, hi, mode, out32,
+def _tap_epilogue(tile, mr, npix, q0, HW, m0, bias, has_bias, lo, hi, mode, out32,
                   out16):  # fmt: skip
     # fp16_gemm._epilogue's arithmetic on the tile's columns = output pixels
-    # p0 .. p0+npix-1 of channels m0 .. m0+mr-1; each case one branch-free
-    # loop (vectorized by LLVM), the float32 rows stored by 32-byte moves
-    # (an indexed loop's scalar tail: ~3.5 cycles a value, 750 of the RGB
-    # stem's 3600 us on 1 thread)
+    # q0 .. q0+npix-1 (flat over the images) of channels m0 .. m0+mr-1; each
+    # case one branch-free loop (vectorized by LLVM), the float32 rows stored
+    # by 32-byte moves, one piece per image the columns touch (an indexed
+    # loop's scalar tail: ~3.5 cycles a value, 750 of the RGB stem's 3600 us
+    # on 1 thread)
     clamp = lo > -np.inf or hi < np.inf
     for r in range(mr):
         t = tile[r]
@@ -2029,13 +2040,19 @@ def _tap_epilogue(tile, mr, npix, n, m0, p0, bias, has_bias, lo, hi, mode, out32
                 v = t[jj]
                 v = lo if v < lo else v
                 t[jj] = hi if v > hi else v
-        if mode == 0 and npix >= 2:
-            o = out32[n, m0 + r]
-            copy_bytes(o.ctypes.data + 4 * p0, t.ctypes.data, 4 * npix)
-        elif mode == 0:
-            out32[n, m0 + r, p0] = t[0]
-        else:
-            f16_row_store(t, out16[n, m0 + r, p0:], npix)
+        c = 0
+        while c < npix:
+            n = (q0 + c) // HW
+            p = q0 + c - n * HW
+            cnt = min(npix - c, HW - p)
+            if mode == 0 and cnt >= 2:
+                o = out32[n, m0 + r]
+                copy_bytes(o.ctypes.data + 4 * p, t.ctypes.data + 4 * c, 4 * cnt)
+            elif mode == 0:
+                out32[n, m0 + r, p] = t[c]
+            else:
+                f16_row_store(t[c:], out16[n, m0 + r, p:], cnt)
+            c += cnt
 
 
 def tap_table(geo, Hq, Wq):
@@ -2048,3 +2065,21 @@ def tap_table(geo, Hq, Wq):
     phase = (i * dh % sh) * sw + j * dw % sw
     offs = c * (sh * sw * P) + phase * P + (i * dh // sh) * Wq + j * dw // sw
     return offs.reshape(-1).astype(np.int64)
+
+
+@njit(**PJIT)
+def maxpool2x2_to16(x, out, tmp):
+    # layout.maxpool2x2_nchw with the pooled planes stored as float16 bits
+    # (out (P, H//2, W//2) uint16, rounded once: max commutes with the
+    # rounding); tmp (threads, >= W + (H//2)*(W//2)) float32. A plane a task,
+    # converted whole (rows of 14 would all take the scalar tail). F16C paths
+    # only (f16_row_store). numpy's float32 -> float16 astype took 5.0 ms for
+    # 250 x 32 x 14^2
+    h = out.shape[1]
+    w = out.shape[2]
+    for p in prange(x.shape[0]):
+        buf = tmp[numba.get_thread_id()]
+        pooled = buf[x.shape[2] :]
+        for i in range(h):
+            pool_row2x2(x, p * h + i, h, w, buf, pooled[i * w :])
+        f16_row_store(pooled, out[p].reshape(-1), h * w)

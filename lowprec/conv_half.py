@@ -546,9 +546,10 @@ def _plan(
         tab = kc.tap_table(geo, Hq, Wq)
         mb = Mg if Mg * K * 4 <= kc.AVX2_W_BYTES else kc.AVX2_MB
         # few segments (small images, one image): channel blocks too, for two
-        # jobs a thread (3x3 64->64 at 7x7 was one job on two threads)
-        nseg = -(-(Ho * Wo) // kc.AVX2_PIX)
-        base = N * G * nseg  # jobs without blocks
+        # jobs a thread (3x3 64->64 at 7x7 was one job on two threads).
+        # Segments run over all the images' pixels (kernels/fp16_conv.py)
+        nseg = -(-(N * Ho * Wo) // kc.AVX2_PIX)
+        base = G * nseg  # jobs without blocks
         want = 2 * _dispatch.num_threads()
         if base * -(-Mg // mb) < want:
             per = -(-Mg // -(-want // base))  # channels a block

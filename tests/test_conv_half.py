@@ -435,6 +435,37 @@ def test_avx2_channel_blocks(monkeypatch, shared):
     assert all(pre == (shared and blocks) for pre, blocks in packs)
 
 
+def test_avx2_segments_span_images(monkeypatch):
+    # the avx2_f16c segments of 64 output pixels run over the images one after
+    # another: a segment's panel and epilogue pieces cross image boundaries
+    # (49-pixel images; 1-pixel images: a piece a column), in both output
+    # types, through shared panels and per-job ones
+    if "avx2_f16c" not in half.available_half_isas():
+        pytest.skip("this CPU cannot run the avx2_f16c path")
+    monkeypatch.setattr(half, "_selected", "avx2_f16c")
+    rng = np.random.default_rng(23)
+    keep = []
+    for xs, ws, attrs in (
+        ((5, 6, 7, 7), (13, 6, 3, 3), {"pads": (1, 1, 1, 1)}),  # 245 pixels
+        ((70, 3, 3, 3), (8, 3, 3, 3), {}),  # one pixel an image
+        ((3, 4, 9, 5), (6, 2, 2, 3), {"group": 2, "strides": (2, 1)}),
+    ):
+        x, w = rand(rng, xs), rand(rng, ws)
+        xg = guarded(x.size, np.float16, keep).reshape(x.shape)
+        xg[...] = x
+        b = rng.standard_normal(ws[0]).astype(np.float32)
+        acc = ref_conv(x, w, **attrs)
+        acc = np.clip((acc + b[None, :, None, None]).astype(np.float32), -0.5, 2)
+        for blocks in (False, True):
+            if blocks:  # channel blocks of 6 on panels packed first
+                monkeypatch.setattr(ch._kernels(), "AVX2_W_BYTES", 0)
+                monkeypatch.setattr(ch._kernels(), "AVX2_MB", 6)
+            for out_dtype in (np.float32, np.float16):
+                got = ch.conv_fp16(xg, w, b, activation=(-0.5, 2),
+                                   out_dtype=out_dtype, **attrs)  # fmt: skip
+                assert same_bits(got, acc.astype(out_dtype))
+
+
 # --------------------------------------------------------------------------- #
 # epilogue and output type
 

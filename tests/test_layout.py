@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 import pytest
 
@@ -71,3 +72,30 @@ def test_maxpool2x2_nhwc():
     layout.maxpool2x2_nhwc(y, out)
     want = y[:, :6, :8].reshape(2, 3, 2, 4, 2, 5).max(axis=(2, 4))
     np.testing.assert_array_equal(out, want)
+
+
+def test_maxpool2x2_nchw():
+    # numpy's np.maximum rule (NaN propagates), odd sizes dropped; the float16
+    # variant (F16C) rounds the pooled float32 once
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((5, 7, 9)).astype(np.float32)
+    x.flat[rng.choice(x.size, 40, replace=False)] = np.float32(np.nan)
+    x.flat[rng.choice(x.size, 40, replace=False)] = np.float32(-np.inf)
+    x[1] = 1e5  # past float16's range
+    before = x.copy()
+    out = np.empty((5, 3, 4), np.float32)
+    tmp = np.empty((numba.get_num_threads(), 9 + 12), np.float32)
+    layout.maxpool2x2_nchw(x, out, tmp)
+    t = np.maximum(x[:, 0:6:2, :8], x[:, 1:6:2, :8])
+    want = np.maximum(t[..., 0::2], t[..., 1::2])
+    np.testing.assert_array_equal(out, want)
+    assert np.isnan(out).any()
+    np.testing.assert_array_equal(x, before)
+    from lowprec import half
+    from lowprec.kernels import fp16_conv
+
+    if half.get_half_isa() == "portable":
+        pytest.skip("float16 rows: F16C paths only")
+    o16 = np.empty((5, 3, 4), np.uint16)
+    fp16_conv.maxpool2x2_to16(x, o16, tmp)
+    np.testing.assert_array_equal(o16, want.astype(np.float16).view(np.uint16))

@@ -476,6 +476,74 @@ def test_fp16(cnn_data):
     np.testing.assert_allclose(h(x), g(x), rtol=2e-2, atol=2e-2)
 
 
+def _without(model, *keys):
+    nodes = [type(n)(n.name, n.inputs, n.outputs,
+                     **{k: v for k, v in n.params.items() if k not in keys})
+             for n in model.nodes]  # fmt: skip
+    return G.Graph(nodes, model.inputs, model.outputs, model.constants, model.meta)
+
+
+def test_fp16_convs_hand_over_float16(cnn_data):
+    # HalfConv runs lowprec.conv_fp16 on NCHW (no channels-last handoff); a
+    # HalfConv whose consumers round to float16 anyway writes float16 after
+    # its pool: the same bits as float32 out, then the consumer's rounding
+    pytest.importorskip("lowprec.half")
+    g, x = cnn_data
+    h = T.to_fp16(g)
+    convs = [n for n in h.nodes if n.op_type == "HalfConv"]
+    assert len(convs) == 2
+    assert all(n.params.get("out_fp16") and n.params.get("pool") for n in convs)
+    assert not any(k in n.params for n in h.nodes for k in ("nhwc_in", "nhwc_out"))
+    y = h(x)
+    np.testing.assert_array_equal(y, _without(h, "out_fp16")(x))
+    # the first conv by hand: float16 in, conv_fp16, numpy's pool, rounded
+    import lowprec
+
+    c0 = convs[0]
+    ref = lowprec.conv_fp16(x.astype(np.float16), c0.params["w"], c0.params["b"],
+                            pads=[1, 1, 1, 1], activation="relu")  # fmt: skip
+    ref = G.MaxPool("p", ["a"], ["b"], kernel_shape=[2, 2], strides=[2, 2]).run(ref)
+    got = c0.run(x)
+    assert got.dtype == np.float16
+    np.testing.assert_array_equal(got, ref.astype(np.float16))
+    # graphs saved with the handoff flags on HalfConv still run right
+    flagged = [
+        G.HalfConv(n.name, n.inputs, n.outputs, **n.params, nhwc_out=True)
+        if n is convs[0]
+        else G.HalfConv(n.name, n.inputs, n.outputs, **n.params, nhwc_in=True)
+        if n is convs[1]
+        else n
+        for n in h.nodes
+    ]
+    old = G.Graph(flagged, h.inputs, h.outputs, h.constants, h.meta)
+    np.testing.assert_array_equal(old(x), y)
+    blob = S._bytes(h)
+    np.testing.assert_array_equal(S.load(io.BytesIO(blob))(x), y)
+
+
+@pytest.mark.parametrize("to16", [False, True])
+def test_half_conv_other_pools(to16):
+    # pools other than 2x2 stride 2 (numpy's MaxPool), 1-D convolutions
+    pytest.importorskip("lowprec.half")
+    rng = np.random.default_rng(5)
+    for w, xs, pool in (
+        (rnd(4, 3, 3, 3), (2, 3, 9, 11), {"kernel_shape": [3, 3], "strides": [2, 2]}),
+        (rnd(4, 3, 3), (2, 3, 17), {"kernel_shape": [2], "strides": [2]}),
+        (rnd(5, 3, 3, 3), (1, 3, 7, 9), {"kernel_shape": [2, 2], "strides": [2, 2]}),
+    ):
+        w16 = w.astype(np.float16)
+        x = rng.standard_normal(xs).astype(np.float32)
+        n = G.HalfConv("c", ["x"], ["y"], w=w16, b=rnd(w.shape[0]), pool=pool,
+                       out_fp16=to16)  # fmt: skip
+        import lowprec
+
+        ref = lowprec.conv_fp16(x.astype(np.float16), w16, n.params["b"])
+        ref = G.MaxPool("p", ["a"], ["b"], **pool).run(ref)
+        got = n.run(x)
+        assert got.dtype == (np.float16 if to16 else np.float32)
+        np.testing.assert_array_equal(got, ref.astype(got.dtype))
+
+
 @pytest.mark.parametrize("pattern", ["unstructured", (2, 4)])
 def test_prune_save_load_sparse(cnn_data, pattern):
     g, x = cnn_data

@@ -17,8 +17,9 @@ Nodes that do the arithmetic:
   bias and activation, uint8/int8 or float32 output), ``QLinearMatMul``,
   ``MatMulInteger``, ``QuantizeLinear``, ``DequantizeLinear``,
   ``DynamicQuantizeLinear``;
-* fp16: ``HalfConv`` / ``HalfGemm`` (``lowprec.half.matmul_fp16``: fp16 inputs,
-  fp32 accumulation and output);
+* fp16: ``HalfConv`` (``lowprec.conv_fp16``) / ``HalfGemm``
+  (``lowprec.half.matmul_fp16``): fp16 inputs, fp32 accumulation, fp32 output
+  (fp16 where every consumer rounds to fp16 anyway);
 * the rest in NumPy float32 (``MaxPool`` also on uint8/int8: max commutes with
   a monotonic quantization, so it is exact on quantized tensors).
 """
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import math
 
+import numba
 import numpy as np
 
 import lowprec
@@ -41,6 +43,10 @@ try:
     from .. import half as _lp_half
 except Exception:  # noqa: BLE001
     _lp_half = None
+try:
+    from .. import conv_half as _lp_conv_half
+except Exception:  # noqa: BLE001
+    _lp_conv_half = None
 
 # Which INT8 convolution the QLinearConv/ConvInteger nodes use: "auto" (the
 # lowprec.conv kernels when they import), "conv" or "im2col" (the fallback).
@@ -216,19 +222,25 @@ def _nhwc_out(y, pool, ndim, keep_nhwc=False):
     return y[:, :, 0, :] if ndim == 3 else y
 
 
-def _maxpool_nhwc(y, pool, ndim):
-    """Max pool of an NHWC tensor; 2x2 stride 2 by pairwise maxima of whole
-    rows and of channel blocks (contiguous reads), other pools through the
-    NCHW MaxPool node. Exact on quantized tensors (max is monotonic)."""
-    k = list(pool["kernel_shape"])
-    s = list(pool.get("strides") or [1] * len(k))
+def _plain_2x2(pool):
+    """Whether a fused max pool is the 2x2 stride-2 one without pads."""
     plain = (
         not any(pool.get("pads") or [])
         and pool.get("auto_pad", "NOTSET") in ("NOTSET", "VALID")
         and not pool.get("ceil_mode", 0)
         and all(d == 1 for d in pool.get("dilations") or [1])
     )
-    if ndim == 4 and plain and k == s == [2, 2]:
+    return plain and list(pool["kernel_shape"]) == list(pool.get("strides") or []) == [
+        2,
+        2,
+    ]
+
+
+def _maxpool_nhwc(y, pool, ndim):
+    """Max pool of an NHWC tensor; 2x2 stride 2 by pairwise maxima of whole
+    rows and of channel blocks (contiguous reads), other pools through the
+    NCHW MaxPool node. Exact on quantized tensors (max is monotonic)."""
+    if ndim == 4 and _plain_2x2(pool):
         from ..kernels import layout
 
         N, H, W, C = y.shape
@@ -240,6 +252,32 @@ def _maxpool_nhwc(y, pool, ndim):
     out = MaxPool("pool", ["x"], ["y"], **pool).run(x)
     out = out[:, :, None, :] if ndim == 3 else out
     return out.transpose(0, 2, 3, 1)
+
+
+def _half_pool(y, pool, to16):
+    """HalfConv's float32 NCHW result -> its fused max pool (if any) -> float32,
+    or float16 where ``to16``. The 2x2 stride-2 pool runs a kernel (numpy's
+    strided maxima and its float16 conversion, which has no F16C loop, were
+    two thirds of the demo's fp16 network on Zen 3); the float16 rows are
+    stored by F16C where the machine has it."""
+    if pool and y.ndim == 4 and _plain_2x2(pool):
+        from ..kernels import fp16_conv, layout
+
+        N, C, H, W = y.shape
+        f16c = to16 and _lp_half.get_half_isa() != "portable"
+        out = np.empty((N, C, H // 2, W // 2), np.float16 if f16c else np.float32)
+        tmp = np.empty((numba.get_num_threads(), W + (H // 2) * (W // 2)), np.float32)
+        x3 = y.reshape(N * C, H, W)
+        if f16c:
+            fp16_conv.maxpool2x2_to16(
+                x3, out.view(np.uint16).reshape(N * C, H // 2, -1), tmp
+            )
+            return out
+        layout.maxpool2x2_nchw(x3, out.reshape(N * C, H // 2, -1), tmp)
+        y = out
+    elif pool:
+        y = MaxPool("pool", ["x"], ["y"], **pool).run(y)
+    return y.astype(np.float16) if to16 else y
 
 
 def _spatial2(v_, ndim):
@@ -1099,30 +1137,55 @@ class HalfGemm(Node):
 
 
 class HalfConv(Node):
-    """Conv with fp16 inputs/weights and fp32 accumulation (im2col + matmul_fp16)."""
+    """Conv with fp16 inputs/weights and fp32 accumulation: ``lowprec.conv_fp16``
+    on weights prepacked once (implicit GEMM, no im2col), fused bias, activation
+    and max pool. ``out_fp16`` (set by ``to_fp16`` where every consumer rounds
+    its input to float16 anyway): the result rounded once to float16 (the pool
+    and clamp commute with that rounding, so the consumers see the same bits
+    for half the bytes)."""
 
     op_type = "HalfConv"
 
     def prepare(self):
         p = self.params
         w = np.asarray(p["w"], np.float16)
-        self._packs = [
-            _half().pack_weights_fp16(wm) for wm in _w_gemm(w, int(p.get("group", 1)))
-        ]
+        if w.ndim not in (3, 4):
+            msg = f"HalfConv weights must be 3-D or 4-D, got shape {w.shape}"
+            raise RuntimeGraphError(msg)
+        if _lp_conv_half is None:
+            msg = "lowprec.conv_half (fp16 convolution) is not available"
+            raise RuntimeGraphError(msg)
+        self._packed = _lp_conv_half.pack_conv_weights_fp16(
+            w, group=int(p.get("group", 1))
+        )
         b = p.get("b")
         self._b = None if b is None else np.asarray(b, np.float32)
 
     def run(self, x):
         p = self.params
-        x16 = x if x.dtype == np.float16 else x.astype(np.float16)
-        mg = p["w"].shape[0] // len(self._packs)
-        act = _hashable(p.get("activation"))
-
-        def gemm(g, cols):
-            b = None if self._b is None else self._b[g * mg : (g + 1) * mg]
-            return _half().matmul_fp16(cols, self._packs[g], bias=b, activation=act)
-
-        return _conv_via_gemm(x16, p["w"].shape, len(self._packs), p, 0, gemm)
+        if bool(p.get("nhwc_in")) and x.ndim == 4:
+            # the channels-last handoff of graphs saved before this node ran
+            # conv_fp16 (to_fp16 no longer sets it on HalfConv)
+            x = x.transpose(0, 3, 1, 2)
+        pool, to16 = p.get("pool"), bool(p.get("out_fp16"))
+        y = _lp_conv_half.conv_fp16(
+            np.ascontiguousarray(x, np.float16),
+            self._packed,
+            self._b,
+            auto_pad=p.get("auto_pad", "NOTSET"),
+            dilations=p.get("dilations"),
+            group=int(p.get("group", 1)),
+            pads=p.get("pads"),
+            strides=p.get("strides"),
+            activation=_hashable(p.get("activation")),
+            # pooled: rounded to float16 after the pool (as the kernel does)
+            out_dtype=np.float16 if to16 and not pool else np.float32,
+        )
+        if pool:
+            y = _half_pool(y, pool, to16)
+        if bool(p.get("nhwc_out")) and y.ndim == 4:
+            return np.ascontiguousarray(y.transpose(0, 2, 3, 1))
+        return y
 
 
 NODE_TYPES = {

@@ -96,7 +96,10 @@ def _fuse_pools(model):
     return _nhwc_handoff(_graph_like(model, out))
 
 
-_CONVS = (G.Conv, G.QLinearConv, G.HalfConv)
+# convolutions that compute channels-last (im2col rows, the INT8 kernels'
+# NHWC path); HalfConv's conv_fp16 reads and writes NCHW
+_CONVS = (G.Conv, G.QLinearConv)
+_HANDOFF = ("nhwc_in", "nhwc_out")
 
 
 def _nhwc_handoff(model):
@@ -575,7 +578,40 @@ def to_fp16(model, *, exclude=()):
             nodes.append(n)
             continue
         nodes.append(_copy(n, cls=cls, params={"w": w.astype(np.float16)}))
-    return _graph_like(model, nodes, meta={"fp16": True})
+    # the channels-last handoffs again, without the HalfConv nodes (NCHW)
+    nodes = [
+        type(n)(n.name, n.inputs, n.outputs,
+                **{k: val for k, val in n.params.items() if k not in _HANDOFF})
+        if any(k in n.params for k in _HANDOFF) else n
+        for n in nodes
+    ]  # fmt: skip
+    model = _nhwc_handoff(_graph_like(model, nodes, meta={"fp16": True}))
+    return _half_outputs(model)
+
+
+def _half_outputs(model):
+    """HalfConv nodes whose every consumer rounds its input to float16 (HalfConv,
+    HalfGemm, directly or through a Flatten) write float16 (``out_fp16``): the
+    same bits downstream for half the bytes."""
+
+    def rounds(t):
+        if t in model.outputs:
+            return False
+        cons = model.consumers(t)
+        return bool(cons) and all(
+            type(c) in (G.HalfConv, G.HalfGemm) and c.inputs[0] == t
+            and t not in c.inputs[1:]
+            or type(c) is G.Flatten and rounds(c.outputs[0])
+            for c in cons
+        )  # fmt: skip
+
+    nodes = [
+        _copy(n, params={"out_fp16": True})
+        if type(n) is G.HalfConv and rounds(n.outputs[0])
+        else n
+        for n in model.nodes
+    ]
+    return _graph_like(model, nodes)
 
 
 _F16_MAX = float(np.finfo(np.float16).max)  # 65504
