@@ -167,7 +167,11 @@ def activation_bounds(activation) -> tuple[float, float]:
         )
         raise ValueError(msg)
     if isinstance(activation, tuple | list) and len(activation) == 2:
-        lo, hi = (float(v) for v in activation)
+        try:
+            lo, hi = (float(v) for v in activation)
+        except (TypeError, ValueError):
+            msg = f"activation clamp (min, max) must be two numbers, got {activation!r}"
+            raise TypeError(msg) from None
         if np.isnan(lo) or np.isnan(hi) or lo > hi:
             msg = (
                 f"activation clamp (min, max) must satisfy min <= max with no NaN, "

@@ -226,8 +226,11 @@ class PackedConvWeights:
                 (self._wk[:, :, 0].astype(np.int64) - zb_eff[:, None]).T
             ).astype(np.int32)
             wd.flags.writeable = False
-            if len(self._layouts) > 16:
-                self._layouts.clear()
+            # a bounded number of weight zero points: drop the older ones
+            # (not the GEMM layouts kept beside them)
+            dws = [k for k in self._layouts if isinstance(k, tuple) and k[0] == "dw"]
+            for old in dws[: max(0, len(dws) - 15)]:
+                del self._layouts[old]
             self._layouts[key] = wd
         return wd
 
@@ -492,7 +495,8 @@ def _check_x(x, packed, layout, kernel_shape):
         )
         raise ValueError(msg)
     k = tuple(wshape[2:])
-    if kernel_shape is not None and tuple(kernel_shape) != k:
+    if kernel_shape is not None and _ints(kernel_shape, "kernel_shape", len(k), 1,
+                                          1) != k:  # fmt: skip
         msg = f"kernel_shape={tuple(kernel_shape)} does not match w.shape[2:]={k}"
         raise ValueError(msg)
     return C, spatial, k
@@ -556,6 +560,14 @@ def _plan(
     # ones by output count: at 9 MACs per output, 1M MACs is ~0.1 ms of work
     # (144 x 28 x 28 stride 2: 0.16 -> 0.11 ms on two threads)
     depthwise = G == C and Mg == 1
+    if depthwise:
+        # the depthwise kernels sum (bias - ZA sum w') + sum x * w' in int32:
+        # where that could pass int32 (huge biases), the GEMM path's exact
+        # int64 sums take the layer instead of a silent wrap
+        wd64 = packed._depthwise(zb_eff).astype(np.int64)
+        base64 = bias - za_eff * wd64.sum(axis=0)
+        bound = np.abs(base64) + 255 * np.abs(wd64).sum(axis=0)
+        depthwise = bool(bound.max(initial=0) <= np.iinfo(np.int32).max)
     small = rows * M < DW_SERIAL_OUTPUTS if depthwise else rows * M * K < SERIAL_MACS
     zy, qlo, qhi = float(zy), float(qlo), float(qhi)
     mult = _ro(mult)

@@ -57,6 +57,7 @@ from .conv import (
     _attrs,
     _check_group,
     _geometry,
+    _ints,
     _key,
     _remember,
     _Uncacheable,
@@ -457,7 +458,8 @@ def _plan(
         )
         raise ValueError(msg)
     k = tuple(wshape[2:])
-    if kernel_shape is not None and tuple(kernel_shape) != k:
+    if kernel_shape is not None and _ints(kernel_shape, "kernel_shape", len(k), 1,
+                                          1) != k:  # fmt: skip
         msg = f"kernel_shape={tuple(kernel_shape)} does not match w.shape[2:]={k}"
         raise ValueError(msg)
     a = _attrs(auto_pad, dilations, kernel_shape, pads, strides)

@@ -205,7 +205,8 @@ def float32_to_bfloat16(x, out_dtype=np.uint16) -> np.ndarray:
 def bfloat16_to_float32(x) -> np.ndarray:
     """bfloat16 (ml_dtypes array or uint16 bit patterns) -> float32, exactly."""
     bits = _as_bf16_bits(x, "x", fix="pass x.view(np.uint16) for raw bit patterns")
-    return (bits.astype(np.uint32) << 16).view(np.float32)
+    # (np.asarray: a 0-d shift gives a numpy scalar)
+    return np.asarray(bits.astype(np.uint32) << 16).view(np.float32)
 
 
 # --------------------------------------------------------------------------- #
@@ -322,7 +323,8 @@ def _to_f32(bits: np.ndarray, kind: str) -> np.ndarray:
     """uint16 half bits -> float32 (exact) as a C-contiguous array."""
     if kind == "f16":
         return np.ascontiguousarray(bits).view(np.float16).astype(np.float32)
-    return (bits.astype(np.uint32) << 16).view(np.float32)
+    # (np.asarray: a 0-d shift gives a numpy scalar)
+    return np.asarray(bits.astype(np.uint32) << 16).view(np.float32)
 
 
 # --------------------------------------------------------------------------- #

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 
@@ -38,9 +39,10 @@ def _param_layout(x_shape, scale, zero_point, axis, block_size, scale_name, zp_n
                 f"({scale.shape}) or be a scalar, got {zero_point.shape}"
             )
             raise ValueError(msg)
-    if not isinstance(block_size, int) or isinstance(block_size, bool):
+    if not isinstance(block_size, numbers.Integral) or isinstance(block_size, bool):
         msg = f"block_size must be an int, got {type(block_size).__name__}"
         raise TypeError(msg)
+    block_size = int(block_size)
     if block_size < 0:
         msg = f"block_size must be >= 0 (0 means no blocking), got {block_size}"
         raise ValueError(msg)
@@ -52,10 +54,10 @@ def _param_layout(x_shape, scale, zero_point, axis, block_size, scale_name, zp_n
         zp3 = None if zero_point is None else zero_point.reshape(1, 1, 1)
         return (p, c, q), scale3, zp3, max(c, 1)
 
-    axis = v.check_axis(axis, max(ndim, 1))
     if ndim == 0:
         msg = f"{scale_name} must be a scalar for a 0-d input, got shape {scale.shape}"
         raise ValueError(msg)
+    axis = v.check_axis(axis, ndim)
     p, c, q = _as_3d(x_shape, axis)
     if block_size == 0:  # per axis
         if scale.ndim != 1 or scale.shape[0] != c:
@@ -155,10 +157,18 @@ def quantize_linear(
 
     out_dt = None
     if output_dtype is not None and output_dtype != 0:
-        code = output_dtype if isinstance(output_dtype, int) else None
-        out_dt = v.output_int_dtype(
-            _ONNX_CODES.get(code, output_dtype) if code is not None else output_dtype
-        )
+        if isinstance(output_dtype, numbers.Integral) and not isinstance(
+            output_dtype, bool
+        ):  # an ONNX TensorProto code
+            if int(output_dtype) not in _ONNX_CODES:
+                msg = (
+                    f"output_dtype={int(output_dtype)} is not a supported ONNX type "
+                    f"code; use 2 (uint8), 3 (int8), 4 (uint16) or 5 (int16), or a "
+                    f"numpy dtype"
+                )
+                raise ValueError(msg)
+            output_dtype = _ONNX_CODES[int(output_dtype)]
+        out_dt = v.output_int_dtype(output_dtype)
     if y_zero_point is not None:
         zp_dt = (
             y_zero_point.dtype

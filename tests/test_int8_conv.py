@@ -613,6 +613,7 @@ def test_inputs_not_modified_and_packed_immutable():
         ({"group": 0}, ValueError, "group must be >= 1"),
         ({"group": 1.5}, TypeError, "group must be an int"),
         ({"kernel_shape": (2, 2)}, ValueError, "kernel_shape"),
+        ({"kernel_shape": 3}, TypeError, "kernel_shape must be a sequence of 2"),
         ({"pads": (-1, 0, 0, 0)}, ValueError, "non-negative"),
         ({"pads": (1, 1)}, ValueError, "pads must be a sequence of 4"),
         ({"strides": (0, 1)}, ValueError, "strides"),
@@ -729,6 +730,31 @@ def test_qlinear_conv_bias_beyond_the_narrow_epilogue(isa, big):
         np.testing.assert_array_equal(got, want)
     assert len(np.unique(want)) > 10
     assert want.min() < 128 < want.max()
+
+
+def test_depthwise_bias_past_int32(isa):
+    # the depthwise kernels sum in int32: a bias near the limit whose sum with
+    # the products passes it takes the exact GEMM path (a silent wrap before)
+    rng = np.random.default_rng(12)
+    x = rng.integers(0, 256, (1, 6, 5, 5), dtype=np.uint8)
+    w = rng.integers(-128, 128, (6, 1, 3, 3), dtype=np.int8)
+    w[:2] = -100  # with ZA = 255 every tap adds to the bias
+    bias = np.full(6, 2**31 - 1, np.int32)
+    bias[1] = -(2**31) + 5
+    w[1] = 100
+    sx, sw, sy = np.float32(1e-6), np.full(6, 1e-3, np.float32), np.float32(1e-3)
+    acc = conv_ref(x, w, 255, 0, group=6, pads=[1, 1, 1, 1])
+    for out_dtype in (np.float32, None):
+        want = requant_ref(acc, sx, sw, sy, np.uint8(7), bias=bias,
+                           out_dtype=out_dtype)  # fmt: skip
+        for layout in ("NCHW", "NHWC"):
+            got = lowprec.conv.qlinear_conv(
+                _to_layout(x, layout), sx, np.uint8(255), w, sw, None, sy,
+                np.uint8(7), bias, pads=[1, 1, 1, 1], group=6, layout=layout,
+                out_dtype=out_dtype,
+            )  # fmt: skip
+            got = got.transpose(0, 3, 1, 2) if layout == "NHWC" else got
+            np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("y_dt", [np.uint8, np.int8])

@@ -210,3 +210,25 @@ def test_views_and_negative_strides():
             lowprec.dequantize_linear(q, scale[::-1], zp[::-1], axis=1),
             ref.dequantize(np.ascontiguousarray(q), scale[::-1], zp[::-1], 1, 0),
         )
+
+
+def test_quantize_argument_forms():
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    # ONNX type codes, as Python or numpy ints; others named in the error
+    want = lowprec.quantize_linear(x, np.float32(0.5), np.int8(0))
+    for code in (3, np.int32(3), np.int64(3)):
+        got = lowprec.quantize_linear(x, np.float32(0.5), output_dtype=code)
+        assert got.dtype == np.int8
+        np.testing.assert_array_equal(got, want)
+    for code in (6, 21):
+        with pytest.raises(ValueError, match=r"not a supported ONNX type code; use 2"):
+            lowprec.quantize_linear(x, np.float32(0.5), output_dtype=code)
+    # block_size as a numpy integer, as axis may be
+    s = np.full((2, 2), 0.5, np.float32)
+    np.testing.assert_array_equal(
+        lowprec.quantize_linear(x, s, block_size=np.int64(2), axis=1),
+        lowprec.quantize_linear(x, s, block_size=2, axis=1),
+    )
+    # a 0-d x with a per-axis scale: the message says so
+    with pytest.raises(ValueError, match="must be a scalar for a 0-d input"):
+        lowprec.quantize_linear(np.array(1.0, np.float32), np.ones(2, np.float32))
