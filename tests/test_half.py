@@ -495,7 +495,9 @@ def test_bfloat16_to_float32_exact():
         same = half.bfloat16_to_float32(bits.view(ml_dtypes.bfloat16))
         assert np.array_equal(same.view(np.uint32), got.view(np.uint32))
     one = half.bfloat16_to_float32(np.array(0x3FC0, np.uint16))  # 0-d: an array
-    assert type(one) is np.ndarray and one.shape == () and one == 1.5
+    assert type(one) is np.ndarray
+    assert one.shape == ()
+    assert one == 1.5
 
 
 # --------------------------------------------------------------------------- #
