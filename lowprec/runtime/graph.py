@@ -230,10 +230,8 @@ def _plain_2x2(pool):
         and not pool.get("ceil_mode", 0)
         and all(d == 1 for d in pool.get("dilations") or [1])
     )
-    return plain and list(pool["kernel_shape"]) == list(pool.get("strides") or []) == [
-        2,
-        2,
-    ]
+    k, st = list(pool["kernel_shape"]), list(pool.get("strides") or [])
+    return plain and k == st == [2, 2]
 
 
 def _maxpool_nhwc(y, pool, ndim):
