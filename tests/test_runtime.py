@@ -544,6 +544,23 @@ def test_half_conv_other_pools(to16):
         np.testing.assert_array_equal(got, ref.astype(got.dtype))
 
 
+def test_empty_batch_and_pools_that_do_not_fit():
+    # N = 0 through the fused 2x2 pool (both output types) and the float32
+    # im2col conv; a 2x2 pool on a 1-row output is the MaxPool node's error
+    pytest.importorskip("lowprec.half")
+    w = rnd(4, 3, 3, 3)
+    pool = {"kernel_shape": [2, 2], "strides": [2, 2]}
+    for to16 in (False, True):
+        n = G.HalfConv("c", ["x"], ["y"], w=w.astype(np.float16), pads=[1] * 4,
+                       pool=pool, out_fp16=to16)  # fmt: skip
+        y = n.run(np.zeros((0, 3, 8, 8), np.float32))
+        assert y.shape == (0, 4, 4, 4)
+        with pytest.raises(ValueError, match="does not fit"):
+            n.run(np.zeros((2, 3, 1, 5), np.float32))
+    c = G.Conv("c", ["x"], ["y"], w=w, pads=[1] * 4, pool=pool)
+    assert c.run(np.zeros((0, 3, 8, 8), np.float32)).shape == (0, 4, 4, 4)
+
+
 @pytest.mark.parametrize("pattern", ["unstructured", (2, 4)])
 def test_prune_save_load_sparse(cnn_data, pattern):
     g, x = cnn_data

@@ -202,7 +202,8 @@ def _conv_via_gemm(x, w_shape, group, attrs, fill, gemm):
         cols, (N, oh, ow) = im2col_nhwc(
             xg, kernel, strides, dil, begins, ends, fill, nhwc=nhwc
         )
-        ys.append(gemm(g, cols).reshape(N, oh, ow, -1))
+        y = gemm(g, cols)
+        ys.append(y.reshape(N, oh, ow, y.shape[-1]))  # (no -1: N may be 0)
     y = ys[0] if group == 1 else np.concatenate(ys, axis=3)
     return _nhwc_out(y, attrs.get("pool"), x.ndim, bool(attrs.get("nhwc_out")))
 
@@ -258,7 +259,7 @@ def _half_pool(y, pool, to16):
     strided maxima and its float16 conversion, which has no F16C loop, were
     two thirds of the demo's fp16 network on Zen 3); the float16 rows are
     stored by F16C where the machine has it."""
-    if pool and y.ndim == 4 and _plain_2x2(pool):
+    if pool and y.ndim == 4 and min(y.shape[2:]) >= 2 and _plain_2x2(pool):
         from ..kernels import fp16_conv, layout
 
         N, C, H, W = y.shape
@@ -268,10 +269,10 @@ def _half_pool(y, pool, to16):
         x3 = y.reshape(N * C, H, W)
         if f16c:
             fp16_conv.maxpool2x2_to16(
-                x3, out.view(np.uint16).reshape(N * C, H // 2, -1), tmp
+                x3, out.view(np.uint16).reshape(N * C, H // 2, W // 2), tmp
             )
             return out
-        layout.maxpool2x2_nchw(x3, out.reshape(N * C, H // 2, -1), tmp)
+        layout.maxpool2x2_nchw(x3, out.reshape(N * C, H // 2, W // 2), tmp)
         y = out
     elif pool:
         y = MaxPool("pool", ["x"], ["y"], **pool).run(y)
