@@ -17,8 +17,10 @@ owns a BM x BN tile; thread (ty, tx) owns rows ty + i*TM and columns tx + j*TN,
 an 8 x 8 float32 register tile by default; BK values of K per stage.
 
 The convolution (ONNX Conv, NCHW) is the same loop over an implicit im2col:
-rows = output pixels (n, oh, ow), K = (c, i, j) of one group in ONNX weight
-order, so w (M, C/G, kH, kW) is read in place as (M, K); padded taps are 0.
+rows = output pixels (n, oh, ow), K = (i, j, c) of one group: the CPU
+conv_fp16's order (lowprec/conv_half.py), so the bits are the CPU's; w (M,
+C/G, kH, kW) is read in place as (M, K') in ONNX order (c, i, j), element
+(c, t) of k = t * Cg + c; padded taps are 0.
 geo (int64): N, H, W, C, Ho, Wo, kH, kW, sH, sW, dH, dW, pad_top, pad_left,
 G, Cg, Mg.
 """
@@ -73,7 +75,7 @@ def gemm_kernel(bm, bn, bk, tm, tn, pad, bf16=False):
     def gemm_half_f32(a, b, bias, has_bias, lo, hi, bf16_out, out):
         # a (M,K), b (K,N) float16 (or uint16 bfloat16 bits), any strides; bias
         # (1|N,) float32; lo/hi float32; out (M,N) float32|float16, or uint16
-        # bfloat16 bits when bf16_out. grid (ceil(N/bn), ceil(M/bm)), block
+        # bfloat16 bits when bf16_out. grid (ceil(M/bm), ceil(N/bn)), block
         # tm*tn threads.
         As = cuda.shared.array((bk, a_cols), np.float32)
         Bs = cuda.shared.array((bk, b_cols), np.float32)
@@ -86,8 +88,8 @@ def gemm_kernel(bm, bn, bk, tm, tn, pad, bf16=False):
         tid = cuda.threadIdx.x
         tx = tid % tn
         ty = tid // tn
-        m0 = cuda.blockIdx.y * bm
-        n0 = cuda.blockIdx.x * bn
+        m0 = cuda.blockIdx.x * bm  # rows on x: the grid's only axis past 65535
+        n0 = cuda.blockIdx.y * bn
         for i in range(rm):
             for j in range(rn):
                 acc[i, j] = 0
@@ -200,21 +202,21 @@ def conv_kernel(bm, bn, bk, tm, tn, pad):
                 if r < rows and k < K:
                     n = r // P
                     p = r % P
-                    ci = k // taps
-                    t = k % taps
+                    ci = k % Cg  # k = (i, j, c), c fastest
+                    t = k // Cg
                     ih = (p // Wo) * geo[8] - geo[12] + (t // kw_) * geo[10]
                     iw = (p % Wo) * geo[9] - geo[13] + (t % kw_) * geo[11]
                     if ih >= 0 and ih < H and iw >= 0 and iw < W:
                         val = np.float32(x[n, g * Cg + ci, ih, iw])
                 As[kk, mm] = val
             for e in range(tid, b_elems, nthreads):
-                kk = e % bk  # k fastest: a weight row is contiguous in w
+                kk = e % bk  # k fastest: runs of Cg-strided weights of one row
                 nn = e // bk
                 c = n0 + nn
                 k = k0 + kk
                 val = np.float32(0)
                 if c < Mg and k < K:
-                    val = np.float32(w[g * Mg + c, k])
+                    val = np.float32(w[g * Mg + c, (k % Cg) * taps + k // Cg])
                 Bs[kk, nn] = val
             cuda.syncthreads()
             for kk in range(bk):

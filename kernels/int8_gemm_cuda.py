@@ -52,7 +52,7 @@ def gemm_kernel(bm, bn, bkw, tm, tn, pad):
         # col_sum (1|N,) int64 = colsum(b'), zb (1|N,) int64 = ZB, bias (1|N,)
         # int64, mult (1|M, 1|N) float64, out (M,N) int32|uint8|int8|float32,
         # bad (1,) int32 counts int32 outputs that do not fit (mode 0).
-        # grid (ceil(N/bn), ceil(M/bm)), block tm*tn threads.
+        # grid (ceil(M/bm), ceil(N/bn)), block tm*tn threads.
         As = cuda.shared.array((bkw, a_cols), np.uint32)
         Bs = cuda.shared.array((bkw, b_cols), np.uint32)
         acc = cuda.local.array((rm, rn), np.int32)
@@ -64,8 +64,8 @@ def gemm_kernel(bm, bn, bkw, tm, tn, pad):
         tid = cuda.threadIdx.x
         tx = tid % tn
         ty = tid // tn
-        m0 = cuda.blockIdx.y * bm
-        n0 = cuda.blockIdx.x * bn
+        m0 = cuda.blockIdx.x * bm  # rows on x: the grid's only axis past 65535
+        n0 = cuda.blockIdx.y * bn
         for i in range(rm):
             for j in range(rn):
                 acc[i, j] = 0

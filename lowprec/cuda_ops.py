@@ -170,7 +170,7 @@ def _run_gemm(a2, b2, packed, a_dtype, za_eff, zb_eff, bias, mult, zy, qlo, qhi,
         cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_KW, cfg.THREADS_M, cfg.THREADS_N,
         cfg.SMEM_PAD,
     )  # fmt: skip
-    grid = (-(-N // cfg.BLOCK_N), -(-M // cfg.BLOCK_M))
+    grid = (-(-M // cfg.BLOCK_M), -(-N // cfg.BLOCK_N))  # rows on x (<= 2**31-1)
     kernel[grid, cfg.THREADS_M * cfg.THREADS_N](
         a2, b2, a_off, b_off, za_dev, row_sum, col_sum,
         nb_cuda.to_device(np.ascontiguousarray(zb_eff, np.int64)),
@@ -314,12 +314,7 @@ def quantize_linear_cuda(
         msg = f"saturate must be a bool, got {type(saturate).__name__}"
         raise TypeError(msg)
     y_zero_point = _cuda.to_host(y_zero_point)
-    out_dt = None
-    if output_dtype is not None and output_dtype != 0:
-        code = output_dtype if isinstance(output_dtype, int) else None
-        out_dt = v.output_int_dtype(
-            _q._ONNX_CODES.get(code, output_dtype) if code is not None else output_dtype
-        )
+    out_dt = _q._output_dtype(output_dtype)  # the CPU's rules
     zero_point = None
     if y_zero_point is not None:
         zp_dt = (
@@ -655,7 +650,7 @@ def matmul_fp16_cuda(a, b, *, bias=None, activation=None, out_dtype=np.float32):
             cfg.FP16_BLOCK_M, cfg.FP16_BLOCK_N, cfg.FP16_BLOCK_K,
             cfg.FP16_THREADS_M, cfg.FP16_THREADS_N, cfg.FP16_SMEM_PAD,
         )  # fmt: skip
-        grid = (-(-N // cfg.FP16_BLOCK_N), -(-rows // cfg.FP16_BLOCK_M))
+        grid = (-(-rows // cfg.FP16_BLOCK_M), -(-N // cfg.FP16_BLOCK_N))
         kernel[grid, cfg.FP16_THREADS_M * cfg.FP16_THREADS_N](
             a2, b_dev, nb_cuda.to_device(bias_arr), has_bias, lo, hi, False, out_dev
         )
@@ -677,11 +672,11 @@ def conv_fp16_cuda(
     """ONNX Conv (NCHW) on float16 x and w with float32 accumulation, on the GPU.
 
     x (N, C, [H,] W) float16, w (M, C/group, [kH,] kW) float16, bias (M,) or
-    scalar float16/float32; activation and out_dtype as ``matmul_fp16``. Each
-    output is one float32 sum over (c, i, j) in ONNX weight order, padded taps
-    adding +0, so |y - exact| <= gamma_K * sum |x w| with K = C/group*kH*kW
-    (plus one float32 rounding of the bias add, and the float16 output
-    rounding); returns the kind of array it was given.
+    scalar float16/float32 (w also a PackedConvWeightsFP16, uploaded per
+    call); activation and out_dtype as ``matmul_fp16``. Each output is one
+    float32 sum over (i, j, c), the CPU conv_fp16's order, padded taps adding
+    +0, so the bits are the CPU's (float16 products are exact in float32);
+    returns the kind of array it was given.
     """
     from . import conv as _c
 
@@ -690,6 +685,17 @@ def conv_fp16_cuda(
 
     x_in = x  # the output is allocated like this (CuPy in, CuPy out)
     x, host, proxy = _device_input(x, "x", _F16, _FIX_F16.format("x"))
+    from .conv_half import PackedConvWeightsFP16
+
+    if isinstance(w, PackedConvWeightsFP16):  # its float16 weights, and group
+        if group != w.group:
+            msg = (
+                f"group={group} differs from the group={w.group} the weights were "
+                f"packed with; pass group={w.group}"
+            )
+            raise ValueError(msg)
+        w16 = w._bits.view(np.float16)
+        w = w16 if host else nb_cuda.to_device(w16)
     if host != isinstance(w, np.ndarray):
         _cuda.use_cuda(x, w)  # raises the mixed host/device TypeError
     w, _, w_proxy = _device_input(w, "w", _F16, _FIX_F16.format("w"))
@@ -1073,7 +1079,6 @@ def dynamic_quantize_matmul_cuda(
             sa_dev, _cuda.to_device(np.broadcast_to(sb.astype(np.float32), N)), mult
         )
         za_eff = za_dev  # uint8 a: no offset (eq. 5)
-        tiny = not float(np.float32(sa_dev.copy_to_host().min() * sb.min())) > 0
     else:
         if not _cuda.is_c_contiguous(a2):
             msg = (
@@ -1085,7 +1090,6 @@ def dynamic_quantize_matmul_cuda(
                                       qa.reshape(rows * K))  # fmt: skip
         mult = _g._multiplier(s.reshape(1), sb, None, N)
         za_eff = np.full(1, int(z), np.int64)
-        tiny = not mult.min() > 0
     if packed is not None:
         b2 = _cuda.to_device(packed._b_s8)  # b' (eq. 5), int8
     else:
@@ -1094,12 +1098,11 @@ def dynamic_quantize_matmul_cuda(
         qa, b2, packed, np.dtype(np.uint8), za_eff, zb_eff, np.zeros(1, np.int64),
         mult, 0.0, -np.inf, np.inf, 2, out_dev,
     )  # fmt: skip
-    # fl32(p + 0) == p except p == -0.0, possible only through a multiplier
-    # that underflows to 0; without bias the pass runs only then
-    if bias is not None or tiny:
-        fb = np.zeros(N, np.float32) if bias is None else bias
+    # without bias no pass: the CPU adds nothing either (a -0.0 product, from
+    # a multiplier that underflows to 0, stays -0.0)
+    if bias is not None:
         kd.add_bias[_cuda.launch_1d(rows * N, cfg.THREADS_1D, cfg.MAX_BLOCKS_1D)](
-            out_dev, nb_cuda.to_device(np.ascontiguousarray(fb))
+            out_dev, nb_cuda.to_device(np.ascontiguousarray(bias))
         )
     if host:
         return out_dev.copy_to_host().reshape(shape)
@@ -1180,7 +1183,7 @@ def matmul_bf16_cuda(a, b, *, bias=None, activation=None, out_dtype=np.float32):
             cfg.FP16_BLOCK_M, cfg.FP16_BLOCK_N, cfg.FP16_BLOCK_K,
             cfg.FP16_THREADS_M, cfg.FP16_THREADS_N, cfg.FP16_SMEM_PAD,
         )  # fmt: skip
-        grid = (-(-N // cfg.FP16_BLOCK_N), -(-rows // cfg.FP16_BLOCK_M))
+        grid = (-(-rows // cfg.FP16_BLOCK_M), -(-N // cfg.FP16_BLOCK_N))
         kernel[grid, cfg.FP16_THREADS_M * cfg.FP16_THREADS_N](
             a2, b_dev, nb_cuda.to_device(bias_arr), bool(has_bias), np.float32(lo),
             np.float32(hi), bf16_out, out_dev,

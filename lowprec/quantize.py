@@ -27,6 +27,27 @@ def _as_3d(shape: tuple[int, ...], axis: int) -> tuple[int, int, int]:
     return p, shape[axis], math.prod(shape[axis + 1 :])
 
 
+def _output_dtype(output_dtype):
+    """quantize_linear's output_dtype -> numpy dtype, or None (not given / 0):
+    a numpy dtype, or an ONNX TensorProto code (Python or numpy int)."""
+    if output_dtype is None or (
+        isinstance(output_dtype, numbers.Integral) and output_dtype == 0
+    ):
+        return None
+    if isinstance(output_dtype, numbers.Integral) and not isinstance(
+        output_dtype, bool
+    ):  # an ONNX TensorProto code
+        if int(output_dtype) not in _ONNX_CODES:
+            msg = (
+                f"output_dtype={int(output_dtype)} is not a supported ONNX type "
+                f"code; use 2 (uint8), 3 (int8), 4 (uint16) or 5 (int16), or a "
+                f"numpy dtype"
+            )
+            raise ValueError(msg)
+        output_dtype = _ONNX_CODES[int(output_dtype)]
+    return v.output_int_dtype(output_dtype)
+
+
 def _param_layout(x_shape, scale, zero_point, axis, block_size, scale_name, zp_name):
     """Reshape scale / zero point to (Ps, Cs, Qs) and return them with the
     (P, C, Q) view of x and the block length along C (module doc of
@@ -155,20 +176,7 @@ def quantize_linear(
         msg = f"saturate must be a bool, got {type(saturate).__name__}"
         raise TypeError(msg)
 
-    out_dt = None
-    if output_dtype is not None and output_dtype != 0:
-        if isinstance(output_dtype, numbers.Integral) and not isinstance(
-            output_dtype, bool
-        ):  # an ONNX TensorProto code
-            if int(output_dtype) not in _ONNX_CODES:
-                msg = (
-                    f"output_dtype={int(output_dtype)} is not a supported ONNX type "
-                    f"code; use 2 (uint8), 3 (int8), 4 (uint16) or 5 (int16), or a "
-                    f"numpy dtype"
-                )
-                raise ValueError(msg)
-            output_dtype = _ONNX_CODES[int(output_dtype)]
-        out_dt = v.output_int_dtype(output_dtype)
+    out_dt = _output_dtype(output_dtype)
     if y_zero_point is not None:
         zp_dt = (
             y_zero_point.dtype

@@ -139,3 +139,17 @@ def test_dynamic_quantize_matmul_shapes_packed_routing(small_tiles):
         cuda_ops.dynamic_quantize_matmul_cuda(a, b)
     with pytest.raises(ValueError, match=r"bias must have shape \(5,\)"):
         cuda_ops.dynamic_quantize_matmul_cuda(a, b, 0.1, bias=np.zeros(4, np.float32))
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_dynamic_quantize_matmul_keeps_negative_zero(small_tiles, per_row):
+    # a multiplier that underflows to 0 gives -0.0 for negative sums; without
+    # bias neither path adds anything, so the CPU's -0.0 stays on the GPU
+    b = np.array([[1, -1], [2, -3], [0, 5], [-4, 1], [3, 3]], np.int8)
+    a = np.full((2, 5), 1e-30, np.float32)
+    a[1] *= -1
+    cpu = lowprec.dynamic_quantize_matmul(a, b, np.float32(1e-20), per_row=per_row)
+    assert np.signbit(cpu).any()
+    got = lowprec.dynamic_quantize_matmul(a, b, np.float32(1e-20), per_row=per_row,
+                                          device="cuda")  # fmt: skip
+    np.testing.assert_array_equal(got.view(np.uint32), cpu.view(np.uint32))

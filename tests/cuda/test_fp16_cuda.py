@@ -1,10 +1,11 @@
 """matmul_fp16_cuda / conv_fp16_cuda. The GEMM sums in lowprec.half's order, so
 it must give the CPU matmul_fp16's bits (and lie within the float64 bound); the
-convolution is checked against a float64 im2col reference within
+convolution sums in the CPU conv_fp16's order (i, j, c), so it must give its
+bits too, and lie within the float64 im2col reference's bound
 
     |y - exact| <= gamma_{K+1} * (sum_k |x w| + |bias|),  gamma_n = n u / (1 - n u)
 
-with u = 2**-24 (K float32 additions of exact products, one bias add), and its
+with u = 2**-24 (K float32 additions of exact products, one bias add); its
 float16 output must be the float32 output rounded once."""
 
 import numpy as np
@@ -146,8 +147,26 @@ def test_conv_fp16_within_bound(small_tiles, xs, ws, group, strides, dilations, 
     assert got.shape == want.shape
     K = ws[1] * ws[2] * ws[3]
     assert np.all(np.abs(got - want) <= _gamma(K + 1) * mag)
+    np.testing.assert_array_equal(got, lowprec.conv_fp16(x, w, bias, **kw))
     g16 = cuda_ops.conv_fp16_cuda(x, w, bias, out_dtype=np.float16, **kw)
     np.testing.assert_array_equal(g16, got.astype(np.float16))
+    # prepacked weights, through the public function
+    pk = lowprec.pack_conv_weights_fp16(w, group=group)
+    np.testing.assert_array_equal(
+        _host(lowprec.conv_fp16(_dev(x), pk, bias, **kw)), got
+    )
+    np.testing.assert_array_equal(lowprec.conv_fp16(x, pk, bias, device="cuda", **kw),
+                                  got)  # fmt: skip
+
+
+def test_conv_fp16_order_is_the_cpus(small_tiles):
+    # 4096 * 4096 - 4096 * 4096 + 1 + 1: (i, j, c) order gives 1 (the CPU's),
+    # (c, i, j) order 2
+    x = np.array([[[[4096.0, 4096.0]], [[1.0, 1.0]]]], np.float16)
+    w = np.array([[[[4096.0, -4096.0]], [[1.0, 1.0]]]], np.float16)
+    want = lowprec.conv_fp16(x, w)
+    assert want.ravel()[0] == 1.0
+    np.testing.assert_array_equal(lowprec.conv_fp16(x, w, device="cuda"), want)
 
 
 def test_conv_fp16_1d_auto_pad_activation_errors(small_tiles):

@@ -93,3 +93,16 @@ def test_quantize_errors(small_tiles):
         cuda_ops.quantize_linear_cuda(
             cuda.to_device(np.zeros((3, 4), np.float32))[:, ::2], 0.1
         )
+
+
+def test_quantize_output_dtype_codes(small_tiles):
+    # ONNX type codes as Python or numpy ints, as on the CPU
+    x = np.array([1.0, 300.0, -5.0], np.float32)
+    for code in (np.uint8(4), np.int8(2), np.int64(3), 5, 0):
+        cpu = lowprec.quantize_linear(x, np.float32(1), output_dtype=code)
+        got = lowprec.quantize_linear(x, np.float32(1), output_dtype=code,
+                                      device="cuda")  # fmt: skip
+        assert got.dtype == cpu.dtype
+        np.testing.assert_array_equal(got, cpu)
+    with pytest.raises(ValueError, match="not a supported ONNX type code"):
+        lowprec.quantize_linear(x, np.float32(1), output_dtype=7, device="cuda")
