@@ -96,6 +96,8 @@ def test_maxpool2x2_nchw():
 
     if half.get_half_isa() == "portable":
         pytest.skip("float16 rows: F16C paths only")
-    o16 = np.empty((5, 3, 4), np.uint16)
-    fp16_conv.maxpool2x2_to16(x, o16, tmp)
-    np.testing.assert_array_equal(o16, want.astype(np.float16).view(np.uint16))
+    for chunk in (1, 2, fp16_conv.pool16_planes(3, 4)):  # the last: all 5 planes
+        o16 = np.empty((5, 3, 4), np.uint16)
+        t16 = np.empty((numba.get_num_threads(), 9 + chunk * 12), np.float32)
+        fp16_conv.maxpool2x2_to16(x, o16, t16, chunk)
+        np.testing.assert_array_equal(o16, want.astype(np.float16).view(np.uint16))

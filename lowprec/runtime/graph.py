@@ -265,13 +265,16 @@ def _half_pool(y, pool, to16):
         N, C, H, W = y.shape
         f16c = to16 and _lp_half.get_half_isa() != "portable"
         out = np.empty((N, C, H // 2, W // 2), np.float16 if f16c else np.float32)
-        tmp = np.empty((numba.get_num_threads(), W + (H // 2) * (W // 2)), np.float32)
         x3 = y.reshape(N * C, H, W)
         if f16c:
-            fp16_conv.maxpool2x2_to16(
-                x3, out.view(np.uint16).reshape(N * C, H // 2, W // 2), tmp
+            chunk = fp16_conv.pool16_planes(H // 2, W // 2)
+            tmp = np.empty(
+                (numba.get_num_threads(), W + chunk * (H // 2) * (W // 2)), np.float32
             )
+            o16 = out.view(np.uint16).reshape(N * C, H // 2, W // 2)
+            fp16_conv.maxpool2x2_to16(x3, o16, tmp, chunk)
             return out
+        tmp = np.empty((numba.get_num_threads(), W), np.float32)
         layout.maxpool2x2_nchw(x3, out.reshape(N * C, H // 2, W // 2), tmp)
         y = out
     elif pool:
