@@ -89,9 +89,12 @@ def merge(runs: list[dict]) -> dict:
     out["settings"] = {
         **runs[0]["settings"],
         "repeat": sum(r["settings"]["repeat"] for r in runs),
-        # rounds in all (runs before --rounds: one each)
-        "rounds": sum(r["settings"].get("rounds", 1) for r in runs),
     }
+    # rounds in all, where every run took turns (a run from before --rounds
+    # timed each library in one block: no rounds to report)
+    out["settings"].pop("rounds", None)
+    if all("rounds" in r["settings"] for r in runs):
+        out["settings"]["rounds"] = sum(r["settings"]["rounds"] for r in runs)
     out["date"] = " / ".join(r["date"] for r in runs)
     out["command"] = f"{runs[0]['command']} (run {len(runs)}x, samples pooled)"
     out["merged_from"] = [r["date"] for r in runs]

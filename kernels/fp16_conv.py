@@ -2081,9 +2081,10 @@ def maxpool2x2_to16(x, out, tmp, chunk):
     # (out (P, H//2, W//2) uint16, rounded once: max commutes with the
     # rounding); tmp (threads, >= W + chunk*(H//2)*(W//2)) float32. Tasks of
     # `chunk` planes (pool16_planes), converted at once: rows of 14 would all
-    # take f16_row_store's scalar tail, and a 3x3 plane a task cost 2.8 ms for
-    # 250 x 128 x 7^2 (1 thread, Zen 3; 1.4 ms in chunks). F16C paths only.
-    # numpy's float32 -> float16 astype took 5.0 ms for 250 x 32 x 14^2
+    # take f16_row_store's scalar tail, and a 3x3 plane a task took 2.8-3.0 ms
+    # for 250 x 128 x 7^2 (the kernel alone, best of 7, Zen 3; in chunks 1.4
+    # on 1 thread, 2.8 -> 1.0 on 2). F16C paths only. numpy's float32 ->
+    # float16 astype took 5.0 ms for 250 x 32 x 14^2
     P = x.shape[0]
     h = out.shape[1]
     w = out.shape[2]

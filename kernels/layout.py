@@ -371,10 +371,10 @@ def maxpool2x2_nhwc(y, out):
 
 @njit(inline="always")
 def _max32(a, b):
-    # np.maximum's rule: a where a >= b or a is NaN, else b (NaN propagates;
-    # of equal values such as -0 and +0 this keeps a, as numpy's scalar loop
-    # does; its SIMD loop keeps b)
-    return a if a >= b or a != a else b
+    # np.maximum's rule on float32: a where a > b or a is NaN, else b (NaN
+    # propagates; of equal values such as -0 and +0 numpy keeps b, so the
+    # runtime's pool gives MaxPool's bits)
+    return a if a > b or a != a else b
 
 
 @njit(inline="always")

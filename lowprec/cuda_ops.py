@@ -721,7 +721,8 @@ def conv_fp16_cuda(
         )
         raise ValueError(msg)
     k = tuple(w_proxy.shape[2:])
-    if kernel_shape is not None and tuple(kernel_shape) != k:
+    if kernel_shape is not None and _c._ints(kernel_shape, "kernel_shape", len(k), 1,
+                                             1) != k:  # fmt: skip
         msg = f"kernel_shape={tuple(kernel_shape)} does not match w.shape[2:]={k}"
         raise ValueError(msg)
     attrs = _c._attrs(auto_pad, dilations, kernel_shape, pads, strides)

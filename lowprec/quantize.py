@@ -38,10 +38,10 @@ def _output_dtype(output_dtype):
         output_dtype, bool
     ):  # an ONNX TensorProto code
         if int(output_dtype) not in _ONNX_CODES:
+            codes = ", ".join(f"{c} ({np.dtype(t)})" for c, t in _ONNX_CODES.items())
             msg = (
                 f"output_dtype={int(output_dtype)} is not a supported ONNX type "
-                f"code; use 2 (uint8), 3 (int8), 4 (uint16) or 5 (int16), or a "
-                f"numpy dtype"
+                f"code; use one of {codes}, or a numpy dtype"
             )
             raise ValueError(msg)
         output_dtype = _ONNX_CODES[int(output_dtype)]

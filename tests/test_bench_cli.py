@@ -177,6 +177,17 @@ def test_bench_quick_json_and_readme_table(tmp_path, capsys):
         )
     assert merged["settings"]["repeat"] == 2 * res["settings"]["repeat"]
     assert "samples pooled" in mod.render(merged)
+    # rounds: named in the table where every run took turns (this run has
+    # rounds 1: one block each, no rounds named); a run from before --rounds
+    # leaves them out of the merge
+    assert res["settings"]["rounds"] == 1
+    assert "rounds taking turns" not in mod.render(res)
+    turns = json.loads(out.read_text())
+    turns["settings"]["rounds"] = 3
+    assert "in 3 rounds taking turns" in mod.render(turns)
+    assert "in 4 rounds taking turns" in mod.render(merge.merge([res, turns]))
+    del slow["settings"]["rounds"]
+    assert "rounds" not in merge.merge([turns, slow])["settings"]
     # a row that carries its own peak (the half suite's FMA / vdpbf16ps rate)
     # keeps it, the best of the runs, instead of the suite's vpdpbusd peak
     for run, p in ((res, 100.0), (slow, 120.0)):

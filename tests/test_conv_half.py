@@ -448,6 +448,7 @@ def test_avx2_segments_span_images(monkeypatch):
     for xs, ws, attrs in (
         ((5, 6, 7, 7), (13, 6, 3, 3), {"pads": (1, 1, 1, 1)}),  # 245 pixels
         ((70, 3, 3, 3), (8, 3, 3, 3), {}),  # one pixel an image
+        ((4, 5, 5, 7), (6, 5, 1, 1), {}),  # 1x1: the image read in place
         ((3, 4, 9, 5), (6, 2, 2, 3), {"group": 2, "strides": (2, 1)}),
     ):
         x, w = rand(rng, xs), rand(rng, ws)

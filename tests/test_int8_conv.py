@@ -757,6 +757,20 @@ def test_depthwise_bias_past_int32(isa):
             np.testing.assert_array_equal(got, want)
 
 
+def test_depthwise_layouts_bounded_and_gemm_layouts_kept():
+    # one depthwise layout per weight zero point, at most 16 kept; the GEMM
+    # layouts beside them stay
+    rng = np.random.default_rng(13)
+    w = rng.integers(-100, 100, (6, 1, 3, 3), dtype=np.int8)
+    pw = lowprec.pack_conv_weights(w, np.zeros(6, np.int8), group=6)
+    gemm = pw._avx2()
+    for z in range(20):
+        pw._depthwise(np.full(6, z, np.int64))
+    dws = [k for k in pw._layouts if isinstance(k, tuple) and k[0] == "dw"]
+    assert len(dws) == 16
+    assert pw._avx2() is gemm
+
+
 @pytest.mark.parametrize("y_dt", [np.uint8, np.int8])
 def test_qlinear_conv_float32_epilogue(isa, y_dt):
     # The VNNI tiles requantize in float32 lanes where |acc| < 2**24 and

@@ -82,13 +82,21 @@ def test_maxpool2x2_nchw():
     x.flat[rng.choice(x.size, 40, replace=False)] = np.float32(np.nan)
     x.flat[rng.choice(x.size, 40, replace=False)] = np.float32(-np.inf)
     x[1] = 1e5  # past float16's range
+    x[2, :, 0::2] = -0.0  # ties of -0 and +0: numpy keeps the second
+    x[2, :, 1::2] = 0.0
+    x[3, 0::2] = 0.0
+    x[3, 1::2] = -0.0
     before = x.copy()
     out = np.empty((5, 3, 4), np.float32)
-    tmp = np.empty((numba.get_num_threads(), 9 + 12), np.float32)
+    tmp = np.empty((numba.config.NUMBA_NUM_THREADS, 9 + 12), np.float32)
     layout.maxpool2x2_nchw(x, out, tmp)
     t = np.maximum(x[:, 0:6:2, :8], x[:, 1:6:2, :8])
     want = np.maximum(t[..., 0::2], t[..., 1::2])
     np.testing.assert_array_equal(out, want)
+    bits = ~np.isnan(want)  # signs of zero included
+    np.testing.assert_array_equal(out.view(np.uint32)[bits], want.view(np.uint32)[bits])
+    assert np.signbit(want[2:4]).any()
+    assert not np.signbit(want[2:4]).all()
     assert np.isnan(out).any()
     np.testing.assert_array_equal(x, before)
     from lowprec import half
@@ -98,6 +106,6 @@ def test_maxpool2x2_nchw():
         pytest.skip("float16 rows: F16C paths only")
     for chunk in (1, 2, fp16_conv.pool16_planes(3, 4)):  # the last: all 5 planes
         o16 = np.empty((5, 3, 4), np.uint16)
-        t16 = np.empty((numba.get_num_threads(), 9 + chunk * 12), np.float32)
+        t16 = np.empty((numba.config.NUMBA_NUM_THREADS, 9 + chunk * 12), np.float32)
         fp16_conv.maxpool2x2_to16(x, o16, t16, chunk)
         np.testing.assert_array_equal(o16, want.astype(np.float16).view(np.uint16))

@@ -559,6 +559,10 @@ def test_empty_batch_and_pools_that_do_not_fit():
             n.run(np.zeros((2, 3, 1, 5), np.float32))
     c = G.Conv("c", ["x"], ["y"], w=w, pads=[1] * 4, pool=pool)
     assert c.run(np.zeros((0, 3, 8, 8), np.float32)).shape == (0, 4, 4, 4)
+    # whole networks (Flatten, Gemm, HalfGemm, QGemm included)
+    g, x = small_cnn(), rnd(4, 1, 8, 8)
+    for model in (g, T.to_fp16(g), T.quantize(g, x)):
+        assert model(np.zeros((0, 1, 8, 8), np.float32)).shape == (0, 10)
 
 
 @pytest.mark.parametrize("pattern", ["unstructured", (2, 4)])

@@ -269,12 +269,13 @@ def _half_pool(y, pool, to16):
         if f16c:
             chunk = fp16_conv.pool16_planes(H // 2, W // 2)
             tmp = np.empty(
-                (numba.get_num_threads(), W + chunk * (H // 2) * (W // 2)), np.float32
+                (numba.config.NUMBA_NUM_THREADS, W + chunk * (H // 2) * (W // 2)),
+                np.float32,
             )
             o16 = out.view(np.uint16).reshape(N * C, H // 2, W // 2)
             fp16_conv.maxpool2x2_to16(x3, o16, tmp, chunk)
             return out
-        tmp = np.empty((numba.get_num_threads(), W), np.float32)
+        tmp = np.empty((numba.config.NUMBA_NUM_THREADS, W), np.float32)
         layout.maxpool2x2_nchw(x3, out.reshape(N * C, H // 2, W // 2), tmp)
         y = out
     elif pool:
@@ -619,8 +620,8 @@ class Flatten(Node):
     def run(self, x):
         axis = int(self.params.get("axis", 1))
         axis = axis + x.ndim if axis < 0 else axis
-        lead = math.prod(x.shape[:axis])
-        return x.reshape(lead, -1)
+        # explicit sizes: -1 cannot be inferred from an empty batch
+        return x.reshape(math.prod(x.shape[:axis]), math.prod(x.shape[axis:]))
 
 
 class Reshape(Node):
@@ -879,7 +880,7 @@ class QGemm(Node):
     def run(self, x):
         p = self.params
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1]) if x.ndim != 2 else x
+        x2 = x.reshape(math.prod(lead), x.shape[-1]) if x.ndim != 2 else x
         kw = {"bias": p.get("bias"), "activation": _hashable(p.get("activation"))}
         if self._float_out:
             y = lowprec.qlinear_matmul(
@@ -906,7 +907,7 @@ class QGemm(Node):
                 _scalar(p["y_zero_point"]),
                 **kw,
             )
-        return y.reshape(*lead, -1) if x.ndim != 2 else y
+        return y.reshape(*lead, y.shape[-1]) if x.ndim != 2 else y
 
 
 # Convolutions with fewer multiply-adds per output (K = C/group * kh * kw) than
@@ -1130,12 +1131,12 @@ class HalfGemm(Node):
         x16 = x if x.dtype == np.float16 else x.astype(np.float16)
         lead = x.shape[:-1]
         y = _half().matmul_fp16(
-            x16.reshape(-1, x.shape[-1]),
+            x16.reshape(math.prod(lead), x.shape[-1]),
             self._packed,
             bias=self._b,
             activation=_hashable(self.params.get("activation")),
         )
-        return y.reshape(*lead, -1)
+        return y.reshape(*lead, y.shape[-1])
 
 
 class HalfConv(Node):
