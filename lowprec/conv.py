@@ -1061,7 +1061,7 @@ def _key(value):
     if (t is list or t is tuple) and all(type(v) is int for v in value):
         # pads, strides, dilations: one step (element by element took ~1/3 of
         # the key of a small layer's call, ~3 us)
-        return (tuple, "ints", *value)
+        return ("ints", *value)  # (no other key is a tuple led by "ints")
     if t in _SCALAR_TYPES:  # the scalars of a call, by their bits
         return (t, value.tobytes())
     if isinstance(value, np.generic):
