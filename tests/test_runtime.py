@@ -557,6 +557,11 @@ def test_empty_batch_and_pools_that_do_not_fit():
         assert y.shape == (0, 4, 4, 4)
         with pytest.raises(ValueError, match="does not fit"):
             n.run(np.zeros((2, 3, 1, 5), np.float32))
+        with pytest.raises(TypeError, match="x must have dtype"):  # not cast
+            n.run(np.zeros((2, 3, 8, 8), np.uint8))
+    hg = G.HalfGemm("g", ["x"], ["y"], w=rnd(8, 4).astype(np.float16))
+    with pytest.raises(TypeError, match="x must have dtype"):
+        hg.run(np.zeros((2, 8), np.int32))
     c = G.Conv("c", ["x"], ["y"], w=w, pads=[1] * 4, pool=pool)
     assert c.run(np.zeros((0, 3, 8, 8), np.float32)).shape == (0, 4, 4, 4)
     # whole networks (Flatten, Gemm, HalfGemm, QGemm included)

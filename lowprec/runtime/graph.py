@@ -1116,6 +1116,9 @@ def _half():
     return _lp_half
 
 
+_HALF_IN = (np.dtype(np.float32), np.dtype(np.float16))  # HalfGemm / HalfConv x
+
+
 class HalfGemm(Node):
     """y = act(fp16(x) @ fp16(w) + b) with fp32 accumulation and output."""
 
@@ -1128,6 +1131,7 @@ class HalfGemm(Node):
         self._b = None if b is None else np.asarray(b, np.float32)
 
     def run(self, x):
+        v.check_array(x, "x", _HALF_IN, fix="dequantize an integer tensor first")
         x16 = x if x.dtype == np.float16 else x.astype(np.float16)
         lead = x.shape[:-1]
         y = _half().matmul_fp16(
@@ -1166,6 +1170,7 @@ class HalfConv(Node):
 
     def run(self, x):
         p = self.params
+        v.check_array(x, "x", _HALF_IN, fix="dequantize an integer tensor first")
         if bool(p.get("nhwc_in")) and x.ndim == 4:
             # the channels-last handoff of graphs saved before this node ran
             # conv_fp16 (to_fp16 no longer sets it on HalfConv)
