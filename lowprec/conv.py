@@ -564,10 +564,12 @@ def _plan(
         # the depthwise kernels sum (bias - ZA sum w') + sum x * w' in int32:
         # where that could pass int32 (huge biases), the GEMM path's exact
         # int64 sums take the layer instead of a silent wrap
-        wd64 = packed._depthwise(zb_eff).astype(np.int64)
+        wd = packed._depthwise(zb_eff)
+        wd64 = wd.astype(np.int64)
         base64 = bias - za_eff * wd64.sum(axis=0)
         bound = np.abs(base64) + 255 * np.abs(wd64).sum(axis=0)
         depthwise = bool(bound.max(initial=0) <= np.iinfo(np.int32).max)
+        base = _ro(base64.astype(np.int32))  # the kernels' bias (eq. 8)
     small = rows * M < DW_SERIAL_OUTPUTS if depthwise else rows * M * K < SERIAL_MACS
     zy, qlo, qhi = float(zy), float(qlo), float(qhi)
     mult = _ro(mult)
@@ -581,8 +583,6 @@ def _plan(
 
     if depthwise and layout == "NCHW":
         # depthwise on the NCHW planes themselves: no transposes
-        wd = packed._depthwise(zb_eff)
-        base = _ro((bias - za_eff * wd.astype(np.int64).sum(axis=0)).astype(np.int32))
         kernel, wk = _kc.depthwise_nchw, wd
         if (
             isa in ("avx512_vnni", "avx_vnni", "avx2")
@@ -669,8 +669,6 @@ def _plan(
         return _dispatch.scratch("conv.rows", (rows, M), odt)
 
     if depthwise:
-        wd = packed._depthwise(zb_eff)
-        base = (bias - za_eff * wd.astype(np.int64).sum(axis=0)).astype(np.int32)
 
         def run_depthwise_nhwc(x):
             out = rows_out()
