@@ -1215,6 +1215,8 @@ _NACC = 12  # independent accumulators: >= latency x throughput of vpdpbusd
 # operations per instruction = lanes x multiply-adds x 2). avx2's exact
 # vpmaddwd (2 products a lane) is followed by a vpaddd into the accumulator.
 PEAK_INSTRUCTIONS = {
+    # one tdpbusd: 16 x 16 int32 outputs x 16 four-byte dot products
+    "amx": ("tdpbusd", 256, 32768),
     "avx512_vnni": ("vpdpbusd zmm", 16, 128),
     "avx_vnni": ("vpdpbusd ymm", 8, 64),
     "avx2": ("vpmaddwd+vpaddd ymm", 8, 32),
@@ -1225,6 +1227,10 @@ def _make_peak_loop(isa):
     """An intrinsic: iters x 12 register-only multiply-adds of ``isa``'s inner
     instruction; returns a checksum (keeps them live). One per path, compiled
     only when probed: an instruction the CPU lacks aborts LLVM at compile time."""
+    if isa == "amx":
+        from .int8_gemm_amx import make_peak_loop
+
+        return make_peak_loop(_NACC)
     _, lanes, _ = PEAK_INSTRUCTIONS[isa]
     vty = ir.VectorType(_i32, lanes)
     wty = ir.VectorType(ir.IntType(16), 2 * lanes)

@@ -21,6 +21,7 @@ import threading
 # one of which suffices. The 256-bit vpdpbusd of avx_vnni is VEX-encoded on
 # AVX-VNNI CPUs and EVEX-encoded on AVX-512 VNNI CPUs (LLVM picks).
 ISA_REQUIREMENTS = {
+    "amx": (("amx-tile", "amx-int8", "avx512f", "avx512bw", "avx512vl", "avx512vnni"),),
     "avx512_vnni": (("avx512f", "avx512bw", "avx512vl", "avx512vnni"),),
     "avx_vnni": (("avx2", "avxvnni"), ("avx2", "avx512vl", "avx512vnni")),
     "avx2": (("avx2",),),
@@ -53,7 +54,41 @@ def available_isas() -> tuple[str, ...]:
 
 def _supported(name: str) -> bool:
     feats = host_features()
-    return any(all(f in feats for f in alt) for alt in ISA_REQUIREMENTS[name])
+    if not any(all(f in feats for f in alt) for alt in ISA_REQUIREMENTS[name]):
+        return False
+    return name != "amx" or amx_permitted()
+
+
+# Linux hands a process the AMX tile registers only when asked
+# (arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)); a tile instruction
+# without that permission kills the process with SIGILL.
+_ARCH_PRCTL = 158  # x86-64 syscall number
+_ARCH_REQ_XCOMP_PERM = 0x1023
+_XFEATURE_XTILEDATA = 18
+
+
+@functools.cache
+def amx_permitted() -> bool:
+    """Ask the kernel for the AMX tile state (once per process); whether the
+    amx path may run here."""
+    import ctypes
+    import platform
+    import sys
+
+    if not sys.platform.startswith("linux") or platform.machine() != "x86_64":
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        rc = libc.syscall(_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA)
+    except (OSError, AttributeError):
+        return False
+    return rc == 0
+
+
+def zmm_isa() -> bool:
+    """Whether the path in use has the AVX-512 VNNI kernels (amx runs them
+    for everything but its GEMM tiles: convolutions, sparse, n-bit)."""
+    return get_isa() in ("amx", "avx512_vnni")
 
 
 def _check(name: str, source: str) -> str:
@@ -111,6 +146,9 @@ def set_isa(name: str | None) -> str:
 # called with both few and many rows keep both layouts in their pack (int8 and
 # int16: 3 bytes a weight, besides b' itself).
 AVX2_GEMV_ROWS = 2
+# amx: GEMMs of fewer rows run on the avx512_vnni tiles (an AMX tile computes
+# 16 rows whatever M is).
+AMX_MIN_ROWS = 16
 
 
 def gemm_backend(M: int | None = None):
@@ -122,7 +160,10 @@ def gemm_backend(M: int | None = None):
         from ._gemm_backends import BACKENDS
 
         backend = _backend = BACKENDS[get_isa()]
-    if M is not None and M <= AVX2_GEMV_ROWS and backend.name == "avx2":
+    if M is not None and (
+        (M <= AVX2_GEMV_ROWS and backend.name == "avx2")
+        or (M < AMX_MIN_ROWS and backend.name == "amx")
+    ):
         # asked of the backend, not imported here: 1.6 -> 0.2 us a call
         return backend.gemv_backend()
     return backend

@@ -103,6 +103,50 @@ class Avx512VnniGemm:
 
 
 @functools.cache
+def _amx():
+    from .kernels import int8_gemm_amx
+
+    return int8_gemm_amx
+
+
+class AmxGemm:
+    """32 x 32 AMX tiles of tdpbusd with the zmm path's fused epilogue
+    (kernels/int8_gemm_amx.py); _dispatch.gemm_backend gives GEMMs of fewer
+    than AMX_MIN_ROWS rows to the avx512_vnni tiles."""
+
+    name = "amx"
+    k_min = 0  # fused() pads K to a multiple of 64 itself
+    takes_int8 = False  # the tiles read a' as it is (tdpbusd: unsigned A)
+    tile = None
+
+    @staticmethod
+    def pack(b_s8: np.ndarray) -> np.ndarray:
+        return _amx().pack_b(b_s8)
+
+    @staticmethod
+    def fused(a_u8, packed, scratch, epi, out, serial=False, pmax=-1):
+        k = _amx()
+        if _via_contiguous(AmxGemm.fused, a_u8, packed, scratch, epi, out, serial,
+                           pmax):  # fmt: skip
+            return
+        # the kernel copies a' into this (padded, aligned) where it must
+        pad = _dispatch.scratch("amx.a", (a_u8.shape[0], 4 * packed.shape[1]), np.uint8)
+        if serial:
+            k.gemm_fused_serial(a_u8, pad, packed, epi, out, pmax)
+        else:
+            k.gemm_fused(a_u8, pad, packed, epi, out, _dispatch.num_threads(), pmax)
+
+    @classmethod
+    def gemm(cls, a_u8: np.ndarray, packed: np.ndarray, out: np.ndarray) -> None:
+        _raw_product(cls, a_u8, packed, out)
+
+    @staticmethod
+    def gemv_backend():
+        """What _dispatch.gemm_backend runs few-row GEMMs on."""
+        return Avx512VnniGemm
+
+
+@functools.cache
 def _ymm():
     from .kernels import int8_gemm_ymm
 
@@ -240,6 +284,7 @@ class Avx2GemvGemm:
 
 
 BACKENDS = {
+    "amx": AmxGemm,
     "avx512_vnni": Avx512VnniGemm,
     "avx_vnni": AvxVnniGemm,
     "avx2": Avx2Gemm,

@@ -585,7 +585,7 @@ def _plan(
         # depthwise on the NCHW planes themselves: no transposes
         kernel, wk = _kc.depthwise_nchw, wd
         if (
-            isa in ("avx512_vnni", "avx_vnni", "avx2")
+            isa in ("amx", "avx512_vnni", "avx_vnni", "avx2")
             and (kh, kw, dw) == (3, 3, 1)
             and sw in (1, 2)
             and -128 <= wd.min() <= wd.max() <= 127
@@ -624,7 +624,7 @@ def _plan(
         return run_depthwise
     if (
         layout == "NCHW"
-        and isa == "avx512_vnni"
+        and isa in ("amx", "avx512_vnni")
         and _nchw4_fits(
             packed,
             G,
@@ -692,7 +692,7 @@ def _plan(
         _kc.row_sums(xp, geo, za_eff, rs)
         return rs
 
-    if isa == "avx512_vnni":
+    if isa in ("amx", "avx512_vnni"):
         bp = packed._vnni()
         ka = -(-max(K, 4) // 64) * 64  # rows of the gather buffer 64-byte apart
         direct = int(kh == 1 and kw == 1 and sh == 1 and sw == 1 and G == 1 and C >= 4)

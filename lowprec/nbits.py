@@ -609,7 +609,7 @@ for _c in (_LUT_DUMMY, _NO_LUT):
 
 
 def _vnni() -> bool:
-    return _dispatch.get_isa() == "avx512_vnni"
+    return _dispatch.zmm_isa()
 
 
 def _ymm() -> bool:

@@ -549,7 +549,7 @@ def _check_out(out, shape, dtype, x):
 
 def _fast_path() -> bool:
     """The zmm kernels (float and int8): AVX-512 VNNI hosts."""
-    return _dispatch.get_isa() == "avx512_vnni"
+    return _dispatch.zmm_isa()
 
 
 def _ymm_path() -> bool:

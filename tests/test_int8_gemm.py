@@ -522,6 +522,86 @@ def test_tile_kernels_compile_to_the_instruction(path, must, never):
     assert never not in asm  # the saturating 16-bit path is never used
 
 
+_AMX = "amx" in lowprec.available_isas()
+amx_only = pytest.mark.skipif(
+    not _AMX, reason="no AMX-INT8 here (or Linux refused the tile state)"
+)
+
+
+@amx_only
+@pytest.mark.parametrize("a_dt", INT8)
+def test_amx_blocks_and_edges(a_dt):
+    """The amx path's 32- and 16-row tile blocks, 64-column panels with
+    tails, the raw int32 tiles (no weight zero point) and the fused epilogue
+    (every output kind), rows past the last 16-row tile on zmm tiles, K
+    padded to 64, and A aligned, offset and strided, against the oracle."""
+    rng = np.random.default_rng(21)
+    shapes = [(16, 64, 64), (32, 64, 64), (47, 1, 33), (63, 65, 130), (80, 130, 64),
+              (100, 4, 200), (33, 256, 31), (16, 3, 1), (96, 640, 129)]  # fmt: skip
+    before = lowprec.get_isa()
+    lowprec.set_isa("amx")
+    try:
+        for M, K, N in shapes:
+            a = _rand(rng, (M, K), a_dt)
+            b = _rand(rng, (K, N), np.int8)
+            za = a_dt(rng.integers(0, 100))
+            zb = _rand(rng, (N,), np.int8)
+            sb = rng.uniform(0.001, 0.01, N).astype(np.float32)
+            bias = rng.integers(-5000, 5000, N).astype(np.int32)
+            packed = lowprec.pack_weights(b)
+            offset = np.empty(M * K + 1, a_dt)[1:].reshape(M, K)
+            offset[...] = a
+            for x in (a, offset, _view(rng, a, "strided")):
+                got = lowprec.matmul_integer(x, packed, za)
+                np.testing.assert_array_equal(got, ref.int_matmul(a, b, za, 0))
+                got = lowprec.matmul_integer(x, b, za, zb)
+                np.testing.assert_array_equal(got, ref.int_matmul(a, b, za, zb))
+                for yz, out in ((np.uint8(128), None), (np.int8(-3), None),
+                                (None, np.float32)):  # fmt: skip
+                    args = (x, np.float32(0.02), za, b, sb, zb, np.float32(0.5), yz)
+                    kw = dict(bias=bias, activation="relu", out_dtype=out)
+                    got = lowprec.qlinear_matmul(*args, **kw)
+                    want = ref.qlinear_matmul(a, *args[1:], **kw)
+                    np.testing.assert_array_equal(got, want)
+    finally:
+        lowprec.set_isa(before)
+
+
+@amx_only
+def test_amx_dispatch_and_tile_instructions():
+    """Few rows go to the zmm tiles; the AMX kernels are tdpbusd tiles."""
+    import re
+
+    from numba import njit
+
+    from lowprec import _dispatch
+    from lowprec.kernels import int8_gemm_amx as x
+
+    before = lowprec.get_isa()
+    lowprec.set_isa("amx")
+    try:
+        assert _dispatch.gemm_backend(_dispatch.AMX_MIN_ROWS - 1).name == "avx512_vnni"
+        assert _dispatch.gemm_backend(_dispatch.AMX_MIN_ROWS).name == "amx"
+    finally:
+        lowprec.set_isa(before)
+
+    @njit
+    def raw_block(a, b, c, bias):
+        x.amx_begin()
+        x._rtile32(a.ctypes.data, 64, b.ctypes.data, 256, 16, c.ctypes.data, 256,
+                   bias.ctypes.data)  # fmt: skip
+        x.amx_end()
+
+    a = np.ones((32, 64), np.uint8)
+    c = np.zeros((32, 64), np.int32)
+    bias = np.arange(64, dtype=np.int32)
+    raw_block(a, x.pack_b(np.full((64, 64), -1, np.int8)), c, bias)
+    np.testing.assert_array_equal(c, np.broadcast_to(bias - 64, (32, 64)))
+    asm = raw_block.inspect_asm(raw_block.signatures[0])
+    for ins in ("ldtilecfg", "tileloadd", "tdpbusd", "tilestored", "tilerelease"):
+        assert re.search(rf"\b{ins}\b", asm), ins
+
+
 def test_vnni_tile_stand_in_is_exact():
     """The avx_vnni tile as compiled where LLVM's target has no 256-bit
     vpdpbusd (an intrinsic the target lacks aborts the process in LLVM):

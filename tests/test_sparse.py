@@ -20,6 +20,17 @@ import reference as ref
 from lowprec import prune
 from lowprec import sparse as sp
 
+
+@pytest.fixture(params=[i for i in lowprec.available_isas() if i != "amx"])
+def isa(request):
+    """conftest's `isa` without "amx": it runs the avx512_vnni sparse kernels
+    (only its dense INT8 GEMM differs), so it would repeat those tests."""
+    before = lowprec.get_isa()
+    lowprec.set_isa(request.param)
+    yield request.param
+    lowprec.set_isa(before)
+
+
 FORMATS = sp.FORMATS
 U = 2.0**-24
 

@@ -1,0 +1,416 @@
+"""AMX INT8 GEMM: ``tdpbusd`` tiles through numba @intrinsic + llvmlite IR.
+
+Computes lowprec's raw product (docs/quantization.md, eq. 6) and the fused
+epilogue of the AVX-512 VNNI path (eqs. 8-13), on CPUs with AMX-INT8
+(Intel Sapphire Rapids and later):
+
+    P[m, n] = sum_k a'[m, k] * b'[k, n]      a' uint8, b' int8, P int32
+
+  a'  (M, Kp) uint8, Kp a multiple of 64 (the caller pads K with any bytes:
+      they meet zeros in the packed B), unit column stride, any row stride.
+  b'  :func:`pack_b`: the VNNI panel layout [NP][K4][NR][4] of
+      int8_gemm_vnni.pack_b with K zero-padded to a multiple of 64, so a B
+      tile (16 rows of K4 x 64 bytes = 16 columns x 4 k) is 16 rows 256 bytes
+      apart inside one panel, and the zmm tiles read the same array.
+  out (M, N), any row stride, unit column stride; int32, uint8, int8 or float32.
+
+Tile: 32 x 32 int32 outputs in four 16 x 16 accumulator tiles (tmm0-3), A in
+two 16-row x 64-byte tiles (tmm4-5), B in two 16 x 64-byte tiles (tmm6-7): per
+64 bytes of K, four tile loads and four tdpbusd (16 x 16 x 64 multiply-adds
+each). After the K loop the accumulators are stored to a 4 KB stack buffer
+and the VNNI path's epilogue (int8_gemm_vnni.make_fused_kernel) reads them
+back one zmm vector at a time, where each is used. Rows past the last full
+16-row tile run on the zmm tiles of int8_gemm_vnni (same packed array).
+
+The tile configuration (palette 1, every tile 16 rows x 64 bytes) is loaded
+once per job (amx_begin) and released at its end (amx_end). The process must
+first have asked Linux for the AMX tile state (lowprec._dispatch does, through
+arch_prctl(ARCH_REQ_XCOMP_PERM)); without it the first tile instruction
+faults, so nothing here runs unless that request succeeded.
+"""
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from . import int8_gemm_vnni as _z
+from .ir_util import loop as _ir_loop
+
+_i8 = ir.IntType(8)
+_i32 = ir.IntType(32)
+_i64 = ir.IntType(64)
+_v16 = ir.VectorType(_i32, 16)
+_void = ir.VoidType()
+_p8 = _i8.as_pointer()
+
+AMX_MR = 32  # rows of one AMX block (two 16-row A tiles)
+AMX_NC = 32  # columns of one AMX block (two 16-column B tiles); NR = 2 blocks
+KB = 64  # bytes of K per tdpbusd (one A tile row)
+assert _z.NR == 2 * AMX_NC
+
+
+def _fn(builder, name, *args):
+    fnty = ir.FunctionType(_void, list(args))
+    return cgutils.get_or_insert_function(builder.module, fnty, name)
+
+
+def _tile_load(builder, t, addr, stride):
+    f = _fn(builder, "llvm.x86.tileloadd64", _i8, _p8, _i64)
+    builder.call(f, [ir.Constant(_i8, t), builder.inttoptr(addr, _p8), stride])
+
+
+def _tile_store(builder, t, ptr, stride):
+    f = _fn(builder, "llvm.x86.tilestored64", _i8, _p8, _i64)
+    builder.call(f, [ir.Constant(_i8, t), ptr, ir.Constant(_i64, stride)])
+
+
+def _tdpbusd(builder, c, a, b):
+    # c += a (unsigned bytes) . b (signed bytes), 4-byte dot products
+    f = _fn(builder, "llvm.x86.tdpbusd", _i8, _i8, _i8)
+    builder.call(f, [ir.Constant(_i8, c), ir.Constant(_i8, a), ir.Constant(_i8, b)])
+
+
+def _alloca(builder, ty):
+    """A 64-byte aligned stack slot in the entry block, left uninitialised
+    (cgutils.alloca_once zero-fills: a 4-8 KB memset on every call)."""
+    with builder.goto_entry_block():
+        slot = builder.alloca(ty)
+    slot.align = 64
+    return slot
+
+
+def _config_bytes():
+    # palette 1; tile t: 64 bytes a row (colsb, uint16 at 16 + 2t), 16 rows
+    # (uint8 at 48 + t); bytes 1-15 (start row, reserved) zero
+    cfg = [0] * 64
+    cfg[0] = 1
+    for t in range(8):
+        cfg[16 + 2 * t] = 64
+        cfg[48 + t] = 16
+    return cfg
+
+
+@intrinsic
+def amx_begin(typingctx):
+    """ldtilecfg: every tile 16 x 64 bytes (call before the tiles, per job)."""
+
+    def codegen(context, builder, sig, args):
+        aty = ir.ArrayType(_i8, 64)
+        cfg = _alloca(builder, aty)
+        builder.store(ir.Constant(aty, _config_bytes()), cfg)
+        ldcfg = _fn(builder, "llvm.x86.ldtilecfg", _p8)
+        builder.call(ldcfg, [builder.bitcast(cfg, _p8)])
+        return context.get_dummy_value()
+
+    return types.void(), codegen
+
+
+@intrinsic
+def amx_end(typingctx):
+    """tilerelease: the tile state back to its initial (unused) state."""
+
+    def codegen(context, builder, sig, args):
+        builder.call(_fn(builder, "llvm.x86.tilerelease"), [])
+        return context.get_dummy_value()
+
+    return types.void(), codegen
+
+
+class _StoredTile:
+    """The accumulators as make_fused_kernel indexes them (fin[r * NV_ + v]),
+    each <16 x i32> loaded from the stack buffer where the epilogue uses it:
+    loading all of them up front kept them live and spilled them."""
+
+    def __init__(self, builder, buf):
+        self.builder = builder
+        self.buf = builder.bitcast(buf, _v16.as_pointer())
+
+    def __getitem__(self, i):
+        b = self.builder
+        return b.load(b.gep(self.buf, [ir.Constant(_i64, i)]), align=64)
+
+
+def _half(builder, halves, a, lda, b, ldb, k64, h, init, store):
+    """One MR x 32 half (columns 32h..32h+31 of the panel) on tmm0-3: init(t)
+    sets accumulator tile t, the K loop runs k64 steps of 64 bytes, store(t)
+    writes tile t."""
+    bh = builder.add(b, ir.Constant(_i64, 4 * AMX_NC * h))
+    a16 = builder.add(a, builder.mul(lda, ir.Constant(_i64, 16)))
+    b_step = builder.mul(ldb, ir.Constant(_i64, 16))  # 16 k4 rows = 64 bytes of K
+    for t in range(2 * halves):
+        init(t)
+
+    def step(kb, carried):
+        ka = builder.mul(kb, ir.Constant(_i64, KB))
+        b0 = builder.add(bh, builder.mul(kb, b_step))
+        _tile_load(builder, 4, builder.add(a, ka), lda)
+        _tile_load(builder, 6, b0, ldb)
+        _tile_load(builder, 7, builder.add(b0, ir.Constant(_i64, 64)), ldb)
+        _tdpbusd(builder, 0, 4, 6)
+        _tdpbusd(builder, 1, 4, 7)
+        if halves == 2:
+            _tile_load(builder, 5, builder.add(a16, ka), lda)
+            _tdpbusd(builder, 2, 5, 6)
+            _tdpbusd(builder, 3, 5, 7)
+        return []
+
+    _ir_loop(builder, ir.Constant(_i64, 0), k64, [], step, name=f"amx{h}")
+    for t in range(2 * halves):
+        store(t)
+
+
+def _amx_k_loop(builder, MR, NV_, a, lda, b, ldb, k4, kr, nvalid):
+    """make_fused_kernel's k_loop for an MR x 64 block (MR 16 or 32) on AMX:
+    a = &a'[m0, 0] (row stride lda), b = the packed panel (k4-row stride ldb
+    = 256 bytes), k4 a multiple of 16, kr 0. The two 32-column halves run
+    one after the other on tmm0-3 (the second only when nvalid > 32), each
+    stored to the buffer as it ends, so the second half's tiles overlap the
+    first half's stores and the epilogue (over all 64 columns, as the zmm
+    tile's) follows once: 1 thread, 1024^3 1213 -> 1381 GOP/s against one
+    32 x 32 half a call."""
+    assert NV_ == 4
+    assert MR in (16, 32)
+    halves = MR // 16
+    row = 4 * 16 * NV_  # bytes of one buffer row (64 int32)
+    buf = _alloca(builder, ir.ArrayType(_i32, MR * 16 * NV_))
+    base = builder.bitcast(buf, _p8)
+    zero = _fn(builder, "llvm.x86.tilezero", _i8)
+    k64 = builder.ashr(k4, ir.Constant(_i64, 4))
+
+    def run(h):
+        def store(t):
+            off = (t // 2) * 16 * row + (t % 2) * 64 + 4 * AMX_NC * h
+            _tile_store(builder, t, builder.gep(base, [ir.Constant(_i64, off)]), row)
+
+        _half(builder, halves, a, lda, b, ldb, k64, h,
+              lambda t: builder.call(zero, [ir.Constant(_i8, t)]), store)  # fmt: skip
+
+    run(0)
+    with builder.if_then(builder.icmp_signed(">", nvalid, ir.Constant(_i64, AMX_NC))):
+        run(1)
+    return _StoredTile(builder, buf)
+
+
+def make_raw_kernel(MR):
+    """An intrinsic for the epilogue that is only "+ bias" into int32 (eq. 8
+    without row terms, mode 0): a whole MR x 64 block written by the tiles
+    themselves, the accumulators starting from the bias (a tile load of
+    stride 0 repeats its row), no stack buffer and no vector pass.
+    _rtile(a, lda, b, ldb, k4, c, ldc, bias32): bias32 the address of the
+    block's 64 int32 biases, c of out[m0, n0], ldc in bytes."""
+    halves = MR // 16
+
+    def codegen(context, builder, sig, args):
+        a, lda, b, ldb, k4, c, ldc, bias32 = args
+        k64 = builder.ashr(k4, ir.Constant(_i64, 4))
+        zero64 = ir.Constant(_i64, 0)
+        for h in range(2):
+
+            def init(t, h=h):
+                at = builder.add(bias32, ir.Constant(_i64, 64 * (t % 2) + 128 * h))
+                _tile_load(builder, t, at, zero64)
+
+            def store(t, h=h):
+                at = builder.add(c, builder.mul(ldc, ir.Constant(_i64, 16 * (t // 2))))
+                at = builder.add(at, ir.Constant(_i64, 64 * (t % 2) + 128 * h))
+                f = _fn(builder, "llvm.x86.tilestored64", _i8, _p8, _i64)
+                builder.call(f, [ir.Constant(_i8, t), builder.inttoptr(at, _p8), ldc])
+
+            _half(builder, halves, a, lda, b, ldb, k64, h, init, store)
+        return context.get_dummy_value()
+
+    @intrinsic
+    def _rtile(typingctx, a, lda, b, ldb, k4, c, ldc, bias32):
+        return types.void(*([types.int64] * 8)), codegen
+
+    return _rtile
+
+
+# module globals, so numba's cache can name them
+_atile32 = _z.make_fused_kernel(32, 4, k_loop=_amx_k_loop)
+_atile16 = _z.make_fused_kernel(16, 4, k_loop=_amx_k_loop)
+_rtile32 = make_raw_kernel(32)
+_rtile16 = make_raw_kernel(16)
+
+
+def pack_b(b):
+    """b' (K, N) int8 -> the VNNI panel layout with K padded to a multiple of 64."""
+    K, N = b.shape
+    kp = -(-max(K, 1) // KB) * KB
+    if kp != K:
+        padded = np.zeros((kp, N), np.int8)
+        padded[:K] = b
+        b = padded
+    return _z.pack_b(b)
+
+
+@njit(nogil=True, cache=True)
+def _amx_job(t, nblk, a0, lda, Kp, a, bp, epi, narrow, bias32, out):
+    # job t = (row block, N panel): the block's 32-row AMX tiles against the
+    # panel, then (last block) rows past the last full 16-row tile on zmm
+    # tiles; every tile over the whole K with the fused epilogue (eqs. 6-13),
+    # or, where bias32 has N entries (int32 output, no row terms), a whole
+    # 64-column block stored by the tiles (make_raw_kernel). a' is read at
+    # address a0 (row stride lda, Kp bytes a row); a only gives M and dtype
+    M = a.shape[0]
+    N = out.shape[1]
+    nt = (N + _z.NR - 1) // _z.NR
+    mt = (M + AMX_MR - 1) // AMX_MR
+    blk = t // nt
+    jn = t - blk * nt
+    n0 = jn * _z.NR
+    b = bp.ctypes.data + jn * bp.strides[0]
+    k4 = Kp // 4
+    m_lo = blk * mt // nblk * AMX_MR
+    m_end = min(M, (blk + 1) * mt // nblk * AMX_MR)
+    m_amx = m_lo + (m_end - m_lo) // 16 * 16  # rows in whole 16-row tiles
+    if m_amx > m_lo:
+        amx_begin()
+        nv = min(_z.NR, N - n0)
+        raw = bias32.shape[0] == N and nv == _z.NR
+        for m0 in range(m_lo, m_amx, AMX_MR):
+            full = m0 + AMX_MR <= m_amx
+            ap = a0 + m0 * lda
+            if raw:
+                c = out.ctypes.data + m0 * out.strides[0] + 4 * n0
+                bb = bias32.ctypes.data + 4 * n0
+                if full:
+                    _rtile32(ap, lda, b, 4 * _z.NR, k4, c, out.strides[0], bb)
+                else:
+                    _rtile16(ap, lda, b, 4 * _z.NR, k4, c, out.strides[0], bb)
+                continue
+            args = _z._fused_args(ap, lda, b, 4 * _z.NR, k4, 0, m0, n0, nv, epi,
+                                  narrow, a, out)  # fmt: skip
+            if full:
+                _atile32(*args)
+            else:
+                _atile16(*args)
+        amx_end()
+    m0 = m_amx
+    while m0 < m_end:
+        mr = min(_z.MR_MAX, m_end - m0)
+        _z.run_fused_tile(mr, a0 + m0 * lda, lda, b, k4, 0, m0, n0,
+                          min(_z.NR, N - n0), epi, narrow, a, out)  # fmt: skip
+        m0 += mr
+
+
+# A row block's bytes (rows x Kp) kept in L2 while the job's panels stream
+# past it: 1 thread, 1024^3 1104 -> ... GOP/s with blocks (one block of all
+# 1024 rows before), 2048^3 925 -> ...
+A_BLOCK_BYTES = 1 << 19
+
+
+@njit(inline="always")
+def _row_blocks(M, Kp, threads):
+    # row blocks per call: each at most A_BLOCK_BYTES of A (whole 32-row
+    # tiles), their count a multiple of the thread count when there are
+    # enough tiles (else one block: the threads split the N panels)
+    mt = (M + AMX_MR - 1) // AMX_MR
+    per = max(1, A_BLOCK_BYTES // (AMX_MR * Kp))
+    nblk = (mt + per - 1) // per
+    if mt < 2 * threads or nblk == 1:
+        return 1
+    return threads * ((nblk + threads - 1) // threads)
+
+
+@njit(inline="always")
+def _bias32(epi):
+    # the raw tiles' int32 bias (make_raw_kernel), or an empty array where the
+    # epilogue is more than "+ bias" into int32: row terms (eq. 8) or another
+    # output type. Wrapping to int32 keeps the low 32 bits the int32 output
+    # stores (the fused tile's int32 lanes do the same)
+    za, rs, cs, zb, bias, mult, zy, qlo, qhi, mode, fbias = epi
+    if mode != 0 or za.shape[0] > 1 or rs.shape[0] > 1:  # mode 0: int32 out
+        return np.empty(0, np.int32)
+    if za[0] != 0 or rs[0] != 0:
+        return np.empty(0, np.int32)
+    return bias.astype(np.int32)
+
+
+@njit(nogil=True, cache=True)
+def _tile_input(a, pad):
+    # (address, row stride) of a' as the tiles read it: a itself when its rows
+    # are whole 64-byte runs of K on 64-byte boundaries, else a copy in pad
+    # (M, Kp) with K padded (any bytes would do: they meet zeros in the packed
+    # B; zeros are written). Tile loads from unaligned rows are slower: a tile
+    # loop from L1 ran at 5.0 TOPS aligned, 3.9 with A 16 bytes off, 1.9 with
+    # A and B off
+    M, K = a.shape
+    Kp = pad.shape[1]
+    if K == Kp and a.strides[1] == 1 and (a.ctypes.data | a.strides[0]) % 64 == 0:
+        return a.ctypes.data, a.strides[0]
+    for m in range(M):
+        for k in range(K):
+            pad[m, k] = a[m, k]
+        for k in range(K, Kp):
+            pad[m, k] = 0
+    return pad.ctypes.data, Kp
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def gemm_fused(a, pad, bp, epi, out, threads, pmax):
+    # a (M, K) uint8 a' (any strides); pad (M, Kp) uint8 scratch, Kp = 4 *
+    # bp.shape[1] (_tile_input); bp: pack_b's array; out (M, N) with unit
+    # column stride; threads, pmax: as int8_gemm_vnni.gemm_fused
+    a0, lda = _tile_input(a, pad)
+    Kp = pad.shape[1]
+    nt = (out.shape[1] + _z.NR - 1) // _z.NR
+    nblk = _row_blocks(a.shape[0], Kp, threads)
+    narrow = _z.narrow_epilogue(epi, Kp, pmax)
+    bias32 = _bias32(epi)
+    for t in prange(nblk * nt):
+        _amx_job(t, nblk, a0, lda, Kp, a, bp, epi, narrow, bias32, out)
+
+
+@njit(nogil=True, cache=True)
+def gemm_fused_serial(a, pad, bp, epi, out, pmax):
+    # gemm_fused on the calling thread
+    a0, lda = _tile_input(a, pad)
+    Kp = pad.shape[1]
+    nt = (out.shape[1] + _z.NR - 1) // _z.NR
+    nblk = _row_blocks(a.shape[0], Kp, 1)
+    narrow = _z.narrow_epilogue(epi, Kp, pmax)
+    bias32 = _bias32(epi)
+    for t in range(nblk * nt):
+        _amx_job(t, nblk, a0, lda, Kp, a, bp, epi, narrow, bias32, out)
+
+
+def make_peak_loop(nacc):
+    """The peak probe (int8_gemm_vnni.measure_peak): iters x nacc tdpbusd on
+    the four accumulator tiles in turn, tiles only (no memory in the loop);
+    returns 0 (the tile results are never read)."""
+
+    def codegen(context, builder, sig, args):
+        iters, seed = args
+        aty = ir.ArrayType(_i8, 64)
+        cfg = _alloca(builder, aty)
+        builder.store(ir.Constant(aty, _config_bytes()), cfg)
+        ldcfg = _fn(builder, "llvm.x86.ldtilecfg", _p8)
+        builder.call(ldcfg, [builder.bitcast(cfg, _p8)])
+        zero = _fn(builder, "llvm.x86.tilezero", _i8)
+        for t in range(8):
+            builder.call(zero, [ir.Constant(_i8, t)])
+
+        def step(k, carried):
+            for j in range(nacc):
+                _tdpbusd(builder, j % 4, 4 + (j // 2) % 2, 6 + j % 2)
+            return []
+
+        _ir_loop(builder, ir.Constant(_i64, 0), iters, [], step, guard=False, name="pk")
+        builder.call(_fn(builder, "llvm.x86.tilerelease"), [])
+        return ir.Constant(_i32, 0)
+
+    @intrinsic
+    def _loop(typingctx, iters, seed):
+        return types.int32(types.int64, types.int64), codegen
+
+    @njit(parallel=True)  # not cached: as int8_gemm_vnni's probes
+    def _peak(iters, nthreads):
+        out = np.zeros(nthreads, np.int32)
+        for t in prange(nthreads):
+            out[t] = _loop(iters, t + 3)
+        return out
+
+    return _peak
