@@ -37,6 +37,7 @@ from numba.extending import intrinsic
 
 from . import int8_gemm_vnni as _z
 from .ir_util import loop as _ir_loop
+from .layout import copy_bytes
 
 _i8 = ir.IntType(8)
 _i32 = ir.IntType(32)
@@ -252,8 +253,8 @@ def _amx_job(t, nblk, a0, lda, Kp, a, bp, epi, narrow, bias32, out):
     # panel, then (last block) rows past the last full 16-row tile on zmm
     # tiles; every tile over the whole K with the fused epilogue (eqs. 6-13),
     # or, where bias32 has N entries (int32 output, no row terms), a whole
-    # 64-column block stored by the tiles (make_raw_kernel). a' is read at
-    # address a0 (row stride lda, Kp bytes a row); a only gives M and dtype
+    # 64-column block stored by the tiles (make_raw_kernel). Row m of a' is
+    # read at a0 + m * lda (Kp bytes); a only gives M and dtype
     M = a.shape[0]
     N = out.shape[1]
     nt = (N + _z.NR - 1) // _z.NR
@@ -327,67 +328,101 @@ def _bias32(epi):
     return bias.astype(np.int32)
 
 
-@njit(nogil=True, cache=True)
-def _tile_input(a, pad):
-    # (address, row stride) of a' as the tiles read it: a itself when its rows
-    # are whole 64-byte runs of K on 64-byte boundaries, else a copy in pad
-    # (M, Kp) with K padded (any bytes would do: they meet zeros in the packed
-    # B; zeros are written). Tile loads from unaligned rows are slower: a tile
+@njit(inline="always")
+def _in_place(a, Kp):
+    # whether the tiles read a' itself: rows of whole 64-byte runs of K on
+    # 64-byte boundaries. Tile loads from unaligned rows are slower (a tile
     # loop from L1 ran at 5.0 TOPS aligned, 3.9 with A 16 bytes off, 1.9 with
-    # A and B off
-    M, K = a.shape
-    Kp = pad.shape[1]
-    if K == Kp and a.strides[1] == 1 and (a.ctypes.data | a.strides[0]) % 64 == 0:
-        return a.ctypes.data, a.strides[0]
-    for m in range(M):
-        for k in range(K):
-            pad[m, k] = a[m, k]
+    # A and B off), so other inputs are copied, a row block at a time into
+    # per-thread scratch (_amx_jobs). 3136 x 576 x 64 int32, a' 16 bytes off,
+    # 1 thread: 306 us with one copy of all of a' first, 281 reading it in
+    # place unaligned, 150 aligned in place (the call streams a' once)
+    K = a.shape[1]
+    return K == Kp and a.strides[1] == 1 and (a.ctypes.data | a.strides[0]) % 64 == 0
+
+
+@njit(inline="always")
+def _copy_rows(a, buf, m0, m1):
+    # buf[m - m0] = a[m] for m0 <= m < m1, K padded to Kp = buf.shape[1] (any
+    # bytes would do past K: they meet zeros in the packed B; zeros are
+    # written), by 32-byte moves where rows are contiguous
+    K = a.shape[1]
+    Kp = buf.shape[1]
+    for m in range(m0, m1):
+        r = m - m0
+        if K >= 8 and a.strides[1] == 1:
+            copy_bytes(buf.ctypes.data + r * Kp, a.ctypes.data + m * a.strides[0], K)
+        else:
+            for k in range(K):
+                buf[r, k] = a[m, k]
         for k in range(K, Kp):
-            pad[m, k] = 0
-    return pad.ctypes.data, Kp
+            buf[r, k] = 0
 
 
 @njit(nogil=True, cache=True)
-def _amx_jobs(t0, t1, nblk, a0, lda, Kp, a, bp, epi, narrow, bias32, out):
+def _amx_jobs(t0, t1, nblk, copy, buf, Kp, a, bp, epi, narrow, bias32, out):
     # jobs t0..t1-1 on this thread, inside one tile configuration: ldtilecfg
     # costs ~55 ns (with tilerelease) and waits for the tile instructions
     # before it: one per thread instead of one per job took a 32 x 384 x 1536
     # int32 kernel call (1 thread) from 32.9 to 19.6 us; inlining _amx_job
     # (no call, no 11 array reference counts per job) to 18.2 us, and a
-    # 64-column job at 16 x 64 x 2048 from 620 to 366 ns
+    # 64-column job at 16 x 64 x 2048 from 620 to 366 ns. copy: a' is read
+    # from buf (this thread's (rows, Kp) scratch), each row block copied in
+    # as the thread reaches it (_in_place)
+    M = a.shape[0]
+    nt = (out.shape[1] + _z.NR - 1) // _z.NR
+    mt = (M + AMX_MR - 1) // AMX_MR
+    a0 = a.ctypes.data
+    lda = a.strides[0]
+    cur = -1
     amx_begin()
     for t in range(t0, t1):
+        blk = t // nt
+        if copy and blk != cur:
+            m_lo = blk * mt // nblk * AMX_MR
+            _copy_rows(a, buf, m_lo, min(M, (blk + 1) * mt // nblk * AMX_MR))
+            a0 = buf.ctypes.data - m_lo * Kp
+            lda = Kp
+            cur = blk
         _amx_job(t, nblk, a0, lda, Kp, a, bp, epi, narrow, bias32, out)
     amx_end()
 
 
+@njit(cache=True)
+def block_rows(M, Kp, threads):
+    """Rows of the largest row block (the per-thread scratch of a' copies)."""
+    mt = (M + AMX_MR - 1) // AMX_MR
+    nblk = _row_blocks(M, Kp, threads)
+    return min(M, (mt + nblk - 1) // nblk * AMX_MR)
+
+
 @njit(parallel=True, nogil=True, cache=True)
 def gemm_fused(a, pad, bp, epi, out, threads, pmax):
-    # a (M, K) uint8 a' (any strides); pad (M, Kp) uint8 scratch, Kp = 4 *
-    # bp.shape[1] (_tile_input); bp: pack_b's array; out (M, N) with unit
+    # a (M, K) uint8 a' (any strides); pad (threads, block_rows, Kp) uint8
+    # scratch, Kp = 4 * bp.shape[1]; bp: pack_b's array; out (M, N) with unit
     # column stride; threads, pmax: as int8_gemm_vnni.gemm_fused. One run of
     # jobs per thread, split as prange would split them
-    a0, lda = _tile_input(a, pad)
-    Kp = pad.shape[1]
+    Kp = pad.shape[2]
+    copy = not _in_place(a, Kp)
     nt = (out.shape[1] + _z.NR - 1) // _z.NR
     nblk = _row_blocks(a.shape[0], Kp, threads)
     narrow = _z.narrow_epilogue(epi, Kp, pmax)
     bias32 = _bias32(epi)
     jobs = nblk * nt
     for i in prange(threads):
-        _amx_jobs(i * jobs // threads, (i + 1) * jobs // threads, nblk, a0, lda, Kp,
-                  a, bp, epi, narrow, bias32, out)  # fmt: skip
+        _amx_jobs(i * jobs // threads, (i + 1) * jobs // threads, nblk, copy, pad[i],
+                  Kp, a, bp, epi, narrow, bias32, out)  # fmt: skip
 
 
 @njit(nogil=True, cache=True)
 def gemm_fused_serial(a, pad, bp, epi, out, pmax):
-    # gemm_fused on the calling thread
-    a0, lda = _tile_input(a, pad)
-    Kp = pad.shape[1]
+    # gemm_fused on the calling thread (pad (1, block_rows, Kp))
+    Kp = pad.shape[2]
     nt = (out.shape[1] + _z.NR - 1) // _z.NR
     nblk = _row_blocks(a.shape[0], Kp, 1)
     narrow = _z.narrow_epilogue(epi, Kp, pmax)
-    _amx_jobs(0, nblk * nt, nblk, a0, lda, Kp, a, bp, epi, narrow, _bias32(epi), out)
+    _amx_jobs(0, nblk * nt, nblk, not _in_place(a, Kp), pad[0], Kp, a, bp, epi,
+              narrow, _bias32(epi), out)  # fmt: skip
 
 
 def make_peak_loop(nacc):

@@ -129,12 +129,16 @@ class AmxGemm:
         if _via_contiguous(AmxGemm.fused, a_u8, packed, scratch, epi, out, serial,
                            pmax):  # fmt: skip
             return
-        # the kernel copies a' into this (padded, aligned) where it must
-        pad = _dispatch.scratch("amx.a", (a_u8.shape[0], 4 * packed.shape[1]), np.uint8)
+        # per-thread scratch for a' row blocks (padded, aligned) where the
+        # tiles cannot read a' in place
+        kp = 4 * packed.shape[1]
+        threads = 1 if serial else _dispatch.num_threads()
+        rows = k.block_rows(a_u8.shape[0], kp, threads)
+        pad = _dispatch.scratch("amx.a", (threads, rows, kp), np.uint8)
         if serial:
             k.gemm_fused_serial(a_u8, pad, packed, epi, out, pmax)
         else:
-            k.gemm_fused(a_u8, pad, packed, epi, out, _dispatch.num_threads(), pmax)
+            k.gemm_fused(a_u8, pad, packed, epi, out, threads, pmax)
 
     @classmethod
     def gemm(cls, a_u8: np.ndarray, packed: np.ndarray, out: np.ndarray) -> None:
