@@ -27,9 +27,11 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .config import PJIT
+from .int8_gemm_amx import AMX_MR, _atile16, _atile32, amx_begin, amx_end
 from .int8_gemm_vnni import (
     MR_MAX,
     NR,
+    _fused_args,
     narrow_epilogue,
     panel_colsum,
     run_channel_tile,
@@ -274,6 +276,87 @@ def conv_vnni(xp, bp, geo, pb, tj, direct, sa, st, epi, pmax, out):
     narrow = _group_narrow(epi, kh * kw * Cg, pmax)
     for t in prange(nrun * nblk * G):
         _vnni_job(t, mt, tj, nblk, pb, direct, xp, bp, geo, sa, st, epi, narrow, out)
+
+
+# ---------------------------------------------------------------------------
+# AMX (isa "amx"): conv_vnni's jobs on int8_gemm_amx's 32 x 64 tile blocks.
+# A job's im2col rows are gathered into per-thread scratch, 64-byte aligned
+# rows of Kp bytes (or, 1x1 stride 1 with C a multiple of 64, read from the
+# padded pixels in place), then run panel by panel over the job's tiles (a
+# weight panel stays in L1 across them). Rows past the last 32-row tile run
+# on a 16-row block and then on the zmm tiles, as the GEMM's.
+
+
+@njit(inline="always")
+def _amx_conv_job(t, mt, tj, nblk, pb, direct, xp, bp, geo, sa, epi, narrow, out):
+    # job t = (group, panel block, run of tj 32-row tiles), the run fastest
+    N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M = geo
+    za, rs, cs, zb, bias, mult, zy, qlo, qhi, mode, fbias = epi
+    rows = N * Ho * Wo
+    ka = sa.shape[2]
+    run, blk, g = _job_index(t, mt, tj, nblk)
+    buf = sa[numba.get_thread_id()]
+    epi_g = (za, rs[g], cs, zb, bias, mult, zy, qlo, qhi, mode, fbias)
+    npg = bp.shape[1]
+    b0 = bp.ctypes.data + g * bp.strides[0]
+    k4 = ka // 4
+    r0 = run * tj * AMX_MR
+    r1 = min(rows, r0 + tj * AMX_MR)
+    if direct:
+        a0 = xp.ctypes.data + r0 * C
+        lda = C
+    else:
+        for m0 in range(r0, r1, MR_MAX):
+            # gathered MR_MAX rows at a time (_gather's unit); rows r0.. of
+            # the run go to buf rows 0..
+            mr = min(MR_MAX, r1 - m0)
+            _gather(xp, geo, m0, mr, g, buf[m0 - r0 : m0 - r0 + mr])
+        a0 = buf.ctypes.data
+        lda = ka
+    m_amx = r0 + (r1 - r0) // 16 * 16
+    for jn in range(blk * pb, min(npg, blk * pb + pb)):
+        b = b0 + jn * bp.strides[1]
+        n0 = g * Mg + jn * NR
+        nv = min(NR, Mg - jn * NR)
+        for m0 in range(r0, m_amx, AMX_MR):
+            args = _fused_args(a0 + (m0 - r0) * lda, lda, b, 4 * NR, k4, 0, m0, n0,
+                               nv, epi_g, narrow, xp, out)  # fmt: skip
+            if m0 + AMX_MR <= m_amx:
+                _atile32(*args)
+            else:
+                _atile16(*args)
+        for m0 in range(m_amx, r1, MR_MAX):
+            run_fused_tile(min(MR_MAX, r1 - m0), a0 + (m0 - r0) * lda, lda, b, k4,
+                           0, m0, n0, nv, epi_g, narrow, xp, out)  # fmt: skip
+
+
+@njit(nogil=True, cache=True)
+def _amx_conv_jobs(t0, t1, mt, tj, nblk, pb, direct, xp, bp, geo, sa, epi, narrow,
+                   out):  # fmt: skip
+    # jobs t0..t1-1 inside one tile configuration (int8_gemm_amx._amx_jobs)
+    amx_begin()
+    for t in range(t0, t1):
+        _amx_conv_job(t, mt, tj, nblk, pb, direct, xp, bp, geo, sa, epi, narrow, out)
+    amx_end()
+
+
+@njit(**PJIT)
+def conv_amx(xp, bp, geo, pb, tj, direct, sa, epi, pmax, threads, out):
+    # xp (N,Hp,Wp,C) uint8, bp (G,NP,K4p,NR,4) int8 (int8_gemm_amx.pack_b per
+    # group: K padded to a multiple of 64), sa (threads, tj*32, Kp) uint8
+    # gather scratch on 64-byte aligned rows (Kp = 4*K4p), epi, pmax, out as
+    # conv_vnni; tj 32-row tiles per job; direct 1: the padded pixels are the
+    # rows (1x1, stride 1, one group, C == Kp); threads: jobs are split in
+    # equal runs, one tile configuration per run
+    N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M = geo
+    rows = N * Ho * Wo
+    mt = (rows + AMX_MR - 1) // AMX_MR
+    nblk = (bp.shape[1] + pb - 1) // pb
+    jobs = (mt + tj - 1) // tj * nblk * G
+    narrow = _group_narrow(epi, bp.shape[2] * 4, pmax)
+    for i in prange(threads):
+        _amx_conv_jobs(i * jobs // threads, (i + 1) * jobs // threads, mt, tj, nblk,
+                       pb, direct, xp, bp, geo, sa, epi, narrow, out)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------

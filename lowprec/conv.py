@@ -73,6 +73,11 @@ NCHW4_DENSE = True
 # VNNI path: with fewer than this many pixel tiles per thread, jobs are also
 # split over 64-channel weight panels (threads over output channels)
 SPLIT_N_TILES = 8
+# amx path: convolutions with at least this many output pixels and output
+# channels a group run on AMX tile blocks (32 pixels x 64 channels); others
+# on the avx512_vnni kernels. Tests set both to 1.
+AMX_MIN_ROWS = 32
+AMX_MIN_CHANNELS = 16
 
 
 class PackedConvWeights:
@@ -176,6 +181,22 @@ class PackedConvWeights:
                 bp[g] = kv.pack_b(self._wk[g])
             bp.flags.writeable = False
             self._layouts["vnni"] = bp
+        return bp
+
+    def _amx(self) -> np.ndarray:
+        """(G, NP, K4p, 64, 4) int8: kernels/int8_gemm_amx.pack_b per group
+        (the VNNI layout with K padded to a multiple of 64)."""
+        bp = self._layouts.get("amx")
+        if bp is None:
+            from .kernels import int8_gemm_amx as ka
+
+            bp = np.stack([ka.pack_b(wg) for wg in self._wk])
+            if bp.ctypes.data % 64:  # the tiles' weight rows on 64-byte lines
+                raw = np.empty(bp.nbytes + 64, np.int8)
+                off = (-raw.ctypes.data) % 64
+                bp = _copy_into(raw[off : off + bp.nbytes].reshape(bp.shape), bp)
+            bp.flags.writeable = False
+            self._layouts["amx"] = bp
         return bp
 
     def _avx2(self) -> np.ndarray:
@@ -622,9 +643,10 @@ def _plan(
             return out
 
         return run_depthwise
+    amx = isa == "amx" and rows >= AMX_MIN_ROWS and Mg >= AMX_MIN_CHANNELS
     if (
         layout == "NCHW"
-        and isa in ("amx", "avx512_vnni")
+        and isa == "avx512_vnni"
         and _nchw4_fits(
             packed,
             G,
@@ -711,6 +733,13 @@ def _plan(
         folded = _ro(bias - za_eff * cs)
         fzeros = _ro(np.full(M, -0.0, np.float32))  # no float bias: x + -0.0 = x
 
+        if amx:
+            return _amx_runner(
+                packed, padded, row_sums, rows_out, output, geo, (zero1, cs,
+                _ro(zb_eff), folded, mult, zy, qlo, qhi, mode, fzeros), K, mt,
+                G, (kh, kw, sh, sw, C), threads, par,
+            )  # fmt: skip
+
         def run_vnni(x):
             xp = padded(x)
             fused = (zero1, _ro(row_sums(xp)), cs, _ro(zb_eff), folded, mult, zy,
@@ -785,6 +814,51 @@ def _plan(
         return output(out)
 
     return run_portable
+
+
+def _amx_runner(packed, padded, row_sums, rows_out, output, geo, epi, K, mt6, G,
+                kgeo, threads, par):  # fmt: skip
+    """run(x) for the amx path (kernels/int8_conv.conv_amx): the VNNI plan's
+    jobs on 32 x 64 AMX tile blocks, im2col rows gathered per job into
+    per-thread scratch of 64-byte aligned rows, or read in place (1x1 stride
+    1, one group, C a multiple of 64, the pixels on 64-byte lines)."""
+    from .kernels import int8_gemm_amx as _ka
+
+    zero1, cs, zb, folded, mult, zy, qlo, qhi, mode, fzeros = epi
+    kh, kw, sh, sw, C = kgeo
+    bp = packed._amx()
+    kp = 4 * bp.shape[2]
+    panels = bp.shape[1]
+    rows = int(geo[0] * geo[4] * geo[5])
+    mt = -(-rows // _ka.AMX_MR)
+    in_place = kh == kw == sh == sw == 1 and G == 1 and C == kp
+
+    def run_amx(x):
+        xp = padded(x)
+        fused = (zero1, _ro(row_sums(xp)), cs, zb, folded, mult, zy, qlo, qhi, mode,
+                 fzeros)  # fmt: skip
+        nth = par()
+        pbk = panels if mt * G >= SPLIT_N_TILES * nth else 1
+        jobs = mt * G * -(-panels // pbk)
+        # 32-row tiles per job: up to 4 while leaving >= 8 jobs per thread
+        tj = max(1, min(4, jobs // (8 * nth)))
+        direct = int(in_place and xp.ctypes.data % 64 == 0)
+        sa = _dispatch.scratch(
+            "conv.amx.sa", (nth, 1 if direct else tj * _ka.AMX_MR, kp), np.uint8
+        )
+        out = rows_out()
+        _dispatch.call_on_threads(
+            nth, _kc.conv_amx, _ro(xp), bp, geo, pbk, tj, direct, sa, fused,
+            packed._p_max, nth, out,
+        )  # fmt: skip
+        return output(out)
+
+    return run_amx
+
+
+def _copy_into(dst: np.ndarray, src: np.ndarray) -> np.ndarray:
+    dst[...] = src
+    return dst
 
 
 # conv_nchw4's x4 argument where it packs from x itself (one compiled variant)

@@ -348,12 +348,14 @@ def _to_layout(y, layout):
     return np.ascontiguousarray(np.moveaxis(y, 1, -1)) if layout == "NHWC" else y
 
 
+_AMX = "amx" in lowprec.available_isas()
 _VNNI = "avx512_vnni" in lowprec.available_isas()
 _AVX2 = "avx2" in lowprec.available_isas()
 
 
 @pytest.fixture(
     params=[
+        pytest.param("amx", marks=pytest.mark.skipif(not _AMX, reason="no AMX")),
         pytest.param(
             "avx512_vnni", marks=pytest.mark.skipif(not _VNNI, reason="no VNNI")
         ),
@@ -368,9 +370,12 @@ def isa(request, monkeypatch):
     widened for the vpmaddwd tiles, any group count; 3x3 depthwise on
     vpmaddwd) and a portable path: force
     each in turn. "avx512_vnni" never takes conv_nchw4, "nchw4" takes it
-    wherever it applies."""
+    wherever it applies; "amx" runs every non-depthwise convolution on the AMX
+    tile blocks (conv_amx), however few its pixels and channels."""
     before = lowprec.get_isa()
     lowprec.set_isa("avx512_vnni" if request.param == "nchw4" else request.param)
+    monkeypatch.setattr(lc, "AMX_MIN_ROWS", 1)
+    monkeypatch.setattr(lc, "AMX_MIN_CHANNELS", 1)
     on = request.param == "nchw4"
     monkeypatch.setattr(lc, "NCHW4_MAX_CHANNELS", 2**62 if on else -1)
     monkeypatch.setattr(lc, "NCHW4_MIN_PIXELS", 0 if on else 2**62)
