@@ -342,9 +342,10 @@ def _in_place(a, Kp):
 
 
 @njit(inline="always")
-def _copy_rows(a, buf, m0, m1):
-    # buf[m - m0] = a[m] for m0 <= m < m1, K padded to Kp = buf.shape[1] (any
-    # bytes would do past K: they meet zeros in the packed B; zeros are
+def _copy_rows(a, flip, buf, m0, m1):
+    # buf[m - m0] = a[m] ^ flip for m0 <= m < m1 (flip 0x80: int8 a, its
+    # bytes as uint8, to a' = a + 128, eq. 5), K padded to Kp = buf.shape[1]
+    # (any bytes would do past K: they meet zeros in the packed B; zeros are
     # written), by 32-byte moves where rows are contiguous
     K = a.shape[1]
     Kp = buf.shape[1]
@@ -352,15 +353,18 @@ def _copy_rows(a, buf, m0, m1):
         r = m - m0
         if K >= 8 and a.strides[1] == 1:
             copy_bytes(buf.ctypes.data + r * Kp, a.ctypes.data + m * a.strides[0], K)
+            if flip:
+                for k in range(K):
+                    buf[r, k] ^= flip
         else:
             for k in range(K):
-                buf[r, k] = a[m, k]
+                buf[r, k] = a[m, k] ^ flip
         for k in range(K, Kp):
             buf[r, k] = 0
 
 
 @njit(nogil=True, cache=True)
-def _amx_jobs(t0, t1, nblk, copy, buf, Kp, a, bp, epi, narrow, bias32, out):
+def _amx_jobs(t0, t1, nblk, copy, flip, buf, Kp, a, bp, epi, narrow, bias32, out):
     # jobs t0..t1-1 on this thread, inside one tile configuration: ldtilecfg
     # costs ~55 ns (with tilerelease) and waits for the tile instructions
     # before it: one per thread instead of one per job took a 32 x 384 x 1536
@@ -368,7 +372,7 @@ def _amx_jobs(t0, t1, nblk, copy, buf, Kp, a, bp, epi, narrow, bias32, out):
     # (no call, no 11 array reference counts per job) to 18.2 us, and a
     # 64-column job at 16 x 64 x 2048 from 620 to 366 ns. copy: a' is read
     # from buf (this thread's (rows, Kp) scratch), each row block copied in
-    # as the thread reaches it (_in_place)
+    # as the thread reaches it (_in_place), its bytes XOR flip
     M = a.shape[0]
     nt = (out.shape[1] + _z.NR - 1) // _z.NR
     mt = (M + AMX_MR - 1) // AMX_MR
@@ -380,7 +384,7 @@ def _amx_jobs(t0, t1, nblk, copy, buf, Kp, a, bp, epi, narrow, bias32, out):
         blk = t // nt
         if copy and blk != cur:
             m_lo = blk * mt // nblk * AMX_MR
-            _copy_rows(a, buf, m_lo, min(M, (blk + 1) * mt // nblk * AMX_MR))
+            _copy_rows(a, flip, buf, m_lo, min(M, (blk + 1) * mt // nblk * AMX_MR))
             a0 = buf.ctypes.data - m_lo * Kp
             lda = Kp
             cur = blk
@@ -397,32 +401,34 @@ def block_rows(M, Kp, threads):
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def gemm_fused(a, pad, bp, epi, out, threads, pmax):
-    # a (M, K) uint8 a' (any strides); pad (threads, block_rows, Kp) uint8
+def gemm_fused(a, flip, pad, bp, epi, out, threads, pmax):
+    # a (M, K) uint8 (any strides): a' (flip 0), or int8 a's bytes (flip
+    # 0x80: always copied, flipped as it is); pad (threads, block_rows, Kp) uint8
     # scratch, Kp = 4 * bp.shape[1]; bp: pack_b's array; out (M, N) with unit
     # column stride; threads, pmax: as int8_gemm_vnni.gemm_fused. One run of
     # jobs per thread, split as prange would split them
     Kp = pad.shape[2]
-    copy = not _in_place(a, Kp)
+    copy = flip != 0 or not _in_place(a, Kp)
     nt = (out.shape[1] + _z.NR - 1) // _z.NR
     nblk = _row_blocks(a.shape[0], Kp, threads)
     narrow = _z.narrow_epilogue(epi, Kp, pmax)
     bias32 = _bias32(epi)
     jobs = nblk * nt
     for i in prange(threads):
-        _amx_jobs(i * jobs // threads, (i + 1) * jobs // threads, nblk, copy, pad[i],
-                  Kp, a, bp, epi, narrow, bias32, out)  # fmt: skip
+        _amx_jobs(i * jobs // threads, (i + 1) * jobs // threads, nblk, copy, flip,
+                  pad[i], Kp, a, bp, epi, narrow, bias32, out)  # fmt: skip
 
 
 @njit(nogil=True, cache=True)
-def gemm_fused_serial(a, pad, bp, epi, out, pmax):
+def gemm_fused_serial(a, flip, pad, bp, epi, out, pmax):
     # gemm_fused on the calling thread (pad (1, block_rows, Kp))
     Kp = pad.shape[2]
     nt = (out.shape[1] + _z.NR - 1) // _z.NR
     nblk = _row_blocks(a.shape[0], Kp, 1)
     narrow = _z.narrow_epilogue(epi, Kp, pmax)
-    _amx_jobs(0, nblk * nt, nblk, not _in_place(a, Kp), pad[0], Kp, a, bp, epi,
-              narrow, _bias32(epi), out)  # fmt: skip
+    copy = flip != 0 or not _in_place(a, Kp)
+    _amx_jobs(0, nblk * nt, nblk, copy, flip, pad[0], Kp, a, bp, epi, narrow,
+              _bias32(epi), out)  # fmt: skip
 
 
 def make_peak_loop(nacc):
