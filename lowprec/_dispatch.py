@@ -87,7 +87,8 @@ def amx_permitted() -> bool:
 
 def zmm_isa() -> bool:
     """Whether the path in use has the AVX-512 VNNI kernels (amx runs them
-    for everything but its GEMM tiles: convolutions, sparse, n-bit)."""
+    beside its own GEMM and convolution tiles: small GEMMs and convolutions,
+    depthwise convolutions, sparse and n-bit kernels)."""
     return get_isa() in ("amx", "avx512_vnni")
 
 
