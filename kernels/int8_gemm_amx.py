@@ -432,9 +432,9 @@ def gemm_fused_serial(a, flip, pad, bp, epi, out, pmax):
 
 
 def make_peak_loop(nacc):
-    """The peak probe (int8_gemm_vnni.measure_peak): iters x nacc tdpbusd on
-    the four accumulator tiles in turn, tiles only (no memory in the loop);
-    returns 0 (the tile results are never read)."""
+    """The peak probe's intrinsic (int8_gemm_vnni.measure_peak): iters x nacc
+    tdpbusd on the four accumulator tiles in turn, tiles only (no memory in
+    the loop); returns 0 (the tile results are never read)."""
 
     def codegen(context, builder, sig, args):
         iters, seed = args
@@ -460,11 +460,4 @@ def make_peak_loop(nacc):
     def _loop(typingctx, iters, seed):
         return types.int32(types.int64, types.int64), codegen
 
-    @njit(parallel=True)  # not cached: as int8_gemm_vnni's probes
-    def _peak(iters, nthreads):
-        out = np.zeros(nthreads, np.int32)
-        for t in prange(nthreads):
-            out[t] = _loop(iters, t + 3)
-        return out
-
-    return _peak
+    return _loop

@@ -1234,7 +1234,7 @@ def _make_peak_loop(isa):
     if isa == "amx":
         from .int8_gemm_amx import make_peak_loop
 
-        return make_peak_loop(_NACC)
+        return _peak_runner(make_peak_loop(_NACC))
     _, lanes, _ = PEAK_INSTRUCTIONS[isa]
     vty = ir.VectorType(_i32, lanes)
     wty = ir.VectorType(ir.IntType(16), 2 * lanes)
@@ -1277,11 +1277,17 @@ def _make_peak_loop(isa):
     def _loop(typingctx, iters, seed):
         return types.int32(types.int64, types.int64), codegen
 
+    return _peak_runner(_loop)
+
+
+def _peak_runner(loop):
+    """The probe loop on every thread: peak(iters, nthreads)."""
+
     @njit(parallel=True)  # a closure per path: not cached (the bench's ~1 s)
     def _peak(iters, nthreads):
         out = np.zeros(nthreads, np.int32)
         for t in prange(nthreads):
-            out[t] = _loop(iters, t + 3)
+            out[t] = loop(iters, t + 3)
         return out
 
     return _peak
