@@ -288,14 +288,14 @@ def conv_vnni(xp, bp, geo, pb, tj, direct, sa, st, epi, pmax, out):
 
 
 @njit(inline="always")
-def _amx_conv_job(t, mt, tj, nblk, pb, direct, xp, bp, geo, sa, epi, narrow, out):
-    # job t = (group, panel block, run of tj 32-row tiles), the run fastest
+def _amx_conv_job(t, mt, tj, nblk, pb, direct, xp, bp, geo, buf, epi, narrow, out):
+    # job t = (group, panel block, run of tj 32-row tiles), the run fastest;
+    # buf (tj*32, Kp) this thread's gather scratch
     N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M = geo
     za, rs, cs, zb, bias, mult, zy, qlo, qhi, mode, fbias = epi
     rows = N * Ho * Wo
-    ka = sa.shape[2]
+    ka = buf.shape[1]
     run, blk, g = _job_index(t, mt, tj, nblk)
-    buf = sa[numba.get_thread_id()]
     epi_g = (za, rs[g], cs, zb, bias, mult, zy, qlo, qhi, mode, fbias)
     npg = bp.shape[1]
     b0 = bp.ctypes.data + g * bp.strides[0]
@@ -331,12 +331,12 @@ def _amx_conv_job(t, mt, tj, nblk, pb, direct, xp, bp, geo, sa, epi, narrow, out
 
 
 @njit(nogil=True, cache=True)
-def _amx_conv_jobs(t0, t1, mt, tj, nblk, pb, direct, xp, bp, geo, sa, epi, narrow,
+def _amx_conv_jobs(t0, t1, mt, tj, nblk, pb, direct, xp, bp, geo, buf, epi, narrow,
                    out):  # fmt: skip
     # jobs t0..t1-1 inside one tile configuration (int8_gemm_amx._amx_jobs)
     amx_begin()
     for t in range(t0, t1):
-        _amx_conv_job(t, mt, tj, nblk, pb, direct, xp, bp, geo, sa, epi, narrow, out)
+        _amx_conv_job(t, mt, tj, nblk, pb, direct, xp, bp, geo, buf, epi, narrow, out)
     amx_end()
 
 
@@ -347,7 +347,7 @@ def conv_amx(xp, bp, geo, pb, tj, direct, sa, epi, pmax, threads, out):
     # gather scratch on 64-byte aligned rows (Kp = 4*K4p), epi, pmax, out as
     # conv_vnni; tj 32-row tiles per job; direct 1: the padded pixels are the
     # rows (1x1, stride 1, one group, C == Kp); threads: jobs are split in
-    # equal runs, one tile configuration per run
+    # equal runs, one tile configuration and one row of sa per run
     N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M = geo
     rows = N * Ho * Wo
     mt = (rows + AMX_MR - 1) // AMX_MR
@@ -356,7 +356,7 @@ def conv_amx(xp, bp, geo, pb, tj, direct, sa, epi, pmax, threads, out):
     narrow = _group_narrow(epi, bp.shape[2] * 4, pmax)
     for i in prange(threads):
         _amx_conv_jobs(i * jobs // threads, (i + 1) * jobs // threads, mt, tj, nblk,
-                       pb, direct, xp, bp, geo, sa, epi, narrow, out)  # fmt: skip
+                       pb, direct, xp, bp, geo, sa[i], epi, narrow, out)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------

@@ -6,27 +6,34 @@ epilogue of the AVX-512 VNNI path (eqs. 8-13), on CPUs with AMX-INT8
 
     P[m, n] = sum_k a'[m, k] * b'[k, n]      a' uint8, b' int8, P int32
 
-  a'  (M, Kp) uint8, Kp a multiple of 64 (the caller pads K with any bytes:
-      they meet zeros in the packed B), unit column stride, any row stride.
+  a'  (M, K) uint8, any strides (or int8 a, flipped as it is copied), read
+      as rows of Kp bytes, Kp = K padded to a multiple of 64 (the padding
+      bytes meet zeros in the packed B).
   b'  :func:`pack_b`: the VNNI panel layout [NP][K4][NR][4] of
       int8_gemm_vnni.pack_b with K zero-padded to a multiple of 64, so a B
       tile (16 rows of K4 x 64 bytes = 16 columns x 4 k) is 16 rows 256 bytes
       apart inside one panel, and the zmm tiles read the same array.
   out (M, N), any row stride, unit column stride; int32, uint8, int8 or float32.
 
-Tile: 32 x 32 int32 outputs in four 16 x 16 accumulator tiles (tmm0-3), A in
-two 16-row x 64-byte tiles (tmm4-5), B in two 16 x 64-byte tiles (tmm6-7): per
-64 bytes of K, four tile loads and four tdpbusd (16 x 16 x 64 multiply-adds
-each). After the K loop the accumulators are stored to a 4 KB stack buffer
-and the VNNI path's epilogue (int8_gemm_vnni.make_fused_kernel) reads them
-back one zmm vector at a time, where each is used. Rows past the last full
-16-row tile run on the zmm tiles of int8_gemm_vnni (same packed array).
+Block: 32 x 64 int32 outputs, run as two 32-column halves, each in four 16 x 16
+accumulator tiles (tmm0-3) fed by two 16-row x 64-byte A tiles (tmm4-5) and
+two 16 x 64-byte B tiles (tmm6-7): per 64 bytes of K, four tile loads and four
+tdpbusd (16 x 16 x 64 multiply-adds each). Each half's accumulators are stored
+to an 8 KB stack buffer as it ends; the VNNI path's epilogue
+(int8_gemm_vnni.make_fused_kernel) then reads them back one zmm vector at a
+time, where each is used. For int32 output with no row terms (make_raw_kernel)
+the accumulators start from the bias and are stored straight into the output.
+Rows past the last full 16-row tile run on the zmm tiles of int8_gemm_vnni
+(same packed array). a' not readable in place (K not a multiple of 64, rows
+off 64-byte boundaries, int8 a) is copied a row block at a time into
+per-thread scratch.
 
 The tile configuration (palette 1, every tile 16 rows x 64 bytes) is loaded
-once per job (amx_begin) and released at its end (amx_end). The process must
-first have asked Linux for the AMX tile state (lowprec._dispatch does, through
-arch_prctl(ARCH_REQ_XCOMP_PERM)); without it the first tile instruction
-faults, so nothing here runs unless that request succeeded.
+once per thread and call (amx_begin) and released at the end (amx_end). The
+process must first have asked Linux for the AMX tile state (lowprec._dispatch
+does, through arch_prctl(ARCH_REQ_XCOMP_PERM)); without it the first tile
+instruction faults (SIGILL), so nothing here runs unless that request
+succeeded.
 """
 
 import numpy as np
@@ -95,7 +102,7 @@ def _config_bytes():
 
 @intrinsic
 def amx_begin(typingctx):
-    """ldtilecfg: every tile 16 x 64 bytes (call before the tiles, per job)."""
+    """ldtilecfg: every tile 16 x 64 bytes (before a thread's run of jobs)."""
 
     def codegen(context, builder, sig, args):
         aty = ir.ArrayType(_i8, 64)

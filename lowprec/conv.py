@@ -736,8 +736,8 @@ def _plan(
         if amx:
             return _amx_runner(
                 packed, padded, row_sums, rows_out, output, geo, (zero1, cs,
-                _ro(zb_eff), folded, mult, zy, qlo, qhi, mode, fzeros), K, mt,
-                G, (kh, kw, sh, sw, C), threads, par,
+                _ro(zb_eff), folded, mult, zy, qlo, qhi, mode, fzeros), G,
+                (kh, kw, sh, sw, C), par,
             )  # fmt: skip
 
         def run_vnni(x):
@@ -816,8 +816,7 @@ def _plan(
     return run_portable
 
 
-def _amx_runner(packed, padded, row_sums, rows_out, output, geo, epi, K, mt6, G,
-                kgeo, threads, par):  # fmt: skip
+def _amx_runner(packed, padded, row_sums, rows_out, output, geo, epi, G, kgeo, par):
     """run(x) for the amx path (kernels/int8_conv.conv_amx): the VNNI plan's
     jobs on 32 x 64 AMX tile blocks, im2col rows gathered per job into
     per-thread scratch of 64-byte aligned rows, or read in place (1x1 stride
