@@ -110,7 +110,7 @@ def _amx():
 
 
 class AmxGemm:
-    """32 x 32 AMX tiles of tdpbusd with the zmm path's fused epilogue
+    """32 x 64 blocks of AMX tdpbusd tiles with the zmm path's fused epilogue
     (kernels/int8_gemm_amx.py); _dispatch.gemm_backend gives GEMMs of fewer
     than AMX_MIN_ROWS rows to the avx512_vnni tiles."""
 
