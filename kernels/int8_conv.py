@@ -306,11 +306,7 @@ def _amx_conv_job(t, mt, tj, nblk, pb, direct, xp, bp, geo, buf, epi, narrow, ou
         a0 = xp.ctypes.data + r0 * C
         lda = C
     else:
-        for m0 in range(r0, r1, MR_MAX):
-            # gathered MR_MAX rows at a time (_gather's unit); rows r0.. of
-            # the run go to buf rows 0..
-            mr = min(MR_MAX, r1 - m0)
-            _gather(xp, geo, m0, mr, g, buf[m0 - r0 : m0 - r0 + mr])
+        _gather(xp, geo, r0, r1 - r0, g, buf)  # rows r0.. to buf rows 0..
         a0 = buf.ctypes.data
         lda = ka
     m_amx = r0 + (r1 - r0) // 16 * 16

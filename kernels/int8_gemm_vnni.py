@@ -580,9 +580,10 @@ def make_fused_kernel(MR, NV_, seg=False, k_loop=None):
         mult, mult_step, zy, qlo, qhi, fbias = args[17:23]
         kind = sig.args[-1].dtype
         flip = sig.args[-2].dtype == types.int8
-        if flip and not getattr(k_loop, "flips", k_loop is None):
-            # a K loop that reads A as it is would take int8 bytes for a'
-            msg = f"{getattr(k_loop, '__name__', k_loop)} reads uint8 a' only"
+        if flip and k_loop is not None:
+            # only _k_loop flips int8 A as it loads; another K loop would take
+            # int8 bytes for a'
+            msg = f"{k_loop.__name__} reads uint8 a' only"
             raise TypeError(msg)
         if k_loop is not None:
             fin = k_loop(builder, MR, NV_, a, lda, b, ldb, k4, kr, nvalid)

@@ -185,16 +185,21 @@ class PackedConvWeights:
 
     def _amx(self) -> np.ndarray:
         """(G, NP, K4p, 64, 4) int8: kernels/int8_gemm_amx.pack_b per group
-        (the VNNI layout with K padded to a multiple of 64)."""
+        (the VNNI layout with K padded to a multiple of 64), 64-byte aligned."""
         bp = self._layouts.get("amx")
         if bp is None:
             from .kernels import int8_gemm_amx as ka
+            from .kernels import int8_gemm_vnni as kv
 
-            bp = np.stack([ka.pack_b(wg) for wg in self._wk])
-            if bp.ctypes.data % 64:  # the tiles' weight rows on 64-byte lines
-                raw = np.empty(bp.nbytes + 64, np.int8)
-                off = (-raw.ctypes.data) % 64
-                bp = _copy_into(raw[off : off + bp.nbytes].reshape(bp.shape), bp)
+            G, K, Mg = self._wk.shape
+            K4p = -(-max(K, 1) // ka.KB) * ka.KB // 4
+            NP = -(-Mg // kv.NR)
+            size = G * NP * K4p * kv.NR * 4
+            raw = np.zeros(size + 64, np.int8)
+            off = (-raw.ctypes.data) % 64
+            bp = raw[off : off + size].reshape(G, NP, K4p, kv.NR, 4)
+            for g in range(G):
+                bp[g] = ka.pack_b(self._wk[g])
             bp.flags.writeable = False
             self._layouts["amx"] = bp
         return bp
@@ -736,8 +741,7 @@ def _plan(
         if amx:
             return _amx_runner(
                 packed, padded, row_sums, rows_out, output, geo, (zero1, cs,
-                _ro(zb_eff), folded, mult, zy, qlo, qhi, mode, fzeros), G,
-                (kh, kw, sh, sw, C), par,
+                _ro(zb_eff), folded, mult, zy, qlo, qhi, mode, fzeros), par,
             )  # fmt: skip
 
         def run_vnni(x):
@@ -816,7 +820,7 @@ def _plan(
     return run_portable
 
 
-def _amx_runner(packed, padded, row_sums, rows_out, output, geo, epi, G, kgeo, par):
+def _amx_runner(packed, padded, row_sums, rows_out, output, geo, epi, par):
     """run(x) for the amx path (kernels/int8_conv.conv_amx): the VNNI plan's
     jobs on 32 x 64 AMX tile blocks, im2col rows gathered per job into
     per-thread scratch of 64-byte aligned rows, or read in place (1x1 stride
@@ -824,12 +828,11 @@ def _amx_runner(packed, padded, row_sums, rows_out, output, geo, epi, G, kgeo, p
     from .kernels import int8_gemm_amx as _ka
 
     zero1, cs, zb, folded, mult, zy, qlo, qhi, mode, fzeros = epi
-    kh, kw, sh, sw, C = kgeo
+    N, Hp, Wp, C, Ho, Wo, kh, kw, sh, sw, dh, dw, G, Cg, Mg, M = (int(v) for v in geo)
     bp = packed._amx()
     kp = 4 * bp.shape[2]
     panels = bp.shape[1]
-    rows = int(geo[0] * geo[4] * geo[5])
-    mt = -(-rows // _ka.AMX_MR)
+    mt = -(-(N * Ho * Wo) // _ka.AMX_MR)
     in_place = kh == kw == sh == sw == 1 and G == 1 and C == kp
 
     def run_amx(x):
@@ -853,11 +856,6 @@ def _amx_runner(packed, padded, row_sums, rows_out, output, geo, epi, G, kgeo, p
         return output(out)
 
     return run_amx
-
-
-def _copy_into(dst: np.ndarray, src: np.ndarray) -> np.ndarray:
-    dst[...] = src
-    return dst
 
 
 # conv_nchw4's x4 argument where it packs from x itself (one compiled variant)
