@@ -1,7 +1,9 @@
 """Half-precision GEMM: float16 / bfloat16 storage, float32 accumulation.
 
 Computes, for every output (m, n), one float32 accumulator in a fixed order
-that every path shares (lowprec/half.py documents it as the accuracy contract):
+that every path here shares (lowprec/half.py documents it as the accuracy
+contract; the amx_bf16 path's bfloat16 GEMM, kernels/bf16_gemm_amx.py, sums
+in the order of its tile instruction instead):
 
     float16   acc = 0;  for k = 0..K-1:          acc = fl32(acc + a[m,k]*b[k,n])
     bfloat16  acc = 0;  for each pair j = 0..ceil(K/2)-1 (b[K] = a[K] = 0):

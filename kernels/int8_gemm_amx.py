@@ -74,9 +74,10 @@ def _tile_store(builder, t, ptr, stride):
     builder.call(f, [ir.Constant(_i8, t), ptr, ir.Constant(_i64, stride)])
 
 
-def _tdpbusd(builder, c, a, b):
-    # c += a (unsigned bytes) . b (signed bytes), 4-byte dot products
-    f = _fn(builder, "llvm.x86.tdpbusd", _i8, _i8, _i8)
+def _tdpbusd(builder, c, a, b, op="llvm.x86.tdpbusd"):
+    # c += a (unsigned bytes) . b (signed bytes), 4-byte dot products (op
+    # "llvm.x86.tdpbf16ps": bfloat16 pairs into float32, bf16_gemm_amx.py)
+    f = _fn(builder, op, _i8, _i8, _i8)
     builder.call(f, [ir.Constant(_i8, c), ir.Constant(_i8, a), ir.Constant(_i8, b)])
 
 
@@ -140,10 +141,10 @@ class _StoredTile:
         return b.load(b.gep(self.buf, [ir.Constant(_i64, i)]), align=64)
 
 
-def _half(builder, halves, a, lda, b, ldb, k64, h, init, store):
+def _half(builder, halves, a, lda, b, ldb, k64, h, init, store, op="llvm.x86.tdpbusd"):
     """One MR x 32 half (columns 32h..32h+31 of the panel) on tmm0-3: init(t)
-    sets accumulator tile t, the K loop runs k64 steps of 64 bytes, store(t)
-    writes tile t."""
+    sets accumulator tile t, the K loop runs k64 steps of 64 bytes (op on
+    each pair of tiles), store(t) writes tile t."""
     bh = builder.add(b, ir.Constant(_i64, 4 * AMX_NC * h))
     a16 = builder.add(a, builder.mul(lda, ir.Constant(_i64, 16)))
     b_step = builder.mul(ldb, ir.Constant(_i64, 16))  # 16 k4 rows = 64 bytes of K
@@ -156,12 +157,12 @@ def _half(builder, halves, a, lda, b, ldb, k64, h, init, store):
         _tile_load(builder, 4, builder.add(a, ka), lda)
         _tile_load(builder, 6, b0, ldb)
         _tile_load(builder, 7, builder.add(b0, ir.Constant(_i64, 64)), ldb)
-        _tdpbusd(builder, 0, 4, 6)
-        _tdpbusd(builder, 1, 4, 7)
+        _tdpbusd(builder, 0, 4, 6, op)
+        _tdpbusd(builder, 1, 4, 7, op)
         if halves == 2:
             _tile_load(builder, 5, builder.add(a16, ka), lda)
-            _tdpbusd(builder, 2, 5, 6)
-            _tdpbusd(builder, 3, 5, 7)
+            _tdpbusd(builder, 2, 5, 6, op)
+            _tdpbusd(builder, 3, 5, 7, op)
         return []
 
     _ir_loop(builder, ir.Constant(_i64, 0), k64, [], step, name=f"amx{h}")
@@ -438,10 +439,11 @@ def gemm_fused_serial(a, flip, pad, bp, epi, out, pmax):
               _bias32(epi), out)  # fmt: skip
 
 
-def make_peak_loop(nacc):
+def make_peak_loop(nacc, op="llvm.x86.tdpbusd"):
     """The peak probe's intrinsic (int8_gemm_vnni.measure_peak): iters x nacc
-    tdpbusd on the four accumulator tiles in turn, tiles only (no memory in
-    the loop); returns 0 (the tile results are never read)."""
+    tdpbusd (or op: bf16_gemm_amx's tdpbf16ps) on the four accumulator tiles
+    in turn, tiles only (no memory in the loop); returns 0 (the tile results
+    are never read)."""
 
     def codegen(context, builder, sig, args):
         iters, seed = args
@@ -456,7 +458,7 @@ def make_peak_loop(nacc):
 
         def step(k, carried):
             for j in range(nacc):
-                _tdpbusd(builder, j % 4, 4 + (j // 2) % 2, 6 + j % 2)
+                _tdpbusd(builder, j % 4, 4 + (j // 2) % 2, 6 + j % 2, op)
             return []
 
         _ir_loop(builder, ir.Constant(_i64, 0), iters, [], step, guard=False, name="pk")

@@ -13,8 +13,9 @@ baseline that ran.
 
 "% of peak" is against the instruction each path runs: the measured
 ``vfmadd231ps zmm`` rate for float16 (F16C+FMA kernels), the measured
-``vdpbf16ps zmm`` rate for bfloat16 (:func:`measured_peaks`,
-:func:`apply_peaks`), not the INT8 suites' ``vpdpbusd`` rate.
+``vdpbf16ps zmm`` rate for bfloat16 (``tdpbf16ps`` on the amx_bf16 path;
+:func:`measured_peaks`, :func:`apply_peaks`), not the INT8 suites'
+``vpdpbusd`` rate.
 
 ``SUITE`` is the :class:`lowprec.bench.Suite` to register in ``bench.SUITES``.
 Baselines: numpy float32 matmul (BLAS sgemm on float32 copies: the target),
@@ -380,9 +381,11 @@ def check(case, x, got, refs) -> dict:
 
 
 def peak_kind(case) -> str:
-    """ "vdpbf16ps" for the bfloat16 cases on the AVX512_BF16 path, "vfmadd231ps
-    ymm" on the avx2_f16c path, else "vfmadd231ps" (zmm: float16 paths; the
-    portable bfloat16 path is FMA too)."""
+    """ "tdpbf16ps" / "vdpbf16ps" for the bfloat16 cases on the amx_bf16 /
+    avx512_bf16 path, "vfmadd231ps ymm" on the avx2_f16c path, else
+    "vfmadd231ps" (zmm: float16 paths; the portable bfloat16 path is FMA too)."""
+    if case.bf16 and half.get_half_isa() == "amx_bf16":
+        return "tdpbf16ps"
     if case.bf16 and half.get_half_isa() == "avx512_bf16":
         return "vdpbf16ps"
     if half.get_half_isa() == "avx2_f16c":
@@ -390,10 +393,14 @@ def peak_kind(case) -> str:
     return "vfmadd231ps"
 
 
-def measured_peaks(threads, kinds=("vfmadd231ps", "vdpbf16ps", "vfmadd231ps ymm")):
+def measured_peaks(
+    threads, kinds=("vfmadd231ps", "vdpbf16ps", "vfmadd231ps ymm", "tdpbf16ps")
+):
     """{(kind, threads): GFLOP/s} of register-only ``vfmadd231ps zmm`` / ``vdpbf16ps
     zmm`` / ``vfmadd231ps ymm`` loops (kernels/fp16_gemm.measure_peak, best of
-    7); None where a probe cannot run (no AVX-512 / AVX512_BF16 / F16C+AVX2)."""
+    7) and of a ``tdpbf16ps`` tile loop (kernels/bf16_gemm_amx.measure_peak);
+    None where a probe cannot run (no AVX-512 / AVX512_BF16 / F16C+AVX2 /
+    AMX-BF16)."""
     from .kernels import fp16_gemm
 
     feats = half.available_half_isas()
@@ -401,15 +408,21 @@ def measured_peaks(threads, kinds=("vfmadd231ps", "vdpbf16ps", "vfmadd231ps ymm"
         "vfmadd231ps": "avx512_f16c" in feats,
         "vdpbf16ps": "avx512_bf16" in feats,
         "vfmadd231ps ymm": "avx2_f16c" in feats,
+        "tdpbf16ps": "amx_bf16" in feats,
     }
     out = {}
     for kind in kinds:
         for t in threads:
-            out[(kind, t)] = (
-                fp16_gemm.measure_peak(t, kind == "vdpbf16ps", ymm=kind.endswith("ymm"))
-                if can[kind]
-                else None
-            )
+            if not can[kind]:
+                out[(kind, t)] = None
+            elif kind == "tdpbf16ps":
+                from .kernels import bf16_gemm_amx
+
+                out[(kind, t)] = bf16_gemm_amx.measure_peak(t)
+            else:
+                out[(kind, t)] = fp16_gemm.measure_peak(
+                    t, kind == "vdpbf16ps", ymm=kind.endswith("ymm")
+                )
     return out
 
 
@@ -424,7 +437,8 @@ def apply_peaks(rows, cases, peaks) -> None:
 
 
 def set_peaks(rows, cases, threads) -> str:
-    """The Suite hook: FMA / vdpbf16ps peaks per row; returns the peak line."""
+    """The Suite hook: FMA / vdpbf16ps / tdpbf16ps peaks per row; returns the
+    peak line."""
     peaks = measured_peaks(threads)
     apply_peaks(rows, cases, peaks)
     return "peaks GFLOP/s: " + ", ".join(

@@ -27,10 +27,26 @@ Accuracy contract (tests/test_half.py checks each line on every path):
   propagate as in IEEE arithmetic.
 * bfloat16 on AVX512_BF16: ``vdpbf16ps`` treats subnormal inputs and results
   as zero (DAZ/FTZ, Intel SDM). Outside the subnormal range (|x| < 2**-126,
-  irrelevant to real weights and activations) every path gives the same bits.
+  irrelevant to real weights and activations) every path but amx_bf16 gives
+  the same bits.
+* bfloat16 on AMX-BF16 (path amx_bf16) sums in the order of ``tdpbf16ps``
+  instead (kernels/bf16_gemm_amx.py), measured on the hardware: per block of
+  32 k (K zero-padded to a multiple of 32) an even and an odd float32 sum
+
+      E = sum over j = 0..15 ascending of a[m,32i+2j]   * b[32i+2j,n]
+      O = sum over j = 0..15 ascending of a[m,32i+2j+1] * b[32i+2j+1,n]
+      acc = fl32(acc + fl32(E + O))
+
+  each starting at +0 and rounding once per step (a fused multiply-add: a
+  product past float32's range is not rounded before the add), subnormals
+  flushed as on AVX512_BF16. The same error bound holds (every term passes through fewer
+  than K roundings). Force avx512_bf16 for the order above on the same CPU.
 
 Paths (``available_half_isas``; ``set_half_isa`` or ``LOWPREC_HALF_ISA`` force one):
 
+    amx_bf16     float16 on the F16C+FMA kernel, bfloat16 on 32x64 blocks of
+                 AMX tdpbf16ps tiles (Intel Sapphire Rapids and later, on Linux
+                 once the process is granted the tile state)
     avx512_bf16  float16 on the F16C+FMA kernel, bfloat16 on vdpbf16ps
     avx512_f16c  float16 on 6x64 float32 register tiles of vcvtph2ps + vfmadd231ps
                  zmm, B packed panel-major in float16; bfloat16 portable
@@ -57,8 +73,10 @@ from . import _validate as v
 # Below this many multiply-adds a call runs on the calling thread (as gemm.py).
 SERIAL_MACS = 1 << 20
 
+_BF16_FEATURES = ("avx512f", "avx512bw", "f16c", "fma", "avx512bf16")
 HALF_ISA_REQUIREMENTS = {
-    "avx512_bf16": ("avx512f", "avx512bw", "f16c", "fma", "avx512bf16"),
+    "amx_bf16": (*_BF16_FEATURES, "amx-tile", "amx-bf16"),
+    "avx512_bf16": _BF16_FEATURES,
     "avx512_f16c": ("avx512f", "f16c", "fma"),
     "avx2_f16c": ("avx2", "f16c", "fma"),
     "portable": (),
@@ -103,6 +121,7 @@ def available_half_isas() -> tuple[str, ...]:
         name
         for name, need in HALF_ISA_REQUIREMENTS.items()
         if all(f in feats for f in need)
+        and (name != "amx_bf16" or _dispatch.amx_permitted())
     )
 
 
@@ -120,6 +139,11 @@ def _check_isa(name: str, source: str) -> str:
             f"{source}={name!r} needs CPU features {', '.join(missing)} that this "
             f"CPU lacks; available here: {', '.join(available_half_isas())}"
         )
+        if not missing:
+            msg = (
+                f"{source}={name!r}: Linux did not grant this process the AMX "
+                f"tile state; available here: {', '.join(available_half_isas())}"
+            )
         raise ValueError(msg)
     return name
 
@@ -144,7 +168,14 @@ def set_half_isa(name: str | None) -> str:
 def _simd(kind: str) -> bool:
     """Whether `kind` runs on the AVX-512 kernels (GEMM and convolution)."""
     isa = get_half_isa()
-    return isa == "avx512_bf16" or (isa == "avx512_f16c" and kind == "f16")
+    return isa in ("amx_bf16", "avx512_bf16") or (
+        isa == "avx512_f16c" and kind == "f16"
+    )
+
+
+def _amx(kind: str) -> bool:
+    """Whether the GEMM runs on the AMX tiles (bfloat16 on amx_bf16)."""
+    return kind == "bf16" and get_half_isa() == "amx_bf16"
 
 
 def _split(kind: str) -> bool:
@@ -251,12 +282,16 @@ class _Packed:
             x.nbytes for x in self._layouts.values() if isinstance(x, np.ndarray)
         )
 
-    def _layout(self, simd: bool) -> np.ndarray:
-        key = "simd" if simd else "portable"
+    def _layout(self, simd: bool, amx: bool = False) -> np.ndarray:
+        key = "amx" if amx else "simd" if simd else "portable"
         lay = self._layouts.get(key)
         if lay is None:
             k = _kernels()
-            if not simd:
+            if amx:
+                from .kernels import bf16_gemm_amx
+
+                lay = bf16_gemm_amx.pack_b(self._bits)
+            elif not simd:
                 lay = _to_f32(self._bits, self.kind)
             elif self.kind == "f16":
                 lay = k.pack_b_f16(self._bits)
@@ -281,7 +316,7 @@ class PackedWeightsFP16(_Packed):
 
 class PackedWeightsBF16(_Packed):
     """Immutable prepacked bfloat16 weights for :func:`matmul_bf16` (layout
-    [N/64][K/2][64][2] on the AVX512_BF16 path)."""
+    [N/64][K/2][64][2] on the AVX512_BF16 path, K padded to 32 on amx_bf16)."""
 
     __slots__ = ()
     _name = "PackedWeightsBF16"
@@ -343,9 +378,12 @@ def _gemm_2d(a_bits, packed: _Packed, kind, bias, has_bias, lo, hi, mode, out):
     out32 = out if mode == 0 else _DUMMY32
     out16 = out.view(np.uint16) if mode != 0 else _DUMMY16
     serial = M * N * K < SERIAL_MACS or _dispatch.num_threads() == 1
+    args = (bias, has_bias, lo, hi, mode, out32, out16)
+    if _amx(kind):
+        _gemm_amx(a_bits, packed._layout(True, amx=True), serial, args)
+        return
     threads = numba.config.NUMBA_NUM_THREADS
     lay = packed._layout(simd)
-    args = (bias, has_bias, lo, hi, mode, out32, out16)
     if not simd:
         a32 = _to_f32(a_bits, kind)
         scratch = np.empty((threads, k.TM, k.TN), np.float32)
@@ -377,6 +415,25 @@ def _gemm_2d(a_bits, packed: _Packed, kind, bias, has_bias, lo, hi, mode, out):
             how = 2 if k.bf16_products_exact(ea, eb) else 1
     fn = k.gemm_bf16_serial if serial else k.gemm_bf16
     fn(a, lay, scratch, *args, how)
+
+
+def _gemm_amx(a_bits, lay, serial, args):
+    """_gemm_2d on the AMX tiles (kernels/bf16_gemm_amx.py): per-thread scratch
+    for row blocks of a that the tiles cannot read in place, the rows past the
+    last 32-row step, and each block's float32 sums before the epilogue."""
+    from .kernels import bf16_gemm_amx as k
+
+    M = a_bits.shape[0]
+    kp = 2 * lay.shape[1]
+    threads = 1 if serial else _dispatch.num_threads()
+    rows = k.block_rows(M, kp, threads)
+    buf = _dispatch.scratch("amx_bf16.a", (threads, rows, kp), np.uint16)
+    tail = _dispatch.scratch("amx_bf16.tail", (threads, k.BM, kp), np.uint16)
+    tile = _dispatch.scratch("amx_bf16.tile", (threads, k.BM, k.NR), np.float32)
+    if serial:
+        k.gemm_serial(a_bits, lay, buf, tail, tile, *args)
+    else:
+        k.gemm(a_bits, lay, buf, tail, tile, *args, threads)
 
 
 # --------------------------------------------------------------------------- #

@@ -46,6 +46,13 @@ def ref_fp16(a, b):
 
 
 def ref_bf16(a, b):
+    """The documented bfloat16 order of the path in use (forced by half_isa)."""
+    if half.get_half_isa() == "amx_bf16":
+        return ref_bf16_blocks(a, b)
+    return ref_bf16_pairs(a, b)
+
+
+def ref_bf16_pairs(a, b):
     """float32 sum over pairs (2j+1 first, then 2j), one rounding per step."""
     a32 = f32(a)
     b32 = f32(b)
@@ -59,6 +66,39 @@ def ref_bf16(a, b):
     with np.errstate(invalid="ignore", over="ignore"):
         for k in order:
             acc = acc + a32[:, k : k + 1] * b32[k : k + 1, :]
+    return acc
+
+
+def _ftz(x):
+    """float32 with subnormals flushed to zero (sign kept)."""
+    x = np.asarray(x, np.float32)
+    return np.where(np.abs(x) < np.float32(2.0**-126), x * np.float32(0), x)
+
+
+def ref_bf16_blocks(a, b):
+    """The amx_bf16 order: per block of 32 k (K zero-padded), an even and an
+    odd float32 sum from +0 over the block's 16 pairs ascending, one rounding
+    per step, then acc = fl32(acc + fl32(E + O)); subnormals flushed to zero.
+    Each step rounds a * b + E once (float64 holds the product and the sum
+    exactly for these tests' values: an FMA, like the SDM's pseudocode)."""
+    M, K = a.shape
+    N = b.shape[1]
+    kp = -(-max(K, 1) // 32) * 32
+    a64 = np.zeros((M, kp))
+    b64 = np.zeros((kp, N))
+    a64[:, :K] = _ftz(f32(a))
+    b64[:K] = _ftz(f32(b))
+    acc = np.zeros((M, N), np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        for k0 in range(0, kp, 32):
+            sums = []
+            for parity in (0, 1):
+                s = np.zeros((M, N), np.float32)
+                for k in range(k0 + parity, k0 + 32, 2):
+                    step = s.astype(np.float64) + a64[:, k : k + 1] * b64[k : k + 1, :]
+                    s = _ftz(step.astype(np.float32))
+                sums.append(s)
+            acc = _ftz(acc + _ftz(sums[0] + sums[1]))
     return acc
 
 
@@ -122,19 +162,63 @@ def test_bf16_equals_ordered_float32_sum(half_isa, shape):
     a, b = rand(rng, (M, K), "bf16"), rand(rng, (K, N), "bf16")
     got = half.matmul_bf16(a, b)
     assert same_bits(got, ref_bf16(a, b))
+    assert same_bits(half.matmul_bf16(a[-1:], b), got[-1:])  # whatever M is
     if ml_dtypes is not None:  # ml_dtypes arrays are the same input
         bf = ml_dtypes.bfloat16
         assert same_bits(half.matmul_bf16(a.view(bf), b.view(bf)), got)
 
 
 def test_bf16_pair_order(half_isa):
-    # 1 + 2**-30 rounds to 1: the result tells which term of the pair came first
+    # 1 + 2**-30 rounds to 1: the result tells which term of the pair came
+    # first, or (amx_bf16) that even and odd k are summed apart
     b = np.ones((4, 1), np.float32)
     odd_first = np.array([[1.0, 0.0, 2.0**-30, -1.0]], np.float32)
     even_first = np.array([[1.0, 0.0, -1.0, 2.0**-30]], np.float32)
     conv = half.float32_to_bfloat16
-    assert half.matmul_bf16(conv(even_first), conv(b))[0, 0] == 0.0
-    assert half.matmul_bf16(conv(odd_first), conv(b))[0, 0] == 2.0**-30
+    got_even = half.matmul_bf16(conv(even_first), conv(b))[0, 0]
+    got_odd = half.matmul_bf16(conv(odd_first), conv(b))[0, 0]
+    if half_isa == "amx_bf16":
+        # E = 1 + 2**-30 -> 1, O = -1: 0; E = 1 - 1 = 0, O = 2**-30
+        assert (got_odd, got_even) == (0.0, 2.0**-30)
+    else:
+        assert (got_odd, got_even) == (2.0**-30, 0.0)
+
+
+@pytest.mark.skipif(
+    "amx_bf16" not in half.available_half_isas(), reason="needs AMX-BF16 (Linux)"
+)
+@pytest.mark.parametrize(
+    ("where", "expect"),
+    [
+        # 1 + 0.75u + 0.75u: 1 if each 0.75u is added to 1 on its own
+        # (rounds back to 1), 1 + 2u if the two are summed first (1.5u)
+        ({0: 1.0, 1: 0.75 * U, 3: 0.75 * U}, 1 + 2 * U),  # O = 1.5u, then E + O
+        ({0: 1.0, 2: 0.75 * U, 4: 0.75 * U}, 1.0),  # both in E, one at a time
+        ({0: 1.0, 31: 0.75 * U, 33: 0.75 * U}, 1.0),  # odd k of two blocks
+        ({0: 1.0, 33: 0.75 * U, 35: 0.75 * U}, 1 + 2 * U),  # one block's O
+        ({40: 1.0, 33: 0.75 * U, 35: 0.75 * U}, 1 + 2 * U),
+        ({0: 1.0, 2: -1.0, 3: 2.0**-30}, 2.0**-30),  # E = 0 exactly
+        ({0: 1.0, 1: -1.0, 3: 2.0**-30}, 0.0),  # O = -1 + 2**-30 -> -1
+        ({0: 1.0, 32: -1.0, 35: 2.0**-30}, 0.0),  # acc + fl(E + O) -> 0
+    ],
+)
+def test_bf16_amx_block_order(where, expect):
+    """The amx_bf16 order on values whose sum tells the grouping apart (u =
+    2**-24): even / odd sums per block of 32 k, each block's E + O rounded
+    before it meets the accumulator."""
+    before = half.get_half_isa()
+    half.set_half_isa("amx_bf16")
+    try:
+        a = np.zeros((1, 64), np.float32)
+        for k, x in where.items():
+            a[0, k] = x
+        b = np.ones((64, 1), np.float32)
+        a16, b16 = bf16(a), bf16(b)
+        got = half.matmul_bf16(a16, b16)[0, 0]
+        assert got == np.float32(expect)
+        assert got == ref_bf16_blocks(a16, b16)[0, 0]
+    finally:
+        half.set_half_isa(before)
 
 
 def test_bf16_products_outside_the_normal_range(half_isa):
@@ -142,6 +226,7 @@ def test_bf16_products_outside_the_normal_range(half_isa):
     # be subnormal (rounded), so only a product rounded before the add gives
     # the documented order's bits (an FMA's exact product would not: 2**126
     # and a subnormal tie rounded the other way, seen on the avx2 strips)
+    # (amx_bf16 too: its oracle flushes subnormals as the hardware does)
     if half_isa == "avx512_bf16":
         pytest.skip(
             "vdpbf16ps flushes subnormals (documented); its overflow rounding "
@@ -255,7 +340,7 @@ def test_bf16_tile_stand_in_is_exact(monkeypatch):
         a, b = rand(rng, (3, K), "bf16"), rand(rng, (K, 50), "bf16")
         c = np.zeros((3, fg.NR), np.float32)
         one_tile(a.view(np.uint32), fg.pack_b_bf16(b)[0], K // 2, c)
-        assert same_bits(c[:, :50], ref_bf16(a, b))
+        assert same_bits(c[:, :50], ref_bf16_pairs(a, b))
 
 
 @pytest.mark.parametrize("K", [1, 7, 64, 333, 2048])
@@ -351,6 +436,55 @@ def test_large_k_and_parallel_path(half_isa):
     assert same_bits(half.matmul_fp16(a, b), ref_fp16(a, b))
     ab, bb = bf16(a), bf16(b)
     assert same_bits(half.matmul_bf16(ab, bb), ref_bf16(ab, bb))
+
+
+def _aligned_copy(x):
+    """x (2-D) copied to a 64-byte aligned C-contiguous array."""
+    raw = np.empty(x.size + 32, x.dtype)
+    off = (-raw.ctypes.data % 64) // x.itemsize
+    out = raw[off : off + x.size].reshape(x.shape)
+    out[...] = x
+    return out
+
+
+@pytest.mark.skipif(
+    "amx_bf16" not in half.available_half_isas(), reason="needs AMX-BF16 (Linux)"
+)
+@pytest.mark.parametrize(
+    ("M", "K", "N"),
+    [
+        (16, 64, 64),  # one 16-row step from the tail copy, stored direct
+        (64, 96, 128),  # whole 32-row steps read in place
+        (50, 64, 70),  # in place, then an 18-row tail; a 6-column panel
+        (300, 1024, 70),  # several row blocks (> A_BLOCK_BYTES of a)
+        (5, 40, 33),  # copied rows (K not a multiple of 32)
+    ],
+)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bf16_amx_blocks(M, K, N, threads):
+    """The amx_bf16 driver's cases (a read in place or copied, tail rows,
+    direct float32 stores or the epilogue, serial and threaded) against the
+    block order's oracle; rows independent of M."""
+    import numba
+
+    from lowprec import _dispatch
+
+    before = half.get_half_isa(), _dispatch.num_threads()
+    half.set_half_isa("amx_bf16")
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        rng = np.random.default_rng(M * K + N)
+        a = _aligned_copy(rand(rng, (M, K), "bf16"))
+        b = half.pack_weights_bf16(rand(rng, (K, N), "bf16"))
+        ref = ref_bf16_blocks(a, b._bits)
+        assert same_bits(half.matmul_bf16(a, b), ref)
+        assert same_bits(half.matmul_bf16(a[1:], b), ref[1:])  # off alignment
+        bias = rand(rng, (N,), np.float32)
+        got = half.matmul_bf16(a, b, bias=bias, activation="relu", out_dtype=np.uint16)
+        assert same_bits(got, bf16(epilogue(ref, bias, 0.0)))
+    finally:
+        half.set_half_isa(before[0])
+        numba.set_num_threads(before[1])
 
 
 def test_empty_dimensions(half_isa):

@@ -1,5 +1,6 @@
 """matmul_bf16_cuda. The kernel sums in lowprec.half's bfloat16 order (pairs of
-k, the odd term first), so it must give the CPU matmul_bf16's bits and those of
+k, the odd term first), so it must give the CPU matmul_bf16's bits (on a path
+with that order: not amx_bf16) and those of
 an ordered float32 oracle written here from the contract (values in the normal
 range: the contract's subnormal exclusion does not arise). bfloat16 output is
 the float32 result rounded once to nearest even (lowprec.float32_to_bfloat16)."""
@@ -8,9 +9,20 @@ import numpy as np
 import pytest
 
 import lowprec
-from lowprec import cuda_ops
+from lowprec import cuda_ops, half
 
 pytestmark = pytest.mark.cuda_exec
+
+
+@pytest.fixture(autouse=True)
+def pair_order_cpu():
+    """Every CPU path but amx_bf16 sums in the kernel's pair order (amx_bf16
+    in tdpbf16ps's block order, lowprec/half.py): compare with one of them."""
+    before = half.get_half_isa()
+    if before == "amx_bf16":
+        half.set_half_isa(half.available_half_isas()[1])
+    yield
+    half.set_half_isa(before)
 
 
 def _dev(x):
