@@ -19,20 +19,27 @@ Computes matmul_bf16's float32 sums (lowprec/half.py) on CPUs with AMX-BF16
   2**-24..2**24, 1-4 instructions) on a Sapphire-Rapids-class Xeon, where
   sequential pair orders and a rounded 32-term sum each missed 10-80 % of them.
 
-  a   (M, K) bfloat16 bits, rows read as Kp = K padded to a multiple of 32
-      (in place where K == Kp and the rows are 64-byte aligned, else copied a
-      row block at a time into per-thread scratch, zeros past K).
-  b   :func:`pack_b`: fp16_gemm.pack_b_bf16's [NP][Kp/2][64][2] layout with
-      K zero-padded to Kp: a B tile (16 pairs of k x 16 columns) is 16 rows
-      256 bytes apart inside one panel, as the int8 tiles' VNNI panels.
+  a   (M, K) bfloat16 bits, any strides, copied a row block at a time into
+      per-thread scratch as contiguous 1 KB tiles ([16-row group][step of 32
+      k][16 rows][32 k], zeros past K). Against tile loads from a's own
+      rows (2 KB apart at K = 1024), copies included, 1 thread, one process
+      taking turns: 1024^3 767 -> 881 GFLOP/s, 2048^3 712 -> 872, 16 x 384 x
+      1536 769 -> 901, but 256 x 2048 x 1024 1100 -> 988.
+  b   :func:`pack_b`: [NP][Kp/32][4][16][16][2], K zero-padded to Kp: per
+      panel of 64 columns and step of 32 k, four contiguous 1 KB tiles (16
+      pairs of k x 16 columns). Tiles read 256 bytes a row out of
+      pack_b_bf16's panel rows ran 1.6-1.7x slower from memory (a block loop
+      over 32 x 4096 x 4096: 359-408 -> 572-710 GFLOP/s) and 3-10 % slower
+      in the GEMMs (1 thread, same process: 1024^3 713 -> 767).
   out (M, N) float32, or bfloat16 / float16 bits, through fp16_gemm's epilogue.
 
 Block: 32 x 64 float32 outputs as two 32-column halves, each on four 16 x 16
 accumulator tiles (tmm0-3) fed by two 16-row A tiles (tmm4-5) and two B tiles
 (tmm6-7): per 32 k, four tile loads and four tdpbf16ps (int8_gemm_amx._half
-with this instruction). Each block covers all of K, so every output sums in
-the order above whatever the blocking; rows past the last whole 32-row step
-run from a zero-padded copy, so a row's bits never depend on M.
+with this instruction, A and B as contiguous tiles). Each block covers all of
+K, so every output sums in the order above whatever the blocking; rows past
+the last whole 32-row step run on a 16-row tile of the copy, so a row's bits
+never depend on M.
 """
 
 import numpy as np
@@ -56,14 +63,16 @@ assert NR == 64
 
 
 def make_block_kernel(MR):
-    """_blk(a, lda, b, k32, c, ldc, nvalid): the MR x 64 float32 sums (MR 16
-    or 32) of rows at a (row stride lda bytes) against the panel at b over
-    k32 blocks of 32 k, stored at c (row stride ldc bytes); the second
-    32-column half only when nvalid > 32."""
+    """_blk(a, b, k32, c, ldc, nvalid): the MR x 64 float32 sums (MR 16 or 32)
+    of the 16-row group(s) of A tiles at a (_copy_tiles' layout, k32 tiles a
+    group) against the panel at b over k32 steps of 32 k, stored at c (row
+    stride ldc bytes); the second 32-column half only when nvalid > 32."""
     halves = MR // 16
 
     def codegen(context, builder, sig, args):
-        a, lda, b, k32, c, ldc, nvalid = args
+        a, b, k32, c, ldc, nvalid = args
+        tile = ir.Constant(_i64, 1024)
+        a16 = builder.add(a, builder.mul(k32, tile))
         zero = _amx._fn(builder, "llvm.x86.tilezero", _i8)
         st = _amx._fn(builder, "llvm.x86.tilestored64", _i8, _amx._p8, _i64)
 
@@ -74,9 +83,10 @@ def make_block_kernel(MR):
                 at = builder.inttoptr(at, _amx._p8)
                 builder.call(st, [ir.Constant(_i8, t), at, ldc])
 
-            _amx._half(builder, halves, a, lda, b, ir.Constant(_i64, 4 * NR), k32, h,
+            row = ir.Constant(_i64, 64)
+            _amx._half(builder, halves, a, row, b, row, k32, h,
                        lambda t: builder.call(zero, [ir.Constant(_i8, t)]), store,
-                       op=_OP)  # fmt: skip
+                       op=_OP, tile_off=1024, a_step=1024, a16=a16)  # fmt: skip
 
         run(0)
         with builder.if_then(builder.icmp_signed(">", nvalid, ir.Constant(_i64, 32))):
@@ -84,8 +94,8 @@ def make_block_kernel(MR):
         return context.get_dummy_value()
 
     @intrinsic
-    def _blk(typingctx, a, lda, b, k32, c, ldc, nvalid):
-        return types.void(*([types.int64] * 7)), codegen
+    def _blk(typingctx, a, b, k32, c, ldc, nvalid):
+        return types.void(*([types.int64] * 6)), codegen
 
     return _blk
 
@@ -96,39 +106,50 @@ _blk16 = make_block_kernel(16)
 
 
 def pack_b(b16):
-    """b (K, N) bfloat16 bits -> pack_b_bf16's layout with K padded to 32."""
+    """b (K, N) bfloat16 bits -> (NP, Kp/32, 4, 16, 32) uint16, 64-byte
+    aligned: [panel][step][tile][pair of k][column, k parity]."""
     K, N = b16.shape
     kp = -(-max(K, 1) // KB) * KB
     if kp != K:
         padded = np.zeros((kp, N), np.uint16)
         padded[:K] = b16
         b16 = padded
-    return _h.pack_b_bf16(b16)
+    rows = _h.pack_b_bf16(b16)  # (NP, kp/2, 128): pair rows of 64 columns
+    NP = rows.shape[0]
+    shape = (NP, kp // KB, 4, 16, 32)
+    out = _h._aligned(shape)
+    out[...] = rows.reshape(NP, kp // KB, 16, 4, 32).transpose(0, 1, 3, 2, 4)
+    out.flags.writeable = False
+    return out
 
 
 @njit(inline="always")
-def _copy_rows(a, buf, m0, m1):
-    # buf[m - m0, :K] = a[m], zeros to Kp (buf's width), for m0 <= m < m1
+def _copy_tiles(a, buf, m0, m1):
+    # rows m0..m1-1 of a -> buf (rows, Kp) as 1 KB tiles: row r = m - m0 at
+    # [r // 16][kb][r % 16][32 k] for each step kb, zeros past K (rows past
+    # m1 in the last 16-row group are left as they are: their sums are never
+    # stored)
     K = a.shape[1]
-    Kp = buf.shape[1]
+    k32 = buf.shape[1] // KB
+    base = buf.ctypes.data
+    fast = a.strides[1] == 2 and K >= 4
     for m in range(m0, m1):
         r = m - m0
-        if K >= 4 and a.strides[1] == 2:
-            copy_bytes(buf.ctypes.data + 2 * r * Kp, a.ctypes.data + m * a.strides[0],
-                       2 * K)  # fmt: skip
-        else:
-            for k in range(K):
-                buf[r, k] = a[m, k]
-        for k in range(K, Kp):
-            buf[r, k] = 0
-
-
-@njit(inline="always")
-def _in_place(a, Kp):
-    # rows of whole 64-byte runs of K on 64-byte boundaries (int8_gemm_amx:
-    # unaligned tile loads ran 1.3-2.6x slower)
-    K = a.shape[1]
-    return K == Kp and a.strides[1] == 2 and (a.ctypes.data | a.strides[0]) % 64 == 0
+        src = a.ctypes.data + m * a.strides[0]
+        dst = base + ((r // 16) * k32 * 16 + r % 16) * 64
+        for kb in range(k32):
+            k0 = kb * KB
+            n = min(KB, K - k0)
+            d = dst + kb * 1024
+            if fast and n == KB:
+                copy_bytes(d, src + 2 * k0, 2 * KB)
+                continue
+            row = buf.reshape(-1)
+            i0 = (d - base) // 2
+            for k in range(max(n, 0)):
+                row[i0 + k] = a[m, k0 + k]
+            for k in range(max(n, 0), KB):
+                row[i0 + k] = 0
 
 
 @njit(inline="always")
@@ -138,21 +159,16 @@ def _block_span(blk, nblk, M):
 
 
 @njit(nogil=True, cache=True)
-def _jobs(t0, t1, nblk, copy, a, buf, tail, bp, tile, bias, has_bias, lo, hi, mode,
-          out32, out16):  # fmt: skip
+def _jobs(t0, t1, nblk, a, buf, bp, tile, bias, has_bias, lo, hi, mode, out32, out16):
     # jobs t0..t1-1 (row block t // nt, panel t % nt) on this thread, inside
-    # one tile configuration. copy: a is read from buf (this row block's
-    # rows, copied as the thread reaches the block); else in place, but for
-    # a block's last rows when they are not a whole 32-row step: those are
-    # copied into tail (zero-padded to 32 rows) once per block
+    # one tile configuration; each row block copied into buf as tiles
+    # (_copy_tiles) when the thread reaches it
     M = a.shape[0]
     N = out32.shape[1] if mode == 0 else out16.shape[1]
     nt = (N + NR - 1) // NR
-    Kp = buf.shape[1]
-    k32 = Kp // KB
+    k32 = bp.shape[1]
     direct = mode == 0 and not has_bias and lo == -np.inf and hi == np.inf
     cur = -1
-    cur_tail = -1
     _amx.amx_begin()
     for t in range(t0, t1):
         blk = t // nt
@@ -161,32 +177,24 @@ def _jobs(t0, t1, nblk, copy, a, buf, tail, bp, tile, bias, has_bias, lo, hi, mo
         nc = min(NR, N - n0)
         b = bp.ctypes.data + jn * bp.strides[0]
         m_lo, m_end = _block_span(blk, nblk, M)
-        if copy and blk != cur:
-            _copy_rows(a, buf, m_lo, m_end)
+        if blk != cur:
+            _copy_tiles(a, buf, m_lo, m_end)
             cur = blk
         for m0 in range(m_lo, m_end, BM):
             mr = min(BM, m_end - m0)
-            if copy:
-                src, lda = buf.ctypes.data + 2 * Kp * (m0 - m_lo), 2 * Kp
-            elif mr == BM:
-                src, lda = a.ctypes.data + m0 * a.strides[0], a.strides[0]
-            else:
-                if cur_tail != blk:
-                    _copy_rows(a, tail, m0, m_end)
-                    cur_tail = blk
-                src, lda = tail.ctypes.data, 2 * Kp
+            src = buf.ctypes.data + (m0 - m_lo) // 16 * k32 * 1024
             if direct and nc == NR and mr % 16 == 0:
                 # plain float32 output: the tiles store into out
                 c = out32.ctypes.data + m0 * out32.strides[0] + 4 * n0
                 if mr == BM:
-                    _blk32(src, lda, b, k32, c, out32.strides[0], nc)
+                    _blk32(src, b, k32, c, out32.strides[0], nc)
                 else:
-                    _blk16(src, lda, b, k32, c, out32.strides[0], nc)
+                    _blk16(src, b, k32, c, out32.strides[0], nc)
                 continue
             if mr > 16:
-                _blk32(src, lda, b, k32, tile.ctypes.data, 4 * NR, nc)
+                _blk32(src, b, k32, tile.ctypes.data, 4 * NR, nc)
             else:
-                _blk16(src, lda, b, k32, tile.ctypes.data, 4 * NR, nc)
+                _blk16(src, b, k32, tile.ctypes.data, 4 * NR, nc)
             _h._epilogue_simd(tile, mr, nc, m0, n0, bias, has_bias, lo, hi, mode,
                               out32, out16)  # fmt: skip
     _amx.amx_end()
@@ -200,38 +208,35 @@ def block_rows(M, Kp, threads):
     return (mt + nblk - 1) // nblk * BM
 
 
-# a: (M, K) uint16 bfloat16 bits, any strides; bp: pack_b's array; buf
-# (threads, block_rows, Kp) and tail (threads, BM, Kp) uint16 scratch; tile
-# (threads, BM, NR) float32 scratch; out32 (M, N) float32 when mode == 0,
-# else out16 (M, N) uint16 bits (fp16_gemm's epilogue modes)
+# a: (M, K) uint16 bfloat16 bits, any strides; bp: pack_b's array (Kp = 32 *
+# bp.shape[1]); buf (threads, block_rows, Kp) uint16 scratch; tile (threads,
+# BM, NR) float32 scratch; out32 (M, N) float32 when mode == 0, else out16
+# (M, N) uint16 bits (fp16_gemm's epilogue modes)
 
 
 @njit(**PJIT)
-def gemm(a, bp, buf, tail, tile, bias, has_bias, lo, hi, mode, out32, out16, threads):
+def gemm(a, bp, buf, tile, bias, has_bias, lo, hi, mode, out32, out16, threads):
     # one run of jobs per thread, row blocks of at most A_BLOCK_BYTES of a
     # (int8_gemm_amx._row_blocks), each streamed against the panels
     Kp = buf.shape[2]
     N = out32.shape[1] if mode == 0 else out16.shape[1]
     nt = (N + NR - 1) // NR
     nblk = _amx._row_blocks(a.shape[0], 2 * Kp, threads)
-    copy = not _in_place(a, Kp)
     jobs = nblk * nt
     for i in prange(threads):
-        _jobs(i * jobs // threads, (i + 1) * jobs // threads, nblk, copy, a, buf[i],
-              tail[i], bp, tile[i], bias, has_bias, lo, hi, mode, out32,
-              out16)  # fmt: skip
+        _jobs(i * jobs // threads, (i + 1) * jobs // threads, nblk, a, buf[i], bp,
+              tile[i], bias, has_bias, lo, hi, mode, out32, out16)  # fmt: skip
 
 
 @njit(**JIT)
-def gemm_serial(a, bp, buf, tail, tile, bias, has_bias, lo, hi, mode, out32, out16):
+def gemm_serial(a, bp, buf, tile, bias, has_bias, lo, hi, mode, out32, out16):
     # gemm on the calling thread (scratch index 0)
     Kp = buf.shape[2]
     N = out32.shape[1] if mode == 0 else out16.shape[1]
     nt = (N + NR - 1) // NR
     nblk = _amx._row_blocks(a.shape[0], 2 * Kp, 1)
-    copy = not _in_place(a, Kp)
-    _jobs(0, nblk * nt, nblk, copy, a, buf[0], tail[0], bp, tile[0], bias, has_bias,
-          lo, hi, mode, out32, out16)  # fmt: skip
+    _jobs(0, nblk * nt, nblk, a, buf[0], bp, tile[0], bias, has_bias, lo, hi, mode,
+          out32, out16)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------

@@ -141,22 +141,29 @@ class _StoredTile:
         return b.load(b.gep(self.buf, [ir.Constant(_i64, i)]), align=64)
 
 
-def _half(builder, halves, a, lda, b, ldb, k64, h, init, store, op="llvm.x86.tdpbusd"):
+def _half(builder, halves, a, lda, b, ldb, k64, h, init, store, op="llvm.x86.tdpbusd",
+          tile_off=64, a_step=KB, a16=None):  # fmt: skip
     """One MR x 32 half (columns 32h..32h+31 of the panel) on tmm0-3: init(t)
     sets accumulator tile t, the K loop runs k64 steps of 64 bytes (op on
-    each pair of tiles), store(t) writes tile t."""
-    bh = builder.add(b, ir.Constant(_i64, 4 * AMX_NC * h))
-    a16 = builder.add(a, builder.mul(lda, ir.Constant(_i64, 16)))
-    b_step = builder.mul(ldb, ir.Constant(_i64, 16))  # 16 k4 rows = 64 bytes of K
+    each pair of tiles), store(t) writes tile t. B tiles: rows ldb bytes
+    apart, the panel's four 16-column tiles of a step tile_off bytes apart
+    (64: the VNNI panel rows; 1024 with ldb 64: contiguous 1 KB tiles,
+    bf16_gemm_amx.pack_b), a step 4096 bytes. A tiles: rows lda bytes apart,
+    a step a_step bytes (64: rows of a'; 1024 with lda 64: contiguous tiles),
+    the second 16-row tile at a16 (default a + 16 lda)."""
+    bh = builder.add(b, ir.Constant(_i64, 2 * tile_off * h))
+    if a16 is None:
+        a16 = builder.add(a, builder.mul(lda, ir.Constant(_i64, 16)))
+    b_step = ir.Constant(_i64, 4096)  # 16 k4 rows x 256 bytes = 64 bytes of K
     for t in range(2 * halves):
         init(t)
 
     def step(kb, carried):
-        ka = builder.mul(kb, ir.Constant(_i64, KB))
+        ka = builder.mul(kb, ir.Constant(_i64, a_step))
         b0 = builder.add(bh, builder.mul(kb, b_step))
         _tile_load(builder, 4, builder.add(a, ka), lda)
         _tile_load(builder, 6, b0, ldb)
-        _tile_load(builder, 7, builder.add(b0, ir.Constant(_i64, 64)), ldb)
+        _tile_load(builder, 7, builder.add(b0, ir.Constant(_i64, tile_off)), ldb)
         _tdpbusd(builder, 0, 4, 6, op)
         _tdpbusd(builder, 1, 4, 7, op)
         if halves == 2:

@@ -316,7 +316,8 @@ class PackedWeightsFP16(_Packed):
 
 class PackedWeightsBF16(_Packed):
     """Immutable prepacked bfloat16 weights for :func:`matmul_bf16` (layout
-    [N/64][K/2][64][2] on the AVX512_BF16 path, K padded to 32 on amx_bf16)."""
+    [N/64][K/2][64][2] on the AVX512_BF16 path; on amx_bf16 1 KB tiles of 16
+    pairs of k x 16 columns, K padded to 32)."""
 
     __slots__ = ()
     _name = "PackedWeightsBF16"
@@ -419,21 +420,20 @@ def _gemm_2d(a_bits, packed: _Packed, kind, bias, has_bias, lo, hi, mode, out):
 
 def _gemm_amx(a_bits, lay, serial, args):
     """_gemm_2d on the AMX tiles (kernels/bf16_gemm_amx.py): per-thread scratch
-    for row blocks of a that the tiles cannot read in place, the rows past the
-    last 32-row step, and each block's float32 sums before the epilogue."""
+    for the row blocks of a copied as tiles and each block's float32 sums
+    before the epilogue."""
     from .kernels import bf16_gemm_amx as k
 
     M = a_bits.shape[0]
-    kp = 2 * lay.shape[1]
+    kp = k.KB * lay.shape[1]
     threads = 1 if serial else _dispatch.num_threads()
     rows = k.block_rows(M, kp, threads)
     buf = _dispatch.scratch("amx_bf16.a", (threads, rows, kp), np.uint16)
-    tail = _dispatch.scratch("amx_bf16.tail", (threads, k.BM, kp), np.uint16)
     tile = _dispatch.scratch("amx_bf16.tile", (threads, k.BM, k.NR), np.float32)
     if serial:
-        k.gemm_serial(a_bits, lay, buf, tail, tile, *args)
+        k.gemm_serial(a_bits, lay, buf, tile, *args)
     else:
-        k.gemm(a_bits, lay, buf, tail, tile, *args, threads)
+        k.gemm(a_bits, lay, buf, tile, *args, threads)
 
 
 # --------------------------------------------------------------------------- #

@@ -453,18 +453,18 @@ def _aligned_copy(x):
 @pytest.mark.parametrize(
     ("M", "K", "N"),
     [
-        (16, 64, 64),  # one 16-row step from the tail copy, stored direct
-        (64, 96, 128),  # whole 32-row steps read in place
-        (50, 64, 70),  # in place, then an 18-row tail; a 6-column panel
+        (16, 64, 64),  # one 16-row step, stored straight into out
+        (64, 96, 128),  # whole 32-row steps
+        (50, 64, 70),  # an 18-row last step (16 + 2 rows); a 6-column panel
         (300, 1024, 70),  # several row blocks (> A_BLOCK_BYTES of a)
-        (5, 40, 33),  # copied rows (K not a multiple of 32)
+        (5, 40, 33),  # K not a multiple of 32: zeros in the copy
     ],
 )
 @pytest.mark.parametrize("threads", [1, 2])
 def test_bf16_amx_blocks(M, K, N, threads):
-    """The amx_bf16 driver's cases (a read in place or copied, tail rows,
-    direct float32 stores or the epilogue, serial and threaded) against the
-    block order's oracle; rows independent of M."""
+    """The amx_bf16 driver's cases (row blocks copied as tiles, partial
+    steps, direct float32 stores or the epilogue, serial and threaded, a
+    strided a) against the block order's oracle; rows independent of M."""
     import numba
 
     from lowprec import _dispatch
