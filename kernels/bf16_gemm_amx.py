@@ -108,12 +108,8 @@ _blk16 = make_block_kernel(16)
 def pack_b(b16):
     """b (K, N) bfloat16 bits -> (NP, Kp/32, 4, 16, 32) uint16, 64-byte
     aligned: [panel][step][tile][pair of k][column, k parity]."""
-    K, N = b16.shape
-    kp = -(-max(K, 1) // KB) * KB
-    if kp != K:
-        padded = np.zeros((kp, N), np.uint16)
-        padded[:K] = b16
-        b16 = padded
+    b16 = _amx.pad_k(b16, KB)
+    kp = b16.shape[0]
     rows = _h.pack_b_bf16(b16)  # (NP, kp/2, 128): pair rows of 64 columns
     NP = rows.shape[0]
     shape = (NP, kp // KB, 4, 16, 32)
@@ -250,25 +246,9 @@ def measure_peak(threads: int, iters: int = 200_000, repeat: int = 7) -> float:
     """GFLOP/s of a register-only loop of ``tdpbf16ps`` (16 x 16 x 32
     multiply-adds, 16384 flops each) on ``threads`` threads, best of
     ``repeat``. Only where the amx_bf16 path runs (the tile state granted)."""
-    import time
-
-    import numba
-
-    from .int8_gemm_vnni import _peak_runner
+    from .int8_gemm_vnni import _peak_runner, best_rate
 
     global _peak
     if _peak is None:
         _peak = _peak_runner(_amx.make_peak_loop(_NACC, op=_OP))
-    before = numba.get_num_threads()
-    numba.set_num_threads(threads)
-    try:
-        _peak(100, threads)
-        best = 0.0
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            _peak(iters, threads)
-            dt = time.perf_counter() - t0
-            best = max(best, threads * iters * _NACC * 16384 / dt / 1e9)
-        return best
-    finally:
-        numba.set_num_threads(before)
+    return best_rate(_peak, threads, iters, repeat, _NACC * 16384)

@@ -251,15 +251,21 @@ _rtile32 = make_raw_kernel(32)
 _rtile16 = make_raw_kernel(16)
 
 
+def pad_k(b, multiple):
+    """b (K, N) with zero rows appended up to a multiple of `multiple` (at
+    least one step: K = 0 packs one zero step)."""
+    K, N = b.shape
+    kp = -(-max(K, 1) // multiple) * multiple
+    if kp == K:
+        return b
+    padded = np.zeros((kp, N), b.dtype)
+    padded[:K] = b
+    return padded
+
+
 def pack_b(b):
     """b' (K, N) int8 -> the VNNI panel layout with K padded to a multiple of 64."""
-    K, N = b.shape
-    kp = -(-max(K, 1) // KB) * KB
-    if kp != K:
-        padded = np.zeros((kp, N), np.int8)
-        padded[:K] = b
-        b = padded
-    return _z.pack_b(b)
+    return _z.pack_b(pad_k(b, KB))
 
 
 @njit(inline="always")

@@ -1305,7 +1305,6 @@ def measure_peak(threads: int, iters: int = 2_000_000, repeat: int = 7, isa=None
     The best, not the median: the peak is a property of the hardware, and on a
     shared VM any slower sample measures the neighbours.
     """
-    import time
 
     from .. import _dispatch
 
@@ -1319,17 +1318,24 @@ def measure_peak(threads: int, iters: int = 2_000_000, repeat: int = 7, isa=None
     peak = _PEAKS.get(isa)
     if peak is None:
         peak = _PEAKS[isa] = _make_peak_loop(isa)
-    ops = PEAK_INSTRUCTIONS[isa][2]
+    return best_rate(peak, threads, iters, repeat, _NACC * PEAK_INSTRUCTIONS[isa][2])
+
+
+def best_rate(peak, threads, iters, repeat, ops_per_iter):
+    """G(FL)OP/s of peak(iters, threads) (a _peak_runner) on `threads`
+    threads, best of `repeat` timed calls after a warm-up one."""
+    import time
+
     before = numba.get_num_threads()
     numba.set_num_threads(threads)
     try:
-        peak(1000, threads)
+        peak(max(1, iters // 1000), threads)
         best = 0.0
         for _ in range(repeat):
             t0 = time.perf_counter()
             peak(iters, threads)
             dt = time.perf_counter() - t0
-            best = max(best, threads * iters * _NACC * ops / dt / 1e9)
+            best = max(best, threads * iters * ops_per_iter / dt / 1e9)
         return best
     finally:
         numba.set_num_threads(before)
