@@ -81,6 +81,46 @@ def test_round_half_to_even_and_saturation():
     np.testing.assert_array_equal(got, [0, 2, 2, 0, -2, -2, 126, 127, -128, 127])
 
 
+def _near_ties(s, kmax=300, ulps=3):
+    """float32 x at and within `ulps` of (k + 1/2) * s: the quotients whose
+    rounding to an integer a quotient one ulp off would change."""
+    x0 = ((np.arange(-kmax, kmax) + 0.5) * np.float64(s)).astype(np.float32)
+    xs, up, dn = [x0], x0, x0
+    for _ in range(ulps):
+        up = np.nextafter(up, np.float32(np.inf))
+        dn = np.nextafter(dn, np.float32(-np.inf))
+        xs += [up, dn]
+    return np.concatenate(xs)
+
+
+@pytest.mark.parametrize("q_dtype", QTYPES)
+@pytest.mark.parametrize(
+    "scale", [0.02, 1 / 255, 0.1, 3.0, 0.007, 1.7, 2.0**-110, 2.0**110]
+)
+def test_per_tensor_quotients_near_ties(scale, q_dtype):
+    """The per-tensor kernel's vector loop (kernels/quantize._quantize_vec:
+    no division between 2**-100 and 2**100) on quotients next to half-integers,
+    with NaN, infinities, zeros, a subnormal and huge values inside its
+    64-element steps and a scalar tail: the float32 division's bits. The set
+    has teeth: x * fl32(1 / scale) rounds differently on some of them."""
+    s = np.float32(scale)
+    x = _near_ties(s)
+    specials = np.array(
+        [np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-45, 3e38, -3e38], np.float32
+    )
+    x = np.concatenate([x[:1000], specials, x[1000:], specials[:5]])
+    assert x.size % 64 != 0
+    info = np.iinfo(q_dtype)
+    zp = q_dtype(info.min + 3 if info.min < 0 else 3)
+    got = lowprec.quantize_linear(x, s, zp)
+    np.testing.assert_array_equal(got, ref.quantize(x, s, zp, q_dtype, 0))
+    if 2.0**-100 <= scale <= 2.0**100 and scale != 1 / 255:
+        with np.errstate(all="ignore"):
+            naive = np.rint(x * (np.float32(1) / s))
+            exact = np.rint(x / s)
+        assert (naive != exact).any()
+
+
 def test_nan_and_inf_are_defined():
     # +inf / -inf saturate; NaN maps to the zero point (docs/quantization.md)
     x = np.array([np.inf, -np.inf, np.nan, 1.0], np.float32)
