@@ -164,6 +164,7 @@ def _jobs(t0, t1, nblk, a, buf, bp, tile, bias, has_bias, lo, hi, mode, out32, o
     nt = (N + NR - 1) // NR
     k32 = bp.shape[1]
     direct = mode == 0 and not has_bias and lo == -np.inf and hi == np.inf
+    direct = direct and out32.strides[1] == 4  # (the tiles store whole rows)
     cur = -1
     _amx.amx_begin()
     for t in range(t0, t1):

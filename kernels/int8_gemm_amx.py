@@ -45,6 +45,7 @@ from numba.extending import intrinsic
 from . import int8_gemm_vnni as _z
 from .ir_util import loop as _ir_loop
 from .layout import copy_bytes
+from .quantize import _quantize_block
 
 _i8 = ir.IntType(8)
 _i32 = ir.IntType(32)
@@ -363,13 +364,24 @@ def _in_place(a, Kp):
 
 
 @njit(inline="always")
-def _copy_rows(a, flip, buf, m0, m1):
+def _copy_rows(a, flip, buf, m0, m1, af, qp):
     # buf[m - m0] = a[m] ^ flip for m0 <= m < m1 (flip 0x80: int8 a, its
     # bytes as uint8, to a' = a + 128, eq. 5), K padded to Kp = buf.shape[1]
     # (any bytes would do past K: they meet zeros in the packed B; zeros are
-    # written), by 32-byte moves where rows are contiguous
+    # written), by 32-byte moves where rows are contiguous. af with rows:
+    # float32 a quantized here instead (eq. 1, scale qp[0], zero point
+    # qp[1]: DynamicQuantizeLinear's, from the whole a), the uint8 a never
+    # written out (3136 x 576 x 64 dynamic, 1 thread: see gemm.py)
     K = a.shape[1]
     Kp = buf.shape[1]
+    if af.shape[0] != 0:
+        s = np.float32(qp[0])
+        for m in range(m0, m1):
+            r = m - m0
+            _quantize_block(af[m], s, qp[1], 0.0, 255.0, buf[r])
+            for k in range(K, Kp):
+                buf[r, k] = 0
+        return
     for m in range(m0, m1):
         r = m - m0
         if K >= 8 and a.strides[1] == 1:
@@ -385,7 +397,8 @@ def _copy_rows(a, flip, buf, m0, m1):
 
 
 @njit(nogil=True, cache=True)
-def _amx_jobs(t0, t1, nblk, copy, flip, buf, Kp, a, bp, epi, narrow, bias32, out):
+def _amx_jobs(t0, t1, nblk, copy, flip, buf, Kp, a, bp, epi, narrow, bias32, out, af,
+              qp):  # fmt: skip
     # jobs t0..t1-1 on this thread, inside one tile configuration: ldtilecfg
     # costs ~55 ns (with tilerelease) and waits for the tile instructions
     # before it: one per thread instead of one per job took a 32 x 384 x 1536
@@ -405,7 +418,8 @@ def _amx_jobs(t0, t1, nblk, copy, flip, buf, Kp, a, bp, epi, narrow, bias32, out
         blk = t // nt
         if copy and blk != cur:
             m_lo = blk * mt // nblk * AMX_MR
-            _copy_rows(a, flip, buf, m_lo, min(M, (blk + 1) * mt // nblk * AMX_MR))
+            _copy_rows(a, flip, buf, m_lo, min(M, (blk + 1) * mt // nblk * AMX_MR), af,
+                       qp)  # fmt: skip
             a0 = buf.ctypes.data - m_lo * Kp
             lda = Kp
             cur = blk
@@ -422,14 +436,17 @@ def block_rows(M, Kp, threads):
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def gemm_fused(a, flip, pad, bp, epi, out, threads, pmax):
+def gemm_fused(a, flip, pad, bp, epi, out, threads, pmax, af, qp):
     # a (M, K) uint8 (any strides): a' (flip 0), or int8 a's bytes (flip
     # 0x80: always copied, flipped as it is); pad (threads, block_rows, Kp) uint8
     # scratch, Kp = 4 * bp.shape[1]; bp: pack_b's array; out (M, N) with unit
-    # column stride; threads, pmax: as int8_gemm_vnni.gemm_fused. One run of
-    # jobs per thread, split as prange would split them
+    # column stride; threads, pmax: as int8_gemm_vnni.gemm_fused; af (M, K)
+    # C-contiguous float32 and qp (scale, zero point) float64: a' is af
+    # quantized as the row blocks are copied (a: any (M, K) uint8, unread),
+    # else af is (0, 0). One run of jobs per thread, split as prange would
+    # split them
     Kp = pad.shape[2]
-    copy = flip != 0 or not _in_place(a, Kp)
+    copy = flip != 0 or not _in_place(a, Kp) or af.shape[0] != 0
     nt = (out.shape[1] + _z.NR - 1) // _z.NR
     nblk = _row_blocks(a.shape[0], Kp, threads)
     narrow = _z.narrow_epilogue(epi, Kp, pmax)
@@ -437,19 +454,19 @@ def gemm_fused(a, flip, pad, bp, epi, out, threads, pmax):
     jobs = nblk * nt
     for i in prange(threads):
         _amx_jobs(i * jobs // threads, (i + 1) * jobs // threads, nblk, copy, flip,
-                  pad[i], Kp, a, bp, epi, narrow, bias32, out)  # fmt: skip
+                  pad[i], Kp, a, bp, epi, narrow, bias32, out, af, qp)  # fmt: skip
 
 
 @njit(nogil=True, cache=True)
-def gemm_fused_serial(a, flip, pad, bp, epi, out, pmax):
+def gemm_fused_serial(a, flip, pad, bp, epi, out, pmax, af, qp):
     # gemm_fused on the calling thread (pad (1, block_rows, Kp))
     Kp = pad.shape[2]
     nt = (out.shape[1] + _z.NR - 1) // _z.NR
     nblk = _row_blocks(a.shape[0], Kp, 1)
     narrow = _z.narrow_epilogue(epi, Kp, pmax)
-    copy = flip != 0 or not _in_place(a, Kp)
+    copy = flip != 0 or not _in_place(a, Kp) or af.shape[0] != 0
     _amx_jobs(0, nblk * nt, nblk, copy, flip, pad[0], Kp, a, bp, epi, narrow,
-              _bias32(epi), out)  # fmt: skip
+              _bias32(epi), out, af, qp)  # fmt: skip
 
 
 def make_peak_loop(nacc, op="llvm.x86.tdpbusd"):

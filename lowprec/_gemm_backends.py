@@ -125,9 +125,28 @@ class AmxGemm:
     def pack(b_s8: np.ndarray) -> np.ndarray:
         return _amx().pack_b(b_s8)
 
+    # dynamic_quantize_matmul hands fused() float32 a with its scale and zero
+    # point (af, qp) where quantizes_a says so: the row copies quantize it
+    # (int8_gemm_amx._copy_rows)
     @staticmethod
-    def fused(a_u8, packed, scratch, epi, out, serial=False, pmax=-1):
+    def quantizes_a(M, packed, serial):
+        """Whether each row of a would be quantized once: one thread, or row
+        blocks to share among the threads (with one block every thread
+        would quantize all of a: 128x768x768 on 2 threads lost 9 %)."""
+        if serial:
+            return True
+        threads = _dispatch.num_threads()
+        return _amx().block_rows(M, 4 * packed.shape[1], threads) < M
+
+    @staticmethod
+    def fused(a_u8, packed, scratch, epi, out, serial=False, pmax=-1, af=None,
+              qp=None):  # fmt: skip
         k = _amx()
+        if af is None:
+            af, qp = _NO_AF, _NO_QP
+        elif out.shape[1] > 1 and out.strides[1] != out.itemsize:
+            msg = "fused(af=...) needs an output with contiguous columns"
+            raise ValueError(msg)
         if _via_contiguous(AmxGemm.fused, a_u8, packed, scratch, epi, out, serial,
                            pmax):  # fmt: skip
             return
@@ -141,9 +160,9 @@ class AmxGemm:
         if flip:
             a_u8 = _readonly(a_u8.view(np.uint8))
         if serial:
-            k.gemm_fused_serial(a_u8, flip, pad, packed, epi, out, pmax)
+            k.gemm_fused_serial(a_u8, flip, pad, packed, epi, out, pmax, af, qp)
         else:
-            k.gemm_fused(a_u8, flip, pad, packed, epi, out, threads, pmax)
+            k.gemm_fused(a_u8, flip, pad, packed, epi, out, threads, pmax, af, qp)
 
     @classmethod
     def gemm(cls, a_u8: np.ndarray, packed: np.ndarray, out: np.ndarray) -> None:
@@ -168,6 +187,11 @@ def _readonly(x):
     view = x.view()
     view.flags.writeable = False
     return view
+
+
+# AmxGemm.fused's af / qp when a is not quantized as it is copied
+_NO_AF = _readonly(np.empty((0, 0), np.float32))
+_NO_QP = _readonly(np.zeros(2))
 
 
 class AvxVnniGemm:

@@ -27,6 +27,7 @@ from .kernels import requant as _kr
 from .quantize import _QUANT_BLOCK
 from .quantize import dynamic_params as _dynamic_params
 from .quantize import dynamic_quantize_linear as _dynamic_quantize
+from .quantize import dynamic_range_params as _dynamic_range_params
 
 # |a - a_zp| * |b - b_zp| <= 255 * 255: an exact result fits int32 for K up to
 # this bound. Beyond it the K-chunked path accumulates in int64 and checks.
@@ -1114,7 +1115,20 @@ def _dynamic_per_tensor(a2, packed, sb, fbias):
         return None
     sb32 = _ro(sb if sb.dtype == np.float32 else sb.astype(np.float32))
     mult = np.empty((1, N))
-    if a2.size <= _QUANT_BLOCK:
+    serial = M * N * K < SERIAL_MACS or _dispatch.num_threads() == 1
+    layout = packed._layout(backend)
+    fuse = (
+        a2.size > _QUANT_BLOCK
+        and hasattr(backend, "quantizes_a")
+        and backend.quantizes_a(M, layout, serial)
+    )
+    if fuse:
+        # the min/max pass here; the quantization as the kernel copies a's
+        # row blocks (no uint8 a written and read back)
+        s, zp = _dynamic_range_params(a2.reshape(-1))
+        _kq.scaled_multiplier(np.float32(s), sb32, mult[0])
+        qa = np.empty((M, K), np.uint8)  # (its shape and type only: unread)
+    elif a2.size <= _QUANT_BLOCK:
         qa = np.empty((M, K), np.uint8)
         s, zp, lo, hi, status = _kq.dynamic_quantize_scaled(
             _ro(a2).reshape(-1), qa.reshape(-1), sb32, mult[0]
@@ -1131,11 +1145,10 @@ def _dynamic_per_tensor(a2, packed, sb, fbias):
         0.0, -np.inf, np.inf, _MODE_FLOAT, _ro(fbias),
     )  # fmt: skip
     out = np.empty((M, N), np.float32)
-    serial = M * N * K < SERIAL_MACS or _dispatch.num_threads() == 1
+    kw = {"af": _ro(a2), "qp": _ro(np.array([s, zp], np.float64))} if fuse else {}
     backend.fused(
-        _ro(qa), packed._layout(backend), None, epi, out, serial=serial,
-        pmax=packed._p_max,
-    )  # fmt: skip
+        _ro(qa), layout, None, epi, out, serial=serial, pmax=packed._p_max, **kw
+    )
     return out
 
 

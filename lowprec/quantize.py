@@ -346,6 +346,19 @@ def dynamic_quantize_linear(x, *, device=None):
     return y.reshape(x.shape), np.asarray(y_scale, np.float32), y_zero_point
 
 
+def dynamic_range_params(flat):
+    """dynamic_quantize_linear's (scale, zero point) of a flat float32 array
+    without quantizing it (for kernels that quantize as they read: the AMX
+    GEMM's row copies); the same errors for non-finite data."""
+    if flat.size == 0:
+        lo, hi, finite = np.float32(0), np.float32(0), True
+    elif flat.size <= _MINMAX_BLOCK:  # one block: no parallel launch
+        lo, hi, finite = _k.min_max_serial(flat)
+    else:
+        lo, hi, finite = _k.min_max(flat, _MINMAX_BLOCK)
+    return dynamic_params(lo, hi, finite)
+
+
 def dynamic_params(lo, hi, finite=True):
     """DynamicQuantizeLinear's (float32 scale, 0-d uint8 zero point) from the
     data's min and max (``finite``: no NaN / inf seen): scalar float32

@@ -790,6 +790,46 @@ def test_activation_clamp_as_numpy_values(isa):
         np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("nthreads", [1, 2])
+def test_dynamic_quantize_fused_into_amx_row_copies(monkeypatch, threads, nthreads):
+    """amx: a large float a is quantized as the kernel copies its row blocks
+    (no uint8 a written): the oracle's bits, serial and on two threads with
+    several row blocks, K off the 64-byte steps, a ReLU-like a (zero point 0)
+    and a shifted one; the fused call is the one that ran."""
+    if "amx" not in lowprec.available_isas():
+        pytest.skip("this CPU cannot run the amx path")
+    from lowprec import _gemm_backends
+
+    fused = _gemm_backends.AmxGemm.fused
+    seen = []
+
+    def spy(*args, **kw):
+        seen.append(kw.get("af") is not None)
+        return fused(*args, **kw)
+
+    monkeypatch.setattr(_gemm_backends.AmxGemm, "fused", staticmethod(spy))
+    before = lowprec.get_isa()
+    lowprec.set_isa("amx")
+    numba.set_num_threads(min(nthreads, threads))
+    try:
+        rng = np.random.default_rng(nthreads)
+        for M, K, N, shift in ((2100, 300, 20, 0.7), (1500, 400, 70, None)):
+            a = rng.normal(0, 2, (M, K)).astype(np.float32)
+            a = a + np.float32(shift) if shift is not None else np.maximum(a, 0)
+            b = _rand(rng, (K, N), np.int8)
+            sb = (10.0 ** rng.uniform(-3, 0, N)).astype(np.float32)
+            bias = rng.normal(0, 1, N).astype(np.float32)
+            w = lowprec.pack_weights(b, None, sb)
+            seen.clear()
+            got = lowprec.dynamic_quantize_matmul(a, w, bias=bias)
+            assert seen == [True]
+            np.testing.assert_array_equal(
+                got, ref.dynamic_quantize_matmul(a, b, sb, None, bias)
+            )
+    finally:
+        lowprec.set_isa(before)
+
+
 def test_dynamic_quantize_matmul_zero_point_passed_at_call(isa):
     # weights packed without a zero point, one passed with the call (scalar or
     # per column): the per-tensor fast path uses the pack's zero points, so
