@@ -39,8 +39,9 @@ Accuracy contract (tests/test_half.py checks each line on every path):
 
   each starting at +0 and rounding once per step (a fused multiply-add: a
   product past float32's range is not rounded before the add), subnormals
-  flushed as on AVX512_BF16. The same error bound holds (every term passes through fewer
-  than K roundings). Force avx512_bf16 for the order above on the same CPU.
+  flushed as on AVX512_BF16. The same error bound holds (every term passes
+  through fewer than K roundings). Force avx512_bf16 for the order above on
+  the same CPU.
 
 Paths (``available_half_isas``; ``set_half_isa`` or ``LOWPREC_HALF_ISA`` force one):
 

@@ -328,14 +328,7 @@ def dynamic_quantize_linear(x, *, device=None):
         if status:
             dynamic_params(lo, hi, status != 1)  # raises the matching error
         return y.reshape(x.shape), np.asarray(s, np.float32), np.asarray(zp, np.uint8)
-    if flat.size:
-        if flat.size <= _MINMAX_BLOCK:  # one block: no parallel launch
-            lo, hi, finite = _k.min_max_serial(flat)
-        else:
-            lo, hi, finite = _k.min_max(flat, _MINMAX_BLOCK)
-    else:
-        lo, hi, finite = np.float32(0), np.float32(0), True
-    y_scale, y_zero_point = dynamic_params(lo, hi, finite)
+    y_scale, y_zero_point = dynamic_range_params(flat)
     # the per-tensor kernel straight away (quantize_linear would validate again)
     y = np.empty(flat.size, np.uint8)
     args = (y_scale, float(y_zero_point), 0.0, 255.0)
