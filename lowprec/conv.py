@@ -167,41 +167,36 @@ class PackedConvWeights:
 
     def _vnni(self) -> np.ndarray:
         """(G, NP, K4, 64, 4) int8: kernels/int8_gemm_vnni.pack_b per group."""
-        bp = self._layouts.get("vnni")
+        from .kernels import int8_gemm_vnni as kv
+
+        return self._grouped("vnni", (self._wk.shape[1] + 3) // 4, kv.pack_b)
+
+    def _amx(self) -> np.ndarray:
+        """(G, NP, K4p, 64, 4) int8: kernels/int8_gemm_amx.pack_b per group
+        (the VNNI layout with K padded to a multiple of 64), 64-byte aligned."""
+        from .kernels import int8_gemm_amx as ka
+
+        K = self._wk.shape[1]
+        return self._grouped("amx", -(-max(K, 1) // ka.KB) * ka.KB // 4, ka.pack_b)
+
+    def _grouped(self, key, K4, pack) -> np.ndarray:
+        """The layout `key`, built on first use: (G, NP, K4, 64, 4) int8,
+        64-byte aligned, pack(weights of group g) (a VNNI panel layout of K4
+        rows of 4 k) in slot g."""
+        bp = self._layouts.get(key)
         if bp is None:
             from .kernels import int8_gemm_vnni as kv
 
-            G, K, Mg = self._wk.shape
-            K4, NP = (K + 3) // 4, (Mg + kv.NR - 1) // kv.NR
+            G, _, Mg = self._wk.shape
+            NP = -(-Mg // kv.NR)
             size = G * NP * K4 * kv.NR * 4
             raw = np.zeros(size + 64, np.int8)
             off = (-raw.ctypes.data) % 64
             bp = raw[off : off + size].reshape(G, NP, K4, kv.NR, 4)
             for g in range(G):
-                bp[g] = kv.pack_b(self._wk[g])
+                bp[g] = pack(self._wk[g])
             bp.flags.writeable = False
-            self._layouts["vnni"] = bp
-        return bp
-
-    def _amx(self) -> np.ndarray:
-        """(G, NP, K4p, 64, 4) int8: kernels/int8_gemm_amx.pack_b per group
-        (the VNNI layout with K padded to a multiple of 64), 64-byte aligned."""
-        bp = self._layouts.get("amx")
-        if bp is None:
-            from .kernels import int8_gemm_amx as ka
-            from .kernels import int8_gemm_vnni as kv
-
-            G, K, Mg = self._wk.shape
-            K4p = -(-max(K, 1) // ka.KB) * ka.KB // 4
-            NP = -(-Mg // kv.NR)
-            size = G * NP * K4p * kv.NR * 4
-            raw = np.zeros(size + 64, np.int8)
-            off = (-raw.ctypes.data) % 64
-            bp = raw[off : off + size].reshape(G, NP, K4p, kv.NR, 4)
-            for g in range(G):
-                bp[g] = ka.pack_b(self._wk[g])
-            bp.flags.writeable = False
-            self._layouts["amx"] = bp
+            self._layouts[key] = bp
         return bp
 
     def _avx2(self) -> np.ndarray:
